@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * init — NIC, TC egress. Learns from overlay packets our pods send: the outer
+ * headers of the path to the remote pod's host, and a key under which that
+ * host may later send us masqueraded packets. It tells the peer the key in
+ * the outer IPv4 header of the same overlay packet.
+ * Twin: sim/model/init.ts.
+ */
+#ifndef XMASQ_INIT_H
+#define XMASQ_INIT_H
+
+#include "maps.h"
+#include "packet.h"
+#include "policy.h"
+#include "verdict.h"
+
+/* masq can carry a pod packet only if its DSCP is 0 and it can fix its checksums. */
+static __always_inline int fast_path_eligible(const struct hdrs *h)
+{
+	return (h->tos >> 2) == 0 && rewritable(h) &&
+	       !(h->proto == IPPROTO_UDP && h->l4_ok && is_tunnel_port(h->dport));
+}
+
+/* An ingress entry is ours only if it still restores to this very pod pair. */
+static __always_inline int key_still_ours(__u32 remote_host, __u16 key, __u32 local_pod,
+					  __u32 remote_pod)
+{
+	struct ingress_key ik = { .remote_host = remote_host, .key = key };
+	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
+	return r && r->local_ip == local_pod && r->remote_ip == remote_pod;
+}
+
+static __always_inline int xmasq_init(struct __sk_buff *skb)
+{
+	struct hdrs outer = {};
+	struct tunnel t = {};
+
+	/* 1. An overlay packet whose inner IPv4 packet comes from one of our pods. */
+	if (load_eth_ipv4(skb, &outer) || load_tunnel(skb, &outer, &t))
+		return pass();
+	__u32 src = t.inner.saddr, dst = t.inner.daddr;
+	struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &src);
+	if (!pod)
+		return pass();
+
+	/* 2. Policy, egress: a denied flow loses its very first packet. */
+	if (policy_denied(src, dst, &t.inner, XMASQ_DIR_EGRESS))
+		return policy_drop();
+
+	/* 3. Learn only pairs masq could carry. */
+	if (!fast_path_eligible(&t.inner))
+		return pass();
+
+	/* 4. The egress entry for (our pod, remote pod), created empty if new. */
+	struct egress_key ek = { .local_pod = src, .remote_pod = dst };
+	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	if (!e) {
+		struct path empty = {};
+		/* EEXIST means another CPU created it first, which is just as good. */
+		bpf_map_update_elem(&egress_cache, &ek, &empty, BPF_NOEXIST);
+		e = bpf_map_lookup_elem(&egress_cache, &ek);
+		if (!e) {
+			count(XMASQ_CNT_FELL_BACK);
+			return TC_ACT_OK;
+		}
+	}
+
+	/* 5. Remember the outer headers masq will write for this pair. */
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return pass();
+	__u64 now = bpf_ktime_get_ns();
+	__builtin_memcpy(e->local_mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(e->remote_mac, eth->h_dest, ETH_ALEN);
+	e->local_ip = t.outer.saddr;
+	e->remote_ip = t.outer.daddr;
+	e->last_seen = now;
+
+	/*
+	 * 6. Our key for the pair. A key whose ingress entry expired or was purged
+	 * (pod deleted) is dropped and drawn again, so that the peer is never told
+	 * a key that no longer restores to this pair.
+	 */
+	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst))
+		e->local_key = 0;
+	if (e->local_key == 0) {
+		__u32 ie = t.inner_eth;
+		if (ie > XMASQ_MAX_HDR_OFF)
+			return pass();
+		struct ethhdr *ieth = data + ie;
+		if ((void *)(ieth + 1) > data_end)
+			return pass();
+		struct path r = {
+			.last_seen = now,
+			.local_ip = src,
+			.remote_ip = dst,
+			.ifindex = pod->ifindex,
+		};
+		__builtin_memcpy(r.local_mac, pod->mac, ETH_ALEN);
+		__builtin_memcpy(r.remote_mac, ieth->h_dest, ETH_ALEN);
+		struct ingress_key ik = { .remote_host = t.outer.daddr };
+
+		for (int i = 0; i < XMASQ_KEY_TRIES; i++) {
+			__u16 k = bpf_get_prandom_u32() % XMASQ_KEY_COUNT + XMASQ_KEY_MIN;
+			ik.key = k;
+			r.local_key = k;
+			if (bpf_map_update_elem(&ingress_cache, &ik, &r, BPF_NOEXIST) == 0) {
+				e->local_key = k;
+				break;
+			}
+		}
+		if (e->local_key == 0) {
+			count(XMASQ_CNT_KEY_EXHAUSTED);
+			return TC_ACT_OK;
+		}
+	}
+
+	/* 7. Optimistic: restore clears it if the peer says it lacks our key. */
+	e->remote_ready = 1;
+
+	/*
+	 * 8. Signal on the outer header: RF marks it, DSCP is our key, DF says
+	 * whether we know the peer's key. ECN stays as the overlay set it.
+	 */
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	struct iphdr *oip = data + ETH_HLEN;
+	if ((void *)(oip + 1) > data_end)
+		return pass();
+	__u16 frag = (t.outer.frag & ~(XMASQ_IP_RF | XMASQ_IP_DF)) | XMASQ_IP_RF;
+	if (e->remote_key)
+		frag |= XMASQ_IP_DF;
+	rewrite_ipv4(oip, (e->local_key << 2) | (t.outer.tos & 3), frag, t.outer.saddr,
+		     t.outer.daddr);
+	count(XMASQ_CNT_LEARNED);
+	return TC_ACT_OK;
+}
+
+#endif /* XMASQ_INIT_H */

@@ -1,0 +1,90 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Every map of the datapath. The agent pins them all under /sys/fs/bpf/xmasq/. */
+#ifndef XMASQ_MAPS_H
+#define XMASQ_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "xmasq.h"
+
+/*
+ * The test build shrinks the tables so that the differential tests can fill
+ * them to the brim in every case; layouts are the same in both builds.
+ */
+#ifdef XMASQ_TEST
+#define XMASQ_MAX_PODS 16
+#define XMASQ_MAX_PATHS 64
+#define XMASQ_MAX_RULES 32
+#else
+#define XMASQ_MAX_PODS 1024
+#define XMASQ_MAX_PATHS 65536
+#define XMASQ_MAX_RULES 65536
+#endif
+
+/* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_PODS);
+	__type(key, __u32);
+	__type(value, struct pod_info);
+} pod_info SEC(".maps");
+
+/* Written by init (outer headers, keys) and restore (peer key); read by masq. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_PATHS);
+	__type(key, struct egress_key);
+	__type(value, struct path);
+} egress_cache SEC(".maps");
+
+/* Written by init (when it allocates a key); read and refreshed by restore. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_PATHS);
+	__type(key, struct ingress_key);
+	__type(value, struct path);
+} ingress_cache SEC(".maps");
+
+/* Written by the agent; read by every program before it forwards a pod packet. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+} config SEC(".maps");
+
+/* Deny rules, written by the agent (xmasq policy add/del); read by every program. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_RULES);
+	__type(key, struct policy_key);
+	__type(value, struct policy_rule);
+} policy_rules SEC(".maps");
+
+/* The masks in use by policy_rules, maintained by the agent beside them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct policy_masks);
+} policy_masks SEC(".maps");
+
+/* Bumped by every program; read by the agent's /metrics. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XMASQ_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+#ifdef XMASQ_TEST
+/* Written by every redirect in the test build; read by the differential harness. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct redirect_trace);
+} redirect_trace SEC(".maps");
+#endif
+
+#endif /* XMASQ_MAPS_H */

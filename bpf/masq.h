@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * masq — a pod's packets on their way out. A packet of a pod pair whose path
+ * and keys are both learned is rewritten into a host-to-host packet and sent
+ * straight to the NIC. Everything else continues to the overlay untouched.
+ * Where it runs depends on the kernel (see xmasq.bpf.c): the pod-side veth's
+ * TC egress with bpf_redirect_rpeer, or the host-side veth's TC ingress with
+ * bpf_redirect. The rewrite is the same.
+ * Twin: sim/model/masq.ts.
+ */
+#ifndef XMASQ_MASQ_H
+#define XMASQ_MASQ_H
+
+#include "maps.h"
+#include "packet.h"
+#include "policy.h"
+#include "verdict.h"
+#include "init.h"
+
+/* Returns TC_ACT_REDIRECT with the NIC ifindex in *nic, or the verdict to return. */
+static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
+{
+	struct hdrs h = {};
+
+	/* 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker. */
+	if (load_eth_ipv4(skb, &h) || (h.frag & XMASQ_IP_RF) || !fast_path_eligible(&h))
+		return pass();
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || cfg->nic_ifindex == 0)
+		return pass();
+
+	/* 2. A pair fully learned: path, both keys, and the peer knows ours. */
+	struct egress_key ek = { .local_pod = h.saddr, .remote_pod = h.daddr };
+	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	if (!e)
+		return pass();
+	if (!e->local_key || !e->remote_key || !e->remote_ready) {
+		count(XMASQ_CNT_FELL_BACK);
+		return TC_ACT_OK;
+	}
+
+	/* 3. Policy, egress. */
+	if (policy_denied(h.saddr, h.daddr, &h, XMASQ_DIR_EGRESS))
+		return policy_drop();
+
+	/* 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it. */
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return pass();
+	__builtin_memcpy(eth->h_source, e->local_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, e->remote_mac, ETH_ALEN);
+	__u32 addr_diff = rewrite_ipv4(ip, (e->remote_key << 2) | (h.tos & 3),
+				       h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip);
+	if (fix_l4_checksum(skb, &h, addr_diff))
+		return TC_ACT_SHOT;
+
+	e->last_seen = bpf_ktime_get_ns();
+	count(XMASQ_CNT_MASQUERADED);
+	*nic = cfg->nic_ifindex;
+	return TC_ACT_REDIRECT;
+}
+
+#endif /* XMASQ_MASQ_H */

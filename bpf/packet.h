@@ -1,0 +1,339 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Header parsing and checksum arithmetic shared by the programs.
+ * sim/model/packet.ts is the TypeScript twin: same names, same order of checks.
+ *
+ * Parsing rule: a header is used only if it is complete inside the frame AND
+ * inside the datagram that encloses it; anything else makes the caller pass
+ * the packet untouched. Lengths come from skb->len, not data_end, because a
+ * GSO packet's linear part may hold only its first headers; when a header we
+ * need lies past the linear part we pull it in (bpf_skb_pull_data), which
+ * invalidates every packet pointer, so all readers re-derive their pointers.
+ */
+#ifndef XMASQ_PACKET_H
+#define XMASQ_PACKET_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "xmasq.h"
+
+/* No header we read starts past this offset; it bounds offsets for the verifier. */
+#define XMASQ_MAX_HDR_OFF 512
+
+#define TCP_CSUM_OFF 16
+#define UDP_CSUM_OFF 6
+
+/* What the programs know about one IPv4 datagram (outer or inner). */
+struct hdrs {
+	__u32 l3;    /* offset of the IPv4 header */
+	__u32 l4;    /* offset of the L4 header */
+	__u32 end;   /* offset just past the datagram (l3 + tot_len) */
+	__u32 saddr; /* network order */
+	__u32 daddr; /* network order */
+	__u16 frag;  /* frag_off in host order, flags included */
+	__u16 sport; /* network order; 0 when not readable */
+	__u16 dport; /* network order; 0 when not readable */
+	__u8 tos;
+	__u8 proto;
+	__u8 l4_ok;  /* the whole L4 header this protocol needs is present */
+	__u8 pad[3];
+};
+
+/*
+ * skb->data as a pointer the compiler cannot see through: with a plain
+ * (void *)(long)skb->data, clang may re-zero-extend the loaded 32-bit value
+ * with shifts after a branch merge, which the verifier rejects as pointer
+ * arithmetic.
+ */
+static __always_inline void *skb_data(const struct __sk_buff *skb)
+{
+	void *p;
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(p)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data)));
+	return p;
+}
+
+static __always_inline void *skb_data_end(const struct __sk_buff *skb)
+{
+	void *p;
+	asm volatile("%0 = *(u32 *)(%1 + %2)"
+		     : "=r"(p)
+		     : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data_end)));
+	return p;
+}
+
+static __always_inline int ensure_linear(struct __sk_buff *skb, __u32 len)
+{
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	if (data + len <= data_end)
+		return 0;
+	return bpf_skb_pull_data(skb, len) ? -1 : 0;
+}
+
+static __always_inline int is_first_fragment(const struct hdrs *h)
+{
+	return (h->frag & XMASQ_IP_OFFSET) == 0;
+}
+
+static __always_inline int is_fragment(const struct hdrs *h)
+{
+	return (h->frag & (XMASQ_IP_MF | XMASQ_IP_OFFSET)) != 0;
+}
+
+/* Bytes of L4 header a protocol must carry for us to read ports and checksum. */
+static __always_inline __u32 l4_header_need(__u8 proto)
+{
+	switch (proto) {
+	case IPPROTO_TCP:
+		return 20;
+	case IPPROTO_UDP:
+		return 8;
+	case IPPROTO_ICMP:
+		return 4;
+	default:
+		return 0;
+	}
+}
+
+/*
+ * Parses the IPv4 header at off, inside a datagram or frame ending at limit.
+ * Returns 0 when the header is sound, -1 to make the caller pass.
+ */
+static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 limit,
+				     struct hdrs *h)
+{
+	if (off > XMASQ_MAX_HDR_OFF || off + sizeof(struct iphdr) > limit)
+		return -1;
+	if (ensure_linear(skb, off + sizeof(struct iphdr)))
+		return -1;
+
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct iphdr *ip = data + off;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+
+	if (ip->version != 4 || ip->ihl < 5)
+		return -1;
+	__u32 hlen = ip->ihl * 4;
+	__u32 tot = bpf_ntohs(ip->tot_len);
+	if (tot < hlen || off + tot > limit)
+		return -1;
+
+	h->l3 = off;
+	h->l4 = off + hlen;
+	h->end = off + tot;
+	h->saddr = ip->saddr;
+	h->daddr = ip->daddr;
+	h->frag = bpf_ntohs(ip->frag_off);
+	h->tos = ip->tos;
+	h->proto = ip->protocol;
+	h->sport = 0;
+	h->dport = 0;
+	h->l4_ok = 0;
+
+	/* Only a first fragment carries the L4 header. */
+	if (!is_first_fragment(h))
+		return 0;
+	__u32 need = l4_header_need(h->proto);
+	if (need == 0 || h->l4 + need > h->end)
+		return 0;
+	if (ensure_linear(skb, h->l4 + need))
+		return -1;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	__u32 l4 = h->l4;
+	if (l4 > XMASQ_MAX_HDR_OFF)
+		return -1;
+	__u16 *ports = data + l4;
+	if ((void *)(ports + 2) > data_end)
+		return -1;
+	if (h->proto != IPPROTO_ICMP) {
+		h->sport = ports[0];
+		h->dport = ports[1];
+	}
+	h->l4_ok = 1;
+	return 0;
+}
+
+/* An Ethernet frame carrying IPv4 directly (no VLAN tag); 0 or -1 as above. */
+static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
+{
+	if (skb->len < ETH_HLEN || ensure_linear(skb, ETH_HLEN))
+		return -1;
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return -1;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	return load_ipv4(skb, ETH_HLEN, skb->len, h);
+}
+
+static __always_inline int is_tunnel_port(__u16 dport_be)
+{
+	return dport_be == bpf_htons(XMASQ_PORT_VXLAN) ||
+	       dport_be == bpf_htons(XMASQ_PORT_VXLAN_LINUX) ||
+	       dport_be == bpf_htons(XMASQ_PORT_GENEVE);
+}
+
+/* A UDP datagram to an overlay port, whole and unfragmented. */
+static __always_inline int is_tunnel(const struct hdrs *h)
+{
+	return h->proto == IPPROTO_UDP && h->l4_ok && !is_fragment(h) &&
+	       is_tunnel_port(h->dport);
+}
+
+/* An overlay packet: outer IPv4/UDP, VXLAN or Geneve, inner Ethernet + IPv4. */
+struct tunnel {
+	struct hdrs outer;
+	struct hdrs inner;
+	__u32 inner_eth; /* offset of the inner Ethernet header */
+};
+
+#define GENEVE_PROTO_ETH 0x6558
+#define VXLAN_FLAG_VNI 0x08
+
+static __always_inline int load_tunnel(struct __sk_buff *skb, struct hdrs *outer,
+				       struct tunnel *t)
+{
+	if (!is_tunnel(outer))
+		return -1;
+	t->outer = *outer;
+
+	/* The UDP length bounds the tunnel payload, as the UDP stack would trim it. */
+	__u32 l4 = outer->l4;
+	if (l4 > XMASQ_MAX_HDR_OFF)
+		return -1;
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	__u16 *udp = data + l4;
+	if ((void *)(udp + 4) > data_end)
+		return -1;
+	__u32 ulen = bpf_ntohs(udp[2]);
+	if (ulen < 8 || l4 + ulen > outer->end)
+		return -1;
+	__u32 limit = l4 + ulen;
+
+	__u32 tun = l4 + 8;
+	if (tun + 8 > limit || ensure_linear(skb, tun + 8))
+		return -1;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	if (tun > XMASQ_MAX_HDR_OFF)
+		return -1;
+	__u8 *th = data + tun;
+	if ((void *)(th + 8) > data_end)
+		return -1;
+
+	__u32 inner_eth;
+	if (outer->dport == bpf_htons(XMASQ_PORT_GENEVE)) {
+		/* Geneve: version 0, options of 4-byte words, then an Ethernet frame. */
+		if ((th[0] >> 6) != 0)
+			return -1;
+		if (((th[2] << 8) | th[3]) != GENEVE_PROTO_ETH)
+			return -1;
+		inner_eth = tun + 8 + (th[0] & 0x3f) * 4;
+	} else {
+		if (!(th[0] & VXLAN_FLAG_VNI))
+			return -1;
+		inner_eth = tun + 8;
+	}
+
+	if (inner_eth + ETH_HLEN > limit || ensure_linear(skb, inner_eth + ETH_HLEN))
+		return -1;
+	data = skb_data(skb);
+	data_end = skb_data_end(skb);
+	if (inner_eth > XMASQ_MAX_HDR_OFF)
+		return -1;
+	struct ethhdr *ieth = data + inner_eth;
+	if ((void *)(ieth + 1) > data_end)
+		return -1;
+	if (ieth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	t->inner_eth = inner_eth;
+	return load_ipv4(skb, inner_eth + ETH_HLEN, limit, &t->inner);
+}
+
+/*
+ * One's complement arithmetic, exactly as the kernel's csum_add/csum_fold do
+ * it, so that an inline IPv4 header update equals csum_replace_by_diff().
+ */
+static __always_inline __u32 csum_add32(__u32 a, __u32 b)
+{
+	__u32 r = a + b;
+	return r + (r < b);
+}
+
+static __always_inline __u16 csum_fold32(__u32 s)
+{
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* The checksum difference for replacing 32-bit word old with new. */
+static __always_inline __u32 csum_word_diff(__u32 diff, __u32 old, __u32 new)
+{
+	return csum_add32(csum_add32(diff, ~old), new);
+}
+
+/*
+ * Rewrites an IPv4 header's tos, flags and addresses, and fixes its checksum.
+ * Returns the diff of the address change for the L4 pseudo header.
+ * The caller has checked that the header is linear and in bounds.
+ */
+static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 frag_host,
+					  __u32 saddr, __u32 daddr)
+{
+	__u32 *w = (__u32 *)ip;
+	__u32 w0 = w[0], w1 = w[1], s = w[3], d = w[4];
+
+	ip->tos = tos;
+	ip->frag_off = bpf_htons(frag_host);
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+
+	__u32 addr_diff = csum_word_diff(csum_word_diff(0, s, saddr), d, daddr);
+	__u32 diff = csum_word_diff(csum_word_diff(addr_diff, w0, w[0]), w1, w[1]);
+	ip->check = csum_fold32(csum_add32(diff, ~(__u32)ip->check));
+	return addr_diff;
+}
+
+/*
+ * Fixes the TCP/UDP checksum for an address change. The kernel helper knows
+ * whether the checksum is partial (offloaded: the field holds the pseudo-header
+ * sum) or full, which a program cannot see. UDP's "no checksum" 0 stays 0.
+ */
+static __always_inline int fix_l4_checksum(struct __sk_buff *skb, const struct hdrs *h,
+					   __u32 addr_diff)
+{
+	if (!is_first_fragment(h) || !h->l4_ok)
+		return 0;
+	if (h->proto == IPPROTO_TCP)
+		return bpf_l4_csum_replace(skb, h->l4 + TCP_CSUM_OFF, 0, addr_diff,
+					   BPF_F_PSEUDO_HDR);
+	if (h->proto == IPPROTO_UDP)
+		return bpf_l4_csum_replace(skb, h->l4 + UDP_CSUM_OFF, 0, addr_diff,
+					   BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0);
+	return 0;
+}
+
+/* The protocols whose checksums masq and restore know how to keep valid. */
+static __always_inline int rewritable(const struct hdrs *h)
+{
+	if (h->proto != IPPROTO_TCP && h->proto != IPPROTO_UDP && h->proto != IPPROTO_ICMP)
+		return 0;
+	/* A first fragment must hold its whole L4 header, or we cannot fix it. */
+	return !is_first_fragment(h) || h->l4_ok;
+}
+
+#endif /* XMASQ_PACKET_H */

@@ -1,0 +1,49 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Deny rules. Every installed rule denies; no match allows. A rule is a 5-tuple
+ * with 0 for "any", so the fields it names form its mask. Since any match
+ * denies, the masks can be tried in any order; policy_masks lists only the ones
+ * in use, so a packet costs one lookup per distinct mask and nothing without
+ * rules. There is no verdict cache to fill up or to purge.
+ */
+#ifndef XMASQ_POLICY_H
+#define XMASQ_POLICY_H
+
+#include "maps.h"
+#include "packet.h"
+#include "verdict.h"
+
+static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
+					 __u8 dir)
+{
+	__u32 zero = 0;
+	struct policy_masks *pm = bpf_map_lookup_elem(&policy_masks, &zero);
+	if (!pm || pm->count == 0)
+		return 0;
+	__u32 n = pm->count;
+
+	for (__u32 i = 0; i < XMASQ_POLICY_MAX_MASKS; i++) {
+		if (i >= n)
+			break;
+		__u8 m = pm->mask[i];
+		struct policy_key k = {
+			.src_ip = (m & XMASQ_PF_SRC_IP) ? src : 0,
+			.dst_ip = (m & XMASQ_PF_DST_IP) ? dst : 0,
+			.src_port = (m & XMASQ_PF_SRC_PORT) ? h->sport : 0,
+			.dst_port = (m & XMASQ_PF_DST_PORT) ? h->dport : 0,
+			.protocol = (m & XMASQ_PF_PROTOCOL) ? h->proto : 0,
+			.dir = dir,
+		};
+		if (bpf_map_lookup_elem(&policy_rules, &k))
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int policy_drop(void)
+{
+	count(XMASQ_CNT_POLICY_DROP);
+	return TC_ACT_SHOT;
+}
+
+#endif /* XMASQ_POLICY_H */

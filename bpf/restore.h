@@ -1,0 +1,115 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * restore — NIC, TC ingress. (a) Turns a masqueraded packet back into the pod
+ * packet it was and puts it straight into the pod with bpf_redirect_peer.
+ * (b) Learns the peer's key from a signal on an incoming overlay packet.
+ * Everything else passes untouched.
+ * Twin: sim/model/restore.ts.
+ */
+#ifndef XMASQ_RESTORE_H
+#define XMASQ_RESTORE_H
+
+#include "maps.h"
+#include "packet.h"
+#include "policy.h"
+#include "verdict.h"
+
+static __always_inline int restore_miss(void)
+{
+	count(XMASQ_CNT_RESTORE_MISS);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdrs *h)
+{
+	/*
+	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
+	 * one we cannot restore is dropped, never handed to the host stack,
+	 * where it could reach a host socket bound to the pod's port.
+	 */
+	struct ingress_key ik = { .remote_host = h->saddr, .key = h->tos >> 2 };
+	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
+	if (!r || !rewritable(h))
+		return restore_miss();
+
+	/* 2. Policy on the packet as the pod will see it. */
+	if (policy_denied(r->remote_ip, r->local_ip, h, XMASQ_DIR_INGRESS))
+		return policy_drop();
+
+	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF. */
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return restore_miss();
+	__builtin_memcpy(eth->h_dest, r->local_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, r->remote_mac, ETH_ALEN);
+	__u32 addr_diff = rewrite_ipv4(ip, h->tos & 3, h->frag & ~XMASQ_IP_RF, r->remote_ip,
+				       r->local_ip);
+	if (fix_l4_checksum(skb, h, addr_diff))
+		return restore_miss();
+
+	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
+	r->last_seen = bpf_ktime_get_ns();
+	count(XMASQ_CNT_RESTORED);
+	trace_redirect(r->ifindex, XMASQ_REDIRECT_PEER);
+	return bpf_redirect_peer(r->ifindex, 0);
+}
+
+static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs *outer)
+{
+	struct tunnel t = {};
+
+	/* 1. An overlay packet for one of our pods. */
+	if (load_tunnel(skb, outer, &t))
+		return pass();
+	__u32 local = t.inner.daddr, remote = t.inner.saddr;
+	if (!bpf_map_lookup_elem(&pod_info, &local))
+		return pass();
+
+	/* 2. Policy, ingress: the overlay path is enforced too, from the first packet. */
+	if (policy_denied(remote, local, &t.inner, XMASQ_DIR_INGRESS))
+		return policy_drop();
+
+	/* 3. No signal: plain overlay traffic. */
+	__u16 key = t.outer.tos >> 2;
+	if (!(t.outer.frag & XMASQ_IP_RF) || key == 0)
+		return pass();
+
+	/* 4. The peer's key, into our egress entry for the reverse direction. */
+	struct egress_key ek = { .local_pod = local, .remote_pod = remote };
+	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	if (!e) {
+		struct path empty = {};
+		bpf_map_update_elem(&egress_cache, &ek, &empty, BPF_NOEXIST);
+		e = bpf_map_lookup_elem(&egress_cache, &ek);
+		if (!e) {
+			count(XMASQ_CNT_FELL_BACK);
+			return TC_ACT_OK;
+		}
+	}
+	e->remote_key = key;
+	/* The peer lacks our key: keep using the overlay, whose signals teach it. */
+	if (!(t.outer.frag & XMASQ_IP_DF))
+		e->remote_ready = 0;
+	e->last_seen = bpf_ktime_get_ns();
+	count(XMASQ_CNT_LEARNED);
+	return TC_ACT_OK;
+}
+
+static __always_inline int xmasq_restore(struct __sk_buff *skb)
+{
+	struct hdrs h = {};
+
+	if (load_eth_ipv4(skb, &h))
+		return pass();
+	/* Overlay packets carry signals, never masqueraded pod packets (masq skips them). */
+	if (is_tunnel(&h))
+		return learn_from_overlay(skb, &h);
+	if ((h.frag & XMASQ_IP_RF) && (h.tos >> 2) != 0)
+		return restore_masqueraded(skb, &h);
+	return pass();
+}
+
+#endif /* XMASQ_RESTORE_H */

@@ -1,0 +1,34 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* How a program ends: counted, and in the test build traced. */
+#ifndef XMASQ_VERDICT_H
+#define XMASQ_VERDICT_H
+
+#include <linux/pkt_cls.h>
+#include "maps.h"
+
+static __always_inline void count(__u32 counter)
+{
+	__u64 *v = bpf_map_lookup_elem(&counters, &counter);
+	/* Per-CPU slots: no other CPU writes this one, so no atomic is needed. */
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int pass(void)
+{
+	count(XMASQ_CNT_PASSED);
+	return TC_ACT_OK;
+}
+
+static __always_inline void trace_redirect(__u32 ifindex, __u32 kind)
+{
+#ifdef XMASQ_TEST
+	__u32 zero = 0;
+	struct redirect_trace *t = bpf_map_lookup_elem(&redirect_trace, &zero);
+	if (t) {
+		t->ifindex = ifindex;
+		t->kind = kind;
+	}
+#endif
+}
+#endif /* XMASQ_VERDICT_H */

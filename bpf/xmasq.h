@@ -1,0 +1,147 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The one header for everything the BPF programs share with each other and with
+ * user space. dataplane/maps.ts mirrors every struct and enum here; a test holds
+ * the two against this object's BTF, so change both or the build goes red.
+ */
+#ifndef XMASQ_H
+#define XMASQ_H
+
+#include <linux/types.h>
+
+/*
+ * Wire format (see README "Wire format"):
+ *  - masqueraded packet: outer IPv4 reserved flag (RF, 0x8000 of frag_off) set,
+ *    DSCP = the RECEIVER's key for this pod pair, ECN = the pod's own ECN bits.
+ *  - learning signal: on the OUTER IPv4 header of an overlay (VXLAN/Geneve)
+ *    packet: RF set, DSCP = the SENDER's key, DF = "I know your key". The overlay
+ *    strips the outer header, so pods never see a signal.
+ * A conforming IPv4 stack never sets RF (RFC 791), which is what keeps host
+ * traffic (even ECN-CE with any DSCP) from ever being taken for ours.
+ */
+#define XMASQ_IP_RF 0x8000
+#define XMASQ_IP_DF 0x4000
+#define XMASQ_IP_MF 0x2000
+#define XMASQ_IP_OFFSET 0x1fff
+
+/* Keys are 1..63: a 6-bit DSCP, and 0 means "no key". */
+#define XMASQ_KEY_MIN 1
+#define XMASQ_KEY_MAX 63
+#define XMASQ_KEY_COUNT (XMASQ_KEY_MAX - XMASQ_KEY_MIN + 1)
+/* Random draws for a free key before a pair gives up and stays on the overlay. */
+#define XMASQ_KEY_TRIES 9
+
+#define XMASQ_PORT_VXLAN 4789
+#define XMASQ_PORT_VXLAN_LINUX 8472
+#define XMASQ_PORT_GENEVE 6081
+
+#define XMASQ_POLICY_MAX_MASKS 31
+
+/* pod_info: pod IPv4 (network order) -> the pod as the host sees it. */
+struct pod_info {
+	__u32 ifindex; /* host-side veth of the pod */
+	__u8 mac[6];   /* the pod's own eth0 MAC */
+	__u8 pad[2];
+};
+
+/* egress cache key: a local pod talking to a remote pod (both network order). */
+struct egress_key {
+	__u32 local_pod;
+	__u32 remote_pod;
+};
+
+/* ingress cache key: the remote HOST that masquerades towards us, and our key. */
+struct ingress_key {
+	__u32 remote_host;
+	__u16 key;
+	__u16 pad;
+};
+
+/*
+ * A learned path. In the egress cache "local" is our host (MAC, IP) and
+ * "remote" the peer host; in the ingress cache "local" is our pod and
+ * "remote" the peer pod, with ifindex the pod's host-side veth.
+ */
+struct path {
+	__u64 last_seen;    /* bpf_ktime_get_ns() of the last use */
+	__u8 local_mac[6];
+	__u8 remote_mac[6];
+	__u32 local_ip;
+	__u32 remote_ip;
+	__u32 ifindex;
+	__u16 local_key;    /* our key: the peer writes it into the DSCP it sends us */
+	__u16 remote_key;   /* the peer's key: we write it into the DSCP we send */
+	__u8 remote_ready;  /* 0 once the peer said it does not know our key yet */
+	__u8 pad[3];
+};
+
+/* config (one slot): written by the agent before any program is attached. */
+struct config {
+	__u32 nic_ifindex; /* where masq redirects to */
+	__u32 flags;
+};
+
+enum xmasq_policy_dir {
+	XMASQ_DIR_EGRESS = 0,  /* leaving a local pod */
+	XMASQ_DIR_INGRESS = 1, /* entering a local pod */
+};
+
+/* A deny rule, and the masked 5-tuple looked up against it. 0 = any. */
+struct policy_key {
+	__u32 src_ip;
+	__u32 dst_ip;
+	__u16 src_port; /* network order */
+	__u16 dst_port; /* network order */
+	__u8 protocol;
+	__u8 dir;       /* enum xmasq_policy_dir */
+	__u8 pad[2];
+};
+
+enum xmasq_policy_field {
+	XMASQ_PF_SRC_IP = 1,
+	XMASQ_PF_DST_IP = 2,
+	XMASQ_PF_SRC_PORT = 4,
+	XMASQ_PF_DST_PORT = 8,
+	XMASQ_PF_PROTOCOL = 16,
+};
+
+struct policy_rule {
+	__u32 id; /* the agent's rule id, so drops can be traced back */
+};
+
+/*
+ * policy_masks (one slot): the distinct field masks the installed rules use.
+ * A new flow costs one lookup per mask in use (zero with no rules), instead of
+ * the 31 masks the original tried on every cache miss.
+ */
+struct policy_masks {
+	__u32 count;
+	__u8 mask[XMASQ_POLICY_MAX_MASKS + 1];
+};
+
+enum xmasq_counter {
+	XMASQ_CNT_MASQUERADED = 0, /* masq rewrote and redirected a pod packet */
+	XMASQ_CNT_RESTORED,        /* restore rewrote and redirected into a pod */
+	XMASQ_CNT_LEARNED,         /* init signalled or restore learned a key */
+	XMASQ_CNT_FELL_BACK,       /* a known pair stayed on the overlay */
+	XMASQ_CNT_KEY_EXHAUSTED,   /* no free key for a pair */
+	XMASQ_CNT_POLICY_DROP,     /* a deny rule matched */
+	XMASQ_CNT_PASSED,          /* not ours: left untouched */
+	XMASQ_CNT_RESTORE_MISS,    /* marked packet with no ingress entry: dropped */
+	XMASQ_CNT_MAX,
+};
+
+enum xmasq_redirect_kind {
+	XMASQ_REDIRECT_NONE = 0,
+	XMASQ_REDIRECT_EGRESS = 1, /* bpf_redirect(ifindex, 0) */
+	XMASQ_REDIRECT_PEER = 2,   /* bpf_redirect_peer(ifindex, 0) */
+	XMASQ_REDIRECT_RPEER = 3,  /* bpf_redirect_rpeer(ifindex, 0) */
+};
+
+/* Test build only: the redirect a program asked for, which test_run cannot show. */
+struct redirect_trace {
+	__u32 ifindex;
+	__u32 kind; /* enum xmasq_redirect_kind */
+};
+
+#endif /* XMASQ_H */
