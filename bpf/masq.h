@@ -58,7 +58,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	if (fix_l4_checksum(skb, &h, addr_diff))
 		return TC_ACT_SHOT;
 
-	e->last_seen = bpf_ktime_get_ns();
+	e->last_seen = bpf_ktime_get_coarse_ns();
 	count(XMASQ_CNT_MASQUERADED);
 	*nic = cfg->nic_ifindex;
 	return TC_ACT_REDIRECT;

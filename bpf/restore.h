@@ -51,7 +51,7 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 		return restore_miss();
 
 	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
-	r->last_seen = bpf_ktime_get_ns();
+	r->last_seen = bpf_ktime_get_coarse_ns();
 	count(XMASQ_CNT_RESTORED);
 	trace_redirect(r->ifindex, XMASQ_REDIRECT_PEER);
 	return bpf_redirect_peer(r->ifindex, 0);
@@ -93,7 +93,7 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 	/* The peer lacks our key: keep using the overlay, whose signals teach it. */
 	if (!(t.outer.frag & XMASQ_IP_DF))
 		e->remote_ready = 0;
-	e->last_seen = bpf_ktime_get_ns();
+	e->last_seen = bpf_ktime_get_coarse_ns();
 	count(XMASQ_CNT_LEARNED);
 	return TC_ACT_OK;
 }

@@ -63,7 +63,7 @@ struct ingress_key {
  * "remote" the peer pod, with ifindex the pod's host-side veth.
  */
 struct path {
-	__u64 last_seen;    /* bpf_ktime_get_ns() of the last use */
+	__u64 last_seen;    /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the last use: a tick of resolution is plenty for idle expiry, at a fraction of the cost of a clock read */
 	__u8 local_mac[6];
 	__u8 remote_mac[6];
 	__u32 local_ip;
@@ -141,7 +141,7 @@ enum xmasq_redirect_kind {
 /* Test build only: the redirect a program asked for, which test_run cannot show. */
 struct redirect_trace {
 	__u32 ifindex;
-	__u32 kind; /* enum xmasq_redirect_kind */
+	enum xmasq_redirect_kind kind;
 };
 
 #endif /* XMASQ_H */

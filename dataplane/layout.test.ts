@@ -1,0 +1,43 @@
+/**
+ * The TypeScript layouts in maps.ts against the BTF of the built objects:
+ * every struct's size, every member's name, offset and size, every enum value.
+ */
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { readEnum, readStructLayouts } from './btf.ts';
+import {
+  Counter, COUNTER_COUNT, RedirectKind,
+  config, egressKey, ingressKey, path, podInfo, policyKey, policyMasks, policyRule, redirectTrace,
+} from './maps.ts';
+import type { Struct } from './layout.ts';
+
+const objects = ['xmasq.bpf.o', 'xmasq.test.bpf.o'].map((o) => fileURLToPath(new URL(`../bpf/build/${o}`, import.meta.url)));
+
+describe.each(objects)('map layouts in %s', (obj) => {
+  if (!existsSync(obj)) throw new Error(`${obj} is missing: run 'make -C bpf' first (npm test does)`);
+  const btf = readStructLayouts(obj);
+
+  // pod_ip/array_index/counter_value are plain integers in C, not structs.
+  // redirect_trace exists only in the test build.
+  const testBuild = obj.endsWith('.test.bpf.o');
+  const structs: Struct<never>[] = [podInfo, egressKey, ingressKey, path, config, policyKey, policyRule, policyMasks,
+    ...(testBuild ? [redirectTrace] : [])] as never;
+  it.each(structs.map((s) => [s.name, s] as const))('struct %s matches', (name, s) => {
+    const c = btf.get(name);
+    if (!c) throw new Error(`struct ${name} is not in ${obj}'s BTF (is it used by a map?)`);
+    expect({ name, size: s.size }).toEqual({ name, size: c.size });
+    const want = c.members.map((m) => ({ name: m.name, offset: m.offset, size: m.size }));
+    const got = s.fields.map((f) => ({ name: f.name, offset: f.offset, size: f.size }));
+    expect(got).toEqual(want);
+  });
+
+  it('enums match', () => {
+    const strip = (e: Record<string, number>, prefix: string) =>
+      Object.fromEntries(Object.entries(e).filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k.slice(prefix.length), v]));
+    expect(strip(readEnum(obj, 'xmasq_counter'), 'XMASQ_CNT_')).toEqual({ ...Counter, MAX: COUNTER_COUNT });
+    if (testBuild) expect(strip(readEnum(obj, 'xmasq_redirect_kind'), 'XMASQ_REDIRECT_')).toEqual(RedirectKind);
+    // xmasq_policy_dir and xmasq_policy_field type no C object, so they have no BTF;
+    // the differential policy cases hold those values instead.
+  });
+});

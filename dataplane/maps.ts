@@ -1,0 +1,138 @@
+/**
+ * The ONE TypeScript definition of every map layout in bpf/xmasq.h and
+ * bpf/maps.h. The agent, the CLI, the tests and the simulator all encode and
+ * decode map entries through these; nobody packs a Buffer by hand elsewhere.
+ * layout.test.ts checks each struct against the BTF of the built object.
+ */
+import { Struct, type StructValue } from './layout.ts';
+
+// ---- constants (bpf/xmasq.h) ----
+export const IP_RF = 0x8000;
+export const IP_DF = 0x4000;
+export const IP_MF = 0x2000;
+export const IP_OFFSET = 0x1fff;
+export const KEY_MIN = 1;
+export const KEY_MAX = 63;
+export const KEY_COUNT = KEY_MAX - KEY_MIN + 1;
+export const KEY_TRIES = 9;
+export const PORT_VXLAN = 4789;
+export const PORT_VXLAN_LINUX = 8472;
+export const PORT_GENEVE = 6081;
+export const POLICY_MAX_MASKS = 31;
+
+/** Map sizes of the two builds (bpf/maps.h). */
+export const MAX_ENTRIES = {
+  production: { pods: 1024, paths: 65536, rules: 65536 },
+  test: { pods: 16, paths: 64, rules: 32 },
+} as const;
+
+// ---- enums (bpf/xmasq.h); layout.test.ts holds them against the object's BTF ----
+export const Counter = {
+  MASQUERADED: 0,
+  RESTORED: 1,
+  LEARNED: 2,
+  FELL_BACK: 3,
+  KEY_EXHAUSTED: 4,
+  POLICY_DROP: 5,
+  PASSED: 6,
+  RESTORE_MISS: 7,
+} as const;
+export const COUNTER_COUNT = 8;
+export type CounterName = keyof typeof Counter;
+export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
+
+export const RedirectKind = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3 } as const;
+export type RedirectKindName = keyof typeof RedirectKind;
+
+export const PolicyDir = { EGRESS: 0, INGRESS: 1 } as const;
+export const PolicyField = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
+
+// ---- structs ----
+export const podIp = new Struct('pod_ip', [['ip', 'ipv4']] as const);
+export const podInfo = new Struct('pod_info', [
+  ['ifindex', 'u32'],
+  ['mac', 'mac'],
+  ['pad', { pad: 2 }],
+] as const);
+export const egressKey = new Struct('egress_key', [
+  ['local_pod', 'ipv4'],
+  ['remote_pod', 'ipv4'],
+] as const);
+export const ingressKey = new Struct('ingress_key', [
+  ['remote_host', 'ipv4'],
+  ['key', 'u16'],
+  ['pad', { pad: 2 }],
+] as const);
+export const path = new Struct('path', [
+  ['last_seen', 'u64'],
+  ['local_mac', 'mac'],
+  ['remote_mac', 'mac'],
+  ['local_ip', 'ipv4'],
+  ['remote_ip', 'ipv4'],
+  ['ifindex', 'u32'],
+  ['local_key', 'u16'],
+  ['remote_key', 'u16'],
+  ['remote_ready', 'u8'],
+  ['pad', { pad: 3 }],
+] as const);
+export const config = new Struct('config', [
+  ['nic_ifindex', 'u32'],
+  ['flags', 'u32'],
+] as const);
+export const policyKey = new Struct('policy_key', [
+  ['src_ip', 'ipv4'],
+  ['dst_ip', 'ipv4'],
+  ['src_port', 'be16'],
+  ['dst_port', 'be16'],
+  ['protocol', 'u8'],
+  ['dir', 'u8'],
+  ['pad', { pad: 2 }],
+] as const);
+export const policyRule = new Struct('policy_rule', [['id', 'u32']] as const);
+export const policyMasks = new Struct('policy_masks', [
+  ['count', 'u32'],
+  ['mask', { u8array: POLICY_MAX_MASKS + 1 }],
+] as const);
+export const redirectTrace = new Struct('redirect_trace', [
+  ['ifindex', 'u32'],
+  ['kind', 'u32'],
+] as const);
+export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
+export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
+
+export type PodInfo = StructValue<typeof podInfo extends Struct<infer F> ? F : never>;
+export type EgressKey = StructValue<typeof egressKey extends Struct<infer F> ? F : never>;
+export type IngressKey = StructValue<typeof ingressKey extends Struct<infer F> ? F : never>;
+export type Path = StructValue<typeof path extends Struct<infer F> ? F : never>;
+export type Config = StructValue<typeof config extends Struct<infer F> ? F : never>;
+export type PolicyKey = StructValue<typeof policyKey extends Struct<infer F> ? F : never>;
+export type PolicyRule = StructValue<typeof policyRule extends Struct<infer F> ? F : never>;
+export type PolicyMasks = StructValue<typeof policyMasks extends Struct<infer F> ? F : never>;
+export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
+
+/** Every map of the object: its C name, kind, and key/value layouts. */
+export const MAPS = {
+  pod_info: { kind: 'hash', key: podIp, value: podInfo },
+  egress_cache: { kind: 'hash', key: egressKey, value: path },
+  ingress_cache: { kind: 'hash', key: ingressKey, value: path },
+  config: { kind: 'array', key: arrayIndex, value: config },
+  policy_rules: { kind: 'hash', key: policyKey, value: policyRule },
+  policy_masks: { kind: 'array', key: arrayIndex, value: policyMasks },
+  counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
+  redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
+} as const;
+export type MapName = keyof typeof MAPS;
+
+/** Encoded key strings, so that model maps can be keyed like the kernel's. */
+export function keyString(struct: { encode(v: never): Buffer }, value: unknown): string {
+  return (struct.encode as (v: unknown) => Buffer)(value).toString('hex');
+}
+
+/** The mask a policy rule implies: the fields it does not leave as "any". */
+export function ruleMask(rule: PolicyKey): number {
+  return (rule.src_ip !== '0.0.0.0' ? PolicyField.SRC_IP : 0)
+    | (rule.dst_ip !== '0.0.0.0' ? PolicyField.DST_IP : 0)
+    | (rule.src_port !== 0 ? PolicyField.SRC_PORT : 0)
+    | (rule.dst_port !== 0 ? PolicyField.DST_PORT : 0)
+    | (rule.protocol !== 0 ? PolicyField.PROTOCOL : 0);
+}

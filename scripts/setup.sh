@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs what XMasq needs on a fresh Debian 12 machine (run as root), then
+# the npm dependencies, then builds the BPF objects. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs packages and the tests load BPF programs)" >&2
+  exit 1
+fi
+
+packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# The agent and the tests pin and share maps through bpffs.
+if ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+echo "setup: npm ci"
+npm ci --no-audit --no-fund
+echo "setup: building BPF objects"
+make -C bpf

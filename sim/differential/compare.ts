@@ -1,0 +1,141 @@
+/**
+ * Runs one case on the model and on the kernel and lists every difference:
+ * verdict, redirect, counters, the output packet (decoded, field by field)
+ * and every map entry (decoded, field by field).
+ */
+import { COUNTER_NAMES, KEY_COUNT, KEY_MIN } from '../../dataplane/maps.ts';
+import { diffFrames } from '../packet/diff.ts';
+import { init } from '../model/init.ts';
+import { masq } from '../model/masq.ts';
+import { restore } from '../model/restore.ts';
+import { cloneState, type DatapathState, type Env, type HashTable, type RunResult } from '../model/state.ts';
+import type { KernelDatapath, KernelRun } from './kernel.ts';
+import type { ProgramName, SkbContext } from './statespec.ts';
+
+export interface Case {
+  name: string;
+  program: ProgramName;
+  packet: Buffer;
+  state: DatapathState;
+  ctx?: SkbContext;
+}
+
+/** A model of one program; the mutation check swaps these for planted bugs. */
+export type ModelProgram = (pkt: Buffer, s: DatapathState, env: Env) => RunResult;
+export const MODEL: Record<ProgramName, ModelProgram> = { init, restore, masq: (p, s, e) => masq(p, s, e, 'EGRESS') };
+
+/** No program run writes this time; a model write of it shows up as a mismatch. */
+const NO_CLOCK = 0xdead_beefn;
+
+export interface Outcome {
+  mismatches: string[];
+  kernel: KernelRun;
+  model: RunResult & { state: DatapathState };
+}
+
+export function runCase(k: KernelDatapath, c: Case, model: Record<ProgramName, ModelProgram> = MODEL): Outcome {
+  const kernel = k.run(c.program, c.packet, c.state, c.ctx);
+  const env = oracleEnv(c, kernel.state);
+  const ms = cloneState(c.state);
+  const m = model[c.program](c.packet, ms, env);
+  return { mismatches: compare(m, ms, kernel), kernel, model: { ...m, state: ms } };
+}
+
+/**
+ * The clock and the random draws are the kernel's to choose: take the clock
+ * from any timestamp the kernel wrote, and the key from the entry it created.
+ * Everything else the model must reproduce on its own: a key the kernel chose
+ * that was not free makes the model's BPF_NOEXIST insert fail, a mismatch.
+ */
+export function oracleEnv(c: Case, after: DatapathState): Env {
+  let now = NO_CLOCK;
+  const before = c.state;
+  const changed = (t: HashTable<unknown, { last_seen: bigint }>, b: HashTable<unknown, { last_seen: bigint }>) => {
+    for (const [key, v] of t.entries()) {
+      const old = b.lookup(key);
+      if (!old || old.last_seen !== v.last_seen) now = v.last_seen;
+    }
+  };
+  changed(after.egress_cache, before.egress_cache);
+  changed(after.ingress_cache, before.ingress_cache);
+
+  // The keys the kernel's draws could have produced: the one it kept, or, when
+  // it gave up, keys already taken for that host (each draw collided).
+  const draws: number[] = [];
+  if (c.program === 'init') {
+    const newKeys = after.ingress_cache.entries().filter(([key]) => !before.ingress_cache.lookup(key));
+    if (newKeys.length > 0) {
+      draws.push(newKeys[0][0].key - KEY_MIN);
+    } else {
+      const dst = outerDst(c.packet);
+      for (const [key] of before.ingress_cache.entries()) if (key.remote_host === dst) draws.push(key.key - KEY_MIN);
+    }
+  }
+  let i = 0;
+  return {
+    now,
+    random: () => (draws.length ? draws[i++ % draws.length] : 0) % KEY_COUNT,
+  };
+}
+
+function outerDst(pkt: Buffer): string {
+  return pkt.length >= 34 ? `${pkt[30]}.${pkt[31]}.${pkt[32]}.${pkt[33]}` : '';
+}
+
+const VERDICTS: Record<number, string> = { 0: 'TC_ACT_OK', 2: 'TC_ACT_SHOT', 7: 'TC_ACT_REDIRECT' };
+const verdictName = (v: number) => VERDICTS[v] ?? `verdict ${v}`;
+
+export function compare(m: RunResult, ms: DatapathState, k: KernelRun): string[] {
+  const out: string[] = [];
+  if (m.verdict !== k.verdict) out.push(`verdict: model ${verdictName(m.verdict)} kernel ${verdictName(k.verdict)}`);
+  if (m.effects.redirect.kind !== k.effects.redirect.kind || m.effects.redirect.ifindex !== k.effects.redirect.ifindex) {
+    out.push(`redirect: model ${m.effects.redirect.kind}(${m.effects.redirect.ifindex}) kernel ${k.effects.redirect.kind}(${k.effects.redirect.ifindex})`);
+  }
+  for (const n of COUNTER_NAMES) {
+    if (m.effects.counters[n] !== k.effects.counters[n]) out.push(`counter ${n}: model +${m.effects.counters[n]} kernel +${k.effects.counters[n]}`);
+  }
+  if (!m.packet.equals(k.packet)) {
+    out.push('packet differs (model vs kernel):');
+    for (const line of diffFrames(m.packet, k.packet)) out.push(`  ${line}`);
+  }
+  out.push(...diffStates(ms, k.state));
+  return out;
+}
+
+/** Entry-by-entry, field-by-field differences between two map states. */
+export function diffStates(a: DatapathState, b: DatapathState, names = ['model', 'kernel']): string[] {
+  const out: string[] = [];
+  const table = <K, V>(name: string, x: HashTable<K, V>, y: HashTable<K, V>) => {
+    const seen = new Set<string>();
+    for (const [key, v] of x.entries()) {
+      const id = JSON.stringify(key);
+      seen.add(id);
+      const w = y.lookup(key);
+      if (!w) out.push(`${name}[${id}]: only in ${names[0]}: ${show(v)}`);
+      else out.push(...fieldDiff(`${name}[${id}]`, v, w, names));
+    }
+    for (const [key, v] of y.entries()) {
+      if (!seen.has(JSON.stringify(key))) out.push(`${name}[${JSON.stringify(key)}]: only in ${names[1]}: ${show(v)}`);
+    }
+  };
+  table('pod_info', a.pod_info, b.pod_info);
+  table('egress_cache', a.egress_cache, b.egress_cache);
+  table('ingress_cache', a.ingress_cache, b.ingress_cache);
+  table('policy_rules', a.policy_rules, b.policy_rules);
+  out.push(...fieldDiff('config', a.config, b.config, names));
+  out.push(...fieldDiff('policy_masks', a.policy_masks, b.policy_masks, names));
+  return out;
+}
+
+function fieldDiff(where: string, x: unknown, y: unknown, names: string[]): string[] {
+  const out: string[] = [];
+  const xr = x as Record<string, unknown>, yr = y as Record<string, unknown>;
+  for (const f of Object.keys(xr)) {
+    if (show(xr[f]) !== show(yr[f])) out.push(`${where}.${f}: ${names[0]} ${show(xr[f])} ${names[1]} ${show(yr[f])}`);
+  }
+  return out;
+}
+
+function show(v: unknown): string {
+  return JSON.stringify(v, (_k, x) => (typeof x === 'bigint' ? x.toString() : x));
+}

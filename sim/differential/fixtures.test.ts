@@ -1,0 +1,31 @@
+/**
+ * Every fixture: the model and the kernel agree on everything, and the kernel
+ * shows the behaviour the fixture was written to pin down.
+ */
+import { afterAll, describe, expect, it } from 'vitest';
+import { loadFixtures, type Fixture } from '../../fixtures/load.ts';
+import { runCase } from './compare.ts';
+import { KernelDatapath } from './kernel.ts';
+
+const fixtures: Fixture[] = await loadFixtures();
+const kernel = new KernelDatapath();
+afterAll(() => kernel.close());
+
+const VERDICT = { pass: 0, drop: 2, redirect: 7 } as const;
+
+describe('fixtures', () => {
+  it('cover all three programs', () => {
+    for (const p of ['init', 'restore', 'masq']) expect(fixtures.filter((f) => f.program === p).length).toBeGreaterThan(10);
+  });
+
+  it.each(fixtures.map((f) => [f.name, f] as const))('%s', (_name, f) => {
+    const o = runCase(kernel, f);
+    expect(o.mismatches, o.mismatches.join('\n')).toEqual([]);
+    const want = f.json.expect;
+    expect(o.kernel.verdict, 'verdict').toBe(VERDICT[want.verdict]);
+    expect(o.kernel.effects.counters[want.counter], `counter ${want.counter}`).toBe(1);
+    expect(o.kernel.effects.redirect, 'redirect').toEqual(want.redirect ?? { ifindex: 0, kind: 'NONE' });
+    if (want.unchanged) expect(o.kernel.packet.equals(f.packet), 'packet untouched').toBe(true);
+    else if (want.verdict !== 'drop') expect(o.kernel.packet.equals(f.packet), 'packet rewritten').toBe(false);
+  });
+});

@@ -1,0 +1,393 @@
+/**
+ * Seeded random cases for the differential run. Packets and map states are
+ * drawn together so that the deep paths are taken often: a masqueraded packet
+ * usually meets the ingress entry it needs, an overlay packet usually comes
+ * from a pod the host knows. Around them: every header variant the parsers
+ * must survive (options, fragments, VLAN tags, IPv6, ARP, truncation, byte
+ * flips), full tables, exhausted key spaces, stale entries and policy rules
+ * that match or nearly match.
+ */
+import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
+import {
+  KEY_MAX, KEY_MIN, MAX_ENTRIES, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  type Path, type PolicyKey,
+} from '../../dataplane/maps.ts';
+import { emptyState, type DatapathState } from '../model/state.ts';
+import type { Case } from './compare.ts';
+import { masksFromList, type ProgramName } from './statespec.ts';
+
+/** xorshift32: small, fast, and the same sequence for the same seed everywhere. */
+export class Rng {
+  private s: number;
+  constructor(seed: number) {
+    this.s = (seed ^ 0x9e3779b9) >>> 0 || 1;
+  }
+  u32(): number {
+    let x = this.s;
+    x ^= x << 13; x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5; x >>>= 0;
+    this.s = x;
+    return x;
+  }
+  int(n: number): number {
+    return this.u32() % n;
+  }
+  range(lo: number, hi: number): number {
+    return lo + this.int(hi - lo + 1);
+  }
+  chance(p: number): boolean {
+    return this.u32() / 0x1_0000_0000 < p;
+  }
+  pick<T>(xs: readonly T[]): T {
+    return xs[this.int(xs.length)];
+  }
+  bytes(n: number): Uint8Array {
+    const b = new Uint8Array(n);
+    for (let i = 0; i < n; i++) b[i] = this.int(256);
+    return b;
+  }
+}
+
+// ---- the world the cases live in (addresses only: no packet leaves the kernel's test_run) ----
+const SIZES = MAX_ENTRIES.test;
+export const LOCAL_HOST = '10.99.0.1';
+export const LOCAL_MAC = '02:99:00:00:00:01';
+export const PEERS = ['10.99.0.2', '10.99.0.3', '10.99.0.4'];
+const peerMac = (h: number) => `02:99:00:00:00:0${h + 2}`;
+const LOCAL_PODS = Array.from({ length: 20 }, (_, i) => ({
+  ip: `10.244.0.${2 + i}`, ifindex: 100 + i, mac: `0a:58:0a:f4:00:${(2 + i).toString(16).padStart(2, '0')}`,
+}));
+const remotePod = (h: number, i: number) => `10.244.${h + 1}.${2 + i}`;
+const GATEWAY_MAC = '0a:58:0a:f4:00:01';
+const VTEP_MAC = (h: number) => `aa:bb:cc:00:00:0${h + 2}`;
+const TUNNEL_PORTS = [PORT_VXLAN_LINUX, PORT_VXLAN, PORT_GENEVE];
+
+interface Focus {
+  local: (typeof LOCAL_PODS)[number];
+  peer: number;
+  remote: string;
+  /** The 5-tuple's ports and protocol, for policy rules that match it. */
+  sport: number;
+  dport: number;
+  proto: number;
+}
+
+function randomPath(rng: Rng, over: Partial<Path> = {}): Path {
+  return {
+    last_seen: BigInt(rng.range(1, 1_000_000)),
+    local_mac: rng.chance(0.8) ? LOCAL_MAC : macOf(rng),
+    remote_mac: rng.chance(0.8) ? peerMac(rng.int(3)) : macOf(rng),
+    local_ip: LOCAL_HOST,
+    remote_ip: rng.pick(PEERS),
+    ifindex: rng.range(1, 200),
+    local_key: rng.chance(0.2) ? 0 : rng.range(KEY_MIN, KEY_MAX),
+    remote_key: rng.chance(0.2) ? 0 : rng.range(KEY_MIN, KEY_MAX),
+    remote_ready: rng.chance(0.7) ? 1 : 0,
+    ...over,
+  };
+}
+
+function macOf(rng: Rng): string {
+  return Array.from(rng.bytes(6), (b, i) => (i === 0 ? b & 0xfe : b).toString(16).padStart(2, '0')).join(':');
+}
+
+/** A map state drawn around the focus pair; dir is the direction policy rules should target. */
+function genState(rng: Rng, f: Focus, dir: number): DatapathState {
+  const s = emptyState(SIZES);
+
+  // pod_info: usually the focus pod; sometimes every slot taken.
+  if (rng.chance(0.85)) s.pod_info.update(f.local.ip, { ifindex: f.local.ifindex, mac: f.local.mac });
+  const nPods = rng.chance(0.05) ? SIZES.pods : rng.int(6);
+  for (let i = 0; i < nPods; i++) {
+    const p = rng.pick(LOCAL_PODS);
+    s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac });
+  }
+
+  // egress_cache: the focus pair in any state of learning, plus noise; sometimes full.
+  if (rng.chance(0.7)) {
+    s.egress_cache.update({ local_pod: f.local.ip, remote_pod: f.remote }, randomPath(rng, {
+      remote_ip: PEERS[f.peer], remote_mac: peerMac(f.peer),
+    }));
+  }
+  const nEgress = rng.chance(0.05) ? SIZES.paths : rng.int(5);
+  for (let i = 0; s.egress_cache.size < SIZES.paths && i < nEgress; i++) {
+    s.egress_cache.update({ local_pod: rng.pick(LOCAL_PODS).ip, remote_pod: remotePod(rng.int(3), rng.int(40)) }, randomPath(rng));
+  }
+
+  // ingress_cache: a record for the focus pair (or a stale one under its key),
+  // sometimes every key of the peer taken, sometimes the table full.
+  const egressFocus = s.egress_cache.lookup({ local_pod: f.local.ip, remote_pod: f.remote });
+  if (rng.chance(0.6)) {
+    const key = egressFocus?.local_key || rng.range(KEY_MIN, KEY_MAX);
+    const stale = rng.chance(0.15);
+    s.ingress_cache.update({ remote_host: PEERS[f.peer], key }, randomPath(rng, {
+      local_mac: f.local.mac, remote_mac: VTEP_MAC(f.peer),
+      local_ip: stale ? rng.pick(LOCAL_PODS).ip : f.local.ip,
+      remote_ip: stale ? remotePod(f.peer, rng.int(40)) : f.remote,
+      ifindex: f.local.ifindex, local_key: key, remote_key: 0, remote_ready: 0,
+    }));
+  }
+  if (rng.chance(0.08)) {
+    for (let k = KEY_MIN; k <= KEY_MAX && s.ingress_cache.size < SIZES.paths; k++) {
+      s.ingress_cache.update({ remote_host: PEERS[f.peer], key: k }, randomPath(rng, { local_ip: rng.pick(LOCAL_PODS).ip }), 'noexist');
+    }
+  }
+  const nIngress = rng.chance(0.05) ? SIZES.paths : rng.int(5);
+  for (let i = 0; s.ingress_cache.size < SIZES.paths && i < nIngress; i++) {
+    s.ingress_cache.update({ remote_host: rng.pick(PEERS), key: rng.range(KEY_MIN, KEY_MAX) }, randomPath(rng));
+  }
+
+  s.config = { nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: 0 };
+
+  // policy: rules around the focus tuple, some matching, some one field off.
+  if (rng.chance(0.3)) {
+    const masks = new Set<number>();
+    const nRules = rng.range(1, 6);
+    for (let i = 0; i < nRules; i++) {
+      const m = rng.range(1, 31);
+      const near = rng.chance(0.5);
+      const k: PolicyKey = {
+        src_ip: m & PolicyField.SRC_IP ? (dir === PolicyDir.EGRESS ? f.local.ip : f.remote) : '0.0.0.0',
+        dst_ip: m & PolicyField.DST_IP ? (dir === PolicyDir.EGRESS ? f.remote : f.local.ip) : '0.0.0.0',
+        src_port: m & PolicyField.SRC_PORT ? (dir === PolicyDir.EGRESS ? f.sport : f.dport) || 1 : 0,
+        dst_port: m & PolicyField.DST_PORT ? (dir === PolicyDir.EGRESS ? f.dport : f.sport) || 1 : 0,
+        protocol: m & PolicyField.PROTOCOL ? f.proto : 0,
+        dir: rng.chance(0.85) ? dir : 1 - dir,
+      };
+      if (near) {
+        if (m & PolicyField.DST_PORT) k.dst_port = (k.dst_port + 1) & 0xffff || 1;
+        else if (m & PolicyField.PROTOCOL) k.protocol = (k.protocol + 1) & 0xff || 1;
+        else if (m & PolicyField.SRC_IP) k.src_ip = '10.1.2.3';
+        else if (m & PolicyField.DST_IP) k.dst_ip = '10.1.2.4';
+      }
+      s.policy_rules.update(k, { id: i + 1 });
+      if (rng.chance(0.9)) masks.add(m);
+    }
+    if (rng.chance(0.2)) masks.add(rng.range(1, 31));
+    const list = [...masks].slice(0, 31);
+    s.policy_masks = masksFromList(list.length, list);
+  }
+  return s;
+}
+
+// ---- packets ----
+
+function checksumChoice(rng: Rng): number | 'valid' | 'partial' {
+  if (rng.chance(0.8)) return 'valid';
+  if (rng.chance(0.3)) return 'partial';
+  return rng.pick([0, 0xffff, rng.int(0x10000)]);
+}
+
+/** An IPv4 pod packet of any protocol and shape; proto/ports are fixed by the focus. */
+function podIpv4(rng: Rng, src: string, dst: string, f: Focus, tags: string[]): Ipv4Spec {
+  const spec: Ipv4Spec = {
+    src, dst,
+    tos: rng.chance(0.75) ? rng.int(4) : rng.int(256),
+    id: rng.int(0x10000),
+    df: rng.chance(0.6),
+    ttl: rng.range(1, 255),
+  };
+  if (spec.tos! >= 4) tags.push('dscp');
+  if (rng.chance(0.08)) {
+    spec.options = rng.bytes(4 * rng.range(1, 10));
+    tags.push('opts');
+  }
+  if (rng.chance(0.1)) {
+    if (rng.chance(0.5)) spec.mf = true;
+    else {
+      spec.fragOffset = rng.range(1, 200);
+      spec.mf = rng.chance(0.5);
+    }
+    tags.push('frag');
+  }
+  if (rng.chance(0.03)) {
+    spec.rf = true;
+    tags.push('rf');
+  }
+  if (rng.chance(0.05)) {
+    spec.checksum = rng.int(0x10000);
+    tags.push('bad-ipcsum');
+  }
+  spec.l4 = podL4(rng, f, tags);
+  return spec;
+}
+
+function podL4(rng: Rng, f: Focus, tags: string[]): L4Spec {
+  const payload = rng.bytes(rng.int(48));
+  switch (f.proto) {
+    case 6:
+      tags.push('tcp');
+      return { tcp: { sport: f.sport, dport: f.dport, seq: rng.u32(), ack: rng.u32(), flags: rng.int(256), checksum: checksumChoice(rng), payload } };
+    case 17: {
+      tags.push('udp');
+      const none = rng.chance(0.1);
+      return { udp: { sport: f.sport, dport: f.dport, checksum: none ? 'none' : checksumChoice(rng), payload } };
+    }
+    case 1:
+      tags.push('icmp');
+      return { icmp: { type: rng.pick([0, 8, 3, 11]), code: 0, id: rng.int(0x10000), seq: rng.int(0x10000), payload } };
+    default:
+      tags.push(`proto${f.proto}`);
+      return { raw: { protocol: f.proto, bytes: payload } };
+  }
+}
+
+function focusOf(rng: Rng): Focus {
+  const peer = rng.int(3);
+  const proto = rng.chance(0.9) ? rng.pick([6, 6, 17, 17, 1]) : rng.pick([47, 132, 50]);
+  const tunnelDport = proto === 17 && rng.chance(0.05);
+  return {
+    local: LOCAL_PODS[rng.int(LOCAL_PODS.length)],
+    peer,
+    remote: remotePod(peer, rng.int(40)),
+    sport: rng.range(1, 65535),
+    dport: tunnelDport ? rng.pick(TUNNEL_PORTS) : rng.pick([80, 443, 53, 8080, rng.range(1, 65535)]),
+    proto,
+  };
+}
+
+/** An overlay packet (host to host over UDP) around an inner pod frame. */
+function overlay(rng: Rng, outerSrc: string, outerDst: string, eth: { src: string; dst: string }, inner: FrameSpec, tags: string[], outerTos = 0): FrameSpec {
+  const port = rng.chance(0.92) ? rng.pick(TUNNEL_PORTS) : rng.pick([4790, 6082, 53]);
+  if (!TUNNEL_PORTS.includes(port)) tags.push('not-tunnel-port');
+  const geneve = port === PORT_GENEVE;
+  const udp: UdpSpec = {
+    sport: rng.range(32768, 60999), dport: port,
+    checksum: rng.chance(0.7) ? 'none' : 'valid',
+    payload: geneve
+      ? { geneve: {
+          vni: 1, options: rng.chance(0.3) ? rng.bytes(4 * rng.range(1, 8)) : undefined,
+          protocol: rng.chance(0.95) ? 0x6558 : 0x0800, version: rng.chance(0.95) ? 0 : 1,
+        }, inner }
+      : { vxlan: { vni: 1, flags: rng.chance(0.95) ? 0x08 : 0x00 }, inner },
+  };
+  tags.push(geneve ? 'geneve' : 'vxlan');
+  if (rng.chance(0.04)) {
+    udp.length = rng.int(200);
+    tags.push('bad-udplen');
+  }
+  const outer: Ipv4Spec = { src: outerSrc, dst: outerDst, tos: outerTos, id: rng.int(0x10000), df: rng.chance(0.3), l4: { udp } };
+  if (rng.chance(0.04)) {
+    outer.options = rng.bytes(4 * rng.range(1, 4));
+    tags.push('outer-opts');
+  }
+  if (rng.chance(0.03)) {
+    outer.mf = true;
+    tags.push('outer-frag');
+  }
+  const frame: FrameSpec = { eth: { src: eth.src, dst: eth.dst }, ipv4: outer };
+  if (rng.chance(0.03)) {
+    frame.eth!.vlan = [rng.range(1, 4094)];
+    tags.push('vlan');
+  }
+  return frame;
+}
+
+/** Other frames a NIC sees: ARP, IPv6, VLAN-tagged host traffic. */
+function otherFrame(rng: Rng, tags: string[]): FrameSpec {
+  const kind = rng.int(3);
+  if (kind === 0) {
+    tags.push('arp');
+    return { arp: true };
+  }
+  if (kind === 1) {
+    tags.push('ipv6');
+    return { ipv6: { src: 'fd00::1', dst: 'fd00::2', nextHeader: 17, payload: rng.bytes(rng.int(64)) } };
+  }
+  tags.push('vlan-host');
+  return { eth: { vlan: [rng.range(1, 4094)] }, ipv4: { src: PEERS[0], dst: LOCAL_HOST, tos: rng.int(256), rf: rng.chance(0.5), l4: { udp: { sport: 1, dport: 2 } } } };
+}
+
+/** Truncation or byte flips on a built frame, never below the 14 bytes test_run needs. */
+function damage(rng: Rng, frame: Buffer, tags: string[]): Buffer {
+  if (rng.chance(0.5)) {
+    tags.push('trunc');
+    return truncate(frame, rng.range(14, frame.length));
+  }
+  const out = Buffer.from(frame);
+  const n = rng.range(1, 3);
+  for (let i = 0; i < n; i++) out[rng.int(Math.min(out.length, 110))] = rng.chance(0.5) ? rng.int(256) : out[rng.int(out.length)] ^ (1 << rng.int(8));
+  tags.push('flip');
+  return out;
+}
+
+function initCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; dir: number } {
+  const f = focusOf(rng);
+  const innerSrc = rng.chance(0.9) ? f.local.ip : remotePod(f.peer, rng.int(40));
+  const inner: FrameSpec = { eth: { src: f.local.mac, dst: VTEP_MAC(f.peer) }, ipv4: podIpv4(rng, innerSrc, f.remote, f, tags) };
+  if (rng.chance(0.03)) {
+    inner.eth!.vlan = [5];
+    tags.push('inner-vlan');
+  }
+  const outerTos = rng.chance(0.8) ? rng.int(4) : rng.int(256);
+  return { frame: overlay(rng, LOCAL_HOST, PEERS[f.peer], { src: LOCAL_MAC, dst: peerMac(f.peer) }, inner, tags, outerTos), focus: f, dir: PolicyDir.EGRESS };
+}
+
+function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; dir: number; keyFrom?: 'ingress' } {
+  const f = focusOf(rng);
+  const kind = rng.int(10);
+  if (kind < 5) {
+    // A masqueraded packet from a peer host; its key is filled in once the state exists.
+    tags.push('masqueraded');
+    const ip = podIpv4(rng, PEERS[f.peer], LOCAL_HOST, { ...f, sport: f.dport, dport: f.sport }, tags);
+    ip.rf = rng.chance(0.9);
+    return { frame: { eth: { src: peerMac(f.peer), dst: LOCAL_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.INGRESS, keyFrom: 'ingress' };
+  }
+  if (kind < 7) {
+    // Host traffic, ECN-CE and DSCP included: must pass untouched.
+    tags.push('host');
+    const ip = podIpv4(rng, PEERS[f.peer], LOCAL_HOST, f, tags);
+    ip.tos = rng.chance(0.5) ? (rng.range(KEY_MIN, KEY_MAX) << 2) | 3 : rng.int(256);
+    ip.rf = false;
+    return { frame: { eth: { src: peerMac(f.peer), dst: LOCAL_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.INGRESS };
+  }
+  if (kind < 9) {
+    // An overlay packet to one of our pods, signalling or not.
+    const inner: FrameSpec = { eth: { src: VTEP_MAC(f.peer), dst: f.local.mac }, ipv4: podIpv4(rng, f.remote, f.local.ip, { ...f, sport: f.dport, dport: f.sport }, tags) };
+    const signal = rng.chance(0.7);
+    tags.push(signal ? 'signal' : 'plain-overlay');
+    const outerTos = signal ? (rng.range(rng.chance(0.1) ? 0 : KEY_MIN, KEY_MAX) << 2) | rng.int(4) : rng.int(4);
+    const frame = overlay(rng, PEERS[f.peer], LOCAL_HOST, { src: peerMac(f.peer), dst: LOCAL_MAC }, inner, tags, outerTos);
+    if (signal) {
+      frame.ipv4!.rf = rng.chance(0.9);
+      frame.ipv4!.df = rng.chance(0.5);
+    }
+    return { frame, focus: f, dir: PolicyDir.INGRESS };
+  }
+  return { frame: otherFrame(rng, tags), focus: f, dir: PolicyDir.INGRESS };
+}
+
+function masqCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; dir: number } {
+  const f = focusOf(rng);
+  if (rng.chance(0.05)) return { frame: otherFrame(rng, tags), focus: f, dir: PolicyDir.EGRESS };
+  const ip = podIpv4(rng, f.local.ip, f.remote, f, tags);
+  return { frame: { eth: { src: f.local.mac, dst: GATEWAY_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.EGRESS };
+}
+
+/** One random case for a program. */
+export function generateCase(program: ProgramName, rng: Rng, index: number): Case {
+  const tags: string[] = [];
+  let frame: FrameSpec, focus: Focus, dir: number, keyFrom: string | undefined;
+  if (program === 'init') ({ frame, focus, dir } = initCase(rng, tags));
+  else if (program === 'restore') ({ frame, focus, dir, keyFrom } = restoreCase(rng, tags));
+  else ({ frame, focus, dir } = masqCase(rng, tags));
+
+  const state = genState(rng, focus, dir);
+
+  // A masqueraded packet mostly carries a key that has an ingress entry for its sender.
+  if (keyFrom === 'ingress' && frame.ipv4) {
+    const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key);
+    const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.range(rng.chance(0.05) ? 0 : KEY_MIN, KEY_MAX);
+    frame.ipv4.tos = (key << 2) | rng.int(4);
+  }
+
+  let packet = buildFrame(frame);
+  if (rng.chance(0.12)) packet = damage(rng, packet, tags);
+  return { name: `#${index} ${tags.join(' ')}`, program, packet, state };
+}
+
+export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {
+  const rng = new Rng(seed * 7 + (program === 'init' ? 1 : program === 'restore' ? 2 : 3));
+  for (let i = 0; i < count; i++) yield generateCase(program, rng, i);
+}

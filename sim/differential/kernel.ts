@@ -1,0 +1,114 @@
+/**
+ * The real programs, run by the kernel with BPF_PROG_TEST_RUN, with their
+ * maps loaded from and read back into the model's state shape. Everything
+ * is encoded and decoded through dataplane/maps.ts.
+ */
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
+import {
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
+  egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule, redirectTrace,
+  type CounterName, type RedirectKindName,
+} from '../../dataplane/maps.ts';
+import { emptyState, type DatapathState, type RunEffects } from '../model/state.ts';
+import type { ProgramName, SkbContext } from './statespec.ts';
+
+export const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
+
+export interface KernelRun {
+  verdict: number;
+  packet: Buffer;
+  effects: RunEffects;
+  state: DatapathState;
+}
+
+const ZERO = arrayIndex.encode({ index: 0 });
+
+export class KernelDatapath {
+  private readonly obj: BpfObject;
+  private readonly maps: Record<string, BpfMap>;
+
+  constructor(objectPath = TEST_OBJECT) {
+    if (process.getuid?.() !== 0) {
+      throw new Error('the differential tests run the real programs in the kernel: run them as root (CAP_BPF + CAP_NET_ADMIN)');
+    }
+    if (!existsSync(objectPath)) {
+      throw new Error(`${objectPath} is missing: build it with 'make -C bpf' (npm test does this first)`);
+    }
+    this.obj = BpfObject.open(objectPath);
+    this.obj.load();
+    this.maps = {};
+    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'redirect_trace']) {
+      this.maps[name] = this.obj.map(name);
+    }
+    const want = MAX_ENTRIES.test;
+    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules) {
+      throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
+    }
+  }
+
+  close(): void {
+    this.obj.close();
+  }
+
+  /** Replaces every map's content with s. */
+  load(s: DatapathState): void {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules']) this.maps[m].clear();
+    for (const [ip, v] of s.pod_info.entries()) this.maps.pod_info.update(podIp.encode({ ip }), podInfo.encode(v), 'noexist');
+    for (const [k, v] of s.egress_cache.entries()) this.maps.egress_cache.update(egressKey.encode(k), path.encode(v), 'noexist');
+    for (const [k, v] of s.ingress_cache.entries()) this.maps.ingress_cache.update(ingressKey.encode(k), path.encode(v), 'noexist');
+    for (const [k, v] of s.policy_rules.entries()) this.maps.policy_rules.update(policyKey.encode(k), policyRule.encode(v), 'noexist');
+    this.maps.config.update(ZERO, config.encode(s.config));
+    this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
+    this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
+  }
+
+  /** Reads every map back. */
+  read(): DatapathState {
+    const s = emptyState(MAX_ENTRIES.test);
+    for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.update(podIp.decode(k).ip, podInfo.decode(v));
+    for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.update(egressKey.decode(k), path.decode(v));
+    for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.update(ingressKey.decode(k), path.decode(v));
+    for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.update(policyKey.decode(k), policyRule.decode(v));
+    s.config = config.decode(this.maps.config.lookup(ZERO)!);
+    s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
+    return s;
+  }
+
+  /** Each counter summed over every CPU. */
+  counters(): Record<CounterName, number> {
+    const out = {} as Record<CounterName, number>;
+    for (let i = 0; i < COUNTER_COUNT; i++) {
+      const all = this.maps.counters.lookup(arrayIndex.encode({ index: i }))!;
+      let sum = 0n;
+      for (let off = 0; off < all.length; off += 8) sum += counterValue.decode(all.subarray(off, off + 8)).value;
+      out[COUNTER_NAMES[i]] = Number(sum);
+    }
+    return out;
+  }
+
+  redirect(): { ifindex: number; kind: RedirectKindName } {
+    const t = redirectTrace.decode(this.maps.redirect_trace.lookup(ZERO)!);
+    const kind = (Object.keys(RedirectKind) as RedirectKindName[]).find((k) => RedirectKind[k] === t.kind);
+    if (!kind) throw new Error(`redirect_trace holds unknown kind ${t.kind}`);
+    return { ifindex: t.ifindex, kind };
+  }
+
+  /** Loads s, runs the program once on packet, and reads everything back. */
+  run(program: ProgramName, packet: Buffer, s: DatapathState, ctx: SkbContext = {}): KernelRun {
+    this.load(s);
+    const before = this.counters();
+    const r = this.obj.program(program).testRun({ data: packet, ctx: skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark }) });
+    const after = this.counters();
+    const counters = {} as Record<CounterName, number>;
+    for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
+    return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state: this.read() };
+  }
+
+  /** The programs by name, for benchmarks. */
+  program(name: string) {
+    return this.obj.program(name);
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * One differential run: every fixture and N generated cases per program,
+ * each run on the model and on the kernel, every difference reported.
+ */
+import { KernelDatapath } from './kernel.ts';
+import { MODEL, runCase, type Case, type ModelProgram } from './compare.ts';
+import { generateCases } from './generate.ts';
+import { loadFixtures } from '../../fixtures/load.ts';
+import type { ProgramName } from './statespec.ts';
+
+export const PROGRAMS: ProgramName[] = ['init', 'restore', 'masq'];
+
+export interface RunOptions {
+  perProgram: number;
+  seed: number;
+  fixtures?: boolean;
+  model?: Record<ProgramName, ModelProgram>;
+  /** Stop at the first mismatching case (the mutation check wants only "caught or not"). */
+  stopAtFirst?: boolean;
+  /** Called every so often with progress, for long runs. */
+  progress?: (msg: string) => void;
+  /** How many mismatching cases to describe in full. */
+  report?: number;
+}
+
+export interface RunSummary {
+  counts: Record<ProgramName, number>;
+  mismatches: number;
+  reports: string[];
+}
+
+export async function differentialRun(opts: RunOptions, kernel = new KernelDatapath()): Promise<RunSummary> {
+  const counts: Record<ProgramName, number> = { init: 0, restore: 0, masq: 0 };
+  const reports: string[] = [];
+  let mismatches = 0;
+  const check = (c: Case) => {
+    const o = runCase(kernel, c, opts.model ?? MODEL);
+    counts[c.program]++;
+    if (o.mismatches.length === 0) return true;
+    mismatches++;
+    if (reports.length < (opts.report ?? 5)) {
+      reports.push(`MISMATCH ${c.program} "${c.name}":\n  ${o.mismatches.join('\n  ')}\n  packet: ${c.packet.toString('hex')}`);
+    }
+    return false;
+  };
+  try {
+    if (opts.fixtures ?? true) {
+      for (const c of await loadFixtures()) if (!check(c) && opts.stopAtFirst) return { counts, mismatches, reports };
+    }
+    for (const program of PROGRAMS) {
+      let n = 0;
+      for (const c of generateCases(program, opts.perProgram, opts.seed)) {
+        if (!check(c) && opts.stopAtFirst) return { counts, mismatches, reports };
+        if (++n % 5000 === 0) opts.progress?.(`${program}: ${n}/${opts.perProgram} cases, ${mismatches} mismatches so far`);
+      }
+    }
+  } finally {
+    kernel.close();
+  }
+  return { counts, mismatches, reports };
+}
+
+export function summaryLine(s: RunSummary): string {
+  return `differential: init=${s.counts.init} restore=${s.counts.restore} masq=${s.counts.masq} mismatches=${s.mismatches}`;
+}

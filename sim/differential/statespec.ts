@@ -1,0 +1,54 @@
+/**
+ * A map state as plain JSON (what a fixture's .json holds and what the
+ * generators produce), and its conversion to the model's state.
+ */
+import type { Config, EgressKey, IngressKey, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
+import { emptyState, type DatapathState, type Sizes } from '../model/state.ts';
+
+/** A path with its u64 timestamp as a decimal string, for JSON. */
+export type PathJson = Omit<Path, 'last_seen'> & { last_seen: string };
+
+export interface StateSpec {
+  pod_info?: Array<{ ip: string } & PodInfo>;
+  egress_cache?: Array<{ key: EgressKey; value: PathJson }>;
+  ingress_cache?: Array<{ key: IngressKey; value: PathJson }>;
+  config?: Config;
+  policy_rules?: Array<{ key: PolicyKey; id: number }>;
+  policy_masks?: { count: number; masks: number[] };
+}
+
+export type ProgramName = 'init' | 'restore' | 'masq';
+
+/** The __sk_buff fields BPF_PROG_TEST_RUN lets a test set. */
+export interface SkbContext { ifindex?: number; ingress_ifindex?: number; mark?: number }
+
+export function pathFromJson(p: PathJson): Path {
+  return { ...p, last_seen: BigInt(p.last_seen) };
+}
+
+export function pathToJson(p: Path): PathJson {
+  return { ...p, last_seen: p.last_seen.toString() };
+}
+
+export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
+  const s = emptyState(sizes);
+  for (const p of spec.pod_info ?? []) {
+    must(s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac }), `pod_info ${p.ip}`);
+  }
+  for (const e of spec.egress_cache ?? []) must(s.egress_cache.update(e.key, pathFromJson(e.value)), 'egress_cache');
+  for (const e of spec.ingress_cache ?? []) must(s.ingress_cache.update(e.key, pathFromJson(e.value)), 'ingress_cache');
+  if (spec.config) s.config = { ...spec.config };
+  for (const r of spec.policy_rules ?? []) must(s.policy_rules.update(r.key, { id: r.id }), 'policy_rules');
+  if (spec.policy_masks) s.policy_masks = masksFromList(spec.policy_masks.count, spec.policy_masks.masks);
+  return s;
+}
+
+export function masksFromList(count: number, masks: number[]): PolicyMasks {
+  const mask = new Array(32).fill(0);
+  masks.forEach((m, i) => { mask[i] = m; });
+  return { count, mask };
+}
+
+function must(rc: number, what: string): void {
+  if (rc !== 0) throw new Error(`state spec: cannot insert into ${what} (errno ${-rc}); is the table over its size?`);
+}

@@ -1,0 +1,113 @@
+/**
+ * Twin of bpf/init.h — NIC, TC egress. Learns from overlay packets our pods
+ * send, allocates our key for the pair and signals it on the outer header.
+ */
+import { IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir } from '../../dataplane/maps.ts';
+import { bytesToMac } from '../../dataplane/layout.ts';
+import {
+  IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4,
+  type Hdrs, type Tunnel,
+} from './packet.ts';
+import { policyDenied, policyDrop } from './policy.ts';
+import { TC_ACT_OK, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { pass } from './verdict.ts';
+
+/** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
+export function fastPathEligible(h: Hdrs): boolean {
+  return (h.tos >> 2) === 0 && rewritable(h) &&
+    !(h.proto === IPPROTO_UDP && h.l4_ok && isTunnelPort(h.dport));
+}
+
+/** C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair. */
+function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPod: string, remotePod: string): boolean {
+  const r = s.ingress_cache.lookup({ remote_host: remoteHost, key });
+  return !!r && r.local_ip === localPod && r.remote_ip === remotePod;
+}
+
+export function init(input: Buffer, s: DatapathState, env: Env): RunResult {
+  const pkt = Buffer.from(input);
+  const fx = newEffects();
+  return { verdict: xmasqInit(pkt, s, env, fx), packet: pkt, effects: fx };
+}
+
+function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  const outer = emptyHdrs();
+  const t: Tunnel = { outer: emptyHdrs(), inner: emptyHdrs(), inner_eth: 0 };
+
+  // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
+  if (loadEthIpv4(pkt, outer) || loadTunnel(pkt, outer, t)) return pass(fx);
+  const src = t.inner.saddr, dst = t.inner.daddr;
+  const pod = s.pod_info.lookup(src);
+  if (!pod) return pass(fx);
+
+  // 2. Policy, egress: a denied flow loses its very first packet.
+  if (policyDenied(s, src, dst, t.inner, PolicyDir.EGRESS)) return policyDrop(fx);
+
+  // 3. Learn only pairs masq could carry.
+  if (!fastPathEligible(t.inner)) return pass(fx);
+
+  // 4. The egress entry for (our pod, remote pod), created empty if new.
+  const ek = { local_pod: src, remote_pod: dst };
+  let e = s.egress_cache.lookup(ek);
+  if (!e) {
+    s.egress_cache.update(ek, emptyPath(), 'noexist');
+    e = s.egress_cache.lookup(ek);
+    if (!e) {
+      fx.counters.FELL_BACK++;
+      return TC_ACT_OK;
+    }
+  }
+
+  // 5. Remember the outer headers masq will write for this pair.
+  const now = env.now;
+  e.local_mac = bytesToMac(pkt, 6);
+  e.remote_mac = bytesToMac(pkt, 0);
+  e.local_ip = t.outer.saddr;
+  e.remote_ip = t.outer.daddr;
+  e.last_seen = now;
+
+  // 6. Our key for the pair; a key whose ingress entry is gone is drawn again.
+  if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst)) e.local_key = 0;
+  if (e.local_key === 0) {
+    const r = {
+      ...emptyPath(),
+      last_seen: now,
+      local_ip: src,
+      remote_ip: dst,
+      ifindex: pod.ifindex,
+      local_mac: pod.mac,
+      remote_mac: bytesToMac(pkt, t.inner_eth),
+    };
+    const ik = { remote_host: t.outer.daddr, key: 0 };
+    for (let i = 0; i < KEY_TRIES; i++) {
+      const k = (env.random() % KEY_COUNT) + KEY_MIN;
+      ik.key = k;
+      r.local_key = k;
+      if (s.ingress_cache.update(ik, r, 'noexist') === 0) {
+        e.local_key = k;
+        break;
+      }
+    }
+    if (e.local_key === 0) {
+      fx.counters.KEY_EXHAUSTED++;
+      return TC_ACT_OK;
+    }
+  }
+
+  // 7. Optimistic: restore clears it if the peer says it lacks our key.
+  e.remote_ready = 1;
+
+  // 8. Signal on the outer header: RF marks it, DSCP is our key, DF says we know theirs.
+  let frag = (t.outer.frag & ~(IP_RF | IP_DF) & 0xffff) | IP_RF;
+  if (e.remote_key) frag |= IP_DF;
+  rewriteIpv4(pkt, 14, ((e.local_key << 2) | (t.outer.tos & 3)) & 0xff, frag, t.outer.saddr, t.outer.daddr);
+  fx.counters.LEARNED++;
+  return TC_ACT_OK;
+}
+
+export function emptyPath() {
+  return {
+    last_seen: 0n, local_mac: '00:00:00:00:00:00', remote_mac: '00:00:00:00:00:00',
+    local_ip: '0.0.0.0', remote_ip: '0.0.0.0', ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0,
+  };
+}

@@ -1,0 +1,54 @@
+/**
+ * Twin of bpf/masq.h — a pod's packets on their way out. A packet of a fully
+ * learned pair becomes a host-to-host packet sent straight to the NIC.
+ */
+import { IP_RF, PolicyDir, type RedirectKindName } from '../../dataplane/maps.ts';
+import { emptyHdrs, fixL4Checksum, loadEthIpv4, rewriteIpv4, writeMac } from './packet.ts';
+import { fastPathEligible } from './init.ts';
+import { policyDenied, policyDrop } from './policy.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { pass } from './verdict.ts';
+
+/**
+ * The same rewrite serves both attach points; only the redirect differs:
+ * 'EGRESS' is bpf_redirect from the host-side veth, 'RPEER' the rpeer kfunc.
+ */
+export function masq(input: Buffer, s: DatapathState, env: Env, kind: RedirectKindName = 'EGRESS'): RunResult {
+  const pkt = Buffer.from(input);
+  const fx = newEffects();
+  const nic = { ifindex: 0 };
+  const verdict = xmasqMasq(pkt, s, env, fx, nic);
+  if (verdict === TC_ACT_REDIRECT) fx.redirect = { ifindex: nic.ifindex, kind };
+  return { verdict, packet: pkt, effects: fx };
+}
+
+function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic: { ifindex: number }): number {
+  const h = emptyHdrs();
+
+  // 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker.
+  if (loadEthIpv4(pkt, h) || (h.frag & IP_RF) || !fastPathEligible(h)) return pass(fx);
+  const cfg = s.config;
+  if (cfg.nic_ifindex === 0) return pass(fx);
+
+  // 2. A pair fully learned: path, both keys, and the peer knows ours.
+  const e = s.egress_cache.lookup({ local_pod: h.saddr, remote_pod: h.daddr });
+  if (!e) return pass(fx);
+  if (!e.local_key || !e.remote_key || !e.remote_ready) {
+    fx.counters.FELL_BACK++;
+    return TC_ACT_OK;
+  }
+
+  // 3. Policy, egress.
+  if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
+
+  // 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it.
+  writeMac(pkt, 6, e.local_mac);
+  writeMac(pkt, 0, e.remote_mac);
+  const addrDiff = rewriteIpv4(pkt, 14, ((e.remote_key << 2) | (h.tos & 3)) & 0xff, h.frag | IP_RF, e.local_ip, e.remote_ip);
+  if (fixL4Checksum(pkt, h, addrDiff)) return TC_ACT_SHOT;
+
+  e.last_seen = env.now;
+  fx.counters.MASQUERADED++;
+  nic.ifindex = cfg.nic_ifindex;
+  return TC_ACT_REDIRECT;
+}

@@ -1,0 +1,135 @@
+/**
+ * Properties of the model that the differential check cannot give (the model
+ * and the kernel could agree and both be wrong): checked against the packet
+ * library's independent full checksum computation and against the original
+ * packet itself.
+ */
+import fc from 'fast-check';
+import { describe, expect, it } from 'vitest';
+import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
+import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
+import { IP_RF } from '../../dataplane/maps.ts';
+import { emptyState, type DatapathState, type Env } from './state.ts';
+import { masq } from './masq.ts';
+import { restore } from './restore.ts';
+import { init } from './init.ts';
+
+const A = { host: '192.0.2.1', mac: '02:00:00:00:00:0a' };
+const B = { host: '192.0.2.2', mac: '02:00:00:00:00:0b' };
+const SRC = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 7 };
+const DST = { ip: '10.244.2.9', mac: '0a:58:0a:f4:02:09', ifindex: 12 };
+const env: Env = { now: 5n, random: () => 0 };
+const SIZES = { pods: 16, paths: 64, rules: 32 };
+
+/** Host A knows the pair SRC -> DST fully (our key 4, theirs 33); host B can restore it under 33. */
+function hosts(): { a: DatapathState; b: DatapathState } {
+  const a = emptyState(SIZES);
+  a.config = { nic_ifindex: 3, flags: 0 };
+  a.egress_cache.update({ local_pod: SRC.ip, remote_pod: DST.ip }, {
+    last_seen: 1n, local_mac: A.mac, remote_mac: B.mac, local_ip: A.host, remote_ip: B.host,
+    ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,
+  });
+  const b = emptyState(SIZES);
+  b.pod_info.update(DST.ip, { ifindex: DST.ifindex, mac: DST.mac });
+  b.ingress_cache.update({ remote_host: A.host, key: 33 }, {
+    last_seen: 1n, local_mac: DST.mac, remote_mac: '0a:58:0a:f4:02:01', local_ip: DST.ip, remote_ip: SRC.ip,
+    ifindex: DST.ifindex, local_key: 33, remote_key: 0, remote_ready: 0,
+  });
+  return { a, b };
+}
+
+const l4Arb: fc.Arbitrary<L4Spec> = fc.oneof(
+  fc.record({ sport: fc.integer({ min: 1, max: 65535 }), dport: fc.integer({ min: 1, max: 65535 }), seq: fc.nat(), flags: fc.integer({ min: 0, max: 255 }), payload: fc.uint8Array({ maxLength: 64 }) })
+    .map((t) => ({ tcp: t })),
+  fc.record({ sport: fc.integer({ min: 1, max: 65535 }), dport: fc.constantFrom(53, 80, 9000, 65535), payload: fc.uint8Array({ maxLength: 64 }) })
+    .map((u) => ({ udp: u })),
+  fc.record({ id: fc.integer({ min: 0, max: 65535 }), seq: fc.integer({ min: 0, max: 65535 }), payload: fc.uint8Array({ maxLength: 32 }) })
+    .map((i) => ({ icmp: { type: 8, ...i } })),
+);
+
+const podPacketArb = fc.record({
+  ecn: fc.integer({ min: 0, max: 3 }),
+  id: fc.integer({ min: 0, max: 65535 }),
+  df: fc.boolean(),
+  ttl: fc.integer({ min: 1, max: 255 }),
+  options: fc.option(fc.uint8Array({ minLength: 4, maxLength: 40 }).map((o) => o.subarray(0, o.length & ~3)), { nil: undefined }),
+  l4: l4Arb,
+}).map((p): FrameSpec => ({
+  eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' },
+  ipv4: { src: SRC.ip, dst: DST.ip, tos: p.ecn, id: p.id, df: p.df, ttl: p.ttl, options: p.options?.length ? p.options : undefined, l4: p.l4 },
+}));
+
+describe('model: masq then restore', () => {
+  it('gives back the pod packet, with valid checksums on the wire and after', () => {
+    fc.assert(fc.property(podPacketArb, (spec) => {
+      const original = buildFrame(spec);
+      const { a, b } = hosts();
+      const sent = masq(original, a, env);
+      expect(sent.verdict).toBe(7);
+      const wire = sent.packet;
+
+      // On the wire: a host packet with RF, the receiver's key, the pod's ECN, valid checksums.
+      expect(wire.readUInt16BE(20) & IP_RF).toBe(IP_RF);
+      expect(wire[15]).toBe((33 << 2) | (original[15] & 3));
+      expect(wire.subarray(26, 34)).toEqual(Buffer.from([192, 0, 2, 1, 192, 0, 2, 2]));
+      expect(verifyIpv4Header(wire, 14)).toBe(true);
+      expect(l4ChecksumInfo(wire, 14)?.valid).toBe(true);
+
+      const got = restore(wire, b, env);
+      expect(got.verdict).toBe(7);
+      expect(got.effects.redirect).toEqual({ ifindex: DST.ifindex, kind: 'PEER' });
+      const back = got.packet;
+      expect(back.subarray(0, 6)).toEqual(Buffer.from(DST.mac.split(':').map((x) => parseInt(x, 16))));
+      expect(verifyIpv4Header(back, 14)).toBe(true);
+      expect(l4ChecksumInfo(back, 14)?.valid).toBe(true);
+
+      // Everything from the IP header on is the pod's packet again, checksums equal as
+      // one's complement values (0x0000 and 0xffff are the same number).
+      const same = (x: Buffer, y: Buffer, csumAt: number[]) => {
+        const xs = Buffer.from(x), ys = Buffer.from(y);
+        for (const at of csumAt) {
+          const norm = (buf: Buffer) => { if (buf.readUInt16BE(at) === 0xffff) buf.writeUInt16BE(0, at); };
+          norm(xs); norm(ys);
+        }
+        expect(xs.subarray(14)).toEqual(ys.subarray(14));
+      };
+      const info = l4ChecksumInfo(original, 14);
+      same(back, original, [24, ...(info && info.protocol !== 1 ? [info.fieldOffset] : [])]);
+    }), { numRuns: 2000 });
+  });
+});
+
+describe('model: host traffic', () => {
+  it('restore never touches a packet without RF, whatever its TOS', () => {
+    fc.assert(fc.property(fc.integer({ min: 0, max: 255 }), l4Arb, (tos, l4) => {
+      const { b } = hosts();
+      const frame = buildFrame({ eth: { src: A.mac, dst: B.mac }, ipv4: { src: A.host, dst: B.host, tos, l4 } });
+      const r = restore(frame, b, env);
+      expect(r.verdict).toBe(0);
+      expect(r.packet.equals(frame)).toBe(true);
+    }), { numRuns: 1000 });
+  });
+});
+
+describe('model: init signal', () => {
+  it('marks only the outer header, with a valid checksum, and draws keys 1..63', () => {
+    fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), podPacketArb, (draw, inner) => {
+      const s = emptyState(SIZES);
+      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
+      const innerFrame = buildFrame(inner);
+      const frame = buildFrame({
+        eth: { src: A.mac, dst: B.mac },
+        ipv4: { src: A.host, dst: B.host, l4: { udp: { sport: 40000, dport: 8472, checksum: 'none', payload: { vxlan: { vni: 1 }, inner } } } },
+      });
+      const r = init(frame, s, { now: 9n, random: () => draw });
+      const key = s.egress_cache.lookup({ local_pod: SRC.ip, remote_pod: DST.ip })!.local_key;
+      expect(key).toBeGreaterThanOrEqual(1);
+      expect(key).toBeLessThanOrEqual(63);
+      expect(r.packet[15] >> 2).toBe(key);
+      expect(r.packet.readUInt16BE(20) & IP_RF).toBe(IP_RF);
+      expect(verifyIpv4Header(r.packet, 14)).toBe(true);
+      // The inner frame, which the pod's peer will see, is untouched.
+      expect(r.packet.subarray(14 + 20 + 8 + 8)).toEqual(innerFrame);
+    }), { numRuns: 1000 });
+  });
+});

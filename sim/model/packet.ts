@@ -1,0 +1,228 @@
+/**
+ * Twin of bpf/packet.h: header parsing and checksum arithmetic, same names,
+ * same order of checks. Where the C re-derives packet pointers, bounds-checks
+ * offsets against XMASQ_MAX_HDR_OFF or pulls non-linear data in, it does so for
+ * the verifier or for GSO packets; the model's packet is one flat Buffer, so
+ * those steps are no-ops here and say so.
+ */
+import { bytesToIpv4 } from '../../dataplane/layout.ts';
+import { IP_MF, IP_OFFSET, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX } from '../../dataplane/maps.ts';
+
+export const ETH_HLEN = 14;
+export const ETH_P_IP = 0x0800;
+export const IPPROTO_ICMP = 1;
+export const IPPROTO_TCP = 6;
+export const IPPROTO_UDP = 17;
+export const MAX_HDR_OFF = 512;
+export const TCP_CSUM_OFF = 16;
+export const UDP_CSUM_OFF = 6;
+const GENEVE_PROTO_ETH = 0x6558;
+const VXLAN_FLAG_VNI = 0x08;
+
+/** What the programs know about one IPv4 datagram (C: struct hdrs). */
+export interface Hdrs {
+  l3: number;
+  l4: number;
+  end: number;
+  saddr: string;
+  daddr: string;
+  frag: number;
+  sport: number; // host order here; the C keeps network order, which only matters for policy keys
+  dport: number;
+  tos: number;
+  proto: number;
+  l4_ok: boolean;
+}
+
+export function emptyHdrs(): Hdrs {
+  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, sport: 0, dport: 0, tos: 0, proto: 0, l4_ok: false };
+}
+
+export function isFirstFragment(h: Hdrs): boolean {
+  return (h.frag & IP_OFFSET) === 0;
+}
+
+export function isFragment(h: Hdrs): boolean {
+  return (h.frag & (IP_MF | IP_OFFSET)) !== 0;
+}
+
+export function l4HeaderNeed(proto: number): number {
+  switch (proto) {
+    case IPPROTO_TCP: return 20;
+    case IPPROTO_UDP: return 8;
+    case IPPROTO_ICMP: return 4;
+    default: return 0;
+  }
+}
+
+/** C: load_ipv4. Returns 0 when the header is sound, -1 to make the caller pass. */
+export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): number {
+  if (off > MAX_HDR_OFF || off + 20 > limit) return -1;
+  // C: ensure_linear + pointer bounds check; the whole model packet is linear.
+  const vihl = pkt[off];
+  const version = vihl >> 4;
+  const ihl = vihl & 0x0f;
+  if (version !== 4 || ihl < 5) return -1;
+  const hlen = ihl * 4;
+  const tot = pkt.readUInt16BE(off + 2);
+  if (tot < hlen || off + tot > limit) return -1;
+
+  h.l3 = off;
+  h.l4 = off + hlen;
+  h.end = off + tot;
+  h.saddr = bytesToIpv4(pkt, off + 12);
+  h.daddr = bytesToIpv4(pkt, off + 16);
+  h.frag = pkt.readUInt16BE(off + 6);
+  h.tos = pkt[off + 1];
+  h.proto = pkt[off + 9];
+  h.sport = 0;
+  h.dport = 0;
+  h.l4_ok = false;
+
+  // Only a first fragment carries the L4 header.
+  if (!isFirstFragment(h)) return 0;
+  const need = l4HeaderNeed(h.proto);
+  if (need === 0 || h.l4 + need > h.end) return 0;
+  if (h.l4 > MAX_HDR_OFF) return -1;
+  if (h.proto !== IPPROTO_ICMP) {
+    h.sport = pkt.readUInt16BE(h.l4);
+    h.dport = pkt.readUInt16BE(h.l4 + 2);
+  }
+  h.l4_ok = true;
+  return 0;
+}
+
+/** C: load_eth_ipv4. An Ethernet frame carrying IPv4 directly (no VLAN tag). */
+export function loadEthIpv4(pkt: Buffer, h: Hdrs): number {
+  if (pkt.length < ETH_HLEN) return -1;
+  if (pkt.readUInt16BE(12) !== ETH_P_IP) return -1;
+  return loadIpv4(pkt, ETH_HLEN, pkt.length, h);
+}
+
+export function isTunnelPort(dport: number): boolean {
+  return dport === PORT_VXLAN || dport === PORT_VXLAN_LINUX || dport === PORT_GENEVE;
+}
+
+/** C: is_tunnel. A UDP datagram to an overlay port, whole and unfragmented. */
+export function isTunnel(h: Hdrs): boolean {
+  return h.proto === IPPROTO_UDP && h.l4_ok && !isFragment(h) && isTunnelPort(h.dport);
+}
+
+export interface Tunnel {
+  outer: Hdrs;
+  inner: Hdrs;
+  inner_eth: number;
+}
+
+/** C: load_tunnel. Outer IPv4/UDP, VXLAN or Geneve, inner Ethernet + IPv4. */
+export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
+  if (!isTunnel(outer)) return -1;
+  t.outer = { ...outer };
+
+  // The UDP length bounds the tunnel payload, as the UDP stack would trim it.
+  const l4 = outer.l4;
+  if (l4 > MAX_HDR_OFF) return -1;
+  const ulen = pkt.readUInt16BE(l4 + 4);
+  if (ulen < 8 || l4 + ulen > outer.end) return -1;
+  const limit = l4 + ulen;
+
+  const tun = l4 + 8;
+  if (tun + 8 > limit) return -1;
+  if (tun > MAX_HDR_OFF) return -1;
+
+  let innerEth: number;
+  if (outer.dport === PORT_GENEVE) {
+    // Geneve: version 0, options of 4-byte words, then an Ethernet frame.
+    if ((pkt[tun] >> 6) !== 0) return -1;
+    if (((pkt[tun + 2] << 8) | pkt[tun + 3]) !== GENEVE_PROTO_ETH) return -1;
+    innerEth = tun + 8 + (pkt[tun] & 0x3f) * 4;
+  } else {
+    if (!(pkt[tun] & VXLAN_FLAG_VNI)) return -1;
+    innerEth = tun + 8;
+  }
+
+  if (innerEth + ETH_HLEN > limit) return -1;
+  if (innerEth > MAX_HDR_OFF) return -1;
+  if (pkt.readUInt16BE(innerEth + 12) !== ETH_P_IP) return -1;
+  t.inner_eth = innerEth;
+  return loadIpv4(pkt, innerEth + ETH_HLEN, limit, t.inner);
+}
+
+// ---- checksums: the kernel's csum_add / csum_fold on 32-bit words in memory order ----
+
+export function csumAdd32(a: number, b: number): number {
+  const r = (a + b) >>> 0;
+  return (r + (r < b ? 1 : 0)) >>> 0;
+}
+
+export function csumFold32(s: number): number {
+  s = (s & 0xffff) + (s >>> 16);
+  s = (s & 0xffff) + (s >>> 16);
+  return ~s & 0xffff;
+}
+
+export function csumWordDiff(diff: number, oldW: number, newW: number): number {
+  return csumAdd32(csumAdd32(diff, ~oldW >>> 0), newW);
+}
+
+/** An IPv4 address as the C holds it: the four bytes read as a little-endian u32. */
+export function ipWord(ip: string): number {
+  const p = ip.split('.');
+  return ((+p[0]) | (+p[1] << 8) | (+p[2] << 16) | (+p[3] << 24)) >>> 0;
+}
+
+/**
+ * C: rewrite_ipv4. Rewrites tos, flags and addresses of the IPv4 header at l3
+ * and fixes its checksum; returns the address diff for the L4 pseudo header.
+ */
+export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, fragHost: number, saddr: string, daddr: string): number {
+  const w0 = pkt.readUInt32LE(l3);
+  const w1 = pkt.readUInt32LE(l3 + 4);
+  const s = pkt.readUInt32LE(l3 + 12);
+  const d = pkt.readUInt32LE(l3 + 16);
+
+  pkt[l3 + 1] = tos;
+  pkt.writeUInt16BE(fragHost, l3 + 6);
+  pkt.writeUInt32LE(ipWord(saddr), l3 + 12);
+  pkt.writeUInt32LE(ipWord(daddr), l3 + 16);
+
+  const addrDiff = csumWordDiff(csumWordDiff(0, s, ipWord(saddr)), d, ipWord(daddr));
+  const diff = csumWordDiff(csumWordDiff(addrDiff, w0, pkt.readUInt32LE(l3)), w1, pkt.readUInt32LE(l3 + 4));
+  const check = pkt.readUInt16LE(l3 + 10);
+  pkt.writeUInt16LE(csumFold32(csumAdd32(diff, ~check >>> 0)), l3 + 10);
+  return addrDiff;
+}
+
+/**
+ * The kernel's bpf_l4_csum_replace(skb, off, 0, diff, BPF_F_PSEUDO_HDR [| MARK_MANGLED_0])
+ * for an skb whose checksum is not partial, as BPF_PROG_TEST_RUN builds it.
+ * (A partial checksum holds the pseudo-header sum instead; the kernel
+ * updates it the other way round, which the lab tests cover on real veths.)
+ */
+export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, markMangled0: boolean): void {
+  const sum = pkt.readUInt16LE(off);
+  if (markMangled0 && sum === 0) return;
+  let next = csumFold32(csumAdd32(diff, ~sum >>> 0));
+  if (markMangled0 && next === 0) next = 0xffff;
+  pkt.writeUInt16LE(next, off);
+}
+
+/** C: fix_l4_checksum. */
+export function fixL4Checksum(pkt: Buffer, h: Hdrs, addrDiff: number): number {
+  if (!isFirstFragment(h) || !h.l4_ok) return 0;
+  if (h.proto === IPPROTO_TCP) l4CsumReplaceByDiff(pkt, h.l4 + TCP_CSUM_OFF, addrDiff, false);
+  else if (h.proto === IPPROTO_UDP) l4CsumReplaceByDiff(pkt, h.l4 + UDP_CSUM_OFF, addrDiff, true);
+  return 0;
+}
+
+/** C: rewritable. The protocols whose checksums masq and restore keep valid. */
+export function rewritable(h: Hdrs): boolean {
+  if (h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP && h.proto !== IPPROTO_ICMP) return false;
+  // A first fragment must hold its whole L4 header, or we cannot fix it.
+  return !isFirstFragment(h) || h.l4_ok;
+}
+
+export function writeMac(pkt: Buffer, at: number, mac: string): void {
+  const p = mac.split(':');
+  for (let i = 0; i < 6; i++) pkt[at + i] = Number.parseInt(p[i], 16);
+}

@@ -1,0 +1,33 @@
+/**
+ * Twin of bpf/policy.h. Every rule denies; a packet is denied if any mask in
+ * use, applied to its 5-tuple, finds a rule.
+ */
+import { POLICY_MAX_MASKS, PolicyField } from '../../dataplane/maps.ts';
+import type { Hdrs } from './packet.ts';
+import { TC_ACT_SHOT, type DatapathState, type RunEffects } from './state.ts';
+
+export function policyDenied(s: DatapathState, src: string, dst: string, h: Hdrs, dir: number): boolean {
+  const pm = s.policy_masks;
+  if (pm.count === 0) return false;
+  const n = pm.count;
+  // C: the loop is bounded by POLICY_MAX_MASKS for the verifier, and stops at count.
+  for (let i = 0; i < POLICY_MAX_MASKS; i++) {
+    if (i >= n) break;
+    const m = pm.mask[i];
+    const k = {
+      src_ip: m & PolicyField.SRC_IP ? src : '0.0.0.0',
+      dst_ip: m & PolicyField.DST_IP ? dst : '0.0.0.0',
+      src_port: m & PolicyField.SRC_PORT ? h.sport : 0,
+      dst_port: m & PolicyField.DST_PORT ? h.dport : 0,
+      protocol: m & PolicyField.PROTOCOL ? h.proto : 0,
+      dir,
+    };
+    if (s.policy_rules.lookup(k)) return true;
+  }
+  return false;
+}
+
+export function policyDrop(fx: RunEffects): number {
+  fx.counters.POLICY_DROP++;
+  return TC_ACT_SHOT;
+}

@@ -1,0 +1,85 @@
+/**
+ * Twin of bpf/restore.h — NIC, TC ingress. Restores masqueraded packets into
+ * their pods, learns peers' keys from signals, passes everything else.
+ */
+import { IP_DF, IP_RF, PolicyDir } from '../../dataplane/maps.ts';
+import { emptyHdrs, fixL4Checksum, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4, writeMac, type Hdrs, type Tunnel } from './packet.ts';
+import { policyDenied, policyDrop } from './policy.ts';
+import { emptyPath } from './init.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { pass } from './verdict.ts';
+
+export function restore(input: Buffer, s: DatapathState, env: Env): RunResult {
+  const pkt = Buffer.from(input);
+  const fx = newEffects();
+  return { verdict: xmasqRestore(pkt, s, env, fx), packet: pkt, effects: fx };
+}
+
+function restoreMiss(fx: RunEffects): number {
+  fx.counters.RESTORE_MISS++;
+  return TC_ACT_SHOT;
+}
+
+function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs): number {
+  // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
+  const r = s.ingress_cache.lookup({ remote_host: h.saddr, key: h.tos >> 2 });
+  if (!r || !rewritable(h)) return restoreMiss(fx);
+
+  // 2. Policy on the packet as the pod will see it.
+  if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
+
+  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF.
+  writeMac(pkt, 0, r.local_mac);
+  writeMac(pkt, 6, r.remote_mac);
+  const addrDiff = rewriteIpv4(pkt, 14, h.tos & 3, h.frag & ~IP_RF & 0xffff, r.remote_ip, r.local_ip);
+  if (fixL4Checksum(pkt, h, addrDiff)) return restoreMiss(fx);
+
+  // 4. Into the pod's namespace.
+  r.last_seen = env.now;
+  fx.counters.RESTORED++;
+  fx.redirect = { ifindex: r.ifindex, kind: 'PEER' };
+  return TC_ACT_REDIRECT;
+}
+
+function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
+  const t: Tunnel = { outer: emptyHdrs(), inner: emptyHdrs(), inner_eth: 0 };
+
+  // 1. An overlay packet for one of our pods.
+  if (loadTunnel(pkt, outer, t)) return pass(fx);
+  const local = t.inner.daddr, remote = t.inner.saddr;
+  if (!s.pod_info.lookup(local)) return pass(fx);
+
+  // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
+  if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);
+
+  // 3. No signal: plain overlay traffic.
+  const key = t.outer.tos >> 2;
+  if (!(t.outer.frag & IP_RF) || key === 0) return pass(fx);
+
+  // 4. The peer's key, into our egress entry for the reverse direction.
+  const ek = { local_pod: local, remote_pod: remote };
+  let e = s.egress_cache.lookup(ek);
+  if (!e) {
+    s.egress_cache.update(ek, emptyPath(), 'noexist');
+    e = s.egress_cache.lookup(ek);
+    if (!e) {
+      fx.counters.FELL_BACK++;
+      return TC_ACT_OK;
+    }
+  }
+  e.remote_key = key;
+  // The peer lacks our key: keep using the overlay, whose signals teach it.
+  if (!(t.outer.frag & IP_DF)) e.remote_ready = 0;
+  e.last_seen = env.now;
+  fx.counters.LEARNED++;
+  return TC_ACT_OK;
+}
+
+function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  const h = emptyHdrs();
+  if (loadEthIpv4(pkt, h)) return pass(fx);
+  // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
+  if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);
+  if ((h.frag & IP_RF) && (h.tos >> 2) !== 0) return restoreMasqueraded(pkt, s, env, fx, h);
+  return pass(fx);
+}
