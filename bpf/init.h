@@ -53,16 +53,10 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 
 	/* 4. The egress entry for (our pod, remote pod), created empty if new. */
 	struct egress_key ek = { .local_pod = src, .remote_pod = dst };
-	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	struct path *e = egress_lookup_or_create(&ek);
 	if (!e) {
-		struct path empty = {};
-		/* EEXIST means another CPU created it first, which is just as good. */
-		bpf_map_update_elem(&egress_cache, &ek, &empty, BPF_NOEXIST);
-		e = bpf_map_lookup_elem(&egress_cache, &ek);
-		if (!e) {
-			count(XMASQ_CNT_FELL_BACK);
-			return TC_ACT_OK;
-		}
+		count(XMASQ_CNT_FELL_BACK);
+		return TC_ACT_OK;
 	}
 
 	/* 5. Remember the outer headers masq will write for this pair. */

@@ -87,4 +87,19 @@ struct {
 } redirect_trace SEC(".maps");
 #endif
 
+/*
+ * The egress entry for a pod pair, created empty if new. NULL when the table
+ * is full. EEXIST from the insert means another CPU created it first, which
+ * is just as good.
+ */
+static __always_inline struct path *egress_lookup_or_create(struct egress_key *ek)
+{
+	struct path *e = bpf_map_lookup_elem(&egress_cache, ek);
+	if (e)
+		return e;
+	struct path empty = {};
+	bpf_map_update_elem(&egress_cache, ek, &empty, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&egress_cache, ek);
+}
+
 #endif /* XMASQ_MAPS_H */

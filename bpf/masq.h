@@ -45,17 +45,8 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		return policy_drop();
 
 	/* 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it. */
-	void *data = skb_data(skb);
-	void *data_end = skb_data_end(skb);
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end)
-		return pass();
-	__builtin_memcpy(eth->h_source, e->local_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, e->remote_mac, ETH_ALEN);
-	__u32 addr_diff = rewrite_ipv4(ip, (e->remote_key << 2) | (h.tos & 3),
-				       h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip);
-	if (fix_l4_checksum(skb, &h, addr_diff))
+	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, (e->remote_key << 2) | (h.tos & 3),
+			   h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip))
 		return TC_ACT_SHOT;
 
 	e->last_seen = bpf_ktime_get_coarse_ns();

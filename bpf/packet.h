@@ -294,16 +294,25 @@ static __always_inline __u32 csum_word_diff(__u32 diff, __u32 old, __u32 new)
 static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 frag_host,
 					  __u32 saddr, __u32 daddr)
 {
-	__u32 *w = (__u32 *)ip;
-	__u32 w0 = w[0], w1 = w[1], s = w[3], d = w[4];
+	/*
+	 * The first two header words are read with memcpy: reading them through a
+	 * __u32 pointer while writing tos and frag_off through narrower types would
+	 * let the compiler reorder the loads across the stores (strict aliasing).
+	 */
+	__u32 w0, w1, n0, n1;
+	__u32 s = ip->saddr, d = ip->daddr;
+	__builtin_memcpy(&w0, ip, 4);
+	__builtin_memcpy(&w1, (void *)ip + 4, 4);
 
 	ip->tos = tos;
 	ip->frag_off = bpf_htons(frag_host);
 	ip->saddr = saddr;
 	ip->daddr = daddr;
 
+	__builtin_memcpy(&n0, ip, 4);
+	__builtin_memcpy(&n1, (void *)ip + 4, 4);
 	__u32 addr_diff = csum_word_diff(csum_word_diff(0, s, saddr), d, daddr);
-	__u32 diff = csum_word_diff(csum_word_diff(addr_diff, w0, w[0]), w1, w[1]);
+	__u32 diff = csum_word_diff(csum_word_diff(addr_diff, w0, n0), w1, n1);
 	ip->check = csum_fold32(csum_add32(diff, ~(__u32)ip->check));
 	return addr_diff;
 }
@@ -325,6 +334,26 @@ static __always_inline int fix_l4_checksum(struct __sk_buff *skb, const struct h
 		return bpf_l4_csum_replace(skb, h->l4 + UDP_CSUM_OFF, 0, addr_diff,
 					   BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0);
 	return 0;
+}
+
+/*
+ * masq's and restore's rewrite: Ethernet addresses, then tos, flags and IP
+ * addresses with both checksums kept valid. 0, or -1 if a helper failed.
+ */
+static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hdrs *h,
+					  const __u8 *dst_mac, const __u8 *src_mac, __u8 tos,
+					  __u16 frag_host, __u32 saddr, __u32 daddr)
+{
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN;
+	if ((void *)(ip + 1) > data_end)
+		return -1;
+	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, src_mac, ETH_ALEN);
+	__u32 addr_diff = rewrite_ipv4(ip, tos, frag_host, saddr, daddr);
+	return fix_l4_checksum(skb, h, addr_diff) ? -1 : 0;
 }
 
 /* The protocols whose checksums masq and restore know how to keep valid. */

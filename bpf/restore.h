@@ -37,17 +37,8 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 		return policy_drop();
 
 	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF. */
-	void *data = skb_data(skb);
-	void *data_end = skb_data_end(skb);
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + ETH_HLEN;
-	if ((void *)(ip + 1) > data_end)
-		return restore_miss();
-	__builtin_memcpy(eth->h_dest, r->local_mac, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, r->remote_mac, ETH_ALEN);
-	__u32 addr_diff = rewrite_ipv4(ip, h->tos & 3, h->frag & ~XMASQ_IP_RF, r->remote_ip,
-				       r->local_ip);
-	if (fix_l4_checksum(skb, h, addr_diff))
+	if (rewrite_packet(skb, h, r->local_mac, r->remote_mac, h->tos & 3,
+			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip))
 		return restore_miss();
 
 	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
@@ -79,15 +70,10 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 
 	/* 4. The peer's key, into our egress entry for the reverse direction. */
 	struct egress_key ek = { .local_pod = local, .remote_pod = remote };
-	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	struct path *e = egress_lookup_or_create(&ek);
 	if (!e) {
-		struct path empty = {};
-		bpf_map_update_elem(&egress_cache, &ek, &empty, BPF_NOEXIST);
-		e = bpf_map_lookup_elem(&egress_cache, &ek);
-		if (!e) {
-			count(XMASQ_CNT_FELL_BACK);
-			return TC_ACT_OK;
-		}
+		count(XMASQ_CNT_FELL_BACK);
+		return TC_ACT_OK;
 	}
 	e->remote_key = key;
 	/* The peer lacks our key: keep using the overlay, whose signals teach it. */

@@ -9,7 +9,7 @@ import {
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, emptyPath, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -48,14 +48,10 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
 
   // 4. The egress entry for (our pod, remote pod), created empty if new.
   const ek = { local_pod: src, remote_pod: dst };
-  let e = s.egress_cache.lookup(ek);
+  const e = egressLookupOrCreate(s, ek);
   if (!e) {
-    s.egress_cache.update(ek, emptyPath(), 'noexist');
-    e = s.egress_cache.lookup(ek);
-    if (!e) {
-      fx.counters.FELL_BACK++;
-      return TC_ACT_OK;
-    }
+    fx.counters.FELL_BACK++;
+    return TC_ACT_OK;
   }
 
   // 5. Remember the outer headers masq will write for this pair.
@@ -103,11 +99,4 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   rewriteIpv4(pkt, 14, ((e.local_key << 2) | (t.outer.tos & 3)) & 0xff, frag, t.outer.saddr, t.outer.daddr);
   fx.counters.LEARNED++;
   return TC_ACT_OK;
-}
-
-export function emptyPath() {
-  return {
-    last_seen: 0n, local_mac: '00:00:00:00:00:00', remote_mac: '00:00:00:00:00:00',
-    local_ip: '0.0.0.0', remote_ip: '0.0.0.0', ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0,
-  };
 }

@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, type RedirectKindName } from '../../dataplane/maps.ts';
-import { emptyHdrs, fixL4Checksum, loadEthIpv4, rewriteIpv4, writeMac } from './packet.ts';
+import { emptyHdrs, loadEthIpv4, rewritePacket } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -42,10 +42,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic:
   if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
 
   // 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it.
-  writeMac(pkt, 6, e.local_mac);
-  writeMac(pkt, 0, e.remote_mac);
-  const addrDiff = rewriteIpv4(pkt, 14, ((e.remote_key << 2) | (h.tos & 3)) & 0xff, h.frag | IP_RF, e.local_ip, e.remote_ip);
-  if (fixL4Checksum(pkt, h, addrDiff)) return TC_ACT_SHOT;
+  if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, (e.remote_key << 2) | (h.tos & 3), h.frag | IP_RF, e.local_ip, e.remote_ip)) return TC_ACT_SHOT;
 
   e.last_seen = env.now;
   fx.counters.MASQUERADED++;

@@ -215,6 +215,14 @@ export function fixL4Checksum(pkt: Buffer, h: Hdrs, addrDiff: number): number {
   return 0;
 }
 
+/** C: rewrite_packet. masq's and restore's rewrite; 0, or -1 if a helper failed. */
+export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string): number {
+  writeMac(pkt, 0, dstMac);
+  writeMac(pkt, 6, srcMac);
+  const addrDiff = rewriteIpv4(pkt, h.l3, tos & 0xff, fragHost & 0xffff, saddr, daddr);
+  return fixL4Checksum(pkt, h, addrDiff) ? -1 : 0;
+}
+
 /** C: rewritable. The protocols whose checksums masq and restore keep valid. */
 export function rewritable(h: Hdrs): boolean {
   if (h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP && h.proto !== IPPROTO_ICMP) return false;

@@ -3,10 +3,9 @@
  * their pods, learns peers' keys from signals, passes everything else.
  */
 import { IP_DF, IP_RF, PolicyDir } from '../../dataplane/maps.ts';
-import { emptyHdrs, fixL4Checksum, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4, writeMac, type Hdrs, type Tunnel } from './packet.ts';
+import { emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket, type Hdrs, type Tunnel } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { emptyPath } from './init.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 export function restore(input: Buffer, s: DatapathState, env: Env): RunResult {
@@ -29,10 +28,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
 
   // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF.
-  writeMac(pkt, 0, r.local_mac);
-  writeMac(pkt, 6, r.remote_mac);
-  const addrDiff = rewriteIpv4(pkt, 14, h.tos & 3, h.frag & ~IP_RF & 0xffff, r.remote_ip, r.local_ip);
-  if (fixL4Checksum(pkt, h, addrDiff)) return restoreMiss(fx);
+  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip)) return restoreMiss(fx);
 
   // 4. Into the pod's namespace.
   r.last_seen = env.now;
@@ -58,14 +54,10 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
 
   // 4. The peer's key, into our egress entry for the reverse direction.
   const ek = { local_pod: local, remote_pod: remote };
-  let e = s.egress_cache.lookup(ek);
+  const e = egressLookupOrCreate(s, ek);
   if (!e) {
-    s.egress_cache.update(ek, emptyPath(), 'noexist');
-    e = s.egress_cache.lookup(ek);
-    if (!e) {
-      fx.counters.FELL_BACK++;
-      return TC_ACT_OK;
-    }
+    fx.counters.FELL_BACK++;
+    return TC_ACT_OK;
   }
   e.remote_key = key;
   // The peer lacks our key: keep using the overlay, whose signals teach it.

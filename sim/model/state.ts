@@ -69,6 +69,21 @@ export interface DatapathState {
   policy_masks: PolicyMasks;
 }
 
+/** C: egress_lookup_or_create. Undefined when the table is full. */
+export function egressLookupOrCreate(s: DatapathState, ek: EgressKey): Path | undefined {
+  const e = s.egress_cache.lookup(ek);
+  if (e) return e;
+  s.egress_cache.update(ek, emptyPath(), 'noexist');
+  return s.egress_cache.lookup(ek);
+}
+
+export function emptyPath(): Path {
+  return {
+    last_seen: 0n, local_mac: '00:00:00:00:00:00', remote_mac: '00:00:00:00:00:00',
+    local_ip: '0.0.0.0', remote_ip: '0.0.0.0', ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0,
+  };
+}
+
 export interface Sizes { pods: number; paths: number; rules: number }
 
 export function emptyState(sizes: Sizes): DatapathState {
