@@ -7,7 +7,7 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { readEnum, readStructLayouts } from './btf.ts';
 import {
-  Counter, COUNTER_COUNT, RedirectKind,
+  RedirectKind,
   config, egressKey, ingressKey, path, podInfo, policyKey, policyMasks, policyRule, redirectTrace,
 } from './maps.ts';
 import type { Struct } from './layout.ts';
@@ -31,13 +31,15 @@ describe.each(objects)('map layouts in %s', (obj) => {
     const got = s.fields.map((f) => ({ name: f.name, offset: f.offset, size: f.size }));
     expect(got).toEqual(want);
   });
+});
 
-  it('enums match', () => {
-    const strip = (e: Record<string, number>, prefix: string) =>
-      Object.fromEntries(Object.entries(e).filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k.slice(prefix.length), v]));
-    expect(strip(readEnum(obj, 'xmasq_counter'), 'XMASQ_CNT_')).toEqual({ ...Counter, MAX: COUNTER_COUNT });
-    if (testBuild) expect(strip(readEnum(obj, 'xmasq_redirect_kind'), 'XMASQ_REDIRECT_')).toEqual(RedirectKind);
-    // xmasq_policy_dir and xmasq_policy_field type no C object, so they have no BTF;
-    // the differential policy cases hold those values instead.
-  });
+// Enums have BTF only when a C object has their type: xmasq_redirect_kind types the
+// test build's redirect_trace.kind. xmasq_counter (array keys must be plain u32)
+// and the policy enums type nothing; the fixtures, which name the counter each
+// behaviour bumps, and the differential policy cases pin those instead.
+it('the redirect kinds match the test build', () => {
+  const obj = objects[1];
+  const strip = (e: Record<string, number>, prefix: string) =>
+    Object.fromEntries(Object.entries(e).filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k.slice(prefix.length), v]));
+  expect(strip(readEnum(obj, 'xmasq_redirect_kind'), 'XMASQ_REDIRECT_')).toEqual(RedirectKind);
 });

@@ -3,7 +3,7 @@
  * program, model against kernel, everything compared.
  */
 import { expect, it } from 'vitest';
-import { differentialRun, summaryLine } from './run.ts';
+import { differentialRun, outcomeTable, summaryLine } from './run.ts';
 
 const PER_PROGRAM = 20_000;
 
@@ -15,4 +15,17 @@ it(`model and kernel agree on fixtures + ${PER_PROGRAM} generated cases per prog
   expect(s.counts.restore).toBeGreaterThanOrEqual(PER_PROGRAM);
   expect(s.counts.masq).toBeGreaterThanOrEqual(PER_PROGRAM);
   expect(s.mismatches, s.reports.join('\n\n')).toBe(0);
+
+  // The cases must reach every path, not just agree on the easy ones.
+  console.log(outcomeTable(s));
+  const everyPath = {
+    init: ['LEARNED', 'PASSED', 'POLICY_DROP', 'KEY_EXHAUSTED', 'FELL_BACK'],
+    restore: ['RESTORED', 'LEARNED', 'PASSED', 'POLICY_DROP', 'RESTORE_MISS', 'FELL_BACK'],
+    masq: ['MASQUERADED', 'PASSED', 'POLICY_DROP', 'FELL_BACK'],
+  };
+  for (const [program, counters] of Object.entries(everyPath)) {
+    for (const c of counters) {
+      expect(s.outcomes[`${program} ${c}`] ?? 0, `${program} cases ending in ${c}`).toBeGreaterThanOrEqual(5);
+    }
+  }
 });

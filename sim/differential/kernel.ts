@@ -16,6 +16,16 @@ import type { ProgramName, SkbContext } from './statespec.ts';
 
 export const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
 
+/**
+ * BPF_PROG_TEST_RUN refuses (EINVAL) a frame whose ethertype announces IPv4 or
+ * IPv6 but which is too short for the fixed header. Shorter frames cannot be
+ * run in the kernel; model.test.ts checks the model passes them untouched.
+ */
+export function minTestRunLength(frame: Uint8Array): number {
+  const type = frame.length >= 14 ? (frame[12] << 8) | frame[13] : 0;
+  return type === 0x0800 ? 14 + 20 : type === 0x86dd ? 14 + 40 : 14;
+}
+
 export interface KernelRun {
   verdict: number;
   packet: Buffer;
@@ -98,6 +108,9 @@ export class KernelDatapath {
 
   /** Loads s, runs the program once on packet, and reads everything back. */
   run(program: ProgramName, packet: Buffer, s: DatapathState, ctx: SkbContext = {}): KernelRun {
+    if (packet.length < minTestRunLength(packet)) {
+      throw new Error(`a ${packet.length}-byte frame is shorter than BPF_PROG_TEST_RUN accepts (${minTestRunLength(packet)} for its ethertype)`);
+    }
     this.load(s);
     const before = this.counters();
     const r = this.obj.program(program).testRun({ data: packet, ctx: skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark }) });

@@ -4,7 +4,7 @@
  * `differential: init=<n> restore=<n> masq=<n> mismatches=<m>`.
  */
 import { parseArgs } from 'node:util';
-import { differentialRun, summaryLine } from './run.ts';
+import { differentialRun, outcomeTable, summaryLine } from './run.ts';
 
 const HELP = `usage: npm run test:diff -- [--cases N] [--seed S]
 
@@ -38,6 +38,7 @@ async function main(): Promise<number> {
   console.error(`test:diff: ${perProgram} generated cases per program, seed ${seed} (rerun with --seed ${seed})`);
   const s = await differentialRun({ perProgram, seed, progress: (m) => console.error(`  ${m}`), report: 10 });
   for (const r of s.reports) console.error(r);
+  console.error(`outcomes (cases per program and counter bumped):\n${outcomeTable(s)}`);
   console.log(summaryLine(s));
   return s.mismatches === 0 ? 0 : 1;
 }

@@ -25,6 +25,8 @@ export interface RunOptions {
 
 export interface RunSummary {
   counts: Record<ProgramName, number>;
+  /** How many cases ended in each "<program> <counter>" (the counter the kernel bumped). */
+  outcomes: Record<string, number>;
   mismatches: number;
   reports: string[];
 }
@@ -32,10 +34,14 @@ export interface RunSummary {
 export async function differentialRun(opts: RunOptions, kernel = new KernelDatapath()): Promise<RunSummary> {
   const counts: Record<ProgramName, number> = { init: 0, restore: 0, masq: 0 };
   const reports: string[] = [];
+  const outcomes: Record<string, number> = {};
   let mismatches = 0;
   const check = (c: Case) => {
     const o = runCase(kernel, c, opts.model ?? MODEL);
     counts[c.program]++;
+    for (const [name, n] of Object.entries(o.kernel.effects.counters)) {
+      if (n > 0) outcomes[`${c.program} ${name}`] = (outcomes[`${c.program} ${name}`] ?? 0) + 1;
+    }
     if (o.mismatches.length === 0) return true;
     mismatches++;
     if (reports.length < (opts.report ?? 5)) {
@@ -45,19 +51,23 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
   };
   try {
     if (opts.fixtures ?? true) {
-      for (const c of await loadFixtures()) if (!check(c) && opts.stopAtFirst) return { counts, mismatches, reports };
+      for (const c of await loadFixtures()) if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
     }
     for (const program of PROGRAMS) {
       let n = 0;
       for (const c of generateCases(program, opts.perProgram, opts.seed)) {
-        if (!check(c) && opts.stopAtFirst) return { counts, mismatches, reports };
+        if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
         if (++n % 5000 === 0) opts.progress?.(`${program}: ${n}/${opts.perProgram} cases, ${mismatches} mismatches so far`);
       }
     }
   } finally {
     kernel.close();
   }
-  return { counts, mismatches, reports };
+  return { counts, outcomes, mismatches, reports };
+}
+
+export function outcomeTable(s: RunSummary): string {
+  return Object.entries(s.outcomes).sort().map(([k, n]) => `  ${k.padEnd(24)} ${n}`).join('\n');
 }
 
 export function summaryLine(s: RunSummary): string {
