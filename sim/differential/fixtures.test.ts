@@ -27,5 +27,11 @@ describe('fixtures', () => {
     expect(o.kernel.effects.redirect, 'redirect').toEqual(want.redirect ?? { ifindex: 0, kind: 'NONE' });
     if (want.unchanged) expect(o.kernel.packet.equals(f.packet), 'packet untouched').toBe(true);
     else if (want.verdict !== 'drop') expect(o.kernel.packet.equals(f.packet), 'packet rewritten').toBe(false);
+    for (const e of want.egress ?? []) {
+      const got = o.kernel.state.egress_cache.lookup(e.key);
+      expect(got, `egress entry ${JSON.stringify(e.key)}`).toBeDefined();
+      const picked = Object.fromEntries(Object.keys(e.has).map((k) => [k, String(got![k as keyof typeof got])]));
+      expect(picked).toEqual(Object.fromEntries(Object.entries(e.has).map(([k, v]) => [k, String(v)])));
+    }
   });
 });
