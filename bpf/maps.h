@@ -73,7 +73,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, XMASQ_CNT_MAX);
-	__type(key, enum xmasq_counter);
+	__type(key, __u32); /* enum xmasq_counter; the kernel wants a plain u32 array key */
 	__type(value, __u64);
 } counters SEC(".maps");
 
