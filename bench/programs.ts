@@ -1,0 +1,588 @@
+/**
+ * npm run bench:prog [-- --json] [-- --repeat N --runs K]
+ *
+ * ns/packet of every program path with BPF_PROG_TEST_RUN on the bench build
+ * (production map sizes plus the bench_* wrappers of bpf/bench.bpf.c), next to
+ * an empty program. Every row is checked before it is timed (one run with
+ * repeat=1: verdict and output packet) and after (the big run's verdict, final
+ * packet and counters), so a number is never reported for a path the packets
+ * did not take.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { cpus, release } from 'node:os';
+import { resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
+import {
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, PolicyDir, PolicyField, arrayIndex, config, counterValue,
+  egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  type CounterName, type PolicyKey,
+} from '../dataplane/maps.ts';
+import { buildFrame, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
+import { checksumProblems, decodeFrame, flattenFrame } from '../sim/packet/decode.ts';
+import { u32ToIp, ipToU32 } from '../sim/packet/addr.ts';
+
+export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.o', import.meta.url));
+
+/** bench.bpf.c's BENCH_RESET_LEN: how much of the packet every wrapper writes back. */
+const RESET_LEN = 128;
+
+const TC_ACT_OK = 0;
+const TC_ACT_SHOT = 2;
+const TC_ACT_REDIRECT = 7;
+
+export const DEFAULTS = { repeat: 1_000_000, runs: 5 } as const;
+
+// ---- the scene: one learned pair, as fixtures/generate.ts sets it up ----
+
+const HERE = { ip: '192.0.2.1', mac: '02:00:c0:00:02:01' };
+const PEER = { ip: '192.0.2.2', mac: '02:00:c0:00:02:02' };
+const POD = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 42 };
+const REMOTE_POD = '10.244.2.7';
+/** A remote pod our pod has not talked to: no egress entry. */
+const UNKNOWN_POD = '10.244.3.9';
+const GW_MAC = '0a:58:0a:f4:01:01';
+const VTEP_MAC = 'aa:bb:cc:00:02:02';
+const NIC = 2;
+const OUR_KEY = 9;
+const THEIR_KEY = 23;
+const POD_SPORT = 40000;
+const POD_DPORT = 80;
+
+// Every frame must cover the 128 bytes the wrappers restore; a 100-byte TCP
+// payload gets the smallest of them (a pod packet) to 154.
+const PAYLOAD = { len: 100, fill: 'counter' as const };
+
+const tcp = (sport: number, dport: number): Ipv4Spec['l4'] =>
+  ({ tcp: { sport, dport, seq: 1, ack: 2, flags: 'PA', payload: PAYLOAD } });
+
+/** A pod packet as it leaves the pod (masq's input). */
+const podPacket = (dst = REMOTE_POD): FrameSpec =>
+  ({ eth: { src: POD.mac, dst: GW_MAC }, ipv4: { src: POD.ip, dst, id: 0x1234, df: true, l4: tcp(POD_SPORT, POD_DPORT) } });
+
+/** The same pod packet in the overlay, at our NIC's egress (init's input). */
+const overlayOut = (): FrameSpec => ({
+  eth: { src: HERE.mac, dst: PEER.mac },
+  ipv4: {
+    src: HERE.ip, dst: PEER.ip, id: 0x4321,
+    l4: { udp: { sport: 51000, dport: 8472, checksum: 'none', payload: { vxlan: { vni: 1 }, inner: { ...podPacket(), eth: { src: POD.mac, dst: VTEP_MAC } } } } },
+  },
+});
+
+/** The peer's masqueraded reply, at our NIC's ingress (restore's input). */
+const masqueraded = (): FrameSpec => ({
+  eth: { src: PEER.mac, dst: HERE.mac },
+  ipv4: { src: PEER.ip, dst: HERE.ip, id: 0x77, df: true, rf: true, tos: OUR_KEY << 2, l4: tcp(POD_DPORT, POD_SPORT) },
+});
+
+/** Host-to-host traffic, ours or the peer's. */
+const hostPacket = (src: string, dst: string): FrameSpec => ({
+  eth: { src: src === HERE.ip ? HERE.mac : PEER.mac, dst: src === HERE.ip ? PEER.mac : HERE.mac },
+  ipv4: { src, dst, id: 0x99, df: true, l4: tcp(22, 50022) },
+});
+
+const PACKETS = {
+  pod: buildFrame(podPacket()),
+  podUnknownPair: buildFrame(podPacket(UNKNOWN_POD)),
+  overlayOut: buildFrame(overlayOut()),
+  masqueraded: buildFrame(masqueraded()),
+  hostOut: buildFrame(hostPacket(HERE.ip, PEER.ip)),
+  hostIn: buildFrame(hostPacket(PEER.ip, HERE.ip)),
+};
+
+const ZERO = arrayIndex.encode({ index: 0 });
+
+const noPath = {
+  last_seen: 0n, local_mac: '00:00:00:00:00:00', remote_mac: '00:00:00:00:00:00', local_ip: '0.0.0.0',
+  remote_ip: '0.0.0.0', ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0,
+};
+
+interface Maps {
+  pod_info: BpfMap; egress_cache: BpfMap; ingress_cache: BpfMap; config: BpfMap;
+  policy_rules: BpfMap; policy_masks: BpfMap; counters: BpfMap; bench_packet: BpfMap;
+}
+
+/** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
+function learnedPair(m: Maps): void {
+  m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
+  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0 }));
+  m.egress_cache.update(
+    egressKey.encode({ local_pod: POD.ip, remote_pod: REMOTE_POD }),
+    path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),
+    'noexist',
+  );
+  m.ingress_cache.update(
+    ingressKey.encode({ remote_host: PEER.ip, key: OUR_KEY }),
+    path.encode({ ...noPath, local_mac: POD.mac, remote_mac: VTEP_MAC, local_ip: POD.ip, remote_ip: REMOTE_POD, ifindex: POD.ifindex, local_key: OUR_KEY }),
+    'noexist',
+  );
+}
+
+// ---- policy states ----
+
+const F = PolicyField;
+/** "deny tcp to ip:port", the commonest shape of rule, and the one the 1-mask rows use. */
+const DST_SERVICE = F.DST_IP | F.DST_PORT | F.PROTOCOL;
+
+const ip = (base: string, i: number) => u32ToIp(ipToU32(base) + i);
+
+/**
+ * Rule i under mask m. Every field the mask names is set to a value that is
+ * injective in i, never 0 (which would mean "any"), and never the bench
+ * packet's own, so no rule matches and every mask costs a full failed lookup.
+ */
+function missRule(mask: number, i: number): PolicyKey {
+  if (mask === F.PROTOCOL && i >= 249) throw new Error(`missRule: ${i + 1} protocol-only rules: there are not that many protocols besides TCP`);
+  return {
+    src_ip: mask & F.SRC_IP ? ip('10.96.0.1', i) : '0.0.0.0',
+    dst_ip: mask & F.DST_IP ? ip('10.97.0.1', i) : '0.0.0.0',
+    src_port: mask & F.SRC_PORT ? 1024 + i : 0,
+    dst_port: mask & F.DST_PORT ? 20000 + i : 0,
+    // UDP wherever another field makes the rule unique; alone, any protocol but TCP (6).
+    protocol: !(mask & F.PROTOCOL) ? 0 : mask !== F.PROTOCOL ? 17 : i < 5 ? 1 + i : 2 + i,
+    dir: PolicyDir.EGRESS,
+  };
+}
+
+/** Many services, one mask: distinct dst IPs, so the table really holds n entries. */
+function serviceRules(n: number): PolicyKey[] {
+  return Array.from({ length: n }, (_, i) => ({
+    src_ip: '0.0.0.0', dst_ip: ip('10.97.0.1', i), src_port: 0, dst_port: 443, protocol: 6, dir: PolicyDir.EGRESS,
+  }));
+}
+
+interface PolicySetup { masks: number[]; rules: PolicyKey[] }
+
+function perMask(masks: number[], each: number): PolicySetup {
+  return { masks, rules: masks.flatMap((m) => Array.from({ length: each }, (_, i) => missRule(m, i))) };
+}
+
+/** The rule that does match the pod packet under mask m: the positive control. */
+function hitRule(mask: number): PolicyKey {
+  return {
+    src_ip: mask & F.SRC_IP ? POD.ip : '0.0.0.0',
+    dst_ip: mask & F.DST_IP ? REMOTE_POD : '0.0.0.0',
+    src_port: mask & F.SRC_PORT ? POD_SPORT : 0,
+    dst_port: mask & F.DST_PORT ? POD_DPORT : 0,
+    protocol: mask & F.PROTOCOL ? 6 : 0,
+    dir: PolicyDir.EGRESS,
+  };
+}
+
+const ALL_MASKS = Array.from({ length: 31 }, (_, i) => i + 1);
+
+/** One BPF object per map state, so rows can be interleaved without refilling tables between runs. */
+const STATES = {
+  base: undefined,
+  rules1: { masks: [DST_SERVICE], rules: serviceRules(1) },
+  rules1000: { masks: [DST_SERVICE], rules: serviceRules(1000) },
+  rules60000: { masks: [DST_SERVICE], rules: serviceRules(60000) },
+  masks5: perMask([DST_SERVICE, F.DST_IP, F.SRC_IP, F.SRC_IP | F.DST_IP, F.DST_PORT | F.PROTOCOL], 200),
+  masks31: perMask(ALL_MASKS, 32),
+  masq2masks: perMask([DST_SERVICE, F.SRC_IP], 500),
+} satisfies Record<string, PolicySetup | undefined>;
+type StateName = keyof typeof STATES;
+
+// ---- rows ----
+
+export type Kind = 'baseline' | 'full' | 'pass' | 'policy';
+
+/** The most a row may cost, as a multiple of the empty program (the issue's goals). */
+const GOALS: Record<Kind, number | null> = { baseline: null, full: 3, pass: 1.5, policy: 4 };
+
+interface RowDef {
+  name: string;
+  kind: Kind;
+  state: StateName;
+  program: string;
+  packet: Buffer;
+  /** Runs through a bench_* wrapper, which restores the packet from bench_packet. */
+  resets: boolean;
+  /** Problems with a single run's verdict and output; none means it took the path the row names. */
+  check(retval: number, out: Buffer, input: Buffer): string[];
+  /** The counter this path bumps once per packet (none for the bench-only programs). */
+  counter?: CounterName;
+}
+
+type Fields = Record<string, string | number | boolean>;
+
+function expectFields(out: Buffer, want: Fields): string[] {
+  const got = flattenFrame(decodeFrame(out));
+  const bad = Object.entries(want)
+    .filter(([k, v]) => got[k] !== v)
+    .map(([k, v]) => `${k} is ${JSON.stringify(got[k])}, want ${JSON.stringify(v)}`);
+  return [...bad, ...checksumProblems(out)];
+}
+
+function expectRetval(retval: number, want: number): string[] {
+  return retval === want ? [] : [`returned ${retval}, want ${want}`];
+}
+
+const untouched = (retval: number, out: Buffer, input: Buffer): string[] => [
+  ...expectRetval(retval, TC_ACT_OK),
+  ...(out.equals(input) ? [] : ['changed the packet, want it untouched']),
+];
+
+const ROWS: RowDef[] = [
+  { name: 'empty', kind: 'baseline', state: 'base', program: 'bench_empty', packet: PACKETS.hostOut, resets: false, check: untouched },
+  { name: 'reset', kind: 'baseline', state: 'base', program: 'bench_reset_only', packet: PACKETS.hostOut, resets: true, check: untouched },
+  {
+    name: 'init (learn, known key)', kind: 'full', state: 'base', program: 'bench_init', packet: PACKETS.overlayOut, resets: true, counter: 'LEARNED',
+    check: (retval, out, input) => [
+      ...expectRetval(retval, TC_ACT_OK),
+      // The signal: RF, our key in DSCP, DF because we know the peer's key.
+      ...expectFields(out, { 'ipv4.rf': true, 'ipv4.df': true, 'ipv4.tos': OUR_KEY << 2, 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'inner.ipv4.src': POD.ip, 'inner.ipv4.rf': false }),
+      ...(out.subarray(34).equals(input.subarray(34)) ? [] : ['changed more than the outer IPv4 header']),
+    ],
+  },
+  {
+    name: 'restore (masqueraded → pod)', kind: 'full', state: 'base', program: 'bench_restore', packet: PACKETS.masqueraded, resets: true, counter: 'RESTORED',
+    check: (retval, out) => [
+      ...expectRetval(retval, TC_ACT_REDIRECT),
+      ...expectFields(out, { 'eth.src': VTEP_MAC, 'eth.dst': POD.mac, 'ipv4.src': REMOTE_POD, 'ipv4.dst': POD.ip, 'ipv4.rf': false, 'ipv4.tos': 0 }),
+    ],
+  },
+  {
+    name: 'masq (pod → NIC)', kind: 'full', state: 'base', program: 'bench_masq', packet: PACKETS.pod, resets: true, counter: 'MASQUERADED',
+    check: (retval, out) => [
+      ...expectRetval(retval, TC_ACT_REDIRECT),
+      ...expectFields(out, { 'eth.src': HERE.mac, 'eth.dst': PEER.mac, 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'ipv4.rf': true, 'ipv4.tos': THEIR_KEY << 2 }),
+    ],
+  },
+  { name: 'init pass (host packet)', kind: 'pass', state: 'base', program: 'init', packet: PACKETS.hostOut, resets: false, counter: 'PASSED', check: untouched },
+  { name: 'restore pass (host TCP, no RF)', kind: 'pass', state: 'base', program: 'restore', packet: PACKETS.hostIn, resets: false, counter: 'PASSED', check: untouched },
+  { name: 'masq pass (no egress entry)', kind: 'pass', state: 'base', program: 'masq', packet: PACKETS.podUnknownPair, resets: false, counter: 'PASSED', check: untouched },
+  ...([
+    ['policy: 0 rules', 'base'],
+    ['policy: 1 mask, 1 rule', 'rules1'],
+    ['policy: 1 mask, 1000 rules', 'rules1000'],
+    ['policy: 1 mask, 60000 rules', 'rules60000'],
+    ['policy: 5 masks, 1000 rules', 'masks5'],
+    ['policy: 31 masks, 992 rules', 'masks31'],
+  ] as const).map(([name, state]): RowDef => ({ name, kind: 'policy', state, program: 'bench_policy', packet: PACKETS.pod, resets: false, check: untouched })),
+  {
+    name: 'masq + 1000 rules / 2 masks', kind: 'full', state: 'masq2masks', program: 'bench_masq', packet: PACKETS.pod, resets: true, counter: 'MASQUERADED',
+    check: (retval, out) => [
+      ...expectRetval(retval, TC_ACT_REDIRECT),
+      ...expectFields(out, { 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'ipv4.rf': true, 'ipv4.tos': THEIR_KEY << 2 }),
+    ],
+  },
+];
+
+export const ROW_NAMES = ROWS.map((r) => r.name);
+
+// ---- running ----
+
+export class BenchError extends Error {}
+
+interface Loaded { obj: BpfObject; maps: Maps; programs: Map<string, BpfProgram> }
+
+function loadState(objectPath: string, name: StateName, log: (s: string) => void): Loaded {
+  const obj = BpfObject.open(objectPath);
+  try {
+    obj.load();
+    const maps = {} as Maps;
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'bench_packet'] as const) {
+      maps[m] = obj.map(m);
+    }
+    // The point of the bench object is production-sized tables (hash buckets, cache footprint).
+    const want = MAX_ENTRIES.production;
+    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, rules: maps.policy_rules.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules) {
+      throw new BenchError(`${objectPath} has map sizes ${JSON.stringify(got)}, want the production ${JSON.stringify(want)}`);
+    }
+    if (maps.bench_packet.valueSize !== RESET_LEN) {
+      throw new BenchError(`bench_packet holds ${maps.bench_packet.valueSize} bytes, bench/programs.ts assumes ${RESET_LEN} (BENCH_RESET_LEN)`);
+    }
+    learnedPair(maps);
+    const setup = STATES[name];
+    if (setup) {
+      if (setup.rules.length > 5000) log(`bench:prog: filling ${setup.rules.length} policy rules…`);
+      setup.rules.forEach((k, i) => maps.policy_rules.update(policyKey.encode(k), policyRule.encode({ id: i + 1 }), 'noexist'));
+      maps.policy_masks.update(ZERO, policyMasks.encode({ count: setup.masks.length, mask: setup.masks }));
+    }
+    return { obj, maps, programs: new Map() };
+  } catch (e) {
+    obj.close();
+    throw e;
+  }
+}
+
+function counters(m: Maps): Record<CounterName, bigint> {
+  const out = {} as Record<CounterName, bigint>;
+  for (let i = 0; i < COUNTER_COUNT; i++) {
+    const all = m.counters.lookup(arrayIndex.encode({ index: i }));
+    if (!all) throw new BenchError(`counters[${i}] is missing`);
+    let sum = 0n;
+    for (let off = 0; off < all.length; off += 8) sum += counterValue.decode(all.subarray(off, off + 8)).value;
+    out[COUNTER_NAMES[i]] = sum;
+  }
+  return out;
+}
+
+class Runner {
+  private readonly loaded = new Map<StateName, Loaded>();
+
+  constructor(private readonly objectPath: string, private readonly log: (s: string) => void) {}
+
+  state(name: StateName): Loaded {
+    let l = this.loaded.get(name);
+    if (!l) {
+      l = loadState(this.objectPath, name, this.log);
+      this.loaded.set(name, l);
+    }
+    return l;
+  }
+
+  program(row: RowDef): BpfProgram {
+    const l = this.state(row.state);
+    let p = l.programs.get(row.program);
+    if (!p) {
+      p = l.obj.program(row.program);
+      l.programs.set(row.program, p);
+    }
+    return p;
+  }
+
+  /** One test run of a row; wrappers share their object's bench_packet, so it is written every time. */
+  run(row: RowDef, repeat: number) {
+    const l = this.state(row.state);
+    if (row.resets) l.maps.bench_packet.update(ZERO, row.packet.subarray(0, RESET_LEN));
+    return this.program(row).testRun({ data: row.packet, repeat });
+  }
+
+  close(): void {
+    for (const l of this.loaded.values()) l.obj.close();
+    this.loaded.clear();
+  }
+}
+
+function guard(row: RowDef, what: string, problems: string[]): void {
+  if (problems.length) {
+    throw new BenchError(`row "${row.name}" (${row.program}): ${what}:\n  ${problems.join('\n  ')}\nits number would not measure the path it names, so nothing is reported`);
+  }
+}
+
+/**
+ * A policy row measures nothing if the rules never get looked up (a wrong
+ * mask list, a mis-encoded key): a rule matching the packet under the LAST
+ * mask in use must drop it, which proves every mask is tried.
+ */
+function positiveControl(runner: Runner, row: RowDef): void {
+  const setup = STATES[row.state];
+  if (!setup) return;
+  const m = runner.state(row.state).maps;
+  const last = setup.masks[setup.masks.length - 1];
+  const k = policyKey.encode(hitRule(last));
+  m.policy_rules.update(k, policyRule.encode({ id: 999_999 }), 'noexist');
+  try {
+    const r = runner.run(row, 1);
+    guard(row, `a rule matching the packet under its last mask (${last}) did not drop it`, expectRetval(r.retval, TC_ACT_SHOT));
+  } finally {
+    m.policy_rules.delete(k);
+  }
+}
+
+export interface Machine { cpu: string; cores: number; kernel: string }
+
+export interface RowResult {
+  name: string;
+  kind: Kind;
+  ns: { median: number; min: number; max: number };
+  /** full paths: the wrapper minus bench_reset_only, paired run by run. */
+  net_ns?: number;
+  /** Median over runs of (this row / empty of the same run); for full paths, of net / empty. */
+  ratio: number;
+  /** Most ratio allowed by the issue; null for the baselines. */
+  goal: number | null;
+  met: boolean | null;
+}
+
+export interface BenchReport { machine: Machine; date: string; repeat: number; runs: number; rows: RowResult[] }
+
+export function machine(): Machine {
+  let cpu = cpus()[0]?.model ?? 'unknown CPU';
+  try {
+    cpu = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1]?.trim() ?? cpu;
+  } catch {
+    // Not Linux's procfs: os.cpus() is the best there is.
+  }
+  return { cpu, cores: cpus().length, kernel: release() };
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+}
+
+export interface BenchOptions {
+  repeat?: number;
+  runs?: number;
+  objectPath?: string;
+  /** Progress lines; stderr by default. */
+  log?: (line: string) => void;
+}
+
+export function runBench(opts: BenchOptions = {}): BenchReport {
+  const repeat = opts.repeat ?? DEFAULTS.repeat;
+  const runs = opts.runs ?? DEFAULTS.runs;
+  const objectPath = opts.objectPath ?? BENCH_OBJECT;
+  const log = opts.log ?? ((s: string) => process.stderr.write(`${s}\n`));
+  if (!Number.isInteger(repeat) || repeat < 1 || repeat > 0x7fffffff) throw new BenchError(`repeat ${repeat}: want an integer from 1 to 2^31-1`);
+  if (!Number.isInteger(runs) || runs < 1) throw new BenchError(`runs ${runs}: want a positive integer`);
+  if (process.getuid?.() !== 0) {
+    throw new BenchError('not root: loading BPF programs and BPF_PROG_TEST_RUN need CAP_BPF + CAP_NET_ADMIN; run it as root (sudo npm run bench:prog)');
+  }
+  if (!existsSync(objectPath)) throw new BenchError(`${objectPath} is missing: build it with 'make -C bpf' (npm run bench:prog does this first)`);
+  for (const r of ROWS) {
+    if (r.resets && r.packet.length < RESET_LEN) throw new BenchError(`row "${r.name}": a ${r.packet.length}-byte packet is shorter than the ${RESET_LEN} bytes the wrapper restores`);
+  }
+
+  const runner = new Runner(objectPath, log);
+  try {
+    const states = [...new Set(ROWS.map((r) => r.state))];
+    log(`bench:prog: loading ${objectPath} ${states.length} times, one per map state…`);
+    for (const s of states) runner.state(s);
+
+    // Before timing anything: each row once, its verdict and output checked.
+    const single = new Map<RowDef, { retval: number; data: Buffer }>();
+    for (const row of ROWS) {
+      positiveControl(runner, row);
+      const r = runner.run(row, 1);
+      guard(row, 'a single run did not take its path', row.check(r.retval, r.data, row.packet));
+      single.set(row, { retval: r.retval, data: Buffer.from(r.data) });
+    }
+
+    // Warms caches and the CPU clock; not counted.
+    for (const row of ROWS) runner.run(row, Math.min(repeat, 100_000));
+
+    const ns = new Map<RowDef, number[]>(ROWS.map((r) => [r, []]));
+    for (let k = 0; k < runs; k++) {
+      log(`bench:prog: run ${k + 1}/${runs} (${repeat} packets per row)`);
+      // Interleaved, A B C … A B C …, so that a noisy moment hits one run of every row, not every run of one.
+      for (const row of ROWS) {
+        const m = runner.state(row.state).maps;
+        const before = row.counter ? counters(m) : undefined;
+        const r = runner.run(row, repeat);
+        const s = single.get(row)!;
+        const problems = [
+          ...(r.retval === s.retval ? [] : [`returned ${r.retval}, the single run ${s.retval}`]),
+          ...(r.data.equals(s.data) ? [] : ['left a final packet that differs from the single run\'s']),
+        ];
+        if (before) {
+          // Per packet exactly one bump of this counter and none of any other: every iteration took the path.
+          const after = counters(m);
+          for (const c of COUNTER_NAMES) {
+            const want = c === row.counter ? BigInt(repeat) : 0n;
+            if (after[c] - before[c] !== want) problems.push(`counter ${c} moved by ${after[c] - before[c]}, want ${want}`);
+          }
+        }
+        guard(row, `the run of ${repeat} packets did not all take the single run's path`, problems);
+        ns.get(row)!.push(r.durationNs);
+      }
+    }
+
+    const byName = (n: string) => ROWS.find((r) => r.name === n)!;
+    const empty = ns.get(byName('empty'))!;
+    const reset = ns.get(byName('reset'))!;
+    const rows = ROWS.map((row): RowResult => {
+      const xs = ns.get(row)!;
+      const goal = GOALS[row.kind];
+      // Paired run by run: a wrapper and the reset it contains ran seconds apart, under the same conditions.
+      const full = row.kind === 'full';
+      const net = full ? xs.map((x, k) => x - reset[k]) : xs;
+      const ratio = median(net.map((x, k) => x / empty[k]));
+      return {
+        name: row.name, kind: row.kind, ns: { median: median(xs), min: Math.min(...xs), max: Math.max(...xs) },
+        ...(full ? { net_ns: median(net) } : {}),
+        ratio, goal, met: goal === null ? null : ratio <= goal,
+      };
+    });
+    return { machine: machine(), date: new Date().toISOString(), repeat, runs, rows };
+  } finally {
+    runner.close();
+  }
+}
+
+// ---- output ----
+
+const fmtNs = (x: number) => (Number.isInteger(x) ? String(x) : x.toFixed(1));
+
+export function formatTable(r: BenchReport): string {
+  const head = ['row', 'ns/pkt', 'min–max', 'net ns', '×empty', 'goal', 'met?'];
+  const body = r.rows.map((row) => [
+    row.name,
+    fmtNs(row.ns.median),
+    `${row.ns.min}–${row.ns.max}`,
+    row.net_ns === undefined ? '' : fmtNs(row.net_ns),
+    `${row.ratio.toFixed(2)}×`,
+    row.goal === null ? '' : `≤ ${row.goal}×`,
+    row.met === null ? '' : row.met ? 'yes' : 'NO',
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ').trimEnd();
+  return [
+    `XMasq programs under BPF_PROG_TEST_RUN: ${r.repeat} packets per run, median of ${r.runs} interleaved runs`,
+    `machine: ${r.machine.cpu}, ${r.machine.cores} cores, kernel ${r.machine.kernel}; ${r.date}`,
+    '',
+    line(head),
+    line(widths.map((w) => '-'.repeat(w))),
+    ...body.map(line),
+    '',
+    'full: through a bench_* wrapper; net = wrapper − reset of the same run, ×empty = net / empty.',
+    'pass, policy: ×empty = ns / empty. Ratios are medians of per-run ratios; ns are the kernel\'s',
+    'whole-ns averages per packet. Goals (issue): full ≤ 3×, pass-through ≤ 1.5×, policy new flow ≤ 4×.',
+  ].join('\n');
+}
+
+const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--help]
+
+ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.bench.bpf.o
+(production map sizes), next to an empty program. Run as root.
+
+  --json        print only the JSON report on stdout (progress still goes to stderr)
+  --repeat N    packets per test run (default ${DEFAULTS.repeat})
+  --runs K      interleaved runs per row; the median is reported (default ${DEFAULTS.runs})
+  --help        this text`;
+
+function positiveInt(flag: string, v: string | undefined, dflt: number): number {
+  if (v === undefined) return dflt;
+  if (!/^\d+$/.test(v) || Number(v) < 1) throw new BenchError(`${flag} ${v}: want a positive integer\n\n${USAGE}`);
+  return Number(v);
+}
+
+export function main(argv: string[]): number {
+  let args;
+  try {
+    args = parseArgs({
+      args: argv,
+      options: { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      strict: true,
+      allowPositionals: false,
+    }).values;
+  } catch (e) {
+    process.stderr.write(`bench:prog: ${(e as Error).message}\n\n${USAGE}\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  try {
+    const report = runBench({ repeat: positiveInt('--repeat', args.repeat, DEFAULTS.repeat), runs: positiveInt('--runs', args.runs, DEFAULTS.runs) });
+    process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report)}\n`);
+    return 0;
+  } catch (e) {
+    if (e instanceof BenchError) {
+      process.stderr.write(`bench:prog: ${e.message}\n`);
+      return 1;
+    }
+    throw e;
+  }
+}
+
+if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  process.exitCode = main(process.argv.slice(2));
+}
