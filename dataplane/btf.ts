@@ -1,10 +1,30 @@
 /**
- * Struct layouts and enums from a BPF object's BTF, read with
- * `bpftool -j btf dump file`, so tests can hold dataplane/maps.ts against
- * what the compiler actually laid out.
+ * Struct layouts and enum values from a BPF object's BTF, read through
+ * `bpftool -j btf dump file`. The tests hold the TypeScript codecs and
+ * constants against these, so C and TypeScript cannot drift apart silently.
  */
 import { execFileSync } from 'node:child_process';
+import { existsSync, statSync } from 'node:fs';
 
+export interface StructMember {
+  /** '' for an anonymous struct/union member. */
+  name: string;
+  /** Byte offset; for a bitfield, the byte holding its first bit. */
+  offset: number;
+  /** Byte size of the member's type (a bitfield's underlying integer type). */
+  size: number;
+  /** Only for bitfields: the width in bits... */
+  bitSize?: number;
+  /** ...and the first bit's position within the byte at offset. */
+  bitOffset?: number;
+}
+
+export interface StructLayout {
+  size: number;
+  members: StructMember[];
+}
+
+interface BtfMember { name: string; type_id: number; bits_offset: number; bitfield_size?: number }
 interface BtfType {
   id: number;
   kind: string;
@@ -12,68 +32,142 @@ interface BtfType {
   size?: number;
   type_id?: number;
   nr_elems?: number;
-  members?: Array<{ name: string; type_id: number; bits_offset: number; bitfield_size?: number }>;
+  nr_bits?: number;
+  bits_offset?: number;
+  members?: BtfMember[];
   values?: Array<{ name: string; val: number }>;
 }
 
-export interface StructLayout {
-  size: number;
-  members: Array<{ name: string; offset: number; size: number; bitSize?: number }>;
-}
+const cache = new Map<string, { stamp: string; types: Map<number, BtfType> }>();
 
-function dump(objectPath: string): Map<number, BtfType> {
+/** Every BTF type of the object by id, from bpftool (cached until the file changes). */
+function btfTypes(objectPath: string): Map<number, BtfType> {
+  if (!existsSync(objectPath)) throw new Error(`cannot read BTF of ${objectPath}: no such file (build it first)`);
+  const st = statSync(objectPath);
+  const stamp = `${st.mtimeMs}:${st.size}:${st.ino}`;
+  const hit = cache.get(objectPath);
+  if (hit && hit.stamp === stamp) return hit.types;
+
   let out: string;
   try {
-    out = execFileSync('bpftool', ['-j', 'btf', 'dump', 'file', objectPath], { encoding: 'utf8', maxBuffer: 64 << 20 });
+    out = execFileSync('bpftool', ['-j', 'btf', 'dump', 'file', objectPath], {
+      encoding: 'utf8', maxBuffer: 512 << 20, stdio: ['ignore', 'pipe', 'pipe'],
+    });
   } catch (e) {
-    throw new Error(`bpftool could not read the BTF of ${objectPath}: ${(e as Error).message.split('\n')[0]} (is bpftool installed? scripts/setup.sh installs it)`);
+    const err = e as NodeJS.ErrnoException & { stderr?: string };
+    if (err.code === 'ENOENT') throw new Error(`cannot read BTF of ${objectPath}: bpftool is not installed (apt-get install bpftool)`);
+    throw new Error(`cannot read BTF of ${objectPath}: bpftool failed: ${(err.stderr || err.message).trim()} (was it compiled with -g?)`);
   }
-  const types = (JSON.parse(out) as { types: BtfType[] }).types;
-  return new Map(types.map((t) => [t.id, t]));
+  const parsed = JSON.parse(out) as { types?: BtfType[] };
+  if (!Array.isArray(parsed.types)) throw new Error(`cannot read BTF of ${objectPath}: bpftool's JSON has no "types" array`);
+  const types = new Map(parsed.types.map((t) => [t.id, t]));
+  cache.set(objectPath, { stamp, types });
+  return types;
 }
 
-function sizeOf(types: Map<number, BtfType>, id: number): number {
-  const t = types.get(id);
-  if (!t) throw new Error(`BTF type ${id} is missing`);
+const QUALIFIERS = new Set(['TYPEDEF', 'VOLATILE', 'CONST', 'RESTRICT', 'TYPE_TAG']);
+
+/** Follows typedefs and qualifiers down to the type that has the storage. */
+function strip(types: Map<number, BtfType>, id: number): BtfType | undefined {
+  for (let depth = 0; depth < 64; depth++) {
+    if (id === 0) return undefined; // void
+    const t = types.get(id);
+    if (!t) throw new Error(`BTF type id ${id} is referenced but missing`);
+    if (!QUALIFIERS.has(t.kind)) return t;
+    id = t.type_id ?? 0;
+  }
+  throw new Error(`BTF type id ${id}: typedef/qualifier chain deeper than 64`);
+}
+
+function sizeOf(types: Map<number, BtfType>, id: number, what: string): number {
+  const t = strip(types, id);
+  if (!t) return 0;
   switch (t.kind) {
-    case 'INT': case 'STRUCT': case 'UNION': case 'ENUM': case 'ENUM64': case 'FLOAT':
-      return t.size!;
+    case 'INT': case 'STRUCT': case 'UNION': case 'ENUM': case 'ENUM64': case 'FLOAT': case 'DATASEC':
+      return t.size ?? 0;
     case 'PTR':
-      return 8;
+      return 8; // the BPF target is 64-bit
     case 'ARRAY':
-      return t.nr_elems! * sizeOf(types, t.type_id!);
-    case 'TYPEDEF': case 'VOLATILE': case 'CONST': case 'RESTRICT': case 'TYPE_TAG':
-      return sizeOf(types, t.type_id!);
+      return (t.nr_elems ?? 0) * sizeOf(types, t.type_id ?? 0, what);
+    case 'VAR':
+      return sizeOf(types, t.type_id ?? 0, what);
     default:
-      throw new Error(`BTF type ${id} (${t.kind} ${t.name}) has no size`);
+      throw new Error(`${what}: BTF ${t.kind} '${t.name}' (id ${t.id}) has no size`);
   }
 }
 
-/** Every named struct of the object's BTF. */
+function anon(name: string): string {
+  return name === '(anon)' ? '' : name;
+}
+
+function layoutOf(types: Map<number, BtfType>, t: BtfType): StructLayout {
+  const members = (t.members ?? []).map((m): StructMember => {
+    const what = `struct ${t.name}.${anon(m.name) || '(anon)'}`;
+    let bits = m.bits_offset;
+    let bitSize = m.bitfield_size ?? 0;
+    // Old-style BTF (no kind_flag) encodes a bitfield in its INT type instead.
+    const direct = types.get(m.type_id);
+    if (!bitSize && direct?.kind === 'INT' && direct.size !== undefined &&
+        ((direct.nr_bits ?? direct.size * 8) !== direct.size * 8 || (direct.bits_offset ?? 0) !== 0)) {
+      bitSize = direct.nr_bits ?? 0;
+      bits += direct.bits_offset ?? 0;
+    }
+    const offset = Math.floor(bits / 8);
+    const out: StructMember = { name: anon(m.name), offset, size: sizeOf(types, m.type_id, what) };
+    if (bitSize) {
+      out.bitSize = bitSize;
+      out.bitOffset = bits - offset * 8;
+    }
+    return out;
+  });
+  return { size: t.size ?? 0, members };
+}
+
+function sameLayout(a: StructLayout, b: StructLayout): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/** The layout of every named struct in the object's BTF, by name. */
 export function readStructLayouts(objectPath: string): Map<string, StructLayout> {
-  const types = dump(objectPath);
+  const types = btfTypes(objectPath);
   const out = new Map<string, StructLayout>();
   for (const t of types.values()) {
-    if (t.kind !== 'STRUCT' || !t.name || t.name === '(anon)') continue;
-    out.set(t.name, {
-      size: t.size!,
-      members: (t.members ?? []).map((m) => ({
-        name: m.name,
-        offset: Math.floor(m.bits_offset / 8),
-        size: m.bitfield_size ? Math.ceil(m.bitfield_size / 8) : sizeOf(types, m.type_id),
-        ...(m.bitfield_size ? { bitSize: m.bitfield_size } : {}),
-      })),
-    });
+    if (t.kind !== 'STRUCT' || anon(t.name) === '') continue;
+    const layout = layoutOf(types, t);
+    const prev = out.get(t.name);
+    // Identical duplicates come from several compilation units; different
+    // ones would make any answer for this name a guess.
+    if (prev && !sameLayout(prev, layout)) {
+      throw new Error(`${objectPath}: BTF has two different layouts named struct ${t.name}`);
+    }
+    out.set(t.name, layout);
   }
   return out;
 }
 
-/** A named enum of the object's BTF: constant name -> value. */
-export function readEnum(objectPath: string, name: string): Record<string, number> {
-  for (const t of dump(objectPath).values()) {
-    if ((t.kind === 'ENUM' || t.kind === 'ENUM64') && t.name === name) {
-      return Object.fromEntries((t.values ?? []).map((v) => [v.name, Number(v.val)]));
-    }
+/** One struct's layout; throws naming the structs the object has if it is missing. */
+export function readStruct(objectPath: string, name: string): StructLayout {
+  const all = readStructLayouts(objectPath);
+  const s = all.get(name);
+  if (!s) {
+    throw new Error(`struct ${name} is not in ${objectPath}'s BTF (only types the programs or maps use are); it has: ${[...all.keys()].sort().join(', ')}`);
   }
-  throw new Error(`enum ${name} is not in the BTF of ${objectPath} (only enums that type a C object are)`);
+  return s;
+}
+
+/**
+ * The values of a named enum. An enum has BTF only if some emitted type or
+ * variable uses it, so a constant the C code only compares against may be absent.
+ */
+export function readEnum(objectPath: string, name: string): Record<string, number> {
+  const types = btfTypes(objectPath);
+  const enums = [...types.values()].filter((t) => t.kind === 'ENUM' || t.kind === 'ENUM64');
+  const e = enums.find((t) => t.name === name);
+  if (!e) {
+    const names = enums.map((t) => anon(t.name)).filter(Boolean).sort();
+    throw new Error(`enum ${name} is not in ${objectPath}'s BTF (an enum is there only if some type uses it); it has: ${names.join(', ') || '(none)'}`);
+  }
+  const out: Record<string, number> = {};
+  for (const v of e.values ?? []) out[v.name] = v.val;
+  return out;
 }

@@ -9,7 +9,8 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump)
+packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
+  containernetworking-plugins iputils-ping util-linux procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
