@@ -87,7 +87,7 @@ afterAll(() => {
 
 /** Captures on w0 while the pod sends one UDP datagram and one TCP SYN. */
 async function captureFromPod(file: string): Promise<Uint8Array[]> {
-  const dump = spawn('nsenter', [`--net=/run/netns/${NS.wire}`, 'tcpdump', '-i', 'w0', '-U', '-w', file, 'ip'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const dump = spawn('nsenter', [`--net=/run/netns/${NS.wire}`, 'tcpdump', '-i', 'w0', '--immediate-mode', '-U', '-w', file, 'ip'], { stdio: ['ignore', 'ignore', 'pipe'] });
   await new Promise<void>((resolve, reject) => {
     let err = '';
     dump.stderr.on('data', (d) => {
