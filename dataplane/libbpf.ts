@@ -142,6 +142,8 @@ interface Native {
   bpf_map__max_entries(map: Ptr): number;
   bpf_map__pin(map: Ptr, path: string): number;
   bpf_map__unpin(map: Ptr, path: string | null): number;
+  bpf_map__set_pin_path(map: Ptr, path: string | null): number;
+  bpf_map__is_pinned(map: Ptr): boolean;
   bpf_map_lookup_elem(fd: number, key: Buffer, value: Buffer): number;
   bpf_map_update_elem(fd: number, key: Buffer, value: Buffer, flags: number): number;
   bpf_map_delete_elem(fd: number, key: Buffer): number;
@@ -198,6 +200,8 @@ function native(): Native {
     bpf_map__max_entries: lib.func('uint32_t bpf_map__max_entries(void *map)'),
     bpf_map__pin: lib.func('int bpf_map__pin(void *map, const char *path)'),
     bpf_map__unpin: lib.func('int bpf_map__unpin(void *map, const char *path)'),
+    bpf_map__set_pin_path: lib.func('int bpf_map__set_pin_path(void *map, const char *path)'),
+    bpf_map__is_pinned: lib.func('bool bpf_map__is_pinned(void *map)'),
     bpf_map_lookup_elem: lib.func('int bpf_map_lookup_elem(int fd, void *key, void *value)'),
     bpf_map_update_elem: lib.func('int bpf_map_update_elem(int fd, void *key, void *value, uint64_t flags)'),
     bpf_map_delete_elem: lib.func('int bpf_map_delete_elem(int fd, void *key)'),
@@ -405,6 +409,18 @@ export function possibleCpus(): number {
   return possibleCpusCache;
 }
 
+/** What most likely went wrong in a failed bpf_object__load, judged from libbpf's log. */
+function loadHint(errno: number, log: string, failedProgram: string | undefined): string | undefined {
+  if (log.includes("couldn't reuse pinned map")) {
+    return 'a map pinned at the pin path differs in type, key/value size, max_entries or flags: unpin it, or fix the declaration';
+  }
+  if (log.includes('-- BEGIN PROG LOAD LOG --') || errno === 4000 + 7) {
+    return `the verifier rejected program '${failedProgram ?? '?'}'; the tail of its log follows`;
+  }
+  if (errno === E.EPERM) return 'are you root with CAP_BPF?';
+  return failedProgram ? `program '${failedProgram}' failed to load` : undefined;
+}
+
 export class BpfObject {
   private ptr: Ptr | null;
   private loaded = false;
@@ -502,11 +518,7 @@ export class BpfObject {
     if (result < 0) {
       const errno = -result;
       const failed = /prog '([^']+)': (?:BPF program load failed|failed to load)/.exec(log)?.[1];
-      const hint = log.includes('-- BEGIN PROG LOAD LOG --') || errno === 4000 + 7
-        ? `the verifier rejected program '${failed ?? '?'}'; the tail of its log follows`
-        : errno === E.EPERM
-          ? 'are you root with CAP_BPF?'
-          : failed ? `program '${failed}' failed to load` : undefined;
+      const hint = loadHint(errno, log, failed);
       throw new LibbpfError(`load of ${this.path}`, errno, hint, log);
     }
     this.loaded = true;
@@ -528,6 +540,12 @@ export class BpfObject {
     if (this.ptr === null) return;
     native().bpf_object__close(this.ptr);
     this.ptr = null;
+  }
+
+  /** @internal BpfMap uses this to refuse settings that only load() reads. */
+  assertNotLoaded(what: string): void {
+    this.assertOpen(what);
+    if (this.loadTried) throw new Error(`${what} must come before load()`);
   }
 
   /** @internal BpfMap/BpfProgram use this to refuse work on a closed object. */
@@ -810,6 +828,25 @@ export class BpfMap {
     this.deleteBatch(this.keys());
   }
 
+  /**
+   * Before load(): bpf_map__set_pin_path. load() then reuses the map pinned
+   * at path, refusing one whose type, key/value size, max_entries or flags
+   * differ, or creates the map and pins it there.
+   */
+  setPinPath(path: string): void {
+    if (this.src.kind !== 'object') throw new Error(`setPinPath of ${this.label}: only maps of an object not yet loaded have a pin path`);
+    this.src.obj.assertNotLoaded(`setting the pin path of ${this.label}`);
+    const ptr = this.src.ptr;
+    check(`setting the pin path of ${this.label} to ${path}`, () => native().bpf_map__set_pin_path(ptr, path));
+  }
+
+  /** Whether libbpf pinned this object map, or reused a pinned one, on load (or pin()). */
+  get isPinned(): boolean {
+    if (this.src.kind !== 'object') return true; // fromPinned: it was found pinned
+    this.src.obj.assertOpen(this.label);
+    return native().bpf_map__is_pinned(this.src.ptr);
+  }
+
   /** Pins the map at path on a BPF file system (bpf_map__pin for object maps, bpf_obj_pin otherwise). */
   pin(path: string): void {
     const hints = {
@@ -830,12 +867,15 @@ export class BpfMap {
   /** Removes the pin at path (default: where pin() put it). The map lives on while fds or programs hold it. */
   unpin(path?: string): void {
     const p = path ?? this.lastPin;
-    if (!p) throw new Error(`unpin of ${this.label}: no path given and pin() was not called`);
     if (this.src.kind === 'object') {
       this.src.obj.assertOpen(this.label);
       const ptr = this.src.ptr;
-      check(`unpinning ${this.label} from ${p}`, () => native().bpf_map__unpin(ptr, p));
+      // NULL makes libbpf use the map's own pin path (setPinPath, pinRoot).
+      check(`unpinning ${this.label}${p ? ` from ${p}` : ''}`, () => native().bpf_map__unpin(ptr, p ?? null), {
+        [E.EINVAL]: 'the map has no pin path: pass the path',
+      });
     } else {
+      if (!p) throw new Error(`unpin of ${this.label}: no path given and pin() was not called`);
       try {
         unlinkSync(p);
       } catch (e) {

@@ -1,0 +1,522 @@
+/**
+ * xmasq-agent against the real kernel, in a topology of its own: a "host"
+ * netns whose nic0 is a veth to a "wire" netns, and pod netns whose veth
+ * host ends sit in the host netns. The agent runs as a child process inside
+ * the host netns; the test reaches its maps through their pins and its
+ * filters through tc in that netns.
+ */
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { BpfMap } from '../libbpf.ts';
+import {
+  PolicyDir, PolicyField, arrayIndex, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  type Path,
+} from '../maps.ts';
+import { loadConfig, parseArgs } from './config.ts';
+import { unpinAll } from './datapath.ts';
+import { monotonicCoarseNs } from './native.ts';
+import { normaliseRule, masksOf } from './policy.ts';
+import { AgentClient, AgentError } from './protocol.ts';
+import { btfHasFunc } from './system.ts';
+
+const REPO = fileURLToPath(new URL('../../', import.meta.url));
+const AGENT = fileURLToPath(new URL('./main.ts', import.meta.url));
+const CLI = fileURLToPath(new URL('../cli/main.ts', import.meta.url));
+const OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.bpf.o', import.meta.url));
+const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
+
+const ID = `xmt${process.pid}`;
+const NS = { host: `${ID}-host`, wire: `${ID}-wire`, pod: `${ID}-pod`, pod2: `${ID}-pod2`, pod3: `${ID}-pod3` };
+const PIN = `/sys/fs/bpf/xmasq-test-${process.pid}`;
+let TMP = '';
+let SOCK = '';
+let STATE = '';
+
+const POD = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05' };
+const POD2 = { ip: '10.244.1.6', mac: '0a:58:0a:f4:01:06' };
+const ZERO = arrayIndex.encode({ index: 0 });
+
+function sh(cmd: string, args: string[]): string {
+  return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+const ip = (...args: string[]) => sh('ip', args);
+const inHost = (cmd: string, ...args: string[]) => sh('nsenter', [`--net=/run/netns/${NS.host}`, cmd, ...args]);
+
+function ifindex(ns: string, dev: string): number {
+  return (JSON.parse(ip('-n', ns, '-j', 'link', 'show', dev)) as Array<{ ifindex: number }>)[0].ifindex;
+}
+
+/** Names of the BPF programs filtering dev (in the host netns) in one direction. */
+function filters(dev: string, where: 'ingress' | 'egress'): string[] {
+  let out: string;
+  try {
+    out = inHost('tc', '-j', 'filter', 'show', 'dev', dev, where);
+  } catch {
+    return []; // no clsact qdisc (or no device): no filters
+  }
+  const list = (out.trim() ? JSON.parse(out) : []) as Array<{ options?: { prog?: { name?: string } } }>;
+  return list.map((f) => f.options?.prog?.name).filter((n): n is string => !!n);
+}
+
+interface Running {
+  child: ChildProcess;
+  stderr: () => string;
+  exited: Promise<number>;
+}
+let agent: Running | undefined;
+
+/** Starts the agent in the host netns; resolves once it says ready, rejects with its stderr if it exits first. */
+function startAgent(extra: string[] = [], waitReady = true): Promise<Running> {
+  const child = spawn('nsenter', [`--net=/run/netns/${NS.host}`, process.execPath, '--import', 'tsx', AGENT,
+    '--pin-dir', PIN, '--socket', SOCK, '--state-dir', STATE, '--scan-interval', '0.2', '--object', OBJECT, '--verbose', ...extra],
+  { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
+  let err = '';
+  child.stderr!.setEncoding('utf8');
+  const exited = new Promise<number>((resolve) => child.on('exit', (code, sig) => resolve(code ?? 128 + (sig === 'SIGKILL' ? 9 : 15))));
+  const r: Running = { child, stderr: () => err, exited };
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`agent not ready within 20 s:\n${err}`)), 20_000);
+    child.stderr!.on('data', (s: string) => {
+      err += s;
+      if (waitReady && /xmasq-agent: ready/.test(err)) {
+        clearTimeout(timer);
+        resolve(r);
+      }
+    });
+    void exited.then((code) => {
+      clearTimeout(timer);
+      if (waitReady) reject(new Error(`agent exited with ${code} before it was ready:\n${err}`));
+      else resolve(r);
+    });
+  });
+}
+
+async function stopAgent(sig: NodeJS.Signals = 'SIGTERM'): Promise<{ code: number; stderr: string }> {
+  const a = agent!;
+  agent = undefined;
+  a.child.kill(sig);
+  const code = await a.exited;
+  return { code, stderr: a.stderr() };
+}
+
+async function call<T>(fn: (c: AgentClient) => Promise<T>): Promise<T> {
+  const c = await AgentClient.connect(SOCK, { timeoutMs: 10_000 });
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+function pinned(name: string): BpfMap {
+  return BpfMap.fromPinned(`${PIN}/${name}`);
+}
+
+function withMap<T>(name: string, fn: (m: BpfMap) => T): T {
+  const m = pinned(name);
+  try {
+    return fn(m);
+  } finally {
+    m.close();
+  }
+}
+
+function aPath(over: Partial<Path>): Path {
+  return {
+    last_seen: monotonicCoarseNs(), local_mac: '02:00:00:00:00:01', remote_mac: '02:00:00:00:00:02',
+    local_ip: '192.168.77.1', remote_ip: '192.168.77.2', ifindex: 0, local_key: 5, remote_key: 9, remote_ready: 1, ...over,
+  };
+}
+
+function plantEgress(local: string, remote: string, p: Partial<Path> = {}): void {
+  withMap('egress_cache', (m) => m.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode(aPath(p))));
+}
+
+function plantIngress(remoteHost: string, key: number, p: Partial<Path>): void {
+  withMap('ingress_cache', (m) => m.update(ingressKey.encode({ remote_host: remoteHost, key }), path.encode(aPath(p))));
+}
+
+const egressKeys = () => withMap('egress_cache', (m) => m.keys().map((k) => egressKey.decode(k)));
+const ingressKeys = () => withMap('ingress_cache', (m) => m.keys().map((k) => ingressKey.decode(k)));
+const hasEgress = (local: string, remote: string) => egressKeys().some((k) => k.local_pod === local && k.remote_pod === remote);
+
+function metrics(path = '/metrics'): string {
+  return inHost('curl', '-s', '-S', `http://127.0.0.1:9477${path}`);
+}
+
+async function until(what: string, cond: () => boolean, ms = 5000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function runCli(args: string[]): { code: number; out: string; err: string } {
+  try {
+    const out = execFileSync(process.execPath, ['--import', 'tsx', CLI, '--socket', SOCK, ...args], { cwd: REPO, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    return { code: 0, out, err: '' };
+  } catch (e) {
+    const x = e as { status: number; stdout: string; stderr: string };
+    return { code: x.status, out: x.stdout, err: x.stderr };
+  }
+}
+
+function makePod(ns: string, hostEnd: string, pod: { ip: string; mac: string }): void {
+  ip('netns', 'add', ns);
+  ip('link', 'add', hostEnd, 'netns', NS.host, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns);
+  ip('-n', ns, 'link', 'set', 'eth0', 'address', pod.mac, 'up');
+  ip('-n', ns, 'addr', 'add', `${pod.ip}/24`, 'dev', 'eth0');
+  ip('-n', NS.host, 'link', 'set', hostEnd, 'up');
+}
+
+function teardown(): void {
+  for (const ns of Object.values(NS)) {
+    try {
+      ip('netns', 'del', ns);
+    } catch {
+      // never created, or gone already
+    }
+  }
+  try {
+    unpinAll(PIN);
+  } catch {
+    // nothing pinned
+  }
+  rmSync(PIN, { recursive: true, force: true });
+}
+
+describe('xmasq-agent', () => {
+  beforeAll(() => {
+    if (process.getuid?.() !== 0) {
+      throw new Error('dataplane/agent/agent.test.ts creates network namespaces and loads BPF programs: run it as root (sudo npx vitest run dataplane/agent)');
+    }
+    if (!existsSync(OBJECT)) throw new Error(`${OBJECT} is missing: build it with 'make -C bpf'`);
+    teardown();
+    TMP = mkdtempSync('/tmp/xmasq-agent-test-');
+    SOCK = `${TMP}/agent.sock`;
+    STATE = `${TMP}/state`;
+    ip('netns', 'add', NS.host);
+    ip('netns', 'add', NS.wire);
+    ip('-n', NS.host, 'link', 'set', 'lo', 'up');
+    ip('link', 'add', 'nic0', 'netns', NS.host, 'type', 'veth', 'peer', 'name', 'wire0', 'netns', NS.wire);
+    ip('-n', NS.host, 'addr', 'add', '192.168.77.1/24', 'dev', 'nic0');
+    ip('-n', NS.host, 'link', 'set', 'nic0', 'up');
+    ip('-n', NS.wire, 'link', 'set', 'wire0', 'up');
+    ip('-n', NS.host, 'route', 'add', 'default', 'via', '192.168.77.254', 'dev', 'nic0');
+    makePod(NS.pod, 'vpod1', POD);
+    makePod(NS.pod2, 'vpod2', POD2);
+  });
+
+  afterAll(async () => {
+    if (agent) await stopAgent('SIGKILL');
+    teardown();
+    if (TMP) rmSync(TMP, { recursive: true, force: true });
+  });
+
+  it('refuses an unknown nic with a clear message, before touching the kernel', async () => {
+    const r = await startAgent(['--nic', 'eth9'], false);
+    expect(await r.exited).not.toBe(0);
+    expect(r.stderr()).toContain('nic "eth9" not found in this network namespace; set --nic or check \'ip link\'');
+    expect(filters('nic0', 'egress')).toEqual([]);
+    expect(filters('nic0', 'ingress')).toEqual([]);
+    expect(existsSync(PIN)).toBe(false);
+    expect(existsSync(SOCK)).toBe(false);
+  });
+
+  it('refuses a config file field it does not know, naming it', async () => {
+    const file = `${TMP}/bad.json`;
+    writeFileSync(file, JSON.stringify({ nic: 'nic0', scanInterval: 1 }));
+    const r = await startAgent(['--config', file], false);
+    expect(await r.exited).toBe(2);
+    expect(r.stderr()).toContain('unknown field "scanInterval"');
+    expect(existsSync(PIN)).toBe(false);
+  });
+
+  it('refuses --mode rpeer on a kernel without the kfunc', async () => {
+    const r = await startAgent(['--mode', 'rpeer'], false);
+    expect(await r.exited).toBe(1);
+    expect(r.stderr()).toContain('--mode (mode) = "rpeer"');
+    expect(r.stderr()).toContain('use --mode veth');
+    expect(existsSync(PIN)).toBe(false);
+  });
+
+  it('never leaves a half-attached datapath: a failed attach undoes the others and the new pins', async () => {
+    // A classifier of another kind at our priority makes the egress attach fail after the ingress one succeeded.
+    inHost('tc', 'qdisc', 'add', 'dev', 'nic0', 'clsact');
+    inHost('tc', 'filter', 'add', 'dev', 'nic0', 'egress', 'pref', '1', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0');
+    try {
+      const r = await startAgent([], false);
+      expect(await r.exited).toBe(1);
+      expect(r.stderr()).toContain('cannot attach init at nic0');
+      expect(r.stderr()).toContain('tc filter show dev nic0 egress');
+      expect(filters('nic0', 'ingress')).toEqual([]);
+      expect(existsSync(PIN)).toBe(false);
+      expect(existsSync(SOCK)).toBe(false);
+    } finally {
+      inHost('tc', 'filter', 'del', 'dev', 'nic0', 'egress', 'pref', '1');
+    }
+  });
+
+  it('starts: pins every map, attaches init and restore at the default-route NIC', async () => {
+    agent = await startAgent();
+    expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters']) {
+      expect(existsSync(`${PIN}/${m}`), m).toBe(true);
+    }
+    expect((statSync(SOCK).mode & 0o777).toString(8)).toBe('600');
+    const s = (await call((c) => c.status())).status;
+    expect(s.mode).toBe('veth');
+    expect(s.nic).toBe('nic0');
+    expect(s.nicIfindex).toBe(ifindex(NS.host, 'nic0'));
+    expect(s.pinsReused).toBe(false);
+    expect(s.attachments.map((a) => `${a.program}@${a.dev}/${a.where}`).sort()).toEqual(['init@nic0/egress', 'restore@nic0/ingress']);
+  });
+
+  it('pod add writes pod_info and attaches masq at the host veth ingress', async () => {
+    const veth = ifindex(NS.host, 'vpod1');
+    const r = await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth, netns: `/run/netns/${NS.pod}` }));
+    expect(r.pod).toMatchObject({ ip: POD.ip, mac: POD.mac, hostVeth: 'vpod1', attached: true });
+    const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
+    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth, mac: POD.mac });
+    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    // idempotent: CNI may repeat an ADD
+    const again = await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth }));
+    expect(again.pod.netns).toBe(`/run/netns/${NS.pod}`);
+    expect(again.replaced).toBe(false);
+    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    const bad = await call((c) => c.raw({ op: 'add', pod: { ip: POD2.ip, mac: POD2.mac, hostVethIfindex: ifindex(NS.host, 'nic0') } }));
+    expect(bad).toMatchObject({ ok: false });
+    expect((bad as { error: string }).error).toContain('is the NIC nic0');
+    expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip]);
+  });
+
+  it('pod del purges the pod\'s egress and ingress entries, and detaches masq', async () => {
+    plantEgress(POD.ip, '10.244.2.10');
+    plantEgress(POD.ip, '10.244.3.11');
+    plantEgress('10.244.1.99', '10.244.2.10');
+    plantIngress('192.168.77.2', 7, { local_ip: POD.ip, remote_ip: '10.244.2.10' });
+    plantIngress('192.168.77.3', 7, { local_ip: POD.ip, remote_ip: '10.244.3.11' });
+    plantIngress('192.168.77.2', 8, { local_ip: '10.244.1.99', remote_ip: '10.244.2.10' });
+    const r = await call((c) => c.delPod(POD.ip));
+    expect(r).toMatchObject({ known: true, detached: true, purged: { egress: 2, ingress: 2 } });
+    expect(egressKeys()).toEqual([{ local_pod: '10.244.1.99', remote_pod: '10.244.2.10' }]);
+    expect(ingressKeys()).toEqual([{ remote_host: '192.168.77.2', key: 8 }]);
+    expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })))).toBeUndefined();
+    expect(filters('vpod1', 'ingress')).toEqual([]);
+    // an unknown IP is fine too (CNI DEL is idempotent), and still purged
+    expect(await call((c) => c.delPod('10.244.1.99'))).toMatchObject({ known: false, purged: { egress: 1, ingress: 1 } });
+
+    // back for the rest of the suite, with a second pod
+    await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: ifindex(NS.host, 'vpod1') }));
+    await call((c) => c.addPod({ ip: POD2.ip, mac: POD2.mac, hostVethIfindex: ifindex(NS.host, 'vpod2') }));
+    expect(filters('vpod2', 'ingress')).toEqual(['masq']);
+  });
+
+  it('a new pod taking over an IP gets none of the old pod\'s entries', async () => {
+    plantEgress(POD2.ip, '10.244.2.20');
+    plantIngress('192.168.77.2', 20, { local_ip: POD2.ip });
+    // same IP, another MAC: a new pod whose predecessor's DEL was lost
+    const r = await call((c) => c.addPod({ ip: POD2.ip, mac: '0a:58:0a:f4:01:66', hostVethIfindex: ifindex(NS.host, 'vpod2') }));
+    expect(r).toMatchObject({ replaced: true, purged: { egress: 1, ingress: 1 } });
+    await call((c) => c.addPod({ ip: POD2.ip, mac: POD2.mac, hostVethIfindex: ifindex(NS.host, 'vpod2') }));
+  });
+
+  it('drops a pod whose veth disappears without a DEL, with its entries', async () => {
+    const pod3 = { ip: '10.244.1.7', mac: '0a:58:0a:f4:01:07' };
+    makePod(NS.pod3, 'vpod3', pod3);
+    try {
+      await call((c) => c.addPod({ ...pod3, hostVethIfindex: ifindex(NS.host, 'vpod3') }));
+      plantEgress(pod3.ip, '10.244.2.30');
+      ip('netns', 'del', NS.pod3); // takes the veth pair with it
+      await until('the pod to be dropped', () => !hasEgress(pod3.ip, '10.244.2.30'));
+      expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
+      expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: pod3.ip })))).toBeUndefined();
+    } finally {
+      try {
+        ip('netns', 'del', NS.pod3);
+      } catch {
+        // deleted above
+      }
+    }
+  });
+
+  it('policy add/del maintains policy_rules and policy_masks', async () => {
+    const masks = () => withMap('policy_masks', (m) => policyMasks.decode(m.lookup(ZERO)!));
+    const rules = () => withMap('policy_rules', (m) => m.entries().map(([k, v]) => ({ ...policyKey.decode(k), id: policyRule.decode(v).id })));
+    const a = await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.7', dport: 80, proto: 'tcp' }));
+    const m1 = PolicyField.DST_IP | PolicyField.DST_PORT | PolicyField.PROTOCOL;
+    expect(a.rule).toMatchObject({ id: 1, mask: m1 });
+    expect(rules()).toEqual([{ src_ip: '0.0.0.0', dst_ip: '10.244.2.7', src_port: 0, dst_port: 80, protocol: 6, dir: PolicyDir.EGRESS, id: 1 }]);
+    expect(masks().count).toBe(1);
+    expect(masks().mask[0]).toBe(m1);
+    // same mask: still one
+    await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.8', dport: 443, proto: 'tcp', id: 7 }));
+    expect(masks().count).toBe(1);
+    // another mask; the id is the lowest free one
+    expect((await call((c) => c.policyAdd({ dir: 'ingress', src: '10.244.3.3' }))).rule.id).toBe(2);
+    expect(masks().count).toBe(2);
+    expect(masks().mask.slice(0, 2).sort()).toEqual([PolicyField.SRC_IP, m1].sort());
+    // a duplicate match is refused, naming the rule it collides with
+    await expect(call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.7', dport: 80, proto: 6 }))).rejects.toThrow(/#1 deny egress/);
+    await expect(call((c) => c.policyAdd({ dir: 'egress', dport: 99999 }))).rejects.toBeInstanceOf(AgentError);
+    await call((c) => c.policyDel(1));
+    await call((c) => c.policyDel(7));
+    expect(masks().count).toBe(1);
+    expect(masks().mask[0]).toBe(PolicyField.SRC_IP);
+    expect(rules().map((r) => r.id)).toEqual([2]);
+    await expect(call((c) => c.policyDel(1))).rejects.toThrow(/no rule with id 1/);
+    expect((await call((c) => c.policyList())).rules.map((r) => r.id)).toEqual([2]);
+  });
+
+  it('serves /metrics with the summed counters, and /healthz', async () => {
+    const text = metrics();
+    expect(text).toMatch(/^xmasq_packets_total\{counter="masqueraded"\} \d+$/m);
+    expect(text).toMatch(/^xmasq_packets_total\{counter="restore_miss"\} \d+$/m);
+    expect(text).toMatch(/^xmasq_pods 2$/m);
+    expect(text).toMatch(/^xmasq_policy_rules 1$/m);
+    expect(text).toMatch(/^xmasq_mode\{mode="veth"\} 1$/m);
+    expect(text).toMatch(/^xmasq_cache_entries\{cache="egress"\} \d+$/m);
+    expect(metrics('/healthz')).toBe('ok\n');
+  });
+
+  it('expires entries idle longer than the limits, and keeps fresh ones', async () => {
+    const old = monotonicCoarseNs() - 100n * 1_000_000_000n;
+    plantEgress(POD.ip, '10.244.5.1', { last_seen: old });
+    plantEgress(POD.ip, '10.244.5.2');
+    plantIngress('192.168.77.5', 30, { local_ip: POD.ip, last_seen: old });
+    plantIngress('192.168.77.5', 31, { local_ip: POD.ip });
+    await until('the idle entries to expire', () => !hasEgress(POD.ip, '10.244.5.1') && !ingressKeys().some((k) => k.key === 30));
+    expect(hasEgress(POD.ip, '10.244.5.2')).toBe(true);
+    expect(ingressKeys().some((k) => k.key === 31)).toBe(true);
+    const s = (await call((c) => c.status())).status;
+    expect(s.expiry.expired.egress).toBeGreaterThanOrEqual(1);
+    expect(s.expiry.expired.ingress).toBeGreaterThanOrEqual(1);
+  });
+
+  it('the CLI shows status, pods, policy and caches, and says when no agent runs', () => {
+    const st = runCli(['status']);
+    expect(st.code, st.err).toBe(0);
+    expect(st.out).toMatch(/^mode\s+veth/m);
+    expect(st.out).toMatch(/^nic\s+nic0/m);
+    const pods = runCli(['pods']);
+    expect(pods.out).toContain(POD.ip);
+    const dump = runCli(['cache', 'dump', '--egress']);
+    expect(dump.out).toContain('10.244.5.2');
+    expect(dump.out).not.toContain('ingress cache');
+    const offline = runCli(['cache', 'dump', '--ingress', '--pin-dir', PIN, '--json']);
+    expect((JSON.parse(offline.out) as { ingress: unknown[] }).ingress.length).toBeGreaterThan(0);
+    const add = runCli(['policy', 'add', '--dir', 'ingress', '--proto', 'udp', '--dport', '53', '--id', '9']);
+    expect(add.code, add.err).toBe(0);
+    expect(runCli(['policy', 'list']).out).toMatch(/ingress\s+\*\s+\*\s+\*\s+53\s+udp/);
+    expect(runCli(['policy', 'del', '9']).code).toBe(0);
+    expect(runCli(['policy', 'frob']).code).toBe(2);
+  });
+
+  it('the CLI without an agent exits 3 with the fix in the message', () => {
+    try {
+      execFileSync(process.execPath, ['--import', 'tsx', CLI, '--socket', `${TMP}/nope.sock`, 'status'], { cwd: REPO, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+      expect.unreachable('the CLI should have failed');
+    } catch (e) {
+      const x = e as { status: number; stderr: string };
+      expect(x.status).toBe(3);
+      expect(x.stderr).toContain(`no agent at ${TMP}/nope.sock: start xmasq-agent, or pass --socket`);
+    }
+  });
+
+  it('SIGTERM detaches every filter and keeps the pins', async () => {
+    const { code, stderr } = await stopAgent('SIGTERM');
+    expect(code, stderr).toBe(0);
+    expect(filters('nic0', 'egress')).toEqual([]);
+    expect(filters('nic0', 'ingress')).toEqual([]);
+    expect(filters('vpod1', 'ingress')).toEqual([]);
+    expect(filters('vpod2', 'ingress')).toEqual([]);
+    expect(existsSync(`${PIN}/egress_cache`)).toBe(true);
+    expect(existsSync(SOCK)).toBe(false);
+  });
+
+  it('a restart reuses the pins: planted entries survive, live pods are re-attached, vanished ones purged', async () => {
+    plantEgress(POD.ip, '10.244.6.1');
+    plantIngress('192.168.77.6', 40, { local_ip: POD.ip });
+    plantEgress(POD2.ip, '10.244.6.2');
+    plantIngress('192.168.77.6', 41, { local_ip: POD2.ip });
+    // pod 2 goes away while no agent runs
+    ip('-n', NS.host, 'link', 'del', 'vpod2');
+    agent = await startAgent();
+    expect(agent.stderr()).toContain('reused the maps pinned');
+    expect(agent.stderr()).toMatch(/dropped pod 10\.244\.1\.6: its veth vpod2 .* is gone/);
+    expect(hasEgress(POD.ip, '10.244.6.1')).toBe(true);
+    expect(ingressKeys().some((k) => k.key === 40)).toBe(true);
+    expect(hasEgress(POD2.ip, '10.244.6.2')).toBe(false);
+    expect(ingressKeys().some((k) => k.key === 41)).toBe(false);
+    expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    const s = (await call((c) => c.status())).status;
+    expect(s.pinsReused).toBe(true);
+    expect(s.pods).toBe(1);
+    expect(s.policy.rules).toBe(1); // rule 2 came back from policy.json
+    expect(withMap('pod_info', (m) => m.keys().map((k) => podIp.decode(k).ip))).toEqual([POD.ip]);
+  });
+
+  it('a second agent on the same socket is refused and leaves the first one alone', async () => {
+    const r = await startAgent([], false);
+    expect(await r.exited).toBe(1);
+    expect(r.stderr()).toContain('another xmasq-agent already serves');
+    expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect((await call((c) => c.status())).status.pods).toBe(1);
+  });
+
+  it('refuses pins made by another build, saying how to clear them, and keeps their entries', async () => {
+    expect((await stopAgent('SIGINT')).code).toBe(0);
+    const r = await startAgent(['--object', TEST_OBJECT], false);
+    expect(await r.exited).toBe(1);
+    expect(r.stderr()).toContain('does not match');
+    expect(r.stderr()).toContain('xmasq-agent cleanup');
+    expect(filters('nic0', 'egress')).toEqual([]);
+    expect(hasEgress(POD.ip, '10.244.6.1')).toBe(true);
+  });
+
+  it('cleanup removes the pins and state after the agent stops', async () => {
+    const r = await startAgent(['cleanup'], false);
+    expect(await r.exited, r.stderr()).toBe(0);
+    expect(existsSync(PIN)).toBe(false);
+    expect(existsSync(`${STATE}/pods.json`)).toBe(false);
+    expect(filters('vpod1', 'ingress')).toEqual([]);
+  });
+});
+
+describe('xmasq-agent pieces that need no kernel state', () => {
+  it('finds kfuncs in the kernel BTF, and not bpf_redirect_rpeer on a stock kernel', () => {
+    const btf = readFileSync('/sys/kernel/btf/vmlinux');
+    expect(btfHasFunc(btf, 'bpf_dynptr_from_skb')).toBe(true); // a stock kfunc since 6.4
+    expect(btfHasFunc(btf, 'bpf_redirect_rpeer')).toBe(false);
+    expect(btfHasFunc(btf, 'bpf_dynptr_from_sk')).toBe(false); // a prefix of a name is no name
+  });
+
+  it('parses flags over a config file, and names the field, value and fix of a bad one', () => {
+    expect(() => loadConfig(parseArgs(['--scan-interval', '0']))).toThrow('--scan-interval (scanIntervalSeconds) = "0": must be a number of seconds > 0');
+    expect(() => loadConfig(parseArgs(['--metrics-listen', 'localhost']))).toThrow(/metricsListen.*HOST:PORT/);
+    expect(() => loadConfig(parseArgs(['--nic', 'lo']))).toThrow(/set --nic to the underlay device/);
+    expect(() => parseArgs(['--frob'])).toThrow('unknown flag --frob');
+    const c = loadConfig(parseArgs(['cleanup', '--egress-idle', '5', '--metrics-listen', 'off']));
+    expect(c).toMatchObject({ egressIdleSeconds: 5, ingressIdleSeconds: 40, scanIntervalSeconds: 1, metricsListen: 'off', pinDir: '/sys/fs/bpf/xmasq', socket: '/run/xmasq/agent.sock' });
+    expect(parseArgs(['cleanup', '--pin-dir', '/x']).command).toBe('cleanup');
+    expect(parseArgs(['--help']).command).toBe('help');
+  });
+
+  it('normalises rules: 0 and absent both mean any; masks are the distinct field sets', () => {
+    const r = normaliseRule({ dir: 'egress', src: '0.0.0.0', dst: '10.0.0.1', sport: 0, dport: 80, proto: 'TCP' }, () => 3);
+    expect(r).toEqual({ id: 3, dir: 'egress', dst: '10.0.0.1', dport: 80, proto: 6, mask: PolicyField.DST_IP | PolicyField.DST_PORT | PolicyField.PROTOCOL });
+    expect(() => normaliseRule({ dir: 'egress', dport: 80, proto: 'icmp' }, () => 1)).toThrow(/could never match/);
+    expect(() => normaliseRule({ dir: 'out' }, () => 1)).toThrow(/rule.dir = "out"/);
+    expect(() => normaliseRule({ dir: 'egress', dst: '10.0.0.0/8' }, () => 1)).toThrow(/prefixes are not supported/);
+    const all = normaliseRule({ dir: 'ingress' }, () => 1);
+    expect(all.mask).toBe(0);
+    expect(masksOf([r, all, { ...r, id: 4 }])).toEqual([r.mask, 0]);
+  });
+});

@@ -1,0 +1,587 @@
+/**
+ * xmasq-agent: owns the datapath of one host. Loads the programs with their
+ * maps pinned, attaches them at the NIC and at each pod, serves the pod and
+ * policy protocol on a unix socket, expires idle cache entries, and exports
+ * metrics.
+ */
+import type { Server } from 'node:http';
+import { existsSync } from 'node:fs';
+import { macToBytes } from '../layout.ts';
+import { podInfo, podIp } from '../maps.ts';
+import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './caches.ts';
+import { ConfigError, checkObject, type AgentConfig } from './config.ts';
+import { Datapath, describe, unpinAll } from './datapath.ts';
+import type { Log } from './log.ts';
+import { renderMetrics, startHttp } from './metrics.ts';
+import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
+import { withNetns } from '../libbpf.ts';
+import { PolicyTable, describeRule } from './policy.ts';
+import {
+  OPS, PROTOCOL_VERSION, type AgentStatus, type Attachment, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
+  type ReplyMap,
+} from './protocol.ts';
+import { SocketServer } from './server.ts';
+import { StateDir } from './state.ts';
+import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex } from './system.ts';
+
+interface Pod {
+  record: PodRecord;
+  masq?: Attachment;
+}
+
+/** A request the client got wrong: the reply says so, nothing is logged as an agent failure. */
+class RequestError extends Error {}
+
+const isIpv4 = (s: unknown): s is string =>
+  typeof s === 'string' && /^\d{1,3}(\.\d{1,3}){3}$/.test(s) && s.split('.').every((p) => Number(p) <= 255 && String(Number(p)) === p);
+
+export class Agent {
+  private dp: Datapath | undefined;
+  private policy: PolicyTable | undefined;
+  private readonly pods = new Map<string, Pod>();
+  private nic = { name: '', ifindex: 0 };
+  private mode: Mode = 'veth';
+  private modeReason = '';
+  private objectPath = '';
+  private nicFilters: Attachment[] = [];
+  private sock: SocketServer | undefined;
+  private http: Server | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private ready = false;
+  private stopping = false;
+  private readonly state: StateDir;
+  private readonly startedAt = new Date();
+  private readonly stats = {
+    expired: { egress: 0, ingress: 0 },
+    scans: 0,
+    lastScanSeconds: 0,
+    lastScanAt: undefined as string | undefined,
+    requests: Object.fromEntries(OPS.map((o) => [o, 0])) as Record<string, number>,
+  };
+
+  constructor(readonly cfg: AgentConfig, private readonly log: Log) {
+    this.state = new StateDir(cfg.stateDir);
+  }
+
+  // -------------------------------------------------------------------------
+  // start / stop
+  // -------------------------------------------------------------------------
+
+  /** Checks everything it can first; on any failure undoes what it did and throws. */
+  async start(): Promise<void> {
+    const cfg = this.cfg;
+    const cap = capabilityProblem();
+    if (cap) throw new ConfigError(cap);
+    this.nic = resolveNic(cfg);
+    const fsProblem = bpffsProblem(cfg.pinDir);
+    if (fsProblem) throw new ConfigError(fsProblem);
+    const tc = clsactProblem();
+    if (tc) throw new ConfigError(tc);
+    this.decideMode();
+    const storedPods = this.state.readPods(cfg.pinDir);
+    const storedRules = this.state.readPolicy(cfg.pinDir);
+    this.log.info(`nic ${this.nic.name} (ifindex ${this.nic.ifindex}), mode ${this.mode} (${this.modeReason}), pins ${cfg.pinDir}`);
+
+    try {
+      this.sock = await SocketServer.listen(cfg.socket, (line) => this.handleLine(line));
+      if (cfg.metricsListen !== 'off') {
+        this.http = await startHttp(cfg.metricsListen, { metrics: () => this.metrics(), health: () => this.health() });
+      }
+      // From here to the end of the block nothing awaits: no request is served
+      // before the datapath is complete, and a failure undoes all of it.
+      this.startDatapath(storedPods, storedRules);
+    } catch (e) {
+      await this.closeEndpoints();
+      throw e;
+    }
+    this.timer = setInterval(() => this.scan(), cfg.scanIntervalSeconds * 1000);
+    this.ready = true;
+    this.log.info(`ready: ${this.pods.size} pod(s), ${this.policy!.list().length} rule(s); socket ${cfg.socket}${this.http ? `, metrics http://${cfg.metricsListen}/metrics` : ''}`);
+  }
+
+  private decideMode(): void {
+    const cfg = this.cfg;
+    if (cfg.mode === 'veth') {
+      this.mode = 'veth';
+      this.modeReason = 'set by --mode';
+    } else {
+      const k = kernelHasRpeer();
+      if (cfg.mode === 'rpeer') {
+        if (!k.present) throw new ConfigError(`--mode (mode) = "rpeer": ${k.why}; use --mode veth, or auto`);
+        this.mode = 'rpeer';
+        this.modeReason = `set by --mode; ${k.why}`;
+      } else if (k.present && existsSync(cfg.rpeerObject)) {
+        this.mode = 'rpeer';
+        this.modeReason = `auto: ${k.why}`;
+      } else {
+        this.mode = 'veth';
+        this.modeReason = k.present ? `auto: the kernel has bpf_redirect_rpeer but ${cfg.rpeerObject} is missing` : `auto: ${k.why}`;
+      }
+    }
+    this.objectPath = this.mode === 'rpeer' ? cfg.rpeerObject : cfg.object;
+    checkObject(this.mode === 'rpeer' ? 'rpeerObject' : 'object', this.objectPath);
+  }
+
+  private loadDatapath(): Datapath {
+    try {
+      return Datapath.load(this.objectPath, this.mode, this.cfg.pinDir, this.log);
+    } catch (e) {
+      if (this.mode !== 'rpeer' || this.cfg.mode === 'rpeer') throw e;
+      // auto: a kernel that names the kfunc but refuses the program is a stock kernel for us.
+      this.log.warn(`${this.objectPath} did not load (${(e as Error).message.split('\n')[0]}): falling back to veth mode`);
+      this.mode = 'veth';
+      this.modeReason = 'auto: the rpeer object failed to load';
+      this.objectPath = this.cfg.object;
+      checkObject('object', this.objectPath);
+      return Datapath.load(this.objectPath, this.mode, this.cfg.pinDir, this.log);
+    }
+  }
+
+  private startDatapath(storedPods: PodRecord[] | undefined, storedRules: ReturnType<StateDir['readPolicy']>): void {
+    const cfg = this.cfg;
+    const dp = this.loadDatapath();
+    this.dp = dp;
+    const created = dp.reused.length === 0;
+    this.log.info(created
+      ? `created and pinned the maps in ${cfg.pinDir}`
+      : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
+    try {
+      dp.writeConfig(this.nic.ifindex);
+
+      let rules = storedRules;
+      if (rules === undefined) {
+        rules = PolicyTable.readMap(dp.maps.policy_rules);
+        if (rules.length) this.log.warn(`${this.state.policyFile} is missing: adopted the ${rules.length} rule(s) found in the pinned policy_rules`);
+      }
+      this.policy = new PolicyTable(dp.maps.policy_rules, dp.maps.policy_masks, rules);
+      const synced = this.policy.sync();
+      if (synced.removed) this.log.info(`removed ${synced.removed} pinned rule(s) the state file does not hold`);
+      this.state.writePolicy(cfg.pinDir, this.policy.list());
+
+      // restore before init: once init signals keys, the replies must be restorable.
+      this.nicFilters.push(dp.attach('restore', this.nic.name, this.nic.ifindex, 'ingress'));
+      this.nicFilters.push(dp.attach('init', this.nic.name, this.nic.ifindex, 'egress'));
+      this.log.info(`attached restore at ${this.nic.name} ingress and init at ${this.nic.name} egress`);
+
+      this.reconcilePods(storedPods);
+      this.savePods();
+    } catch (e) {
+      const errors = dp.detachAll();
+      for (const err of errors) this.log.error(`while undoing the start: ${err}`);
+      this.nicFilters = [];
+      this.pods.clear();
+      if (created) unpinAll(cfg.pinDir);
+      dp.close();
+      this.dp = undefined;
+      throw e;
+    }
+  }
+
+  /**
+   * The pods of the state file whose veth is still there get their masq back;
+   * the rest are dropped with their cache entries, since their IPs may come
+   * back on other pods. Without a state file, pod_info is the record.
+   */
+  private reconcilePods(stored: PodRecord[] | undefined): void {
+    const dp = this.dp!;
+    const inMap = new Map<string, { ifindex: number; mac: string }>();
+    for (const [k, v] of dp.maps.pod_info.lookupBatch()) inMap.set(podIp.decode(k).ip, podInfo.decode(v));
+    let records = stored;
+    if (records === undefined) {
+      records = [];
+      for (const [ip, info] of inMap) {
+        const name = ifIndexToName(info.ifindex);
+        if (name && this.mode === 'veth') {
+          records.push({ ip, mac: info.mac, hostVethIfindex: info.ifindex, hostVeth: name, addedAt: new Date().toISOString(), attached: false });
+        }
+      }
+      if (records.length) this.log.warn(`${this.state.podsFile} is missing: adopted ${records.length} pod(s) from the pinned pod_info`);
+    }
+    const keep = new Set<string>();
+    for (const r of records) {
+      const gone = this.podGone(r);
+      if (gone) {
+        const purged = this.forgetPod(r.ip);
+        this.log.info(`dropped pod ${r.ip}: ${gone}; purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+        continue;
+      }
+      keep.add(r.ip);
+      const pod: Pod = { record: { ...r, attached: false } };
+      this.pods.set(r.ip, pod);
+      dp.maps.pod_info.update(podIp.encode({ ip: r.ip }), podInfo.encode({ ifindex: r.hostVethIfindex, mac: r.mac }));
+      this.attachMasq(pod);
+    }
+    for (const ip of inMap.keys()) {
+      if (keep.has(ip)) continue;
+      const purged = this.forgetPod(ip);
+      this.log.info(`dropped pod ${ip} found only in the pinned pod_info; purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+    }
+    if (this.pods.size) this.log.info(`re-attached masq for ${this.pods.size} pod(s)`);
+  }
+
+  /** Why the pod no longer exists, or undefined if it does. */
+  private podGone(r: PodRecord): string | undefined {
+    const name = ifIndexToName(r.hostVethIfindex);
+    if (name === undefined) return `its veth ${r.hostVeth} (ifindex ${r.hostVethIfindex}) is gone`;
+    if (name !== r.hostVeth) return `ifindex ${r.hostVethIfindex} is now ${name}, not its veth ${r.hostVeth}`;
+    if (r.netns && !existsSync(r.netns)) return `its netns ${r.netns} is gone`;
+    return undefined;
+  }
+
+  private async closeEndpoints(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    const sock = this.sock;
+    this.sock = undefined;
+    await sock?.close();
+    const http = this.http;
+    this.http = undefined;
+    if (http) {
+      http.closeAllConnections();
+      await new Promise<void>((resolve) => http.close(() => resolve()));
+    }
+  }
+
+  /**
+   * Detaches every filter, closes the endpoints. The maps stay pinned unless
+   * cleanup is asked for, so the next agent resumes every learned flow.
+   */
+  async stop(opts: { cleanup?: boolean } = {}): Promise<{ errors: string[] }> {
+    if (this.stopping) return { errors: [] };
+    this.stopping = true;
+    this.ready = false;
+    await this.closeEndpoints();
+    const errors: string[] = [];
+    const dp = this.dp;
+    if (dp) {
+      const n = dp.list().length;
+      errors.push(...dp.detachAll());
+      this.log.info(`detached ${n - errors.length} filter(s)${errors.length ? `; ${errors.length} failed` : ''}`);
+      dp.close();
+      this.dp = undefined;
+    }
+    if (opts.cleanup ?? this.cfg.cleanupOnExit) {
+      const { removed, leftover } = unpinAll(this.cfg.pinDir);
+      const files = this.state.remove();
+      this.log.info(`cleanup: removed ${removed.length} pin(s) and ${files.length} state file(s)${leftover.length ? `; ${this.cfg.pinDir} still holds ${leftover.join(', ')}` : ''}`);
+    } else {
+      this.log.info(`maps stay pinned in ${this.cfg.pinDir}: a restart resumes every cached flow`);
+    }
+    for (const e of errors) this.log.error(e);
+    return { errors };
+  }
+
+  // -------------------------------------------------------------------------
+  // pods
+  // -------------------------------------------------------------------------
+
+  private attachMasq(pod: Pod): void {
+    const dp = this.dp!;
+    const r = pod.record;
+    if (this.mode === 'veth') {
+      pod.masq = dp.attach('masq', r.hostVeth, r.hostVethIfindex, 'ingress');
+    } else {
+      const ifname = r.ifname ?? 'eth0';
+      const idx = withNetns(r.netns!, () => ifNameToIndex(ifname));
+      if (!idx) throw new RequestError(`pod ${r.ip}: no device ${ifname} in netns ${r.netns}; set pod.ifname`);
+      pod.masq = dp.attach('masq_rpeer', ifname, idx, 'egress', r.netns);
+    }
+    r.attached = true;
+  }
+
+  /** Removes the pod's pod_info entry, then every cache entry that serves it. */
+  private forgetPod(ip: string): Purged {
+    const m = this.dp!.maps;
+    m.pod_info.delete(podIp.encode({ ip }));
+    return purgePod(m.egress_cache, m.ingress_cache, ip);
+  }
+
+  private savePods(): void {
+    this.state.writePods(this.cfg.pinDir, [...this.pods.values()].map((p) => p.record));
+  }
+
+  private validatePod(spec: unknown): PodSpec & { hostVeth: string } {
+    if (!spec || typeof spec !== 'object' || Array.isArray(spec)) throw new RequestError('"pod" must be an object like {"ip":"10.244.1.5","mac":"0a:58:0a:f4:01:05","hostVethIfindex":7}');
+    const s = spec as Record<string, unknown>;
+    for (const k of Object.keys(s)) {
+      if (!['ip', 'mac', 'hostVethIfindex', 'netns', 'ifname'].includes(k)) throw new RequestError(`pod.${k} is not a field; the fields are ip, mac, hostVethIfindex, netns, ifname`);
+    }
+    if (!isIpv4(s.ip) || s.ip === '0.0.0.0') throw new RequestError(`pod.ip = ${JSON.stringify(s.ip)}: must be the pod's IPv4 address, like 10.244.1.5`);
+    try {
+      macToBytes(String(s.mac), Buffer.alloc(6), 0);
+    } catch {
+      throw new RequestError(`pod.mac = ${JSON.stringify(s.mac)}: must be the MAC of the pod's eth0, like 0a:58:0a:f4:01:05`);
+    }
+    const mac = String(s.mac).toLowerCase();
+    const idx = s.hostVethIfindex;
+    if (!Number.isInteger(idx) || (idx as number) <= 0) throw new RequestError(`pod.hostVethIfindex = ${JSON.stringify(idx)}: must be the ifindex (a positive integer) of the pod's veth end in the host netns`);
+    const hostVeth = ifIndexToName(idx as number);
+    if (!hostVeth) throw new RequestError(`pod.hostVethIfindex = ${idx}: no such device in the agent's network namespace; pass the ifindex of the pod's veth end on the host side ('ip -o link')`);
+    if (idx === this.nic.ifindex) throw new RequestError(`pod.hostVethIfindex = ${idx} is the NIC ${this.nic.name}, not a pod's veth`);
+    const kind = linkByIndex(idx as number)?.linkinfo?.info_kind;
+    if (kind !== 'veth') throw new RequestError(`pod.hostVethIfindex = ${idx} is ${hostVeth}, a ${kind ?? 'plain'} device, not a veth: pass the host end of the pod's veth pair`);
+    if (s.netns !== undefined && (typeof s.netns !== 'string' || !s.netns.startsWith('/') || !existsSync(s.netns))) {
+      throw new RequestError(`pod.netns = ${JSON.stringify(s.netns)}: must be the path of the pod's network namespace (e.g. /run/netns/<name> or /proc/<pid>/ns/net), and exist`);
+    }
+    if (this.mode === 'rpeer' && s.netns === undefined) throw new RequestError('pod.netns is required in rpeer mode: masq is attached at the pod\'s eth0, inside its namespace');
+    if (s.ifname !== undefined && (typeof s.ifname !== 'string' || !/^[^\s/:]{1,15}$/.test(s.ifname))) throw new RequestError(`pod.ifname = ${JSON.stringify(s.ifname)}: must be an interface name like eth0`);
+    return {
+      ip: s.ip, mac, hostVethIfindex: idx as number, hostVeth,
+      ...(s.netns !== undefined ? { netns: s.netns as string } : {}),
+      ...(s.ifname !== undefined ? { ifname: s.ifname as string } : {}),
+    };
+  }
+
+  private addPod(spec: unknown): ReplyMap['add'] {
+    const dp = this.dp!;
+    const p = this.validatePod(spec);
+    const old = this.pods.get(p.ip);
+    // A pod is its veth and its MAC; the netns path may be spelt differently
+    // by different callers (/run/netns/x, /proc/<pid>/ns/net) for the same pod.
+    const same = old && old.record.mac === p.mac && old.record.hostVethIfindex === p.hostVethIfindex && old.record.hostVeth === p.hostVeth;
+    const sameAttach = same && old.record.ifname === (p.ifname ?? old.record.ifname) && (this.mode === 'veth' || old.record.netns === (p.netns ?? old.record.netns));
+    if (sameAttach && old.masq && dp.isAttached(old.masq)) return { pod: { ...old.record }, replaced: false, purged: { egress: 0, ingress: 0 } };
+    if (!old && this.pods.size >= dp.maps.pod_info.maxEntries) {
+      throw new RequestError(`pod_info is full (${dp.maps.pod_info.maxEntries} pods): this host serves as many pods as the datapath holds`);
+    }
+    let purged: Purged = { egress: 0, ingress: 0 };
+    if (!same) {
+      // A new pod on this IP (or a pod whose DEL we never saw): nothing the
+      // old one learned may serve it.
+      if (old?.masq) dp.detach(old.masq);
+      this.pods.delete(p.ip);
+      purged = this.forgetPod(p.ip);
+    }
+    const pod: Pod = {
+      record: same
+        ? { ...old.record, ...p, attached: false }
+        : { ...p, addedAt: new Date().toISOString(), attached: false },
+    };
+    const key = podIp.encode({ ip: p.ip });
+    dp.maps.pod_info.update(key, podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac }));
+    try {
+      this.attachMasq(pod);
+      // The same pod: attachMasq replaced its filter in place, so the old record describes nothing.
+      if (old?.masq && same) dp.forget(old.masq);
+      this.pods.set(p.ip, pod);
+      this.savePods();
+    } catch (e) {
+      if (pod.masq) dp.detach(pod.masq);
+      if (old?.masq && same) dp.detach(old.masq);
+      this.pods.delete(p.ip);
+      dp.maps.pod_info.delete(key);
+      throw e;
+    }
+    this.log.info(`pod ${p.ip} added: ${p.mac} on ${p.hostVeth} (ifindex ${p.hostVethIfindex})${old && !same ? ', replacing the pod that held this IP' : ''}${purged.egress + purged.ingress ? `; purged ${purged.egress} egress and ${purged.ingress} ingress entries` : ''}`);
+    return { pod: { ...pod.record }, replaced: !!old && !same, purged };
+  }
+
+  private delPod(ip: unknown): ReplyMap['del'] {
+    if (!isIpv4(ip)) throw new RequestError(`"ip" = ${JSON.stringify(ip)}: must be the pod's IPv4 address`);
+    const pod = this.pods.get(ip);
+    const detached = pod?.masq ? this.dp!.detach(pod.masq) : false;
+    const purged = this.forgetPod(ip);
+    if (pod) {
+      this.pods.delete(ip);
+      this.savePods();
+    }
+    this.log.info(`pod ${ip} deleted${pod ? '' : ' (unknown to the agent)'}: purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+    return { known: !!pod, detached, purged };
+  }
+
+  /** Pods whose veth vanished without a DEL are dropped like a DEL would. */
+  private collectGonePods(): void {
+    for (const pod of [...this.pods.values()]) {
+      const gone = this.podGone(pod.record);
+      if (!gone) continue;
+      const dp = this.dp!;
+      if (pod.masq) dp.detach(pod.masq);
+      this.pods.delete(pod.record.ip);
+      const purged = this.forgetPod(pod.record.ip);
+      this.savePods();
+      this.log.info(`dropped pod ${pod.record.ip}: ${gone} (no DEL came); purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+    }
+  }
+
+  // -------------------------------------------------------------------------
+  // expiry
+  // -------------------------------------------------------------------------
+
+  private scan(): void {
+    if (!this.ready || !this.dp) return;
+    const t0 = process.hrtime.bigint();
+    try {
+      const m = this.dp.maps;
+      const r = expire(m.egress_cache, m.ingress_cache, monotonicCoarseNs(),
+        BigInt(Math.round(this.cfg.egressIdleSeconds * 1e9)), BigInt(Math.round(this.cfg.ingressIdleSeconds * 1e9)));
+      this.stats.expired.egress += r.egress.deleted;
+      this.stats.expired.ingress += r.ingress.deleted;
+      if (r.egress.deleted || r.ingress.deleted) {
+        this.log.debug(`expired ${r.egress.deleted} egress and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left)`);
+      }
+      this.collectGonePods();
+    } catch (e) {
+      this.log.warn(`expiry scan failed: ${(e as Error).message}`);
+    }
+    this.stats.scans++;
+    this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
+    this.stats.lastScanAt = new Date().toISOString();
+  }
+
+  // -------------------------------------------------------------------------
+  // requests
+  // -------------------------------------------------------------------------
+
+  /** One request line in, one reply line out. Never throws. */
+  handleLine(line: string): string {
+    let req: Record<string, unknown>;
+    try {
+      const v = JSON.parse(line) as unknown;
+      if (!v || typeof v !== 'object' || Array.isArray(v)) throw new Error('not an object');
+      req = v as Record<string, unknown>;
+    } catch {
+      return JSON.stringify({ ok: false, error: `not a JSON object: ${line.slice(0, 100)}; send one object per line like {"op":"status"}` });
+    }
+    const seq = req.seq !== undefined ? { seq: req.seq } : {};
+    try {
+      const body = this.handle(req);
+      return JSON.stringify({ ok: true, ...seq, ...body }, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v));
+    } catch (e) {
+      if (!(e instanceof RequestError)) this.log.error(`${String(req.op)} failed: ${(e as Error).message}`);
+      return JSON.stringify({ ok: false, ...seq, error: (e as Error).message });
+    }
+  }
+
+  private handle(req: Record<string, unknown>): object {
+    const op = req.op as Op;
+    if (!OPS.includes(op)) throw new RequestError(`unknown op ${JSON.stringify(req.op)}; the ops are ${OPS.join(', ')}`);
+    if (!this.ready || !this.dp) throw new RequestError(this.stopping ? 'the agent is shutting down' : 'the agent is still starting: retry in a moment');
+    this.stats.requests[op]++;
+    switch (op) {
+      case 'add': return this.addPod(req.pod);
+      case 'del': return this.delPod(req.ip);
+      case 'list': return { pods: this.podList() } satisfies ReplyMap['list'];
+      case 'status': return { status: this.status() } satisfies ReplyMap['status'];
+      case 'policy-add': {
+        const rule = this.policyChange(() => this.policy!.add(req.rule));
+        this.log.info(`policy: added ${describeRule(rule)}`);
+        return { rule, masks: this.policy!.masks() } satisfies ReplyMap['policy-add'];
+      }
+      case 'policy-del': {
+        if (!Number.isInteger(req.id)) throw new RequestError(`"id" = ${JSON.stringify(req.id)}: must be the id of a rule (see policy-list)`);
+        const rule = this.policyChange(() => this.policy!.remove(req.id as number));
+        this.log.info(`policy: deleted ${describeRule(rule)}`);
+        return { rule, masks: this.policy!.masks() } satisfies ReplyMap['policy-del'];
+      }
+      case 'policy-list': return { rules: this.policy!.list(), masks: this.policy!.masks() } satisfies ReplyMap['policy-list'];
+      case 'cache-dump': {
+        const which = req.cache ?? 'both';
+        if (which !== 'egress' && which !== 'ingress' && which !== 'both') throw new RequestError(`"cache" = ${JSON.stringify(which)}: must be egress, ingress or both`);
+        const now = monotonicCoarseNs();
+        const m = this.dp.maps;
+        return {
+          now: now.toString(),
+          ...(which !== 'ingress' ? { egress: dumpEgress(m.egress_cache, now) } : {}),
+          ...(which !== 'egress' ? { ingress: dumpIngress(m.ingress_cache, now) } : {}),
+        } satisfies ReplyMap['cache-dump'];
+      }
+    }
+  }
+
+  /** Runs a policy change and persists it; the client's mistakes come back as RequestError. */
+  private policyChange<T>(fn: () => T): T {
+    let r: T;
+    try {
+      r = fn();
+    } catch (e) {
+      throw new RequestError((e as Error).message);
+    }
+    this.state.writePolicy(this.cfg.pinDir, this.policy!.list());
+    return r;
+  }
+
+  private podList(): PodRecord[] {
+    return [...this.pods.values()].map((p) => ({ ...p.record })).sort((a, b) => ipOrder(a.ip) - ipOrder(b.ip));
+  }
+
+  status(): AgentStatus {
+    const dp = this.dp!;
+    const cfg = this.cfg;
+    return {
+      version: PROTOCOL_VERSION,
+      pid: process.pid,
+      mode: this.mode,
+      modeReason: this.modeReason,
+      nic: this.nic.name,
+      nicIfindex: this.nic.ifindex,
+      pinDir: cfg.pinDir,
+      object: this.objectPath,
+      socket: cfg.socket,
+      stateDir: cfg.stateDir,
+      metricsListen: cfg.metricsListen,
+      startedAt: this.startedAt.toISOString(),
+      pinsReused: dp.reused.length > 0,
+      pods: this.pods.size,
+      caches: {
+        egress: { entries: countEntries(dp.maps.egress_cache), capacity: dp.maps.egress_cache.maxEntries },
+        ingress: { entries: countEntries(dp.maps.ingress_cache), capacity: dp.maps.ingress_cache.maxEntries },
+      },
+      policy: { rules: this.policy!.list().length, masks: this.policy!.masks() },
+      counters: dp.counters(),
+      expiry: {
+        egressIdleSeconds: cfg.egressIdleSeconds,
+        ingressIdleSeconds: cfg.ingressIdleSeconds,
+        scanIntervalSeconds: cfg.scanIntervalSeconds,
+        expired: { ...this.stats.expired },
+        ...(this.stats.lastScanAt ? { lastScanAt: this.stats.lastScanAt } : {}),
+      },
+      attachments: dp.list(),
+    };
+  }
+
+  private metrics(): string {
+    if (!this.dp) return '';
+    const s = this.status();
+    return renderMetrics({
+      mode: s.mode,
+      nic: s.nic,
+      counters: s.counters,
+      caches: s.caches,
+      pods: s.pods,
+      podsAttached: [...this.pods.values()].filter((p) => p.masq).length,
+      policyRules: s.policy.rules,
+      policyMasks: s.policy.masks.length,
+      expired: s.expiry.expired,
+      lastScanSeconds: this.stats.lastScanSeconds,
+      scans: this.stats.scans,
+      startTimeSeconds: Math.floor(this.startedAt.getTime() / 1000),
+      requests: this.stats.requests,
+    });
+  }
+
+  private health(): string[] {
+    if (!this.ready || !this.dp) return ['not ready'];
+    const problems: string[] = [];
+    for (const a of this.nicFilters) {
+      if (!this.dp.isAttached(a)) problems.push(`${a.program} is no longer attached at ${describe(a)}`);
+    }
+    return problems;
+  }
+}
+
+function ipOrder(ip: string): number {
+  return ip.split('.').reduce((n, p) => n * 256 + Number(p), 0);
+}
+
+/** The NIC by name (or the default one), checked in this network namespace. */
+export function resolveNic(cfg: Pick<AgentConfig, 'nic'>): { name: string; ifindex: number } {
+  let name = cfg.nic;
+  if (name === undefined) {
+    const d = defaultNic();
+    if (!d.nic) throw new ConfigError(d.problem!);
+    name = d.nic;
+  }
+  const ifindex = ifNameToIndex(name);
+  if (!ifindex) throw new ConfigError(`nic "${name}" not found in this network namespace; set --nic or check 'ip link'`);
+  return { name, ifindex };
+}

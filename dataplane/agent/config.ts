@@ -1,0 +1,230 @@
+/**
+ * xmasq-agent's configuration: a JSON file and/or flags (flags win), checked
+ * completely before the agent touches the kernel.
+ */
+import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { DEFAULT_SOCKET } from './protocol.ts';
+
+export type ModeSetting = 'auto' | 'veth' | 'rpeer';
+
+export interface AgentConfig {
+  /** undefined: the default route's device, or the only non-lo device with IPv4. */
+  nic: string | undefined;
+  pinDir: string;
+  object: string;
+  rpeerObject: string;
+  mode: ModeSetting;
+  socket: string;
+  stateDir: string;
+  /** host:port, or 'off'. */
+  metricsListen: string;
+  egressIdleSeconds: number;
+  ingressIdleSeconds: number;
+  scanIntervalSeconds: number;
+  /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
+  cleanupOnExit: boolean;
+  verbose: boolean;
+}
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'ConfigError';
+  }
+}
+
+const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
+
+type Kind = 'string' | 'path' | 'seconds' | 'bool' | 'mode';
+interface FieldDef {
+  key: keyof AgentConfig;
+  flag: string;
+  kind: Kind;
+  arg?: string;
+  def: AgentConfig[keyof AgentConfig];
+  help: string;
+}
+
+export const FIELDS: readonly FieldDef[] = [
+  { key: 'nic', flag: '--nic', kind: 'string', arg: 'DEV', def: undefined, help: 'the underlay NIC (default: the default route\'s device, or the only non-lo device with an IPv4 address)' },
+  { key: 'pinDir', flag: '--pin-dir', kind: 'path', arg: 'DIR', def: '/sys/fs/bpf/xmasq', help: 'where the maps are pinned, on bpffs' },
+  { key: 'object', flag: '--object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.bpf.o`, help: 'the datapath object (veth mode)' },
+  { key: 'rpeerObject', flag: '--rpeer-object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.rpeer.bpf.o`, help: 'the datapath object for kernels with bpf_redirect_rpeer' },
+  { key: 'mode', flag: '--mode', kind: 'mode', arg: 'auto|veth|rpeer', def: 'auto', help: 'where masq runs: rpeer (pod eth0 egress, needs the kfunc) or veth (host veth ingress); auto picks rpeer when the kernel has it' },
+  { key: 'socket', flag: '--socket', kind: 'path', arg: 'PATH', def: DEFAULT_SOCKET, help: 'the unix socket of the pod/policy protocol' },
+  { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
+  { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
+  { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted' },
+  { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted' },
+  { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
+  { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
+  { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
+];
+
+export interface ParsedArgs {
+  command: 'run' | 'cleanup' | 'help';
+  configFile?: string;
+  /** Flag values, still raw strings/booleans, by config key. */
+  flags: Partial<Record<keyof AgentConfig, string | boolean>>;
+}
+
+export const USAGE = `usage: xmasq-agent [run] [--config FILE] [flags]     run the agent (in the host's network namespace)
+       xmasq-agent cleanup [--config FILE] [flags]   detach leftovers of a dead agent, remove its pins and state
+       xmasq-agent --help
+
+Run it inside the host network namespace it serves, e.g.
+  nsenter --net=/run/netns/<host> npx tsx dataplane/agent/main.ts --config /etc/xmasq/agent.json
+
+flags (JSON config keys in parentheses; flags override the file):
+  --config FILE                   a JSON object with any of the keys below
+${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.def}` : ''})`).join('\n')}
+  --help                          this text
+
+signals: SIGTERM/SIGINT detach every filter and exit, keeping the pinned maps so that
+a restart resumes every learned flow.`;
+
+export function parseArgs(argv: readonly string[]): ParsedArgs {
+  const out: ParsedArgs = { command: 'run', flags: {} };
+  let help = false;
+  let command: string | undefined;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    if (a === '--help' || a === '-h') {
+      help = true;
+      continue;
+    }
+    if (!a.startsWith('-') && command === undefined && (a === 'run' || a === 'cleanup' || a === 'help')) {
+      command = a;
+      out.command = a;
+      continue;
+    }
+    const eq = a.indexOf('=');
+    const name = a.startsWith('--') && eq > 0 ? a.slice(0, eq) : a;
+    const inline = a.startsWith('--') && eq > 0 ? a.slice(eq + 1) : undefined;
+    const takeValue = (): string => {
+      if (inline !== undefined) return inline;
+      const v = argv[i + 1];
+      if (v === undefined || (v.startsWith('--') && v.length > 2)) throw new ConfigError(`${name} needs a value; see --help`);
+      i++;
+      return v;
+    };
+    if (name === '--config') {
+      out.configFile = takeValue();
+      continue;
+    }
+    const f = FIELDS.find((x) => x.flag === name);
+    if (!f) {
+      throw new ConfigError(a.startsWith('-')
+        ? `unknown flag ${name}; see xmasq-agent --help`
+        : `unexpected argument "${a}": the commands are run and cleanup; see xmasq-agent --help`);
+    }
+    if (f.kind === 'bool') {
+      if (inline !== undefined && !['true', 'false'].includes(inline)) throw new ConfigError(`${name}=${inline}: use ${name} or ${name}=false`);
+      out.flags[f.key] = inline === undefined ? true : inline === 'true';
+    } else {
+      out.flags[f.key] = takeValue();
+    }
+  }
+  if (help) out.command = 'help';
+  return out;
+}
+
+function fail(f: FieldDef, value: unknown, fix: string): never {
+  throw new ConfigError(`${f.flag} (${f.key}) = ${JSON.stringify(value)}: ${fix}`);
+}
+
+function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): AgentConfig[keyof AgentConfig] {
+  switch (f.kind) {
+    case 'bool':
+      if (typeof raw === 'boolean') return raw;
+      return fail(f, raw, 'must be true or false');
+    case 'mode':
+      if (raw === 'auto' || raw === 'veth' || raw === 'rpeer') return raw;
+      return fail(f, raw, 'must be auto, veth or rpeer');
+    case 'seconds': {
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN;
+      if (!Number.isFinite(n) || n <= 0) return fail(f, raw, `must be a number of seconds > 0, e.g. ${f.flag} ${f.def}`);
+      if (f.key === 'scanIntervalSeconds' && n < 0.05) return fail(f, raw, 'must be at least 0.05 s: a tighter loop only burns CPU');
+      return n;
+    }
+    case 'path': {
+      if (typeof raw !== 'string' || raw === '') return fail(f, raw, `must be a non-empty path${fromFile ? ' string' : ''}`);
+      return isAbsolute(raw) ? resolve(raw) : resolve(base, raw);
+    }
+    case 'string':
+      if (typeof raw !== 'string' || raw === '') return fail(f, raw, 'must be a non-empty string');
+      return raw;
+  }
+}
+
+/** Merges defaults < file < flags and checks every field that can be checked without the kernel. */
+export function loadConfig(args: ParsedArgs): AgentConfig {
+  const cfg = Object.fromEntries(FIELDS.map((f) => [f.key, f.def])) as unknown as Record<keyof AgentConfig, unknown>;
+  if (args.configFile) {
+    const file = resolve(args.configFile);
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (e) {
+      throw new ConfigError(`--config ${JSON.stringify(args.configFile)}: cannot read it (${(e as NodeJS.ErrnoException).code ?? (e as Error).message}); check the path`);
+    }
+    let obj: unknown;
+    try {
+      obj = JSON.parse(text);
+    } catch (e) {
+      throw new ConfigError(`--config ${file}: not valid JSON (${(e as Error).message}); fix the file`);
+    }
+    if (!obj || typeof obj !== 'object' || Array.isArray(obj)) throw new ConfigError(`--config ${file}: must hold a JSON object like {"nic":"eth0"}`);
+    for (const [k, v] of Object.entries(obj)) {
+      const f = FIELDS.find((x) => x.key === k);
+      if (!f) throw new ConfigError(`--config ${file}: unknown field "${k}"; the fields are ${FIELDS.map((x) => x.key).join(', ')}`);
+      if (v === null && f.key === 'nic') {
+        cfg.nic = undefined;
+        continue;
+      }
+      cfg[f.key] = coerce(f, v, dirname(file), true);
+    }
+  }
+  for (const [k, v] of Object.entries(args.flags)) {
+    const f = FIELDS.find((x) => x.key === k)!;
+    cfg[f.key] = coerce(f, v, process.cwd(), false);
+  }
+  const c = cfg as unknown as AgentConfig;
+  validate(c);
+  return c;
+}
+
+const field = (key: keyof AgentConfig) => FIELDS.find((f) => f.key === key)!;
+
+function validate(c: AgentConfig): void {
+  if (c.nic !== undefined) {
+    if (!/^[^\s/:]{1,15}$/.test(c.nic) || c.nic === '.' || c.nic === '..') fail(field('nic'), c.nic, 'is not a valid interface name (1-15 characters, no spaces, / or :)');
+    if (c.nic === 'lo') fail(field('nic'), c.nic, 'the loopback device carries no overlay traffic; set --nic to the underlay device');
+  }
+  if (c.metricsListen !== 'off') parseListen(c.metricsListen);
+  // sun_path is 108 bytes with its NUL.
+  if (Buffer.byteLength(c.socket) > 107) fail(field('socket'), c.socket, 'is longer than a unix socket path may be (107 bytes); choose a shorter path');
+  if (existsSync(c.socket) && !statSync(c.socket).isSocket()) fail(field('socket'), c.socket, 'exists and is not a socket; remove it or choose another path');
+  if (existsSync(c.stateDir) && !statSync(c.stateDir).isDirectory()) fail(field('stateDir'), c.stateDir, 'exists and is not a directory');
+  if (existsSync(c.pinDir) && !statSync(c.pinDir).isDirectory()) fail(field('pinDir'), c.pinDir, 'exists and is not a directory');
+  if (c.pinDir === '/sys/fs/bpf' || c.pinDir === '/') fail(field('pinDir'), c.pinDir, 'must be a directory of its own (e.g. /sys/fs/bpf/xmasq): cleanup removes everything xmasq pinned in it');
+}
+
+/** Checks an object path when the mode that needs it is chosen. */
+export function checkObject(key: 'object' | 'rpeerObject', path: string): void {
+  try {
+    accessSync(path, constants.R_OK);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    fail(field(key), path, code === 'ENOENT' ? "no such file: build it with 'make -C bpf' or point the flag at it" : `cannot read it (${code})`);
+  }
+}
+
+export function parseListen(s: string): { host: string; port: number } {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([^:[\]]+)):(\d{1,5})$/.exec(s);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || !(port >= 1 && port <= 65535)) fail(field('metricsListen'), s, 'must be HOST:PORT (e.g. 127.0.0.1:9477, [::1]:9477) or off');
+  return { host: m[1] ?? m[2], port };
+}

@@ -1,0 +1,257 @@
+/**
+ * The kernel side of the agent: the object loaded with its maps pinned (or
+ * reused from their pins), and the TC filters it attached, so that every one
+ * of them can be taken off again.
+ */
+import { existsSync, mkdirSync, readdirSync, rmdirSync, unlinkSync } from 'node:fs';
+import { join } from 'node:path';
+import { BpfMap, BpfObject, LibbpfError, tcAttach, tcDetach, tcQuery, withNetns, type TcHookPoint } from '../libbpf.ts';
+import { COUNTER_COUNT, COUNTER_NAMES, MAPS, MAX_ENTRIES, arrayIndex, config, counterValue, type CounterName } from '../maps.ts';
+import type { Log } from './log.ts';
+import type { Attachment, Mode } from './protocol.ts';
+
+/**
+ * Every filter of ours sits at this handle ('XM') and priority, so the agent
+ * (or `cleanup` after a crash) finds exactly its own filters and never
+ * touches another tool's.
+ */
+export const TC_HANDLE = 0x584d;
+export const TC_PRIORITY = 1;
+
+/** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
+export const PINNED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters'] as const;
+export type PinnedMap = (typeof PINNED_MAPS)[number];
+
+const ZERO = arrayIndex.encode({ index: 0 });
+
+export class Datapath {
+  private readonly attachments: Attachment[] = [];
+
+  private constructor(
+    private readonly obj: BpfObject,
+    readonly mode: Mode,
+    readonly pinDir: string,
+    readonly maps: Record<PinnedMap, BpfMap>,
+    /** Maps found pinned and reused; the rest were created and pinned now. */
+    readonly reused: PinnedMap[],
+    private readonly log: Log,
+  ) {}
+
+  /**
+   * Opens and loads the object with every map's pin path set: libbpf reuses
+   * each map already pinned there, keeping its entries, and creates and pins
+   * the others. A failed load unpins what it pinned, so nothing is left half made.
+   */
+  static load(objectPath: string, mode: Mode, pinDir: string, log: Log): Datapath {
+    const existed = PINNED_MAPS.filter((m) => existsSync(join(pinDir, m)));
+    const madeDir = !existsSync(pinDir);
+    mkdirSync(pinDir, { recursive: true, mode: 0o700 });
+    let obj: BpfObject | undefined;
+    try {
+      obj = BpfObject.open(objectPath);
+      const programs = obj.programs();
+      const need = ['init', 'restore', mode === 'rpeer' ? 'masq_rpeer' : 'masq'];
+      const missing = need.filter((p) => !programs.includes(p));
+      if (missing.length) throw new Error(`${objectPath} has no program ${missing.join(', ')} (it has ${programs.join(', ')}): ${mode === 'rpeer' ? 'point --rpeer-object at xmasq.rpeer.bpf.o' : 'point --object at xmasq.bpf.o'}`);
+      const maps = obj.maps();
+      const absent = PINNED_MAPS.filter((m) => !maps.includes(m));
+      if (absent.length) throw new Error(`${objectPath} has no map ${absent.join(', ')}: it is not an XMasq datapath object of this version`);
+      for (const m of PINNED_MAPS) obj.map(m).setPinPath(join(pinDir, m));
+      try {
+        obj.load();
+      } catch (e) {
+        const log = e instanceof LibbpfError ? e.log : '';
+        const bad = /couldn't reuse pinned map at '([^']+)'/.exec(log)?.[1];
+        if (bad) {
+          throw new Error(`the map pinned at ${bad} does not match ${objectPath} (another build, or other map sizes): remove the old pins with 'xmasq-agent cleanup --pin-dir ${pinDir}' (cached flows fall back to the overlay and relearn)\n${(e as Error).message}`);
+        }
+        throw e;
+      }
+      const m = Object.fromEntries(PINNED_MAPS.map((n) => [n, obj!.map(n)])) as Record<PinnedMap, BpfMap>;
+      for (const n of PINNED_MAPS) {
+        if (!m[n].isPinned) throw new Error(`libbpf did not pin map ${n} at ${join(pinDir, n)}`);
+      }
+      if (m.pod_info.maxEntries === MAX_ENTRIES.test.pods) {
+        log.warn(`${objectPath} is the test build (pod_info holds ${MAX_ENTRIES.test.pods} pods): use bpf/build/xmasq.bpf.o in production`);
+      }
+      return new Datapath(obj, mode, pinDir, m, existed, log);
+    } catch (e) {
+      obj?.close();
+      if (madeDir) {
+        try {
+          rmdirSync(pinDir);
+        } catch {
+          // libbpf left something we did not expect; cleanup will list it
+        }
+      }
+      throw e;
+    }
+  }
+
+  /** Points masq at the NIC; flags are kept as they are. */
+  writeConfig(nicIfindex: number): void {
+    const old = this.maps.config.lookup(ZERO);
+    const flags = old ? config.decode(old).flags : 0;
+    this.maps.config.update(ZERO, config.encode({ nic_ifindex: nicIfindex, flags }));
+  }
+
+  counters(): Record<string, number> {
+    const out: Record<string, number> = {};
+    for (let i = 0; i < COUNTER_COUNT; i++) {
+      const per = this.maps.counters.lookupPerCpu(arrayIndex.encode({ index: i })) ?? [];
+      let sum = 0n;
+      for (const v of per) sum += counterValue.decode(v).value;
+      out[(COUNTER_NAMES[i] as CounterName).toLowerCase()] = Number(sum);
+    }
+    return out;
+  }
+
+  list(): Attachment[] {
+    return this.attachments.map((a) => ({ ...a }));
+  }
+
+  /**
+   * Attaches program at ifindex (inside netns when given), replacing a filter
+   * of ours left there by an earlier agent: a restart swaps programs without
+   * a moment where packets pass unhandled.
+   */
+  attach(program: string, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
+    const prog = this.obj.program(program);
+    const doIt = () => tcAttach(ifindex, where, prog, { handle: TC_HANDLE, priority: TC_PRIORITY, replace: true });
+    let r: ReturnType<typeof doIt>;
+    try {
+      r = netns ? withNetns(netns, doIt) : doIt();
+    } catch (e) {
+      const at = describe({ dev, ifindex, where, netns });
+      // The kernel keeps one classifier kind per priority: EINVAL here is
+      // nearly always someone else's non-BPF filter at our priority.
+      const hint = e instanceof LibbpfError && e.code === 'EINVAL'
+        ? `\nanother kind of filter may hold priority ${TC_PRIORITY} there: see '${netns ? `nsenter --net=${netns} ` : ''}tc filter show dev ${dev} ${where}'`
+        : '';
+      throw new Error(`cannot attach ${program} at ${at}: ${(e as Error).message}${hint}`);
+    }
+    const a: Attachment = { program, dev, ifindex, where, progId: r.progId, ...(netns ? { netns } : {}) };
+    this.attachments.push(a);
+    this.log.debug(`attached ${program} at ${describe(a)} (prog id ${r.progId})`);
+    return a;
+  }
+
+  /**
+   * Takes a filter off, if it is still the one we attached: a device that
+   * disappeared took its filters along, and a filter some other agent put in
+   * our place is not ours to remove. Returns whether a filter was removed.
+   */
+  detach(a: Attachment): boolean {
+    const i = this.attachments.indexOf(a);
+    if (i >= 0) this.attachments.splice(i, 1);
+    const doIt = (): boolean => {
+      let id: number | undefined;
+      try {
+        id = tcQuery(a.ifindex, a.where, TC_HANDLE, TC_PRIORITY);
+      } catch (e) {
+        if (e instanceof LibbpfError && e.code === 'ENODEV') return false;
+        throw e;
+      }
+      if (id === undefined) return false;
+      if (id !== a.progId) {
+        this.log.warn(`${describe(a)} holds program id ${id}, not our ${a.progId}: left alone`);
+        return false;
+      }
+      tcDetach(a.ifindex, a.where, TC_HANDLE, TC_PRIORITY);
+      return true;
+    };
+    if (a.netns && !existsSync(a.netns)) return false; // the pod's namespace is gone, and its filters with it
+    const removed = a.netns ? withNetns(a.netns, doIt) : doIt();
+    if (removed) this.log.debug(`detached ${a.program} from ${describe(a)}`);
+    return removed;
+  }
+
+  /** Drops a record without touching the kernel: a replacing attach() took the filter over. */
+  forget(a: Attachment): void {
+    const i = this.attachments.indexOf(a);
+    if (i >= 0) this.attachments.splice(i, 1);
+  }
+
+  /** Detaches everything, last attached first; returns the failures instead of stopping at the first. */
+  detachAll(): string[] {
+    const errors: string[] = [];
+    for (const a of [...this.attachments].reverse()) {
+      try {
+        this.detach(a);
+      } catch (e) {
+        errors.push(`${describe(a)}: ${(e as Error).message}`);
+      }
+    }
+    return errors;
+  }
+
+  /** Whether the filter at a is still the program we attached. */
+  isAttached(a: Attachment): boolean {
+    const q = () => tcQuery(a.ifindex, a.where, TC_HANDLE, TC_PRIORITY);
+    try {
+      return (a.netns ? withNetns(a.netns, q) : q()) === a.progId;
+    } catch {
+      return false;
+    }
+  }
+
+  close(): void {
+    this.obj.close();
+  }
+}
+
+export function describe(a: Pick<Attachment, 'dev' | 'ifindex' | 'where' | 'netns'>): string {
+  return `${a.dev} (ifindex ${a.ifindex}) ${a.where}${a.netns ? ` in ${a.netns}` : ''}`;
+}
+
+/**
+ * Detaches whatever filter of ours sits at ifindex/where, without knowing
+ * which program it runs: for `cleanup` after an agent died without detaching.
+ */
+export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string): boolean {
+  const doIt = () => {
+    if (tcQuery(ifindex, where, TC_HANDLE, TC_PRIORITY) === undefined) return false;
+    tcDetach(ifindex, where, TC_HANDLE, TC_PRIORITY);
+    return true;
+  };
+  if (netns && !existsSync(netns)) return false;
+  try {
+    return netns ? withNetns(netns, doIt) : doIt();
+  } catch (e) {
+    if (e instanceof LibbpfError && e.code === 'ENODEV') return false;
+    throw e;
+  }
+}
+
+/**
+ * Removes the pins of every XMasq map in pinDir, and pinDir when that
+ * empties it. Only names XMasq declares are touched, so a mistyped
+ * --pin-dir cannot wipe another tool's pins. The maps live on while a
+ * program still holds them.
+ */
+export function unpinAll(pinDir: string): { removed: string[]; leftover: string[] } {
+  const removed: string[] = [];
+  if (!existsSync(pinDir)) return { removed, leftover: [] };
+  for (const name of Object.keys(MAPS)) {
+    const p = join(pinDir, name);
+    if (existsSync(p)) {
+      unlinkSync(p);
+      removed.push(p);
+    }
+  }
+  const leftover = readdirSync(pinDir);
+  if (leftover.length === 0) rmdirSync(pinDir);
+  return { removed, leftover };
+}
+
+/** Opens pinned maps without loading anything (the CLI's offline dump). Close them when done. */
+export function openPinned<N extends PinnedMap>(pinDir: string, names: readonly N[]): Record<N, BpfMap> {
+  const out = {} as Record<N, BpfMap>;
+  try {
+    for (const n of names) out[n] = BpfMap.fromPinned(join(pinDir, n));
+  } catch (e) {
+    for (const m of Object.values<BpfMap>(out)) m.close();
+    throw e;
+  }
+  return out;
+}

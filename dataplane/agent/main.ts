@@ -1,0 +1,120 @@
+#!/usr/bin/env -S npx tsx
+/**
+ * xmasq-agent entry point: `xmasq-agent [run]` serves one host until SIGTERM or
+ * SIGINT; `xmasq-agent cleanup` removes what an agent left behind.
+ */
+import { existsSync } from 'node:fs';
+import { withNetns } from '../libbpf.ts';
+import { Agent, resolveNic } from './agent.ts';
+import { ConfigError, USAGE, loadConfig, parseArgs, type AgentConfig } from './config.ts';
+import { detachOurs, unpinAll } from './datapath.ts';
+import { stderrLog, type Log } from './log.ts';
+import { ifIndexToName, ifNameToIndex } from './native.ts';
+import { socketInUse } from './server.ts';
+import { StateDir } from './state.ts';
+
+async function run(cfg: AgentConfig, log: Log): Promise<number> {
+  const agent = new Agent(cfg, log);
+  await agent.start();
+  return new Promise<number>((resolve) => {
+    let stopping = false;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (stopping) {
+        log.warn(`${sig} again while stopping: still detaching, please wait`);
+        return;
+      }
+      stopping = true;
+      log.info(`${sig}: stopping`);
+      agent.stop().then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
+        log.error(`stopping failed: ${e.message}`);
+        resolve(1);
+      });
+    };
+    process.on('SIGTERM', onSignal);
+    process.on('SIGINT', onSignal);
+    process.on('SIGHUP', () => log.info('SIGHUP ignored: restart the agent to change its configuration (the pins keep every flow)'));
+    // A bug must not leave filters attached with nobody to keep their maps right.
+    const fatal = (e: unknown) => {
+      log.error(`fatal: ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
+      if (stopping) return;
+      stopping = true;
+      agent.stop().finally(() => resolve(1));
+    };
+    process.on('uncaughtException', fatal);
+    process.on('unhandledRejection', fatal);
+  });
+}
+
+/**
+ * Offline teardown: detaches any filter of ours at the NIC and the pods of
+ * the state file, unpins the maps and removes the state files. Refuses while
+ * an agent runs, which would only put everything back.
+ */
+async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
+  if (await socketInUse(cfg.socket)) {
+    log.error(`an agent is running at ${cfg.socket}: stop it first (SIGTERM), or stop it with --cleanup set`);
+    return 1;
+  }
+  const state = new StateDir(cfg.stateDir);
+  let detached = 0;
+  try {
+    const nic = resolveNic(cfg);
+    for (const where of ['ingress', 'egress'] as const) if (detachOurs(nic.ifindex, where)) detached++;
+  } catch (e) {
+    log.warn(`NIC filters not checked: ${(e as Error).message}`);
+  }
+  let pods: ReturnType<StateDir['readPods']>;
+  try {
+    pods = state.readPods(cfg.pinDir);
+  } catch (e) {
+    log.warn(`pods not checked: ${(e as Error).message}`);
+  }
+  for (const p of pods ?? []) {
+    try {
+      if (ifIndexToName(p.hostVethIfindex) === p.hostVeth && detachOurs(p.hostVethIfindex, 'ingress')) detached++;
+      if (p.netns) {
+        // rpeer mode: masq sits on the pod's own device, inside its namespace.
+        if (existsSync(p.netns)) {
+          const idx = withNetns(p.netns, () => ifNameToIndex(p.ifname ?? 'eth0'));
+          if (idx && detachOurs(idx, 'egress', p.netns)) detached++;
+        }
+      }
+    } catch (e) {
+      log.warn(`pod ${p.ip}: ${(e as Error).message}`);
+    }
+  }
+  const { removed, leftover } = unpinAll(cfg.pinDir);
+  const files = state.remove();
+  log.info(`cleanup: detached ${detached} filter(s), removed ${removed.length} pin(s) from ${cfg.pinDir} and ${files.length} state file(s) from ${cfg.stateDir}`);
+  if (leftover.length) log.warn(`${cfg.pinDir} still holds ${leftover.join(', ')} (not XMasq map names): left alone`);
+  return 0;
+}
+
+async function main(argv: string[]): Promise<number> {
+  const log0 = stderrLog();
+  let args;
+  let cfg: AgentConfig;
+  try {
+    args = parseArgs(argv);
+    if (args.command === 'help') {
+      process.stdout.write(`${USAGE}\n`);
+      return 0;
+    }
+    cfg = loadConfig(args);
+  } catch (e) {
+    log0.error((e as Error).message);
+    return 2;
+  }
+  const log = stderrLog(cfg.verbose);
+  try {
+    return args.command === 'cleanup' ? await cleanup(cfg, log) : await run(cfg, log);
+  } catch (e) {
+    // ConfigErrors are the operator's to fix and say how; anything else gets its stack too when verbose.
+    const err = e as Error;
+    log.error(e instanceof ConfigError || !cfg.verbose ? err.message : err.stack ?? err.message);
+    log.error('nothing is attached; exiting');
+    return 1;
+  }
+}
+
+main(process.argv.slice(2)).then((code) => process.exit(code));

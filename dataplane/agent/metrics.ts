@@ -1,0 +1,94 @@
+/** /metrics (Prometheus text format 0.0.4) and /healthz over node:http. */
+import { createServer, type Server } from 'node:http';
+import { parseListen } from './config.ts';
+
+export interface MetricsSnapshot {
+  mode: string;
+  nic: string;
+  counters: Record<string, number>;
+  caches: Record<'egress' | 'ingress', { entries: number; capacity: number }>;
+  pods: number;
+  podsAttached: number;
+  policyRules: number;
+  policyMasks: number;
+  expired: { egress: number; ingress: number };
+  lastScanSeconds: number;
+  scans: number;
+  startTimeSeconds: number;
+  requests: Record<string, number>;
+}
+
+const esc = (v: string) => v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
+
+export function renderMetrics(s: MetricsSnapshot): string {
+  const out: string[] = [];
+  const metric = (name: string, type: 'counter' | 'gauge', help: string, samples: Array<[Record<string, string>, number]>) => {
+    out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
+    for (const [labels, v] of samples) {
+      const l = Object.entries(labels).map(([k, x]) => `${k}="${esc(x)}"`).join(',');
+      out.push(`${name}${l ? `{${l}}` : ''} ${Number.isFinite(v) ? v : 0}`);
+    }
+  };
+  metric('xmasq_packets_total', 'counter', 'Packets by datapath outcome, summed over CPUs (bpf counters map).',
+    Object.entries(s.counters).map(([c, v]) => [{ counter: c }, v]));
+  metric('xmasq_cache_entries', 'gauge', 'Entries in each flow cache.',
+    (['egress', 'ingress'] as const).map((c) => [{ cache: c }, s.caches[c].entries]));
+  metric('xmasq_cache_capacity', 'gauge', 'max_entries of each flow cache.',
+    (['egress', 'ingress'] as const).map((c) => [{ cache: c }, s.caches[c].capacity]));
+  metric('xmasq_cache_expired_total', 'counter', 'Entries the agent deleted for being idle, since it started.',
+    (['egress', 'ingress'] as const).map((c) => [{ cache: c }, s.expired[c]]));
+  metric('xmasq_pods', 'gauge', 'Pods the agent serves.', [[{}, s.pods]]);
+  metric('xmasq_pods_attached', 'gauge', 'Pods whose masq filter is attached.', [[{}, s.podsAttached]]);
+  metric('xmasq_policy_rules', 'gauge', 'Installed deny rules.', [[{}, s.policyRules]]);
+  metric('xmasq_policy_masks', 'gauge', 'Distinct field masks in use (one hash lookup each per new flow).', [[{}, s.policyMasks]]);
+  metric('xmasq_mode', 'gauge', 'Where masq runs: 1 for the active mode.',
+    (['veth', 'rpeer'] as const).map((m) => [{ mode: m }, m === s.mode ? 1 : 0]));
+  metric('xmasq_info', 'gauge', 'The agent\'s NIC and mode.', [[{ nic: s.nic, mode: s.mode }, 1]]);
+  metric('xmasq_expiry_scan_duration_seconds', 'gauge', 'Duration of the last idle-entry scan.', [[{}, s.lastScanSeconds]]);
+  metric('xmasq_expiry_scans_total', 'counter', 'Idle-entry scans run.', [[{}, s.scans]]);
+  metric('xmasq_agent_requests_total', 'counter', 'Socket requests by op.',
+    Object.entries(s.requests).map(([op, v]) => [{ op }, v]));
+  metric('xmasq_agent_start_time_seconds', 'gauge', 'Unix time the agent started.', [[{}, s.startTimeSeconds]]);
+  return `${out.join('\n')}\n`;
+}
+
+export interface HttpHandlers {
+  metrics(): string;
+  /** Problems that make the agent unhealthy; empty when healthy. */
+  health(): string[];
+}
+
+/** Listens on host:port; rejects with a message that says how to fix the address. */
+export function startHttp(listen: string, h: HttpHandlers): Promise<Server> {
+  const { host, port } = parseListen(listen);
+  const server = createServer((req, res) => {
+    const url = (req.url ?? '/').split('?')[0];
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { allow: 'GET, HEAD' }).end();
+      return;
+    }
+    try {
+      if (url === '/metrics') {
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' }).end(h.metrics());
+      } else if (url === '/healthz') {
+        const problems = h.health();
+        res.writeHead(problems.length ? 503 : 200, { 'content-type': 'text/plain; charset=utf-8' })
+          .end(problems.length ? `${problems.join('\n')}\n` : 'ok\n');
+      } else {
+        res.writeHead(404, { 'content-type': 'text/plain' }).end('try /metrics or /healthz\n');
+      }
+    } catch (e) {
+      res.writeHead(500, { 'content-type': 'text/plain' }).end(`${(e as Error).message}\n`);
+    }
+  });
+  return new Promise((resolve, reject) => {
+    server.once('error', (e: NodeJS.ErrnoException) => {
+      const fix = e.code === 'EADDRINUSE' ? 'another process listens there; stop it or set --metrics-listen to a free port (or off)'
+        : e.code === 'EADDRNOTAVAIL' ? `no interface of this network namespace has ${host} (is lo up? 'ip link set lo up'); set --metrics-listen (or off)`
+          : e.code === 'EACCES' ? 'ports below 1024 need root; set --metrics-listen to another port'
+            : 'set --metrics-listen to a valid HOST:PORT, or off';
+      reject(new Error(`--metrics-listen ${listen}: cannot listen (${e.code ?? e.message}): ${fix}`));
+    });
+    server.listen(port, host, () => resolve(server));
+  });
+}

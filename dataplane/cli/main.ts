@@ -1,0 +1,293 @@
+#!/usr/bin/env -S npx tsx
+/**
+ * xmasq: the operator's view of a running xmasq-agent, over its socket.
+ * Exit status: 0 done, 1 the agent refused or failed, 2 bad usage, 3 no agent.
+ */
+import { dumpEgress, dumpIngress } from '../agent/caches.ts';
+import { openPinned } from '../agent/datapath.ts';
+import { monotonicCoarseNs } from '../agent/native.ts';
+import { PROTOCOLS } from '../agent/policy.ts';
+import {
+  AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type AgentStatus, type EgressDumpEntry, type IngressDumpEntry,
+  type PodRecord, type PolicyRuleRecord, type PolicyRuleSpec,
+} from '../agent/protocol.ts';
+
+class UsageError extends Error {}
+
+const GLOBAL = `global options (anywhere on the line):
+  --socket PATH   the agent's socket (default ${DEFAULT_SOCKET})
+  --json          print the agent's reply as JSON instead of a table
+  --help          help for the command`;
+
+const HELP: Record<string, string> = {
+  main: `usage: xmasq <command> [options]
+
+commands:
+  status                          mode, NIC, pods, cache sizes, counters, filters
+  pods                            the pods the agent serves
+  cache dump [--egress|--ingress] the flow caches, decoded
+  policy add|del|list             deny rules
+
+${GLOBAL}`,
+  status: `usage: xmasq status [--json]
+
+The agent's mode and NIC, its pods, the fill of both flow caches, the policy,
+expiry settings and the datapath counters (summed over CPUs), and every TC
+filter it attached.
+
+${GLOBAL}`,
+  pods: `usage: xmasq pods [--json]
+
+The pods the agent serves: IP, MAC, host-side veth, and whether masq is attached.
+
+${GLOBAL}`,
+  cache: `usage: xmasq cache dump [--egress|--ingress] [--pin-dir DIR] [--json]
+
+Both caches unless one is named. Egress: (local pod, remote pod) -> the host
+path masq rewrites to. Ingress: (remote host, our key) -> the pod restore
+delivers to. IDLE is the time since the datapath last used the entry.
+
+  --pin-dir DIR   read the maps pinned in DIR directly, without an agent
+                  (e.g. /sys/fs/bpf/xmasq while the agent is stopped)
+
+${GLOBAL}`,
+  policy: `usage: xmasq policy add --dir egress|ingress [--src IP] [--dst IP] [--sport PORT] [--dport PORT] [--proto tcp|udp|icmp|N] [--id N]
+       xmasq policy del ID
+       xmasq policy list [--json]
+
+Deny rules. Fields left out match anything. egress: packets leaving a local pod;
+ingress: packets entering one. A new rule applies to new and masqueraded flows
+alike; a flow it denies loses its packets from the next one on.
+
+${GLOBAL}`,
+};
+
+interface Args {
+  positional: string[];
+  opts: Map<string, string | true>;
+}
+
+const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id']);
+const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress']);
+
+function parse(argv: string[]): Args {
+  const positional: string[] = [];
+  const opts = new Map<string, string | true>();
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const eq = a.indexOf('=');
+    const name = a.startsWith('--') && eq > 0 ? a.slice(0, eq) : a;
+    if (VALUE_OPTS.has(name)) {
+      const v = eq > 0 ? a.slice(eq + 1) : argv[++i];
+      if (v === undefined) throw new UsageError(`${name} needs a value`);
+      opts.set(name, v);
+    } else if (BOOL_OPTS.has(a)) {
+      opts.set(a === '-h' ? '--help' : a, true);
+    } else if (a.startsWith('-') && a !== '-') {
+      throw new UsageError(`unknown option ${a}`);
+    } else {
+      positional.push(a);
+    }
+  }
+  return { positional, opts };
+}
+
+function table(head: string[], rows: string[][]): string {
+  const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (r: string[]) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(w[i]))).join('  ').trimEnd();
+  return [line(head), ...rows.map(line)].join('\n');
+}
+
+const protoName = (p?: number) => (p === undefined ? '*' : Object.entries(PROTOCOLS).find(([, n]) => n === p)?.[0] ?? String(p));
+const idle = (s: number) => (s < 100 ? `${s.toFixed(1)}s` : `${Math.round(s)}s`);
+
+function printStatus(s: AgentStatus): string {
+  const counters = Object.entries(s.counters);
+  const cw = Math.max(...counters.map(([k]) => k.length));
+  return [
+    `agent     pid ${s.pid}, up since ${s.startedAt}, protocol ${s.version}`,
+    `mode      ${s.mode} (${s.modeReason})`,
+    `nic       ${s.nic} (ifindex ${s.nicIfindex})`,
+    `pins      ${s.pinDir} (${s.pinsReused ? 'reused from an earlier agent' : 'created by this agent'})`,
+    `object    ${s.object}`,
+    `pods      ${s.pods}`,
+    `caches    egress ${s.caches.egress.entries}/${s.caches.egress.capacity}, ingress ${s.caches.ingress.entries}/${s.caches.ingress.capacity}`,
+    `policy    ${s.policy.rules} rule(s), ${s.policy.masks.length} mask(s)${s.policy.masks.length ? `: ${s.policy.masks.map((m) => `0x${m.toString(16).padStart(2, '0')}`).join(' ')}` : ''}`,
+    `expiry    egress idle > ${s.expiry.egressIdleSeconds}s, ingress idle > ${s.expiry.ingressIdleSeconds}s, every ${s.expiry.scanIntervalSeconds}s; expired so far: ${s.expiry.expired.egress} egress, ${s.expiry.expired.ingress} ingress`,
+    'counters',
+    ...counters.map(([k, v]) => `  ${k.padEnd(cw)}  ${v}`),
+    'filters',
+    ...s.attachments.map((a) => `  ${a.program.padEnd(10)} ${a.dev} (ifindex ${a.ifindex}) ${a.where}${a.netns ? ` in ${a.netns}` : ''}, prog id ${a.progId}`),
+  ].join('\n');
+}
+
+function printPods(pods: PodRecord[]): string {
+  if (pods.length === 0) return 'no pods';
+  return table(['IP', 'MAC', 'HOST VETH', 'IFINDEX', 'NETNS', 'MASQ', 'ADDED'],
+    pods.map((p) => [p.ip, p.mac, p.hostVeth, String(p.hostVethIfindex), p.netns ?? '-', p.attached ? 'attached' : 'detached', p.addedAt]));
+}
+
+function printEgress(e: EgressDumpEntry[]): string {
+  if (e.length === 0) return 'egress cache: empty';
+  return `egress cache (${e.length}):\n${table(
+    ['LOCAL POD', 'REMOTE POD', 'HOST IP', 'PEER HOST IP', 'HOST MAC', 'NEXT-HOP MAC', 'OUR KEY', 'PEER KEY', 'READY', 'IDLE'],
+    e.map(({ key, value: v, idleSeconds }) => [key.local_pod, key.remote_pod, v.local_ip, v.remote_ip, v.local_mac, v.remote_mac,
+      String(v.local_key), String(v.remote_key), v.remote_ready ? 'yes' : 'no', idle(idleSeconds)]))}`;
+}
+
+function printIngress(e: IngressDumpEntry[]): string {
+  if (e.length === 0) return 'ingress cache: empty';
+  return `ingress cache (${e.length}):\n${table(
+    ['PEER HOST', 'KEY', 'LOCAL POD', 'REMOTE POD', 'POD MAC', 'REMOTE MAC', 'VETH IFINDEX', 'IDLE'],
+    e.map(({ key, value: v, idleSeconds }) => [key.remote_host, String(key.key), v.local_ip, v.remote_ip, v.local_mac, v.remote_mac,
+      String(v.ifindex), idle(idleSeconds)]))}`;
+}
+
+function printRules(rules: PolicyRuleRecord[], masks: number[]): string {
+  if (rules.length === 0) return 'no rules (everything is allowed)';
+  return `${table(['ID', 'DIR', 'SRC', 'SPORT', 'DST', 'DPORT', 'PROTO'],
+    rules.map((r) => [String(r.id), r.dir, r.src ?? '*', r.sport ? String(r.sport) : '*', r.dst ?? '*', r.dport ? String(r.dport) : '*', protoName(r.proto)]))}
+masks in use: ${masks.map((m) => `0x${m.toString(16).padStart(2, '0')}`).join(' ')}`;
+}
+
+const ruleLine = (r: PolicyRuleRecord) =>
+  `#${r.id} deny ${r.dir} ${r.src ?? '*'}:${r.sport ?? '*'} -> ${r.dst ?? '*'}:${r.dport ?? '*'} proto ${protoName(r.proto)}`;
+
+function intOpt(opts: Args['opts'], name: string): number | undefined {
+  const v = opts.get(name);
+  if (v === undefined) return undefined;
+  if (typeof v !== 'string' || !/^\d+$/.test(v)) throw new UsageError(`${name} wants a number, got ${String(v)}`);
+  return Number(v);
+}
+
+function ruleFromOpts(opts: Args['opts']): PolicyRuleSpec {
+  const dir = opts.get('--dir');
+  if (dir !== 'egress' && dir !== 'ingress') throw new UsageError('policy add needs --dir egress (leaving a local pod) or --dir ingress (entering one)');
+  const rule: PolicyRuleSpec = { dir };
+  const src = opts.get('--src');
+  const dst = opts.get('--dst');
+  if (typeof src === 'string') rule.src = src;
+  if (typeof dst === 'string') rule.dst = dst;
+  const sport = intOpt(opts, '--sport');
+  const dport = intOpt(opts, '--dport');
+  const id = intOpt(opts, '--id');
+  if (sport !== undefined) rule.sport = sport;
+  if (dport !== undefined) rule.dport = dport;
+  if (id !== undefined) rule.id = id;
+  const proto = opts.get('--proto');
+  if (typeof proto === 'string') rule.proto = /^\d+$/.test(proto) ? Number(proto) : (proto.toLowerCase() as PolicyRuleSpec['proto']);
+  return rule;
+}
+
+function allowOnly(a: Args, allowed: string[]): void {
+  for (const k of a.opts.keys()) {
+    if (!['--socket', '--json', '--help', ...allowed].includes(k)) throw new UsageError(`${k} does not apply to this command`);
+  }
+}
+
+async function withClient<T>(socket: string, fn: (c: AgentClient) => Promise<T>): Promise<T> {
+  const c = await AgentClient.connect(socket);
+  try {
+    return await fn(c);
+  } finally {
+    c.close();
+  }
+}
+
+async function main(argv: string[]): Promise<number> {
+  const a = parse(argv);
+  const [cmd, sub, ...rest] = a.positional;
+  const json = a.opts.has('--json');
+  const socket = (a.opts.get('--socket') as string | undefined) ?? DEFAULT_SOCKET;
+  const out = (human: string, raw: unknown) => process.stdout.write(`${json ? JSON.stringify(raw, null, 2) : human}\n`);
+
+  if (!cmd || cmd === 'help') {
+    process.stdout.write(`${HELP[sub ?? 'main'] ?? HELP.main}\n`);
+    return cmd ? 0 : a.opts.has('--help') ? 0 : 2;
+  }
+  if (!HELP[cmd]) throw new UsageError(`unknown command "${cmd}"; the commands are status, pods, cache dump, policy add|del|list`);
+  if (a.opts.has('--help')) {
+    process.stdout.write(`${HELP[cmd]}\n`);
+    return 0;
+  }
+
+  switch (cmd) {
+    case 'status': {
+      allowOnly(a, []);
+      if (sub) throw new UsageError(`status takes no argument, got "${sub}"`);
+      const r = await withClient(socket, (c) => c.status());
+      out(printStatus(r.status), r.status);
+      return 0;
+    }
+    case 'pods': {
+      allowOnly(a, []);
+      if (sub) throw new UsageError(`pods takes no argument, got "${sub}"`);
+      const r = await withClient(socket, (c) => c.listPods());
+      out(printPods(r.pods), r.pods);
+      return 0;
+    }
+    case 'cache': {
+      if (sub !== 'dump' || rest.length) throw new UsageError('usage: xmasq cache dump [--egress|--ingress] [--pin-dir DIR]');
+      allowOnly(a, ['--egress', '--ingress', '--pin-dir']);
+      const eg = a.opts.has('--egress');
+      const ing = a.opts.has('--ingress');
+      if (eg && ing) throw new UsageError('--egress and --ingress together are the default: give one, or neither for both');
+      const which = eg ? 'egress' : ing ? 'ingress' : 'both';
+      const pinDir = a.opts.get('--pin-dir') as string | undefined;
+      let dump: { egress?: EgressDumpEntry[]; ingress?: IngressDumpEntry[] };
+      if (pinDir) {
+        const maps = openPinned(pinDir, ['egress_cache', 'ingress_cache']);
+        try {
+          const now = monotonicCoarseNs();
+          dump = {
+            ...(which !== 'ingress' ? { egress: dumpEgress(maps.egress_cache, now) } : {}),
+            ...(which !== 'egress' ? { ingress: dumpIngress(maps.ingress_cache, now) } : {}),
+          };
+        } finally {
+          for (const m of Object.values(maps)) m.close();
+        }
+      } else {
+        dump = await withClient(socket, (c) => c.cacheDump(which));
+      }
+      const parts: string[] = [];
+      if (dump.egress) parts.push(printEgress(dump.egress));
+      if (dump.ingress) parts.push(printIngress(dump.ingress));
+      out(parts.join('\n\n'), { egress: dump.egress, ingress: dump.ingress });
+      return 0;
+    }
+    case 'policy': {
+      if (sub === 'add') {
+        allowOnly(a, ['--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id']);
+        if (rest.length) throw new UsageError(`policy add takes options only, got "${rest[0]}"`);
+        const rule = ruleFromOpts(a.opts); // usage errors before any connection
+        const r = await withClient(socket, (c) => c.policyAdd(rule));
+        out(`added ${ruleLine(r.rule)}`, r);
+        return 0;
+      }
+      if (sub === 'del') {
+        allowOnly(a, ['--id']);
+        const idText = rest[0] ?? (a.opts.get('--id') as string | undefined);
+        if (!idText || !/^\d+$/.test(idText) || rest.length > 1) throw new UsageError('usage: xmasq policy del ID (see xmasq policy list)');
+        const r = await withClient(socket, (c) => c.policyDel(Number(idText)));
+        out(`deleted ${ruleLine(r.rule)}`, r);
+        return 0;
+      }
+      if (sub === 'list') {
+        allowOnly(a, []);
+        const r = await withClient(socket, (c) => c.policyList());
+        out(printRules(r.rules, r.masks), { rules: r.rules, masks: r.masks });
+        return 0;
+      }
+      throw new UsageError('usage: xmasq policy add|del|list (see xmasq policy --help)');
+    }
+  }
+  return 2;
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e: Error) => {
+    process.stderr.write(`xmasq: ${e.message}\n`);
+    process.exit(e instanceof UsageError ? 2 : e instanceof AgentNotRunningError ? 3 : e instanceof AgentError ? 1 : 1);
+  },
+);
