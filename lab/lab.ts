@@ -51,7 +51,7 @@ export interface LabOptions {
    * CHECKSUM_PARTIAL and hide a wrong checksum written by a program.
    */
   checksumOffload?: boolean;
-  /** Plugins appended to the CNI chain after `bridge` (e.g. our own `xmasq` plugin), on every host. */
+  /** Plugins appended to the CNI chain after `bridge` (e.g. our own `xmasq` plugin), on every host; "{host}" in a string field becomes the host name. */
   cniPlugins?: CniPluginConf[];
   /** Directories searched for CNI plugin binaries (CNI_PATH). Default ['/usr/lib/cni']. */
   cniPath?: string[];
@@ -381,7 +381,9 @@ export class Lab {
             dataDir: join(stateDir(this.state.name), 'ipam', host.name),
           },
         },
-        ...this.state.cniPlugins,
+        // Chained plugins may name per-host things (each host has its own agent):
+        // "{host}" in a string field becomes the host's name.
+        ...this.state.cniPlugins.map((p) => JSON.parse(JSON.stringify(p).replaceAll('{host}', host.name)) as CniPluginConf),
       ],
     };
   }
