@@ -1,0 +1,87 @@
+/**
+ * One xmasq-agent per lab host, each in its host's netns, with its socket,
+ * pins and state under a run directory of the caller's choosing.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, rmSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { AgentClient } from '../dataplane/agent/protocol.ts';
+import { run } from './command.ts';
+import type { Lab } from './lab.ts';
+
+export const ROOT = fileURLToPath(new URL('..', import.meta.url));
+export const TSX = `${ROOT}node_modules/.bin/tsx`;
+const AGENT = `${ROOT}dataplane/agent/main.ts`;
+
+export class LabAgents {
+  private readonly procs = new Map<string, ChildProcess>();
+
+  /** runDir holds <host>/agent.sock and <host>/ state; pins go to /sys/fs/bpf/<pinPrefix>-<host>. */
+  constructor(private readonly lab: Lab, readonly runDir: string, private readonly pinPrefix: string, private readonly extraArgs: string[] = []) {}
+
+  socket(host: string): string {
+    return `${this.runDir}/${host}/agent.sock`;
+  }
+
+  pinDir(host: string): string {
+    return `/sys/fs/bpf/${this.pinPrefix}-${host}`;
+  }
+
+  /** The `agentSocket` to give the xmasq CNI plugin: the lab puts the host name in. */
+  get cniSocketTemplate(): string {
+    return `${this.runDir}/{host}/agent.sock`;
+  }
+
+  private args(host: string): string[] {
+    const h = this.lab.host(host);
+    return ['--nic', h.nic, '--pin-dir', this.pinDir(host), '--socket', this.socket(host), '--state-dir', `${this.runDir}/${host}`];
+  }
+
+  /** Starts the host's agent and waits until it answers on its socket. */
+  async start(host: string, args: string[] = []): Promise<void> {
+    mkdirSync(`${this.runDir}/${host}`, { recursive: true });
+    const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, TSX, AGENT, ...this.args(host),
+      '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let log = '';
+    child.stderr!.on('data', (d) => { log += d; });
+    this.procs.set(host, child);
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      if (child.exitCode !== null) throw new Error(`xmasq-agent on ${host} exited ${child.exitCode}:\n${log}`);
+      try {
+        await AgentClient.request(this.socket(host), { op: 'status' }, { timeoutMs: 500 });
+        return;
+      } catch {
+        if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within 20 s:\n${log}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    }
+  }
+
+  /** SIGTERM: the agent detaches its filters and keeps its pins. */
+  async stop(host: string): Promise<void> {
+    const child = this.procs.get(host);
+    this.procs.delete(host);
+    if (!child || child.exitCode !== null) return;
+    const exited = new Promise((r) => child.once('exit', r));
+    child.kill('SIGTERM');
+    await exited;
+  }
+
+  /** `xmasq-agent cleanup`: removes the pins and state of a stopped agent. */
+  async cleanup(host: string): Promise<{ code: number; out: string }> {
+    const r = await run('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, TSX, AGENT, 'cleanup', ...this.args(host)]);
+    return { code: r.code, out: r.stdout + r.stderr };
+  }
+
+  async counters(host: string): Promise<Record<string, number>> {
+    return (await AgentClient.request(this.socket(host), { op: 'status' })).status.counters;
+  }
+
+  /** Stops every agent, removes their pins and the run directory. */
+  async teardown(): Promise<void> {
+    for (const host of [...this.procs.keys()]) await this.stop(host);
+    for (const h of this.lab.hosts) rmSync(this.pinDir(h.name), { recursive: true, force: true });
+    rmSync(this.runDir, { recursive: true, force: true });
+  }
+}

@@ -1,0 +1,74 @@
+/** Traffic and captures in the lab: small node servers and clients in pods, tcpdump on a host NIC. */
+import type { ChildProcess } from 'node:child_process';
+import { readPcap } from '../fixtures/pcap.ts';
+import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
+import type { Lab, LabPod } from './lab.ts';
+
+/** A node one-liner in a pod's (or host's) netns. */
+export function nodeIn(lab: Lab, where: LabPod | { netns: string }, script: string): ChildProcess {
+  return lab.spawn(where, process.execPath, ['-e', script]);
+}
+
+/** Waits for a child to exit (killing it after timeoutMs) and collects what it printed. */
+export async function output(child: ChildProcess, timeoutMs = 15_000): Promise<{ code: number | null; out: string }> {
+  let out = '';
+  child.stdout?.on('data', (d) => { out += d; });
+  child.stderr?.on('data', (d) => { out += d; });
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  const code = await new Promise<number | null>((r) => child.once('exit', r));
+  clearTimeout(timer);
+  return { code, out };
+}
+
+export const TCP_ECHO = (port: number) => `require('net').createServer((s) => s.pipe(s)).listen(${port}, '0.0.0.0', () => console.log('ready'))`;
+export const UDP_ECHO = (port: number) => `const d = require('dgram').createSocket('udp4'); d.on('message', (m, r) => d.send(m, r.port, r.address)); d.bind(${port}, () => console.log('ready'))`;
+
+/** Starts a server script that prints 'ready' once listening. */
+export async function server(lab: Lab, pod: LabPod, script: string): Promise<ChildProcess> {
+  const s = nodeIn(lab, pod, script);
+  await new Promise<void>((resolve, reject) => {
+    s.stdout!.on('data', (d) => { if (String(d).includes('ready')) resolve(); });
+    s.once('exit', (c) => reject(new Error(`server in ${pod.name} exited ${c}`)));
+  });
+  return s;
+}
+
+/** Runs during() while tcpdump captures on a netns interface (immediate mode: no frame held back at the end). */
+export async function capture<T>(lab: Lab, where: { netns: string }, dev: string, filter: string, file: string, during: () => Promise<T>): Promise<{ frames: Uint8Array[]; result: T }> {
+  const dump = lab.spawn(where, 'tcpdump', ['-i', dev, '--immediate-mode', '-U', '-w', file, filter]);
+  await new Promise<void>((resolve, reject) => {
+    let err = '';
+    dump.stderr!.on('data', (d) => { err += d; if (err.includes('listening on')) resolve(); });
+    dump.once('exit', (c) => reject(new Error(`tcpdump exited ${c}: ${err}`)));
+  });
+  const result = await during();
+  await new Promise((r) => setTimeout(r, 200));
+  const exited = new Promise((r) => dump.once('exit', r));
+  dump.kill('SIGINT');
+  await exited;
+  return { frames: await readPcap(file), result };
+}
+
+/** What a frame on the wire is: overlay, masqueraded (host to host, RF, a key in DSCP), or anything else. */
+export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' | 'other' {
+  const d = decodeFrame(f);
+  if (findLayer(d, 'vxlan')) return 'vxlan';
+  const ip = findLayer(d, 'ipv4');
+  const hostToHost = ip && hostIps.has(String(ip.fields.src)) && hostIps.has(String(ip.fields.dst));
+  return hostToHost && (f[20] & 0x80) !== 0 && f[15] >> 2 !== 0 ? 'masq' : 'other';
+}
+
+/** InCsumErrors of Tcp and Udp in /proc/net/snmp, which follows the reader's netns. */
+export async function csumErrors(lab: Lab, pod: LabPod): Promise<number> {
+  const { stdout } = await lab.exec(pod, 'cat', ['/proc/net/snmp']);
+  let total = 0;
+  const lines = stdout.split('\n');
+  for (let i = 0; i + 1 < lines.length; i++) {
+    const head = lines[i].split(/\s+/), vals = lines[i + 1].split(/\s+/);
+    if ((head[0] === 'Tcp:' || head[0] === 'Udp:') && head[0] === vals[0] && vals[1] && !/^[A-Z]/.test(vals[1])) {
+      const at = head.indexOf('InCsumErrors');
+      if (at > 0) total += Number(vals[at]);
+    }
+  }
+  return total;
+}
