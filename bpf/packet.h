@@ -163,9 +163,16 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 	return 0;
 }
 
-/* An Ethernet frame carrying IPv4 directly (no VLAN tag); 0 or -1 as above. */
+/*
+ * An Ethernet frame carrying IPv4 directly (no VLAN tag); 0 or -1 as above.
+ * A tag may not be in the frame at all: the receive path moves it into the
+ * skb (skb_vlan_untag) before TC ingress runs, and NICs strip it on receive,
+ * so a tagged frame looks untagged here but for skb->vlan_present.
+ */
 static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
 {
+	if (skb->vlan_present)
+		return -1;
 	if (skb->len < ETH_HLEN || ensure_linear(skb, ETH_HLEN))
 		return -1;
 	void *data = skb_data(skb);

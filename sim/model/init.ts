@@ -35,7 +35,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   const t: Tunnel = { outer: emptyHdrs(), inner: emptyHdrs(), inner_eth: 0 };
 
   // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
-  if (loadEthIpv4(pkt, outer) || loadTunnel(pkt, outer, t)) return pass(fx);
+  if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
   const pod = s.pod_info.lookup(src);
   if (!pod) return pass(fx);

@@ -26,7 +26,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic:
   const h = emptyHdrs();
 
   // 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker.
-  if (loadEthIpv4(pkt, h) || (h.frag & IP_RF) || !fastPathEligible(h)) return pass(fx);
+  if (loadEthIpv4(pkt, h, env.vlanPresent) || (h.frag & IP_RF) || !fastPathEligible(h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
 

@@ -127,6 +127,20 @@ describe('model: frames too short for the kernel test runner', () => {
   });
 });
 
+describe('model: VLAN tag taken out of the frame by the kernel', () => {
+  it('makes every program pass the packet untouched', () => {
+    const { a, b } = hosts();
+    const pod = buildFrame({ eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' }, ipv4: { src: SRC.ip, dst: DST.ip, l4: { tcp: { sport: 1, dport: 2 } } } });
+    const sent = masq(pod, a, env).packet;
+    const tagged = { ...env, vlanPresent: true };
+    for (const [name, r, input] of [['masq', masq(pod, a, tagged), pod], ['restore', restore(sent, b, tagged), sent]] as const) {
+      expect(r.verdict, name).toBe(0);
+      expect(r.effects.counters.PASSED, name).toBe(1);
+      expect(r.packet.equals(input), name).toBe(true);
+    }
+  });
+});
+
 describe('model: init signal', () => {
   it('marks only the outer header, with a valid checksum, and draws keys 1..63', () => {
     fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), podPacketArb, (draw, inner) => {

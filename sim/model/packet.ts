@@ -92,8 +92,12 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   return 0;
 }
 
-/** C: load_eth_ipv4. An Ethernet frame carrying IPv4 directly (no VLAN tag). */
-export function loadEthIpv4(pkt: Buffer, h: Hdrs): number {
+/**
+ * C: load_eth_ipv4. An Ethernet frame carrying IPv4 directly (no VLAN tag),
+ * neither in the frame nor taken out of it into the skb (vlanPresent).
+ */
+export function loadEthIpv4(pkt: Buffer, h: Hdrs, vlanPresent = false): number {
+  if (vlanPresent) return -1;
   if (pkt.length < ETH_HLEN) return -1;
   if (pkt.readUInt16BE(12) !== ETH_P_IP) return -1;
   return loadIpv4(pkt, ETH_HLEN, pkt.length, h);

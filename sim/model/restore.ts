@@ -69,7 +69,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
 
 function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
   const h = emptyHdrs();
-  if (loadEthIpv4(pkt, h)) return pass(fx);
+  if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
   if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);
   if ((h.frag & IP_RF) && (h.tos >> 2) !== 0) return restoreMasqueraded(pkt, s, env, fx, h);

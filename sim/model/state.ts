@@ -123,6 +123,11 @@ export function newEffects(): RunEffects {
 export interface Env {
   now: bigint;
   random(): number; // one bpf_get_prandom_u32()
+  /**
+   * skb->vlan_present: a VLAN tag the kernel took out of the frame. BPF_PROG_TEST_RUN
+   * cannot set it, so the differential runs leave it false; lab/wire.test.ts covers it.
+   */
+  vlanPresent?: boolean;
 }
 
 export interface RunResult {
