@@ -40,8 +40,10 @@ export class LabAgents {
   /** Starts the host's agent and waits until it answers on its socket. */
   async start(host: string, args: string[] = []): Promise<void> {
     mkdirSync(`${this.runDir}/${host}`, { recursive: true });
-    const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, TSX, AGENT, ...this.args(host),
-      '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // node --import tsx, not the tsx CLI: the CLI runs the script in a child and
+    // forwards only some signals (not SIGUSR2, the handover).
+    const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, process.execPath, '--import', 'tsx', AGENT, ...this.args(host),
+      '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: ROOT });
     let log = '';
     child.stderr!.on('data', (d) => { log += d; });
     this.procs.set(host, child);
@@ -58,14 +60,14 @@ export class LabAgents {
     }
   }
 
-  /** SIGTERM: the agent detaches its filters and keeps its pins. */
-  async stop(host: string): Promise<void> {
+  /** SIGTERM: the agent detaches its filters and keeps its pins; SIGUSR2 hands over, filters left attached. */
+  async stop(host: string, signal: 'SIGTERM' | 'SIGUSR2' = 'SIGTERM'): Promise<number | null> {
     const child = this.procs.get(host);
     this.procs.delete(host);
-    if (!child || child.exitCode !== null) return;
-    const exited = new Promise((r) => child.once('exit', r));
-    child.kill('SIGTERM');
-    await exited;
+    if (!child || child.exitCode !== null) return child?.exitCode ?? null;
+    const exited = new Promise<number | null>((r) => child.once('exit', r));
+    child.kill(signal);
+    return exited;
   }
 
   /** `xmasq-agent cleanup`: removes the pins and state of a stopped agent. */

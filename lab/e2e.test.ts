@@ -11,7 +11,7 @@ import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
 import { LabAgents, ROOT } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
-import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireKind } from './traffic.ts';
+import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, tcpRetransSegs, wireKind } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/e2e.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -130,6 +130,36 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       const s = (await AgentClient.request(sock('h1'), { op: 'status' })).status;
       expect(s.pinsReused).toBe(true);
       expect((await AgentClient.request(sock('h1'), { op: 'list' })).pods.map((p) => p.attached)).toEqual([true]);
+    } finally {
+      srv.kill();
+    }
+  }, 60_000);
+
+  it('a handover restart (SIGUSR2) under a TCP stream loses no packet: zero retransmissions', async () => {
+    const srv = await server(lab, b, TCP_ECHO(7171));
+    try {
+      const retrans = async () => {
+        let n = 0;
+        for (const pod of [a, b]) n += await tcpRetransSegs(lab, pod);
+        return n;
+      };
+      const before = await retrans();
+      const missesBefore = (await counters('h1')).restore_miss + (await counters('h2')).restore_miss;
+      const client = nodeInPod(a, `const s = require('net').connect(7171, '${b.ip}'); let got = 0, sent = 0;
+        s.on('connect', () => { const t = setInterval(() => { s.write(Buffer.alloc(1024, 7)); sent += 1024; }, 10); setTimeout(() => { clearInterval(t); setTimeout(() => s.end(), 500); }, 3000); });
+        s.on('data', (d) => { got += d.length; }); s.on('error', (e) => { console.log('error', e.code); process.exit(1); });
+        s.on('close', () => console.log('done', sent, got));`);
+      const done = output(client, 30_000);
+      await new Promise((r) => setTimeout(r, 800));
+      expect(await agents.stop('h1', 'SIGUSR2')).toBe(0);
+      await agents.start('h1');
+      const { out } = await done;
+      const m = /done (\d+) (\d+)/.exec(out);
+      expect(m, out).not.toBeNull();
+      expect(Number(m![2])).toBe(Number(m![1]));
+      expect(await retrans(), 'TCP retransmissions in the two pods').toBe(before);
+      expect((await counters('h1')).restore_miss + (await counters('h2')).restore_miss).toBe(missesBefore);
+      expect((await counters('h1')).masqueraded).toBeGreaterThan(0);
     } finally {
       srv.kill();
     }

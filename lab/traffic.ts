@@ -58,17 +58,27 @@ export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' 
   return hostToHost && (f[20] & 0x80) !== 0 && f[15] >> 2 !== 0 ? 'masq' : 'other';
 }
 
-/** InCsumErrors of Tcp and Udp in /proc/net/snmp, which follows the reader's netns. */
-export async function csumErrors(lab: Lab, pod: LabPod): Promise<number> {
+/** /proc/net/snmp of a pod (it follows the reader's netns): group -> field -> value. */
+export async function snmp(lab: Lab, pod: LabPod): Promise<Record<string, Record<string, number>>> {
   const { stdout } = await lab.exec(pod, 'cat', ['/proc/net/snmp']);
-  let total = 0;
+  const out: Record<string, Record<string, number>> = {};
   const lines = stdout.split('\n');
-  for (let i = 0; i + 1 < lines.length; i++) {
-    const head = lines[i].split(/\s+/), vals = lines[i + 1].split(/\s+/);
-    if ((head[0] === 'Tcp:' || head[0] === 'Udp:') && head[0] === vals[0] && vals[1] && !/^[A-Z]/.test(vals[1])) {
-      const at = head.indexOf('InCsumErrors');
-      if (at > 0) total += Number(vals[at]);
-    }
+  // Lines come in pairs: "Tcp: Name Name ..." then "Tcp: 1 2 ...".
+  for (let i = 0; i + 1 < lines.length; i += 2) {
+    const head = lines[i].trim().split(/\s+/), vals = lines[i + 1].trim().split(/\s+/);
+    if (!head[0] || head[0] !== vals[0]) continue;
+    const group = head[0].replace(':', '');
+    out[group] = Object.fromEntries(head.slice(1).map((h, j) => [h, Number(vals[j + 1])]));
   }
-  return total;
+  return out;
+}
+
+/** Tcp and Udp InCsumErrors: packets a receiver dropped for a bad checksum. */
+export async function csumErrors(lab: Lab, pod: LabPod): Promise<number> {
+  const s = await snmp(lab, pod);
+  return (s.Tcp?.InCsumErrors ?? 0) + (s.Udp?.InCsumErrors ?? 0);
+}
+
+export async function tcpRetransSegs(lab: Lab, pod: LabPod): Promise<number> {
+  return (await snmp(lab, pod)).Tcp?.RetransSegs ?? 0;
 }

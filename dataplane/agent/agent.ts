@@ -245,15 +245,22 @@ export class Agent {
   /**
    * Detaches every filter, closes the endpoints. The maps stay pinned unless
    * cleanup is asked for, so the next agent resumes every learned flow.
+   * handover leaves the filters attached instead: their programs keep running
+   * on the pinned maps until the next agent replaces them in place (its
+   * attach uses BPF_TC_F_REPLACE), so an upgrade loses no packet.
    */
-  async stop(opts: { cleanup?: boolean } = {}): Promise<{ errors: string[] }> {
+  async stop(opts: { cleanup?: boolean; handover?: boolean } = {}): Promise<{ errors: string[] }> {
     if (this.stopping) return { errors: [] };
     this.stopping = true;
     this.ready = false;
     await this.closeEndpoints();
     const errors: string[] = [];
     const dp = this.dp;
-    if (dp) {
+    if (dp && opts.handover) {
+      this.log.info(`handover: left ${dp.list().length} filter(s) attached for the next agent, which replaces them in place`);
+      dp.close();
+      this.dp = undefined;
+    } else if (dp) {
       const n = dp.list().length;
       errors.push(...dp.detachAll());
       this.log.info(`detached ${n - errors.length} filter(s)${errors.length ? `; ${errors.length} failed` : ''}`);

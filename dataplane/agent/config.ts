@@ -83,7 +83,9 @@ ${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.h
   --help                          this text
 
 signals: SIGTERM/SIGINT detach every filter and exit, keeping the pinned maps so that
-a restart resumes every learned flow.`;
+a restart resumes every learned flow. SIGUSR2 exits for an upgrade: the filters stay
+attached and keep working on the pinned maps until the next agent replaces them in
+place, so a restart that way loses no packet.`;
 
 export function parseArgs(argv: readonly string[]): ParsedArgs {
   const out: ParsedArgs = { command: 'run', flags: {} };

@@ -32,6 +32,16 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
     };
     process.on('SIGTERM', onSignal);
     process.on('SIGINT', onSignal);
+    // SIGUSR2: stop for an upgrade or restart, leaving the datapath running.
+    process.on('SIGUSR2', () => {
+      if (stopping) return;
+      stopping = true;
+      log.info('SIGUSR2: handing over (filters stay attached)');
+      agent.stop({ handover: true }).then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
+        log.error(`handover failed: ${e.message}`);
+        resolve(1);
+      });
+    });
     process.on('SIGHUP', () => log.info('SIGHUP ignored: restart the agent to change its configuration (the pins keep every flow)'));
     // A bug must not leave filters attached with nobody to keep their maps right.
     const fatal = (e: unknown) => {
