@@ -503,6 +503,11 @@ export class Lab {
     return { warnings };
   }
 
+  /** The directories searched for CNI plugins (CNI_PATH) in this lab. */
+  get cniPath(): readonly string[] {
+    return this.state.cniPath;
+  }
+
   status(): LabStatus {
     const exists = (ns: string) => existsSync(netnsPath(ns));
     return {
