@@ -424,7 +424,7 @@ export class Agent {
       this.stats.expired.egress += r.egress.deleted;
       this.stats.expired.ingress += r.ingress.deleted;
       if (r.egress.deleted || r.ingress.deleted) {
-        this.log.debug(`expired ${r.egress.deleted} egress and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left)`);
+        this.log.debug(`expired ${r.egress.deleted} egress${r.egress.unanswered ? ` (${r.egress.unanswered} unanswered by the peer)` : ''} and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left) in ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
       }
       this.collectGonePods();
     } catch (e) {

@@ -2,6 +2,7 @@
  * The flow caches as the agent sees them: dumped, purged for a pod, and
  * expired, always through the layouts of dataplane/maps.ts.
  */
+import type { FieldType, Struct } from '../layout.ts';
 import type { BpfMap } from '../libbpf.ts';
 import { egressKey, ingressKey, path, type EgressKey, type IngressKey, type Path } from '../maps.ts';
 import type { EgressDumpEntry, IngressDumpEntry, PathJson, Purged } from './protocol.ts';
@@ -49,37 +50,142 @@ export function dumpIngress(map: BpfMap, now: bigint): IngressDumpEntry[] {
  * new entry for it while we sweep.
  */
 export function purgePod(egress: BpfMap, ingress: BpfMap, ip: string): Purged {
-  const e = readEgress(egress).filter((x) => x.key.local_pod === ip).map((x) => x.raw);
-  const i = readIngress(ingress).filter((x) => x.value.local_ip === ip).map((x) => x.raw);
+  const want = u32Of(egressKey.encode({ local_pod: ip, remote_pod: ip }), EK.local);
+  const e = egress.lookupBatch().filter(([k]) => u32Of(k, EK.local) === want).map(([k]) => k);
+  const i = ingress.lookupBatch().filter(([, v]) => u32Of(v, P.localIp) === want).map(([k]) => k);
   return { egress: egress.deleteBatch(e), ingress: ingress.deleteBatch(i) };
 }
 
+/*
+ * Purge and expiry read whole caches, 65,536 entries each: decoding every
+ * entry into strings costs ~10 µs, a second per cache, during which the agent
+ * serves nothing. They read the few fields they need straight from the
+ * kernel's bytes instead, at the offsets maps.ts defines; an address is
+ * compared as the 32-bit number its four bytes make.
+ */
+function offsetOf(s: Struct<never>, name: string, type: FieldType): number {
+  const f = s.field(name);
+  // A layout change must fail here, not read the wrong bytes.
+  if (f.type !== type) throw new Error(`struct ${s.name}: field ${name} is ${JSON.stringify(f.type)}, expected ${type}`);
+  return f.offset;
+}
+const asStruct = (s: unknown) => s as Struct<never>;
+const P = {
+  lastSeen: offsetOf(asStruct(path), 'last_seen', 'u64'),
+  localIp: offsetOf(asStruct(path), 'local_ip', 'ipv4'),
+  remoteIp: offsetOf(asStruct(path), 'remote_ip', 'ipv4'),
+  localKey: offsetOf(asStruct(path), 'local_key', 'u16'),
+  remoteKey: offsetOf(asStruct(path), 'remote_key', 'u16'),
+};
+const EK = {
+  local: offsetOf(asStruct(egressKey), 'local_pod', 'ipv4'),
+  remote: offsetOf(asStruct(egressKey), 'remote_pod', 'ipv4'),
+};
+const IK = {
+  host: offsetOf(asStruct(ingressKey), 'remote_host', 'ipv4'),
+  key: offsetOf(asStruct(ingressKey), 'key', 'u16'),
+};
+const u32Of = (b: Buffer, at: number) => b.readUInt32LE(at);
+const u16Of = (b: Buffer, at: number) => b.readUInt16LE(at);
+const lastSeenOf = (b: Buffer) => b.readBigUInt64LE(P.lastSeen);
+/** (remote host, key) as one number, for a Map: 32 + 16 bits fit a double exactly. */
+const ingressId = (host: number, key: number) => host * 0x10000 + key;
+
 export interface ExpiryResult {
-  egress: { deleted: number; remaining: number };
+  /** unanswered: deleted because the peer stopped talking back, though masq kept the entry busy. */
+  egress: { deleted: number; remaining: number; unanswered: number };
   ingress: { deleted: number; remaining: number };
 }
 
+type EgressVerdict = 'keep' | 'idle' | 'unanswered';
+
 /**
- * Deletes the entries whose last_seen is older than the idle limits. The
- * programs refresh entries concurrently: each candidate is read once more
- * just before the delete and spared if its stamp moved, which narrows the
- * race to a few microseconds; losing it only sends that flow back through
- * the overlay to relearn.
+ * Whether an egress entry (k, v: its raw key and value) still serves a live
+ * pair; peer is the raw ingress entry under (v.remote_ip, v.local_key).
+ *
+ * Idleness alone cannot retire an entry masq uses: masq refreshes last_seen
+ * on every packet the local pod sends, whether or not anything at the other
+ * end accepts them. When the remote pod is deleted, its host purges the
+ * ingress entry our remote_key named, drops what we masquerade to it
+ * (RESTORE_MISS), and — if the IP goes to a new pod — the new pod is
+ * unreachable from here for as long as our pod keeps sending.
+ *
+ * So an entry masq can use (both keys set) is alive only while the peer
+ * talks back: our own ingress entry for the pair, ingress[(peer host,
+ * local_key)], must still exist, still restore to this very pair, and have
+ * been refreshed by restore within the egress idle time. restore refreshes
+ * it on every masqueraded packet of the pair from the peer; init creates it
+ * fresh when it draws the key. Otherwise the entry goes, the next packet
+ * takes the overlay, and init and restore learn the pair again with keys
+ * both hosts hold. The price: a pair whose peer goes quiet (a one-way
+ * stream) leaves the fast path after the idle time, until the peer sends.
+ *
+ * Entries masq cannot use (no local or no remote key) keep the plain idle
+ * rule: they send nothing past the overlay, and retiring them while the
+ * overlay still carries the pair (a peer without XMasq, a one-way flow) would
+ * only make init draw a new key every idle period while the old key's ingress
+ * entry lingers, eating into the 63 keys of the host pair.
+ */
+function judgeEgress(k: Buffer, v: Buffer, peer: Buffer | undefined, now: bigint, idleNs: bigint): EgressVerdict {
+  if (now - lastSeenOf(v) > idleNs) return 'idle';
+  if (u16Of(v, P.localKey) === 0 || u16Of(v, P.remoteKey) === 0) return 'keep';
+  const answered = peer !== undefined
+    && u32Of(peer, P.localIp) === u32Of(k, EK.local) && u32Of(peer, P.remoteIp) === u32Of(k, EK.remote)
+    && now - lastSeenOf(peer) <= idleNs;
+  return answered ? 'keep' : 'unanswered';
+}
+
+/** The ingress key an egress entry's key for the peer lives under: (peer host, our key). */
+function peerKey(v: Buffer): Buffer {
+  const k = Buffer.alloc(ingressKey.size);
+  v.copy(k, IK.host, P.remoteIp, P.remoteIp + 4);
+  k.writeUInt16LE(u16Of(v, P.localKey), IK.key);
+  return k;
+}
+
+/**
+ * Deletes idle entries, and egress entries whose peer stopped answering
+ * (judgeEgress). The programs write entries concurrently: each candidate is
+ * read again, with the ingress entry it depends on, just before the delete
+ * and spared if it no longer qualifies, which narrows the race to a few
+ * microseconds; losing it only sends that flow back through the overlay to
+ * learn again.
  */
 export function expire(egress: BpfMap, ingress: BpfMap, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
-  const one = (map: BpfMap, entries: Entry<unknown>[], idleNs: bigint) => {
-    const stale = entries.filter((x) => now - x.value.last_seen > idleNs);
-    const confirmed: Buffer[] = [];
-    for (const x of stale) {
-      const v = map.lookup(x.raw);
-      if (v && path.decode(v).last_seen === x.value.last_seen) confirmed.push(x.raw);
-    }
-    const deleted = map.deleteBatch(confirmed);
-    return { deleted, remaining: entries.length - deleted };
+  const ingressEntries = ingress.lookupBatch();
+  const byId = new Map<number, Buffer>();
+  for (const [k, v] of ingressEntries) byId.set(ingressId(u32Of(k, IK.host), u16Of(k, IK.key)), v);
+  const snapshotPeer = (v: Buffer) => {
+    const key = u16Of(v, P.localKey);
+    return key ? byId.get(ingressId(u32Of(v, P.remoteIp), key)) : undefined;
   };
+  const currentPeer = (v: Buffer) => (u16Of(v, P.localKey) ? ingress.lookup(peerKey(v)) : undefined);
+
+  const egressEntries = egress.lookupBatch();
+  const doomed: Buffer[] = [];
+  let unanswered = 0;
+  for (const [k, v] of egressEntries) {
+    if (judgeEgress(k, v, snapshotPeer(v), now, egressIdleNs) === 'keep') continue;
+    const again = egress.lookup(k);
+    if (!again) continue;
+    const verdict = judgeEgress(k, again, currentPeer(again), now, egressIdleNs);
+    if (verdict === 'keep') continue;
+    doomed.push(k);
+    if (verdict === 'unanswered') unanswered++;
+  }
+  const egressDeleted = egress.deleteBatch(doomed);
+
+  const stale: Buffer[] = [];
+  for (const [k, v] of ingressEntries) {
+    const seen = lastSeenOf(v);
+    if (now - seen <= ingressIdleNs) continue;
+    const again = ingress.lookup(k);
+    if (again && lastSeenOf(again) === seen) stale.push(k);
+  }
+  const ingressDeleted = ingress.deleteBatch(stale);
   return {
-    egress: one(egress, readEgress(egress), egressIdleNs),
-    ingress: one(ingress, readIngress(ingress), ingressIdleNs),
+    egress: { deleted: egressDeleted, remaining: egressEntries.length - egressDeleted, unanswered },
+    ingress: { deleted: ingressDeleted, remaining: ingressEntries.length - ingressDeleted },
   };
 }
 

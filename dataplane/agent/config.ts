@@ -56,7 +56,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'socket', flag: '--socket', kind: 'path', arg: 'PATH', def: DEFAULT_SOCKET, help: 'the unix socket of the pod/policy protocol' },
   { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
   { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
-  { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted' },
+  { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)' },
   { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted' },
   { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
@@ -81,6 +81,19 @@ flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below
 ${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.def}` : ''})`).join('\n')}
   --help                          this text
+
+expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
+an entry masq uses, since masq refreshes it on every packet the pod sends even when the
+other end drops them all: after the remote pod is deleted (its host purged our key and
+drops what we send: RESTORE_MISS), and a new pod gets its IP, our pod could never reach
+the new one. So an egress entry with both keys is kept only while the peer talks back:
+our ingress entry for the pair (peer host, our key) must exist, restore to this very pod
+pair, and have been refreshed by restore within --egress-idle. Otherwise it is deleted;
+the next packet crosses the overlay and the pair is learned again with fresh keys.
+Entries without both keys carry nothing past the overlay and keep the plain idle rule.
+The cost: a pair whose peer stops sending (a one-way stream) leaves the fast path after
+--egress-idle, until the peer sends again.
+Ingress entries go after --ingress-idle without use.
 
 signals: SIGTERM/SIGINT detach every filter and exit, keeping the pinned maps so that
 a restart resumes every learned flow. SIGUSR2 exits for an upgrade: the filters stay
