@@ -131,8 +131,13 @@ function aPath(over: Partial<Path>): Path {
   };
 }
 
+/**
+ * Without a local key unless asked: an entry with both keys lives only while
+ * its ingress entry for the pair is fresh, so a lone one would be expired
+ * under tests that are about something else.
+ */
 function plantEgress(local: string, remote: string, p: Partial<Path> = {}): void {
-  withMap('egress_cache', (m) => m.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode(aPath(p))));
+  withMap('egress_cache', (m) => m.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode(aPath({ local_key: 0, ...p }))));
 }
 
 function plantIngress(remoteHost: string, key: number, p: Partial<Path>): void {
@@ -398,6 +403,46 @@ describe('xmasq-agent', () => {
     expect(s.expiry.expired.ingress).toBeGreaterThanOrEqual(1);
   });
 
+  it('keeps an egress entry with both keys only while its peer talks back through its ingress entry', async () => {
+    const peer = '192.168.77.7';
+    const stale = monotonicCoarseNs() - 30n * 1_000_000_000n; // past egress idle (20 s), within ingress idle (40 s)
+    const learned = (remote: string, key: number, over: Partial<Path> = {}) =>
+      plantEgress(POD.ip, remote, { local_key: key, remote_key: 9, remote_ip: peer, ...over });
+    // answered: the ingress entry restores to this pair and restore refreshed it
+    learned('10.244.7.1', 11);
+    plantIngress(peer, 11, { local_ip: POD.ip, remote_ip: '10.244.7.1', local_key: 11 });
+    // the peer never answered, or purged our key with its pod: no ingress entry
+    learned('10.244.7.2', 12);
+    // our key now restores to another pair
+    learned('10.244.7.3', 13);
+    plantIngress(peer, 13, { local_ip: POD.ip, remote_ip: '10.244.7.99', local_key: 13 });
+    // the peer stopped: masq keeps the egress entry fresh, restore no longer refreshes the ingress one
+    learned('10.244.7.4', 14);
+    plantIngress(peer, 14, { local_ip: POD.ip, remote_ip: '10.244.7.4', local_key: 14, last_seen: stale });
+    // the right pair under the key, but learned from another peer host
+    learned('10.244.7.5', 15);
+    plantIngress('192.168.77.8', 15, { local_ip: POD.ip, remote_ip: '10.244.7.5', local_key: 15 });
+    // masq cannot use these (a key missing): the plain idle rule
+    learned('10.244.7.6', 16, { remote_key: 0 });
+    learned('10.244.7.7', 0);
+    const before = (await call((c) => c.status())).status.expiry.expired.egress;
+
+    await until('the unanswered entries to expire', () => ['2', '3', '4', '5'].every((n) => !hasEgress(POD.ip, `10.244.7.${n}`)));
+    await new Promise((r) => setTimeout(r, 600)); // a few more scans
+    for (const n of ['1', '6', '7']) expect(hasEgress(POD.ip, `10.244.7.${n}`), `10.244.7.${n}`).toBe(true);
+    // the ingress entries are judged by their own idle time only
+    expect(ingressKeys().filter((k) => k.remote_host === peer).map((k) => k.key).sort((x, y) => x - y)).toEqual([11, 13, 14]);
+    expect((await call((c) => c.status())).status.expiry.expired.egress).toBe(before + 4);
+    expect(agent!.stderr()).toMatch(/expired \d+ egress \(\d+ unanswered by the peer\)/);
+
+    // once the peer falls silent, the answered entry goes too
+    plantIngress(peer, 11, { local_ip: POD.ip, remote_ip: '10.244.7.1', local_key: 11, last_seen: stale });
+    await until('the entry whose peer fell silent to expire', () => !hasEgress(POD.ip, '10.244.7.1'));
+    withMap('egress_cache', (m) => m.deleteBatch(['6', '7'].map((n) => egressKey.encode({ local_pod: POD.ip, remote_pod: `10.244.7.${n}` }))));
+    withMap('ingress_cache', (m) => m.deleteBatch([11, 13, 14].map((key) => ingressKey.encode({ remote_host: peer, key }))));
+    withMap('ingress_cache', (m) => m.delete(ingressKey.encode({ remote_host: '192.168.77.8', key: 15 })));
+  });
+
   it('the CLI shows status, pods, policy and caches, and says when no agent runs', () => {
     const st = runCli(['status']);
     expect(st.code, st.err).toBe(0);
@@ -468,6 +513,25 @@ describe('xmasq-agent', () => {
     expect(await r.exited).toBe(1);
     expect(r.stderr()).toContain('another xmasq-agent already serves');
     expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect((await call((c) => c.status())).status.pods).toBe(1);
+  });
+
+  it('goes on serving, without spinning, when its stderr is closed', async () => {
+    const pid = agent!.child.pid!;
+    // The reader goes away (a dead supervisor); every log line now fails with EPIPE.
+    agent!.child.stderr!.destroy();
+    const cpuTicks = () => {
+      const f = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return Number(f[11]) + Number(f[12]); // utime + stime, fields 14 and 15 of stat(5)
+    };
+    for (let i = 0; i < 5; i++) {
+      process.kill(pid, 'SIGHUP'); // the agent logs a line for each
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const before = cpuTicks();
+    await new Promise((r) => setTimeout(r, 1500));
+    // A write-error loop burns a whole core: ~150 ticks in 1.5 s. An idle agent scanning every 0.2 s: a few.
+    expect(cpuTicks() - before).toBeLessThan(60);
     expect((await call((c) => c.status())).status.pods).toBe(1);
   });
 
