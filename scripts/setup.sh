@@ -10,7 +10,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
-  containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static)
+  containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
