@@ -3,6 +3,8 @@
  * xmasq: the operator's view of a running xmasq-agent, over its socket.
  * Exit status: 0 done, 1 the agent refused or failed, 2 bad usage, 3 no agent.
  */
+import { execFileSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { dumpEgress, dumpIngress } from '../agent/caches.ts';
 import { openPinned } from '../agent/datapath.ts';
 import { monotonicCoarseNs } from '../agent/native.ts';
@@ -27,6 +29,9 @@ commands:
   pods                            the pods the agent serves
   cache dump [--egress|--ingress] the flow caches, decoded
   policy add|del|list             deny rules
+  lab up|down|status              a lab of namespaced hosts to try XMasq in (root)
+  demo [options]                  is it faster? host, overlay and XMasq measured in a lab
+                                  (root; xmasq demo --help)
 
 ${GLOBAL}`,
   status: `usage: xmasq status [--json]
@@ -60,6 +65,48 @@ ingress: packets entering one. A new rule applies to new and masqueraded flows
 alike; a flow it denies loses its packets from the next one on.
 
 ${GLOBAL}`,
+  lab: `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents]
+       xmasq lab down [--name N]
+       xmasq lab status [--name N] [--json]
+
+N hosts as network namespaces joined by a wire, with a Flannel-style VXLAN
+overlay and pods from the real CNI plugins (see lab/README.md). Needs root;
+everything it creates lives in its own namespaces. Progress goes to stderr.
+xmasq lab <command> --help for each command.`,
+  'lab up': `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--json]
+
+Creates the lab: hosts <N>-h1.., a wire, the overlay, and --pods pods per host
+(<N>-h1-p1..) through the CNI chain bridge + host-local.
+
+  --name N        the lab's name, the prefix of its namespaces (default xmq)
+  --hosts N       hosts, 1..254 (default 2)
+  --pods N        pods per host (default 2)
+  --no-offload    checksum offload off on the wire and pod veths, so a capture
+                  shows the checksums a receiver checks
+  --with-agents   one xmasq-agent per host, left running in the background
+                  (socket, pid file, log and state under
+                  /run/xmasq-lab-agents/<name>/<host>, pins under
+                  /sys/fs/bpf/xmasq-lab-<name>-<host>, /metrics on
+                  127.0.0.1:9477 inside each host's netns); pods are created
+                  after them, through the chain with the xmasq plugin last
+  --json          print the lab's status as JSON when it is up
+
+Talk to a host's agent with: xmasq --socket /run/xmasq-lab-agents/<name>/h1/agent.sock status`,
+  'lab down': `usage: xmasq lab down [--name N]
+
+Stops the lab's agents (SIGTERM: they detach their filters), runs
+xmasq-agent cleanup for each (pins, state), then deletes every pod (CNI DEL)
+and namespace of the lab. Safe to repeat, and on a half-built lab.
+
+  --name N        the lab's name (default xmq)`,
+  'lab status': `usage: xmasq lab status [--name N] [--json]
+
+The lab's hosts and pods, whether their namespaces exist, and for a lab with
+agents: each agent's pid, mode, pods and counters, and whether each pod's masq
+is attached. Exit status 1 when the lab is not up.
+
+  --name N        the lab's name (default xmq)
+  --json          as JSON`,
 };
 
 interface Args {
@@ -67,8 +114,8 @@ interface Args {
   opts: Map<string, string | true>;
 }
 
-const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id']);
-const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress']);
+const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id', '--name', '--hosts', '--pods']);
+const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress', '--no-offload', '--with-agents']);
 
 function parse(argv: string[]): Args {
   const positional: string[] = [];
@@ -194,7 +241,27 @@ async function withClient<T>(socket: string, fn: (c: AgentClient) => Promise<T>)
   }
 }
 
+/**
+ * `xmasq demo` takes the demo's own options, so it is handed over before
+ * this CLI parses anything. It builds the BPF objects first (make does
+ * nothing when they are current), so that it works from a fresh clone.
+ */
+async function demo(argv: string[]): Promise<number> {
+  const { main: demoMain } = await import('../../demo/main.ts');
+  if (!argv.includes('--help') && !argv.includes('-h')) {
+    const bpf = fileURLToPath(new URL('../../bpf/', import.meta.url));
+    try {
+      execFileSync('make', ['-s', '--no-print-directory', '-C', bpf], { stdio: ['ignore', 'inherit', 'inherit'] });
+    } catch {
+      process.stderr.write(`xmasq demo: building the BPF objects in ${bpf} failed (see above); scripts/setup.sh installs what the build needs\n`);
+      return 1;
+    }
+  }
+  return demoMain(argv);
+}
+
 async function main(argv: string[]): Promise<number> {
+  if (argv[0] === 'demo') return demo(argv.slice(1));
   const a = parse(argv);
   const [cmd, sub, ...rest] = a.positional;
   const json = a.opts.has('--json');
@@ -205,11 +272,12 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${HELP[sub ?? 'main'] ?? HELP.main}\n`);
     return cmd ? 0 : a.opts.has('--help') ? 0 : 2;
   }
-  if (!HELP[cmd]) throw new UsageError(`unknown command "${cmd}"; the commands are status, pods, cache dump, policy add|del|list`);
+  if (!HELP[cmd]) throw new UsageError(`unknown command "${cmd}"; the commands are status, pods, cache dump, policy add|del|list, lab up|down|status, demo`);
   if (a.opts.has('--help')) {
-    process.stdout.write(`${HELP[cmd]}\n`);
+    process.stdout.write(`${(cmd === 'lab' && sub && HELP[`lab ${sub}`]) || HELP[cmd]}\n`);
     return 0;
   }
+  if (cmd === 'lab') return lab(a, sub, rest, out);
 
   switch (cmd) {
     case 'status': {
@@ -282,6 +350,33 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   return 2;
+}
+
+/** lab/cli.ts is loaded only here: the other commands never need the lab's code. */
+async function lab(a: Args, sub: string | undefined, rest: string[], out: (human: string, raw: unknown) => void): Promise<number> {
+  if (sub !== 'up' && sub !== 'down' && sub !== 'status') throw new UsageError('usage: xmasq lab up|down|status (see xmasq lab --help)');
+  if (rest.length) throw new UsageError(`lab ${sub} takes options only, got "${rest[0]}"`);
+  allowOnly(a, sub === 'up' ? ['--name', '--hosts', '--pods', '--no-offload', '--with-agents'] : ['--name']);
+  if (a.opts.has('--socket')) throw new UsageError('--socket does not apply to lab commands');
+  const name = a.opts.get('--name') as string | undefined;
+  const { labUp, labDown, labStatus, printLabStatus } = await import('../../lab/cli.ts');
+  const progress = (line: string) => process.stderr.write(`xmasq lab: ${line}\n`);
+  if (sub === 'up') {
+    const hosts = intOpt(a.opts, '--hosts');
+    const pods = intOpt(a.opts, '--pods');
+    await labUp({ name, hosts, pods, offload: !a.opts.has('--no-offload'), withAgents: a.opts.has('--with-agents') }, progress);
+    const v = await labStatus(name);
+    out(printLabStatus(v), v);
+    return 0;
+  }
+  if (sub === 'down') {
+    if (a.opts.has('--json')) throw new UsageError('--json does not apply to lab down');
+    await labDown(name, progress);
+    return 0;
+  }
+  const v = await labStatus(name);
+  out(printLabStatus(v), v);
+  return v.up ? 0 : 1;
 }
 
 main(process.argv.slice(2)).then(
