@@ -1,0 +1,130 @@
+/**
+ * The agent's control loops on a simulated host, run by the agent's own
+ * functions: dataplane/agent/caches.ts expires and purges, and
+ * dataplane/agent/policy.ts turns rules into policy_rules keys and the
+ * policy_masks list. Those functions read the kernel's maps as raw bytes;
+ * here they read the model's tables through ModelMapView, which encodes and
+ * decodes with the layouts of dataplane/maps.ts, so they see exactly the
+ * bytes the kernel would hold.
+ */
+import type { BpfMap } from '../../dataplane/libbpf.ts';
+import { egressKey, ingressKey, path, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
+import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
+import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
+import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
+import type { Struct } from '../../dataplane/layout.ts';
+import type { DatapathState, HashTable } from '../model/index.ts';
+
+/** The part of BpfMap that caches.ts uses, over a model table. */
+type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch'>;
+
+class ModelMapView<K, V> implements MapOps {
+  constructor(
+    private readonly table: HashTable<K, V>,
+    private readonly key: Struct<never>,
+    private readonly value: Struct<never>,
+  ) {}
+
+  lookup(k: Buffer): Buffer | undefined {
+    const v = this.table.lookup(this.key.decode(k) as K);
+    return v === undefined ? undefined : this.value.encode(v as never);
+  }
+
+  lookupBatch(): Array<[Buffer, Buffer]> {
+    return this.table.entries().map(([k, v]) => [this.key.encode(k as never), this.value.encode(v as never)]);
+  }
+
+  deleteBatch(keys: Buffer[]): number {
+    let n = 0;
+    for (const k of keys) if (this.table.delete(this.key.decode(k) as K)) n++;
+    return n;
+  }
+}
+
+// caches.ts takes BpfMap, a class with a kernel fd behind it; it only calls the
+// MapOps methods, which ModelMapView implements with the same contract.
+const asBpfMap = (v: MapOps) => v as unknown as BpfMap;
+
+export interface AgentTiming {
+  egressIdleNs: number;
+  ingressIdleNs: number;
+  scanIntervalNs: number;
+}
+
+/** The agent's defaults (dataplane/agent/config.ts): 20 s, 40 s, a scan every second. */
+export const DEFAULT_TIMING: AgentTiming = { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9 };
+
+export interface AgentFaults {
+  /** A planted bug for the property tests: pod DEL leaves the pod's cache entries behind. */
+  noPurgeOnDelete?: boolean;
+}
+
+export class SimAgent {
+  private readonly egress: BpfMap;
+  private readonly ingress: BpfMap;
+  private rules: PolicyRuleRecord[] = [];
+  readonly expired = { egress: 0, ingress: 0, unanswered: 0 };
+
+  constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}) {
+    this.egress = asBpfMap(new ModelMapView(s.egress_cache, egressKey as unknown as Struct<never>, path as unknown as Struct<never>));
+    this.ingress = asBpfMap(new ModelMapView(s.ingress_cache, ingressKey as unknown as Struct<never>, path as unknown as Struct<never>));
+  }
+
+  /** CNI ADD: the agent writes pod_info; a different pod on the same IP is forgotten first. */
+  addPod(ip: string, mac: string, ifindex: number): void {
+    const old = this.s.pod_info.lookup(ip);
+    if (old && (old.mac !== mac || old.ifindex !== ifindex)) this.forgetPod(ip);
+    this.s.pod_info.update(ip, { ifindex, mac });
+  }
+
+  /** CNI DEL, which runs before IPAM frees the IP. */
+  delPod(ip: string): void {
+    this.forgetPod(ip);
+  }
+
+  private forgetPod(ip: string): void {
+    this.s.pod_info.delete(ip);
+    if (!this.faults.noPurgeOnDelete) purgePod(this.egress, this.ingress, ip);
+  }
+
+  scan(nowNs: bigint): ExpiryResult {
+    const r = expire(this.egress, this.ingress, nowNs, BigInt(this.timing.egressIdleNs), BigInt(this.timing.ingressIdleNs));
+    this.expired.egress += r.egress.deleted;
+    this.expired.ingress += r.ingress.deleted;
+    this.expired.unanswered += r.egress.unanswered;
+    return r;
+  }
+
+  /** Adds a deny rule (the agent's validation applies); returns its id. */
+  addRule(spec: unknown): number {
+    const r = normaliseRule(spec, () => Math.max(0, ...this.rules.map((x) => x.id)) + 1);
+    const masks = masksOf([...this.rules, r]);
+    if (masks.length > POLICY_MAX_MASKS) throw new Error(`rule would need ${masks.length} masks`);
+    // As PolicyTable does: the rule first, then its mask, so a packet in between sees the old rules.
+    this.s.policy_rules.update(toKey(r), { id: r.id } satisfies PolicyRule);
+    this.rules.push(r);
+    this.writeMasks();
+    return r.id;
+  }
+
+  removeRule(id: number): boolean {
+    const r = this.rules.find((x) => x.id === id);
+    if (!r) return false;
+    this.s.policy_rules.delete(toKey(r));
+    this.rules = this.rules.filter((x) => x !== r);
+    this.writeMasks();
+    return true;
+  }
+
+  /** The rules in force, for the invariant checker. */
+  get policy(): readonly PolicyRuleRecord[] {
+    return this.rules;
+  }
+
+  private writeMasks(): void {
+    const masks = masksOf(this.rules);
+    const mask = new Array<number>(POLICY_MAX_MASKS + 1).fill(0);
+    masks.forEach((m, i) => (mask[i] = m));
+    this.s.policy_masks = { count: masks.length, mask };
+  }
+}

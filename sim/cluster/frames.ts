@@ -1,0 +1,137 @@
+/**
+ * What the host stack does to frames on the overlay path: route (TTL − 1),
+ * VXLAN encapsulation as flannel.1 sends it, and decapsulation; plus the
+ * packet id the simulator writes into every payload. All on raw bytes.
+ */
+import { ipv4HeaderChecksum } from '../packet/index.ts';
+import { VXLAN_PORT, VXLAN_VNI } from './topology.ts';
+
+export const ETH_HLEN = 14;
+export const VXLAN_OVERHEAD = 50;
+const UDP_SPORT_MIN = 32768;
+const UDP_SPORT_RANGE = 61000 - 32768;
+
+/** ip_decrease_ttl: TTL − 1, header checksum updated incrementally; false when the TTL runs out. */
+export function decreaseTtl(f: Buffer, l3: number): boolean {
+  if (f[l3 + 8] <= 1) return false;
+  f[l3 + 8]--;
+  let c = f.readUInt16BE(l3 + 10) + 0x0100;
+  c = (c & 0xffff) + (c >>> 16);
+  f.writeUInt16BE(c, l3 + 10);
+  return true;
+}
+
+/** A header whose checksum a receiving stack accepts. */
+export function ipHeaderValid(f: Buffer, l3: number): boolean {
+  const ihl = (f[l3] & 0x0f) * 4;
+  if (ihl < 20 || l3 + ihl > f.length) return false;
+  let s = 0;
+  for (let i = l3; i < l3 + ihl; i += 2) s += (f[i] << 8) | f[i + 1];
+  while (s > 0xffff) s = (s & 0xffff) + (s >>> 16);
+  return s === 0xffff;
+}
+
+export interface Encap {
+  srcMac: Buffer;
+  dstMac: Buffer;
+  srcIp: number;
+  dstIp: number;
+  ipId: number;
+}
+
+/**
+ * The Linux vxlan device's output for flannel.1: outer IPv4 (TOS 0 with the
+ * inner ECN copied, no DF, TTL 64), UDP from a port hashed from the inner
+ * flow to 8472 with checksum 0, VXLAN with VNI 1.
+ */
+export function vxlanEncap(inner: Buffer, o: Encap): Buffer {
+  const out = Buffer.allocUnsafe(VXLAN_OVERHEAD + inner.length);
+  o.dstMac.copy(out, 0);
+  o.srcMac.copy(out, 6);
+  out.writeUInt16BE(0x0800, 12);
+  const l3 = ETH_HLEN;
+  out[l3] = 0x45;
+  out[l3 + 1] = inner[ETH_HLEN + 1] & 3;
+  out.writeUInt16BE(VXLAN_OVERHEAD - ETH_HLEN + inner.length, l3 + 2);
+  out.writeUInt16BE(o.ipId & 0xffff, l3 + 4);
+  out.writeUInt16BE(0, l3 + 6);
+  out[l3 + 8] = 64;
+  out[l3 + 9] = 17;
+  out.writeUInt16BE(0, l3 + 10);
+  out.writeUInt32BE(o.srcIp, l3 + 12);
+  out.writeUInt32BE(o.dstIp, l3 + 16);
+  out.writeUInt16BE(ipv4HeaderChecksum(out, l3, 20), l3 + 10);
+  const udp = l3 + 20;
+  out.writeUInt16BE(UDP_SPORT_MIN + (flowHash(inner) % UDP_SPORT_RANGE), udp);
+  out.writeUInt16BE(VXLAN_PORT, udp + 2);
+  out.writeUInt16BE(8 + 8 + inner.length, udp + 4);
+  out.writeUInt16BE(0, udp + 6);
+  out.writeUInt32BE(0x08000000, udp + 8);
+  out.writeUInt32BE(VXLAN_VNI << 8, udp + 12);
+  inner.copy(out, VXLAN_OVERHEAD);
+  return out;
+}
+
+/** A hash of the inner addresses and ports, as udp_flow_src_port spreads flows over source ports. */
+function flowHash(inner: Buffer): number {
+  const l3 = ETH_HLEN;
+  let h = 2166136261;
+  const end = Math.min(inner.length, l3 + ((inner[l3] & 0x0f) * 4) + 4);
+  for (let i = l3 + 9; i < end; i++) {
+    if (i === l3 + 10 || i === l3 + 11) continue;
+    h = Math.imul(h ^ inner[i], 16777619);
+  }
+  return h >>> 0;
+}
+
+/**
+ * The vxlan socket's receive path for a frame whose outer IPv4 header (at 14)
+ * is addressed to this host: the inner Ethernet frame, or undefined when it is
+ * not VXLAN with VNI 1.
+ */
+export function vxlanDecap(f: Buffer): Buffer | undefined {
+  const l3 = ETH_HLEN;
+  const ihl = (f[l3] & 0x0f) * 4;
+  const udp = l3 + ihl;
+  if (f[l3 + 9] !== 17 || udp + 16 > f.length) return undefined;
+  if (f.readUInt16BE(udp + 2) !== VXLAN_PORT) return undefined;
+  const ulen = f.readUInt16BE(udp + 4);
+  if (ulen < 16 + ETH_HLEN || udp + ulen > f.length) return undefined;
+  if (!(f[udp + 8] & 0x08) || (f.readUInt32BE(udp + 12) >>> 8) !== VXLAN_VNI) return undefined;
+  return f.subarray(udp + 16, udp + ulen);
+}
+
+/** Where the simulator's 8-byte packet id sits: the start of the L4 payload, or -1. */
+export function payloadOffset(f: Buffer, l3: number): number {
+  if (f.length < l3 + 20) return -1;
+  const ihl = (f[l3] & 0x0f) * 4;
+  const l4 = l3 + ihl;
+  let off: number;
+  switch (f[l3 + 9]) {
+    case 6: off = f.length >= l4 + 20 ? l4 + (f[l4 + 12] >> 4) * 4 : -1; break;
+    case 17: off = l4 + 8; break;
+    case 1: off = l4 + 8; break;
+    default: return -1;
+  }
+  return off >= 0 && off + 8 <= f.length ? off : -1;
+}
+
+/**
+ * The id as two 16-bit words followed by their complements: the four words
+ * add up to zero in ones'-complement arithmetic, so writing them leaves the
+ * L4 checksum of the template valid without recomputing it.
+ */
+export function writePacketId(f: Buffer, off: number, id: number): void {
+  const hi = id >>> 16, lo = id & 0xffff;
+  f.writeUInt16BE(hi, off);
+  f.writeUInt16BE(lo, off + 2);
+  f.writeUInt16BE(~hi & 0xffff, off + 4);
+  f.writeUInt16BE(~lo & 0xffff, off + 6);
+}
+
+/** The id at off, or -1 when the four words do not hold together. */
+export function readPacketId(f: Buffer, off: number): number {
+  const hi = f.readUInt16BE(off), lo = f.readUInt16BE(off + 2);
+  if (f.readUInt16BE(off + 4) !== (~hi & 0xffff) || f.readUInt16BE(off + 6) !== (~lo & 0xffff)) return -1;
+  return ((hi << 16) | lo) >>> 0;
+}

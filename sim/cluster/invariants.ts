@@ -1,0 +1,174 @@
+/**
+ * The end-to-end invariants, checked on every packet. Each packet carries an
+ * id in its payload; its record says what was sent (a template frame and the
+ * id), from where, to which address, and whether policy denied it when it
+ * left. At delivery the frame must be that packet, unchanged but for the TTL
+ * (and the header checksum that covers it), in the right place.
+ */
+import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
+import { ETH_HLEN, ipHeaderValid, payloadOffset, readPacketId } from './frames.ts';
+
+export interface PacketRecord {
+  id: number;
+  kind: 'pod' | 'host';
+  /** Between pods on different hosts (the traffic XMasq serves). */
+  cross: boolean;
+  flow: number;
+  /** The frame as sent but for its id words (pod frames: from the Ethernet type on). */
+  template: Buffer;
+  idOffset: number;
+  sentAt: number;
+  srcHost: number;
+  dstHost: number;
+  dstIp: number;
+  /** The 5-tuple policy judges, in the pod's terms. */
+  tuple: Tuple;
+  deniedAtSend: boolean;
+  masqueraded: boolean;
+  hops?: string[];
+}
+
+export interface Tuple {
+  src: string;
+  dst: string;
+  sport: number;
+  dport: number;
+  proto: number;
+}
+
+export interface Violation {
+  t: number;
+  id: number;
+  rule: string;
+  detail: string;
+  hops: string[];
+}
+
+/** Whether a deny rule matches, read straight from the rule (absent = any), independent of the datapath's masks. */
+export function ruleMatches(r: PolicyRuleRecord, dir: 'egress' | 'ingress', t: Tuple): boolean {
+  return r.dir === dir && (r.src === undefined || r.src === t.src) && (r.dst === undefined || r.dst === t.dst)
+    && (r.sport === undefined || r.sport === t.sport) && (r.dport === undefined || r.dport === t.dport)
+    && (r.proto === undefined || r.proto === t.proto);
+}
+
+export function denied(rules: readonly PolicyRuleRecord[], dir: 'egress' | 'ingress', t: Tuple): boolean {
+  for (const r of rules) if (ruleMatches(r, dir, t)) return true;
+  return false;
+}
+
+/** The datagram delivered equals the one sent, the TTL and the header checksum aside (which must still check). */
+function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | undefined {
+  const want = rec.template;
+  const gotLen = got.length - from;
+  if (gotLen !== want.length - from) return `length ${got.length}, sent ${want.length}`;
+  if (!ipHeaderValid(got, ETH_HLEN)) return 'IPv4 header checksum does not check';
+  for (let i = from; i < want.length; i++) {
+    if (i === ETH_HLEN + 8 || i === ETH_HLEN + 10 || i === ETH_HLEN + 11) continue;
+    if (i >= rec.idOffset && i < rec.idOffset + 8) continue;
+    if (got[i] !== want[i]) return `byte ${i} is 0x${got[i].toString(16)}, sent 0x${want[i].toString(16)}`;
+  }
+  return undefined;
+}
+
+export class Checker {
+  readonly inflight = new Map<number, PacketRecord>();
+  readonly violations: Violation[] = [];
+  readonly drops: Record<string, number> = {};
+
+  constructor(private readonly maxViolations = 20) {}
+
+  private violate(t: number, id: number, rule: string, detail: string, rec?: PacketRecord): void {
+    if (this.violations.length < this.maxViolations) this.violations.push({ t, id, rule, detail, hops: rec?.hops ?? [] });
+  }
+
+  /** The id the frame carries, checked against the id the simulator moved it under. */
+  private identify(t: number, id: number, f: Buffer, where: string): PacketRecord | undefined {
+    const rec = this.inflight.get(id);
+    const off = payloadOffset(f, ETH_HLEN);
+    const carried = off < 0 ? -1 : readPacketId(f, off);
+    if (!rec) {
+      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${where} again, or was never sent`);
+      return undefined;
+    }
+    this.inflight.delete(id);
+    if (carried !== id) {
+      this.violate(t, id, 'payload intact', `${where} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
+      return undefined;
+    }
+    return rec;
+  }
+
+  hop(id: number, text: string): void {
+    this.inflight.get(id)?.hops?.push(text);
+  }
+
+  /** A pod received a frame into its namespace. */
+  podReceived(t: number, id: number, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): PacketRecord | undefined {
+    const rec = this.identify(t, id, f, `pod ${pod.name}`);
+    if (!rec) return undefined;
+    if (rec.kind === 'host') {
+      this.violate(t, id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
+      return undefined;
+    }
+    if (f.readUInt32BE(ETH_HLEN + 16) !== pod.ip || rec.dstIp !== pod.ip) {
+      this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(f.readUInt32BE(ETH_HLEN + 16))}`, rec);
+      return undefined;
+    }
+    if (!f.subarray(0, 6).equals(pod.mac)) {
+      this.violate(t, id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
+      return undefined;
+    }
+    const diff = sameDatagram(f, rec, 12);
+    if (diff) {
+      this.violate(t, id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
+      return undefined;
+    }
+    if (rec.cross && (rec.deniedAtSend || denied(ingressRules, 'ingress', rec.tuple))) {
+      this.violate(t, id, 'denied flows never pass', `packet ${id} ${tupleStr(rec.tuple)} reached pod ${pod.name} though a deny rule ${rec.deniedAtSend ? 'on the sending host' : 'on the receiving host'} matches it`, rec);
+      return undefined;
+    }
+    return rec;
+  }
+
+  /** The host stack accepted a frame as its own (not for a pod). */
+  hostReceived(t: number, id: number, f: Buffer, host: number): PacketRecord | undefined {
+    const rec = this.identify(t, id, f, `the stack of host ${host}`);
+    if (!rec) return undefined;
+    if (rec.kind === 'pod') {
+      this.violate(t, id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
+      return undefined;
+    }
+    const diff = rec.dstHost !== host ? `it was sent to host h${rec.dstHost}` : sameDatagram(f, rec, 0) ?? (f[ETH_HLEN + 8] !== rec.template[ETH_HLEN + 8] ? 'its TTL changed' : undefined);
+    if (diff) {
+      this.violate(t, id, 'host traffic untouched', `host packet ${id} reached host h${host} altered: ${diff}`, rec);
+      return undefined;
+    }
+    return rec;
+  }
+
+  /** The datapath or the network dropped a packet; receiverIngress: the rules of the host that dropped it, when it is the receiver. */
+  dropped(t: number, id: number, reason: string, receiverIngress: readonly PolicyRuleRecord[] = []): void {
+    this.drops[reason] = (this.drops[reason] ?? 0) + 1;
+    const rec = this.inflight.get(id);
+    if (!rec) return;
+    this.inflight.delete(id);
+    if (rec.kind === 'host' && reason !== 'wire-loss') {
+      this.violate(t, id, 'host traffic untouched', `host packet ${id} was dropped (${reason})`, rec);
+    } else if (reason === 'policy' && rec.cross && !rec.deniedAtSend && !denied(receiverIngress, 'ingress', rec.tuple)) {
+      this.violate(t, id, 'policy drops only denied flows', `packet ${id} ${tupleStr(rec.tuple)} was dropped by policy, yet no rule in force matches it`, rec);
+    }
+  }
+}
+
+export function ipStr(n: number): string {
+  return `${n >>> 24}.${(n >>> 16) & 0xff}.${(n >>> 8) & 0xff}.${n & 0xff}`;
+}
+
+function macStr(b: Buffer, at: number): string {
+  return [...b.subarray(at, at + 6)].map((x) => x.toString(16).padStart(2, '0')).join(':');
+}
+
+export function tupleStr(t: Tuple): string {
+  const p = ({ 1: 'icmp', 6: 'tcp', 17: 'udp' } as Record<number, string>)[t.proto] ?? String(t.proto);
+  return `${p} ${t.src}:${t.sport} → ${t.dst}:${t.dport}`;
+}
