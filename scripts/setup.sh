@@ -10,7 +10,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
-  containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev)
+  containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev
+  # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
+  linux-source-6.1 bc flex bison libssl-dev dwarves cpio patch xz-utils qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
