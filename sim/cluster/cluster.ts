@@ -218,7 +218,8 @@ export class Cluster {
   }
 
   private schedule(e: DistributiveOmit<Ev, 'seq'>): void {
-    if (e.t <= this.sc.durationNs) this.q.push(e as Ev);
+    // Nothing new starts after the run's end; packets already on the wire still arrive.
+    if (e.t <= this.sc.durationNs || e.kind === 'arrive') this.q.push(e as Ev);
   }
 
   // ---- the run ----

@@ -93,3 +93,23 @@ export interface Scenario {
 }
 
 export const PROTO_NUMBER: Record<Proto, number> = { icmp: 1, tcp: 6, udp: 17 };
+
+const ms = (ns: number) => `${(ns / 1e6).toFixed(3)}ms`;
+const ref = (r: PodRef) => `h${r.host}p${r.slot}`;
+
+/** The scenario as a few readable lines, for failing property runs. */
+export function formatScenario(sc: Scenario): string {
+  const l = sc.link;
+  const t = sc.timing;
+  const lines = [
+    `${sc.hosts} hosts × ${sc.podsPerHost} pods, scheme ${sc.scheme}, ifindex ${sc.ifindex}, seed ${sc.seed}, run ${ms(sc.durationNs)}`,
+    `link: latency ${ms(l.latencyNs)} + jitter ${ms(l.jitterNs)}, loss ${l.loss}; agent: egress idle ${ms(t.egressIdleNs)}, ingress idle ${ms(t.ingressIdleNs)}, scan every ${ms(t.scanIntervalNs)}`,
+    ...sc.flows.map((f, i) => `flow ${i + 1}: at ${ms(f.at)} ${ref(f.a)} ↔ ${ref(f.b)} ${f.proto} ${f.packets} packets every ${ms(f.gapNs)} ${f.pattern}${f.tos ? ` tos 0x${f.tos.toString(16)}` : ''}`),
+    ...sc.hostFlows.map((f) => `host traffic: at ${ms(f.at)} h${f.from} → h${f.to} ${f.proto} tos 0x${f.tos.toString(16)}${f.df ? ' DF' : ''} ${f.packets} packets every ${ms(f.gapNs)}`),
+    ...sc.churn.map((c) => `churn: at ${ms(c.at)} ${ref(c.pod)} deleted, a new pod ${ms(c.gapNs)} later on ${c.sameIp ? 'the same IP' : 'a new IP'}`),
+    ...sc.policy.map((p, i) => p.op === 'add'
+      ? `policy #${i}: at ${ms(p.at)} h${p.host} deny ${p.dir} ${p.src ? ref(p.src) : '*'} → ${p.dst ? ref(p.dst) : '*'}${p.dport ? `:${p.dport}` : ''}${p.proto ? ` ${p.proto}` : ''}`
+      : `policy #${i}: at ${ms(p.at)} h${p.host} remove rule #${p.removes}`),
+  ];
+  return lines.join('\n');
+}
