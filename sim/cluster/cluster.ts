@@ -18,7 +18,7 @@ import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, type DatapathState, type Env, 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, decreaseTtl, ipHeaderValid, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
+import { decreaseTtl, ipHeaderValid, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
 import { Checker, denied, type PacketRecord, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -120,10 +120,14 @@ export interface RunStats {
   delivered: { fast: number; overlay: number; local: number; host: number };
   drops: Record<string, number>;
   flows: { cross: number; crossFast: number };
+  /** From measureFromNs on: cross-host pod packets sent, masqueraded, and sent by 'stream' flows; cross-host flows started, and those that reached the fast path. */
+  window: { cross: number; fast: number; flows: number; fastFlows: number; stream: number };
   /** Counter totals over all hosts, as the datapath's counters map would hold them. */
   counters: Record<CounterName, number>;
   expired: { egress: number; ingress: number; unanswered: number };
   modelCalls: number;
+  /** Wall time inside the model programs, when timeModel is set. */
+  modelMs: number;
   events: number;
   simulatedNs: number;
 }
@@ -140,9 +144,16 @@ export interface RunOptions {
   generator?: TrafficGenerator;
   /** Stop after this many packets (the benchmark). */
   maxPackets?: number;
+  /** Count stats.window only from this time on (a study's warm-up is left out). */
+  measureFromNs?: number;
+  /** Measure the wall time spent inside the model programs (stats.modelMs). */
+  timeModel?: boolean;
   /** Called every simulated second with the stats so far. */
   progress?: (s: RunStats) => void;
 }
+
+/** Where IPv4 starts in an untagged frame; a local constant because it is read for every packet. */
+const L3 = 14;
 
 const fmtT = (t: number) => `${(t / 1e6).toFixed(3)}ms`;
 
@@ -183,8 +194,8 @@ export class Cluster {
     this.stats = {
       packets: 0, sent: { cross: 0, local: 0, host: 0, unsent: 0 }, masqueraded: 0,
       delivered: { fast: 0, overlay: 0, local: 0, host: 0 }, drops: this.checker.drops,
-      flows: { cross: 0, crossFast: 0 }, counters: Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>,
-      expired: { egress: 0, ingress: 0, unanswered: 0 }, modelCalls: 0, events: 0, simulatedNs: 0,
+      flows: { cross: 0, crossFast: 0 }, window: { cross: 0, fast: 0, flows: 0, fastFlows: 0, stream: 0 }, counters: Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>,
+      expired: { egress: 0, ingress: 0, unanswered: 0 }, modelCalls: 0, modelMs: 0, events: 0, simulatedNs: 0,
     };
   }
 
@@ -258,10 +269,16 @@ export class Cluster {
     s.simulatedNs = this.now;
     s.flows.cross = 0;
     s.flows.crossFast = 0;
+    s.window.flows = 0;
+    s.window.fastFlows = 0;
+    const from = this.opts.measureFromNs ?? 0;
     for (const f of this.flows) {
       if (f.sentCross === 0) continue;
       s.flows.cross++;
       if (f.fast > 0) s.flows.crossFast++;
+      if (f.spec.at < from) continue;
+      s.window.flows++;
+      if (f.fast > 0) s.window.fastFlows++;
     }
     for (const n of COUNTER_NAMES) s.counters[n] = this.hosts.reduce((a, h) => a + h.counters[n], 0);
     s.expired = { egress: 0, ingress: 0, unanswered: 0 };
@@ -359,9 +376,14 @@ export class Cluster {
       hops: this.opts.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
     };
     this.checker.inflight.set(id, rec);
+    const counted = this.now >= (this.opts.measureFromNs ?? 0);
     if (cross) {
       this.stats.sent.cross++;
       flow.sentCross++;
+      if (counted) {
+        this.stats.window.cross++;
+        if (spec.pattern === 'stream') this.stats.window.stream++;
+      }
     } else this.stats.sent.local++;
     // The pod's own routing: its /24 is on-link (ARP for the peer), everything else via the cni0 gateway.
     if (subnetHost(dstIp, this.hosts.length) === src.index) {
@@ -394,7 +416,9 @@ export class Cluster {
 
   private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', frame: Buffer, id: number): ProgramResult {
     h.env.now = BigInt(Math.round(this.now));
+    const t0 = this.opts.timeModel ? performance.now() : 0;
     const r = this.scheme[prog](frame, h.state, h.env);
+    if (this.opts.timeModel) this.stats.modelMs += performance.now() - t0;
     this.stats.modelCalls++;
     const c = r.effects.counters;
     for (const n of COUNTER_NAMES) if (c[n]) h.counters[n] += c[n];
@@ -412,6 +436,7 @@ export class Cluster {
     if (r.verdict === TC_ACT_REDIRECT) {
       if (r.effects.redirect.ifindex !== NIC_IFINDEX) return this.drop(id, 'redirect-to-unknown-device');
       this.stats.masqueraded++;
+      if (rec.sentAt >= (this.opts.measureFromNs ?? 0)) this.stats.window.fast++;
       rec.masqueraded = true;
       flow.fast++;
       return this.nicEgress(h, r.packet, id);
@@ -433,10 +458,10 @@ export class Cluster {
 
   /** Host routing of a pod packet: to a local pod through cni0, to another host's pod subnet through flannel.1. */
   private route(h: Host, frame: Buffer, id: number): void {
-    const dst = frame.readUInt32BE(ETH_HLEN + 16);
+    const dst = frame.readUInt32BE(L3 + 16);
     const g = subnetHost(dst, this.hosts.length);
     if (g < 0) return this.drop(id, 'no-route');
-    if (!decreaseTtl(frame, ETH_HLEN)) return this.drop(id, 'ttl-exceeded');
+    if (!decreaseTtl(frame, L3)) return this.drop(id, 'ttl-exceeded');
     if (g === h.index) {
       const p = h.podsByIp.get(dst);
       if (!p) return this.drop(id, 'no-neighbour');
@@ -488,8 +513,8 @@ export class Cluster {
 
   private hostStack(h: Host, frame: Buffer, id: number): void {
     if (!frame.subarray(0, 6).equals(h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(id, 'not-for-this-host');
-    if (!ipHeaderValid(frame, ETH_HLEN)) return this.drop(id, 'bad-ip-checksum');
-    if (frame.readUInt32BE(ETH_HLEN + 16) !== h.ip) return this.drop(id, 'not-for-this-host');
+    if (!ipHeaderValid(frame, L3)) return this.drop(id, 'bad-ip-checksum');
+    if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(id, 'not-for-this-host');
     const inner = vxlanDecap(frame);
     if (!inner) {
       this.stats.delivered.host++;
@@ -498,13 +523,13 @@ export class Cluster {
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
     if (!inner.subarray(0, 6).equals(h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(id, 'vxlan-not-for-vtep');
-    if (!ipHeaderValid(inner, ETH_HLEN)) return this.drop(id, 'bad-ip-checksum');
-    const dst = inner.readUInt32BE(ETH_HLEN + 16);
+    if (!ipHeaderValid(inner, L3)) return this.drop(id, 'bad-ip-checksum');
+    const dst = inner.readUInt32BE(L3 + 16);
     if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(id, 'no-route');
     const p = h.podsByIp.get(dst);
     if (!p) return this.drop(id, 'no-neighbour');
     const f = Buffer.from(inner);
-    if (!decreaseTtl(f, ETH_HLEN)) return this.drop(id, 'ttl-exceeded');
+    if (!decreaseTtl(f, L3)) return this.drop(id, 'ttl-exceeded');
     h.cniMac.copy(f, 6);
     p.mac.copy(f, 0);
     this.stats.delivered.overlay++;

@@ -56,7 +56,8 @@ export function podTemplate(f: Flow, fwd: boolean, src: number, dst: number): Te
 }
 
 export function buildTemplate(src: string, dst: string, proto: Proto, sport: number, dport: number, tos: number, df: boolean, request: boolean, id: number, macs?: { src: string; dst: string }): Template {
-  const payload = { len: PAYLOAD_BYTES, fill: 'counter' as const };
+  // The id words go where the payload is zero: they sum to zero themselves, so the checksum stays valid.
+  const payload = new Uint8Array(PAYLOAD_BYTES).map((_, i) => (i < 8 ? 0 : i));
   const l4: L4Spec = proto === 'tcp' ? { tcp: { sport, dport, flags: 'PA', seq: id * 1000, payload } }
     : proto === 'udp' ? { udp: { sport, dport, payload } }
       : { icmp: { type: request ? 8 : 0, id: id & 0xffff, seq: 1, payload } };

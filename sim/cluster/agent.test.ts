@@ -1,0 +1,65 @@
+/**
+ * The simulated agent runs the real agent's expiry and purge (caches.ts) on
+ * the model's tables through ModelMapView: these check that the view gives
+ * them what a kernel map would.
+ */
+import { describe, expect, it } from 'vitest';
+import { MAX_ENTRIES } from '../../dataplane/maps.ts';
+import { emptyPath, emptyState } from '../model/index.ts';
+import { SimAgent } from './agent.ts';
+
+const T = { egressIdleNs: 10, ingressIdleNs: 20, scanIntervalNs: 1 };
+
+function state() {
+  const s = emptyState(MAX_ENTRIES.test);
+  const add = (local: string, remote: string, host: string, key: number, lastSeen: bigint) => {
+    s.egress_cache.update({ local_pod: local, remote_pod: remote }, { ...emptyPath(), local_ip: '172.31.250.1', remote_ip: host, local_key: key, remote_key: 5, remote_ready: 1, last_seen: lastSeen });
+    s.ingress_cache.update({ remote_host: host, key }, { ...emptyPath(), local_ip: local, remote_ip: remote, local_key: key, last_seen: lastSeen });
+  };
+  add('10.244.1.2', '10.244.2.2', '172.31.250.2', 1, 100n);
+  add('10.244.1.3', '10.244.2.2', '172.31.250.2', 2, 100n);
+  return s;
+}
+
+describe('sim/cluster agent on model maps', () => {
+  it('pod delete purges exactly the entries of that pod, and pod_info', () => {
+    const s = state();
+    const a = new SimAgent(s, T);
+    a.addPod('10.244.1.2', '0a:58:00:00:00:01', 10);
+    a.delPod('10.244.1.2');
+    expect(s.pod_info.lookup('10.244.1.2')).toBeUndefined();
+    expect(s.egress_cache.entries().map(([k]) => k.local_pod)).toEqual(['10.244.1.3']);
+    expect(s.ingress_cache.entries().map(([, v]) => v.local_ip)).toEqual(['10.244.1.3']);
+  });
+
+  it('the planted fault leaves them behind', () => {
+    const s = state();
+    new SimAgent(s, T, { noPurgeOnDelete: true }).delPod('10.244.1.2');
+    expect(s.egress_cache.size).toBe(2);
+  });
+
+  it('expiry keeps fresh entries and deletes idle ones', () => {
+    const s = state();
+    const a = new SimAgent(s, T);
+    expect(a.scan(105n).egress.deleted).toBe(0);
+    s.egress_cache.lookup({ local_pod: '10.244.1.3', remote_pod: '10.244.2.2' })!.last_seen = 200n;
+    s.ingress_cache.lookup({ remote_host: '172.31.250.2', key: 2 })!.last_seen = 200n;
+    const r = a.scan(205n);
+    expect(r.egress.deleted).toBe(1);
+    expect(r.ingress.deleted).toBe(1);
+    expect(s.egress_cache.entries().map(([k]) => k.local_pod)).toEqual(['10.244.1.3']);
+  });
+
+  it('policy rules become policy_rules keys and the list of masks in use', () => {
+    const s = state();
+    const a = new SimAgent(s, T);
+    const id = a.addRule({ dir: 'egress', dst: '10.244.2.2', dport: 80, proto: 'tcp' });
+    a.addRule({ dir: 'ingress', src: '10.244.2.9' });
+    expect(s.policy_masks.count).toBe(2);
+    expect(s.policy_rules.size).toBe(2);
+    expect(a.removeRule(id)).toBe(true);
+    expect(s.policy_masks.count).toBe(1);
+    expect(s.policy_rules.size).toBe(1);
+    expect(() => a.addRule({ dir: 'sideways' })).toThrow(/egress/);
+  });
+});

@@ -1,0 +1,215 @@
+/**
+ * npm run sim:study [-- --quick] [-- --out DIR] [-- --schemes 6-bit,...]
+ *
+ * The capacity study: how much traffic takes the fast path, against pods per
+ * host (all-to-all microservices), concurrent pod pairs per host pair, and
+ * the agent's expiry times, for each key scheme. Writes DIR/sim-study.md with
+ * one SVG plot per sweep beside it; the report's last line (also printed) is
+ * `fast-path packets: <pct>% (110 pods/host, all-to-all)`.
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
+import { join, relative } from 'node:path';
+import { parseArgs } from 'node:util';
+import { DEFAULT_TIMING, type AgentTiming } from './agent.ts';
+import { Cluster } from './cluster.ts';
+import { KEY_SCHEMES } from './datapath.ts';
+import { Rng } from './rng.ts';
+import type { Scenario } from './scenario.ts';
+import { lineChart, type Series } from './svg.ts';
+import { MICROSERVICES, TrafficGenerator, type TrafficModel } from './traffic.ts';
+
+const ROOT = new URL('../../', import.meta.url).pathname;
+
+const USAGE = `usage: npm run sim:study -- [--quick] [--out DIR] [--schemes LIST] [--help]
+
+Simulates a 2-host cluster under microservice traffic for every point of three sweeps —
+pods per host, concurrent pod pairs per host pair, agent expiry times — and writes
+DIR/sim-study.md with SVG plots of the fraction of packets and of flows on the fast path.
+
+  --out DIR        where to write (default bench/results)
+  --schemes LIST   key schemes to study, comma-separated (default: every scheme but
+                   'overlay'; known: ${Object.keys(KEY_SCHEMES).join(', ')})
+  --quick          fewer points, shorter runs (a smoke test: numbers are rough)
+  --help           this text
+
+Takes about 10 minutes on 2 cores (--quick: about 1).`;
+
+interface Point {
+  scheme: string;
+  x: number;
+  packetsPct: number;
+  flowsPct: number;
+  packets: number;
+  /** Share of the counted packets that belong to the heavy streams. */
+  heavyPct: number;
+  flows: number;
+  keyExhausted: number;
+  violations: number;
+  wallSeconds: number;
+}
+
+interface Sweep {
+  id: string;
+  title: string;
+  xLabel: string;
+  xLog?: boolean;
+  xs: number[];
+  /** The run for one x. */
+  setup(x: number): { scenario: Omit<Scenario, 'scheme' | 'seed'>; traffic: TrafficModel; warmupNs: number };
+  describe: string;
+}
+
+/** Each pod starts this many flows per second, to any other pod (all-to-all). */
+const FLOWS_PER_POD_PER_SECOND = 0.5;
+const HOSTS = 2;
+
+function base(pods: number, timing: AgentTiming, durationNs: number): Omit<Scenario, 'scheme' | 'seed'> {
+  return {
+    hosts: HOSTS, podsPerHost: pods, link: { latencyNs: 50e3, jitterNs: 20e3, loss: 0 }, timing,
+    ifindex: 'fresh', flows: [], hostFlows: [], churn: [], policy: [], durationNs,
+  };
+}
+
+function sweeps(quick: boolean): Sweep[] {
+  const s = quick ? 0.25 : 1;
+  // Two heavy streams that last the whole run, one packet every 2 ms each.
+  const microservices = (pods: number, durationNs: number): TrafficModel => ({
+    ...MICROSERVICES, flowsPerSecond: FLOWS_PER_POD_PER_SECOND * pods * HOSTS, heavyFlows: 2, heavyPackets: Math.round(durationNs / 2e6), heavyGapNs: 2e6,
+  });
+  return [
+    {
+      id: 'pods', title: 'Fast path vs pods per host (all-to-all)', xLabel: 'pods per host',
+      xs: quick ? [10, 50, 110] : [10, 30, 50, 70, 90, 110],
+      setup: (pods) => ({ scenario: base(pods, DEFAULT_TIMING, 90e9 * s), traffic: microservices(pods, 90e9 * s), warmupNs: 30e9 * s }),
+      describe: `${HOSTS} hosts; every pod starts ${FLOWS_PER_POD_PER_SECOND} flows/s to a random other pod (log-normal sizes, median ${MICROSERVICES.sizeMedian} packets; spacing median ${MICROSERVICES.gapMedianNs / 1e6} ms) plus 2 heavy streams (a packet every 2 ms for the whole run); agent defaults (egress idle 20 s, ingress 40 s, scan 1 s); 90 s simulated, the first 30 s not counted`,
+    },
+    {
+      id: 'pairs', title: 'Fast path vs concurrent pod pairs per host pair', xLabel: 'pod pairs talking between the two hosts', xLog: true,
+      xs: quick ? [16, 63, 256] : [8, 16, 32, 48, 63, 96, 128, 256, 512],
+      setup: (pairs) => ({
+        scenario: base(110, DEFAULT_TIMING, 60e9 * s),
+        // Each pair starts a flow every 2 s on average: all of them stay active, none expires.
+        traffic: { ...MICROSERVICES, pairs, flowsPerSecond: pairs / 2, heavyFlows: 0 },
+        warmupNs: 20e9 * s,
+      }),
+      describe: '110 pods per host; only P fixed pod pairs (chosen at random) talk, each starting a flow every 2 s on average, so all P stay active; agent defaults; 60 s simulated, the first 20 s not counted',
+    },
+    {
+      id: 'expiry', title: 'Fast path vs expiry time (50 pods/host, all-to-all)', xLabel: 'egress idle time, s (ingress idle: twice that)', xLog: true,
+      xs: quick ? [2, 20] : [1, 2, 5, 10, 20, 40],
+      setup: (idle) => {
+        const timing = { egressIdleNs: idle * 1e9, ingressIdleNs: 2 * idle * 1e9, scanIntervalNs: 1e9 };
+        const dur = Math.max(60e9, 6 * timing.ingressIdleNs) * s;
+        return { scenario: base(50, timing, dur), traffic: microservices(50, dur), warmupNs: dur / 3 };
+      },
+      describe: `50 pods per host, the traffic of the pods sweep; ingress idle = 2 × egress idle, scan every 1 s; simulated for max(60 s, 6 × ingress idle), the first third not counted`,
+    },
+  ];
+}
+
+function runPoint(scheme: string, sweep: Sweep, x: number, seed: number): Point {
+  const { scenario, traffic, warmupNs } = sweep.setup(x);
+  const sc: Scenario = { ...scenario, scheme, seed };
+  const gen = new TrafficGenerator(traffic, sc.hosts, sc.podsPerHost, new Rng(seed + 1));
+  const t0 = performance.now();
+  const r = new Cluster(sc, { generator: gen, measureFromNs: warmupNs }).run();
+  const w = r.stats.window;
+  return {
+    scheme, x,
+    packetsPct: w.cross ? (100 * w.fast) / w.cross : 0,
+    flowsPct: w.flows ? (100 * w.fastFlows) / w.flows : 0,
+    packets: w.cross, heavyPct: w.cross ? (100 * w.stream) / w.cross : 0, flows: w.flows, keyExhausted: r.stats.counters.KEY_EXHAUSTED,
+    violations: r.violations.length,
+    wallSeconds: (performance.now() - t0) / 1000,
+  };
+}
+
+const pct = (v: number) => v.toFixed(1);
+
+function main(argv: string[]): number {
+  let args;
+  try {
+    args = parseArgs({ args: argv, options: { quick: { type: 'boolean' }, out: { type: 'string' }, schemes: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
+  } catch (e) {
+    process.stderr.write(`sim:study: ${(e as Error).message}\n\n${USAGE}\n`);
+    return 2;
+  }
+  if (args.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const schemes = args.schemes?.split(',').map((x) => x.trim()).filter(Boolean) ?? Object.keys(KEY_SCHEMES).filter((n) => n !== 'overlay');
+  const unknown = schemes.filter((n) => !KEY_SCHEMES[n]);
+  if (unknown.length || !schemes.length) {
+    process.stderr.write(`sim:study: unknown key scheme ${unknown.join(', ') || '(none given)'}; the schemes are ${Object.keys(KEY_SCHEMES).join(', ')}\n`);
+    return 2;
+  }
+  const quick = !!args.quick;
+  const out = args.out ?? join(ROOT, 'bench/results');
+  mkdirSync(out, { recursive: true });
+
+  const all = sweeps(quick);
+  const total = all.reduce((a, s) => a + s.xs.length, 0) * schemes.length;
+  const results = new Map<string, Point[]>();
+  let done = 0;
+  const t0 = performance.now();
+  for (const sweep of all) {
+    const points: Point[] = [];
+    for (const scheme of schemes) {
+      for (const x of sweep.xs) {
+        const p = runPoint(scheme, sweep, x, 1);
+        points.push(p);
+        done++;
+        process.stderr.write(`sim:study [${done}/${total}] ${scheme} ${sweep.id}=${x}: ${pct(p.packetsPct)}% of packets, ${pct(p.flowsPct)}% of flows on the fast path `
+          + `(${p.packets} packets, ${p.wallSeconds.toFixed(1)} s)${p.violations ? `, ${p.violations} INVARIANT VIOLATIONS` : ''}\n`);
+      }
+    }
+    results.set(sweep.id, points);
+    const series: Series[] = schemes.flatMap((scheme) => {
+      const ps = points.filter((p) => p.scheme === scheme);
+      return [
+        { name: `${scheme}: packets`, points: ps.map((p) => [p.x, p.packetsPct] as [number, number]) },
+        { name: `${scheme}: flows`, points: ps.map((p) => [p.x, p.flowsPct] as [number, number]), dashed: true },
+      ];
+    });
+    writeFileSync(join(out, `sim-study-${sweep.id}.svg`), lineChart({ title: sweep.title, xLabel: sweep.xLabel, yLabel: '% on the fast path', series, xLog: sweep.xLog }));
+  }
+
+  const headline = results.get('pods')!.find((p) => p.scheme === schemes[0] && p.x === 110)!;
+  const md: string[] = [
+    '# Capacity study: how much traffic takes the fast path',
+    '',
+    `Generated by \`npm run sim:study${quick ? ' -- --quick' : ''}\` (sim/cluster/study.ts) on ${new Date().toISOString().slice(0, 10)}, `
+      + `${cpus()[0]?.model ?? 'unknown CPU'} × ${cpus().length}, in ${((performance.now() - t0) / 1000).toFixed(0)} s.${quick ? ' **Quick run: short, few points, rough numbers.**' : ''}`,
+    '',
+    'Every packet of the simulated cluster runs through the model programs at their hooks (sim/cluster/README.md).',
+    'A packet is on the fast path when masq carried it; a flow is when at least one of its packets was. Counted over',
+    'cross-host pod traffic only, after a warm-up. Key schemes:',
+    '',
+    ...schemes.map((n) => `- \`${n}\`: ${KEY_SCHEMES[n].describe}`),
+    '',
+  ];
+  for (const sweep of all) {
+    const points = results.get(sweep.id)!;
+    md.push(`## ${sweep.title}`, '', sweep.describe + '.', '', `![${sweep.title}](${relative(out, join(out, `sim-study-${sweep.id}.svg`))})`, '');
+    md.push(`| scheme | ${sweep.xLabel} | packets on fast path | flows on fast path | packets counted (heavy streams) | flows counted | KEY_EXHAUSTED | invariant violations |`);
+    md.push('|---|---|---|---|---|---|---|---|');
+    for (const p of points) {
+      md.push(`| ${p.scheme} | ${p.x} | ${pct(p.packetsPct)}% | ${pct(p.flowsPct)}% | ${p.packets} (${pct(p.heavyPct)}%) | ${p.flows} | ${p.keyExhausted} | ${p.violations} |`);
+    }
+    md.push('');
+  }
+  const violations = [...results.values()].flat().reduce((a, p) => a + p.violations, 0);
+  if (violations) {
+    md.push(`**${violations} invariant violation(s)** in these runs (misdelivered or wrongly dropped packets); see "findings" in sim/cluster/README.md.`, '');
+  }
+  const last = `fast-path packets: ${pct(headline.packetsPct)}% (110 pods/host, all-to-all)`;
+  md.push(last);
+  writeFileSync(join(out, 'sim-study.md'), `${md.join('\n')}\n`);
+  process.stderr.write(`sim:study: wrote ${join(out, 'sim-study.md')} and ${all.length} SVG plots\n`);
+  process.stdout.write(`${last}\n`);
+  return 0;
+}
+
+process.exitCode = main(process.argv.slice(2));
