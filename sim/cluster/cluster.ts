@@ -120,8 +120,8 @@ export interface RunStats {
   delivered: { fast: number; overlay: number; local: number; host: number };
   drops: Record<string, number>;
   flows: { cross: number; crossFast: number };
-  /** From measureFromNs on: cross-host pod packets sent, masqueraded, and sent by 'stream' flows; cross-host flows started, and those that reached the fast path. */
-  window: { cross: number; fast: number; flows: number; fastFlows: number; stream: number };
+  /** From measureFromNs on: cross-host pod packets sent and masqueraded, the same for 'stream' flows alone; cross-host flows started, and those that reached the fast path. */
+  window: { cross: number; fast: number; flows: number; fastFlows: number; stream: number; streamFast: number };
   /** Counter totals over all hosts, as the datapath's counters map would hold them. */
   counters: Record<CounterName, number>;
   expired: { egress: number; ingress: number; unanswered: number };
@@ -194,7 +194,7 @@ export class Cluster {
     this.stats = {
       packets: 0, sent: { cross: 0, local: 0, host: 0, unsent: 0 }, masqueraded: 0,
       delivered: { fast: 0, overlay: 0, local: 0, host: 0 }, drops: this.checker.drops,
-      flows: { cross: 0, crossFast: 0 }, window: { cross: 0, fast: 0, flows: 0, fastFlows: 0, stream: 0 }, counters: Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>,
+      flows: { cross: 0, crossFast: 0 }, window: { cross: 0, fast: 0, flows: 0, fastFlows: 0, stream: 0, streamFast: 0 }, counters: Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>,
       expired: { egress: 0, ingress: 0, unanswered: 0 }, modelCalls: 0, modelMs: 0, events: 0, simulatedNs: 0,
     };
   }
@@ -436,7 +436,10 @@ export class Cluster {
     if (r.verdict === TC_ACT_REDIRECT) {
       if (r.effects.redirect.ifindex !== NIC_IFINDEX) return this.drop(id, 'redirect-to-unknown-device');
       this.stats.masqueraded++;
-      if (rec.sentAt >= (this.opts.measureFromNs ?? 0)) this.stats.window.fast++;
+      if (rec.sentAt >= (this.opts.measureFromNs ?? 0)) {
+        this.stats.window.fast++;
+        if (flow.spec.pattern === 'stream') this.stats.window.streamFast++;
+      }
       rec.masqueraded = true;
       flow.fast++;
       return this.nicEgress(h, r.packet, id);

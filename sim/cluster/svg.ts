@@ -6,6 +6,7 @@ export interface Series {
   name: string;
   points: Array<[number, number]>;
   dashed?: boolean;
+  dotted?: boolean;
 }
 
 export interface Chart {
@@ -19,7 +20,7 @@ export interface Chart {
   yMax?: number;
 }
 
-const W = 680, H = 400, L = 64, R = 180, T = 40, B = 56;
+const W = 700, H = 400, L = 64, R = 200, T = 40, B = 56;
 const COLOURS = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e', '#8c564b'];
 
 const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
@@ -39,8 +40,8 @@ export function lineChart(c: Chart): string {
   const fx = c.xLog ? Math.log2 : (v: number) => v;
   const x0 = fx(Math.min(...xs)), x1 = fx(Math.max(...xs));
   const yMax = c.yMax ?? 100;
-  const px = (v: number) => L + ((fx(v) - x0) / (x1 - x0 || 1)) * (W - L - R);
-  const py = (v: number) => T + (1 - v / yMax) * (H - T - B);
+  const px = (v: number) => +(L + ((fx(v) - x0) / (x1 - x0 || 1)) * (W - L - R)).toFixed(1);
+  const py = (v: number) => +(T + (1 - v / yMax) * (H - T - B)).toFixed(1);
   const out: string[] = [];
   out.push(`<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}" font-family="sans-serif" font-size="12">`);
   out.push(`<rect width="${W}" height="${H}" fill="white"/>`);
@@ -62,10 +63,11 @@ export function lineChart(c: Chart): string {
   c.series.forEach((s, i) => {
     const col = COLOURS[i % COLOURS.length];
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
-    out.push(`<polyline fill="none" stroke="${col}" stroke-width="2"${s.dashed ? ' stroke-dasharray="6 4"' : ''} points="${pts.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`).join(' ')}"/>`);
+    const dash = s.dashed ? ' stroke-dasharray="6 4"' : s.dotted ? ' stroke-dasharray="2 3"' : '';
+    out.push(`<polyline fill="none" stroke="${col}" stroke-width="2"${dash} points="${pts.map(([x, y]) => `${px(x).toFixed(1)},${py(y).toFixed(1)}`).join(' ')}"/>`);
     for (const [x, y] of pts) out.push(`<circle cx="${px(x).toFixed(1)}" cy="${py(y).toFixed(1)}" r="3" fill="${col}"/>`);
     const ly = T + 10 + i * 20;
-    out.push(`<line x1="${W - R + 12}" x2="${W - R + 36}" y1="${ly}" y2="${ly}" stroke="${col}" stroke-width="2"${s.dashed ? ' stroke-dasharray="6 4"' : ''}/>`);
+    out.push(`<line x1="${W - R + 12}" x2="${W - R + 36}" y1="${ly}" y2="${ly}" stroke="${col}" stroke-width="2"${dash}/>`);
     out.push(`<text x="${W - R + 42}" y="${ly + 4}">${esc(s.name)}</text>`);
   });
   out.push('</svg>');

@@ -1,0 +1,46 @@
+/**
+ * npm run sim:study produces its report: a quick run into a temporary
+ * directory writes the markdown, whose last line is the headline, and one
+ * SVG per sweep with a line per series.
+ */
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+
+const STUDY = new URL('./study.ts', import.meta.url).pathname;
+
+describe('sim:study', () => {
+  it('writes the report and its plots (quick run)', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sim-study-'));
+    try {
+      const stdout = execFileSync(process.execPath, ['--import', 'tsx', STUDY, '--quick', '--out', dir], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+      const md = readFileSync(join(dir, 'sim-study.md'), 'utf8').trimEnd().split('\n');
+      const last = md[md.length - 1];
+      expect(last).toMatch(/^fast-path packets: \d+\.\d% \(110 pods\/host, all-to-all\)$/);
+      expect(stdout.trim()).toBe(last);
+      for (const sweep of ['pods', 'pairs', 'expiry']) {
+        const svg = readFileSync(join(dir, `sim-study-${sweep}.svg`), 'utf8');
+        expect(svg).toMatch(/^<svg /);
+        expect(svg.match(/<polyline /g)?.length).toBeGreaterThanOrEqual(2);
+      }
+      // A small cluster with few pairs lives on the fast path; the headline cannot be 0 or 100.
+      const pct = Number(/(\d+\.\d)%/.exec(last)![1]);
+      expect(pct).toBeGreaterThan(0);
+      expect(pct).toBeLessThan(100);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses an unknown key scheme with the list of known ones', () => {
+    let err = '';
+    try {
+      execFileSync(process.execPath, ['--import', 'tsx', STUDY, '--schemes', 'nine-bit'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    } catch (e) {
+      err = String((e as { stderr: string }).stderr);
+    }
+    expect(err).toMatch(/unknown key scheme nine-bit; the schemes are 6-bit, overlay/);
+  });
+});
