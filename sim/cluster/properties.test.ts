@@ -124,7 +124,7 @@ describe('cluster simulator: end-to-end invariants', () => {
 });
 
 /*
- * Known bug, found by the properties above (shrunk, then a second pair added to take the
+ * Known bug 1, found by the properties above (shrunk, then a second pair added to take the
  * key): init signals a key it already holds without refreshing that key's ingress entry.
  * h1 tells h0 its key k again at 2.005 ms, h0's egress entry is refreshed by the signal,
  * but h1's ingress entry (h0, k) still dates from 1.058 ms and idles out at ~3.1 ms; h1
@@ -147,7 +147,28 @@ function staleKeyScenario(): Scenario {
   };
 }
 
-describe('cluster simulator: known bug (6-bit datapath), expected to fail until fixed', () => {
+/*
+ * Known bug 2, found by a longer run of the first property (SIM_PROPERTY_RUNS=20
+ * SIM_PROPERTY_SEED=777), here with the agent's default timing: when h0p0 is deleted,
+ * h0's agent purges its ingress entries at once, so their keys are free again; h1p1 still
+ * talks to the dead pod's IP, masqueraded with h0's old key, until h1's agent finds the
+ * pair unanswered (up to the egress idle time, 20 s). A new pair h0p1 ↔ h1p0 draws that
+ * key on h0 at 1.55 s, and from then on h1p1's packets for 10.244.1.2 are restored into
+ * h0p1, as if h1p0 had sent them. No IP is reused; the deleted pod's slot stays empty.
+ */
+function purgedKeyScenario(): Scenario {
+  return {
+    hosts: 2, podsPerHost: 2, link: { latencyNs: 10e3, jitterNs: 0, loss: 0 },
+    timing: { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9 }, scheme: '6-bit', ifindex: 'fresh',
+    flows: [
+      { at: 0, a: { host: 1, slot: 1 }, b: { host: 0, slot: 0 }, proto: 'tcp', packets: 30, gapNs: 0.1e9, pattern: 'rr' },
+      { at: 1.55e9, a: { host: 0, slot: 1 }, b: { host: 1, slot: 0 }, proto: 'udp', packets: 6, gapNs: 0.02e9, pattern: 'rr' },
+    ],
+    hostFlows: [], churn: [{ at: 1.5e9, pod: { host: 0, slot: 0 }, gapNs: 50e9, sameIp: false }], policy: [], durationNs: 10e9, seed: 101,
+  };
+}
+
+describe('cluster simulator: known bugs (6-bit datapath), expected to fail until fixed', () => {
   it.fails('a key signalled again is not refreshed: the peer masquerades with it after it expired and was redrawn', () => {
     const r = new Cluster(staleKeyScenario(), { trace: true }).run();
     expect(r.violations.map((v) => Cluster.describe(v))).toEqual([]);
@@ -156,6 +177,17 @@ describe('cluster simulator: known bug (6-bit datapath), expected to fail until 
   it('(the reproduction still reproduces: the misdelivery is there)', () => {
     const r = new Cluster(staleKeyScenario()).run();
     expect(r.violations.map((v) => v.rule)).toEqual(['right pod']);
+  });
+
+  it.fails('a purged key is drawn again while the peer still masquerades with it to the deleted pod', () => {
+    const r = new Cluster(purgedKeyScenario(), { trace: true }).run();
+    expect(r.violations.map((v) => Cluster.describe(v))).toEqual([]);
+  });
+
+  it('(the reproduction still reproduces: packets for the deleted pod enter another pod)', () => {
+    const r = new Cluster(purgedKeyScenario()).run();
+    expect(r.violations.length).toBeGreaterThan(0);
+    expect(new Set(r.violations.map((v) => v.rule))).toEqual(new Set(['right pod']));
   });
 });
 

@@ -9,7 +9,7 @@ import type { Tuple } from './invariants.ts';
 import { ETH_HLEN, payloadOffset } from './frames.ts';
 import type { Rng } from './rng.ts';
 import { PROTO_NUMBER, type FlowSpec, type PodRef, type Proto } from './scenario.ts';
-import { u32ToIp } from './topology.ts';
+import { ipToU32, u32ToIp } from './topology.ts';
 
 /** Payload bytes of every simulated packet: the 8-byte id and filler. */
 export const PAYLOAD_BYTES = 64;
@@ -17,6 +17,8 @@ const SERVER_PORTS = [80, 443, 8080, 9000, 6379, 5432];
 
 export interface Template {
   frame: Buffer;
+  srcIp: number;
+  dstIp: number;
   idOffset: number;
   tuple: Tuple;
 }
@@ -30,7 +32,8 @@ export interface Flow {
   /** Cross-host packets sent, and those masq carried. */
   sentCross: number;
   fast: number;
-  templates: Map<string, Template>;
+  /** The last frame built for each direction, and the addresses it was built for (churn can change them). */
+  templates: [Template | undefined, Template | undefined];
 }
 
 /** Which way packet k of a flow goes: true from a to b. */
@@ -44,14 +47,14 @@ export function flowPorts(id: number): { client: number; server: number } {
 
 /** The frame a pod sends for flow f from src to dst (MACs are written per packet). */
 export function podTemplate(f: Flow, fwd: boolean, src: number, dst: number): Template {
-  const key = `${fwd ? '>' : '<'}${src}-${dst}`;
-  const cached = f.templates.get(key);
-  if (cached) return cached;
+  const slot = fwd ? 0 : 1;
+  const cached = f.templates[slot];
+  if (cached && cached.srcIp === src && cached.dstIp === dst) return cached;
   const { client, server } = flowPorts(f.id);
   const sport = fwd ? client : server;
   const dport = fwd ? server : client;
   const t = buildTemplate(u32ToIp(src), u32ToIp(dst), f.spec.proto, sport, dport, f.spec.tos ?? 0, false, fwd, f.id);
-  f.templates.set(key, t);
+  f.templates[slot] = t;
   return t;
 }
 
@@ -64,7 +67,7 @@ export function buildTemplate(src: string, dst: string, proto: Proto, sport: num
   const frame = buildFrame({ eth: macs ?? {}, ipv4: { src, dst, tos, df, id: id & 0xffff, l4 } });
   const idOffset = payloadOffset(frame, ETH_HLEN);
   const ports = proto === 'icmp' ? { sport: 0, dport: 0 } : { sport, dport };
-  return { frame, idOffset, tuple: { src, dst, proto: PROTO_NUMBER[proto], ...ports } };
+  return { frame, srcIp: ipToU32(src), dstIp: ipToU32(dst), idOffset, tuple: { src, dst, proto: PROTO_NUMBER[proto], ...ports } };
 }
 
 /** How the study and the benchmark make traffic: flows arriving at random, as a cluster of microservices does. */
