@@ -37,6 +37,7 @@ export interface Pod {
   ipStr: string;
   mac: Buffer;
   ifindex: number;
+  deletedAt?: number;
 }
 
 export class Host {
@@ -134,7 +135,10 @@ export interface RunStats {
 
 export interface RunResult {
   stats: RunStats;
+  /** The first violations in full (with hops when tracing). */
   violations: Violation[];
+  /** Every violation of the run, by rule. */
+  violationCounts: Record<string, number>;
 }
 
 export interface RunOptions {
@@ -228,6 +232,7 @@ export class Cluster {
     if (!pod) return undefined;
     host.agent.delPod(pod.ipStr);
     host.slots[slot] = undefined;
+    pod.deletedAt = this.now;
     host.podsByIp.delete(pod.ip);
     host.podsByIfindex.delete(pod.ifindex);
     host.releaseIfindex(pod.ifindex);
@@ -267,7 +272,7 @@ export class Cluster {
       }
       this.dispatch(e);
     }
-    return { stats: this.finishStats(), violations: this.checker.violations };
+    return { stats: this.finishStats(), violations: this.checker.violations, violationCounts: this.checker.violationCounts };
   }
 
   private finishStats(): RunStats {
@@ -348,13 +353,16 @@ export class Cluster {
   // ---- traffic ----
 
   private startFlow(spec: FlowSpec): void {
-    const flow: Flow = { id: this.flows.length + 1, spec, next: 0, cross: spec.a.host !== spec.b.host, sentCross: 0, fast: 0, templates: [undefined, undefined] };
+    const flow: Flow = { id: this.flows.length + 1, spec, next: 0, cross: spec.a.host !== spec.b.host, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [undefined, undefined] };
     this.flows.push(flow);
     this.schedule({ t: spec.at, kind: 'flow', flow });
   }
 
   private flowPacket(flow: Flow): void {
     const spec = flow.spec;
+    if (flow.next === 0) flow.pods = [this.hosts[spec.a.host].slots[spec.a.slot], this.hosts[spec.b.host].slots[spec.b.slot]];
+    const grace = this.sc.deadPeerGraceNs;
+    if (grace !== undefined && flow.pods.some((p) => p?.deletedAt !== undefined && this.now > p.deletedAt + grace)) return;
     const k = flow.next++;
     if (flow.next < spec.packets) this.schedule({ t: this.now + spec.gapNs, kind: 'flow', flow });
     const fwd = forward(spec, k);

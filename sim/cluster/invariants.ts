@@ -81,12 +81,16 @@ function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | un
 
 export class Checker {
   readonly inflight = new Map<number, PacketRecord>();
+  /** The first few violations, in full. */
   readonly violations: Violation[] = [];
+  /** Every violation, by rule. */
+  readonly violationCounts: Record<string, number> = {};
   readonly drops: Record<string, number> = {};
 
   constructor(private readonly maxViolations = 20) {}
 
   private violate(t: number, id: number, rule: string, detail: string, rec?: PacketRecord): void {
+    this.violationCounts[rule] = (this.violationCounts[rule] ?? 0) + 1;
     if (this.violations.length < this.maxViolations) this.violations.push({ t, id, rule, detail, hops: rec?.hops ?? [] });
   }
 

@@ -87,6 +87,12 @@ export interface Scenario {
   hostFlows: HostFlowSpec[];
   churn: ChurnSpec[];
   policy: PolicySpec[];
+  /**
+   * How long a flow goes on sending after one of its pods was deleted, ns: a client
+   * keeps sending to a dead pod until it notices (TCP retries, endpoint updates).
+   * Default: forever (the flow's slot is served by whatever pod holds it).
+   */
+  deadPeerGraceNs?: number;
   /** Simulated time to run, ns; events after it are not run. */
   durationNs: number;
   seed: number;

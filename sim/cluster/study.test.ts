@@ -20,7 +20,7 @@ describe('sim:study', () => {
       const last = md[md.length - 1];
       expect(last).toMatch(/^fast-path packets: \d+\.\d% \(110 pods\/host, all-to-all\)$/);
       expect(stdout.trim()).toBe(last);
-      for (const sweep of ['pods', 'pairs', 'expiry']) {
+      for (const sweep of ['pods', 'pairs', 'expiry', 'churn']) {
         const svg = readFileSync(join(dir, `sim-study-${sweep}.svg`), 'utf8');
         expect(svg).toMatch(/^<svg /);
         expect(svg.match(/<polyline /g)?.length).toBeGreaterThanOrEqual(2);

@@ -32,6 +32,8 @@ export interface Flow {
   /** Cross-host packets sent, and those masq carried. */
   sentCross: number;
   fast: number;
+  /** The pods of a and b when the flow started (deadPeerGraceNs ends a flow some time after either is deleted). */
+  pods: [{ deletedAt?: number } | undefined, { deletedAt?: number } | undefined];
   /** The last frame built for each direction, and the addresses it was built for (churn can change them). */
   templates: [Template | undefined, Template | undefined];
 }
