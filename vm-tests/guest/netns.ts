@@ -27,6 +27,7 @@ export async function ipBatch(netns: string, lines: string[], what: string): Pro
 interface IpLinkStats {
   ifindex: number;
   ifname: string;
+  address: string;
   stats64: { rx: { packets: number }; tx: { packets: number } };
 }
 

@@ -103,8 +103,15 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
   it('a learned flow goes pod eth0 -> NIC directly: masqueraded on the wire, nothing on the pod\'s host-side veth', async () => {
     const h1 = lab.host('h1');
     const masqBefore = (await agents.counters('h1')).masqueraded;
+    // Under TCG tcpdump writes its last frames well after ping returns: give it a moment
+    // before capture() stops it.
+    const pingThenSettle = async () => {
+      const r = await lab.exec(a, 'ping', ['-c', '5', '-i', '0.2', '-W', '2', b.ip]);
+      await new Promise((resolve) => setTimeout(resolve, 2000));
+      return r;
+    };
     const { frames: onVeth, result: wire } = await capture(lab, h1, a.hostVeth, 'icmp', `${runDir}/veth.pcap`, () =>
-      capture(lab, h1, h1.nic, 'icmp', `${runDir}/wire2.pcap`, () => lab.exec(a, 'ping', ['-c', '5', '-i', '0.2', '-W', '2', b.ip])));
+      capture(lab, h1, h1.nic, 'icmp', `${runDir}/wire2.pcap`, pingThenSettle));
     expect(wire.result.stdout, wire.result.stderr).toMatch(/5 packets transmitted, 5 received/);
     const hostIps = new Set(lab.hosts.map((h) => h.ip));
     // Echo requests out and replies in, all masqueraded; none crossed the veth either way
