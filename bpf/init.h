@@ -75,7 +75,9 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	/*
 	 * 6. Our key for the pair. A key whose ingress entry expired or was purged
 	 * (pod deleted) is dropped and drawn again, so that the peer is never told
-	 * a key that no longer restores to this pair.
+	 * a key that no longer restores to this pair. With wide keys on, a pair
+	 * that starts with TCP draws from the 65,472 wide keys, which carry TCP
+	 * only, and leaves the 63 narrow ones, which carry anything, to the rest.
 	 */
 	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst))
 		e->local_key = 0;
@@ -95,9 +97,14 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		__builtin_memcpy(r.local_mac, pod->mac, ETH_ALEN);
 		__builtin_memcpy(r.remote_mac, ieth->h_dest, ETH_ALEN);
 		struct ingress_key ik = { .remote_host = t.outer.daddr };
+		__u32 zero = 0;
+		struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+		int wide = cfg && (cfg->flags & XMASQ_CFG_WIDE_KEYS) && t.inner.proto == IPPROTO_TCP;
+		__u32 min = wide ? XMASQ_WIDE_KEY_MIN : XMASQ_KEY_MIN;
+		__u32 n = wide ? XMASQ_WIDE_KEY_COUNT : XMASQ_KEY_COUNT;
 
 		for (int i = 0; i < XMASQ_KEY_TRIES; i++) {
-			__u16 k = bpf_get_prandom_u32() % XMASQ_KEY_COUNT + XMASQ_KEY_MIN;
+			__u16 k = bpf_get_prandom_u32() % n + min;
 			ik.key = k;
 			r.local_key = k;
 			if (bpf_map_update_elem(&ingress_cache, &ik, &r, BPF_NOEXIST) == 0) {
@@ -115,9 +122,23 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	e->remote_ready = 1;
 
 	/*
-	 * 8. Signal on the outer header: RF marks it, DSCP is our key, DF says
-	 * whether we know the peer's key. ECN stays as the overlay set it.
+	 * 8. Signal on the outer header: RF marks it, DF says whether we know the
+	 * peer's key; a narrow key goes in DSCP, a wide one in the ID with DSCP 0.
+	 * ECN stays as the overlay set it. The outer ID is the host's own (the
+	 * receiver's kernel ignores it on an unfragmented datagram), but GSO
+	 * gives each segment of a GSO packet its own ID (ID, ID+1, ...), which
+	 * would tell the peer wrong keys: a GSO packet carries no wide signal.
 	 */
+	__u16 key = e->local_key;
+	__u16 id = t.outer.id;
+	if (key >= XMASQ_WIDE_KEY_MIN) {
+		if (skb->gso_size) {
+			count(XMASQ_CNT_LEARNED);
+			return TC_ACT_OK;
+		}
+		id = bpf_htons(key);
+		key = 0;
+	}
 	data = skb_data(skb);
 	data_end = skb_data_end(skb);
 	struct iphdr *oip = data + ETH_HLEN;
@@ -126,8 +147,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	__u16 frag = (t.outer.frag & ~(XMASQ_IP_RF | XMASQ_IP_DF)) | XMASQ_IP_RF;
 	if (e->remote_key)
 		frag |= XMASQ_IP_DF;
-	rewrite_ipv4(oip, (e->local_key << 2) | (t.outer.tos & 3), frag, t.outer.saddr,
-		     t.outer.daddr);
+	rewrite_ipv4(oip, (key << 2) | (t.outer.tos & 3), id, frag, t.outer.saddr, t.outer.daddr);
 	count(XMASQ_CNT_LEARNED);
 	return TC_ACT_OK;
 }

@@ -44,9 +44,25 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	if (policy_denied(h.saddr, h.daddr, &h, XMASQ_DIR_EGRESS))
 		return policy_drop();
 
-	/* 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it. */
-	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, (e->remote_key << 2) | (h.tos & 3),
-			   h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip))
+	/*
+	 * A wide key needs a whole TCP segment whose urgent pointer is free (URG
+	 * clear, 0). Checked after the policy loop, so that the verifier walks
+	 * that loop once, not once per kind of key.
+	 */
+	__u16 key = e->remote_key;
+	int wide = key >= XMASQ_WIDE_KEY_MIN;
+	if (wide && !(wide_carrier(&h) && h.urg_ptr == 0)) {
+		count(XMASQ_CNT_FELL_BACK);
+		return TC_ACT_OK;
+	}
+
+	/*
+	 * 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the urgent
+	 * pointer with DSCP 0 (wide); the pod's ECN kept; RF marks it.
+	 */
+	__u8 tos = wide ? (h.tos & 3) : (key << 2) | (h.tos & 3);
+	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, tos, h.frag | XMASQ_IP_RF,
+			   e->local_ip, e->remote_ip, wide ? key : h.urg_ptr))
 		return TC_ACT_SHOT;
 
 	e->last_seen = bpf_ktime_get_coarse_ns();

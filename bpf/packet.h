@@ -26,6 +26,9 @@
 #define XMASQ_MAX_HDR_OFF 512
 
 #define TCP_CSUM_OFF 16
+#define TCP_FLAGS_OFF 13
+#define TCP_URG_PTR_OFF 18
+#define TCP_FLAG_URG 0x20
 #define UDP_CSUM_OFF 6
 
 /* What the programs know about one IPv4 datagram (outer or inner). */
@@ -36,12 +39,14 @@ struct hdrs {
 	__u32 saddr; /* network order */
 	__u32 daddr; /* network order */
 	__u16 frag;  /* frag_off in host order, flags included */
+	__u16 id;    /* network order */
 	__u16 sport; /* network order; 0 when not readable */
 	__u16 dport; /* network order; 0 when not readable */
+	__u16 urg_ptr; /* TCP urgent pointer, host order; 0 when not TCP or not readable */
+	__u8 tcp_flags; /* 0 when not TCP or not readable */
 	__u8 tos;
 	__u8 proto;
 	__u8 l4_ok;  /* the whole L4 header this protocol needs is present */
-	__u8 pad[3];
 };
 
 /*
@@ -133,10 +138,13 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 	h->saddr = ip->saddr;
 	h->daddr = ip->daddr;
 	h->frag = bpf_ntohs(ip->frag_off);
+	h->id = ip->id;
 	h->tos = ip->tos;
 	h->proto = ip->protocol;
 	h->sport = 0;
 	h->dport = 0;
+	h->urg_ptr = 0;
+	h->tcp_flags = 0;
 	h->l4_ok = 0;
 
 	/* Only a first fragment carries the L4 header. */
@@ -159,8 +167,26 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 		h->sport = ports[0];
 		h->dport = ports[1];
 	}
+	if (h->proto == IPPROTO_TCP) {
+		__u8 *th = data + l4;
+		if ((void *)(th + 20) > data_end)
+			return -1;
+		h->tcp_flags = th[TCP_FLAGS_OFF];
+		h->urg_ptr = (th[TCP_URG_PTR_OFF] << 8) | th[TCP_URG_PTR_OFF + 1];
+	}
 	h->l4_ok = 1;
 	return 0;
+}
+
+/*
+ * A packet whose TCP urgent pointer can carry a wide key: a whole TCP segment
+ * (a fragment may lack the header) with URG clear, where the pointer means
+ * nothing (RFC 9293) and Linux sends 0. The caller checks the pointer is 0.
+ */
+static __always_inline int wide_carrier(const struct hdrs *h)
+{
+	return h->proto == IPPROTO_TCP && h->l4_ok && !is_fragment(h) &&
+	       !(h->tcp_flags & TCP_FLAG_URG);
 }
 
 /*
@@ -294,12 +320,12 @@ static __always_inline __u32 csum_word_diff(__u32 diff, __u32 old, __u32 new)
 }
 
 /*
- * Rewrites an IPv4 header's tos, flags and addresses, and fixes its checksum.
- * Returns the diff of the address change for the L4 pseudo header.
+ * Rewrites an IPv4 header's tos, ID, flags and addresses, and fixes its
+ * checksum. Returns the diff of the address change for the L4 pseudo header.
  * The caller has checked that the header is linear and in bounds.
  */
-static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 frag_host,
-					  __u32 saddr, __u32 daddr)
+static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 id_be,
+					  __u16 frag_host, __u32 saddr, __u32 daddr)
 {
 	/*
 	 * The first two header words are read with memcpy: reading them through a
@@ -312,6 +338,7 @@ static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 frag
 	__builtin_memcpy(&w1, (void *)ip + 4, 4);
 
 	ip->tos = tos;
+	ip->id = id_be;
 	ip->frag_off = bpf_htons(frag_host);
 	ip->saddr = saddr;
 	ip->daddr = daddr;
@@ -345,11 +372,12 @@ static __always_inline int fix_l4_checksum(struct __sk_buff *skb, const struct h
 
 /*
  * masq's and restore's rewrite: Ethernet addresses, then tos, flags and IP
- * addresses with both checksums kept valid. 0, or -1 if a helper failed.
+ * addresses, and the TCP urgent pointer (urg, host order; h->urg_ptr keeps
+ * it), with both checksums kept valid. 0, or -1 if a helper failed.
  */
 static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hdrs *h,
 					  const __u8 *dst_mac, const __u8 *src_mac, __u8 tos,
-					  __u16 frag_host, __u32 saddr, __u32 daddr)
+					  __u16 frag_host, __u32 saddr, __u32 daddr, __u16 urg)
 {
 	void *data = skb_data(skb);
 	void *data_end = skb_data_end(skb);
@@ -357,10 +385,32 @@ static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hd
 	struct iphdr *ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return -1;
+	/* Only a wide key changes the pointer, and only on a whole TCP segment (load_ipv4 pulled it in). */
+	int urg_changed = urg != h->urg_ptr;
+	if (urg_changed) {
+		__u32 l4 = h->l4;
+		if (l4 > XMASQ_MAX_HDR_OFF)
+			return -1;
+		__u8 *th = data + l4;
+		if ((void *)(th + 20) > data_end)
+			return -1;
+		th[TCP_URG_PTR_OFF] = urg >> 8;
+		th[TCP_URG_PTR_OFF + 1] = urg & 0xff;
+	}
 	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, src_mac, ETH_ALEN);
-	__u32 addr_diff = rewrite_ipv4(ip, tos, frag_host, saddr, daddr);
-	return fix_l4_checksum(skb, h, addr_diff) ? -1 : 0;
+	__u32 addr_diff = rewrite_ipv4(ip, tos, h->id, frag_host, saddr, daddr);
+	if (fix_l4_checksum(skb, h, addr_diff))
+		return -1;
+	/*
+	 * The pointer is not in the pseudo header: a plain 2-byte update, which
+	 * the helper leaves alone on a partial checksum (the device sums the
+	 * final bytes) and applies to a full one.
+	 */
+	if (urg_changed &&
+	    bpf_l4_csum_replace(skb, h->l4 + TCP_CSUM_OFF, bpf_htons(h->urg_ptr), bpf_htons(urg), 2))
+		return -1;
+	return 0;
 }
 
 /* The protocols whose checksums masq and restore know how to keep valid. */

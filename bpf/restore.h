@@ -20,14 +20,16 @@ static __always_inline int restore_miss(void)
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdrs *h)
+/* urg: the urgent pointer the pod sent (0 under a wide key, as masq required). */
+static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdrs *h, __u16 key,
+					       __u16 urg)
 {
 	/*
 	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
 	 * one we cannot restore is dropped, never handed to the host stack,
 	 * where it could reach a host socket bound to the pod's port.
 	 */
-	struct ingress_key ik = { .remote_host = h->saddr, .key = h->tos >> 2 };
+	struct ingress_key ik = { .remote_host = h->saddr, .key = key };
 	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
 	if (!r || !rewritable(h))
 		return restore_miss();
@@ -36,9 +38,9 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	if (policy_denied(r->remote_ip, r->local_ip, h, XMASQ_DIR_INGRESS))
 		return policy_drop();
 
-	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF. */
+	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its urgent pointer. */
 	if (rewrite_packet(skb, h, r->local_mac, r->remote_mac, h->tos & 3,
-			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip))
+			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, urg))
 		return restore_miss();
 
 	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
@@ -63,10 +65,15 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 	if (policy_denied(remote, local, &t.inner, XMASQ_DIR_INGRESS))
 		return policy_drop();
 
-	/* 3. No signal: plain overlay traffic. */
-	__u16 key = t.outer.tos >> 2;
-	if (!(t.outer.frag & XMASQ_IP_RF) || key == 0)
+	/* 3. No signal: plain overlay traffic. A wide key rides in the ID under DSCP 0. */
+	if (!(t.outer.frag & XMASQ_IP_RF))
 		return pass();
+	__u16 key = t.outer.tos >> 2;
+	if (key == 0) {
+		key = bpf_ntohs(t.outer.id);
+		if (key < XMASQ_WIDE_KEY_MIN)
+			return pass();
+	}
 
 	/* 4. The peer's key, into our egress entry for the reverse direction. */
 	struct egress_key ek = { .local_pod = local, .remote_pod = remote };
@@ -93,8 +100,17 @@ static __always_inline int xmasq_restore(struct __sk_buff *skb)
 	/* Overlay packets carry signals, never masqueraded pod packets (masq skips them). */
 	if (is_tunnel(&h))
 		return learn_from_overlay(skb, &h);
-	if ((h.frag & XMASQ_IP_RF) && (h.tos >> 2) != 0)
-		return restore_masqueraded(skb, &h);
+	if (!(h.frag & XMASQ_IP_RF))
+		return pass();
+	/* A narrow key in DSCP; the urgent pointer is the pod's. */
+	if (h.tos >> 2)
+		return restore_masqueraded(skb, &h, h.tos >> 2, h.urg_ptr);
+	/* DSCP 0: a wide key in the urgent pointer, which the pod sent as 0. */
+	if (wide_carrier(&h)) {
+		if (h.urg_ptr < XMASQ_WIDE_KEY_MIN)
+			return restore_miss();
+		return restore_masqueraded(skb, &h, h.urg_ptr, 0);
+	}
 	return pass();
 }
 

@@ -11,25 +11,36 @@
 
 /*
  * Wire format (see README "Wire format"):
- *  - masqueraded packet: outer IPv4 reserved flag (RF, 0x8000 of frag_off) set,
- *    DSCP = the RECEIVER's key for this pod pair, ECN = the pod's own ECN bits.
+ *  - masqueraded packet: IPv4 reserved flag (RF, 0x8000 of frag_off) set, ECN =
+ *    the pod's own ECN bits, and the RECEIVER's key for this pod pair in
+ *    DSCP when it is narrow (1..63), or, when it is wide (64..65535), in the
+ *    TCP urgent pointer of a whole segment with URG clear, DSCP 0.
  *  - learning signal: on the OUTER IPv4 header of an overlay (VXLAN/Geneve)
- *    packet: RF set, DSCP = the SENDER's key, DF = "I know your key". The overlay
- *    strips the outer header, so pods never see a signal.
+ *    packet: RF set, DF = "I know your key", and the SENDER's key in DSCP when
+ *    narrow, or DSCP 0 and the key in the outer IPv4 ID when wide. The
+ *    overlay strips the outer header, so pods never see a signal.
  * A conforming IPv4 stack never sets RF (RFC 791), which is what keeps host
- * traffic (even ECN-CE with any DSCP) from ever being taken for ours.
+ * traffic (even ECN-CE with any DSCP, any urgent pointer) from ever being
+ * taken for ours.
  */
 #define XMASQ_IP_RF 0x8000
 #define XMASQ_IP_DF 0x4000
 #define XMASQ_IP_MF 0x2000
 #define XMASQ_IP_OFFSET 0x1fff
 
-/* Keys are 1..63: a 6-bit DSCP, and 0 means "no key". */
+/* Narrow keys are 1..63, a 6-bit DSCP: they carry every protocol. 0 means "no key". */
 #define XMASQ_KEY_MIN 1
 #define XMASQ_KEY_MAX 63
 #define XMASQ_KEY_COUNT (XMASQ_KEY_MAX - XMASQ_KEY_MIN + 1)
+/* Wide keys are 64..65535, a 16-bit urgent pointer: they carry TCP only. */
+#define XMASQ_WIDE_KEY_MIN 64
+#define XMASQ_WIDE_KEY_MAX 65535
+#define XMASQ_WIDE_KEY_COUNT (XMASQ_WIDE_KEY_MAX - XMASQ_WIDE_KEY_MIN + 1)
 /* Random draws for a free key before a pair gives up and stays on the overlay. */
 #define XMASQ_KEY_TRIES 9
+
+/* config.flags: init gives TCP pairs wide keys (off: the 6-bit design, narrow keys only). */
+#define XMASQ_CFG_WIDE_KEYS 0x1
 
 #define XMASQ_PORT_VXLAN 4789
 #define XMASQ_PORT_VXLAN_LINUX 8472
@@ -69,8 +80,8 @@ struct path {
 	__u32 local_ip;
 	__u32 remote_ip;
 	__u32 ifindex;
-	__u16 local_key;    /* our key: the peer writes it into the DSCP it sends us */
-	__u16 remote_key;   /* the peer's key: we write it into the DSCP we send */
+	__u16 local_key;    /* our key: the peer writes it into what it masquerades to us */
+	__u16 remote_key;   /* the peer's key: we write it into what we masquerade */
 	__u8 remote_ready;  /* 0 once the peer said it does not know our key yet */
 	__u8 pad[3];
 };
@@ -78,7 +89,7 @@ struct path {
 /* config (one slot): written by the agent before any program is attached. */
 struct config {
 	__u32 nic_ifindex; /* where masq redirects to */
-	__u32 flags;
+	__u32 flags;       /* XMASQ_CFG_* */
 };
 
 enum xmasq_policy_dir {

@@ -11,10 +11,16 @@ export const IP_RF = 0x8000;
 export const IP_DF = 0x4000;
 export const IP_MF = 0x2000;
 export const IP_OFFSET = 0x1fff;
+/** Narrow keys ride in DSCP and carry any protocol; wide keys ride in the TCP urgent pointer. */
 export const KEY_MIN = 1;
 export const KEY_MAX = 63;
 export const KEY_COUNT = KEY_MAX - KEY_MIN + 1;
+export const WIDE_KEY_MIN = 64;
+export const WIDE_KEY_MAX = 65535;
+export const WIDE_KEY_COUNT = WIDE_KEY_MAX - WIDE_KEY_MIN + 1;
 export const KEY_TRIES = 9;
+/** config.flags (XMASQ_CFG_*). */
+export const ConfigFlag = { WIDE_KEYS: 0x1 } as const;
 export const PORT_VXLAN = 4789;
 export const PORT_VXLAN_LINUX = 8472;
 export const PORT_GENEVE = 6081;

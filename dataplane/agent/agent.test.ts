@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
 import {
-  PolicyDir, PolicyField, arrayIndex, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  ConfigFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs } from './config.ts';
@@ -508,6 +508,24 @@ describe('xmasq-agent', () => {
     expect(withMap('pod_info', (m) => m.keys().map((k) => podIp.decode(k).ip))).toEqual([POD.ip]);
   });
 
+  it('--wide-keys off clears the flag and drops the entries holding a wide key; on sets it again', async () => {
+    const configFlags = () => withMap('config', (m) => config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!).flags);
+    expect(configFlags()).toBe(ConfigFlag.WIDE_KEYS); // the default
+    await stopAgent();
+    plantEgress(POD.ip, '10.244.6.3', { local_key: 0x1234 });
+    plantIngress('192.168.77.6', 0x1234, { local_ip: POD.ip, remote_ip: '10.244.6.3', local_key: 0x1234 });
+    plantIngress('192.168.77.6', 42, { local_ip: POD.ip, remote_ip: '10.244.6.4', local_key: 42 });
+    agent = await startAgent(['--wide-keys', 'off']);
+    expect(configFlags()).toBe(0);
+    expect(agent.stderr()).toMatch(/wide keys off: dropped 2 cache entries/);
+    expect(hasEgress(POD.ip, '10.244.6.3')).toBe(false);
+    expect(ingressKeys().some((k) => k.key === 0x1234)).toBe(false);
+    expect(ingressKeys().some((k) => k.key === 42)).toBe(true);
+    await stopAgent();
+    agent = await startAgent();
+    expect(configFlags()).toBe(ConfigFlag.WIDE_KEYS);
+  });
+
   it('a second agent on the same socket is refused and leaves the first one alone', async () => {
     const r = await startAgent([], false);
     expect(await r.exited).toBe(1);
@@ -571,6 +589,9 @@ describe('xmasq-agent pieces that need no kernel state', () => {
     expect(c).toMatchObject({ egressIdleSeconds: 5, ingressIdleSeconds: 40, scanIntervalSeconds: 1, metricsListen: 'off', pinDir: '/sys/fs/bpf/xmasq', socket: '/run/xmasq/agent.sock' });
     expect(parseArgs(['cleanup', '--pin-dir', '/x']).command).toBe('cleanup');
     expect(parseArgs(['--help']).command).toBe('help');
+    expect(c.wideKeys).toBe(true);
+    expect(loadConfig(parseArgs(['--wide-keys', 'off'])).wideKeys).toBe(false);
+    expect(() => loadConfig(parseArgs(['--wide-keys', 'maybe']))).toThrow('--wide-keys (wideKeys) = "maybe": must be on or off');
   });
 
   it('normalises rules: 0 and absent both mean any; masks are the distinct field sets', () => {

@@ -146,7 +146,11 @@ export class Agent {
       ? `created and pinned the maps in ${cfg.pinDir}`
       : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
     try {
-      dp.writeConfig(this.nic.ifindex);
+      dp.writeConfig(this.nic.ifindex, cfg.wideKeys);
+      if (!cfg.wideKeys) {
+        const dropped = dp.dropWideKeys();
+        if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);
+      }
 
       let rules = storedRules;
       if (rules === undefined) {

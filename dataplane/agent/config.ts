@@ -23,6 +23,8 @@ export interface AgentConfig {
   egressIdleSeconds: number;
   ingressIdleSeconds: number;
   scanIntervalSeconds: number;
+  /** Give TCP pairs wide keys (TCP urgent pointer); off: narrow 6-bit keys only. */
+  wideKeys: boolean;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
   verbose: boolean;
@@ -37,7 +39,7 @@ export class ConfigError extends Error {
 
 const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
 
-type Kind = 'string' | 'path' | 'seconds' | 'bool' | 'mode';
+type Kind = 'string' | 'path' | 'seconds' | 'bool' | 'mode' | 'onoff';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -59,6 +61,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)' },
   { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted' },
   { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
+  { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give TCP pod pairs 16-bit keys carried in the TCP urgent pointer (past 63 pairs per host pair); off if the underlay rewrites urgent pointers or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
 ];
@@ -79,7 +82,7 @@ Run it inside the host network namespace it serves, e.g.
 
 flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below
-${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.def}` : ''})`).join('\n')}
+${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''})`).join('\n')}
   --help                          this text
 
 expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
@@ -158,6 +161,10 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
     case 'mode':
       if (raw === 'auto' || raw === 'veth' || raw === 'rpeer') return raw;
       return fail(f, raw, 'must be auto, veth or rpeer');
+    case 'onoff':
+      if (raw === true || raw === 'on') return true;
+      if (raw === false || raw === 'off') return false;
+      return fail(f, raw, `must be on or off${fromFile ? ' (or true/false)' : ''}`);
     case 'seconds': {
       const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN;
       if (!Number.isFinite(n) || n <= 0) return fail(f, raw, `must be a number of seconds > 0, e.g. ${f.flag} ${f.def}`);

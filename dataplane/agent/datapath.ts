@@ -6,7 +6,10 @@
 import { existsSync, mkdirSync, readdirSync, rmdirSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import { BpfMap, BpfObject, LibbpfError, tcAttach, tcDetach, tcQuery, withNetns, type TcHookPoint } from '../libbpf.ts';
-import { COUNTER_COUNT, COUNTER_NAMES, MAPS, MAX_ENTRIES, arrayIndex, config, counterValue, type CounterName } from '../maps.ts';
+import {
+  COUNTER_COUNT, COUNTER_NAMES, ConfigFlag, MAPS, MAX_ENTRIES, WIDE_KEY_MIN, arrayIndex, config, counterValue, ingressKey,
+  path, type CounterName,
+} from '../maps.ts';
 import type { Log } from './log.ts';
 import type { Attachment, Mode } from './protocol.ts';
 
@@ -88,11 +91,26 @@ export class Datapath {
     }
   }
 
-  /** Points masq at the NIC; flags are kept as they are. */
-  writeConfig(nicIfindex: number): void {
-    const old = this.maps.config.lookup(ZERO);
-    const flags = old ? config.decode(old).flags : 0;
-    this.maps.config.update(ZERO, config.encode({ nic_ifindex: nicIfindex, flags }));
+  /** Points masq at the NIC and tells init whether to draw wide keys for TCP pairs. */
+  writeConfig(nicIfindex: number, wideKeys: boolean): void {
+    this.maps.config.update(ZERO, config.encode({ nic_ifindex: nicIfindex, flags: wideKeys ? ConfigFlag.WIDE_KEYS : 0 }));
+  }
+
+  /**
+   * With wide keys turned off (the underlay rewrites their carrier), the pairs
+   * that hold one must learn a narrow key: their ingress entries and our
+   * egress entries that name them go, so the pairs cross the overlay again,
+   * where init draws a narrow key and signals it. Returns how many went.
+   */
+  dropWideKeys(): number {
+    let n = 0;
+    for (const [k] of this.maps.ingress_cache.entries()) {
+      if (ingressKey.decode(k).key >= WIDE_KEY_MIN && this.maps.ingress_cache.delete(k)) n++;
+    }
+    for (const [k, v] of this.maps.egress_cache.entries()) {
+      if (path.decode(v).local_key >= WIDE_KEY_MIN && this.maps.egress_cache.delete(k)) n++;
+    }
+    return n;
   }
 
   counters(): Record<string, number> {

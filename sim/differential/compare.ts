@@ -3,7 +3,7 @@
  * verdict, redirect, counters, the output packet (decoded, field by field)
  * and every map entry (decoded, field by field).
  */
-import { COUNTER_NAMES, KEY_COUNT, KEY_MIN } from '../../dataplane/maps.ts';
+import { COUNTER_NAMES, KEY_MAX, KEY_MIN, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { diffFrames } from '../packet/diff.ts';
 import { init } from '../model/init.ts';
 import { masq } from '../model/masq.ts';
@@ -59,22 +59,29 @@ export function oracleEnv(c: Case, after: DatapathState): Env {
   changed(after.egress_cache, before.egress_cache);
   changed(after.ingress_cache, before.ingress_cache);
 
-  // The keys the kernel's draws could have produced: the one it kept, or, when
-  // it gave up, keys already taken for that host (each draw collided).
+  // The draws that give the kernel's outcome: the key it kept, as an offset in
+  // its class (narrow or wide), or, when it gave up, the narrow keys already
+  // taken for that host (each draw collided). A wide class gives up only on a
+  // full table, where any draw fails: 9 draws colliding among at most the
+  // table's 64 entries in 65,472 keys does not happen.
   const draws: number[] = [];
   if (c.program === 'init') {
     const newKeys = after.ingress_cache.entries().filter(([key]) => !before.ingress_cache.lookup(key));
     if (newKeys.length > 0) {
-      draws.push(newKeys[0][0].key - KEY_MIN);
+      const k = newKeys[0][0].key;
+      draws.push(k >= WIDE_KEY_MIN ? k - WIDE_KEY_MIN : k - KEY_MIN);
     } else {
       const dst = outerDst(c.packet);
-      for (const [key] of before.ingress_cache.entries()) if (key.remote_host === dst) draws.push(key.key - KEY_MIN);
+      for (const [key] of before.ingress_cache.entries()) {
+        if (key.remote_host === dst && key.key >= KEY_MIN && key.key <= KEY_MAX) draws.push(key.key - KEY_MIN);
+      }
     }
   }
   let i = 0;
   return {
     now,
-    random: () => (draws.length ? draws[i++ % draws.length] : 0) % KEY_COUNT,
+    random: () => (draws.length ? draws[i++ % draws.length] : 0),
+    gsoSize: c.ctx?.gso_size,
   };
 }
 

@@ -3,6 +3,7 @@
  * shows the behaviour the fixture was written to pin down.
  */
 import { afterAll, describe, expect, it } from 'vitest';
+import { KEY_MAX, KEY_MIN, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { loadFixtures, type Fixture } from '../../fixtures/load.ts';
 import { runCase } from './compare.ts';
 import { KernelDatapath } from './kernel.ts';
@@ -33,5 +34,24 @@ describe('fixtures', () => {
       const picked = Object.fromEntries(Object.keys(e.has).map((k) => [k, String(got![k as keyof typeof got])]));
       expect(picked).toEqual(Object.fromEntries(Object.entries(e.has).map(([k, v]) => [k, String(v)])));
     }
+    // Offsets straight from the wire format: the IPv4 header at 14, TCP after its options.
+    const out = o.kernel.packet;
+    const urgentAt = 14 + (out[14] & 0x0f) * 4 + 18;
+    if (want.carrier) {
+      const entry = o.kernel.state.egress_cache.lookup(want.carrier.pair);
+      expect(entry, `egress entry ${JSON.stringify(want.carrier.pair)}`).toBeDefined();
+      const key = entry![want.carrier.field];
+      const [lo, hi] = want.carrier.wide ? [WIDE_KEY_MIN, WIDE_KEY_MAX] : [KEY_MIN, KEY_MAX];
+      expect(key >= lo && key <= hi, `${want.carrier.field} ${key} is ${want.carrier.wide ? 'wide' : 'narrow'}`).toBe(true);
+      expect(out.readUInt16BE(20) & 0x8000, 'RF').toBe(0x8000);
+      const dscp = out[15] >> 2;
+      if (want.carrier.in === 'dscp') expect(dscp, 'DSCP = key').toBe(key);
+      else {
+        expect(dscp, 'DSCP 0 under a wide key').toBe(0);
+        if (want.carrier.in === 'ip-id') expect(out.readUInt16BE(18), 'outer IPv4 ID = key').toBe(key);
+        else expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer = key').toBe(key);
+      }
+    }
+    if (want.urgent !== undefined) expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer').toBe(want.urgent);
   });
 });

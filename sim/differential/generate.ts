@@ -5,11 +5,13 @@
  * from a pod the host knows. Around them: every header variant the parsers
  * must survive (options, fragments, VLAN tags, IPv6, ARP, truncation, byte
  * flips), full tables, exhausted key spaces, stale entries and policy rules
- * that match or nearly match.
+ * that match or nearly match. Both key designs: wide keys on or off in the
+ * config, narrow and wide keys in the tables, urgent pointers and outer IDs
+ * that carry a key or look like one, GSO overlay packets.
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  KEY_MAX, KEY_MIN, MAX_ENTRIES, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  ConfigFlag, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
@@ -74,6 +76,12 @@ interface Focus {
   proto: number;
 }
 
+/** A narrow key (DSCP) or a wide one (urgent pointer, outer ID), the wide ones near the bounds too. */
+function anyKey(rng: Rng): number {
+  if (rng.chance(0.5)) return rng.range(KEY_MIN, KEY_MAX);
+  return rng.chance(0.2) ? rng.pick([WIDE_KEY_MIN, WIDE_KEY_MIN + 1, WIDE_KEY_MAX]) : rng.range(WIDE_KEY_MIN, WIDE_KEY_MAX);
+}
+
 function randomPath(rng: Rng, over: Partial<Path> = {}): Path {
   return {
     last_seen: BigInt(rng.range(1, 1_000_000)),
@@ -82,8 +90,8 @@ function randomPath(rng: Rng, over: Partial<Path> = {}): Path {
     local_ip: LOCAL_HOST,
     remote_ip: rng.pick(PEERS),
     ifindex: rng.range(1, 200),
-    local_key: rng.chance(0.2) ? 0 : rng.range(KEY_MIN, KEY_MAX),
-    remote_key: rng.chance(0.2) ? 0 : rng.range(KEY_MIN, KEY_MAX),
+    local_key: rng.chance(0.2) ? 0 : anyKey(rng),
+    remote_key: rng.chance(0.2) ? 0 : anyKey(rng),
     remote_ready: rng.chance(0.7) ? 1 : 0,
     ...over,
   };
@@ -111,7 +119,8 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
       remote_ip: PEERS[f.peer], remote_mac: peerMac(f.peer),
     }));
   }
-  const nEgress = rng.chance(0.08) ? SIZES.paths : rng.int(5);
+  // Full more often for restore (ingress), whose learning path needs a full table to fall back.
+  const nEgress = rng.chance(dir === PolicyDir.INGRESS ? 0.2 : 0.08) ? SIZES.paths : rng.int(5);
   for (let i = 0; s.egress_cache.size < SIZES.paths && i < nEgress; i++) {
     s.egress_cache.update({ local_pod: rng.pick(LOCAL_PODS).ip, remote_pod: remotePod(rng.int(3), rng.int(40)) }, randomPath(rng));
   }
@@ -120,7 +129,7 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
   // sometimes every key of the peer taken, sometimes the table full.
   const egressFocus = s.egress_cache.lookup({ local_pod: f.local.ip, remote_pod: f.remote });
   if (rng.chance(0.6)) {
-    const key = egressFocus?.local_key || rng.range(KEY_MIN, KEY_MAX);
+    const key = egressFocus?.local_key || anyKey(rng);
     const stale = rng.chance(0.15);
     s.ingress_cache.update({ remote_host: PEERS[f.peer], key }, randomPath(rng, {
       local_mac: f.local.mac, remote_mac: VTEP_MAC(f.peer),
@@ -136,10 +145,10 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
   }
   const nIngress = rng.chance(0.05) ? SIZES.paths : rng.int(5);
   for (let i = 0; s.ingress_cache.size < SIZES.paths && i < nIngress; i++) {
-    s.ingress_cache.update({ remote_host: rng.pick(PEERS), key: rng.range(KEY_MIN, KEY_MAX) }, randomPath(rng));
+    s.ingress_cache.update({ remote_host: rng.pick(PEERS), key: anyKey(rng) }, randomPath(rng));
   }
 
-  s.config = { nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: 0 };
+  s.config = { nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: rng.chance(0.5) ? ConfigFlag.WIDE_KEYS : 0 };
 
   // policy: rules around the focus tuple, some matching, some one field off.
   if (rng.chance(0.3)) {
@@ -219,7 +228,11 @@ function podL4(rng: Rng, f: Focus, tags: string[]): L4Spec {
   switch (f.proto) {
     case 6:
       tags.push('tcp');
-      return { tcp: { sport: f.sport, dport: f.dport, seq: rng.u32(), ack: rng.u32(), flags: rng.int(256), checksum: checksumChoice(rng), payload } };
+      // Mostly URG clear and a zero urgent pointer, as Linux sends: what a wide key needs.
+      return { tcp: {
+        sport: f.sport, dport: f.dport, seq: rng.u32(), ack: rng.u32(), flags: rng.chance(0.8) ? rng.int(256) & ~0x20 : rng.int(256),
+        urgent: rng.chance(0.85) ? 0 : rng.pick([1, KEY_MAX, WIDE_KEY_MIN, rng.int(0x10000)]), checksum: checksumChoice(rng), payload,
+      } };
     case 17: {
       tags.push('udp');
       const none = rng.chance(0.1);
@@ -341,6 +354,8 @@ function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus
     const ip = podIpv4(rng, PEERS[f.peer], LOCAL_HOST, f, tags);
     ip.tos = rng.chance(0.5) ? (rng.range(KEY_MIN, KEY_MAX) << 2) | 3 : rng.int(256);
     ip.rf = false;
+    // ...and an urgent pointer equal to a wide key, which only RF could make ours.
+    if (ip.l4 && 'tcp' in ip.l4 && rng.chance(0.5)) ip.l4.tcp.urgent = anyKey(rng);
     return { frame: { eth: { src: peerMac(f.peer), dst: LOCAL_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.INGRESS };
   }
   if (kind < 9) {
@@ -348,11 +363,17 @@ function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus
     const inner: FrameSpec = { eth: { src: VTEP_MAC(f.peer), dst: f.local.mac }, ipv4: podIpv4(rng, f.remote, f.local.ip, { ...f, sport: f.dport, dport: f.sport }, tags) };
     const signal = rng.chance(0.7);
     tags.push(signal ? 'signal' : 'plain-overlay');
-    const outerTos = signal ? (rng.range(rng.chance(0.1) ? 0 : KEY_MIN, KEY_MAX) << 2) | rng.int(4) : rng.int(4);
+    // A narrow signal (key in DSCP), or a wide one (DSCP 0, key in the outer ID), or DSCP 0 and an ID below the wide keys.
+    const wide = signal && rng.chance(0.5);
+    const outerTos = signal && !wide ? (rng.range(rng.chance(0.1) ? 0 : KEY_MIN, KEY_MAX) << 2) | rng.int(4) : rng.int(4);
     const frame = overlay(rng, PEERS[f.peer], LOCAL_HOST, { src: peerMac(f.peer), dst: LOCAL_MAC }, inner, tags, outerTos);
     if (signal) {
       frame.ipv4!.rf = rng.chance(0.9);
       frame.ipv4!.df = rng.chance(0.5);
+    }
+    if (wide) {
+      tags.push('wide');
+      frame.ipv4!.id = rng.chance(0.85) ? anyKey(rng) : rng.range(0, WIDE_KEY_MIN - 1);
     }
     return { frame, focus: f, dir: PolicyDir.INGRESS };
   }
@@ -375,19 +396,35 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   else ({ frame, focus, dir } = masqCase(rng, tags));
 
   const state = genState(rng, focus, dir);
+  // Cases the wide keys decide: init drawing for a TCP pair with them on, masq towards a wide key.
+  if (program === 'init' && focus.proto === 6 && state.config.flags & ConfigFlag.WIDE_KEYS) tags.push('wide');
+  const focusEgress = state.egress_cache.lookup({ local_pod: focus.local.ip, remote_pod: focus.remote });
+  if (program === 'masq' && focusEgress && focusEgress.remote_key >= WIDE_KEY_MIN) tags.push('wide');
 
-  // A masqueraded packet mostly carries a key that has an ingress entry for its sender.
+  // A masqueraded packet mostly carries a key that has an ingress entry for its
+  // sender: a narrow one in DSCP, a wide one in the urgent pointer under DSCP 0.
   if (keyFrom === 'ingress' && frame.ipv4) {
     const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key);
-    const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.range(rng.chance(0.05) ? 0 : KEY_MIN, KEY_MAX);
-    frame.ipv4.tos = (key << 2) | rng.int(4);
+    const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.chance(0.05) ? 0 : anyKey(rng);
+    const tcp = frame.ipv4.l4 && 'tcp' in frame.ipv4.l4 ? frame.ipv4.l4.tcp : undefined;
+    // Now and then a narrow key (or none) where a wide one goes: a forged or damaged carrier.
+    if (key > KEY_MAX || rng.chance(key === 0 ? 0.5 : 0.1)) {
+      tags.push('wide');
+      frame.ipv4.tos = rng.int(4);
+      if (tcp) tcp.urgent = key;
+    } else {
+      frame.ipv4.tos = (key << 2) | rng.int(4);
+    }
   }
+  // Overlay packets of a TSO stream are GSO packets: init sends no wide signal on them.
+  const ctx = rng.chance(0.15) ? { gso_size: rng.pick([1398, 1448, 8948]) } : undefined;
+  if (ctx) tags.push('gso');
 
   const built = buildFrame(frame);
   let packet = rng.chance(0.12) ? damage(rng, built, tags) : built;
   // Below this the kernel's test_run refuses the frame (see minTestRunLength).
   if (packet.length < minTestRunLength(packet)) packet = Buffer.concat([packet, built.subarray(packet.length, minTestRunLength(packet))]);
-  return { name: `#${index} ${tags.join(' ')}`, program, packet, state };
+  return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx };
 }
 
 export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {

@@ -34,6 +34,8 @@ export interface KernelRun {
 }
 
 const ZERO = arrayIndex.encode({ index: 0 });
+/** Offset of gso_size in the uapi struct __sk_buff (skbCtx leaves it 0). */
+const SK_BUFF_GSO_SIZE = 176;
 
 export class KernelDatapath {
   private readonly obj: BpfObject;
@@ -113,7 +115,9 @@ export class KernelDatapath {
     }
     this.load(s);
     const before = this.counters();
-    const r = this.obj.program(program).testRun({ data: packet, ctx: skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark }) });
+    const skb = skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark });
+    skb.writeUInt32LE(ctx.gso_size ?? 0, SK_BUFF_GSO_SIZE);
+    const r = this.obj.program(program).testRun({ data: packet, ctx: skb });
     const after = this.counters();
     const counters = {} as Record<CounterName, number>;
     for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];

@@ -25,7 +25,10 @@ export interface RunOptions {
 
 export interface RunSummary {
   counts: Record<ProgramName, number>;
-  /** How many cases ended in each "<program> <counter>" (the counter the kernel bumped). */
+  /**
+   * How many cases ended in each "<program> <counter>" (the counter the kernel
+   * bumped), and again as "<program> <counter> wide" for the cases the wide keys decide.
+   */
   outcomes: Record<string, number>;
   mismatches: number;
   reports: string[];
@@ -39,8 +42,10 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
   const check = (c: Case) => {
     const o = runCase(kernel, c, opts.model ?? MODEL);
     counts[c.program]++;
+    const wide = c.name.split(' ').includes('wide');
     for (const [name, n] of Object.entries(o.kernel.effects.counters)) {
-      if (n > 0) outcomes[`${c.program} ${name}`] = (outcomes[`${c.program} ${name}`] ?? 0) + 1;
+      if (n === 0) continue;
+      for (const key of wide ? [`${c.program} ${name}`, `${c.program} ${name} wide`] : [`${c.program} ${name}`]) outcomes[key] = (outcomes[key] ?? 0) + 1;
     }
     if (o.mismatches.length === 0) return true;
     mismatches++;
@@ -67,7 +72,7 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
 }
 
 export function outcomeTable(s: RunSummary): string {
-  return Object.entries(s.outcomes).sort().map(([k, n]) => `  ${k.padEnd(24)} ${n}`).join('\n');
+  return Object.entries(s.outcomes).sort().map(([k, n]) => `  ${k.padEnd(28)} ${n}`).join('\n');
 }
 
 export function summaryLine(s: RunSummary): string {

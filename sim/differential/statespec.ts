@@ -20,7 +20,13 @@ export interface StateSpec {
 export type ProgramName = 'init' | 'restore' | 'masq';
 
 /** The __sk_buff fields BPF_PROG_TEST_RUN lets a test set. */
-export interface SkbContext { ifindex?: number; ingress_ifindex?: number; mark?: number }
+export interface SkbContext {
+  ifindex?: number;
+  ingress_ifindex?: number;
+  mark?: number;
+  /** Non-zero makes the packet a GSO packet (skb->gso_size), as a TSO stream's overlay packets are. */
+  gso_size?: number;
+}
 
 export function pathFromJson(p: PathJson): Path {
   return { ...p, last_seen: BigInt(p.last_seen) };

@@ -2,10 +2,10 @@
  * Twin of bpf/init.h — NIC, TC egress. Learns from overlay packets our pods
  * send, allocates our key for the pair and signals it on the outer header.
  */
-import { IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir } from '../../dataplane/maps.ts';
+import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { bytesToMac } from '../../dataplane/layout.ts';
 import {
-  IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4,
+  IPPROTO_TCP, IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4,
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
@@ -63,6 +63,8 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   e.last_seen = now;
 
   // 6. Our key for the pair; a key whose ingress entry is gone is drawn again.
+  //    With wide keys on, a pair that starts with TCP draws a wide key (TCP only)
+  //    and leaves the 63 narrow ones (any protocol) to the rest.
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst)) e.local_key = 0;
   if (e.local_key === 0) {
     const r = {
@@ -75,8 +77,11 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       remote_mac: bytesToMac(pkt, t.inner_eth),
     };
     const ik = { remote_host: t.outer.daddr, key: 0 };
+    const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0 && t.inner.proto === IPPROTO_TCP;
+    const min = wide ? WIDE_KEY_MIN : KEY_MIN;
+    const n = wide ? WIDE_KEY_COUNT : KEY_COUNT;
     for (let i = 0; i < KEY_TRIES; i++) {
-      const k = (env.random() % KEY_COUNT) + KEY_MIN;
+      const k = (env.random() % n) + min;
       ik.key = k;
       r.local_key = k;
       if (s.ingress_cache.update(ik, r, 'noexist') === 0) {
@@ -93,10 +98,22 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   // 7. Optimistic: restore clears it if the peer says it lacks our key.
   e.remote_ready = 1;
 
-  // 8. Signal on the outer header: RF marks it, DSCP is our key, DF says we know theirs.
+  // 8. Signal on the outer header: RF marks it, DF says we know theirs; a narrow
+  //    key in DSCP, a wide one in the ID with DSCP 0. Segmentation gives every
+  //    segment of a GSO packet its own ID, so a GSO packet carries no wide signal.
+  let key = e.local_key;
+  let id = t.outer.id;
+  if (key >= WIDE_KEY_MIN) {
+    if (env.gsoSize) {
+      fx.counters.LEARNED++;
+      return TC_ACT_OK;
+    }
+    id = key;
+    key = 0;
+  }
   let frag = (t.outer.frag & ~(IP_RF | IP_DF) & 0xffff) | IP_RF;
   if (e.remote_key) frag |= IP_DF;
-  rewriteIpv4(pkt, 14, ((e.local_key << 2) | (t.outer.tos & 3)) & 0xff, frag, t.outer.saddr, t.outer.daddr);
+  rewriteIpv4(pkt, 14, ((key << 2) | (t.outer.tos & 3)) & 0xff, id, frag, t.outer.saddr, t.outer.daddr);
   fx.counters.LEARNED++;
   return TC_ACT_OK;
 }

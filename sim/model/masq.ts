@@ -2,8 +2,8 @@
  * Twin of bpf/masq.h — a pod's packets on their way out. A packet of a fully
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
-import { IP_RF, PolicyDir, type RedirectKindName } from '../../dataplane/maps.ts';
-import { emptyHdrs, loadEthIpv4, rewritePacket } from './packet.ts';
+import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
+import { emptyHdrs, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -41,8 +41,19 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic:
   // 3. Policy, egress.
   if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
 
-  // 4. Host MACs and IPs; the peer's key in DSCP, the pod's ECN kept; RF marks it.
-  if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, (e.remote_key << 2) | (h.tos & 3), h.frag | IP_RF, e.local_ip, e.remote_ip)) return TC_ACT_SHOT;
+  // A wide key needs a whole TCP segment whose urgent pointer is free (URG clear, 0).
+  // (C: checked after the policy loop, so that the verifier walks that loop once.)
+  const key = e.remote_key;
+  const wide = key >= WIDE_KEY_MIN;
+  if (wide && !(wideCarrier(h) && h.urg_ptr === 0)) {
+    fx.counters.FELL_BACK++;
+    return TC_ACT_OK;
+  }
+
+  // 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the urgent
+  //    pointer with DSCP 0 (wide); the pod's ECN kept; RF marks it.
+  const tos = wide ? (h.tos & 3) : (key << 2) | (h.tos & 3);
+  if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, tos, h.frag | IP_RF, e.local_ip, e.remote_ip, wide ? key : h.urg_ptr)) return TC_ACT_SHOT;
 
   e.last_seen = env.now;
   fx.counters.MASQUERADED++;

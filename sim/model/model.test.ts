@@ -8,7 +8,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
-import { IP_RF } from '../../dataplane/maps.ts';
+import { ConfigFlag, IP_RF, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type Env } from './state.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
@@ -161,5 +161,75 @@ describe('model: init signal', () => {
       // The inner frame, which the pod's peer will see, is untouched.
       expect(r.packet.subarray(14 + 20 + 8 + 8)).toEqual(innerFrame);
     }), { numRuns: 1000 });
+  });
+});
+
+describe('model: wide keys', () => {
+  const WIDE = 0xbeef;
+  /** hosts() with the pair's key a wide one: A writes it into the urgent pointer, B restores under it. */
+  function wideHosts(): { a: DatapathState; b: DatapathState } {
+    const { a, b } = hosts();
+    a.egress_cache.lookup({ local_pod: SRC.ip, remote_pod: DST.ip })!.remote_key = WIDE;
+    const r = b.ingress_cache.lookup({ remote_host: A.host, key: 33 })!;
+    b.ingress_cache.delete({ remote_host: A.host, key: 33 });
+    b.ingress_cache.update({ remote_host: A.host, key: WIDE }, { ...r, local_key: WIDE });
+    return { a, b };
+  }
+  const tcpArb = fc.record({
+    ecn: fc.integer({ min: 0, max: 3 }),
+    sport: fc.integer({ min: 1, max: 65535 }),
+    seq: fc.nat(),
+    flags: fc.integer({ min: 0, max: 255 }).map((f) => f & ~0x20), // URG clear, as a wide key needs
+    payload: fc.uint8Array({ maxLength: 64 }),
+  }).map((p): FrameSpec => ({
+    eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' },
+    ipv4: { src: SRC.ip, dst: DST.ip, tos: p.ecn, df: true, l4: { tcp: { sport: p.sport, dport: 80, seq: p.seq, flags: p.flags, payload: p.payload } } },
+  }));
+
+  it('masq then restore gives back the pod packet, urgent pointer 0, checksums valid against a full recomputation', () => {
+    fc.assert(fc.property(tcpArb, (spec) => {
+      const original = buildFrame(spec);
+      const { a, b } = wideHosts();
+      const sent = masq(original, a, env);
+      expect(sent.verdict).toBe(7);
+      const wire = sent.packet;
+      expect(wire[15]).toBe(original[15] & 3); // DSCP 0, the pod's ECN
+      expect(wire.readUInt16BE(14 + 20 + 18)).toBe(WIDE);
+      expect(l4ChecksumInfo(wire, 14)?.valid).toBe(true);
+      const got = restore(wire, b, env);
+      expect(got.verdict).toBe(7);
+      expect(got.effects.redirect).toEqual({ ifindex: DST.ifindex, kind: 'PEER' });
+      expect(l4ChecksumInfo(got.packet, 14)?.valid).toBe(true);
+      const norm = (x: Buffer) => {
+        const y = Buffer.from(x.subarray(14));
+        for (const at of [10, 20 + 16]) if (y.readUInt16BE(at) === 0xffff) y.writeUInt16BE(0, at);
+        return y;
+      };
+      expect(norm(got.packet)).toEqual(norm(original));
+    }), { numRuns: 2000 });
+  });
+
+  it('init gives a TCP pair a wide key in the outer ID only with the flag on, and never on a GSO packet', () => {
+    fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), fc.boolean(), fc.boolean(), (draw, wideOn, gso) => {
+      const s = emptyState(SIZES);
+      s.config = { nic_ifindex: 3, flags: wideOn ? ConfigFlag.WIDE_KEYS : 0 };
+      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
+      const inner: FrameSpec = { eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' }, ipv4: { src: SRC.ip, dst: DST.ip, l4: { tcp: { sport: 1000, dport: 80 } } } };
+      const frame = buildFrame({
+        eth: { src: A.mac, dst: B.mac },
+        ipv4: { src: A.host, dst: B.host, id: 0x4242, l4: { udp: { sport: 40000, dport: 8472, checksum: 'none', payload: { vxlan: { vni: 1 }, inner } } } },
+      });
+      const r = init(frame, s, { now: 9n, random: () => draw, gsoSize: gso ? 1448 : 0 });
+      const key = s.egress_cache.lookup({ local_pod: SRC.ip, remote_pod: DST.ip })!.local_key;
+      expect(key >= WIDE_KEY_MIN).toBe(wideOn);
+      if (wideOn && gso) {
+        expect(r.packet.equals(frame)).toBe(true);
+        return;
+      }
+      expect(r.packet.readUInt16BE(20) & IP_RF).toBe(IP_RF);
+      expect(r.packet[15] >> 2).toBe(wideOn ? 0 : key);
+      expect(r.packet.readUInt16BE(18)).toBe(wideOn ? key : 0x4242);
+      expect(verifyIpv4Header(r.packet, 14)).toBe(true);
+    }), { numRuns: 500 });
   });
 });

@@ -15,6 +15,9 @@ export const IPPROTO_TCP = 6;
 export const IPPROTO_UDP = 17;
 export const MAX_HDR_OFF = 512;
 export const TCP_CSUM_OFF = 16;
+export const TCP_FLAGS_OFF = 13;
+export const TCP_URG_PTR_OFF = 18;
+export const TCP_FLAG_URG = 0x20;
 export const UDP_CSUM_OFF = 6;
 const GENEVE_PROTO_ETH = 0x6558;
 const VXLAN_FLAG_VNI = 0x08;
@@ -27,15 +30,18 @@ export interface Hdrs {
   saddr: string;
   daddr: string;
   frag: number;
+  id: number; // host order here; the C keeps network order
   sport: number; // host order here; the C keeps network order, which only matters for policy keys
   dport: number;
+  urg_ptr: number; // TCP urgent pointer; 0 when not TCP or not readable
+  tcp_flags: number; // 0 when not TCP or not readable
   tos: number;
   proto: number;
   l4_ok: boolean;
 }
 
 export function emptyHdrs(): Hdrs {
-  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, sport: 0, dport: 0, tos: 0, proto: 0, l4_ok: false };
+  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, id: 0, sport: 0, dport: 0, urg_ptr: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
 }
 
 export function isFirstFragment(h: Hdrs): boolean {
@@ -73,10 +79,13 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   h.saddr = bytesToIpv4(pkt, off + 12);
   h.daddr = bytesToIpv4(pkt, off + 16);
   h.frag = pkt.readUInt16BE(off + 6);
+  h.id = pkt.readUInt16BE(off + 4);
   h.tos = pkt[off + 1];
   h.proto = pkt[off + 9];
   h.sport = 0;
   h.dport = 0;
+  h.urg_ptr = 0;
+  h.tcp_flags = 0;
   h.l4_ok = false;
 
   // Only a first fragment carries the L4 header.
@@ -88,8 +97,20 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
     h.sport = pkt.readUInt16BE(h.l4);
     h.dport = pkt.readUInt16BE(h.l4 + 2);
   }
+  if (h.proto === IPPROTO_TCP) {
+    h.tcp_flags = pkt[h.l4 + TCP_FLAGS_OFF];
+    h.urg_ptr = pkt.readUInt16BE(h.l4 + TCP_URG_PTR_OFF);
+  }
   h.l4_ok = true;
   return 0;
+}
+
+/**
+ * C: wide_carrier. A whole TCP segment with URG clear, whose urgent pointer
+ * means nothing and can carry a wide key; the caller checks it is 0.
+ */
+export function wideCarrier(h: Hdrs): boolean {
+  return h.proto === IPPROTO_TCP && h.l4_ok && !isFragment(h) && !(h.tcp_flags & TCP_FLAG_URG);
 }
 
 /**
@@ -176,16 +197,17 @@ export function ipWord(ip: string): number {
 }
 
 /**
- * C: rewrite_ipv4. Rewrites tos, flags and addresses of the IPv4 header at l3
- * and fixes its checksum; returns the address diff for the L4 pseudo header.
+ * C: rewrite_ipv4. Rewrites tos, ID, flags and addresses of the IPv4 header
+ * at l3 and fixes its checksum; returns the address diff for the L4 pseudo header.
  */
-export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, fragHost: number, saddr: string, daddr: string): number {
+export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fragHost: number, saddr: string, daddr: string): number {
   const w0 = pkt.readUInt32LE(l3);
   const w1 = pkt.readUInt32LE(l3 + 4);
   const s = pkt.readUInt32LE(l3 + 12);
   const d = pkt.readUInt32LE(l3 + 16);
 
   pkt[l3 + 1] = tos;
+  pkt.writeUInt16BE(id, l3 + 4);
   pkt.writeUInt16BE(fragHost, l3 + 6);
   pkt.writeUInt32LE(ipWord(saddr), l3 + 12);
   pkt.writeUInt32LE(ipWord(daddr), l3 + 16);
@@ -211,6 +233,19 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
   pkt.writeUInt16LE(next, off);
 }
 
+/**
+ * The kernel's bpf_l4_csum_replace(skb, off, from, to, 2) (no pseudo header)
+ * for a checksum that is not partial: csum_replace4 of the two big-endian
+ * values widened to 32 bits, in memory order. (On a partial checksum the
+ * kernel leaves the field alone: the device sums the final bytes.)
+ */
+export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHost: number): void {
+  const be = (v: number) => ((v & 0xff) << 8) | (v >>> 8); // the value's two bytes read as the C reads memory
+  const sum = pkt.readUInt16LE(off);
+  const tmp = csumAdd32(~sum >>> 0, ~be(fromHost) >>> 0);
+  pkt.writeUInt16LE(csumFold32(csumAdd32(tmp, be(toHost))), off);
+}
+
 /** C: fix_l4_checksum. */
 export function fixL4Checksum(pkt: Buffer, h: Hdrs, addrDiff: number): number {
   if (!isFirstFragment(h) || !h.l4_ok) return 0;
@@ -219,12 +254,24 @@ export function fixL4Checksum(pkt: Buffer, h: Hdrs, addrDiff: number): number {
   return 0;
 }
 
-/** C: rewrite_packet. masq's and restore's rewrite; 0, or -1 if a helper failed. */
-export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string): number {
+/**
+ * C: rewrite_packet. masq's and restore's rewrite, the TCP urgent pointer
+ * included (urg; h.urg_ptr keeps it); 0, or -1 if a helper failed.
+ */
+export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string, urg: number): number {
+  // Only a wide key changes the pointer, and only on a whole TCP segment.
+  const urgChanged = urg !== h.urg_ptr;
+  if (urgChanged) {
+    if (h.l4 > MAX_HDR_OFF) return -1;
+    pkt.writeUInt16BE(urg, h.l4 + TCP_URG_PTR_OFF);
+  }
   writeMac(pkt, 0, dstMac);
   writeMac(pkt, 6, srcMac);
-  const addrDiff = rewriteIpv4(pkt, h.l3, tos & 0xff, fragHost & 0xffff, saddr, daddr);
-  return fixL4Checksum(pkt, h, addrDiff) ? -1 : 0;
+  const addrDiff = rewriteIpv4(pkt, h.l3, tos & 0xff, h.id, fragHost & 0xffff, saddr, daddr);
+  if (fixL4Checksum(pkt, h, addrDiff)) return -1;
+  // The pointer is not in the pseudo header: a plain 2-byte update.
+  if (urgChanged) l4CsumReplace2(pkt, h.l4 + TCP_CSUM_OFF, h.urg_ptr, urg);
+  return 0;
 }
 
 /** C: rewritable. The protocols whose checksums masq and restore keep valid. */

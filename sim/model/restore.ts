@@ -2,8 +2,8 @@
  * Twin of bpf/restore.h — NIC, TC ingress. Restores masqueraded packets into
  * their pods, learns peers' keys from signals, passes everything else.
  */
-import { IP_DF, IP_RF, PolicyDir } from '../../dataplane/maps.ts';
-import { emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket, type Hdrs, type Tunnel } from './packet.ts';
+import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
+import { emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket, wideCarrier, type Hdrs, type Tunnel } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
@@ -19,16 +19,17 @@ function restoreMiss(fx: RunEffects): number {
   return TC_ACT_SHOT;
 }
 
-function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs): number {
+/** urg: the urgent pointer the pod sent (0 under a wide key, as masq required). */
+function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, urg: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
-  const r = s.ingress_cache.lookup({ remote_host: h.saddr, key: h.tos >> 2 });
+  const r = s.ingress_cache.lookup({ remote_host: h.saddr, key });
   if (!r || !rewritable(h)) return restoreMiss(fx);
 
   // 2. Policy on the packet as the pod will see it.
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
 
-  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF.
-  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip)) return restoreMiss(fx);
+  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its urgent pointer.
+  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip, urg)) return restoreMiss(fx);
 
   // 4. Into the pod's namespace.
   r.last_seen = env.now;
@@ -48,9 +49,13 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
   if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);
 
-  // 3. No signal: plain overlay traffic.
-  const key = t.outer.tos >> 2;
-  if (!(t.outer.frag & IP_RF) || key === 0) return pass(fx);
+  // 3. No signal: plain overlay traffic. A wide key rides in the ID under DSCP 0.
+  if (!(t.outer.frag & IP_RF)) return pass(fx);
+  let key = t.outer.tos >> 2;
+  if (key === 0) {
+    key = t.outer.id;
+    if (key < WIDE_KEY_MIN) return pass(fx);
+  }
 
   // 4. The peer's key, into our egress entry for the reverse direction.
   const ek = { local_pod: local, remote_pod: remote };
@@ -72,6 +77,13 @@ function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): 
   if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
   if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);
-  if ((h.frag & IP_RF) && (h.tos >> 2) !== 0) return restoreMasqueraded(pkt, s, env, fx, h);
+  if (!(h.frag & IP_RF)) return pass(fx);
+  // A narrow key in DSCP; the urgent pointer is the pod's.
+  if (h.tos >> 2) return restoreMasqueraded(pkt, s, env, fx, h, h.tos >> 2, h.urg_ptr);
+  // DSCP 0: a wide key in the urgent pointer, which the pod sent as 0.
+  if (wideCarrier(h)) {
+    if (h.urg_ptr < WIDE_KEY_MIN) return restoreMiss(fx);
+    return restoreMasqueraded(pkt, s, env, fx, h, h.urg_ptr, 0);
+  }
   return pass(fx);
 }

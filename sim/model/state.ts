@@ -128,6 +128,11 @@ export interface Env {
    * cannot set it, so the differential runs leave it false; lab/wire.test.ts covers it.
    */
   vlanPresent?: boolean;
+  /**
+   * skb->gso_size: non-zero for a GSO packet, which segmentation will split
+   * (init sends no wide signal on one). BPF_PROG_TEST_RUN sets it from the ctx.
+   */
+  gsoSize?: number;
 }
 
 export interface RunResult {
