@@ -49,13 +49,13 @@ export async function capture<T>(lab: Lab, where: { netns: string }, dev: string
   return { frames: await readPcap(file), result };
 }
 
-/** What a frame on the wire is: overlay, masqueraded (host to host, RF, a key in DSCP), or anything else. */
+/** What a frame on the wire is: overlay, masqueraded (host to host, RF: a key in DSCP or, on TCP, the urgent pointer), or anything else. */
 export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' | 'other' {
   const d = decodeFrame(f);
   if (findLayer(d, 'vxlan')) return 'vxlan';
   const ip = findLayer(d, 'ipv4');
   const hostToHost = ip && hostIps.has(String(ip.fields.src)) && hostIps.has(String(ip.fields.dst));
-  return hostToHost && (f[20] & 0x80) !== 0 && f[15] >> 2 !== 0 ? 'masq' : 'other';
+  return hostToHost && (f[20] & 0x80) !== 0 && (f[15] >> 2 !== 0 || f[23] === 6) ? 'masq' : 'other';
 }
 
 /** /proc/net/snmp of a pod (it follows the reader's netns): group -> field -> value. */
