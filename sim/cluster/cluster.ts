@@ -152,8 +152,6 @@ export interface RunOptions {
   measureFromNs?: number;
   /** Measure the wall time spent inside the model programs (stats.modelMs). */
   timeModel?: boolean;
-  /** Called every simulated second with the stats so far. */
-  progress?: (s: RunStats) => void;
 }
 
 // Read for every packet: local copies, since an imported binding costs a property read each time under tsx.
@@ -259,17 +257,12 @@ export class Cluster {
     // Each agent scans on its own phase, as agents started at different times do.
     for (const h of this.hosts) this.schedule({ t: this.rng.next() * sc.timing.scanIntervalNs, kind: 'scan', host: h.index });
 
-    let nextProgress = 1e9;
     const maxPackets = this.opts.maxPackets ?? Infinity;
     for (;;) {
       const e = this.q.pop();
       if (!e || this.stats.packets >= maxPackets) break;
       this.now = e.t;
       this.stats.events++;
-      if (this.opts.progress && e.t >= nextProgress) {
-        this.opts.progress(this.finishStats());
-        nextProgress += 1e9;
-      }
       this.dispatch(e);
     }
     return { stats: this.finishStats(), violations: this.checker.violations, violationCounts: this.checker.violationCounts };
@@ -384,9 +377,9 @@ export class Cluster {
     writePacketId(frame, tpl.idOffset, id);
     const cross = from.host !== to.host;
     const rec: PacketRecord = {
-      id, kind: 'pod', cross, flow: flow.id, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
-      srcHost: from.host, dstHost: to.host, dstIp, tuple: tpl.tuple,
-      deniedAtSend: cross && denied(src.agent.policy, 'egress', tpl.tuple), masqueraded: false,
+      id, kind: 'pod', cross, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
+      dstHost: to.host, dstIp, tuple: tpl.tuple,
+      deniedAtSend: cross && denied(src.agent.policy, 'egress', tpl.tuple),
       hops: this.opts.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
     };
     this.checker.inflight.set(id, rec);
@@ -419,8 +412,8 @@ export class Cluster {
     this.stats.packets++;
     this.stats.sent.host++;
     this.checker.inflight.set(id, {
-      id, kind: 'host', cross: false, flow: -1 - index, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
-      srcHost: a.index, dstHost: b.index, dstIp: b.ip, tuple: tpl.tuple, deniedAtSend: false, masqueraded: false,
+      id, kind: 'host', cross: false, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
+      dstHost: b.index, dstIp: b.ip, tuple: tpl.tuple, deniedAtSend: false,
       hops: this.opts.trace ? [`${fmtT(this.now)} host ${a.name} sends ${spec.proto} tos 0x${spec.tos.toString(16)} to ${b.name}`] : undefined,
     });
     this.nicEgress(a, frame, id);
@@ -454,7 +447,6 @@ export class Cluster {
         this.stats.window.fast++;
         if (flow.spec.pattern === 'stream') this.stats.window.streamFast++;
       }
-      rec.masqueraded = true;
       flow.fast++;
       return this.nicEgress(h, r.packet, id);
     }

@@ -13,18 +13,15 @@ export interface PacketRecord {
   kind: 'pod' | 'host';
   /** Between pods on different hosts (the traffic XMasq serves). */
   cross: boolean;
-  flow: number;
   /** The frame as sent but for its id words (pod frames: from the Ethernet type on). */
   template: Buffer;
   idOffset: number;
   sentAt: number;
-  srcHost: number;
   dstHost: number;
   dstIp: number;
   /** The 5-tuple policy judges, in the pod's terms. */
   tuple: Tuple;
   deniedAtSend: boolean;
-  masqueraded: boolean;
   hops?: string[];
 }
 
