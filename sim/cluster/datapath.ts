@@ -1,11 +1,12 @@
 /**
  * The datapath the simulated hosts run, as a swappable key scheme: the study
  * and the benchmark take one by name. '6-bit' is the datapath of sim/model
- * (keys 1..63 per host pair, drawn at random); 'overlay' runs no XMasq at
- * all (every program passes), the baseline the fast path is measured against.
- * A scheme with more keys adds itself here with its own model functions.
+ * with narrow keys only (1..63 per host pair, drawn at random); 'wide' the
+ * same programs with the agent's --wide-keys on (config flag WIDE_KEYS: a TCP
+ * pair gets a 16-bit key); 'overlay' runs no XMasq at all (every program
+ * passes), the baseline the fast path is measured against.
  */
-import { MAX_ENTRIES } from '../../dataplane/maps.ts';
+import { ConfigFlag, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { emptyState, init, masq, newEffects, restore, TC_ACT_OK, type DatapathState, type Env, type RunResult } from '../model/index.ts';
 
 export interface KeyScheme {
@@ -27,6 +28,17 @@ const sixBit: KeyScheme = {
   masq: (pkt, s, env) => masq(pkt, s, env, 'EGRESS'),
 };
 
+const wide: KeyScheme = {
+  ...sixBit,
+  name: 'wide',
+  describe: 'sim/model with config flag WIDE_KEYS: a pair that starts with TCP draws a key in 64..65535 (TCP urgent pointer on the wire), others the 63 narrow keys',
+  newState: () => {
+    const s = emptyState(MAX_ENTRIES.production);
+    s.config.flags = ConfigFlag.WIDE_KEYS;
+    return s;
+  },
+};
+
 /** Every program passes every packet untouched, as if XMasq were not attached. */
 function passAll(pkt: Buffer): RunResult {
   return { verdict: TC_ACT_OK, packet: pkt, effects: PASS_EFFECTS };
@@ -42,7 +54,7 @@ const overlayOnly: KeyScheme = {
   masq: passAll,
 };
 
-export const KEY_SCHEMES: Record<string, KeyScheme> = { [sixBit.name]: sixBit, [overlayOnly.name]: overlayOnly };
+export const KEY_SCHEMES: Record<string, KeyScheme> = { [sixBit.name]: sixBit, [wide.name]: wide, [overlayOnly.name]: overlayOnly };
 
 export function keyScheme(name: string): KeyScheme {
   const s = KEY_SCHEMES[name];

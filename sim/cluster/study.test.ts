@@ -41,6 +41,6 @@ describe('sim:study', () => {
     } catch (e) {
       err = String((e as { stderr: string }).stderr);
     }
-    expect(err).toMatch(/unknown key scheme nine-bit; the schemes are 6-bit, overlay/);
+    expect(err).toMatch(/unknown key scheme nine-bit; the schemes are 6-bit, wide, overlay/);
   });
 });
