@@ -59,6 +59,8 @@ const scenarioArb = fc.record({
     dir: fc.constantFrom('egress' as const, 'ingress' as const), src: fc.option(podRef, { nil: undefined }), dst: fc.option(podRef, { nil: undefined }),
     dport: fc.option(fc.constantFrom(80, 443, 8080), { nil: undefined }), proto: fc.option(proto, { nil: undefined }), removes: fc.nat(3),
   }), { maxLength: 4 }),
+  // Both datapaths: narrow keys only, and wide keys for TCP pairs (--wide-keys).
+  scheme: fc.constantFrom('6-bit', 'wide'),
   seed: fc.nat(),
 });
 
@@ -73,7 +75,7 @@ function toScenario(r: Raw): Scenario {
     podsPerHost: r.podsPerHost,
     link: r.link,
     timing: { egressIdleNs: r.timing.egressIdleNs, ingressIdleNs: r.timing.egressIdleNs * r.timing.ingressFactor, scanIntervalNs: r.timing.scanIntervalNs },
-    scheme: '6-bit',
+    scheme: r.scheme,
     ifindex: r.ifindex,
     flows: r.flows.map((f) => ({ ...f, a: fit(f.a), b: fit(f.b) })).filter((f) => f.a.host !== f.b.host || f.a.slot !== f.b.slot),
     hostFlows: r.hostFlows.map((f) => ({ ...f, from: hostOf(f.from), to: (hostOf(f.from) + 1 + (f.to % (r.hosts - 1))) % r.hosts })),
@@ -210,22 +212,26 @@ describe('cluster simulator: fast path', () => {
   });
 });
 
+/** 12 × 12 = 144 TCP pod pairs between two hosts, all talking at once. */
+function allPairs(scheme: string, seed: number): Scenario {
+  const flows: FlowSpec[] = [];
+  for (let a = 0; a < 12; a++) {
+    for (let b = 0; b < 12; b++) {
+      flows.push({ at: (a * 12 + b) * 10e3, a: { host: 0, slot: a }, b: { host: 1, slot: b }, proto: 'tcp', packets: 30, gapNs: 1e6, pattern: 'rr' });
+    }
+  }
+  return {
+    hosts: 2, podsPerHost: 12, link: { latencyNs: 50e3, jitterNs: 100e3, loss: 0 },
+    timing: { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9 }, scheme, ifindex: 'fresh',
+    flows, hostFlows: [], churn: [], policy: [], durationNs: 1e9, seed,
+  };
+}
+
 describe('cluster simulator: key exhaustion', () => {
   it('past 63 pairs per host pair falls back to VXLAN without a collision', () => {
-    // 12 × 12 = 144 pod pairs between two hosts, all talking at once: at most 63 keys per
-    // host pair, so most pairs must stay on the overlay, and still reach exactly their pod.
-    const flows: FlowSpec[] = [];
-    for (let a = 0; a < 12; a++) {
-      for (let b = 0; b < 12; b++) {
-        flows.push({ at: (a * 12 + b) * 10e3, a: { host: 0, slot: a }, b: { host: 1, slot: b }, proto: 'tcp', packets: 30, gapNs: 1e6, pattern: 'rr' });
-      }
-    }
+    // At most 63 keys per host pair, so most pairs must stay on the overlay, and still reach exactly their pod.
     for (const seed of [1, 2, 3]) {
-      const sc: Scenario = {
-        hosts: 2, podsPerHost: 12, link: { latencyNs: 50e3, jitterNs: 100e3, loss: 0 },
-        timing: { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9 }, scheme: '6-bit', ifindex: 'fresh',
-        flows, hostFlows: [], churn: [], policy: [], durationNs: 1e9, seed,
-      };
+      const sc = allPairs('6-bit', seed);
       const c = new Cluster(sc);
       const r = c.run();
       expect(r.violations.map((v) => Cluster.describe(v))).toEqual([]);
@@ -236,6 +242,17 @@ describe('cluster simulator: key exhaustion', () => {
       expect(r.stats.delivered.overlay).toBeGreaterThan(144 * 30 / 2);
       for (const h of [0, 1]) for (const n of c.keysInUse(h).values()) expect(n).toBeLessThanOrEqual(63);
     }
+  });
+  it('with wide keys the same 144 TCP pairs all take the fast path', () => {
+    const c = new Cluster(allPairs('wide', 1));
+    const r = c.run();
+    expect(r.violations.map((v) => Cluster.describe(v))).toEqual([]);
+    expect(r.stats.counters.KEY_EXHAUSTED).toBe(0);
+    expect(r.stats.drops).toEqual({});
+    expect(r.stats.flows).toEqual({ cross: 144, crossFast: 144 });
+    // Learning costs a few packets per pair; every pair holds a key on each host.
+    expect(r.stats.masqueraded).toBeGreaterThan(144 * 30 * 0.8);
+    for (const h of [0, 1]) expect([...c.keysInUse(h).values()]).toEqual([144]);
   });
 });
 
