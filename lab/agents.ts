@@ -16,8 +16,12 @@ const AGENT = `${ROOT}dataplane/agent/main.ts`;
 export class LabAgents {
   private readonly procs = new Map<string, ChildProcess>();
 
-  /** runDir holds <host>/agent.sock and <host>/ state; pins go to /sys/fs/bpf/<pinPrefix>-<host>. */
-  constructor(private readonly lab: Lab, readonly runDir: string, private readonly pinPrefix: string, private readonly extraArgs: string[] = []) {}
+  /**
+   * runDir holds <host>/agent.sock and <host>/ state; pins go to /sys/fs/bpf/<pinPrefix>-<host>.
+   * startTimeoutMs: how long start() waits for the agent to answer (longer under emulation, e.g. vm-tests/).
+   */
+  constructor(private readonly lab: Lab, readonly runDir: string, private readonly pinPrefix: string, private readonly extraArgs: string[] = [],
+    private readonly startTimeoutMs = 20_000) {}
 
   socket(host: string): string {
     return `${this.runDir}/${host}/agent.sock`;
@@ -47,14 +51,14 @@ export class LabAgents {
     let log = '';
     child.stderr!.on('data', (d) => { log += d; });
     this.procs.set(host, child);
-    const deadline = Date.now() + 20_000;
+    const deadline = Date.now() + this.startTimeoutMs;
     for (;;) {
       if (child.exitCode !== null) throw new Error(`xmasq-agent on ${host} exited ${child.exitCode}:\n${log}`);
       try {
         await AgentClient.request(this.socket(host), { op: 'status' }, { timeoutMs: 500 });
         return;
       } catch {
-        if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within 20 s:\n${log}`);
+        if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within ${this.startTimeoutMs / 1000} s:\n${log}`);
         await new Promise((r) => setTimeout(r, 100));
       }
     }
