@@ -33,7 +33,9 @@ function guestFile(base: string) {
 function expectAllPassed(base: string): void {
   const f = guestFile(base);
   const failed = f.assertionResults.filter((a) => a.status !== 'passed');
-  expect(failed.map((a) => `${a.fullName} (${a.status}): ${a.failureMessages.join('\n').slice(0, 2000)}`), `${base} ${where()}`).toEqual([]);
+  // Skipped tests mean the file failed around them (beforeAll): its message says why.
+  expect(failed.map((a) => `${a.fullName} (${a.status}): ${a.failureMessages.join('\n').slice(0, 2000)}`),
+    `${base} ${where()}${f.message ? `\n${f.message.slice(0, 3000)}` : ''}`).toEqual([]);
   // A file that failed before its tests (in beforeAll, at import) has no assertion results.
   expect(f.assertionResults.length, `${base}: no test ran: ${f.message.slice(0, 2000)} ${where()}`).toBeGreaterThan(0);
   expect(f.status, f.message).toBe('passed');
