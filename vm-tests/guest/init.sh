@@ -41,14 +41,20 @@ fi
 status() { echo "$1" > /run/results/status; }
 status "booted"
 
+# The host's root again, without the tmpfs mounts above: a clone under /tmp or /run
+# is only visible there.
+mkdir -p /run/host
+mount --bind / /run/host
 root=${XMASQ_ROOT:-}
-if [ -z "$root" ] || [ ! -d "$root" ]; then
+if [ -z "$root" ] || [ ! -d "/run/host$root" ]; then
   say "XMASQ_ROOT=\"$root\" is not a directory of the host's root"
   status "no-root"
   finish
 fi
+# Exists already on the read-only root; under /tmp or /run it is made in the tmpfs.
+mkdir -p "$root"
 mkdir -p /run/overlay/upper /run/overlay/work
-if ! mount -t overlay overlay -o "lowerdir=$root,upperdir=/run/overlay/upper,workdir=/run/overlay/work" "$root"; then
+if ! mount -t overlay overlay -o "lowerdir=/run/host$root,upperdir=/run/overlay/upper,workdir=/run/overlay/work" "$root"; then
   say "cannot mount the overlay over $root"
   status "no-overlay"
   finish
