@@ -21,13 +21,22 @@ static __always_inline int fast_path_eligible(const struct hdrs *h)
 	       !(h->proto == IPPROTO_UDP && h->l4_ok && is_tunnel_port(h->dport));
 }
 
-/* An ingress entry is ours only if it still restores to this very pod pair. */
+/*
+ * An ingress entry is ours only if it still restores to this very pod pair (a
+ * deleted pod's tombstone, ifindex 0, never does). Telling the peer the key
+ * again promises that it restores, so the entry is refreshed too: it must not
+ * idle out, and its key go to another pair, while the peer, which the signal
+ * keeps sending under it, still masquerades with it.
+ */
 static __always_inline int key_still_ours(__u32 remote_host, __u16 key, __u32 local_pod,
-					  __u32 remote_pod)
+					  __u32 remote_pod, __u64 now)
 {
 	struct ingress_key ik = { .remote_host = remote_host, .key = key };
 	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
-	return r && r->local_ip == local_pod && r->remote_ip == remote_pod;
+	if (!r || r->ifindex == 0 || r->local_ip != local_pod || r->remote_ip != remote_pod)
+		return 0;
+	r->last_seen = now;
+	return 1;
 }
 
 static __always_inline int xmasq_init(struct __sk_buff *skb)
@@ -70,7 +79,17 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	__builtin_memcpy(e->remote_mac, eth->h_dest, ETH_ALEN);
 	e->local_ip = t.outer.saddr;
 	e->remote_ip = t.outer.daddr;
-	e->last_seen = now;
+	/*
+	 * last_seen keeps the entry alive, and with it the peer's key. Only what
+	 * also keeps the peer's ingress entry for that key alive may refresh it:
+	 * masq's packets (restore refreshes the entry as they arrive) and the
+	 * peer's signals (its init refreshes it as it sends them). An overlay
+	 * packet of ours does neither, so while we hold a peer's key it leaves
+	 * the stamp alone: else the entry could outlive the peer's, and masq use
+	 * a key the peer has since given to another pair.
+	 */
+	if (!e->remote_key)
+		e->last_seen = now;
 
 	/*
 	 * 6. Our key for the pair. A key whose ingress entry expired or was purged
@@ -79,7 +98,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	 * that starts with TCP draws from the 65,472 wide keys, which carry TCP
 	 * only, and leaves the 63 narrow ones, which carry anything, to the rest.
 	 */
-	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst))
+	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst, now))
 		e->local_key = 0;
 	if (e->local_key == 0) {
 		__u32 ie = t.inner_eth;

@@ -31,7 +31,8 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	 */
 	struct ingress_key ik = { .remote_host = h->saddr, .key = key };
 	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
-	if (!r || !rewritable(h))
+	/* ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts). */
+	if (!r || r->ifindex == 0 || !rewritable(h))
 		return restore_miss();
 
 	/* 2. Policy on the packet as the pod will see it. */

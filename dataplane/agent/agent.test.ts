@@ -127,7 +127,7 @@ function withMap<T>(name: string, fn: (m: BpfMap) => T): T {
 function aPath(over: Partial<Path>): Path {
   return {
     last_seen: monotonicCoarseNs(), local_mac: '02:00:00:00:00:01', remote_mac: '02:00:00:00:00:02',
-    local_ip: '192.168.77.1', remote_ip: '192.168.77.2', ifindex: 0, local_key: 5, remote_key: 9, remote_ready: 1, ...over,
+    local_ip: '192.168.77.1', remote_ip: '192.168.77.2', ifindex: 3, local_key: 5, remote_key: 9, remote_ready: 1, ...over,
   };
 }
 
@@ -146,6 +146,9 @@ function plantIngress(remoteHost: string, key: number, p: Partial<Path>): void {
 
 const egressKeys = () => withMap('egress_cache', (m) => m.keys().map((k) => egressKey.decode(k)));
 const ingressKeys = () => withMap('ingress_cache', (m) => m.keys().map((k) => ingressKey.decode(k)));
+/** Ingress keys with whether each is a deleted pod's tombstone (ifindex 0). */
+const ingressEntries = () => withMap('ingress_cache', (m) => m.lookupBatch().map(([k, v]) => ({ ...ingressKey.decode(k), dead: path.decode(v).ifindex === 0 })));
+const liveIngressKeys = () => ingressEntries().filter((e) => !e.dead).map(({ remote_host, key }) => ({ remote_host, key }));
 const hasEgress = (local: string, remote: string) => egressKeys().some((k) => k.local_pod === local && k.remote_pod === remote);
 
 function metrics(path = '/metrics'): string {
@@ -310,7 +313,9 @@ describe('xmasq-agent', () => {
     const r = await call((c) => c.delPod(POD.ip));
     expect(r).toMatchObject({ known: true, detached: true, purged: { egress: 2, ingress: 2 } });
     expect(egressKeys()).toEqual([{ local_pod: '10.244.1.99', remote_pod: '10.244.2.10' }]);
-    expect(ingressKeys()).toEqual([{ remote_host: '192.168.77.2', key: 8 }]);
+    expect(liveIngressKeys()).toEqual([{ remote_host: '192.168.77.2', key: 8 }]);
+    // The deleted pod's keys stay taken, as tombstones, until --ingress-idle.
+    expect(ingressEntries().filter((e) => e.dead).map((e) => `${e.remote_host}/${e.key}`).sort()).toEqual(['192.168.77.2/7', '192.168.77.3/7']);
     expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })))).toBeUndefined();
     expect(filters('vpod1', 'ingress')).toEqual([]);
     // an unknown IP is fine too (CNI DEL is idempotent), and still purged
@@ -497,7 +502,8 @@ describe('xmasq-agent', () => {
     expect(hasEgress(POD.ip, '10.244.6.1')).toBe(true);
     expect(ingressKeys().some((k) => k.key === 40)).toBe(true);
     expect(hasEgress(POD2.ip, '10.244.6.2')).toBe(false);
-    expect(ingressKeys().some((k) => k.key === 41)).toBe(false);
+    expect(liveIngressKeys().some((k) => k.key === 41)).toBe(false);
+    expect(ingressEntries().some((k) => k.key === 41 && k.dead)).toBe(true);
     expect(filters('nic0', 'egress')).toEqual(['init']);
     expect(filters('nic0', 'ingress')).toEqual(['restore']);
     expect(filters('vpod1', 'ingress')).toEqual(['masq']);
@@ -592,6 +598,9 @@ describe('xmasq-agent pieces that need no kernel state', () => {
     expect(c.wideKeys).toBe(true);
     expect(loadConfig(parseArgs(['--wide-keys', 'off'])).wideKeys).toBe(false);
     expect(() => loadConfig(parseArgs(['--wide-keys', 'maybe']))).toThrow('--wide-keys (wideKeys) = "maybe": must be on or off');
+    // A key must stay taken until every peer has stopped using it.
+    expect(() => loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '30']))).toThrow('--ingress-idle (ingressIdleSeconds) = 30: must be at least --egress-idle + --scan-interval (30 + 1 s)');
+    expect(loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '31'])).ingressIdleSeconds).toBe(31);
   });
 
   it('normalises rules: 0 and absent both mean any; masks are the distinct field sets', () => {

@@ -304,7 +304,7 @@ export class Agent {
   private forgetPod(ip: string): Purged {
     const m = this.dp!.maps;
     m.pod_info.delete(podIp.encode({ ip }));
-    return purgePod(m.egress_cache, m.ingress_cache, ip);
+    return purgePod(m.egress_cache, m.ingress_cache, ip, monotonicCoarseNs());
   }
 
   private savePods(): void {

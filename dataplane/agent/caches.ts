@@ -3,7 +3,7 @@
  * expired, always through the layouts of dataplane/maps.ts.
  */
 import type { FieldType, Struct } from '../layout.ts';
-import type { BpfMap } from '../libbpf.ts';
+import type { BpfMap, LibbpfError } from '../libbpf.ts';
 import { egressKey, ingressKey, path, type EgressKey, type IngressKey, type Path } from '../maps.ts';
 import type { EgressDumpEntry, IngressDumpEntry, PathJson, Purged } from './protocol.ts';
 
@@ -45,15 +45,42 @@ export function dumpIngress(map: BpfMap, now: bigint): IngressDumpEntry[] {
 
 /**
  * Every entry that could deliver to or send for the pod at ip: egress
- * entries it is the local pod of, and ingress entries that restore into it.
- * The caller removes the pod from pod_info first, so that init cannot learn a
- * new entry for it while we sweep.
+ * entries it is the local pod of are deleted; ingress entries that restore
+ * into it become tombstones. The caller removes the pod from pod_info first,
+ * so that init cannot learn a new entry for it while we sweep.
+ *
+ * Why tombstones: a peer may go on masquerading to the deleted pod under our
+ * key until its agent finds the pair unanswered (its --egress-idle plus a
+ * scan). Were the key free at once, init could draw it for another pair, and
+ * restore would put those packets into that pair's pod. A tombstone (ifindex
+ * 0, stamped now) keeps the key taken: restore drops what arrives under it
+ * without refreshing it, init never counts it as a pair's key, and expiry
+ * removes it --ingress-idle later (config.ts requires that to outlast the
+ * peer's --egress-idle and scan).
  */
-export function purgePod(egress: BpfMap, ingress: BpfMap, ip: string): Purged {
+export function purgePod(egress: BpfMap, ingress: BpfMap, ip: string, now: bigint): Purged {
   const want = u32Of(egressKey.encode({ local_pod: ip, remote_pod: ip }), EK.local);
   const e = egress.lookupBatch().filter(([k]) => u32Of(k, EK.local) === want).map(([k]) => k);
-  const i = ingress.lookupBatch().filter(([, v]) => u32Of(v, P.localIp) === want).map(([k]) => k);
-  return { egress: egress.deleteBatch(e), ingress: ingress.deleteBatch(i) };
+  let tombstoned = 0;
+  for (const [k, v] of ingress.lookupBatch()) {
+    if (u32Of(v, P.localIp) !== want || u32Of(v, P.ifindex) === 0) continue;
+    const dead = Buffer.from(v);
+    dead.writeUInt32LE(0, P.ifindex);
+    dead.writeBigUInt64LE(now, P.lastSeen);
+    // Only over the entry as it is: one the program meanwhile deleted stays deleted.
+    try {
+      ingress.update(k, dead, 'exist');
+      tombstoned++;
+    } catch (e) {
+      if ((e as LibbpfError).code !== 'ENOENT') throw e;
+    }
+  }
+  return { egress: egress.deleteBatch(e), ingress: tombstoned };
+}
+
+/** Whether an ingress entry (its raw value) is a deleted pod's tombstone. */
+export function isTombstone(v: Buffer): boolean {
+  return u32Of(v, P.ifindex) === 0;
 }
 
 /*
@@ -76,6 +103,7 @@ const P = {
   remoteIp: offsetOf(asStruct(path), 'remote_ip', 'ipv4'),
   localKey: offsetOf(asStruct(path), 'local_key', 'u16'),
   remoteKey: offsetOf(asStruct(path), 'remote_key', 'u16'),
+  ifindex: offsetOf(asStruct(path), 'ifindex', 'u32'),
 };
 const EK = {
   local: offsetOf(asStruct(egressKey), 'local_pod', 'ipv4'),
@@ -129,7 +157,7 @@ type EgressVerdict = 'keep' | 'idle' | 'unanswered';
 function judgeEgress(k: Buffer, v: Buffer, peer: Buffer | undefined, now: bigint, idleNs: bigint): EgressVerdict {
   if (now - lastSeenOf(v) > idleNs) return 'idle';
   if (u16Of(v, P.localKey) === 0 || u16Of(v, P.remoteKey) === 0) return 'keep';
-  const answered = peer !== undefined
+  const answered = peer !== undefined && !isTombstone(peer)
     && u32Of(peer, P.localIp) === u32Of(k, EK.local) && u32Of(peer, P.remoteIp) === u32Of(k, EK.remote)
     && now - lastSeenOf(peer) <= idleNs;
   return answered ? 'keep' : 'unanswered';

@@ -59,7 +59,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
   { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
   { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)' },
-  { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted' },
+  { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted; at least --egress-idle + --scan-interval' },
   { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give TCP pod pairs 16-bit keys carried in the TCP urgent pointer (past 63 pairs per host pair); off if the underlay rewrites urgent pointers or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
@@ -96,7 +96,11 @@ the next packet crosses the overlay and the pair is learned again with fresh key
 Entries without both keys carry nothing past the overlay and keep the plain idle rule.
 The cost: a pair whose peer stops sending (a one-way stream) leaves the fast path after
 --egress-idle, until the peer sends again.
-Ingress entries go after --ingress-idle without use.
+Ingress entries go after --ingress-idle without use. When a pod is deleted its ingress
+entries become tombstones: their keys stay taken, and what arrives under them is dropped,
+for --ingress-idle, so that a peer still sending to the deleted pod under our key can
+never reach a pod the key is given to next. So --ingress-idle must be at least
+--egress-idle + --scan-interval, with the same settings on every host.
 
 signals: SIGTERM/SIGINT detach every filter and exit, keeping the pinned maps so that
 a restart resumes every learned flow. SIGUSR2 exits for an upgrade: the filters stay
@@ -226,6 +230,12 @@ function validate(c: AgentConfig): void {
     if (c.nic === 'lo') fail(field('nic'), c.nic, 'the loopback device carries no overlay traffic; set --nic to the underlay device');
   }
   if (c.metricsListen !== 'off') parseListen(c.metricsListen);
+  // A deleted pod's keys stay taken (tombstones) for --ingress-idle, and a peer
+  // may masquerade under them until it retires the unanswered pair: up to its
+  // --egress-idle plus a scan. Hosts are expected to run the same settings.
+  if (c.ingressIdleSeconds < c.egressIdleSeconds + c.scanIntervalSeconds) {
+    fail(field('ingressIdleSeconds'), c.ingressIdleSeconds, `must be at least --egress-idle + --scan-interval (${c.egressIdleSeconds} + ${c.scanIntervalSeconds} s): a key must stay taken until every peer has stopped using it, or a reused key delivers a peer's packets to the wrong pod`);
+  }
   // sun_path is 108 bytes with its NUL.
   if (Buffer.byteLength(c.socket) > 107) fail(field('socket'), c.socket, 'is longer than a unix socket path may be (107 bytes); choose a shorter path');
   if (existsSync(c.socket) && !statSync(c.socket).isSocket()) fail(field('socket'), c.socket, 'exists and is not a socket; remove it or choose another path');

@@ -14,7 +14,7 @@ function state() {
   const s = emptyState(MAX_ENTRIES.test);
   const add = (local: string, remote: string, host: string, key: number, lastSeen: bigint) => {
     s.egress_cache.update({ local_pod: local, remote_pod: remote }, { ...emptyPath(), local_ip: '172.31.250.1', remote_ip: host, local_key: key, remote_key: 5, remote_ready: 1, last_seen: lastSeen });
-    s.ingress_cache.update({ remote_host: host, key }, { ...emptyPath(), local_ip: local, remote_ip: remote, local_key: key, last_seen: lastSeen });
+    s.ingress_cache.update({ remote_host: host, key }, { ...emptyPath(), local_ip: local, remote_ip: remote, local_key: key, ifindex: 7, last_seen: lastSeen });
   };
   add('10.244.1.2', '10.244.2.2', '172.31.250.2', 1, 100n);
   add('10.244.1.3', '10.244.2.2', '172.31.250.2', 2, 100n);
@@ -25,16 +25,18 @@ describe('sim/cluster agent on model maps', () => {
   it('pod delete purges exactly the entries of that pod, and pod_info', () => {
     const s = state();
     const a = new SimAgent(s, T);
-    a.addPod('10.244.1.2', '0a:58:00:00:00:01', 10);
-    a.delPod('10.244.1.2');
+    a.addPod('10.244.1.2', '0a:58:00:00:00:01', 10, 100n);
+    a.delPod('10.244.1.2', 150n);
     expect(s.pod_info.lookup('10.244.1.2')).toBeUndefined();
     expect(s.egress_cache.entries().map(([k]) => k.local_pod)).toEqual(['10.244.1.3']);
-    expect(s.ingress_cache.entries().map(([, v]) => v.local_ip)).toEqual(['10.244.1.3']);
+    // The deleted pod's key stays taken as a tombstone (ifindex 0), stamped at the delete.
+    const ingress = s.ingress_cache.entries().map(([k, v]) => [k.key, v.local_ip, v.ifindex, v.last_seen]);
+    expect(ingress).toEqual([[1, '10.244.1.2', 0, 150n], [2, '10.244.1.3', 7, 100n]]);
   });
 
   it('the planted fault leaves them behind', () => {
     const s = state();
-    new SimAgent(s, T, { noPurgeOnDelete: true }).delPod('10.244.1.2');
+    new SimAgent(s, T, { noPurgeOnDelete: true }).delPod('10.244.1.2', 150n);
     expect(s.egress_cache.size).toBe(2);
   });
 

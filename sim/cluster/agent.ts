@@ -16,7 +16,7 @@ import type { Struct } from '../../dataplane/layout.ts';
 import type { DatapathState, HashTable } from '../model/index.ts';
 
 /** The part of BpfMap that caches.ts uses, over a model table. */
-type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch'>;
+type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update'>;
 
 class ModelMapView<K, V> implements MapOps {
   constructor(
@@ -32,6 +32,12 @@ class ModelMapView<K, V> implements MapOps {
 
   lookupBatch(): Array<[Buffer, Buffer]> {
     return this.table.entries().map(([k, v]) => [this.key.encode(k as never), this.value.encode(v as never)]);
+  }
+
+  update(k: Buffer, v: Buffer, flags: 'any' | 'noexist' | 'exist' = 'any'): void {
+    const rc = this.table.update(this.key.decode(k) as K, this.value.decode(v) as V, flags);
+    // The kernel's errors as BpfMap reports them (LibbpfError.code).
+    if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: rc === -2 ? 'ENOENT' : rc === -17 ? 'EEXIST' : 'E2BIG' });
   }
 
   deleteBatch(keys: Buffer[]): number {
@@ -71,20 +77,20 @@ export class SimAgent {
   }
 
   /** CNI ADD: the agent writes pod_info; a different pod on the same IP is forgotten first. */
-  addPod(ip: string, mac: string, ifindex: number): void {
+  addPod(ip: string, mac: string, ifindex: number, nowNs: bigint): void {
     const old = this.s.pod_info.lookup(ip);
-    if (old && (old.mac !== mac || old.ifindex !== ifindex)) this.forgetPod(ip);
+    if (old && (old.mac !== mac || old.ifindex !== ifindex)) this.forgetPod(ip, nowNs);
     this.s.pod_info.update(ip, { ifindex, mac });
   }
 
   /** CNI DEL, which runs before IPAM frees the IP. */
-  delPod(ip: string): void {
-    this.forgetPod(ip);
+  delPod(ip: string, nowNs: bigint): void {
+    this.forgetPod(ip, nowNs);
   }
 
-  private forgetPod(ip: string): void {
+  private forgetPod(ip: string, nowNs: bigint): void {
     this.s.pod_info.delete(ip);
-    if (!this.faults.noPurgeOnDelete) purgePod(this.egress, this.ingress, ip);
+    if (!this.faults.noPurgeOnDelete) purgePod(this.egress, this.ingress, ip, nowNs);
   }
 
   scan(nowNs: bigint): ExpiryResult {

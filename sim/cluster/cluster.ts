@@ -215,7 +215,7 @@ export class Cluster {
     host.slotIp[slot] = a;
     host.podsByIp.set(a, pod);
     host.podsByIfindex.set(pod.ifindex, pod);
-    host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex);
+    host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex, BigInt(Math.round(this.now)));
     return pod;
   }
 
@@ -223,7 +223,7 @@ export class Cluster {
   private deletePod(host: Host, slot: number): Pod | undefined {
     const pod = host.slots[slot];
     if (!pod) return undefined;
-    host.agent.delPod(pod.ipStr);
+    host.agent.delPod(pod.ipStr, BigInt(Math.round(this.now)));
     host.slots[slot] = undefined;
     pod.deletedAt = this.now;
     host.podsByIp.delete(pod.ip);

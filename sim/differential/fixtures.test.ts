@@ -53,5 +53,11 @@ describe('fixtures', () => {
       }
     }
     if (want.urgent !== undefined) expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer').toBe(want.urgent);
+    for (const st of want.stamps ?? []) {
+      const before = st.cache === 'egress' ? f.state.egress_cache.lookup(st.key) : f.state.ingress_cache.lookup(st.key);
+      const after = st.cache === 'egress' ? o.kernel.state.egress_cache.lookup(st.key) : o.kernel.state.ingress_cache.lookup(st.key);
+      expect(before && after, `${st.cache} entry ${JSON.stringify(st.key)} before and after`).toBeTruthy();
+      expect(after!.last_seen !== before!.last_seen, `${st.cache} ${JSON.stringify(st.key)} last_seen ${before!.last_seen} -> ${after!.last_seen}: refreshed`).toBe(st.refreshed);
+    }
   });
 });

@@ -135,7 +135,8 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
       local_mac: f.local.mac, remote_mac: VTEP_MAC(f.peer),
       local_ip: stale ? rng.pick(LOCAL_PODS).ip : f.local.ip,
       remote_ip: stale ? remotePod(f.peer, rng.int(40)) : f.remote,
-      ifindex: f.local.ifindex, local_key: key, remote_key: 0, remote_ready: 0,
+      // Sometimes a deleted pod's tombstone (ifindex 0), which keeps the key taken.
+      ifindex: rng.chance(0.15) ? 0 : f.local.ifindex, local_key: key, remote_key: 0, remote_ready: 0,
     }));
   }
   if (rng.chance(0.08)) {

@@ -62,6 +62,15 @@ export const MUTANTS: Mutant[] = [
     from: '(s.config.flags & ConfigFlag.WIDE_KEYS) !== 0 && ', to: '' },
   { name: 'wide signal on a GSO packet', file: 'init.ts',
     from: 'if (env.gsoSize) {', to: 'if (false) {' },
+  // Stale keys: tombstones and refreshes (the cluster simulator's finds).
+  { name: 'restore through a tombstone', file: 'restore.ts',
+    from: 'if (!r || r.ifindex === 0 || !rewritable(h))', to: 'if (!r || !rewritable(h))' },
+  { name: 'a tombstone taken for the pair\'s key', file: 'init.ts',
+    from: 'if (!r || r.ifindex === 0 || r.local_ip', to: 'if (!r || r.local_ip' },
+  { name: 'a key signalled again not refreshed', file: 'init.ts',
+    from: '  r.last_seen = now;\n  return true;', to: '  return true;' },
+  { name: 'init refreshes an entry holding a peer\'s key', file: 'init.ts',
+    from: 'if (!e.remote_key) e.last_seen = now;', to: 'e.last_seen = now;' },
 ];
 
 const MODEL_DIR = fileURLToPath(new URL('../model/', import.meta.url));

@@ -18,10 +18,15 @@ export function fastPathEligible(h: Hdrs): boolean {
     !(h.proto === IPPROTO_UDP && h.l4_ok && isTunnelPort(h.dport));
 }
 
-/** C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair. */
-function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPod: string, remotePod: string): boolean {
+/**
+ * C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair (a
+ * tombstone, ifindex 0, never does); signalling the key again refreshes it.
+ */
+function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPod: string, remotePod: string, now: bigint): boolean {
   const r = s.ingress_cache.lookup({ remote_host: remoteHost, key });
-  return !!r && r.local_ip === localPod && r.remote_ip === remotePod;
+  if (!r || r.ifindex === 0 || r.local_ip !== localPod || r.remote_ip !== remotePod) return false;
+  r.last_seen = now;
+  return true;
 }
 
 export function init(input: Buffer, s: DatapathState, env: Env): RunResult {
@@ -60,12 +65,14 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   e.remote_mac = bytesToMac(pkt, 0);
   e.local_ip = t.outer.saddr;
   e.remote_ip = t.outer.daddr;
-  e.last_seen = now;
+  // last_seen keeps the peer's key alive: only masq's packets and the peer's signals,
+  // which also keep the peer's ingress entry alive, may refresh it while we hold one.
+  if (!e.remote_key) e.last_seen = now;
 
   // 6. Our key for the pair; a key whose ingress entry is gone is drawn again.
   //    With wide keys on, a pair that starts with TCP draws a wide key (TCP only)
   //    and leaves the 63 narrow ones (any protocol) to the rest.
-  if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst)) e.local_key = 0;
+  if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
     const r = {
       ...emptyPath(),

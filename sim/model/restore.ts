@@ -23,7 +23,8 @@ function restoreMiss(fx: RunEffects): number {
 function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, urg: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
   const r = s.ingress_cache.lookup({ remote_host: h.saddr, key });
-  if (!r || !rewritable(h)) return restoreMiss(fx);
+  // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
+  if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
 
   // 2. Policy on the packet as the pod will see it.
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
