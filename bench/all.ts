@@ -38,6 +38,12 @@ const PARTS: Part[] = [
     json: 'stdout',
   },
   {
+    name: 'sim',
+    what: 'simulated packets per second of the cluster simulator (sim/cluster)',
+    argv: (_, quick) => [...TSX, `${ROOT}sim/cluster/bench.ts`, '--json', ...(quick ? ['--quick'] : [])],
+    json: 'stdout',
+  },
+  {
     name: 'demo',
     what: 'host / route / overlay / xmasq: iperf3 and TCP_RR between pods on two lab hosts',
     argv: (out, quick) => [...TSX, `${ROOT}demo/main.ts`, '--json', `${out}-demo.json`, '--svg', `${out}-demo.svg`, '--md', `${out}-demo.md`, ...(quick ? ['--quick'] : [])],
@@ -50,7 +56,7 @@ const USAGE = `usage: npm run bench -- [--quick] [--only a,b] [--out DIR] [--hel
 Runs, one after the other: ${PARTS.map((p) => p.name).join(', ')}.
 ${PARTS.map((p) => `  ${p.name.padEnd(10)}${p.what}`).join('\n')}
 and writes DIR/bench-<date>.json (every part's JSON report, with the machine) plus the
-demo's .json/.svg/.md beside it. Needs root. Takes about 15 minutes (--quick: 3).
+demo's .json/.svg/.md beside it. Needs root. Takes about 16 minutes (--quick: 3).
 
   --quick        short runs (smoke test; numbers are rough)
   --only LIST    only these parts, comma-separated
