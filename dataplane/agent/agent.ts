@@ -523,6 +523,7 @@ export class Agent {
       pid: process.pid,
       mode: this.mode,
       modeReason: this.modeReason,
+      wideKeys: cfg.wideKeys,
       nic: this.nic.name,
       nicIfindex: this.nic.ifindex,
       pinDir: cfg.pinDir,

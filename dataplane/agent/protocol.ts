@@ -128,6 +128,8 @@ export interface AgentStatus {
   pid: number;
   mode: Mode;
   modeReason: string;
+  /** Whether init draws 16-bit keys for TCP pairs (--wide-keys). */
+  wideKeys: boolean;
   nic: string;
   nicIfindex: number;
   pinDir: string;
