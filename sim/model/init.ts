@@ -9,7 +9,7 @@ import {
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, emptyPath, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, emptyPath, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -30,7 +30,7 @@ function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPo
 }
 
 export function init(input: Buffer, s: DatapathState, env: Env): RunResult {
-  const pkt = Buffer.from(input);
+  const pkt = copyPacket(input);
   const fx = newEffects();
   return { verdict: xmasqInit(pkt, s, env, fx), packet: pkt, effects: fx };
 }

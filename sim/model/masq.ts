@@ -6,7 +6,7 @@ import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dat
 import { emptyHdrs, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /**
@@ -14,7 +14,7 @@ import { pass } from './verdict.ts';
  * 'EGRESS' is bpf_redirect from the host-side veth, 'RPEER' the rpeer kfunc.
  */
 export function masq(input: Buffer, s: DatapathState, env: Env, kind: RedirectKindName = 'EGRESS'): RunResult {
-  const pkt = Buffer.from(input);
+  const pkt = copyPacket(input);
   const fx = newEffects();
   const nic = { ifindex: 0 };
   const verdict = xmasqMasq(pkt, s, env, fx, nic);

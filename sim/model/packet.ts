@@ -190,10 +190,27 @@ export function csumWordDiff(diff: number, oldW: number, newW: number): number {
   return csumAdd32(csumAdd32(diff, ~oldW >>> 0), newW);
 }
 
+/**
+ * Parsed addresses and MACs, by their text: the maps hold them as text (the
+ * layout's types) and a run sees few distinct ones, so each is parsed once.
+ * Bounded, so that random differential inputs cannot grow them without end.
+ */
+const PARSED_MAX = 1 << 16;
+const ipWords = new Map<string, number>();
+const macBytes = new Map<string, Uint8Array>();
+
+function remember<T>(m: Map<string, T>, text: string, v: T): T {
+  if (m.size >= PARSED_MAX) m.clear();
+  m.set(text, v);
+  return v;
+}
+
 /** An IPv4 address as the C holds it: the four bytes read as a little-endian u32. */
 export function ipWord(ip: string): number {
+  const w = ipWords.get(ip);
+  if (w !== undefined) return w;
   const p = ip.split('.');
-  return ((+p[0]) | (+p[1] << 8) | (+p[2] << 16) | (+p[3] << 24)) >>> 0;
+  return remember(ipWords, ip, ((+p[0]) | (+p[1] << 8) | (+p[2] << 16) | (+p[3] << 24)) >>> 0);
 }
 
 /**
@@ -282,6 +299,10 @@ export function rewritable(h: Hdrs): boolean {
 }
 
 export function writeMac(pkt: Buffer, at: number, mac: string): void {
-  const p = mac.split(':');
-  for (let i = 0; i < 6; i++) pkt[at + i] = Number.parseInt(p[i], 16);
+  let b = macBytes.get(mac);
+  if (b === undefined) {
+    const p = mac.split(':');
+    b = remember(macBytes, mac, Uint8Array.from(p, (x) => Number.parseInt(x, 16)));
+  }
+  pkt.set(b, at);
 }

@@ -5,11 +5,11 @@
 import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket, wideCarrier, type Hdrs, type Tunnel } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 export function restore(input: Buffer, s: DatapathState, env: Env): RunResult {
-  const pkt = Buffer.from(input);
+  const pkt = copyPacket(input);
   const fx = newEffects();
   return { verdict: xmasqRestore(pkt, s, env, fx), packet: pkt, effects: fx };
 }

@@ -14,7 +14,27 @@ export const EEXIST = -17;
 export const E2BIG = -7;
 export const ENOENT = -2;
 
-type KeyCodec<K> = { encode(k: K): Buffer };
+/**
+ * A table's keys: their C bytes both ways, and a name for a key that is equal
+ * for two keys exactly when their bytes are, built from the fields without
+ * encoding them (a lookup is the model's most frequent operation). Addresses
+ * are dotted quads as bytesToIpv4 writes them; update() refuses any other
+ * spelling, so a key found by its name is the key the kernel finds by its bytes.
+ */
+interface KeyCodec<K> {
+  encode(k: K): Buffer;
+  decode(b: Buffer): K;
+  name(k: K): string;
+}
+
+function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => string): KeyCodec<K> {
+  return { encode: (k) => struct.encode(k), decode: (b) => struct.decode(b), name };
+}
+
+/** The maps hold flat structs of numbers, bigints and strings: a spread copies one whole. */
+function copyOf<T>(x: T): T {
+  return typeof x === 'object' ? { ...x } : x;
+}
 
 export class HashTable<K, V> {
   private readonly m = new Map<string, { key: K; value: V }>();
@@ -22,7 +42,7 @@ export class HashTable<K, V> {
   constructor(private readonly keyCodec: KeyCodec<K>, readonly maxEntries: number) {}
 
   private id(key: K): string {
-    return this.keyCodec.encode(key).toString('hex');
+    return this.keyCodec.name(key);
   }
 
   get size(): number {
@@ -33,15 +53,26 @@ export class HashTable<K, V> {
     return this.m.get(this.id(key))?.value;
   }
 
-  /** bpf_map_update_elem: 0, or a negative errno as the kernel returns it. */
+  /**
+   * bpf_map_update_elem: 0, or a negative errno as the kernel returns it. The
+   * map keeps copies, as the kernel copies key and value in: a caller changing
+   * its objects afterwards does not change the map.
+   */
   update(key: K, value: V, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
     const id = this.id(key);
     const old = this.m.get(id);
     if (old && flag === 'noexist') return EEXIST;
     if (!old && flag === 'exist') return ENOENT;
     if (!old && this.m.size >= this.maxEntries) return E2BIG;
-    this.m.set(id, { key: structuredClone(key), value: structuredClone(value) });
+    if (!old) this.checkSpelling(key, id);
+    this.m.set(id, { key: old ? old.key : copyOf(key), value: copyOf(value) });
     return 0;
+  }
+
+  /** The key through its C bytes and back must have the same name (encode also throws on a bad field). */
+  private checkSpelling(key: K, id: string): void {
+    const canonical = this.id(this.keyCodec.decode(this.keyCodec.encode(key)));
+    if (canonical !== id) throw new Error(`map key ${JSON.stringify(key)} is not spelt as its bytes decode (${canonical}); write addresses as plain dotted quads`);
   }
 
   delete(key: K): boolean {
@@ -54,7 +85,7 @@ export class HashTable<K, V> {
 
   clone(): HashTable<K, V> {
     const c = new HashTable<K, V>(this.keyCodec, this.maxEntries);
-    for (const [id, e] of this.m) c.m.set(id, structuredClone(e));
+    for (const [id, e] of this.m) c.m.set(id, { key: copyOf(e.key), value: copyOf(e.value) });
     return c;
   }
 }
@@ -88,11 +119,12 @@ export interface Sizes { pods: number; paths: number; rules: number }
 
 export function emptyState(sizes: Sizes): DatapathState {
   return {
-    pod_info: new HashTable<string, PodInfo>({ encode: (ip) => podIp.encode({ ip }) }, sizes.pods),
-    egress_cache: new HashTable<EgressKey, Path>(egressKey, sizes.paths),
-    ingress_cache: new HashTable<IngressKey, Path>(ingressKey, sizes.paths),
+    pod_info: new HashTable<string, PodInfo>({ encode: (ip) => podIp.encode({ ip }), decode: (b) => podIp.decode(b).ip, name: (ip) => ip }, sizes.pods),
+    egress_cache: new HashTable<EgressKey, Path>(keysOf(egressKey, (k) => `${k.local_pod} ${k.remote_pod}`), sizes.paths),
+    ingress_cache: new HashTable<IngressKey, Path>(keysOf(ingressKey, (k) => `${k.remote_host} ${k.key}`), sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
-    policy_rules: new HashTable<PolicyKey, PolicyRule>(policyKey, sizes.rules),
+    policy_rules: new HashTable<PolicyKey, PolicyRule>(
+      keysOf(policyKey, (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
   };
 }
@@ -114,9 +146,22 @@ export interface RunEffects {
   redirect: { ifindex: number; kind: RedirectKindName };
 }
 
+const ZERO_COUNTERS = Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>;
+// Programs replace fx.redirect, never change it in place; frozen, a change would throw.
+const NO_REDIRECT: RunEffects['redirect'] = Object.freeze({ ifindex: 0, kind: 'NONE' });
+
 export function newEffects(): RunEffects {
-  const counters = Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>;
-  return { counters, redirect: { ifindex: 0, kind: 'NONE' } };
+  return { counters: { ...ZERO_COUNTERS }, redirect: NO_REDIRECT };
+}
+
+/**
+ * The program's own copy of the input, as BPF_PROG_TEST_RUN copies data_in: the
+ * caller's buffer is never written. (allocUnsafe + set: Buffer.from is ~2× slower.)
+ */
+export function copyPacket(input: Buffer): Buffer {
+  const pkt = Buffer.allocUnsafe(input.length);
+  pkt.set(input);
+  return pkt;
 }
 
 /** The inputs the kernel chooses: the clock and the random draws. */
