@@ -18,7 +18,7 @@ import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, type DatapathState, type Env, 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, decreaseTtl, ipHeaderValid, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
+import { ETH_HLEN, copyFrame, decreaseTtl, dstMacIs, ipHeaderValid, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
 import { Checker, denied, type PacketRecord, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -366,7 +366,7 @@ export class Cluster {
     const dstHost = this.hosts[to.host];
     const dstIp = dstHost.slotIp[to.slot];
     const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
-    const frame = Buffer.from(tpl.frame);
+    const frame = copyFrame(tpl.frame);
     pod.mac.copy(frame, 6);
     const id = this.nextPacketId++;
     writePacketId(frame, tpl.idOffset, id);
@@ -402,7 +402,7 @@ export class Cluster {
     const sport = 20000 + index, dport = 5000 + (index % 100);
     const tpl: Template = buildTemplate(a.addr.ip, b.addr.ip, spec.proto, sport, dport, spec.tos, spec.df, true, index, { src: a.addr.nicMac, dst: b.addr.nicMac });
     const id = this.nextPacketId++;
-    const frame = Buffer.from(tpl.frame);
+    const frame = copyFrame(tpl.frame);
     writePacketId(frame, tpl.idOffset, id);
     this.stats.packets++;
     this.stats.sent.host++;
@@ -450,9 +450,9 @@ export class Cluster {
 
   /** cni0: a frame for a local pod's MAC is switched; one for the gateway is routed. */
   private bridge(h: Host, frame: Buffer, id: number, from: Pod): void {
-    if (frame.subarray(0, 6).equals(h.cniMac)) return this.route(h, frame, id);
+    if (dstMacIs(frame, h.cniMac)) return this.route(h, frame, id);
     for (const p of h.podsByIp.values()) {
-      if (p !== from && frame.subarray(0, 6).equals(p.mac)) {
+      if (p !== from && dstMacIs(frame, p.mac)) {
         this.stats.delivered.local++;
         return this.deliverToPod(h, p, frame, id);
       }
@@ -516,7 +516,7 @@ export class Cluster {
   }
 
   private hostStack(h: Host, frame: Buffer, id: number): void {
-    if (!frame.subarray(0, 6).equals(h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(id, 'not-for-this-host');
+    if (!dstMacIs(frame, h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(id, 'not-for-this-host');
     if (!ipHeaderValid(frame, L3)) return this.drop(id, 'bad-ip-checksum');
     if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(id, 'not-for-this-host');
     const inner = vxlanDecap(frame);
@@ -526,13 +526,13 @@ export class Cluster {
       return;
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
-    if (!inner.subarray(0, 6).equals(h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(id, 'vxlan-not-for-vtep');
+    if (!dstMacIs(inner, h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(id, 'vxlan-not-for-vtep');
     if (!ipHeaderValid(inner, L3)) return this.drop(id, 'bad-ip-checksum');
     const dst = inner.readUInt32BE(L3 + 16);
     if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(id, 'no-route');
     const p = h.podsByIp.get(dst);
     if (!p) return this.drop(id, 'no-neighbour');
-    const f = Buffer.from(inner);
+    const f = copyFrame(inner);
     if (!decreaseTtl(f, L3)) return this.drop(id, 'ttl-exceeded');
     h.cniMac.copy(f, 6);
     p.mac.copy(f, 0);
@@ -541,12 +541,13 @@ export class Cluster {
   }
 
   private deliverToPod(h: Host, p: Pod, frame: Buffer, id: number): void {
-    this.checker.hop(id, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
+    // Hops are kept only when tracing: the text is not built for every packet otherwise.
+    if (this.opts.trace) this.checker.hop(id, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
     this.checker.podReceived(this.now, id, frame, { ip: p.ip, mac: p.mac, name: p.name, host: h.index }, h.agent.policy);
   }
 
   private drop(id: number, reason: string, at?: Host): void {
-    this.checker.hop(id, `${fmtT(this.now)} dropped: ${reason}`);
+    if (this.opts.trace) this.checker.hop(id, `${fmtT(this.now)} dropped: ${reason}`);
     this.checker.dropped(this.now, id, reason, at?.agent.policy);
   }
 

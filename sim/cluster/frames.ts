@@ -11,6 +11,18 @@ export const VXLAN_OVERHEAD = 50;
 const UDP_SPORT_MIN = 32768;
 const UDP_SPORT_RANGE = 61000 - 32768;
 
+/** A copy of a frame (allocUnsafe + set: twice as fast as Buffer.from on the per-packet path). */
+export function copyFrame(f: Uint8Array): Buffer {
+  const c = Buffer.allocUnsafe(f.length);
+  c.set(f);
+  return c;
+}
+
+/** Whether the frame's destination MAC is mac (without the subarray Buffer a per-packet compare would allocate). */
+export function dstMacIs(f: Uint8Array, mac: Uint8Array): boolean {
+  return f[0] === mac[0] && f[1] === mac[1] && f[2] === mac[2] && f[3] === mac[3] && f[4] === mac[4] && f[5] === mac[5];
+}
+
 /** ip_decrease_ttl: TTL − 1, header checksum updated incrementally; false when the TTL runs out. */
 export function decreaseTtl(f: Buffer, l3: number): boolean {
   if (f[l3 + 8] <= 1) return false;

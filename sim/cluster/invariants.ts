@@ -6,7 +6,7 @@
  * (and the header checksum that covers it), in the right place.
  */
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
-import { ipHeaderValid, payloadOffset, readPacketId } from './frames.ts';
+import { dstMacIs, ipHeaderValid, payloadOffset, readPacketId } from './frames.ts';
 
 export interface PacketRecord {
   id: number;
@@ -123,7 +123,7 @@ export class Checker {
       this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(f.readUInt32BE(L3 + 16))}`, rec);
       return undefined;
     }
-    if (!f.subarray(0, 6).equals(pod.mac)) {
+    if (!dstMacIs(f, pod.mac)) {
       this.violate(t, id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
       return undefined;
     }
