@@ -3,9 +3,8 @@
  * send, allocates our key for the pair and signals it on the outer header.
  */
 import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { bytesToMac } from '../../dataplane/layout.ts';
 import {
-  IPPROTO_TCP, IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, rewritable, rewriteIpv4,
+  IPPROTO_TCP, IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
@@ -61,8 +60,8 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
 
   // 5. Remember the outer headers masq will write for this pair.
   const now = env.now;
-  e.local_mac = bytesToMac(pkt, 6);
-  e.remote_mac = bytesToMac(pkt, 0);
+  e.local_mac = readMac(pkt, 6);
+  e.remote_mac = readMac(pkt, 0);
   e.local_ip = t.outer.saddr;
   e.remote_ip = t.outer.daddr;
   // last_seen keeps the peer's key alive: only masq's packets and the peer's signals,
@@ -81,7 +80,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       remote_ip: dst,
       ifindex: pod.ifindex,
       local_mac: pod.mac,
-      remote_mac: bytesToMac(pkt, t.inner_eth),
+      remote_mac: readMac(pkt, t.inner_eth),
     };
     const ik = { remote_host: t.outer.daddr, key: 0 };
     const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0 && t.inner.proto === IPPROTO_TCP;

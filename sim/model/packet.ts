@@ -5,7 +5,7 @@
  * the verifier or for GSO packets; the model's packet is one flat Buffer, so
  * those steps are no-ops here and say so.
  */
-import { bytesToIpv4 } from '../../dataplane/layout.ts';
+import { bytesToIpv4, bytesToMac } from '../../dataplane/layout.ts';
 import { IP_MF, IP_OFFSET, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX } from '../../dataplane/maps.ts';
 
 export const ETH_HLEN = 14;
@@ -198,10 +198,11 @@ export function csumWordDiff(diff: number, oldW: number, newW: number): number {
 const PARSED_MAX = 1 << 16;
 const ipWords = new Map<string, number>();
 const macBytes = new Map<string, Uint8Array>();
+const macTexts = new Map<number, string>();
 
-function remember<T>(m: Map<string, T>, text: string, v: T): T {
+function remember<K, T>(m: Map<K, T>, k: K, v: T): T {
   if (m.size >= PARSED_MAX) m.clear();
-  m.set(text, v);
+  m.set(k, v);
   return v;
 }
 
@@ -296,6 +297,12 @@ export function rewritable(h: Hdrs): boolean {
   if (h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP && h.proto !== IPPROTO_ICMP) return false;
   // A first fragment must hold its whole L4 header, or we cannot fix it.
   return !isFirstFragment(h) || h.l4_ok;
+}
+
+/** The MAC at pkt[at] as the maps hold it (text), written out once per distinct MAC. */
+export function readMac(pkt: Buffer, at: number): string {
+  const n = pkt.readUIntBE(at, 6);
+  return macTexts.get(n) ?? remember(macTexts, n, bytesToMac(pkt, at));
 }
 
 export function writeMac(pkt: Buffer, at: number, mac: string): void {
