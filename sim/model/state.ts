@@ -9,6 +9,7 @@ import {
   type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
+import { ipWord } from './packet.ts';
 
 export const EEXIST = -17;
 export const E2BIG = -7;
@@ -17,17 +18,20 @@ export const ENOENT = -2;
 /**
  * A table's keys: their C bytes both ways, and a name for a key that is equal
  * for two keys exactly when their bytes are, built from the fields without
- * encoding them (a lookup is the model's most frequent operation). Addresses
- * are dotted quads as bytesToIpv4 writes them; update() refuses any other
- * spelling, so a key found by its name is the key the kernel finds by its bytes.
+ * encoding them (a lookup is the model's most frequent operation): text, or a
+ * number where the key's bits fit in one. Addresses are dotted quads as
+ * bytesToIpv4 writes them; update() refuses any other spelling, so a key found
+ * by its name is the key the kernel finds by its bytes.
  */
+type KeyName = string | number;
+
 interface KeyCodec<K> {
   encode(k: K): Buffer;
   decode(b: Buffer): K;
-  name(k: K): string;
+  name(k: K): KeyName;
 }
 
-function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => string): KeyCodec<K> {
+function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => KeyName): KeyCodec<K> {
   return { encode: (k) => struct.encode(k), decode: (b) => struct.decode(b), name };
 }
 
@@ -37,11 +41,11 @@ function copyOf<T>(x: T): T {
 }
 
 export class HashTable<K, V> {
-  private readonly m = new Map<string, { key: K; value: V }>();
+  private readonly m = new Map<KeyName, { key: K; value: V }>();
 
   constructor(private readonly keyCodec: KeyCodec<K>, readonly maxEntries: number) {}
 
-  private id(key: K): string {
+  private id(key: K): KeyName {
     return this.keyCodec.name(key);
   }
 
@@ -70,7 +74,7 @@ export class HashTable<K, V> {
   }
 
   /** The key through its C bytes and back must have the same name (encode also throws on a bad field). */
-  private checkSpelling(key: K, id: string): void {
+  private checkSpelling(key: K, id: KeyName): void {
     const canonical = this.id(this.keyCodec.decode(this.keyCodec.encode(key)));
     if (canonical !== id) throw new Error(`map key ${JSON.stringify(key)} is not spelt as its bytes decode (${canonical}); write addresses as plain dotted quads`);
   }
@@ -121,7 +125,8 @@ export function emptyState(sizes: Sizes): DatapathState {
   return {
     pod_info: new HashTable<string, PodInfo>({ encode: (ip) => podIp.encode({ ip }), decode: (b) => podIp.decode(b).ip, name: (ip) => ip }, sizes.pods),
     egress_cache: new HashTable<EgressKey, Path>(keysOf(egressKey, (k) => `${k.local_pod} ${k.remote_pod}`), sizes.paths),
-    ingress_cache: new HashTable<IngressKey, Path>(keysOf(ingressKey, (k) => `${k.remote_host} ${k.key}`), sizes.paths),
+    // 48 bits: init draws up to KEY_TRIES keys per packet, and a number is cheaper to hash than text.
+    ingress_cache: new HashTable<IngressKey, Path>(keysOf(ingressKey, (k) => ipWord(k.remote_host) * 0x10000 + k.key), sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
     policy_rules: new HashTable<PolicyKey, PolicyRule>(
       keysOf(policyKey, (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`), sizes.rules),
