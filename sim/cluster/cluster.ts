@@ -59,6 +59,8 @@ export class Host {
   private nextIfindex = FIRST_VETH_IFINDEX;
   private readonly freeIfindex: number[] = [];
   ipId = 0;
+  /** The simulated time env.now was last set for. */
+  envAt = -1;
 
   constructor(readonly index: number, scheme: KeyScheme, sc: Scenario, faults: AgentFaults, rng: Rng) {
     this.addr = hostAddresses(index);
@@ -417,13 +419,21 @@ export class Cluster {
   // ---- the datapath at its hooks ----
 
   private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', frame: Buffer, id: number): ProgramResult {
-    h.env.now = BigInt(Math.round(this.now));
+    // A packet's hooks on one host run at one instant: the bigint clock is made once for them.
+    if (h.envAt !== this.now) {
+      h.envAt = this.now;
+      h.env.now = BigInt(Math.round(this.now));
+    }
     const t0 = this.opts.timeModel ? performance.now() : 0;
     const r = this.scheme[prog](frame, h.state, h.env);
     if (this.opts.timeModel) this.stats.modelMs += performance.now() - t0;
     this.stats.modelCalls++;
     const c = r.effects.counters;
-    for (const n of COUNTER_NAMES) if (c[n]) h.counters[n] += c[n];
+    // for-in: a fixed-shape object's own keys, about twice as fast here as indexing it by COUNTER_NAMES.
+    for (const n in c) {
+      const v = c[n as CounterName];
+      if (v) h.counters[n as CounterName] += v;
+    }
     if (this.opts.trace) {
       const v = r.verdict === TC_ACT_OK ? 'OK' : r.verdict === TC_ACT_SHOT ? 'SHOT' : r.verdict === TC_ACT_REDIRECT ? `REDIRECT ${r.effects.redirect.kind} ${r.effects.redirect.ifindex}` : String(r.verdict);
       this.checker.hop(id, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(r)}]`);
