@@ -76,8 +76,8 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   h.l3 = off;
   h.l4 = off + hlen;
   h.end = off + tot;
-  h.saddr = bytesToIpv4(pkt, off + 12);
-  h.daddr = bytesToIpv4(pkt, off + 16);
+  h.saddr = readIpv4(pkt, off + 12);
+  h.daddr = readIpv4(pkt, off + 16);
   h.frag = pkt.readUInt16BE(off + 6);
   h.id = pkt.readUInt16BE(off + 4);
   h.tos = pkt[off + 1];
@@ -199,11 +199,21 @@ const PARSED_MAX = 1 << 16;
 const ipWords = new Map<string, number>();
 const macBytes = new Map<string, Uint8Array>();
 const macTexts = new Map<number, string>();
+const ipTexts = new Map<number, string>();
 
 function remember<K, T>(m: Map<K, T>, k: K, v: T): T {
   if (m.size >= PARSED_MAX) m.clear();
   m.set(k, v);
   return v;
+}
+
+/**
+ * The address at pkt[at] as the maps hold it (text). One string per distinct
+ * address: its hash is computed once, for every map lookup after.
+ */
+export function readIpv4(pkt: Buffer, at: number): string {
+  const n = pkt.readUInt32LE(at);
+  return ipTexts.get(n) ?? remember(ipTexts, n, bytesToIpv4(pkt, at));
 }
 
 /** An IPv4 address as the C holds it: the four bytes read as a little-endian u32. */
