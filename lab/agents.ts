@@ -7,7 +7,7 @@ import { mkdirSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { run } from './command.ts';
-import type { Lab } from './lab.ts';
+import { Lab } from './lab.ts';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const TSX = `${ROOT}node_modules/.bin/tsx`;
@@ -90,4 +90,37 @@ export class LabAgents {
     for (const h of this.lab.hosts) rmSync(this.pinDir(h.name), { recursive: true, force: true });
     rmSync(this.runDir, { recursive: true, force: true });
   }
+}
+
+export interface AgentLabOptions {
+  name: string;
+  /** Sockets and state: <runDir>/<host>/. */
+  runDir: string;
+  /** Extra xmasq-agent flags for every host. */
+  agentArgs?: string[];
+  checksumOffload?: boolean;
+  startTimeoutMs?: number;
+}
+
+/**
+ * The setup of the lab's end-to-end tests: two hosts whose pods come through
+ * the CNI chain with our xmasq plugin last (required), and one agent per host
+ * started before any pod. Half-built, it is torn down before the error goes on.
+ */
+export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
+  const lab = await Lab.up({
+    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false,
+    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
+    cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
+  });
+  const agents = new LabAgents(lab, o.runDir, o.name, o.agentArgs ?? ['--scan-interval', '0.5'], o.startTimeoutMs);
+  try {
+    await agents.start('h1');
+    await agents.start('h2');
+  } catch (e) {
+    await agents.teardown();
+    await lab.down();
+    throw e;
+  }
+  return { lab, agents };
 }

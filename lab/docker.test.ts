@@ -13,7 +13,7 @@ import {
   addContainerPod, containerExec, deleteContainerPod, DOCKER_PACKAGES, DockerDaemon, ensureBusyboxImage, LAB_LABEL,
   removeLabContainers, type ContainerPod,
 } from './docker.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { capture, csumErrors, server, wireKind } from './traffic.ts';
 
@@ -70,14 +70,7 @@ beforeAll(async () => {
 
   const runDir = `/run/xmasq-docker-test-${name}`;
   await timed('lab', async () => {
-    lab = await Lab.up({
-      name, hosts: 2, podsPerHost: 0, checksumOffload: false,
-      cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-      cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
-    });
-    agents = new LabAgents(lab, runDir, name, ['--scan-interval', '0.5']);
-    await agents.start('h1');
-    await agents.start('h2');
+    ({ lab, agents } = await upWithAgents({ name, runDir }));
     b = await lab.addPod('h2', 'b');
   });
   c = await timed('container', () => addContainerPod(docker!, lab!, 'h1', 'c'));

@@ -12,7 +12,7 @@ import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { egressKey, path, type Path } from '../dataplane/maps.ts';
 import { readPcapFile, type PcapRecord } from '../fixtures/pcap.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { snmp, wireKind } from './traffic.ts';
 
@@ -106,16 +106,10 @@ async function stop(child: ChildProcess): Promise<void> {
 }
 
 beforeAll(async () => {
-  lab = await Lab.up({
-    name, hosts: 2, podsPerHost: 0,
-    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
-  });
-  agents = new LabAgents(lab, runDir, name, [
-    '--egress-idle', String(EGRESS_IDLE), '--ingress-idle', String(INGRESS_IDLE), '--scan-interval', String(SCAN), '--verbose',
-  ]);
-  await agents.start('h1');
-  await agents.start('h2');
+  ({ lab, agents } = await upWithAgents({
+    name, runDir, checksumOffload: true,
+    agentArgs: ['--egress-idle', String(EGRESS_IDLE), '--ingress-idle', String(INGRESS_IDLE), '--scan-interval', String(SCAN), '--verbose'],
+  }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
 }, 120_000);

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { KEY_MAX, WIDE_KEY_MIN } from '../dataplane/maps.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, capture, csumErrors, nodeIn, output, server } from './traffic.ts';
 
@@ -23,14 +23,7 @@ let a: LabPod, b: LabPod, c: LabPod, d: LabPod;
 
 beforeAll(async () => {
   const runDir = `/run/xmasq-wide-${name}`;
-  lab = await Lab.up({
-    name, hosts: 2, podsPerHost: 0, checksumOffload: false,
-    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
-  });
-  agents = new LabAgents(lab, runDir, name, ['--scan-interval', '0.5']);
-  await agents.start('h1');
-  await agents.start('h2');
+  ({ lab, agents } = await upWithAgents({ name, runDir }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
   c = await lab.addPod('h1', 'c');

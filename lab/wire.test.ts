@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { LabAgents, upWithAgents } from './agents.ts';
 import { injectFrames } from './inject.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { capture } from './traffic.ts';
@@ -25,14 +25,7 @@ let liveKey: number;
 
 beforeAll(async () => {
   const runDir = `/run/xmasq-wire-${name}`;
-  lab = await Lab.up({
-    name, hosts: 2, podsPerHost: 0, checksumOffload: false,
-    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
-  });
-  agents = new LabAgents(lab, runDir, name);
-  await agents.start('h1');
-  await agents.start('h2');
+  ({ lab, agents } = await upWithAgents({ name, runDir, agentArgs: [] }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
   const ping = await lab.exec(a, 'ping', ['-c', '3', '-i', '0.2', '-W', '2', b.ip]);

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../../sim/packet/checksum.ts';
 import { run } from '../../lab/command.ts';
-import { LabAgents, ROOT, TSX } from '../../lab/agents.ts';
+import { LabAgents, ROOT, TSX, upWithAgents } from '../../lab/agents.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireKind } from '../../lab/traffic.ts';
 
@@ -24,15 +24,8 @@ let a: LabPod, b: LabPod;
 const sock = (host: string) => agents.socket(host);
 
 beforeAll(async () => {
-  lab = await Lab.up({
-    name, hosts: 2, podsPerHost: 0, checksumOffload: false,
-    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
-  });
   // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier).
-  agents = new LabAgents(lab, runDir, name, ['--scan-interval', '0.5'], 180_000);
-  await agents.start('h1');
-  await agents.start('h2');
+  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000 }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
 });
