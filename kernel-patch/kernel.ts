@@ -11,6 +11,7 @@ import { cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { kernelHasRpeer } from '../dataplane/agent/system.ts';
+import { pidAlive } from '../lab/command.ts';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 export const PATCH = join(HERE, 'bpf_redirect_rpeer.patch');
@@ -125,15 +126,6 @@ function runLogged(cmd: string, args: string[], opts: { cwd?: string; logFile: s
       reject(new KernelBuildError(`${opts.what}: '${[cmd, ...args].join(' ')}' exited ${code}; full log in ${opts.logFile}; last lines:\n  ${tail.slice(-25).join('\n  ')}`));
     });
   });
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

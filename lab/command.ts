@@ -105,3 +105,13 @@ export function spawnIn(netns: string, cmd: string, args: readonly string[], opt
   const [c, a] = inNetns(netns, cmd, args);
   return spawn(c, a, opts);
 }
+
+/** Whether a process exists (EPERM: it does, and belongs to someone else). */
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

@@ -25,7 +25,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { CommandError, mustRun, netnsPath, run, type RunOptions, type RunResult } from './command.ts';
+import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from './command.ts';
 import { cniAdd, cniDel, type CniConfList, type CniInvocation, type CniResult } from './cni.ts';
 import type { Lab, LabHost } from './lab.ts';
 
@@ -60,15 +60,6 @@ function onPath(tool: string): string | undefined {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const tail = (text: string, lines = 15) => text.trim().split('\n').slice(-lines).join('\n  ');
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 function readPid(file: string): number | undefined {
   try {
