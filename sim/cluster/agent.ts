@@ -13,10 +13,13 @@ import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/cache
 import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import type { Struct } from '../../dataplane/layout.ts';
-import type { DatapathState, HashTable } from '../model/index.ts';
+import { E2BIG, EEXIST, ENOENT, type DatapathState, type HashTable } from '../model/index.ts';
 
 /** The part of BpfMap that caches.ts uses, over a model table. */
 type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update'>;
+
+/** The model's errnos by the names BpfMap reports them under (LibbpfError.code). */
+const ERRNO_NAMES: Record<number, string> = { [ENOENT]: 'ENOENT', [EEXIST]: 'EEXIST', [E2BIG]: 'E2BIG' };
 
 class ModelMapView<K, V> implements MapOps {
   constructor(
@@ -37,7 +40,7 @@ class ModelMapView<K, V> implements MapOps {
   update(k: Buffer, v: Buffer, flags: 'any' | 'noexist' | 'exist' = 'any'): void {
     const rc = this.table.update(this.key.decode(k) as K, this.value.decode(v) as V, flags);
     // The kernel's errors as BpfMap reports them (LibbpfError.code).
-    if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: rc === -2 ? 'ENOENT' : rc === -17 ? 'EEXIST' : 'E2BIG' });
+    if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: ERRNO_NAMES[rc] });
   }
 
   deleteBatch(keys: Buffer[]): number {
