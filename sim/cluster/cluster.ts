@@ -18,8 +18,8 @@ import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, type DatapathState, type Env, 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, copyFrame, decreaseTtl, dstMacIs, ipHeaderValid, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
-import { Checker, denied, type PacketRecord, type Violation } from './invariants.ts';
+import { ETH_HLEN, VXLAN_OVERHEAD, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
 import {
@@ -51,6 +51,10 @@ export class Host {
   readonly agent: SimAgent;
   readonly podsByIp = new Map<number, Pod>();
   readonly podsByIfindex = new Map<number, Pod>();
+  /** Live pods by MAC (48 bits as a number): cni0's forwarding table. */
+  readonly podsByMac = new Map<number, Pod>();
+  /** flannel.1's outer headers to each host, by index. */
+  readonly encapTo: Encap[] = [];
   /** The pod in each slot, and the IP the slot last had (peers keep sending to it while the slot is empty). */
   readonly slots: Array<Pod | undefined> = [];
   readonly slotIp: number[] = [];
@@ -103,17 +107,35 @@ export class Host {
   }
 }
 
-type Ev =
-  | { t: number; seq: number; kind: 'flow'; flow: Flow }
-  | { t: number; seq: number; kind: 'host-flow'; spec: HostFlowSpec; k: number; id: number }
-  | { t: number; seq: number; kind: 'arrive'; host: number; frame: Buffer; id: number }
-  | { t: number; seq: number; kind: 'scan'; host: number }
-  | { t: number; seq: number; kind: 'churn'; spec: ChurnSpec }
-  | { t: number; seq: number; kind: 'pod-add'; spec: ChurnSpec; ip: number }
-  | { t: number; seq: number; kind: 'policy'; spec: PolicySpec; index: number }
-  | { t: number; seq: number; kind: 'generate' };
+// Events. Each is an object the run keeps and schedules again, so a packet's
+// way through the simulator allocates no event: a flow has one (its next
+// packet), a packet on the wire is its own record (PacketRecord.t, .at), a
+// host flow, a host's agent scan and the traffic generator have one each.
 
-type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+/** The next packet of a flow. */
+class FlowEvent {
+  t: number;
+  constructor(readonly flow: Flow) {
+    this.t = flow.spec.at;
+  }
+}
+
+const HOST_FLOW = 0, SCAN = 1, CHURN = 2, POD_ADD = 3, POLICY = 4, GENERATE = 5;
+
+/** Everything but packets: host flows (their template built once), agent scans, churn, policy, the traffic generator. */
+class ControlEvent {
+  k = 0;
+  ip = 0;
+  template: Template | undefined;
+  constructor(
+    public t: number,
+    readonly kind: number,
+    readonly index: number,
+    readonly spec?: HostFlowSpec | ChurnSpec | PolicySpec,
+  ) {}
+}
+
+type Ev = FlowEvent | PacketRecord | ControlEvent;
 
 export interface RunStats {
   /** Simulated packets: every packet a pod or a host sent. */
@@ -159,6 +181,9 @@ export interface RunOptions {
 /** Where IPv4 starts in an untagged frame. */
 const L3 = ETH_HLEN;
 
+/** With timeModel, one model call in this many is timed and counted this many times (a clock read costs as much as a short call). */
+const TIME_ONE_IN = 16;
+
 const fmtT = (t: number) => `${(t / 1e6).toFixed(3)}ms`;
 
 function counterText(r: ProgramResult): string {
@@ -177,6 +202,10 @@ export class Cluster {
   private readonly byNicMac = new Map<number, number>();
   private readonly flows: Flow[] = [];
   private readonly policyIds: Array<{ host: number; id: number } | undefined> = [];
+  /** Frames the programs only read: the model copies its input, as BPF_PROG_TEST_RUN does. By length. */
+  private readonly scratch: Buffer[] = [];
+  private readonly trace: boolean;
+  private readonly measureFrom: number;
   private now = 0;
   private nextPacketId = 1;
   private nextUid = 1;
@@ -189,11 +218,16 @@ export class Cluster {
     this.rng = new Rng(sc.seed);
     this.wireRng = new Rng(sc.seed ^ 0x5bd1e995);
     this.checker = new Checker();
+    this.trace = opts.trace === true;
+    this.measureFrom = opts.measureFromNs ?? 0;
     this.hosts = [];
     for (let h = 0; h < sc.hosts; h++) {
       const host = new Host(h, this.scheme, sc, opts.faults ?? {}, new Rng(sc.seed * 31 + h));
       this.hosts.push(host);
-      this.byNicMac.set(host.nicMac.readUIntBE(0, 6), h);
+      this.byNicMac.set(macNumber(host.nicMac, 0), h);
+    }
+    for (const host of this.hosts) {
+      for (const peer of this.hosts) host.encapTo.push({ srcMac: host.nicMac, dstMac: peer.nicMac, srcIp: host.ip, dstIp: peer.ip });
       for (let s = 0; s < sc.podsPerHost; s++) this.addPod(host, s, undefined);
     }
     this.stats = {
@@ -217,6 +251,7 @@ export class Cluster {
     host.slotIp[slot] = a;
     host.podsByIp.set(a, pod);
     host.podsByIfindex.set(pod.ifindex, pod);
+    host.podsByMac.set(macNumber(pod.mac, 0), pod);
     host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex, BigInt(Math.round(this.now)));
     return pod;
   }
@@ -230,13 +265,14 @@ export class Cluster {
     pod.deletedAt = this.now;
     host.podsByIp.delete(pod.ip);
     host.podsByIfindex.delete(pod.ifindex);
+    host.podsByMac.delete(macNumber(pod.mac, 0));
     host.releaseIfindex(pod.ifindex);
     return pod;
   }
 
-  private schedule(e: DistributiveOmit<Ev, 'seq'>): void {
-    // Nothing new starts after the run's end; packets already on the wire still arrive.
-    if (e.t <= this.sc.durationNs || e.kind === 'arrive') this.q.push(e as Ev);
+  /** Nothing new starts after the run's end; packets already on the wire still arrive. */
+  private schedule(e: FlowEvent | ControlEvent): void {
+    if (e.t <= this.sc.durationNs) this.q.push(e);
   }
 
   // ---- the run ----
@@ -244,15 +280,16 @@ export class Cluster {
   run(): RunResult {
     const sc = this.sc;
     for (const f of sc.flows) this.startFlow(f);
-    if (this.opts.generator) {
-      for (const f of this.opts.generator.initial()) this.startFlow(f);
-      this.schedule({ t: 0, kind: 'generate' });
+    const gen = this.opts.generator;
+    if (gen) {
+      for (const f of gen.initial()) this.startFlow(f);
+      this.schedule(new ControlEvent(0, GENERATE, 0));
     }
-    sc.hostFlows.forEach((spec, i) => this.schedule({ t: spec.at, kind: 'host-flow', spec, k: 0, id: i }));
-    for (const c of sc.churn) this.schedule({ t: c.at, kind: 'churn', spec: c });
-    sc.policy.forEach((spec, index) => this.schedule({ t: spec.at, kind: 'policy', spec, index }));
+    sc.hostFlows.forEach((spec, i) => this.schedule(new ControlEvent(spec.at, HOST_FLOW, i, spec)));
+    for (const c of sc.churn) this.schedule(new ControlEvent(c.at, CHURN, 0, c));
+    sc.policy.forEach((spec, index) => this.schedule(new ControlEvent(spec.at, POLICY, index, spec)));
     // Each agent scans on its own phase, as agents started at different times do.
-    for (const h of this.hosts) this.schedule({ t: this.rng.next() * sc.timing.scanIntervalNs, kind: 'scan', host: h.index });
+    for (const h of this.hosts) this.schedule(new ControlEvent(this.rng.next() * sc.timing.scanIntervalNs, SCAN, h.index));
 
     const maxPackets = this.opts.maxPackets ?? Infinity;
     for (;;) {
@@ -260,7 +297,9 @@ export class Cluster {
       if (!e || this.stats.packets >= maxPackets) break;
       this.now = e.t;
       this.stats.events++;
-      this.dispatch(e);
+      if (e instanceof FlowEvent) this.flowPacket(e);
+      else if (e instanceof PacketRecord) this.nicIngress(this.hosts[e.at], e);
+      else this.control(e);
     }
     return { stats: this.finishStats(), violations: this.checker.violations, violationCounts: this.checker.violationCounts };
   }
@@ -272,12 +311,11 @@ export class Cluster {
     s.flows.crossFast = 0;
     s.window.flows = 0;
     s.window.fastFlows = 0;
-    const from = this.opts.measureFromNs ?? 0;
     for (const f of this.flows) {
       if (f.sentCross === 0) continue;
       s.flows.cross++;
       if (f.fast > 0) s.flows.crossFast++;
-      if (f.spec.at < from) continue;
+      if (f.spec.at < this.measureFrom) continue;
       s.window.flows++;
       if (f.fast > 0) s.window.fastFlows++;
     }
@@ -291,35 +329,37 @@ export class Cluster {
     return s;
   }
 
-  private dispatch(e: Ev): void {
+  private control(e: ControlEvent): void {
     switch (e.kind) {
-      case 'flow': return this.flowPacket(e.flow);
-      case 'host-flow': return this.hostPacket(e.spec, e.k, e.id);
-      case 'arrive': return this.nicIngress(this.hosts[e.host], e.frame, e.id);
-      case 'scan': {
-        const h = this.hosts[e.host];
+      case HOST_FLOW: return this.hostPacket(e);
+      case SCAN: {
+        const h = this.hosts[e.index];
         h.agent.scan(BigInt(Math.round(this.now)));
-        this.schedule({ t: this.now + this.sc.timing.scanIntervalNs, kind: 'scan', host: e.host });
+        e.t = this.now + this.sc.timing.scanIntervalNs;
+        return this.schedule(e);
+      }
+      case CHURN: {
+        const spec = e.spec as ChurnSpec;
+        const gone = this.deletePod(this.hosts[spec.pod.host], spec.pod.slot);
+        if (gone) {
+          const add = new ControlEvent(this.now + spec.gapNs, POD_ADD, 0, spec);
+          add.ip = gone.ip;
+          this.schedule(add);
+        }
         return;
       }
-      case 'churn': {
-        const h = this.hosts[e.spec.pod.host];
-        const gone = this.deletePod(h, e.spec.pod.slot);
-        if (gone) this.schedule({ t: this.now + e.spec.gapNs, kind: 'pod-add', spec: e.spec, ip: gone.ip });
+      case POD_ADD: {
+        const spec = e.spec as ChurnSpec;
+        const h = this.hosts[spec.pod.host];
+        if (!h.slots[spec.pod.slot]) this.addPod(h, spec.pod.slot, spec.sameIp ? e.ip : undefined);
         return;
       }
-      case 'pod-add': {
-        const h = this.hosts[e.spec.pod.host];
-        if (!h.slots[e.spec.pod.slot]) this.addPod(h, e.spec.pod.slot, e.spec.sameIp ? e.ip : undefined);
-        return;
-      }
-      case 'policy': return this.policyEvent(e.spec, e.index);
-      case 'generate': {
-        const g = this.opts.generator!;
-        const f = g.next(this.now);
+      case POLICY: return this.policyEvent(e.spec as PolicySpec, e.index);
+      case GENERATE: {
+        const f = this.opts.generator!.next(this.now);
         this.startFlow(f);
-        this.schedule({ t: f.at, kind: 'generate' });
-        return;
+        e.t = f.at;
+        return this.schedule(e);
       }
     }
   }
@@ -345,16 +385,30 @@ export class Cluster {
   private startFlow(spec: FlowSpec): void {
     const flow: Flow = { id: this.flows.length + 1, spec, next: 0, cross: spec.a.host !== spec.b.host, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [undefined, undefined] };
     this.flows.push(flow);
-    this.schedule({ t: spec.at, kind: 'flow', flow });
+    this.schedule(new FlowEvent(flow));
   }
 
-  private flowPacket(flow: Flow): void {
+  /** A frame of this length for a program to read (and copy): reused, never kept. */
+  private scratchFrame(len: number): Buffer {
+    return this.scratch[len] ??= Buffer.allocUnsafe(len);
+  }
+
+  /** Whether a pod of the flow was deleted more than the scenario's grace ago (the flow then ends). */
+  private goneTooLong(p: { deletedAt?: number } | undefined, grace: number): boolean {
+    return p !== undefined && p.deletedAt !== undefined && this.now > p.deletedAt + grace;
+  }
+
+  private flowPacket(ev: FlowEvent): void {
+    const flow = ev.flow;
     const spec = flow.spec;
     if (flow.next === 0) flow.pods = [this.hosts[spec.a.host].slots[spec.a.slot], this.hosts[spec.b.host].slots[spec.b.slot]];
     const grace = this.sc.deadPeerGraceNs;
-    if (grace !== undefined && flow.pods.some((p) => p?.deletedAt !== undefined && this.now > p.deletedAt + grace)) return;
+    if (grace !== undefined && (this.goneTooLong(flow.pods[0], grace) || this.goneTooLong(flow.pods[1], grace))) return;
     const k = flow.next++;
-    if (flow.next < spec.packets) this.schedule({ t: this.now + spec.gapNs, kind: 'flow', flow });
+    if (flow.next < spec.packets) {
+      ev.t = this.now + spec.gapNs;
+      this.schedule(ev);
+    }
     const fwd = forward(spec, k);
     const from = fwd ? spec.a : spec.b;
     const to = fwd ? spec.b : spec.a;
@@ -368,19 +422,19 @@ export class Cluster {
     const dstHost = this.hosts[to.host];
     const dstIp = dstHost.slotIp[to.slot];
     const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
-    const frame = copyFrame(tpl.frame);
-    pod.mac.copy(frame, 6);
+    const frame = this.scratchFrame(tpl.frame.length);
+    frame.set(tpl.frame);
+    frame.set(pod.mac, 6);
     const id = this.nextPacketId++;
     writePacketId(frame, tpl.idOffset, id);
     const cross = from.host !== to.host;
-    const rec: PacketRecord = {
-      id, kind: 'pod', cross, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
-      dstHost: to.host, dstIp, tuple: tpl.tuple,
-      deniedAtSend: cross && denied(src.agent.policy, 'egress', tpl.tuple),
-      hops: this.opts.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
-    };
-    this.checker.inflight.set(id, rec);
-    const counted = this.now >= (this.opts.measureFromNs ?? 0);
+    const rec = new PacketRecord(
+      id, 'pod', cross, tpl.frame, tpl.idOffset, this.now, to.host, dstIp, tpl.tuple,
+      cross && denied(src.agent.policy, 'egress', tpl.tuple),
+      this.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
+      frame,
+    );
+    const counted = this.now >= this.measureFrom;
     if (cross) {
       this.stats.sent.cross++;
       flow.sentCross++;
@@ -392,173 +446,190 @@ export class Cluster {
     // The pod's own routing: its /24 is on-link (ARP for the peer), everything else via the cni0 gateway.
     if (subnetHost(dstIp, this.hosts.length) === src.index) {
       const peer = src.podsByIp.get(dstIp);
-      if (!peer) return this.drop(id, 'no-neighbour');
-      peer.mac.copy(frame, 0);
-    } else src.cniMac.copy(frame, 0);
-    this.podEgress(src, pod, frame, id, rec, flow);
+      if (!peer) return this.drop(rec, 'no-neighbour');
+      frame.set(peer.mac, 0);
+    } else frame.set(src.cniMac, 0);
+    this.podEgress(src, pod, rec, flow);
   }
 
-  private hostPacket(spec: HostFlowSpec, k: number, index: number): void {
-    if (k + 1 < spec.packets) this.schedule({ t: this.now + spec.gapNs, kind: 'host-flow', spec, k: k + 1, id: index });
+  private hostPacket(e: ControlEvent): void {
+    const spec = e.spec as HostFlowSpec;
+    const k = e.k++;
+    if (e.k < spec.packets) {
+      e.t = this.now + spec.gapNs;
+      this.schedule(e);
+    }
     const a = this.hosts[spec.from], b = this.hosts[spec.to];
-    const sport = 20000 + index, dport = 5000 + (index % 100);
-    const tpl: Template = buildTemplate(a.addr.ip, b.addr.ip, spec.proto, sport, dport, spec.tos, spec.df, true, index, { src: a.addr.nicMac, dst: b.addr.nicMac });
+    const index = e.index;
+    const tpl = e.template ??= buildTemplate(a.addr.ip, b.addr.ip, spec.proto, 20000 + index, 5000 + (index % 100), spec.tos, spec.df, true, index, { src: a.addr.nicMac, dst: b.addr.nicMac });
     const id = this.nextPacketId++;
-    const frame = copyFrame(tpl.frame);
+    const frame = this.scratchFrame(tpl.frame.length);
+    frame.set(tpl.frame);
     writePacketId(frame, tpl.idOffset, id);
     this.stats.packets++;
     this.stats.sent.host++;
-    this.checker.inflight.set(id, {
-      id, kind: 'host', cross: false, template: tpl.frame, idOffset: tpl.idOffset, sentAt: this.now,
-      dstHost: b.index, dstIp: b.ip, tuple: tpl.tuple, deniedAtSend: false,
-      hops: this.opts.trace ? [`${fmtT(this.now)} host ${a.name} sends ${spec.proto} tos 0x${spec.tos.toString(16)} to ${b.name}`] : undefined,
-    });
-    this.nicEgress(a, frame, id);
+    const rec = new PacketRecord(
+      id, 'host', false, tpl.frame, tpl.idOffset, this.now, b.index, b.ip, tpl.tuple, false,
+      this.trace ? [`${fmtT(this.now)} host ${a.name} sends ${spec.proto} tos 0x${spec.tos.toString(16)} to ${b.name} (packet ${k})`] : undefined,
+      frame,
+    );
+    this.nicEgress(a, rec);
   }
 
   // ---- the datapath at its hooks ----
 
-  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', frame: Buffer, id: number): ProgramResult {
+  /** Runs a program on the packet's frame; the packet then holds what the program made of it. */
+  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', rec: PacketRecord): ProgramResult {
     // A packet's hooks on one host run at one instant: the bigint clock is made once for them.
     if (h.envAt !== this.now) {
       h.envAt = this.now;
       h.env.now = BigInt(Math.round(this.now));
     }
-    const t0 = this.opts.timeModel ? performance.now() : 0;
-    const r = this.scheme[prog](frame, h.state, h.env);
-    if (this.opts.timeModel) this.stats.modelMs += performance.now() - t0;
+    const timed = this.opts.timeModel === true && this.stats.modelCalls % TIME_ONE_IN === 0;
+    const t0 = timed ? performance.now() : 0;
+    const r = this.scheme[prog](rec.frame, h.state, h.env);
+    if (timed) this.stats.modelMs += (performance.now() - t0) * TIME_ONE_IN;
     this.stats.modelCalls++;
+    rec.frame = r.packet;
     const c = r.effects.counters;
     // for-in: a fixed-shape object's own keys, about twice as fast here as indexing it by COUNTER_NAMES.
     for (const n in c) {
       const v = c[n as CounterName];
       if (v) h.counters[n as CounterName] += v;
     }
-    if (this.opts.trace) {
+    if (this.trace) {
       const v = r.verdict === TC_ACT_OK ? 'OK' : r.verdict === TC_ACT_SHOT ? 'SHOT' : r.verdict === TC_ACT_REDIRECT ? `REDIRECT ${r.effects.redirect.kind} ${r.effects.redirect.ifindex}` : String(r.verdict);
-      this.checker.hop(id, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(r)}]`);
+      this.checker.hop(rec, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(r)}]`);
     }
     return r;
   }
 
   /** masq at the TC ingress of the pod's host-side veth. */
-  private podEgress(h: Host, pod: Pod, frame: Buffer, id: number, rec: PacketRecord, flow: Flow): void {
-    const r = this.runProgram(h, 'masq', frame, id);
-    if (r.verdict === TC_ACT_SHOT) return this.drop(id, r.effects.counters.POLICY_DROP ? 'policy' : 'masq-shot');
+  private podEgress(h: Host, pod: Pod, rec: PacketRecord, flow: Flow): void {
+    const r = this.runProgram(h, 'masq', rec);
+    if (r.verdict === TC_ACT_SHOT) return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : 'masq-shot');
     if (r.verdict === TC_ACT_REDIRECT) {
-      if (r.effects.redirect.ifindex !== NIC_IFINDEX) return this.drop(id, 'redirect-to-unknown-device');
+      if (r.effects.redirect.ifindex !== NIC_IFINDEX) return this.drop(rec, 'redirect-to-unknown-device');
       this.stats.masqueraded++;
-      if (rec.sentAt >= (this.opts.measureFromNs ?? 0)) {
+      if (rec.sentAt >= this.measureFrom) {
         this.stats.window.fast++;
         if (flow.spec.pattern === 'stream') this.stats.window.streamFast++;
       }
       flow.fast++;
-      return this.nicEgress(h, r.packet, id);
+      return this.nicEgress(h, rec);
     }
-    this.bridge(h, r.packet, id, pod);
+    this.bridge(h, rec, pod);
   }
 
   /** cni0: a frame for a local pod's MAC is switched; one for the gateway is routed. */
-  private bridge(h: Host, frame: Buffer, id: number, from: Pod): void {
-    if (dstMacIs(frame, h.cniMac)) return this.route(h, frame, id);
-    for (const p of h.podsByIp.values()) {
-      if (p !== from && dstMacIs(frame, p.mac)) {
-        this.stats.delivered.local++;
-        return this.deliverToPod(h, p, frame, id);
-      }
+  private bridge(h: Host, rec: PacketRecord, from: Pod): void {
+    const frame = rec.frame;
+    if (dstMacIs(frame, h.cniMac)) return this.route(h, rec);
+    const p = h.podsByMac.get(macNumber(frame, 0));
+    if (p !== undefined && p !== from) {
+      this.stats.delivered.local++;
+      return this.deliverToPod(h, p, rec, frame);
     }
-    this.drop(id, 'bridge-unknown-mac');
+    this.drop(rec, 'bridge-unknown-mac');
   }
 
   /** Host routing of a pod packet: to a local pod through cni0, to another host's pod subnet through flannel.1. */
-  private route(h: Host, frame: Buffer, id: number): void {
+  private route(h: Host, rec: PacketRecord): void {
+    const frame = rec.frame;
     const dst = frame.readUInt32BE(L3 + 16);
     const g = subnetHost(dst, this.hosts.length);
-    if (g < 0) return this.drop(id, 'no-route');
-    if (!decreaseTtl(frame, L3)) return this.drop(id, 'ttl-exceeded');
+    if (g < 0) return this.drop(rec, 'no-route');
+    if (!decreaseTtl(frame, L3)) return this.drop(rec, 'ttl-exceeded');
     if (g === h.index) {
       const p = h.podsByIp.get(dst);
-      if (!p) return this.drop(id, 'no-neighbour');
-      h.cniMac.copy(frame, 6);
-      p.mac.copy(frame, 0);
+      if (!p) return this.drop(rec, 'no-neighbour');
+      frame.set(h.cniMac, 6);
+      frame.set(p.mac, 0);
       this.stats.delivered.local++;
-      return this.deliverToPod(h, p, frame, id);
+      return this.deliverToPod(h, p, rec, frame);
     }
     // flannel.1: the inner frame goes from our VTEP MAC to theirs (neighbour entry), to their host IP (FDB).
     const peer = this.hosts[g];
-    h.vtepMac.copy(frame, 6);
-    peer.vtepMac.copy(frame, 0);
-    const outer = vxlanEncap(frame, { srcMac: h.nicMac, dstMac: peer.nicMac, srcIp: h.ip, dstIp: peer.ip, ipId: h.ipId++ });
-    this.nicEgress(h, outer, id);
+    frame.set(h.vtepMac, 6);
+    frame.set(peer.vtepMac, 0);
+    const outer = this.scratchFrame(VXLAN_OVERHEAD + frame.length);
+    outer.set(frame, VXLAN_OVERHEAD);
+    vxlanEncapHeader(outer, h.encapTo[g], h.ipId++);
+    rec.frame = outer;
+    this.nicEgress(h, rec);
   }
 
   /** init at the NIC's TC egress, then the wire. */
-  private nicEgress(h: Host, frame: Buffer, id: number): void {
-    const r = this.runProgram(h, 'init', frame, id);
-    if (r.verdict === TC_ACT_SHOT) return this.drop(id, r.effects.counters.POLICY_DROP ? 'policy' : 'init-shot');
-    if (r.verdict !== TC_ACT_OK) return this.drop(id, 'init-bad-verdict');
-    this.wire(h, r.packet, id);
+  private nicEgress(h: Host, rec: PacketRecord): void {
+    const r = this.runProgram(h, 'init', rec);
+    if (r.verdict === TC_ACT_SHOT) return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : 'init-shot');
+    if (r.verdict !== TC_ACT_OK) return this.drop(rec, 'init-bad-verdict');
+    this.wire(rec);
   }
 
-  private wire(h: Host, frame: Buffer, id: number): void {
-    const to = this.byNicMac.get(frame.readUIntBE(0, 6));
-    if (to === undefined) return this.drop(id, 'wire-unknown-mac');
+  private wire(rec: PacketRecord): void {
+    const to = this.byNicMac.get(macNumber(rec.frame, 0));
+    if (to === undefined) return this.drop(rec, 'wire-unknown-mac');
     const l = this.sc.link;
-    if (l.loss > 0 && this.wireRng.next() < l.loss) return this.drop(id, 'wire-loss');
+    if (l.loss > 0 && this.wireRng.next() < l.loss) return this.drop(rec, 'wire-loss');
     const delay = l.latencyNs + (l.jitterNs > 0 ? this.wireRng.next() * l.jitterNs : 0);
-    this.schedule({ t: this.now + delay, kind: 'arrive', host: to, frame, id });
+    // The record is the arrival event; packets already on the wire arrive after the run's end too.
+    rec.t = this.now + delay;
+    rec.at = to;
+    this.q.push(rec);
   }
 
   /** restore at the NIC's TC ingress; what it passes goes to the host stack. */
-  private nicIngress(h: Host, frame: Buffer, id: number): void {
-    const r = this.runProgram(h, 'restore', frame, id);
+  private nicIngress(h: Host, rec: PacketRecord): void {
+    const r = this.runProgram(h, 'restore', rec);
     if (r.verdict === TC_ACT_SHOT) {
-      return this.drop(id, r.effects.counters.POLICY_DROP ? 'policy' : r.effects.counters.RESTORE_MISS ? 'restore-miss' : 'restore-shot', h);
+      return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : r.effects.counters.RESTORE_MISS ? 'restore-miss' : 'restore-shot', h);
     }
     if (r.verdict === TC_ACT_REDIRECT) {
       // bpf_redirect_peer: into the namespace of the veth's peer, if that veth still exists.
       const p = h.podsByIfindex.get(r.effects.redirect.ifindex);
-      if (r.effects.redirect.kind !== 'PEER' || !p) return this.drop(id, 'redirect-to-unknown-device');
+      if (r.effects.redirect.kind !== 'PEER' || !p) return this.drop(rec, 'redirect-to-unknown-device');
       this.stats.delivered.fast++;
-      return this.deliverToPod(h, p, r.packet, id);
+      return this.deliverToPod(h, p, rec, rec.frame);
     }
-    this.hostStack(h, r.packet, id);
+    this.hostStack(h, rec);
   }
 
-  private hostStack(h: Host, frame: Buffer, id: number): void {
-    if (!dstMacIs(frame, h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(id, 'not-for-this-host');
-    if (!ipHeaderValid(frame, L3)) return this.drop(id, 'bad-ip-checksum');
-    if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(id, 'not-for-this-host');
+  private hostStack(h: Host, rec: PacketRecord): void {
+    const frame = rec.frame;
+    if (!dstMacIs(frame, h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
+    if (!ipHeaderValid(frame, L3)) return this.drop(rec, 'bad-ip-checksum');
+    if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(rec, 'not-for-this-host');
     const inner = vxlanDecap(frame);
     if (!inner) {
       this.stats.delivered.host++;
-      this.checker.hostReceived(this.now, id, frame, h.index);
+      this.checker.hostReceived(this.now, rec, frame, h.index);
       return;
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
-    if (!dstMacIs(inner, h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(id, 'vxlan-not-for-vtep');
-    if (!ipHeaderValid(inner, L3)) return this.drop(id, 'bad-ip-checksum');
+    // (The frame is the program's own copy: routing rewrites it in place.)
+    if (!dstMacIs(inner, h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'vxlan-not-for-vtep');
+    if (!ipHeaderValid(inner, L3)) return this.drop(rec, 'bad-ip-checksum');
     const dst = inner.readUInt32BE(L3 + 16);
-    if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(id, 'no-route');
+    if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(rec, 'no-route');
     const p = h.podsByIp.get(dst);
-    if (!p) return this.drop(id, 'no-neighbour');
-    const f = copyFrame(inner);
-    if (!decreaseTtl(f, L3)) return this.drop(id, 'ttl-exceeded');
-    h.cniMac.copy(f, 6);
-    p.mac.copy(f, 0);
+    if (!p) return this.drop(rec, 'no-neighbour');
+    if (!decreaseTtl(inner, L3)) return this.drop(rec, 'ttl-exceeded');
+    inner.set(h.cniMac, 6);
+    inner.set(p.mac, 0);
     this.stats.delivered.overlay++;
-    this.deliverToPod(h, p, f, id);
+    this.deliverToPod(h, p, rec, inner);
   }
 
-  private deliverToPod(h: Host, p: Pod, frame: Buffer, id: number): void {
+  private deliverToPod(h: Host, p: Pod, rec: PacketRecord, frame: Buffer): void {
     // Hops are kept only when tracing: the text is not built for every packet otherwise.
-    if (this.opts.trace) this.checker.hop(id, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
-    this.checker.podReceived(this.now, id, frame, { ip: p.ip, mac: p.mac, name: p.name, host: h.index }, h.agent.policy);
+    if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
+    this.checker.podReceived(this.now, rec, frame, p, h.agent.policy);
   }
 
-  private drop(id: number, reason: string, at?: Host): void {
-    if (this.opts.trace) this.checker.hop(id, `${fmtT(this.now)} dropped: ${reason}`);
-    this.checker.dropped(this.now, id, reason, at?.agent.policy);
+  private drop(rec: PacketRecord, reason: string, at?: Host): void {
+    if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} dropped: ${reason}`);
+    this.checker.dropped(this.now, rec, reason, at?.agent.policy);
   }
 
   // ---- for tests and the study ----

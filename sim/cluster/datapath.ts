@@ -7,7 +7,7 @@
  * passes), the baseline the fast path is measured against.
  */
 import { ConfigFlag, MAX_ENTRIES } from '../../dataplane/maps.ts';
-import { emptyState, init, masq, newEffects, restore, TC_ACT_OK, type DatapathState, type Env, type RunResult } from '../model/index.ts';
+import { copyPacket, emptyState, init, masq, newEffects, restore, TC_ACT_OK, type DatapathState, type Env, type RunResult } from '../model/index.ts';
 
 export interface KeyScheme {
   name: string;
@@ -39,9 +39,12 @@ const wide: KeyScheme = {
   },
 };
 
-/** Every program passes every packet untouched, as if XMasq were not attached. */
+/**
+ * Every program passes every packet untouched, as if XMasq were not attached.
+ * Its own copy, as the model's programs return: the simulator reuses the frames it passes in.
+ */
 function passAll(pkt: Buffer): RunResult {
-  return { verdict: TC_ACT_OK, packet: pkt, effects: PASS_EFFECTS };
+  return { verdict: TC_ACT_OK, packet: copyPacket(pkt), effects: PASS_EFFECTS };
 }
 const PASS_EFFECTS = newEffects();
 

@@ -1,57 +1,79 @@
 /**
  * The event queue: a binary min-heap on (time, insertion order), so events at
  * the same instant run in the order they were scheduled and a run is
- * deterministic.
+ * deterministic. Times and insertion numbers live in typed arrays beside the
+ * items: the sift loops compare numbers without touching the items, whose
+ * classes differ (a flow, a packet on the wire, an agent scan), and pushing
+ * allocates nothing once the arrays have grown.
  */
 export interface Scheduled {
   /** Simulated time in nanoseconds. */
   t: number;
-  seq: number;
 }
 
 export class EventQueue<E extends Scheduled> {
-  private heap: E[] = [];
+  private times = new Float64Array(256);
+  private seqs = new Float64Array(256);
+  private items: Array<E | undefined> = new Array(256).fill(undefined);
+  private n = 0;
   private seq = 0;
 
   get size(): number {
-    return this.heap.length;
+    return this.n;
   }
 
   push(e: E): void {
-    e.seq = this.seq++;
-    const h = this.heap;
-    let i = h.length;
-    h.push(e);
+    if (this.n === this.times.length) this.grow();
+    const t = e.t, s = this.seq++;
+    const times = this.times, seqs = this.seqs, items = this.items;
+    let i = this.n++;
     while (i > 0) {
       const p = (i - 1) >> 1;
-      if (!before(e, h[p])) break;
-      h[i] = h[p];
+      if (!(t < times[p] || (t === times[p] && s < seqs[p]))) break;
+      times[i] = times[p];
+      seqs[i] = seqs[p];
+      items[i] = items[p];
       i = p;
     }
-    h[i] = e;
+    times[i] = t;
+    seqs[i] = s;
+    items[i] = e;
   }
 
   pop(): E | undefined {
-    const h = this.heap;
-    const top = h[0];
-    const last = h.pop();
-    if (h.length === 0 || last === undefined) return top;
+    if (this.n === 0) return undefined;
+    const times = this.times, seqs = this.seqs, items = this.items;
+    const top = items[0];
+    const n = --this.n;
+    const t = times[n], s = seqs[n], last = items[n];
+    items[n] = undefined;
     let i = 0;
-    const n = h.length;
     for (;;) {
       const l = 2 * i + 1;
       if (l >= n) break;
       const r = l + 1;
-      const c = r < n && before(h[r], h[l]) ? r : l;
-      if (!before(h[c], last)) break;
-      h[i] = h[c];
+      const c = r < n && (times[r] < times[l] || (times[r] === times[l] && seqs[r] < seqs[l])) ? r : l;
+      if (!(times[c] < t || (times[c] === t && seqs[c] < s))) break;
+      times[i] = times[c];
+      seqs[i] = seqs[c];
+      items[i] = items[c];
       i = c;
     }
-    h[i] = last;
+    if (n > 0) {
+      times[i] = t;
+      seqs[i] = s;
+      items[i] = last;
+    }
     return top;
   }
-}
 
-function before(a: Scheduled, b: Scheduled): boolean {
-  return a.t < b.t || (a.t === b.t && a.seq < b.seq);
+  private grow(): void {
+    const m = this.times.length * 2;
+    const times = new Float64Array(m), seqs = new Float64Array(m);
+    times.set(this.times);
+    seqs.set(this.seqs);
+    this.times = times;
+    this.seqs = seqs;
+    for (let i = this.items.length; i < m; i++) this.items.push(undefined);
+  }
 }

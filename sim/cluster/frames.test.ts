@@ -33,7 +33,7 @@ describe('sim/cluster frames', () => {
 
   it('VXLAN encapsulation is what the decoder reads as VXLAN to 8472 with VNI 1, and decapsulates back', () => {
     const inner = buildTemplate('10.244.1.2', '10.244.2.3', 'tcp', 1000, 80, 0b11, false, true, 1).frame;
-    const out = vxlanEncap(inner, { srcMac: macBytes('02:00:00:00:00:01'), dstMac: macBytes('02:00:00:00:00:02'), srcIp: ipToU32('172.31.250.1'), dstIp: ipToU32('172.31.250.2'), ipId: 9 });
+    const out = vxlanEncap(inner, { srcMac: macBytes('02:00:00:00:00:01'), dstMac: macBytes('02:00:00:00:00:02'), srcIp: ipToU32('172.31.250.1'), dstIp: ipToU32('172.31.250.2') }, 9);
     const d = JSON.stringify(decodeFrame(out));
     expect(d).toContain('"vni":1');
     expect(d).toContain('8472');

@@ -11,13 +11,6 @@ export const VXLAN_OVERHEAD = 50;
 const UDP_SPORT_MIN = 32768;
 const UDP_SPORT_RANGE = 61000 - 32768;
 
-/** A copy of a frame (allocUnsafe + set: twice as fast as Buffer.from on the per-packet path). */
-export function copyFrame(f: Uint8Array): Buffer {
-  const c = Buffer.allocUnsafe(f.length);
-  c.set(f);
-  return c;
-}
-
 /** Whether the frame's destination MAC is mac (without the subarray Buffer a per-packet compare would allocate). */
 export function dstMacIs(f: Uint8Array, mac: Uint8Array): boolean {
   return f[0] === mac[0] && f[1] === mac[1] && f[2] === mac[2] && f[3] === mac[3] && f[4] === mac[4] && f[5] === mac[5];
@@ -43,29 +36,44 @@ export function ipHeaderValid(f: Buffer, l3: number): boolean {
   return s === 0xffff;
 }
 
+/** The outer headers flannel.1 writes towards one peer host. */
 export interface Encap {
   srcMac: Buffer;
   dstMac: Buffer;
   srcIp: number;
   dstIp: number;
-  ipId: number;
 }
 
 /**
  * The Linux vxlan device's output for flannel.1: outer IPv4 (TOS 0 with the
  * inner ECN copied, no DF, TTL 64), UDP from a port hashed from the inner
- * flow to 8472 with checksum 0, VXLAN with VNI 1.
+ * flow to 8472 with checksum 0, VXLAN with VNI 1. A new frame; the simulator
+ * writes the header in place instead (vxlanEncapHeader).
  */
-export function vxlanEncap(inner: Buffer, o: Encap): Buffer {
+export function vxlanEncap(inner: Buffer, o: Encap, ipId: number): Buffer {
   const out = Buffer.allocUnsafe(VXLAN_OVERHEAD + inner.length);
-  o.dstMac.copy(out, 0);
-  o.srcMac.copy(out, 6);
-  out.writeUInt16BE(0x0800, 12);
+  out.set(inner, VXLAN_OVERHEAD);
+  vxlanEncapHeader(out, o, ipId);
+  return out;
+}
+
+/**
+ * The outer headers written into out[0, VXLAN_OVERHEAD) in front of the
+ * inner frame already at out[VXLAN_OVERHEAD..]: encapsulation in the
+ * headroom, without copying the inner frame.
+ */
+export function vxlanEncapHeader(out: Buffer, o: Encap, ipId: number): void {
+  const innerLen = out.length - VXLAN_OVERHEAD;
+  const inner = VXLAN_OVERHEAD;
+  out.set(o.dstMac, 0);
+  out.set(o.srcMac, 6);
+  out[12] = 0x08;
+  out[13] = 0x00;
   const l3 = ETH_HLEN;
   out[l3] = 0x45;
-  out[l3 + 1] = inner[ETH_HLEN + 1] & 3;
-  out.writeUInt16BE(VXLAN_OVERHEAD - ETH_HLEN + inner.length, l3 + 2);
-  out.writeUInt16BE(o.ipId & 0xffff, l3 + 4);
+  out[l3 + 1] = out[inner + ETH_HLEN + 1] & 3;
+  out.writeUInt16BE(VXLAN_OVERHEAD - ETH_HLEN + innerLen, l3 + 2);
+  out.writeUInt16BE(ipId & 0xffff, l3 + 4);
   out.writeUInt16BE(0, l3 + 6);
   out[l3 + 8] = 64;
   out[l3 + 9] = 17;
@@ -74,24 +82,22 @@ export function vxlanEncap(inner: Buffer, o: Encap): Buffer {
   out.writeUInt32BE(o.dstIp, l3 + 16);
   out.writeUInt16BE(ipv4HeaderChecksum(out, l3, 20), l3 + 10);
   const udp = l3 + 20;
-  out.writeUInt16BE(UDP_SPORT_MIN + (flowHash(inner) % UDP_SPORT_RANGE), udp);
+  out.writeUInt16BE(UDP_SPORT_MIN + (flowHash(out, inner) % UDP_SPORT_RANGE), udp);
   out.writeUInt16BE(VXLAN_PORT, udp + 2);
-  out.writeUInt16BE(8 + 8 + inner.length, udp + 4);
+  out.writeUInt16BE(8 + 8 + innerLen, udp + 4);
   out.writeUInt16BE(0, udp + 6);
   out.writeUInt32BE(0x08000000, udp + 8);
   out.writeUInt32BE(VXLAN_VNI << 8, udp + 12);
-  inner.copy(out, VXLAN_OVERHEAD);
-  return out;
 }
 
 /** A hash of the inner addresses and ports, as udp_flow_src_port spreads flows over source ports. */
-function flowHash(inner: Buffer): number {
-  const l3 = ETH_HLEN;
+function flowHash(f: Buffer, inner: number): number {
+  const l3 = inner + ETH_HLEN;
   let h = 2166136261;
-  const end = Math.min(inner.length, l3 + ((inner[l3] & 0x0f) * 4) + 4);
+  const end = Math.min(f.length, l3 + ((f[l3] & 0x0f) * 4) + 4);
   for (let i = l3 + 9; i < end; i++) {
     if (i === l3 + 10 || i === l3 + 11) continue;
-    h = Math.imul(h ^ inner[i], 16777619);
+    h = Math.imul(h ^ f[i], 16777619);
   }
   return h >>> 0;
 }
@@ -146,4 +152,9 @@ export function readPacketId(f: Buffer, off: number): number {
   const hi = f.readUInt16BE(off), lo = f.readUInt16BE(off + 2);
   if (f.readUInt16BE(off + 4) !== (~hi & 0xffff) || f.readUInt16BE(off + 6) !== (~lo & 0xffff)) return -1;
   return ((hi << 16) | lo) >>> 0;
+}
+
+/** The MAC at f[at] as a 48-bit number (a map key without a string per frame). */
+export function macNumber(f: Uint8Array, at: number): number {
+  return (f[at] * 0x10000 + (f[at + 1] << 8 | f[at + 2])) * 0x1000000 + (f[at + 3] << 16 | f[at + 4] << 8 | f[at + 5]);
 }

@@ -8,21 +8,37 @@
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { dstMacIs, ipHeaderValid, payloadOffset, readPacketId } from './frames.ts';
 
-export interface PacketRecord {
-  id: number;
-  kind: 'pod' | 'host';
-  /** Between pods on different hosts (the traffic XMasq serves). */
-  cross: boolean;
-  /** The frame as sent but for its id words (pod frames: from the Ethernet type on). */
-  template: Buffer;
-  idOffset: number;
-  sentAt: number;
-  dstHost: number;
-  dstIp: number;
-  /** The 5-tuple policy judges, in the pod's terms. */
-  tuple: Tuple;
-  deniedAtSend: boolean;
-  hops?: string[];
+/**
+ * One packet: what was sent (a template frame and the id), from where, to
+ * which address, whether policy denied it when it left, and where the
+ * simulator has it now. The record travels with the packet (it is also the
+ * wire's arrival event), so nothing is looked up per hop.
+ */
+export class PacketRecord {
+  /** Set once the packet was delivered or dropped: a second time is a violation. */
+  done = false;
+  /** When it arrives at host `at` (while on the wire). */
+  t = 0;
+  at = 0;
+
+  constructor(
+    readonly id: number,
+    readonly kind: 'pod' | 'host',
+    /** Between pods on different hosts (the traffic XMasq serves). */
+    readonly cross: boolean,
+    /** The frame as sent but for its id words (pod frames: from the Ethernet type on). */
+    readonly template: Buffer,
+    readonly idOffset: number,
+    readonly sentAt: number,
+    readonly dstHost: number,
+    readonly dstIp: number,
+    /** The 5-tuple policy judges, in the pod's terms. */
+    readonly tuple: Tuple,
+    readonly deniedAtSend: boolean,
+    readonly hops: string[] | undefined,
+    /** The bytes as they are now. */
+    public frame: Buffer,
+  ) {}
 }
 
 export interface Tuple {
@@ -58,6 +74,12 @@ const L3 = 14;
 const TTL = L3 + 8;
 const CSUM = L3 + 10;
 
+/** Whether got[i..end) equals want[i..end) (a plain loop: a Buffer.compare call costs more than these few bytes). */
+function sameRange(got: Buffer, want: Buffer, i: number, end: number): boolean {
+  for (; i < end; i++) if (got[i] !== want[i]) return false;
+  return true;
+}
+
 /** The datagram delivered equals the one sent, the TTL and the header checksum aside (which must still check). */
 function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | undefined {
   const want = rec.template;
@@ -66,8 +88,7 @@ function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | un
   if (!ipHeaderValid(got, L3)) return 'IPv4 header checksum does not check';
   const id = rec.idOffset;
   // Equal ranges: up to the TTL, the protocol, from the addresses to the id words, and after them.
-  if (got.compare(want, from, TTL, from, TTL) === 0 && got[TTL + 1] === want[TTL + 1]
-    && got.compare(want, CSUM + 2, id, CSUM + 2, id) === 0 && got.compare(want, id + 8, end, id + 8, end) === 0) return undefined;
+  if (sameRange(got, want, from, TTL) && got[TTL + 1] === want[TTL + 1] && sameRange(got, want, CSUM + 2, id) && sameRange(got, want, id + 8, end)) return undefined;
   for (let i = from; i < end; i++) {
     if (i === TTL || i === CSUM || i === CSUM + 1 || (i >= id && i < id + 8)) continue;
     if (got[i] !== want[i]) return `byte ${i} is 0x${got[i].toString(16)}, sent 0x${want[i].toString(16)}`;
@@ -76,7 +97,6 @@ function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | un
 }
 
 export class Checker {
-  readonly inflight = new Map<number, PacketRecord>();
   /** The first few violations, in full. */
   readonly violations: Violation[] = [];
   /** Every violation, by rule. */
@@ -90,77 +110,80 @@ export class Checker {
     if (this.violations.length < this.maxViolations) this.violations.push({ t, id, rule, detail, hops: rec?.hops ?? [] });
   }
 
-  /** The id the frame carries, checked against the id the simulator moved it under. */
-  private identify(t: number, id: number, f: Buffer, where: string): PacketRecord | undefined {
-    const rec = this.inflight.get(id);
+  /** The packet arrives for the first time, carrying the id it was sent with. */
+  private identify(t: number, rec: PacketRecord, f: Buffer, where: string): boolean {
+    const id = rec.id;
+    if (rec.done) {
+      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${where} again`, rec);
+      return false;
+    }
+    rec.done = true;
     const off = payloadOffset(f, L3);
     const carried = off < 0 ? -1 : readPacketId(f, off);
-    if (!rec) {
-      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${where} again, or was never sent`);
-      return undefined;
-    }
-    this.inflight.delete(id);
     if (carried !== id) {
       this.violate(t, id, 'payload intact', `${where} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
-      return undefined;
+      return false;
     }
-    return rec;
+    return true;
   }
 
-  hop(id: number, text: string): void {
-    this.inflight.get(id)?.hops?.push(text);
+  hop(rec: PacketRecord, text: string): void {
+    if (!rec.done) rec.hops?.push(text);
   }
 
   /** A pod received a frame into its namespace. */
-  podReceived(t: number, id: number, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): PacketRecord | undefined {
-    const rec = this.identify(t, id, f, `pod ${pod.name}`);
-    if (!rec) return undefined;
+  podReceived(t: number, rec: PacketRecord, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): boolean {
+    if (!this.identify(t, rec, f, `pod ${pod.name}`)) return false;
+    const id = rec.id;
     if (rec.kind === 'host') {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
-      return undefined;
+      return false;
     }
     if (f.readUInt32BE(L3 + 16) !== pod.ip || rec.dstIp !== pod.ip) {
       this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(f.readUInt32BE(L3 + 16))}`, rec);
-      return undefined;
+      return false;
     }
     if (!dstMacIs(f, pod.mac)) {
       this.violate(t, id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
-      return undefined;
+      return false;
     }
     const diff = sameDatagram(f, rec, 12);
     if (diff) {
       this.violate(t, id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
-      return undefined;
+      return false;
     }
     if (rec.cross && (rec.deniedAtSend || denied(ingressRules, 'ingress', rec.tuple))) {
       this.violate(t, id, 'denied flows never pass', `packet ${id} ${tupleStr(rec.tuple)} reached pod ${pod.name} though a deny rule ${rec.deniedAtSend ? 'on the sending host' : 'on the receiving host'} matches it`, rec);
-      return undefined;
+      return false;
     }
-    return rec;
+    return true;
   }
 
   /** The host stack accepted a frame as its own (not for a pod). */
-  hostReceived(t: number, id: number, f: Buffer, host: number): PacketRecord | undefined {
-    const rec = this.identify(t, id, f, `the stack of host ${host}`);
-    if (!rec) return undefined;
+  hostReceived(t: number, rec: PacketRecord, f: Buffer, host: number): boolean {
+    if (!this.identify(t, rec, f, `the stack of host ${host}`)) return false;
+    const id = rec.id;
     if (rec.kind === 'pod') {
       this.violate(t, id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
-      return undefined;
+      return false;
     }
     const diff = rec.dstHost !== host ? `it was sent to host h${rec.dstHost}` : sameDatagram(f, rec, 0) ?? (f[L3 + 8] !== rec.template[L3 + 8] ? 'its TTL changed' : undefined);
     if (diff) {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} reached host h${host} altered: ${diff}`, rec);
-      return undefined;
+      return false;
     }
-    return rec;
+    return true;
   }
 
   /** The datapath or the network dropped a packet; receiverIngress: the rules of the host that dropped it, when it is the receiver. */
-  dropped(t: number, id: number, reason: string, receiverIngress: readonly PolicyRuleRecord[] = []): void {
+  dropped(t: number, rec: PacketRecord, reason: string, receiverIngress: readonly PolicyRuleRecord[] = []): void {
     this.drops[reason] = (this.drops[reason] ?? 0) + 1;
-    const rec = this.inflight.get(id);
-    if (!rec) return;
-    this.inflight.delete(id);
+    const id = rec.id;
+    if (rec.done) {
+      this.violate(t, id, 'exactly once', `packet ${id} was dropped (${reason}) after it had arrived or been dropped`, rec);
+      return;
+    }
+    rec.done = true;
     if (rec.kind === 'host' && reason !== 'wire-loss') {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} was dropped (${reason})`, rec);
     } else if (reason === 'policy' && rec.cross && !rec.deniedAtSend && !denied(receiverIngress, 'ingress', rec.tuple)) {
