@@ -461,7 +461,7 @@ export class Cluster {
     }
     const a = this.hosts[spec.from], b = this.hosts[spec.to];
     const index = e.index;
-    const tpl = e.template ??= buildTemplate(a.addr.ip, b.addr.ip, spec.proto, 20000 + index, 5000 + (index % 100), spec.tos, spec.df, true, index, { src: a.addr.nicMac, dst: b.addr.nicMac });
+    const tpl = e.template ??= buildTemplate(a.ip, b.ip, spec.proto, 20000 + index, 5000 + (index % 100), spec.tos, spec.df, true, index, { src: a.nicMac, dst: b.nicMac });
     const id = this.nextPacketId++;
     const frame = this.scratchFrame(tpl.frame.length);
     frame.set(tpl.frame);

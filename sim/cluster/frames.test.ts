@@ -10,7 +10,7 @@ const proto = fc.constantFrom('tcp' as const, 'udp' as const, 'icmp' as const);
 describe('sim/cluster frames', () => {
   it('writing a packet id keeps the template L4 checksum valid (full recomputation)', () => {
     fc.assert(fc.property(proto, fc.nat(0xffffffff), fc.nat(255), (p, id, tos) => {
-      const t = buildTemplate('10.244.1.2', '10.244.2.3', p, 12345, 80, tos, false, true, 7);
+      const t = buildTemplate(ipToU32('10.244.1.2'), ipToU32('10.244.2.3'), p, 12345, 80, tos, false, true, 7);
       const f = Buffer.from(t.frame);
       writePacketId(f, t.idOffset, id);
       expect(readPacketId(f, t.idOffset)).toBe(id);
@@ -32,7 +32,7 @@ describe('sim/cluster frames', () => {
   });
 
   it('VXLAN encapsulation is what the decoder reads as VXLAN to 8472 with VNI 1, and decapsulates back', () => {
-    const inner = buildTemplate('10.244.1.2', '10.244.2.3', 'tcp', 1000, 80, 0b11, false, true, 1).frame;
+    const inner = buildTemplate(ipToU32('10.244.1.2'), ipToU32('10.244.2.3'), 'tcp', 1000, 80, 0b11, false, true, 1).frame;
     const out = vxlanEncap(inner, { srcMac: macBytes('02:00:00:00:00:01'), dstMac: macBytes('02:00:00:00:00:02'), srcIp: ipToU32('172.31.250.1'), dstIp: ipToU32('172.31.250.2') }, 9);
     const d = JSON.stringify(decodeFrame(out));
     expect(d).toContain('"vni":1');
