@@ -18,21 +18,25 @@ export const ENOENT = -2;
 /**
  * A table's keys: their C bytes both ways, and a name for a key that is equal
  * for two keys exactly when their bytes are, built from the fields without
- * encoding them (a lookup is the model's most frequent operation): text, or a
- * number where the key's bits fit in one. Addresses are dotted quads as
- * bytesToIpv4 writes them; update() refuses any other spelling, so a key found
- * by its name is the key the kernel finds by its bytes.
+ * encoding them (a lookup is the model's most frequent operation): text, a
+ * number where the key's bits fit in one, or two parts (a key of two
+ * addresses), which name an entry in a map of maps, so that no text is built
+ * per lookup. Addresses are dotted quads as bytesToIpv4 writes them; update()
+ * refuses any other spelling, so a key found by its name is the key the
+ * kernel finds by its bytes.
  */
 type KeyName = string | number;
 
 interface KeyCodec<K> {
   encode(k: K): Buffer;
   decode(b: Buffer): K;
+  /** The name, or its first part when there is a second. */
   name(k: K): KeyName;
+  second?(k: K): KeyName;
 }
 
-function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => KeyName): KeyCodec<K> {
-  return { encode: (k) => struct.encode(k), decode: (b) => struct.decode(b), name };
+function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => KeyName, second?: (k: K) => KeyName): KeyCodec<K> {
+  return { encode: (k) => struct.encode(k), decode: (b) => struct.decode(b), name, second };
 }
 
 /** The maps hold flat structs of numbers, bigints and strings: a spread copies one whole. */
@@ -40,21 +44,48 @@ function copyOf<T>(x: T): T {
   return typeof x === 'object' ? { ...x } : x;
 }
 
+interface Entry<K, V> {
+  key: K;
+  value: V;
+}
+
 export class HashTable<K, V> {
-  private readonly m = new Map<KeyName, { key: K; value: V }>();
+  /** Entries by name, or by the name's first part and then its second. */
+  private readonly m = new Map<KeyName, Entry<K, V>>();
+  private readonly m2 = new Map<KeyName, Map<KeyName, Entry<K, V>>>();
+  private readonly twoParts: boolean;
+  private count = 0;
 
-  constructor(private readonly keyCodec: KeyCodec<K>, readonly maxEntries: number) {}
+  constructor(private readonly keyCodec: KeyCodec<K>, readonly maxEntries: number) {
+    this.twoParts = keyCodec.second !== undefined;
+  }
 
-  private id(key: K): KeyName {
-    return this.keyCodec.name(key);
+  private second(key: K): KeyName {
+    return this.keyCodec.second!(key);
+  }
+
+  private find(key: K): Entry<K, V> | undefined {
+    const first = this.keyCodec.name(key);
+    return this.twoParts ? this.m2.get(first)?.get(this.second(key)) : this.m.get(first);
+  }
+
+  private put(key: K, e: Entry<K, V>): void {
+    const first = this.keyCodec.name(key);
+    if (!this.twoParts) {
+      this.m.set(first, e);
+      return;
+    }
+    let inner = this.m2.get(first);
+    if (inner === undefined) this.m2.set(first, (inner = new Map()));
+    inner.set(this.second(key), e);
   }
 
   get size(): number {
-    return this.m.size;
+    return this.count;
   }
 
   lookup(key: K): V | undefined {
-    return this.m.get(this.id(key))?.value;
+    return this.find(key)?.value;
   }
 
   /**
@@ -63,33 +94,55 @@ export class HashTable<K, V> {
    * its objects afterwards does not change the map.
    */
   update(key: K, value: V, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
-    const id = this.id(key);
-    const old = this.m.get(id);
+    const old = this.find(key);
     if (old && flag === 'noexist') return EEXIST;
     if (!old && flag === 'exist') return ENOENT;
-    if (!old && this.m.size >= this.maxEntries) return E2BIG;
-    if (!old) this.checkSpelling(key, id);
-    this.m.set(id, { key: old ? old.key : copyOf(key), value: copyOf(value) });
+    if (!old && this.count >= this.maxEntries) return E2BIG;
+    if (old) {
+      old.value = copyOf(value);
+      return 0;
+    }
+    this.checkSpelling(key);
+    this.put(key, { key: copyOf(key), value: copyOf(value) });
+    this.count++;
     return 0;
   }
 
   /** The key through its C bytes and back must have the same name (encode also throws on a bad field). */
-  private checkSpelling(key: K, id: KeyName): void {
-    const canonical = this.id(this.keyCodec.decode(this.keyCodec.encode(key)));
-    if (canonical !== id) throw new Error(`map key ${JSON.stringify(key)} is not spelt as its bytes decode (${canonical}); write addresses as plain dotted quads`);
+  private checkSpelling(key: K): void {
+    const canonical = this.keyCodec.decode(this.keyCodec.encode(key));
+    const c = this.keyCodec;
+    if (c.name(canonical) !== c.name(key) || (this.twoParts && this.second(canonical) !== this.second(key))) {
+      throw new Error(`map key ${JSON.stringify(key)} is not spelt as its bytes decode (${JSON.stringify(canonical)}); write addresses as plain dotted quads`);
+    }
   }
 
   delete(key: K): boolean {
-    return this.m.delete(this.id(key));
+    const first = this.keyCodec.name(key);
+    let gone: boolean;
+    if (!this.twoParts) gone = this.m.delete(first);
+    else {
+      const inner = this.m2.get(first);
+      gone = inner !== undefined && inner.delete(this.second(key));
+      if (gone && inner!.size === 0) this.m2.delete(first);
+    }
+    if (gone) this.count--;
+    return gone;
+  }
+
+  private all(): Iterable<Entry<K, V>> {
+    if (!this.twoParts) return this.m.values();
+    return [...this.m2.values()].flatMap((inner) => [...inner.values()]);
   }
 
   entries(): Array<[K, V]> {
-    return [...this.m.values()].map((e) => [e.key, e.value]);
+    return [...this.all()].map((e) => [e.key, e.value]);
   }
 
   clone(): HashTable<K, V> {
     const c = new HashTable<K, V>(this.keyCodec, this.maxEntries);
-    for (const [id, e] of this.m) c.m.set(id, { key: copyOf(e.key), value: copyOf(e.value) });
+    for (const e of this.all()) c.put(e.key, { key: copyOf(e.key), value: copyOf(e.value) });
+    c.count = this.count;
     return c;
   }
 }
@@ -124,7 +177,7 @@ export interface Sizes { pods: number; paths: number; rules: number }
 export function emptyState(sizes: Sizes): DatapathState {
   return {
     pod_info: new HashTable<string, PodInfo>({ encode: (ip) => podIp.encode({ ip }), decode: (b) => podIp.decode(b).ip, name: (ip) => ip }, sizes.pods),
-    egress_cache: new HashTable<EgressKey, Path>(keysOf(egressKey, (k) => `${k.local_pod} ${k.remote_pod}`), sizes.paths),
+    egress_cache: new HashTable<EgressKey, Path>(keysOf(egressKey, (k) => k.local_pod, (k) => k.remote_pod), sizes.paths),
     // 48 bits: init draws up to KEY_TRIES keys per packet, and a number is cheaper to hash than text.
     ingress_cache: new HashTable<IngressKey, Path>(keysOf(ingressKey, (k) => ipWord(k.remote_host) * 0x10000 + k.key), sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
