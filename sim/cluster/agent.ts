@@ -34,8 +34,24 @@ class ModelMapView<K, V> implements MapOps {
   }
 
   lookupBatch(): Array<[Buffer, Buffer]> {
-    return this.table.entries().map(([k, v]) => [this.key.encode(k as never), this.value.encode(v as never)]);
+    return this.table.entries().map(([k, v]) => [this.encoded(this.key, k as object), this.encoded(this.value, v as object)]);
   }
+
+  /**
+   * A fresh copy of the bytes of a table's key or value. The agent reads whole
+   * tables every scan, and most entries sit unchanged between scans until
+   * they expire: bytes already made from equal fields are reused (keys never
+   * change; a value the programs changed in place is encoded again).
+   */
+  private encoded(struct: Struct<never>, x: object): Buffer {
+    const c = this.bytesOf.get(x);
+    if (c && sameFields(c.fields, x)) return Buffer.from(c.bytes);
+    const bytes = struct.encode(x as never);
+    this.bytesOf.set(x, { fields: { ...x }, bytes });
+    return Buffer.from(bytes);
+  }
+
+  private readonly bytesOf = new WeakMap<object, { fields: object; bytes: Buffer }>();
 
   update(k: Buffer, v: Buffer, flags: 'any' | 'noexist' | 'exist' = 'any'): void {
     const rc = this.table.update(this.key.decode(k) as K, this.value.decode(v) as V, flags);
@@ -48,6 +64,13 @@ class ModelMapView<K, V> implements MapOps {
     for (const k of keys) if (this.table.delete(this.key.decode(k) as K)) n++;
     return n;
   }
+}
+
+/** Whether two flat structs (numbers, bigints, strings) hold the same fields. */
+function sameFields(a: object, b: object): boolean {
+  const x = a as Record<string, unknown>, y = b as Record<string, unknown>;
+  for (const k in y) if (x[k] !== y[k]) return false;
+  return true;
 }
 
 // caches.ts takes BpfMap, a class with a kernel fd behind it; it only calls the
