@@ -94,9 +94,9 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	/*
 	 * 6. Our key for the pair. A key whose ingress entry expired or was purged
 	 * (pod deleted) is dropped and drawn again, so that the peer is never told
-	 * a key that no longer restores to this pair. With wide keys on, a pair
-	 * that starts with TCP draws from the 65,472 wide keys, which carry TCP
-	 * only, and leaves the 63 narrow ones, which carry anything, to the rest.
+	 * a key that no longer restores to this pair. With wide keys on, every
+	 * pair draws from the 16,320 wide keys: TCP, UDP and ICMP echo carry them
+	 * (packet.h); the few packets no carrier fits stay on the overlay.
 	 */
 	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst, now))
 		e->local_key = 0;
@@ -118,7 +118,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		struct ingress_key ik = { .remote_host = t.outer.daddr };
 		__u32 zero = 0;
 		struct config *cfg = bpf_map_lookup_elem(&config, &zero);
-		int wide = cfg && (cfg->flags & XMASQ_CFG_WIDE_KEYS) && t.inner.proto == IPPROTO_TCP;
+		int wide = cfg && (cfg->flags & XMASQ_CFG_WIDE_KEYS);
 		__u32 min = wide ? XMASQ_WIDE_KEY_MIN : XMASQ_KEY_MIN;
 		__u32 n = wide ? XMASQ_WIDE_KEY_COUNT : XMASQ_KEY_COUNT;
 

@@ -45,24 +45,29 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		return policy_drop();
 
 	/*
-	 * A wide key needs a whole TCP segment whose urgent pointer is free (URG
-	 * clear, 0). Checked after the policy loop, so that the verifier walks
-	 * that loop once, not once per kind of key.
+	 * A wide key needs a carrier the pod left free (packet.h), and no GSO for
+	 * UDP: segmentation rewrites each segment's length. A narrow key needs an
+	 * echo's code left 0, which restore would read as a wide key's. Checked
+	 * after the policy loop, so that the verifier walks that loop once, not
+	 * once per kind of key.
 	 */
 	__u16 key = e->remote_key;
 	int wide = key >= XMASQ_WIDE_KEY_MIN;
-	if (wide && !(wide_carrier(&h) && h.urg_ptr == 0)) {
+	if (wide ? !wide_carrier(&h) || h.carrier != carrier_free_value(&h) ||
+			   (h.proto == IPPROTO_UDP && skb->gso_size)
+		 : is_echo(&h) && wide_carrier(&h) && (h.carrier & 0xff)) {
 		count(XMASQ_CNT_FELL_BACK);
 		return TC_ACT_OK;
 	}
 
 	/*
-	 * 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the urgent
-	 * pointer with DSCP 0 (wide); the pod's ECN kept; RF marks it.
+	 * 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the
+	 * carrier (wide); the pod's ECN kept; RF marks it.
 	 */
-	__u8 tos = wide ? (h.tos & 3) : (key << 2) | (h.tos & 3);
-	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, tos, h.frag | XMASQ_IP_RF,
-			   e->local_ip, e->remote_ip, wide ? key : h.urg_ptr))
+	__u8 dscp = wide ? dscp_with_key(&h, key) : key;
+	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, (dscp << 2) | (h.tos & 3),
+			   h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip,
+			   wide ? carrier_with_key(&h, key) : h.carrier))
 		return TC_ACT_SHOT;
 
 	e->last_seen = bpf_ktime_get_coarse_ns();

@@ -29,7 +29,11 @@
 #define TCP_FLAGS_OFF 13
 #define TCP_URG_PTR_OFF 18
 #define TCP_FLAG_URG 0x20
+#define UDP_LEN_OFF 4
 #define UDP_CSUM_OFF 6
+#define ICMP_CSUM_OFF 2
+#define ICMP_ECHOREPLY 0
+#define ICMP_ECHO 8
 
 /* What the programs know about one IPv4 datagram (outer or inner). */
 struct hdrs {
@@ -42,7 +46,8 @@ struct hdrs {
 	__u16 id;    /* network order */
 	__u16 sport; /* network order; 0 when not readable */
 	__u16 dport; /* network order; 0 when not readable */
-	__u16 urg_ptr; /* TCP urgent pointer, host order; 0 when not TCP or not readable */
+	__u16 carrier; /* host order: the L4 word a wide key can ride in (TCP urgent
+			* pointer, UDP length, ICMP type and code); 0 when not readable */
 	__u8 tcp_flags; /* 0 when not TCP or not readable */
 	__u8 tos;
 	__u8 proto;
@@ -143,7 +148,7 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 	h->proto = ip->protocol;
 	h->sport = 0;
 	h->dport = 0;
-	h->urg_ptr = 0;
+	h->carrier = 0;
 	h->tcp_flags = 0;
 	h->l4_ok = 0;
 
@@ -167,26 +172,93 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 		h->sport = ports[0];
 		h->dport = ports[1];
 	}
+	/*
+	 * The carrier's offset comes from need, not from branches on proto: the
+	 * verifier would carry a state per protocol through the policy loop.
+	 */
+	__u8 *b = data + l4;
+	if ((void *)(b + need) > data_end)
+		return -1;
+	__u32 coff = need == 20 ? TCP_URG_PTR_OFF : need == 8 ? UDP_LEN_OFF : 0;
+	if (coff > TCP_URG_PTR_OFF || (void *)(b + coff + 2) > data_end)
+		return -1;
+	h->carrier = (b[coff] << 8) | b[coff + 1];
 	if (h->proto == IPPROTO_TCP) {
-		__u8 *th = data + l4;
-		if ((void *)(th + 20) > data_end)
+		if ((void *)(b + 20) > data_end)
 			return -1;
-		h->tcp_flags = th[TCP_FLAGS_OFF];
-		h->urg_ptr = (th[TCP_URG_PTR_OFF] << 8) | th[TCP_URG_PTR_OFF + 1];
+		h->tcp_flags = b[TCP_FLAGS_OFF];
 	}
 	h->l4_ok = 1;
 	return 0;
 }
 
 /*
- * A packet whose TCP urgent pointer can carry a wide key: a whole TCP segment
- * (a fragment may lack the header) with URG clear, where the pointer means
- * nothing (RFC 9293) and Linux sends 0. The caller checks the pointer is 0.
+ * Wide carriers. A wide key rides in an L4 header word that a whole datagram
+ * (a fragment may lack the header) does not need as the pod sent it, and that
+ * restore can give back:
+ *  - TCP with URG clear: the urgent pointer, which then means nothing
+ *    (RFC 9293) and which Linux sends as 0; DSCP 0.
+ *  - UDP: the length, which the IPv4 total length repeats; DSCP 0.
+ *  - ICMP echo and echo reply: the code, always 0 (RFC 792), holds the key's
+ *    high 8 bits, DSCP its low 6. The code is thus never 0 under a wide key,
+ *    which tells it from a narrow key in DSCP.
+ * wide_carrier: the packet has such a word.
  */
+static __always_inline int is_echo(const struct hdrs *h)
+{
+	__u8 type = h->carrier >> 8;
+	return h->proto == IPPROTO_ICMP && (type == ICMP_ECHO || type == ICMP_ECHOREPLY);
+}
+
 static __always_inline int wide_carrier(const struct hdrs *h)
 {
-	return h->proto == IPPROTO_TCP && h->l4_ok && !is_fragment(h) &&
-	       !(h->tcp_flags & TCP_FLAG_URG);
+	if (!h->l4_ok || is_fragment(h))
+		return 0;
+	if (h->proto == IPPROTO_TCP)
+		return !(h->tcp_flags & TCP_FLAG_URG);
+	return h->proto == IPPROTO_UDP || is_echo(h);
+}
+
+/* The carrier as the pod sends it when it can take a key; restore puts it back. */
+static __always_inline __u16 carrier_free_value(const struct hdrs *h)
+{
+	if (h->proto == IPPROTO_TCP)
+		return 0;
+	if (h->proto == IPPROTO_UDP)
+		return h->end - h->l4;
+	return h->carrier & 0xff00; /* the echo's type, code 0 */
+}
+
+/* The carrier holding wide key `key`. */
+static __always_inline __u16 carrier_with_key(const struct hdrs *h, __u16 key)
+{
+	if (h->proto == IPPROTO_ICMP)
+		return (h->carrier & 0xff00) | (key >> 6);
+	return key;
+}
+
+/* The DSCP that goes with it: an echo's low 6 bits of the key, else 0. */
+static __always_inline __u8 dscp_with_key(const struct hdrs *h, __u16 key)
+{
+	return h->proto == IPPROTO_ICMP ? key & 0x3f : 0;
+}
+
+/*
+ * A masqueraded packet (RF) under a wide key: DSCP 0 and the key in the
+ * carrier, or an echo whose code is set. Anything else with RF is narrow.
+ */
+static __always_inline int carries_wide_key(const struct hdrs *h)
+{
+	if (!wide_carrier(h))
+		return 0;
+	return is_echo(h) ? (h->carrier & 0xff) != 0 : (h->tos >> 2) == 0;
+}
+
+static __always_inline __u16 carried_wide_key(const struct hdrs *h)
+{
+	if (h->proto == IPPROTO_ICMP)
+		return ((h->carrier & 0xff) << 6) | (h->tos >> 2);
+	return h->carrier;
 }
 
 /*
@@ -370,14 +442,25 @@ static __always_inline int fix_l4_checksum(struct __sk_buff *skb, const struct h
 	return 0;
 }
 
+/* Where the carrier and the checksum covering it sit in the L4 header. */
+static __always_inline __u32 carrier_off(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? TCP_URG_PTR_OFF : proto == IPPROTO_UDP ? UDP_LEN_OFF : 0;
+}
+
+static __always_inline __u32 l4_csum_off(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? TCP_CSUM_OFF : proto == IPPROTO_UDP ? UDP_CSUM_OFF : ICMP_CSUM_OFF;
+}
+
 /*
  * masq's and restore's rewrite: Ethernet addresses, then tos, flags and IP
- * addresses, and the TCP urgent pointer (urg, host order; h->urg_ptr keeps
- * it), with both checksums kept valid. 0, or -1 if a helper failed.
+ * addresses, and the carrier (host order; h->carrier keeps the old value),
+ * with every checksum kept valid. 0, or -1 if a helper failed.
  */
 static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hdrs *h,
 					  const __u8 *dst_mac, const __u8 *src_mac, __u8 tos,
-					  __u16 frag_host, __u32 saddr, __u32 daddr, __u16 urg)
+					  __u16 frag_host, __u32 saddr, __u32 daddr, __u16 carrier)
 {
 	void *data = skb_data(skb);
 	void *data_end = skb_data_end(skb);
@@ -385,17 +468,17 @@ static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hd
 	struct iphdr *ip = data + ETH_HLEN;
 	if ((void *)(ip + 1) > data_end)
 		return -1;
-	/* Only a wide key changes the pointer, and only on a whole TCP segment (load_ipv4 pulled it in). */
-	int urg_changed = urg != h->urg_ptr;
-	if (urg_changed) {
-		__u32 l4 = h->l4;
-		if (l4 > XMASQ_MAX_HDR_OFF)
+	/* Only a wide key changes the carrier, and only on a whole datagram (load_ipv4 pulled its header in). */
+	int carrier_changed = carrier != h->carrier;
+	if (carrier_changed) {
+		__u32 at = h->l4 + carrier_off(h->proto);
+		if (at > XMASQ_MAX_HDR_OFF + TCP_URG_PTR_OFF)
 			return -1;
-		__u8 *th = data + l4;
-		if ((void *)(th + 20) > data_end)
+		__u8 *w = data + at;
+		if ((void *)(w + 2) > data_end)
 			return -1;
-		th[TCP_URG_PTR_OFF] = urg >> 8;
-		th[TCP_URG_PTR_OFF + 1] = urg & 0xff;
+		w[0] = carrier >> 8;
+		w[1] = carrier & 0xff;
 	}
 	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, src_mac, ETH_ALEN);
@@ -403,12 +486,15 @@ static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hd
 	if (fix_l4_checksum(skb, h, addr_diff))
 		return -1;
 	/*
-	 * The pointer is not in the pseudo header: a plain 2-byte update, which
-	 * the helper leaves alone on a partial checksum (the device sums the
-	 * final bytes) and applies to a full one.
+	 * The carrier is not in the pseudo header (the UDP checksum's length
+	 * there is the true one, as the sender summed it): a plain 2-byte update,
+	 * which the helper leaves alone on a partial checksum (the device sums
+	 * the final bytes) and applies to a full one. UDP's "no checksum" stays 0.
 	 */
-	if (urg_changed &&
-	    bpf_l4_csum_replace(skb, h->l4 + TCP_CSUM_OFF, bpf_htons(h->urg_ptr), bpf_htons(urg), 2))
+	__u64 flags = 2 | (h->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+	if (carrier_changed &&
+	    bpf_l4_csum_replace(skb, h->l4 + l4_csum_off(h->proto), bpf_htons(h->carrier),
+				bpf_htons(carrier), flags))
 		return -1;
 	return 0;
 }

@@ -13,8 +13,14 @@
 #include "packet.h"
 #include "verdict.h"
 
-static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
-					 __u8 dir)
+/*
+ * A global function: the verifier checks it once, on its own, instead of
+ * once per path that reaches it (each program forks into a path per protocol
+ * and kind of key; walking the mask loop on every one of them exceeds the
+ * verifier's budget). Hence scalars only: ports packs sport | dport << 16
+ * (network order, as the rules hold them).
+ */
+__noinline int policy_denied_tuple(__u32 src, __u32 dst, __u32 ports, __u8 proto, __u8 dir)
 {
 	__u32 zero = 0;
 	struct policy_masks *pm = bpf_map_lookup_elem(&policy_masks, &zero);
@@ -29,15 +35,21 @@ static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs
 		struct policy_key k = {
 			.src_ip = (m & XMASQ_PF_SRC_IP) ? src : 0,
 			.dst_ip = (m & XMASQ_PF_DST_IP) ? dst : 0,
-			.src_port = (m & XMASQ_PF_SRC_PORT) ? h->sport : 0,
-			.dst_port = (m & XMASQ_PF_DST_PORT) ? h->dport : 0,
-			.protocol = (m & XMASQ_PF_PROTOCOL) ? h->proto : 0,
+			.src_port = (m & XMASQ_PF_SRC_PORT) ? (__u16)ports : 0,
+			.dst_port = (m & XMASQ_PF_DST_PORT) ? (__u16)(ports >> 16) : 0,
+			.protocol = (m & XMASQ_PF_PROTOCOL) ? proto : 0,
 			.dir = dir,
 		};
 		if (bpf_map_lookup_elem(&policy_rules, &k))
 			return 1;
 	}
 	return 0;
+}
+
+static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
+					 __u8 dir)
+{
+	return policy_denied_tuple(src, dst, h->sport | ((__u32)h->dport << 16), h->proto, dir);
 }
 
 static __always_inline int policy_drop(void)

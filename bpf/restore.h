@@ -20,9 +20,9 @@ static __always_inline int restore_miss(void)
 	return TC_ACT_SHOT;
 }
 
-/* urg: the urgent pointer the pod sent (0 under a wide key, as masq required). */
+/* carrier: the value the pod sent (masq took a wide key only from a free one). */
 static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdrs *h, __u16 key,
-					       __u16 urg)
+					       __u16 carrier)
 {
 	/*
 	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
@@ -39,9 +39,9 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	if (policy_denied(r->remote_ip, r->local_ip, h, XMASQ_DIR_INGRESS))
 		return policy_drop();
 
-	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its urgent pointer. */
+	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its carrier. */
 	if (rewrite_packet(skb, h, r->local_mac, r->remote_mac, h->tos & 3,
-			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, urg))
+			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, carrier))
 		return restore_miss();
 
 	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
@@ -72,7 +72,7 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 	__u16 key = t.outer.tos >> 2;
 	if (key == 0) {
 		key = bpf_ntohs(t.outer.id);
-		if (key < XMASQ_WIDE_KEY_MIN)
+		if (key < XMASQ_WIDE_KEY_MIN || key > XMASQ_WIDE_KEY_MAX)
 			return pass();
 	}
 
@@ -103,15 +103,21 @@ static __always_inline int xmasq_restore(struct __sk_buff *skb)
 		return learn_from_overlay(skb, &h);
 	if (!(h.frag & XMASQ_IP_RF))
 		return pass();
-	/* A narrow key in DSCP; the urgent pointer is the pod's. */
-	if (h.tos >> 2)
-		return restore_masqueraded(skb, &h, h.tos >> 2, h.urg_ptr);
-	/* DSCP 0: a wide key in the urgent pointer, which the pod sent as 0. */
-	if (wide_carrier(&h)) {
-		if (h.urg_ptr < XMASQ_WIDE_KEY_MIN)
+	/*
+	 * A wide key in the carrier. Out of range it was damaged on the way (an
+	 * underlay that zeroes urgent pointers); a UDP datagram that GRO merged
+	 * had its length rewritten (the key lost).
+	 */
+	if (carries_wide_key(&h)) {
+		__u16 key = carried_wide_key(&h);
+		if (key < XMASQ_WIDE_KEY_MIN || key > XMASQ_WIDE_KEY_MAX ||
+		    (h.proto == IPPROTO_UDP && skb->gso_size))
 			return restore_miss();
-		return restore_masqueraded(skb, &h, h.urg_ptr, 0);
+		return restore_masqueraded(skb, &h, key, carrier_free_value(&h));
 	}
+	/* A narrow key in DSCP; the carrier is the pod's. */
+	if (h.tos >> 2)
+		return restore_masqueraded(skb, &h, h.tos >> 2, h.carrier);
 	return pass();
 }
 

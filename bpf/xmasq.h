@@ -13,14 +13,16 @@
  * Wire format (see README "Wire format"):
  *  - masqueraded packet: IPv4 reserved flag (RF, 0x8000 of frag_off) set, ECN =
  *    the pod's own ECN bits, and the RECEIVER's key for this pod pair in
- *    DSCP when it is narrow (1..63), or, when it is wide (64..65535), in the
- *    TCP urgent pointer of a whole segment with URG clear, DSCP 0.
+ *    DSCP when it is narrow (1..63), or, when it is wide (64..16383), in a
+ *    header word of a whole datagram that restore can give back: the TCP
+ *    urgent pointer (URG clear) or the UDP length, with DSCP 0, or the
+ *    code of an ICMP echo (high 8 bits) with DSCP (low 6 bits).
  *  - learning signal: on the OUTER IPv4 header of an overlay (VXLAN/Geneve)
  *    packet: RF set, DF = "I know your key", and the SENDER's key in DSCP when
  *    narrow, or DSCP 0 and the key in the outer IPv4 ID when wide. The
  *    overlay strips the outer header, so pods never see a signal.
  * A conforming IPv4 stack never sets RF (RFC 791), which is what keeps host
- * traffic (even ECN-CE with any DSCP, any urgent pointer) from ever being
+ * traffic (even ECN-CE with any DSCP, any urgent pointer, length or code) from ever being
  * taken for ours.
  */
 #define XMASQ_IP_RF 0x8000
@@ -32,14 +34,17 @@
 #define XMASQ_KEY_MIN 1
 #define XMASQ_KEY_MAX 63
 #define XMASQ_KEY_COUNT (XMASQ_KEY_MAX - XMASQ_KEY_MIN + 1)
-/* Wide keys are 64..65535, a 16-bit urgent pointer: they carry TCP only. */
+/*
+ * Wide keys are 64..16383, 14 bits: what the smallest carrier holds (an ICMP
+ * echo's code byte above the 6 bits of DSCP; packet.h, wide carriers).
+ */
 #define XMASQ_WIDE_KEY_MIN 64
-#define XMASQ_WIDE_KEY_MAX 65535
+#define XMASQ_WIDE_KEY_MAX 16383
 #define XMASQ_WIDE_KEY_COUNT (XMASQ_WIDE_KEY_MAX - XMASQ_WIDE_KEY_MIN + 1)
 /* Random draws for a free key before a pair gives up and stays on the overlay. */
 #define XMASQ_KEY_TRIES 9
 
-/* config.flags: init gives TCP pairs wide keys (off: the 6-bit design, narrow keys only). */
+/* config.flags: init gives pairs wide keys (off: the 6-bit design, narrow keys only). */
 #define XMASQ_CFG_WIDE_KEYS 0x1
 
 #define XMASQ_PORT_VXLAN 4789

@@ -11,12 +11,12 @@ export const IP_RF = 0x8000;
 export const IP_DF = 0x4000;
 export const IP_MF = 0x2000;
 export const IP_OFFSET = 0x1fff;
-/** Narrow keys ride in DSCP and carry any protocol; wide keys ride in the TCP urgent pointer. */
+/** Narrow keys ride in DSCP; wide keys in a carrier word of TCP, UDP or ICMP echo (bpf/packet.h). */
 export const KEY_MIN = 1;
 export const KEY_MAX = 63;
 export const KEY_COUNT = KEY_MAX - KEY_MIN + 1;
 export const WIDE_KEY_MIN = 64;
-export const WIDE_KEY_MAX = 65535;
+export const WIDE_KEY_MAX = 16383;
 export const WIDE_KEY_COUNT = WIDE_KEY_MAX - WIDE_KEY_MIN + 1;
 export const KEY_TRIES = 9;
 /** config.flags (XMASQ_CFG_*). */

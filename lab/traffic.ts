@@ -49,7 +49,7 @@ export async function capture<T>(lab: Lab, where: { netns: string }, dev: string
   return { frames: await readPcap(file), result };
 }
 
-/** What a frame on the wire is: overlay, masqueraded (host to host, RF: a key in DSCP or, on TCP, the urgent pointer), or anything else. */
+/** What a frame on the wire is: overlay, masqueraded (host to host, RF: a key in DSCP or a carrier), or anything else. */
 export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' | 'other' {
   const d = decodeFrame(f);
   if (findLayer(d, 'vxlan')) return 'vxlan';
@@ -73,10 +73,10 @@ export async function snmp(lab: Lab, pod: LabPod): Promise<Record<string, Record
   return out;
 }
 
-/** Tcp and Udp InCsumErrors: packets a receiver dropped for a bad checksum. */
+/** Tcp, Udp and Icmp InCsumErrors: packets a receiver dropped for a bad checksum. */
 export async function csumErrors(lab: Lab, pod: LabPod): Promise<number> {
   const s = await snmp(lab, pod);
-  return (s.Tcp?.InCsumErrors ?? 0) + (s.Udp?.InCsumErrors ?? 0);
+  return (s.Tcp?.InCsumErrors ?? 0) + (s.Udp?.InCsumErrors ?? 0) + (s.Icmp?.InCsumErrors ?? 0);
 }
 
 export async function tcpRetransSegs(lab: Lab, pod: LabPod): Promise<number> {

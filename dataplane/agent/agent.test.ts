@@ -452,7 +452,7 @@ describe('xmasq-agent', () => {
     const st = runCli(['status']);
     expect(st.code, st.err).toBe(0);
     expect(st.out).toMatch(/^mode\s+veth/m);
-    expect(st.out).toMatch(/^keys\s+wide for TCP pairs/m);
+    expect(st.out).toMatch(/^keys\s+wide \(14-bit/m);
     expect(st.out).toMatch(/^nic\s+nic0/m);
     const pods = runCli(['pods']);
     expect(pods.out).toContain(POD.ip);

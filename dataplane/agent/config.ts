@@ -23,7 +23,7 @@ export interface AgentConfig {
   egressIdleSeconds: number;
   ingressIdleSeconds: number;
   scanIntervalSeconds: number;
-  /** Give TCP pairs wide keys (TCP urgent pointer); off: narrow 6-bit keys only. */
+  /** Give pairs wide keys (14-bit, in a carrier: TCP urgent pointer, UDP length, ICMP echo code); off: narrow 6-bit keys only. */
   wideKeys: boolean;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
@@ -61,7 +61,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)' },
   { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted; at least --egress-idle + --scan-interval' },
   { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
-  { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give TCP pod pairs 16-bit keys carried in the TCP urgent pointer (past 63 pairs per host pair); off if the underlay rewrites urgent pointers or IPv4 IDs (the 6-bit keys of DSCP only)' },
+  { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
 ];

@@ -91,7 +91,7 @@ export class Datapath {
     }
   }
 
-  /** Points masq at the NIC and tells init whether to draw wide keys for TCP pairs. */
+  /** Points masq at the NIC and tells init whether to draw wide keys. */
   writeConfig(nicIfindex: number, wideKeys: boolean): void {
     this.maps.config.update(ZERO, config.encode({ nic_ifindex: nicIfindex, flags: wideKeys ? ConfigFlag.WIDE_KEYS : 0 }));
   }

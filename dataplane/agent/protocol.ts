@@ -128,7 +128,7 @@ export interface AgentStatus {
   pid: number;
   mode: Mode;
   modeReason: string;
-  /** Whether init draws 16-bit keys for TCP pairs (--wide-keys). */
+  /** Whether init draws wide keys (--wide-keys). */
   wideKeys: boolean;
   nic: string;
   nicIfindex: number;

@@ -154,7 +154,7 @@ function printStatus(s: AgentStatus): string {
   return [
     `agent     pid ${s.pid}, up since ${s.startedAt}, protocol ${s.version}`,
     `mode      ${s.mode} (${s.modeReason})`,
-    `keys      ${s.wideKeys ? 'wide for TCP pairs (16-bit, in the urgent pointer), narrow (6-bit, DSCP) for the rest' : 'narrow only (6-bit, DSCP): --wide-keys off'}`,
+    `keys      ${s.wideKeys ? 'wide (14-bit, in the TCP urgent pointer, UDP length or ICMP echo code)' : 'narrow only (6-bit, DSCP): --wide-keys off'}`,
     `nic       ${s.nic} (ifindex ${s.nicIfindex})`,
     `pins      ${s.pinDir} (${s.pinsReused ? 'reused from an earlier agent' : 'created by this agent'})`,
     `object    ${s.object}`,

@@ -31,7 +31,7 @@ const sixBit: KeyScheme = {
 const wide: KeyScheme = {
   ...sixBit,
   name: 'wide',
-  describe: 'sim/model with config flag WIDE_KEYS: a pair that starts with TCP draws a key in 64..65535 (TCP urgent pointer on the wire), others the 63 narrow keys',
+  describe: 'sim/model with config flag WIDE_KEYS: every pair draws a key in 64..16383 (on the wire: the TCP urgent pointer, the UDP length, the ICMP echo code with DSCP)',
   newState: () => {
     const s = emptyState(MAX_ENTRIES.production);
     s.config.flags = ConfigFlag.WIDE_KEYS;

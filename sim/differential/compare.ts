@@ -63,7 +63,7 @@ export function oracleEnv(c: Case, after: DatapathState): Env {
   // its class (narrow or wide), or, when it gave up, the narrow keys already
   // taken for that host (each draw collided). A wide class gives up only on a
   // full table, where any draw fails: 9 draws colliding among at most the
-  // table's 64 entries in 65,472 keys does not happen.
+  // table's 64 entries in 16,320 keys does not happen.
   const draws: number[] = [];
   if (c.program === 'init') {
     const newKeys = after.ingress_cache.entries().filter(([key]) => !before.ingress_cache.lookup(key));

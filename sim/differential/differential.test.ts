@@ -20,8 +20,10 @@ it(`model and kernel agree on fixtures + ${PER_PROGRAM} generated cases per prog
   console.log(outcomeTable(s));
   const everyPath = {
     init: ['LEARNED', 'PASSED', 'POLICY_DROP', 'KEY_EXHAUSTED', 'FELL_BACK', 'LEARNED wide'],
-    restore: ['RESTORED', 'LEARNED', 'PASSED', 'POLICY_DROP', 'RESTORE_MISS', 'FELL_BACK', 'RESTORED wide', 'LEARNED wide', 'RESTORE_MISS wide', 'PASSED wide'],
-    masq: ['MASQUERADED', 'PASSED', 'POLICY_DROP', 'FELL_BACK', 'MASQUERADED wide', 'FELL_BACK wide'],
+    restore: ['RESTORED', 'LEARNED', 'PASSED', 'POLICY_DROP', 'RESTORE_MISS', 'FELL_BACK', 'RESTORED wide', 'LEARNED wide', 'RESTORE_MISS wide', 'PASSED wide',
+      'RESTORED wide tcp', 'RESTORED wide udp', 'RESTORED wide icmp', 'RESTORE_MISS wide udp'],
+    masq: ['MASQUERADED', 'PASSED', 'POLICY_DROP', 'FELL_BACK', 'MASQUERADED wide', 'FELL_BACK wide',
+      'MASQUERADED wide tcp', 'MASQUERADED wide udp', 'MASQUERADED wide icmp', 'FELL_BACK wide udp', 'FELL_BACK wide icmp'],
   };
   for (const [program, counters] of Object.entries(everyPath)) {
     for (const c of counters) {

@@ -34,9 +34,10 @@ describe('fixtures', () => {
       const picked = Object.fromEntries(Object.keys(e.has).map((k) => [k, String(got![k as keyof typeof got])]));
       expect(picked).toEqual(Object.fromEntries(Object.entries(e.has).map(([k, v]) => [k, String(v)])));
     }
-    // Offsets straight from the wire format: the IPv4 header at 14, TCP after its options.
+    // Offsets straight from the wire format: the IPv4 header at 14, L4 after its options.
     const out = o.kernel.packet;
-    const urgentAt = 14 + (out[14] & 0x0f) * 4 + 18;
+    const l4 = 14 + (out[14] & 0x0f) * 4;
+    const urgentAt = l4 + 18;
     if (want.carrier) {
       const entry = o.kernel.state.egress_cache.lookup(want.carrier.pair);
       expect(entry, `egress entry ${JSON.stringify(want.carrier.pair)}`).toBeDefined();
@@ -46,13 +47,20 @@ describe('fixtures', () => {
       expect(out.readUInt16BE(20) & 0x8000, 'RF').toBe(0x8000);
       const dscp = out[15] >> 2;
       if (want.carrier.in === 'dscp') expect(dscp, 'DSCP = key').toBe(key);
-      else {
+      else if (want.carrier.in === 'icmp-code') {
+        expect(out[l4 + 1], 'ICMP code = high 8 bits of the key').toBe(key >> 6);
+        expect(dscp, 'DSCP = low 6 bits of the key').toBe(key & 63);
+      } else {
         expect(dscp, 'DSCP 0 under a wide key').toBe(0);
         if (want.carrier.in === 'ip-id') expect(out.readUInt16BE(18), 'outer IPv4 ID = key').toBe(key);
+        else if (want.carrier.in === 'udp-length') expect(out.readUInt16BE(l4 + 4), 'UDP length = key').toBe(key);
         else expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer = key').toBe(key);
       }
     }
     if (want.urgent !== undefined) expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer').toBe(want.urgent);
+    if (want.udpLength !== undefined) expect(out.readUInt16BE(l4 + 4), 'UDP length').toBe(want.udpLength);
+    if (want.udpChecksum !== undefined) expect(out.readUInt16BE(l4 + 6), 'UDP checksum').toBe(want.udpChecksum);
+    if (want.icmpCode !== undefined) expect(out[l4 + 1], 'ICMP code').toBe(want.icmpCode);
     for (const st of want.stamps ?? []) {
       const before = st.cache === 'egress' ? f.state.egress_cache.lookup(st.key) : f.state.ingress_cache.lookup(st.key);
       const after = st.cache === 'egress' ? o.kernel.state.egress_cache.lookup(st.key) : o.kernel.state.ingress_cache.lookup(st.key);

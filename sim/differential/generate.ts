@@ -76,7 +76,7 @@ interface Focus {
   proto: number;
 }
 
-/** A narrow key (DSCP) or a wide one (urgent pointer, outer ID), the wide ones near the bounds too. */
+/** A narrow key (DSCP) or a wide one (carrier, outer ID), the wide ones near the bounds too. */
 function anyKey(rng: Rng): number {
   if (rng.chance(0.5)) return rng.range(KEY_MIN, KEY_MAX);
   return rng.chance(0.2) ? rng.pick([WIDE_KEY_MIN, WIDE_KEY_MIN + 1, WIDE_KEY_MAX]) : rng.range(WIDE_KEY_MIN, WIDE_KEY_MAX);
@@ -237,11 +237,14 @@ function podL4(rng: Rng, f: Focus, tags: string[]): L4Spec {
     case 17: {
       tags.push('udp');
       const none = rng.chance(0.1);
-      return { udp: { sport: f.sport, dport: f.dport, checksum: none ? 'none' : checksumChoice(rng), payload } };
+      // Now and then a length that lies (short or long): a wide key needs the true one.
+      const length = rng.chance(0.1) ? rng.pick([0, 7, 8, 8 + payload.length - 1, 8 + payload.length + 1, rng.int(0x10000)]) : undefined;
+      return { udp: { sport: f.sport, dport: f.dport, length, checksum: none ? 'none' : checksumChoice(rng), payload } };
     }
     case 1:
       tags.push('icmp');
-      return { icmp: { type: rng.pick([0, 8, 3, 11]), code: 0, id: rng.int(0x10000), seq: rng.int(0x10000), payload } };
+      // Echoes (code 0, as a wide key needs, or not) and messages with codes of their own.
+      return { icmp: { type: rng.pick([0, 8, 8, 3, 11]), code: rng.chance(0.8) ? 0 : rng.int(256), id: rng.int(0x10000), seq: rng.int(0x10000), payload } };
     default:
       tags.push(`proto${f.proto}`);
       return { raw: { protocol: f.proto, bytes: payload } };
@@ -397,22 +400,27 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   else ({ frame, focus, dir } = masqCase(rng, tags));
 
   const state = genState(rng, focus, dir);
-  // Cases the wide keys decide: init drawing for a TCP pair with them on, masq towards a wide key.
-  if (program === 'init' && focus.proto === 6 && state.config.flags & ConfigFlag.WIDE_KEYS) tags.push('wide');
+  // Cases the wide keys decide: init drawing with them on, masq towards a wide key.
+  if (program === 'init' && state.config.flags & ConfigFlag.WIDE_KEYS) tags.push('wide');
   const focusEgress = state.egress_cache.lookup({ local_pod: focus.local.ip, remote_pod: focus.remote });
   if (program === 'masq' && focusEgress && focusEgress.remote_key >= WIDE_KEY_MIN) tags.push('wide');
 
   // A masqueraded packet mostly carries a key that has an ingress entry for its
-  // sender: a narrow one in DSCP, a wide one in the urgent pointer under DSCP 0.
+  // sender: a narrow one in DSCP, a wide one in its carrier.
   if (keyFrom === 'ingress' && frame.ipv4) {
     const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key);
     const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.chance(0.05) ? 0 : anyKey(rng);
-    const tcp = frame.ipv4.l4 && 'tcp' in frame.ipv4.l4 ? frame.ipv4.l4.tcp : undefined;
+    const l4 = frame.ipv4.l4;
     // Now and then a narrow key (or none) where a wide one goes: a forged or damaged carrier.
     if (key > KEY_MAX || rng.chance(key === 0 ? 0.5 : 0.1)) {
       tags.push('wide');
       frame.ipv4.tos = rng.int(4);
-      if (tcp) tcp.urgent = key;
+      if (l4 && 'tcp' in l4) l4.tcp.urgent = key;
+      else if (l4 && 'udp' in l4) l4.udp.length = key;
+      else if (l4 && 'icmp' in l4) {
+        l4.icmp.code = key >> 6;
+        frame.ipv4.tos = ((key & 63) << 2) | rng.int(4);
+      }
     } else {
       frame.ipv4.tos = (key << 2) | rng.int(4);
     }

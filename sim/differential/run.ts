@@ -27,7 +27,8 @@ export interface RunSummary {
   counts: Record<ProgramName, number>;
   /**
    * How many cases ended in each "<program> <counter>" (the counter the kernel
-   * bumped), and again as "<program> <counter> wide" for the cases the wide keys decide.
+   * bumped), and again as "<program> <counter> wide" for the cases the wide keys decide,
+   * and as "<program> <counter> wide <tcp|udp|icmp>" by the pod packet's protocol.
    */
   outcomes: Record<string, number>;
   mismatches: number;
@@ -42,10 +43,15 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
   const check = (c: Case) => {
     const o = runCase(kernel, c, opts.model ?? MODEL);
     counts[c.program]++;
-    const wide = c.name.split(' ').includes('wide');
+    const tags = c.name.split(' ');
+    const wide = tags.includes('wide');
+    const proto = ['tcp', 'udp', 'icmp'].find((p) => tags.includes(p));
     for (const [name, n] of Object.entries(o.kernel.effects.counters)) {
       if (n === 0) continue;
-      for (const key of wide ? [`${c.program} ${name}`, `${c.program} ${name} wide`] : [`${c.program} ${name}`]) outcomes[key] = (outcomes[key] ?? 0) + 1;
+      const keys = [`${c.program} ${name}`];
+      if (wide) keys.push(`${c.program} ${name} wide`);
+      if (wide && proto) keys.push(`${c.program} ${name} wide ${proto}`);
+      for (const key of keys) outcomes[key] = (outcomes[key] ?? 0) + 1;
     }
     if (o.mismatches.length === 0) return true;
     mismatches++;

@@ -4,7 +4,7 @@
  */
 import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
-  IPPROTO_TCP, IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
+  IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
@@ -69,8 +69,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (!e.remote_key) e.last_seen = now;
 
   // 6. Our key for the pair; a key whose ingress entry is gone is drawn again.
-  //    With wide keys on, a pair that starts with TCP draws a wide key (TCP only)
-  //    and leaves the 63 narrow ones (any protocol) to the rest.
+  //    With wide keys on, every pair draws a wide key (TCP, UDP and ICMP echo carry them).
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
     const r = {
@@ -83,7 +82,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       remote_mac: readMac(pkt, t.inner_eth),
     };
     const ik = { remote_host: t.outer.daddr, key: 0 };
-    const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0 && t.inner.proto === IPPROTO_TCP;
+    const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0;
     const min = wide ? WIDE_KEY_MIN : KEY_MIN;
     const n = wide ? WIDE_KEY_COUNT : KEY_COUNT;
     for (let i = 0; i < KEY_TRIES; i++) {

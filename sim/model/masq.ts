@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { emptyHdrs, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
+import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, dscpWithKey, emptyHdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -41,19 +41,21 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic:
   // 3. Policy, egress.
   if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
 
-  // A wide key needs a whole TCP segment whose urgent pointer is free (URG clear, 0).
-  // (C: checked after the policy loop, so that the verifier walks that loop once.)
+  // A wide key needs a carrier the pod left free, and no GSO for UDP; a narrow
+  // key needs an echo's code left 0. (C: after the policy loop, for the verifier.)
   const key = e.remote_key;
   const wide = key >= WIDE_KEY_MIN;
-  if (wide && !(wideCarrier(h) && h.urg_ptr === 0)) {
+  if (wide ? !wideCarrier(h) || h.carrier !== carrierFreeValue(h) || (h.proto === IPPROTO_UDP && !!env.gsoSize)
+    : isEcho(h) && wideCarrier(h) && (h.carrier & 0xff) !== 0) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;
   }
 
-  // 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the urgent
-  //    pointer with DSCP 0 (wide); the pod's ECN kept; RF marks it.
-  const tos = wide ? (h.tos & 3) : (key << 2) | (h.tos & 3);
-  if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, tos, h.frag | IP_RF, e.local_ip, e.remote_ip, wide ? key : h.urg_ptr)) return TC_ACT_SHOT;
+  // 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the carrier
+  //    (wide); the pod's ECN kept; RF marks it.
+  const dscp = wide ? dscpWithKey(h, key) : key;
+  if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, (dscp << 2) | (h.tos & 3), h.frag | IP_RF, e.local_ip, e.remote_ip,
+    wide ? carrierWithKey(h, key) : h.carrier)) return TC_ACT_SHOT;
 
   e.last_seen = env.now;
   fx.counters.MASQUERADED++;

@@ -18,7 +18,11 @@ export const TCP_CSUM_OFF = 16;
 export const TCP_FLAGS_OFF = 13;
 export const TCP_URG_PTR_OFF = 18;
 export const TCP_FLAG_URG = 0x20;
+export const UDP_LEN_OFF = 4;
 export const UDP_CSUM_OFF = 6;
+export const ICMP_CSUM_OFF = 2;
+export const ICMP_ECHOREPLY = 0;
+export const ICMP_ECHO = 8;
 const GENEVE_PROTO_ETH = 0x6558;
 const VXLAN_FLAG_VNI = 0x08;
 
@@ -33,7 +37,7 @@ export interface Hdrs {
   id: number; // host order here; the C keeps network order
   sport: number; // host order here; the C keeps network order, which only matters for policy keys
   dport: number;
-  urg_ptr: number; // TCP urgent pointer; 0 when not TCP or not readable
+  carrier: number; // the L4 word a wide key can ride in (TCP urgent pointer, UDP length, ICMP type and code); 0 when not readable
   tcp_flags: number; // 0 when not TCP or not readable
   tos: number;
   proto: number;
@@ -41,7 +45,7 @@ export interface Hdrs {
 }
 
 export function emptyHdrs(): Hdrs {
-  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, id: 0, sport: 0, dport: 0, urg_ptr: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
+  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, id: 0, sport: 0, dport: 0, carrier: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
 }
 
 export function isFirstFragment(h: Hdrs): boolean {
@@ -84,7 +88,7 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   h.proto = pkt[off + 9];
   h.sport = 0;
   h.dport = 0;
-  h.urg_ptr = 0;
+  h.carrier = 0;
   h.tcp_flags = 0;
   h.l4_ok = false;
 
@@ -99,18 +103,61 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   }
   if (h.proto === IPPROTO_TCP) {
     h.tcp_flags = pkt[h.l4 + TCP_FLAGS_OFF];
-    h.urg_ptr = pkt.readUInt16BE(h.l4 + TCP_URG_PTR_OFF);
+    h.carrier = pkt.readUInt16BE(h.l4 + TCP_URG_PTR_OFF);
+  } else if (h.proto === IPPROTO_UDP) {
+    h.carrier = pkt.readUInt16BE(h.l4 + UDP_LEN_OFF);
+  } else {
+    h.carrier = pkt.readUInt16BE(h.l4);
   }
   h.l4_ok = true;
   return 0;
 }
 
-/**
- * C: wide_carrier. A whole TCP segment with URG clear, whose urgent pointer
- * means nothing and can carry a wide key; the caller checks it is 0.
+/*
+ * Wide carriers (C: packet.h explains them): the TCP urgent pointer with URG
+ * clear and the UDP length under DSCP 0; an ICMP echo's code (the key's high
+ * 8 bits) with DSCP (its low 6).
  */
+export function isEcho(h: Hdrs): boolean {
+  const type = h.carrier >> 8;
+  return h.proto === IPPROTO_ICMP && (type === ICMP_ECHO || type === ICMP_ECHOREPLY);
+}
+
+/** C: wide_carrier. A whole datagram with a word that can carry a wide key. */
 export function wideCarrier(h: Hdrs): boolean {
-  return h.proto === IPPROTO_TCP && h.l4_ok && !isFragment(h) && !(h.tcp_flags & TCP_FLAG_URG);
+  if (!h.l4_ok || isFragment(h)) return false;
+  if (h.proto === IPPROTO_TCP) return !(h.tcp_flags & TCP_FLAG_URG);
+  return h.proto === IPPROTO_UDP || isEcho(h);
+}
+
+/** C: carrier_free_value. The carrier as the pod sends it when it can take a key. */
+export function carrierFreeValue(h: Hdrs): number {
+  if (h.proto === IPPROTO_TCP) return 0;
+  if (h.proto === IPPROTO_UDP) return (h.end - h.l4) & 0xffff;
+  return h.carrier & 0xff00;
+}
+
+/** C: carrier_with_key. */
+export function carrierWithKey(h: Hdrs, key: number): number {
+  if (h.proto === IPPROTO_ICMP) return (h.carrier & 0xff00) | (key >> 6);
+  return key;
+}
+
+/** C: dscp_with_key. */
+export function dscpWithKey(h: Hdrs, key: number): number {
+  return h.proto === IPPROTO_ICMP ? key & 0x3f : 0;
+}
+
+/** C: carries_wide_key. A masqueraded packet under a wide key. */
+export function carriesWideKey(h: Hdrs): boolean {
+  if (!wideCarrier(h)) return false;
+  return isEcho(h) ? (h.carrier & 0xff) !== 0 : (h.tos >> 2) === 0;
+}
+
+/** C: carried_wide_key. */
+export function carriedWideKey(h: Hdrs): number {
+  if (h.proto === IPPROTO_ICMP) return ((h.carrier & 0xff) << 6) | (h.tos >> 2);
+  return h.carrier;
 }
 
 /**
@@ -267,11 +314,14 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
  * values widened to 32 bits, in memory order. (On a partial checksum the
  * kernel leaves the field alone: the device sums the final bytes.)
  */
-export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHost: number): void {
+export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHost: number, markMangled0: boolean): void {
   const be = (v: number) => ((v & 0xff) << 8) | (v >>> 8); // the value's two bytes read as the C reads memory
   const sum = pkt.readUInt16LE(off);
+  if (markMangled0 && sum === 0) return;
   const tmp = csumAdd32(~sum >>> 0, ~be(fromHost) >>> 0);
-  pkt.writeUInt16LE(csumFold32(csumAdd32(tmp, be(toHost))), off);
+  let next = csumFold32(csumAdd32(tmp, be(toHost)));
+  if (markMangled0 && next === 0) next = 0xffff;
+  pkt.writeUInt16LE(next, off);
 }
 
 /** C: fix_l4_checksum. */
@@ -282,23 +332,33 @@ export function fixL4Checksum(pkt: Buffer, h: Hdrs, addrDiff: number): number {
   return 0;
 }
 
+/** C: carrier_off, l4_csum_off. */
+export function carrierOff(proto: number): number {
+  return proto === IPPROTO_TCP ? TCP_URG_PTR_OFF : proto === IPPROTO_UDP ? UDP_LEN_OFF : 0;
+}
+
+export function l4CsumOff(proto: number): number {
+  return proto === IPPROTO_TCP ? TCP_CSUM_OFF : proto === IPPROTO_UDP ? UDP_CSUM_OFF : ICMP_CSUM_OFF;
+}
+
 /**
- * C: rewrite_packet. masq's and restore's rewrite, the TCP urgent pointer
- * included (urg; h.urg_ptr keeps it); 0, or -1 if a helper failed.
+ * C: rewrite_packet. masq's and restore's rewrite, the carrier included
+ * (h.carrier keeps the old value); 0, or -1 if a helper failed.
  */
-export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string, urg: number): number {
-  // Only a wide key changes the pointer, and only on a whole TCP segment.
-  const urgChanged = urg !== h.urg_ptr;
-  if (urgChanged) {
-    if (h.l4 > MAX_HDR_OFF) return -1;
-    pkt.writeUInt16BE(urg, h.l4 + TCP_URG_PTR_OFF);
+export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string, carrier: number): number {
+  // Only a wide key changes the carrier, and only on a whole datagram.
+  const carrierChanged = carrier !== h.carrier;
+  if (carrierChanged) {
+    const at = h.l4 + carrierOff(h.proto);
+    if (at > MAX_HDR_OFF + TCP_URG_PTR_OFF) return -1;
+    pkt.writeUInt16BE(carrier, at);
   }
   writeMac(pkt, 0, dstMac);
   writeMac(pkt, 6, srcMac);
   const addrDiff = rewriteIpv4(pkt, h.l3, tos & 0xff, h.id, fragHost & 0xffff, saddr, daddr);
   if (fixL4Checksum(pkt, h, addrDiff)) return -1;
-  // The pointer is not in the pseudo header: a plain 2-byte update.
-  if (urgChanged) l4CsumReplace2(pkt, h.l4 + TCP_CSUM_OFF, h.urg_ptr, urg);
+  // The carrier is not in the pseudo header: a plain 2-byte update; UDP's "no checksum" stays 0.
+  if (carrierChanged) l4CsumReplace2(pkt, h.l4 + l4CsumOff(h.proto), h.carrier, carrier, h.proto === IPPROTO_UDP);
   return 0;
 }
 

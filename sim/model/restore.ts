@@ -2,8 +2,11 @@
  * Twin of bpf/restore.h — NIC, TC ingress. Restores masqueraded packets into
  * their pods, learns peers' keys from signals, passes everything else.
  */
-import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket, wideCarrier, type Hdrs, type Tunnel } from './packet.ts';
+import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
+import {
+  IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
+  type Hdrs, type Tunnel,
+} from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
@@ -19,8 +22,8 @@ function restoreMiss(fx: RunEffects): number {
   return TC_ACT_SHOT;
 }
 
-/** urg: the urgent pointer the pod sent (0 under a wide key, as masq required). */
-function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, urg: number): number {
+/** carrier: the value the pod sent (masq took a wide key only from a free one). */
+function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, carrier: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
   const r = s.ingress_cache.lookup({ remote_host: h.saddr, key });
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
@@ -29,8 +32,8 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 2. Policy on the packet as the pod will see it.
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
 
-  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its urgent pointer.
-  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip, urg)) return restoreMiss(fx);
+  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its carrier.
+  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip, carrier)) return restoreMiss(fx);
 
   // 4. Into the pod's namespace.
   r.last_seen = env.now;
@@ -55,7 +58,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   let key = t.outer.tos >> 2;
   if (key === 0) {
     key = t.outer.id;
-    if (key < WIDE_KEY_MIN) return pass(fx);
+    if (key < WIDE_KEY_MIN || key > WIDE_KEY_MAX) return pass(fx);
   }
 
   // 4. The peer's key, into our egress entry for the reverse direction.
@@ -79,12 +82,14 @@ function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): 
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
   if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);
   if (!(h.frag & IP_RF)) return pass(fx);
-  // A narrow key in DSCP; the urgent pointer is the pod's.
-  if (h.tos >> 2) return restoreMasqueraded(pkt, s, env, fx, h, h.tos >> 2, h.urg_ptr);
-  // DSCP 0: a wide key in the urgent pointer, which the pod sent as 0.
-  if (wideCarrier(h)) {
-    if (h.urg_ptr < WIDE_KEY_MIN) return restoreMiss(fx);
-    return restoreMasqueraded(pkt, s, env, fx, h, h.urg_ptr, 0);
+  // A wide key in the carrier: out of range it was damaged on the way; a UDP
+  // datagram GRO merged had its length (the key) rewritten.
+  if (carriesWideKey(h)) {
+    const key = carriedWideKey(h);
+    if (key < WIDE_KEY_MIN || key > WIDE_KEY_MAX || (h.proto === IPPROTO_UDP && !!env.gsoSize)) return restoreMiss(fx);
+    return restoreMasqueraded(pkt, s, env, fx, h, key, carrierFreeValue(h));
   }
+  // A narrow key in DSCP; the carrier is the pod's.
+  if (h.tos >> 2) return restoreMasqueraded(pkt, s, env, fx, h, h.tos >> 2, h.carrier);
   return pass(fx);
 }
