@@ -28,10 +28,16 @@ function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPo
   return true;
 }
 
+/** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
 export function init(input: Buffer, s: DatapathState, env: Env): RunResult {
   const pkt = copyPacket(input);
   const fx = newEffects();
-  return { verdict: xmasqInit(pkt, s, env, fx), packet: pkt, effects: fx };
+  return { verdict: initInPlace(pkt, s, env, fx), packet: pkt, effects: fx };
+}
+
+/** init on the caller's frame, in place; adds to fx.counters (masqInPlace). */
+export function initInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  return xmasqInit(pkt, s, env, fx);
 }
 
 function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {

@@ -12,17 +12,24 @@ import { pass } from './verdict.ts';
 /**
  * The same rewrite serves both attach points; only the redirect differs:
  * 'EGRESS' is bpf_redirect from the host-side veth, 'RPEER' the rpeer kfunc.
+ * The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it.
  */
 export function masq(input: Buffer, s: DatapathState, env: Env, kind: RedirectKindName = 'EGRESS'): RunResult {
   const pkt = copyPacket(input);
   const fx = newEffects();
-  const nic = { ifindex: 0 };
-  const verdict = xmasqMasq(pkt, s, env, fx, nic);
-  if (verdict === TC_ACT_REDIRECT) fx.redirect = { ifindex: nic.ifindex, kind };
-  return { verdict, packet: pkt, effects: fx };
+  return { verdict: masqInPlace(pkt, s, env, fx, kind), packet: pkt, effects: fx };
 }
 
-function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic: { ifindex: number }): number {
+/**
+ * masq on the caller's frame, rewritten in place, as the kernel runs it on an
+ * skb: the counters it bumps are added to fx.counters (as to the counters
+ * map), and fx.redirect is set when it redirects.
+ */
+export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName = 'EGRESS'): number {
+  return xmasqMasq(pkt, s, env, fx, kind);
+}
+
+function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
   const h = emptyHdrs();
 
   // 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker.
@@ -59,6 +66,6 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, nic:
 
   e.last_seen = env.now;
   fx.counters.MASQUERADED++;
-  nic.ifindex = cfg.nic_ifindex;
+  fx.redirect = { ifindex: cfg.nic_ifindex, kind };
   return TC_ACT_REDIRECT;
 }

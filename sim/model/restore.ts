@@ -11,10 +11,16 @@ import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
+/** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
 export function restore(input: Buffer, s: DatapathState, env: Env): RunResult {
   const pkt = copyPacket(input);
   const fx = newEffects();
-  return { verdict: xmasqRestore(pkt, s, env, fx), packet: pkt, effects: fx };
+  return { verdict: restoreInPlace(pkt, s, env, fx), packet: pkt, effects: fx };
+}
+
+/** restore on the caller's frame, in place; adds to fx.counters and sets fx.redirect (masqInPlace). */
+export function restoreInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  return xmasqRestore(pkt, s, env, fx);
 }
 
 function restoreMiss(fx: RunEffects): number {

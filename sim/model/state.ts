@@ -205,8 +205,8 @@ export interface RunEffects {
 }
 
 const ZERO_COUNTERS = Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>;
-// Programs replace fx.redirect, never change it in place; frozen, a change would throw.
-const NO_REDIRECT: RunEffects['redirect'] = Object.freeze({ ifindex: 0, kind: 'NONE' });
+/** No redirect. Programs replace fx.redirect, never change it in place; frozen, a change would throw. */
+export const NO_REDIRECT: RunEffects['redirect'] = Object.freeze({ ifindex: 0, kind: 'NONE' });
 
 export function newEffects(): RunEffects {
   return { counters: { ...ZERO_COUNTERS }, redirect: NO_REDIRECT };
