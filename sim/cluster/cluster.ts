@@ -14,11 +14,11 @@
  * Everything inside a host happens at one instant; only the wire takes time.
  */
 import { COUNTER_NAMES, type CounterName } from '../../dataplane/maps.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, type DatapathState, type Env, type RunResult as ProgramResult } from '../model/index.ts';
+import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, VXLAN_OVERHEAD, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -58,7 +58,8 @@ export class Host {
   /** The pod in each slot, and the IP the slot last had (peers keep sending to it while the slot is empty). */
   readonly slots: Array<Pod | undefined> = [];
   readonly slotIp: number[] = [];
-  readonly counters = Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>;
+  /** What the programs did: the counters add up over the run, as in the counters map; redirect is the last call's. */
+  readonly fx: RunEffects = newEffects();
   private nextHostByte = FIRST_POD_HOST_BYTE;
   private nextIfindex = FIRST_VETH_IFINDEX;
   private readonly freeIfindex: number[] = [];
@@ -186,9 +187,9 @@ const TIME_ONE_IN = 16;
 
 const fmtT = (t: number) => `${(t / 1e6).toFixed(3)}ms`;
 
-function counterText(r: ProgramResult): string {
-  const c = r.effects.counters;
-  return COUNTER_NAMES.filter((n) => c[n]).join(',');
+/** The counters one program run bumped. */
+function counterText(before: Record<CounterName, number>, after: Record<CounterName, number>): string {
+  return COUNTER_NAMES.filter((n) => after[n] !== before[n]).join(',');
 }
 
 export class Cluster {
@@ -202,8 +203,9 @@ export class Cluster {
   private readonly byNicMac = new Map<number, number>();
   private readonly flows: Flow[] = [];
   private readonly policyIds: Array<{ host: number; id: number } | undefined> = [];
-  /** Frames the programs only read: the model copies its input, as BPF_PROG_TEST_RUN does. By length. */
-  private readonly scratch: Buffer[] = [];
+  private readonly pool = new FramePool();
+  /** Why the last program run that returned TC_ACT_SHOT dropped its packet. */
+  private shotReason = '';
   private readonly trace: boolean;
   private readonly measureFrom: number;
   private now = 0;
@@ -319,7 +321,7 @@ export class Cluster {
       s.window.flows++;
       if (f.fast > 0) s.window.fastFlows++;
     }
-    for (const n of COUNTER_NAMES) s.counters[n] = this.hosts.reduce((a, h) => a + h.counters[n], 0);
+    for (const n of COUNTER_NAMES) s.counters[n] = this.hosts.reduce((a, h) => a + h.fx.counters[n], 0);
     s.expired = { egress: 0, ingress: 0, unanswered: 0 };
     for (const h of this.hosts) {
       s.expired.egress += h.agent.expired.egress;
@@ -388,11 +390,6 @@ export class Cluster {
     this.schedule(new FlowEvent(flow));
   }
 
-  /** A frame of this length for a program to read (and copy): reused, never kept. */
-  private scratchFrame(len: number): Buffer {
-    return this.scratch[len] ??= Buffer.allocUnsafe(len);
-  }
-
   /** Whether a pod of the flow was deleted more than the scenario's grace ago (the flow then ends). */
   private goneTooLong(p: { deletedAt?: number } | undefined, grace: number): boolean {
     return p !== undefined && p.deletedAt !== undefined && this.now > p.deletedAt + grace;
@@ -422,17 +419,18 @@ export class Cluster {
     const dstHost = this.hosts[to.host];
     const dstIp = dstHost.slotIp[to.slot];
     const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
-    const frame = this.scratchFrame(tpl.frame.length);
+    const slot = this.pool.take(tpl.frame.length);
+    const frame = slot.inner;
     frame.set(tpl.frame);
     frame.set(pod.mac, 6);
     const id = this.nextPacketId++;
     writePacketId(frame, tpl.idOffset, id);
     const cross = from.host !== to.host;
     const rec = new PacketRecord(
-      id, 'pod', cross, tpl.frame, tpl.idOffset, this.now, to.host, dstIp, tpl.tuple,
+      id, 'pod', cross, tpl, this.now, to.host, dstIp,
       cross && denied(src.agent.policy, 'egress', tpl.tuple),
       this.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
-      frame,
+      frame, slot,
     );
     const counted = this.now >= this.measureFrom;
     if (cross) {
@@ -463,53 +461,52 @@ export class Cluster {
     const index = e.index;
     const tpl = e.template ??= buildTemplate(a.ip, b.ip, spec.proto, 20000 + index, 5000 + (index % 100), spec.tos, spec.df, true, index, { src: a.nicMac, dst: b.nicMac });
     const id = this.nextPacketId++;
-    const frame = this.scratchFrame(tpl.frame.length);
+    const slot = this.pool.take(tpl.frame.length);
+    const frame = slot.inner;
     frame.set(tpl.frame);
     writePacketId(frame, tpl.idOffset, id);
     this.stats.packets++;
     this.stats.sent.host++;
     const rec = new PacketRecord(
-      id, 'host', false, tpl.frame, tpl.idOffset, this.now, b.index, b.ip, tpl.tuple, false,
+      id, 'host', false, tpl, this.now, b.index, b.ip, false,
       this.trace ? [`${fmtT(this.now)} host ${a.name} sends ${spec.proto} tos 0x${spec.tos.toString(16)} to ${b.name} (packet ${k})`] : undefined,
-      frame,
+      frame, slot,
     );
     this.nicEgress(a, rec);
   }
 
   // ---- the datapath at its hooks ----
 
-  /** Runs a program on the packet's frame; the packet then holds what the program made of it. */
-  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', rec: PacketRecord): ProgramResult {
+  /** Runs a program on the packet's frame, in place; its effects are in h.fx. */
+  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', rec: PacketRecord): number {
     // A packet's hooks on one host run at one instant: the bigint clock is made once for them.
     if (h.envAt !== this.now) {
       h.envAt = this.now;
       h.env.now = BigInt(Math.round(this.now));
     }
+    const fx = h.fx, c = fx.counters;
+    const policyDrops = c.POLICY_DROP, misses = c.RESTORE_MISS;
+    const before = this.trace ? { ...c } : undefined;
+    fx.redirect = NO_REDIRECT;
     const timed = this.opts.timeModel === true && this.stats.modelCalls % TIME_ONE_IN === 0;
     const t0 = timed ? performance.now() : 0;
-    const r = this.scheme[prog](rec.frame, h.state, h.env);
+    const verdict = this.scheme[prog](rec.frame, h.state, h.env, fx);
     if (timed) this.stats.modelMs += (performance.now() - t0) * TIME_ONE_IN;
     this.stats.modelCalls++;
-    rec.frame = r.packet;
-    const c = r.effects.counters;
-    // for-in: a fixed-shape object's own keys, about twice as fast here as indexing it by COUNTER_NAMES.
-    for (const n in c) {
-      const v = c[n as CounterName];
-      if (v) h.counters[n as CounterName] += v;
+    if (verdict === TC_ACT_SHOT) this.shotReason = c.POLICY_DROP !== policyDrops ? 'policy' : c.RESTORE_MISS !== misses ? 'restore-miss' : `${prog}-shot`;
+    if (before) {
+      const v = verdict === TC_ACT_OK ? 'OK' : verdict === TC_ACT_SHOT ? 'SHOT' : verdict === TC_ACT_REDIRECT ? `REDIRECT ${fx.redirect.kind} ${fx.redirect.ifindex}` : String(verdict);
+      this.checker.hop(rec, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(before, c)}]`);
     }
-    if (this.trace) {
-      const v = r.verdict === TC_ACT_OK ? 'OK' : r.verdict === TC_ACT_SHOT ? 'SHOT' : r.verdict === TC_ACT_REDIRECT ? `REDIRECT ${r.effects.redirect.kind} ${r.effects.redirect.ifindex}` : String(r.verdict);
-      this.checker.hop(rec, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(r)}]`);
-    }
-    return r;
+    return verdict;
   }
 
   /** masq at the TC ingress of the pod's host-side veth. */
   private podEgress(h: Host, pod: Pod, rec: PacketRecord, flow: Flow): void {
-    const r = this.runProgram(h, 'masq', rec);
-    if (r.verdict === TC_ACT_SHOT) return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : 'masq-shot');
-    if (r.verdict === TC_ACT_REDIRECT) {
-      if (r.effects.redirect.ifindex !== NIC_IFINDEX) return this.drop(rec, 'redirect-to-unknown-device');
+    const verdict = this.runProgram(h, 'masq', rec);
+    if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
+    if (verdict === TC_ACT_REDIRECT) {
+      if (h.fx.redirect.ifindex !== NIC_IFINDEX) return this.drop(rec, 'redirect-to-unknown-device');
       this.stats.masqueraded++;
       if (rec.sentAt >= this.measureFrom) {
         this.stats.window.fast++;
@@ -552,18 +549,18 @@ export class Cluster {
     const peer = this.hosts[g];
     frame.set(h.vtepMac, 6);
     frame.set(peer.vtepMac, 0);
-    const outer = this.scratchFrame(VXLAN_OVERHEAD + frame.length);
-    outer.set(frame, VXLAN_OVERHEAD);
-    vxlanEncapHeader(outer, h.encapTo[g], h.ipId++);
-    rec.frame = outer;
+    // Encapsulation in the slot's headroom: the pod frame stays where it is.
+    if (frame !== rec.slot.inner) throw new Error(`packet ${rec.id}: a pod frame to encapsulate is not at the start of its slot`);
+    vxlanEncapHeader(rec.slot.outer, h.encapTo[g], h.ipId++);
+    rec.frame = rec.slot.outer;
     this.nicEgress(h, rec);
   }
 
   /** init at the NIC's TC egress, then the wire. */
   private nicEgress(h: Host, rec: PacketRecord): void {
-    const r = this.runProgram(h, 'init', rec);
-    if (r.verdict === TC_ACT_SHOT) return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : 'init-shot');
-    if (r.verdict !== TC_ACT_OK) return this.drop(rec, 'init-bad-verdict');
+    const verdict = this.runProgram(h, 'init', rec);
+    if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
+    if (verdict !== TC_ACT_OK) return this.drop(rec, 'init-bad-verdict');
     this.wire(rec);
   }
 
@@ -581,14 +578,12 @@ export class Cluster {
 
   /** restore at the NIC's TC ingress; what it passes goes to the host stack. */
   private nicIngress(h: Host, rec: PacketRecord): void {
-    const r = this.runProgram(h, 'restore', rec);
-    if (r.verdict === TC_ACT_SHOT) {
-      return this.drop(rec, r.effects.counters.POLICY_DROP ? 'policy' : r.effects.counters.RESTORE_MISS ? 'restore-miss' : 'restore-shot', h);
-    }
-    if (r.verdict === TC_ACT_REDIRECT) {
+    const verdict = this.runProgram(h, 'restore', rec);
+    if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason, h);
+    if (verdict === TC_ACT_REDIRECT) {
       // bpf_redirect_peer: into the namespace of the veth's peer, if that veth still exists.
-      const p = h.podsByIfindex.get(r.effects.redirect.ifindex);
-      if (r.effects.redirect.kind !== 'PEER' || !p) return this.drop(rec, 'redirect-to-unknown-device');
+      const p = h.podsByIfindex.get(h.fx.redirect.ifindex);
+      if (h.fx.redirect.kind !== 'PEER' || !p) return this.drop(rec, 'redirect-to-unknown-device');
       this.stats.delivered.fast++;
       return this.deliverToPod(h, p, rec, rec.frame);
     }
@@ -600,14 +595,15 @@ export class Cluster {
     if (!dstMacIs(frame, h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
     if (!ipHeaderValid(frame, L3)) return this.drop(rec, 'bad-ip-checksum');
     if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(rec, 'not-for-this-host');
-    const inner = vxlanDecap(frame);
+    const inner = vxlanDecap(frame, rec.slot);
     if (!inner) {
       this.stats.delivered.host++;
+      const first = !rec.done;
       this.checker.hostReceived(this.now, rec, frame, h.index);
+      if (first) this.pool.give(rec.slot);
       return;
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
-    // (The frame is the program's own copy: routing rewrites it in place.)
     if (!dstMacIs(inner, h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'vxlan-not-for-vtep');
     if (!ipHeaderValid(inner, L3)) return this.drop(rec, 'bad-ip-checksum');
     const dst = inner.readUInt32BE(L3 + 16);
@@ -624,12 +620,17 @@ export class Cluster {
   private deliverToPod(h: Host, p: Pod, rec: PacketRecord, frame: Buffer): void {
     // Hops are kept only when tracing: the text is not built for every packet otherwise.
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
+    // The slot is reused once its packet is done (a packet done twice is the checker's violation, not a slot given twice).
+    const first = !rec.done;
     this.checker.podReceived(this.now, rec, frame, p, h.agent.policy);
+    if (first) this.pool.give(rec.slot);
   }
 
   private drop(rec: PacketRecord, reason: string, at?: Host): void {
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} dropped: ${reason}`);
+    const first = !rec.done;
     this.checker.dropped(this.now, rec, reason, at?.agent.policy);
+    if (first) this.pool.give(rec.slot);
   }
 
   // ---- for tests and the study ----

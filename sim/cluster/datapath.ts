@@ -7,25 +7,26 @@
  * passes), the baseline the fast path is measured against.
  */
 import { ConfigFlag, MAX_ENTRIES } from '../../dataplane/maps.ts';
-import { copyPacket, emptyState, init, masq, newEffects, restore, TC_ACT_OK, type DatapathState, type Env, type RunResult } from '../model/index.ts';
+import { emptyState, initInPlace, masqInPlace, restoreInPlace, TC_ACT_OK, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 
+/** A scheme's programs run on the simulator's frame in place, adding to the host's counters (masqInPlace). */
 export interface KeyScheme {
   name: string;
   /** One line for reports. */
   describe: string;
   newState(): DatapathState;
-  init(pkt: Buffer, s: DatapathState, env: Env): RunResult;
-  restore(pkt: Buffer, s: DatapathState, env: Env): RunResult;
-  masq(pkt: Buffer, s: DatapathState, env: Env): RunResult;
+  init(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number;
+  restore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number;
+  masq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number;
 }
 
 const sixBit: KeyScheme = {
   name: '6-bit',
   describe: 'sim/model: a random key in 1..63 per (remote host, pair), 9 draws, DSCP on the wire',
   newState: () => emptyState(MAX_ENTRIES.production),
-  init,
-  restore,
-  masq: (pkt, s, env) => masq(pkt, s, env, 'EGRESS'),
+  init: initInPlace,
+  restore: restoreInPlace,
+  masq: (pkt, s, env, fx) => masqInPlace(pkt, s, env, fx, 'EGRESS'),
 };
 
 const wide: KeyScheme = {
@@ -39,14 +40,10 @@ const wide: KeyScheme = {
   },
 };
 
-/**
- * Every program passes every packet untouched, as if XMasq were not attached.
- * Its own copy, as the model's programs return: the simulator reuses the frames it passes in.
- */
-function passAll(pkt: Buffer): RunResult {
-  return { verdict: TC_ACT_OK, packet: copyPacket(pkt), effects: PASS_EFFECTS };
+/** Every program passes every packet untouched and counts nothing, as if XMasq were not attached. */
+function passAll(): number {
+  return TC_ACT_OK;
 }
-const PASS_EFFECTS = newEffects();
 
 const overlayOnly: KeyScheme = {
   name: 'overlay',

@@ -6,13 +6,24 @@
  * (and the header checksum that covers it), in the right place.
  */
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
-import { dstMacIs, ipHeaderValid, payloadOffset, readPacketId } from './frames.ts';
+import { dstMacIs, ipHeaderValid, payloadOffset, readPacketId, type FrameSlot } from './frames.ts';
+
+/** What a packet was sent as: its frame but for the id words, which start at idOffset. */
+export interface Sent {
+  /** Pod frames: compared from the Ethernet type on. */
+  frame: Buffer;
+  /** The frame as 32-bit words (its own memory, from offset 0). */
+  words: Int32Array;
+  idOffset: number;
+  /** The 5-tuple policy judges, in the pod's terms. */
+  tuple: Tuple;
+}
 
 /**
- * One packet: what was sent (a template frame and the id), from where, to
- * which address, whether policy denied it when it left, and where the
- * simulator has it now. The record travels with the packet (it is also the
- * wire's arrival event), so nothing is looked up per hop.
+ * One packet: what was sent, from where, to which address, whether policy
+ * denied it when it left, and where the simulator has it now. The record
+ * travels with the packet (it is also the wire's arrival event), so nothing
+ * is looked up per hop.
  */
 export class PacketRecord {
   /** Set once the packet was delivered or dropped: a second time is a violation. */
@@ -26,19 +37,20 @@ export class PacketRecord {
     readonly kind: 'pod' | 'host',
     /** Between pods on different hosts (the traffic XMasq serves). */
     readonly cross: boolean,
-    /** The frame as sent but for its id words (pod frames: from the Ethernet type on). */
-    readonly template: Buffer,
-    readonly idOffset: number,
+    readonly sent: Sent,
     readonly sentAt: number,
     readonly dstHost: number,
     readonly dstIp: number,
-    /** The 5-tuple policy judges, in the pod's terms. */
-    readonly tuple: Tuple,
     readonly deniedAtSend: boolean,
     readonly hops: string[] | undefined,
-    /** The bytes as they are now. */
+    /** The bytes as they are now: a view of slot. */
     public frame: Buffer,
+    readonly slot: FrameSlot,
   ) {}
+
+  get tuple(): Tuple {
+    return this.sent.tuple;
+  }
 }
 
 export interface Tuple {
@@ -74,23 +86,52 @@ const L3 = 14;
 const TTL = L3 + 8;
 const CSUM = L3 + 10;
 
-/** Whether got[i..end) equals want[i..end) (a plain loop: a Buffer.compare call costs more than these few bytes). */
-function sameRange(got: Buffer, want: Buffer, i: number, end: number): boolean {
-  for (; i < end; i++) if (got[i] !== want[i]) return false;
+/**
+ * Which bits of a frame of len bytes must arrive as sent, as 32-bit words:
+ * all from byte `from` on, but the TTL, the header checksum and the id words.
+ * Built through bytes, so it holds whatever the platform's byte order.
+ */
+const masks = new Map<number, Int32Array>();
+
+function mustEqual(i: number, from: number, id: number): boolean {
+  return i >= from && i !== TTL && i !== CSUM && i !== CSUM + 1 && (i < id || i >= id + 8);
+}
+
+function maskFor(len: number, from: number, id: number): Int32Array {
+  const name = len * 0x100000 + id * 0x100 + from;
+  let m = masks.get(name);
+  if (m) return m;
+  m = new Int32Array(len >> 2);
+  const bytes = new Uint8Array(m.buffer);
+  for (let i = 0; i < bytes.length; i++) bytes[i] = mustEqual(i, from, id) ? 0xff : 0;
+  masks.set(name, m);
+  return m;
+}
+
+/** The words compare: false at the first bit that must be equal and is not. */
+function sameWords(got: Buffer, gotWords: Int32Array, sent: Sent, from: number): boolean {
+  const want = sent.words;
+  const m = maskFor(got.length, from, sent.idOffset);
+  const n = m.length;
+  for (let w = 0; w < n; w++) if (((gotWords[w] ^ want[w]) & m[w]) !== 0) return false;
+  for (let i = n << 2; i < got.length; i++) if (mustEqual(i, from, sent.idOffset) && got[i] !== sent.frame[i]) return false;
   return true;
 }
 
-/** The datagram delivered equals the one sent, the TTL and the header checksum aside (which must still check). */
-function sameDatagram(got: Buffer, rec: PacketRecord, from: number): string | undefined {
-  const want = rec.template;
+/**
+ * The datagram delivered equals the one sent, the TTL and the header checksum
+ * aside (which must still check). gotWords: the frame as words, when it is
+ * the start of its slot (then the compare goes a word at a time).
+ */
+function sameDatagram(got: Buffer, gotWords: Int32Array | undefined, rec: PacketRecord, from: number): string | undefined {
+  const want = rec.sent.frame;
   const end = want.length;
   if (got.length !== end) return `length ${got.length}, sent ${end}`;
   if (!ipHeaderValid(got, L3)) return 'IPv4 header checksum does not check';
-  const id = rec.idOffset;
-  // Equal ranges: up to the TTL, the protocol, from the addresses to the id words, and after them.
-  if (sameRange(got, want, from, TTL) && got[TTL + 1] === want[TTL + 1] && sameRange(got, want, CSUM + 2, id) && sameRange(got, want, id + 8, end)) return undefined;
+  if (gotWords !== undefined && sameWords(got, gotWords, rec.sent, from)) return undefined;
+  const id = rec.sent.idOffset;
   for (let i = from; i < end; i++) {
-    if (i === TTL || i === CSUM || i === CSUM + 1 || (i >= id && i < id + 8)) continue;
+    if (!mustEqual(i, from, id)) continue;
     if (got[i] !== want[i]) return `byte ${i} is 0x${got[i].toString(16)}, sent 0x${want[i].toString(16)}`;
   }
   return undefined;
@@ -147,7 +188,7 @@ export class Checker {
       this.violate(t, id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
       return false;
     }
-    const diff = sameDatagram(f, rec, 12);
+    const diff = sameDatagram(f, f === rec.slot.inner ? rec.slot.words : undefined, rec, 12);
     if (diff) {
       this.violate(t, id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
       return false;
@@ -167,7 +208,7 @@ export class Checker {
       this.violate(t, id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
       return false;
     }
-    const diff = rec.dstHost !== host ? `it was sent to host h${rec.dstHost}` : sameDatagram(f, rec, 0) ?? (f[L3 + 8] !== rec.template[L3 + 8] ? 'its TTL changed' : undefined);
+    const diff = rec.dstHost !== host ? `it was sent to host h${rec.dstHost}` : sameDatagram(f, f === rec.slot.inner ? rec.slot.words : undefined, rec, 0) ?? (f[L3 + 8] !== rec.sent.frame[L3 + 8] ? 'its TTL changed' : undefined);
     if (diff) {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} reached host h${host} altered: ${diff}`, rec);
       return false;

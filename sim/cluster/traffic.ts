@@ -17,6 +17,8 @@ const SERVER_PORTS = [80, 443, 8080, 9000, 6379, 5432];
 
 export interface Template {
   frame: Buffer;
+  /** The frame as 32-bit words (the checker compares a word at a time). */
+  words: Int32Array;
   srcIp: number;
   dstIp: number;
   idOffset: number;
@@ -103,7 +105,10 @@ function wordSum(f: Buffer, start: number, end: number, initial: number): number
  */
 export function buildTemplate(src: number, dst: number, proto: Proto, sport: number, dport: number, tos: number, df: boolean, request: boolean, id: number, macs?: { src: Buffer; dst: Buffer }): Template {
   const s = shape(proto, df, request);
-  const frame = Buffer.from(s.frame);
+  // Its own memory, from offset 0: the words view needs a 4-byte boundary.
+  const mem = new ArrayBuffer(s.frame.length);
+  const frame = Buffer.from(mem);
+  frame.set(s.frame);
   if (macs) {
     frame.set(macs.dst, 0);
     frame.set(macs.src, 6);
@@ -137,7 +142,7 @@ export function buildTemplate(src: number, dst: number, proto: Proto, sport: num
     frame.writeUInt16BE(~wordSum(frame, l4, end, 0) & 0xffff, l4 + 2);
   }
   const ports = proto === 'icmp' ? { sport: 0, dport: 0 } : { sport, dport };
-  return { frame, srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports } };
+  return { frame, words: new Int32Array(mem, 0, frame.length >> 2), srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports } };
 }
 
 /** How the study and the benchmark make traffic: flows arriving at random, as a cluster of microservices does. */
