@@ -1,6 +1,7 @@
 /** Traffic and captures in the lab: small node servers and clients in pods, tcpdump on a host NIC. */
 import type { ChildProcess } from 'node:child_process';
 import { readPcap } from '../fixtures/pcap.ts';
+import { l4ChecksumInfo, onesComplementSum, pseudoHeaderSum } from '../sim/packet/checksum.ts';
 import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
 import type { Lab, LabPod } from './lab.ts';
 
@@ -55,7 +56,24 @@ export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' 
   if (findLayer(d, 'vxlan')) return 'vxlan';
   const ip = findLayer(d, 'ipv4');
   const hostToHost = ip && hostIps.has(String(ip.fields.src)) && hostIps.has(String(ip.fields.dst));
-  return hostToHost && (f[20] & 0x80) !== 0 && (f[15] >> 2 !== 0 || f[23] === 6) ? 'masq' : 'other';
+  return hostToHost && (f[20] & 0x80) !== 0 ? 'masq' : 'other';
+}
+
+/**
+ * Whether the L4 checksum of a frame (IPv4 at 14) is the one its receiver
+ * will verify. A masqueraded UDP datagram under a wide key (RF, DSCP 0) holds
+ * the key in its length field, while its checksum covers the true length, the
+ * one the IPv4 header implies and the pseudo header counts: restore puts it back.
+ */
+export function wireChecksumValid(f: Uint8Array): boolean | undefined {
+  const wideUdp = f[23] === 17 && (f[20] & 0x80) !== 0 && f[15] >> 2 === 0;
+  if (!wideUdp) return l4ChecksumInfo(f, 14)?.valid;
+  const l4 = 14 + (f[14] & 0x0f) * 4;
+  const end = 14 + ((f[16] << 8) | f[17]);
+  if (f[l4 + 6] === 0 && f[l4 + 7] === 0) return true; // "no checksum"
+  // masq updated the checksum for the key in the length word, so the datagram as sent sums
+  // right with the pseudo header of the true length.
+  return onesComplementSum(f, l4, end, pseudoHeaderSum(f.subarray(26, 30), f.subarray(30, 34), 17, end - l4)) === 0xffff;
 }
 
 /** /proc/net/snmp of a pod (it follows the reader's netns): group -> field -> value. */

@@ -12,7 +12,7 @@ import { WIDE_KEY_MAX, WIDE_KEY_MIN } from '../dataplane/maps.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
-import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, snmp } from './traffic.ts';
+import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, snmp, wireChecksumValid } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/wide.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -149,6 +149,7 @@ describe('wide keys in a two-host lab', () => {
           expect(x[15] >> 2, 'DSCP').toBe(0);
           expect(u16(x, l4At(x) + 4), 'UDP length = key').toBe(key);
           expect(verifyIpv4Header(x, 14)).toBe(true);
+          expect(wireChecksumValid(x), 'UDP checksum on the wire (of the true length)').toBe(true);
         }
       }
       // f receives its datagrams: no RF, DSCP 0, the length the IPv4 header implies, valid checksums.
