@@ -402,11 +402,12 @@ export class Cluster {
     const grace = this.sc.deadPeerGraceNs;
     if (grace !== undefined && (this.goneTooLong(flow.pods[0], grace) || this.goneTooLong(flow.pods[1], grace))) return;
     const k = flow.next++;
+    const fwd = forward(spec, k);
+    const tpls = flow.templates;
     if (flow.next < spec.packets) {
       ev.t = this.now + spec.gapNs;
       this.schedule(ev);
     }
-    const fwd = forward(spec, k);
     const from = fwd ? spec.a : spec.b;
     const to = fwd ? spec.b : spec.a;
     const src = this.hosts[from.host];
@@ -419,6 +420,8 @@ export class Cluster {
     const dstHost = this.hosts[to.host];
     const dstIp = dstHost.slotIp[to.slot];
     const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
+    // The run keeps its flows (for the stats), not their frames: a flow's last packet lets its templates go.
+    if (flow.next === spec.packets) tpls[0] = tpls[1] = undefined;
     const slot = this.pool.take(tpl.frame.length);
     const frame = slot.inner;
     frame.set(tpl.frame);

@@ -3,7 +3,6 @@
  * VXLAN encapsulation as flannel.1 sends it, and decapsulation; plus the
  * packet id the simulator writes into every payload. All on raw bytes.
  */
-import { ipv4HeaderChecksum } from '../packet/index.ts';
 import { VXLAN_PORT, VXLAN_VNI } from './topology.ts';
 
 export const ETH_HLEN = 14;
@@ -67,27 +66,43 @@ export function vxlanEncapHeader(out: Buffer, o: Encap, ipId: number): void {
   const inner = VXLAN_OVERHEAD;
   out.set(o.dstMac, 0);
   out.set(o.srcMac, 6);
-  out[12] = 0x08;
-  out[13] = 0x00;
+  put16(out, 12, 0x0800);
+  // Every field is known: the header checksum is summed from them, not read back.
   const l3 = ETH_HLEN;
-  out[l3] = 0x45;
-  out[l3 + 1] = out[inner + ETH_HLEN + 1] & 3;
-  out.writeUInt16BE(VXLAN_OVERHEAD - ETH_HLEN + innerLen, l3 + 2);
-  out.writeUInt16BE(ipId & 0xffff, l3 + 4);
-  out.writeUInt16BE(0, l3 + 6);
-  out[l3 + 8] = 64;
-  out[l3 + 9] = 17;
-  out.writeUInt16BE(0, l3 + 10);
-  out.writeUInt32BE(o.srcIp, l3 + 12);
-  out.writeUInt32BE(o.dstIp, l3 + 16);
-  out.writeUInt16BE(ipv4HeaderChecksum(out, l3, 20), l3 + 10);
+  const verTos = 0x4500 | (out[inner + ETH_HLEN + 1] & 3);
+  const totLen = VXLAN_OVERHEAD - ETH_HLEN + innerLen;
+  const id = ipId & 0xffff;
+  const ttlProto = (64 << 8) | 17;
+  let sum = verTos + totLen + id + ttlProto + (o.srcIp >>> 16) + (o.srcIp & 0xffff) + (o.dstIp >>> 16) + (o.dstIp & 0xffff);
+  sum = (sum & 0xffff) + (sum >>> 16);
+  sum = (sum & 0xffff) + (sum >>> 16);
+  put16(out, l3, verTos);
+  put16(out, l3 + 2, totLen);
+  put16(out, l3 + 4, id);
+  put16(out, l3 + 6, 0);
+  put16(out, l3 + 8, ttlProto);
+  put16(out, l3 + 10, ~sum & 0xffff);
+  put32(out, l3 + 12, o.srcIp);
+  put32(out, l3 + 16, o.dstIp);
   const udp = l3 + 20;
-  out.writeUInt16BE(UDP_SPORT_MIN + (flowHash(out, inner) % UDP_SPORT_RANGE), udp);
-  out.writeUInt16BE(VXLAN_PORT, udp + 2);
-  out.writeUInt16BE(8 + 8 + innerLen, udp + 4);
-  out.writeUInt16BE(0, udp + 6);
-  out.writeUInt32BE(0x08000000, udp + 8);
-  out.writeUInt32BE(VXLAN_VNI << 8, udp + 12);
+  put16(out, udp, UDP_SPORT_MIN + (flowHash(out, inner) % UDP_SPORT_RANGE));
+  put16(out, udp + 2, VXLAN_PORT);
+  put16(out, udp + 4, 8 + 8 + innerLen);
+  put16(out, udp + 6, 0);
+  put32(out, udp + 8, 0x08000000);
+  put32(out, udp + 12, VXLAN_VNI << 8);
+}
+
+function put16(f: Buffer, at: number, v: number): void {
+  f[at] = v >>> 8;
+  f[at + 1] = v;
+}
+
+function put32(f: Buffer, at: number, v: number): void {
+  f[at] = v >>> 24;
+  f[at + 1] = v >>> 16;
+  f[at + 2] = v >>> 8;
+  f[at + 3] = v;
 }
 
 /** A hash of the inner addresses and ports, as udp_flow_src_port spreads flows over source ports. */

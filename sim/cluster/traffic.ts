@@ -70,11 +70,11 @@ export function podTemplate(f: Flow, fwd: boolean, src: number, dst: number): Te
  * this is several times cheaper than building it from a spec. traffic.test.ts
  * checks the two give the same bytes.
  */
-const shapes = new Map<string, { frame: Buffer; idOffset: number }>();
+const shapes: Array<{ frame: Buffer; idOffset: number } | undefined> = [];
 
 function shape(proto: Proto, df: boolean, request: boolean): { frame: Buffer; idOffset: number } {
-  const name = `${proto} ${df} ${proto === 'icmp' && request}`;
-  let s = shapes.get(name);
+  const name = PROTO_NUMBER[proto] * 4 + (df ? 2 : 0) + (proto === 'icmp' && request ? 1 : 0);
+  let s = shapes[name];
   if (s) return s;
   // The id words go where the payload is zero: they sum to zero themselves, so the checksum stays valid.
   const payload = new Uint8Array(PAYLOAD_BYTES).map((_, i) => (i < 8 ? 0 : i));
@@ -83,8 +83,27 @@ function shape(proto: Proto, df: boolean, request: boolean): { frame: Buffer; id
       : { icmp: { type: request ? 8 : 0, id: 0, seq: 1, payload } };
   const frame = buildFrame({ eth: {}, ipv4: { src: '0.0.0.0', dst: '0.0.0.0', tos: 0, df, id: 0, l4 } });
   s = { frame, idOffset: payloadOffset(frame, ETH_HLEN) };
-  shapes.set(name, s);
+  shapes[name] = s;
   return s;
+}
+
+/**
+ * Memory for templates, carved from slabs at 8-byte boundaries (the words
+ * view needs 4): an ArrayBuffer of its own per template costs more than the
+ * rest of making one.
+ */
+const SLAB_BYTES = 1 << 16;
+let slab = new ArrayBuffer(SLAB_BYTES);
+let slabUsed = 0;
+
+function templateMemory(len: number): { frame: Buffer; words: Int32Array } {
+  if (slabUsed + len > SLAB_BYTES) {
+    slab = new ArrayBuffer(SLAB_BYTES);
+    slabUsed = 0;
+  }
+  const at = slabUsed;
+  slabUsed += (len + 7) & ~7;
+  return { frame: Buffer.from(slab, at, len), words: new Int32Array(slab, at, len >> 2) };
 }
 
 /** Ones'-complement sum of the big-endian words of f[start, end), folded, not complemented. */
@@ -105,9 +124,7 @@ function wordSum(f: Buffer, start: number, end: number, initial: number): number
  */
 export function buildTemplate(src: number, dst: number, proto: Proto, sport: number, dport: number, tos: number, df: boolean, request: boolean, id: number, macs?: { src: Buffer; dst: Buffer }): Template {
   const s = shape(proto, df, request);
-  // Its own memory, from offset 0: the words view needs a 4-byte boundary.
-  const mem = new ArrayBuffer(s.frame.length);
-  const frame = Buffer.from(mem);
+  const { frame, words } = templateMemory(s.frame.length);
   frame.set(s.frame);
   if (macs) {
     frame.set(macs.dst, 0);
@@ -142,7 +159,7 @@ export function buildTemplate(src: number, dst: number, proto: Proto, sport: num
     frame.writeUInt16BE(~wordSum(frame, l4, end, 0) & 0xffff, l4 + 2);
   }
   const ports = proto === 'icmp' ? { sport: 0, dport: 0 } : { sport, dport };
-  return { frame, words: new Int32Array(mem, 0, frame.length >> 2), srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports } };
+  return { frame, words, srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports } };
 }
 
 /** How the study and the benchmark make traffic: flows arriving at random, as a cluster of microservices does. */
