@@ -20,15 +20,18 @@ describe('sim:study', () => {
       const last = md[md.length - 1];
       expect(last).toMatch(/^fast-path packets: \d+\.\d% \(110 pods\/host, all-to-all\)$/);
       expect(stdout.trim()).toBe(last);
-      for (const sweep of ['pods', 'pairs', 'expiry', 'churn']) {
+      for (const sweep of ['steady', 'pods', 'pairs', 'expiry', 'churn']) {
         const svg = readFileSync(join(dir, `sim-study-${sweep}.svg`), 'utf8');
         expect(svg).toMatch(/^<svg /);
         expect(svg.match(/<polyline /g)?.length).toBeGreaterThanOrEqual(2);
       }
-      // A small cluster with few pairs lives on the fast path; the headline cannot be 0 or 100.
+      // The headline is the wide keys' steady all-to-all figure, which 63 narrow keys cannot reach
+      // with 110 × 110 pairs per host pair.
       const pct = Number(/(\d+\.\d)%/.exec(last)![1]);
-      expect(pct).toBeGreaterThan(0);
-      expect(pct).toBeLessThan(100);
+      const summary = (scheme: string) => Number(new RegExp(`^- \`${scheme}\`: (\\d+\\.\\d)% of packets`, 'm').exec(md.join('\n'))![1]);
+      expect(pct).toBe(summary('wide'));
+      expect(summary('6-bit')).toBeLessThan(10);
+      expect(pct).toBeGreaterThan(90);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }

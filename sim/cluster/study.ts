@@ -2,10 +2,11 @@
  * npm run sim:study [-- --quick] [-- --out DIR] [-- --schemes 6-bit,...]
  *
  * The capacity study: how much traffic takes the fast path, against pods per
- * host (all-to-all microservices), concurrent pod pairs per host pair, and
- * the agent's expiry times, for each key scheme. Writes DIR/sim-study.md with
- * one SVG plot per sweep beside it; the report's last line (also printed) is
- * `fast-path packets: <pct>% (110 pods/host, all-to-all)`.
+ * host (steady all-to-all, and all-to-all microservices), concurrent pod pairs
+ * per host pair, the agent's expiry times and pod churn, for each key scheme.
+ * Writes DIR/sim-study.md with one SVG plot per sweep beside it; the report's
+ * last line (also printed) is `fast-path packets: <pct>% (110 pods/host,
+ * all-to-all)`, for steady all-to-all traffic on the default datapath (wide keys).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
@@ -15,7 +16,7 @@ import { DEFAULT_TIMING, type AgentTiming } from './agent.ts';
 import { Cluster } from './cluster.ts';
 import { KEY_SCHEMES } from './datapath.ts';
 import { Rng } from './rng.ts';
-import type { ChurnSpec, Scenario } from './scenario.ts';
+import type { ChurnSpec, FlowSpec, Scenario } from './scenario.ts';
 import { lineChart, type Series } from './svg.ts';
 import { MICROSERVICES, TrafficGenerator, type TrafficModel } from './traffic.ts';
 
@@ -23,8 +24,9 @@ const ROOT = new URL('../../', import.meta.url).pathname;
 
 const USAGE = `usage: npm run sim:study -- [--quick] [--out DIR] [--schemes LIST] [--help]
 
-Simulates a 2-host cluster under microservice traffic for every point of four sweeps —
-pods per host, concurrent pod pairs per host pair, agent expiry times, pod churn — and writes
+Simulates a 2-host cluster for every point of five sweeps — pods per host under steady
+all-to-all traffic and under microservice traffic, concurrent pod pairs per host pair, agent
+expiry times, pod churn — and writes
 DIR/sim-study.md with SVG plots of the fraction of packets and of flows on the fast path.
 
   --out DIR        where to write (default bench/results)
@@ -50,6 +52,8 @@ interface Point {
   violations: number;
   /** Cross-host pod packets of the whole run, warm-up included (violations are counted over it). */
   allCross: number;
+  /** Packets on the fast path over the whole run, the warm-up's learning included. */
+  wholeRunPct: number;
   wallSeconds: number;
 }
 
@@ -59,8 +63,8 @@ interface Sweep {
   xLabel: string;
   xLog?: boolean;
   xs: number[];
-  /** The run for one x. */
-  setup(x: number): { scenario: Omit<Scenario, 'scheme' | 'seed'>; traffic: TrafficModel; warmupNs: number };
+  /** The run for one x: flows arriving from a traffic model, or only the scenario's own. */
+  setup(x: number): { scenario: Omit<Scenario, 'scheme' | 'seed'>; traffic?: TrafficModel; warmupNs: number };
   /** Plot a series per scheme of the packets misdelivered per 100,000, instead of the flows. */
   plotViolations?: boolean;
   describe: string;
@@ -77,6 +81,30 @@ function base(pods: number, timing: AgentTiming, durationNs: number): Omit<Scena
   };
 }
 
+/**
+ * Steady all-to-all: every pod of host 0 holds a connection with every pod of
+ * host 1 (pods² pairs), each a request or response every STEADY_GAP_NS, starting
+ * at a random time in the first 2 s; by pair, TCP, UDP or ICMP echo as often
+ * as the microservice mix draws them.
+ */
+const STEADY_GAP_NS = 200e6;
+
+function steadyFlows(pods: number, durationNs: number, seed: number): FlowSpec[] {
+  const rng = new Rng(seed);
+  const flows: FlowSpec[] = [];
+  for (let a = 0; a < pods; a++) {
+    for (let b = 0; b < pods; b++) {
+      const u = rng.next();
+      const at = rng.next() * 2e9;
+      flows.push({
+        at, a: { host: 0, slot: a }, b: { host: 1, slot: b }, proto: u < 0.8 ? 'tcp' : u < 0.97 ? 'udp' : 'icmp',
+        packets: Math.floor((durationNs - at) / STEADY_GAP_NS), gapNs: STEADY_GAP_NS, pattern: 'rr',
+      });
+    }
+  }
+  return flows;
+}
+
 function sweeps(quick: boolean): Sweep[] {
   const s = quick ? 0.25 : 1;
   // Two heavy streams that last the whole run, one packet every 2 ms each.
@@ -85,7 +113,16 @@ function sweeps(quick: boolean): Sweep[] {
   });
   return [
     {
-      id: 'pods', title: 'Fast path vs pods per host (all-to-all)', xLabel: 'pods per host',
+      id: 'steady', title: 'Fast path vs pods per host (steady all-to-all)', xLabel: 'pods per host',
+      xs: quick ? [10, 50, 110] : [10, 30, 50, 70, 90, 110],
+      setup: (pods) => {
+        const dur = 12e9 * (quick ? 0.5 : 1);
+        return { scenario: { ...base(pods, DEFAULT_TIMING, dur), flows: steadyFlows(pods, dur, 5) }, warmupNs: dur / 3 };
+      },
+      describe: `${HOSTS} hosts; every pod talks to every pod of the other host (pods² pairs per host pair), each pair a request or a response every ${STEADY_GAP_NS / 1e6} ms, starting at a random time in the first 2 s; TCP, UDP or ICMP echo by pair (80/17/3%); agent defaults; ${quick ? 6 : 12} s simulated, the first third not counted: every pair learns its keys in it, with its first two packets (one each way) over the overlay, as the whole-run column shows`,
+    },
+    {
+      id: 'pods', title: 'Fast path vs pods per host (all-to-all microservices)', xLabel: 'pods per host',
       xs: quick ? [10, 50, 110] : [10, 30, 50, 70, 90, 110],
       setup: (pods) => ({ scenario: base(pods, DEFAULT_TIMING, 90e9 * s), traffic: microservices(pods, 90e9 * s), warmupNs: 30e9 * s }),
       describe: `${HOSTS} hosts; every pod starts ${FLOWS_PER_POD_PER_SECOND} flows/s to a random other pod (log-normal sizes, median ${MICROSERVICES.sizeMedian} packets; spacing median ${MICROSERVICES.gapMedianNs / 1e6} ms) plus 2 heavy streams (a packet every 2 ms for the whole run); agent defaults (egress idle 20 s, ingress 40 s, scan 1 s); 90 s simulated, the first 30 s not counted`,
@@ -134,7 +171,7 @@ function sweeps(quick: boolean): Sweep[] {
 function runPoint(scheme: string, sweep: Sweep, x: number, seed: number): Point {
   const { scenario, traffic, warmupNs } = sweep.setup(x);
   const sc: Scenario = { ...scenario, scheme, seed };
-  const gen = new TrafficGenerator(traffic, sc.hosts, sc.podsPerHost, new Rng(seed + 1));
+  const gen = traffic && new TrafficGenerator(traffic, sc.hosts, sc.podsPerHost, new Rng(seed + 1));
   const t0 = performance.now();
   const r = new Cluster(sc, { generator: gen, measureFromNs: warmupNs }).run();
   const w = r.stats.window;
@@ -146,6 +183,7 @@ function runPoint(scheme: string, sweep: Sweep, x: number, seed: number): Point 
     packets: w.cross, heavyPct: w.cross ? (100 * w.stream) / w.cross : 0, flows: w.flows, keyExhausted: r.stats.counters.KEY_EXHAUSTED,
     violations: Object.values(r.violationCounts).reduce((a, n) => a + n, 0),
     allCross: r.stats.sent.cross,
+    wholeRunPct: r.stats.sent.cross ? (100 * r.stats.masqueraded) / r.stats.sent.cross : 0,
     wallSeconds: (performance.now() - t0) / 1000,
   };
 }
@@ -211,7 +249,9 @@ function main(argv: string[]): number {
     }));
   }
 
-  const headline = results.get('pods')!.find((p) => p.scheme === schemes[0] && p.x === 110)!;
+  // The headline: the shipped datapath (wide keys) if studied, under steady all-to-all traffic.
+  const headScheme = schemes.includes('wide') ? 'wide' : schemes[0];
+  const headline = results.get('steady')!.find((p) => p.scheme === headScheme && p.x === 110)!;
   const md: string[] = [
     '# Capacity study: how much traffic takes the fast path',
     '',
@@ -228,10 +268,12 @@ function main(argv: string[]): number {
   for (const sweep of all) {
     const points = results.get(sweep.id)!;
     md.push(`## ${sweep.title}`, '', sweep.describe + '.', '', `![${sweep.title}](${relative(out, join(out, `sim-study-${sweep.id}.svg`))})`, '');
-    md.push(`| scheme | ${sweep.xLabel} | packets on fast path | the same without heavy streams | flows on fast path | packets counted (of which heavy streams) | flows counted | KEY_EXHAUSTED | invariant violations (whole run) |`);
-    md.push('|---|---|---|---|---|---|---|---|---|');
+    md.push(`| scheme | ${sweep.xLabel} | packets on fast path | the same without heavy streams | flows on fast path | packets counted (of which heavy streams) | flows counted | packets on fast path, whole run (warm-up included) | KEY_EXHAUSTED | invariant violations (whole run) |`);
+    md.push('|---|---|---|---|---|---|---|---|---|---|');
     for (const p of points) {
-      md.push(`| ${p.scheme} | ${p.x} | ${pct(p.packetsPct)}% | ${pct(p.micePct)}% | ${pct(p.flowsPct)}% | ${p.packets} (${pct(p.heavyPct)}%) | ${p.flows} | ${p.keyExhausted} | ${p.violations} |`);
+      // Flows are counted when they start after the warm-up; the steady sweep's all start before.
+      const flows = p.flows ? `${pct(p.flowsPct)}%` : '—';
+      md.push(`| ${p.scheme} | ${p.x} | ${pct(p.packetsPct)}% | ${pct(p.micePct)}% | ${flows} | ${p.packets} (${pct(p.heavyPct)}%) | ${p.flows} | ${pct(p.wholeRunPct)}% | ${p.keyExhausted} | ${p.violations} |`);
     }
     md.push('');
   }
@@ -239,6 +281,14 @@ function main(argv: string[]): number {
   if (violations) {
     md.push(`**${violations} invariant violation(s)** in these runs: packets delivered into a pod they were not for (or otherwise against the invariants); see "findings" in sim/cluster/README.md.`, '');
   }
+  md.push('## Summary at 110 pods per host', '');
+  for (const scheme of schemes) {
+    const steady = results.get('steady')!.find((p) => p.scheme === scheme && p.x === 110)!;
+    const mice = results.get('pods')!.find((p) => p.scheme === scheme && p.x === 110)!;
+    md.push(`- \`${scheme}\`: ${pct(steady.packetsPct)}% of packets on the fast path under steady all-to-all traffic, ${pct(mice.packetsPct)}% under all-to-all microservices`
+      + ' (short flows between pairs that talk less often than the entries live: each flow\'s first packets teach the keys over the overlay).');
+  }
+  md.push('', `The last line is \`${headScheme}\` (${headScheme === 'wide' ? 'the default datapath, `--wide-keys on`' : 'the first scheme studied'}) under steady all-to-all traffic.`, '');
   const last = `fast-path packets: ${pct(headline.packetsPct)}% (110 pods/host, all-to-all)`;
   md.push(last);
   writeFileSync(join(out, 'sim-study.md'), `${md.join('\n')}\n`);
