@@ -47,9 +47,8 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	/*
 	 * A wide key needs a carrier the pod left free (packet.h), and no GSO for
 	 * UDP: segmentation rewrites each segment's length. A narrow key needs an
-	 * echo's code left 0, which restore would read as a wide key's. Checked
-	 * after the policy loop, so that the verifier walks that loop once, not
-	 * once per kind of key.
+	 * echo's code left 0, which restore would read as a wide key's. (After
+	 * the policy check: a denied packet counts as POLICY_DROP either way.)
 	 */
 	__u16 key = e->remote_key;
 	int wide = key >= XMASQ_WIDE_KEY_MIN;
