@@ -59,7 +59,7 @@ const scenarioArb = fc.record({
     dir: fc.constantFrom('egress' as const, 'ingress' as const), src: fc.option(podRef, { nil: undefined }), dst: fc.option(podRef, { nil: undefined }),
     dport: fc.option(fc.constantFrom(80, 443, 8080), { nil: undefined }), proto: fc.option(proto, { nil: undefined }), removes: fc.nat(3),
   }), { maxLength: 4 }),
-  // Both datapaths: narrow keys only, and wide keys for TCP pairs (--wide-keys).
+  // Both datapaths: narrow keys only, and wide keys (--wide-keys).
   scheme: fc.constantFrom('6-bit', 'wide'),
   seed: fc.nat(),
 });
@@ -210,12 +210,12 @@ describe('cluster simulator: fast path', () => {
   });
 });
 
-/** 12 × 12 = 144 TCP pod pairs between two hosts, all talking at once. */
+/** 12 × 12 = 144 pod pairs between two hosts, all talking at once: TCP, UDP and ICMP echo. */
 function allPairs(scheme: string, seed: number): Scenario {
   const flows: FlowSpec[] = [];
   for (let a = 0; a < 12; a++) {
     for (let b = 0; b < 12; b++) {
-      flows.push({ at: (a * 12 + b) * 10e3, a: { host: 0, slot: a }, b: { host: 1, slot: b }, proto: 'tcp', packets: 30, gapNs: 1e6, pattern: 'rr' });
+      flows.push({ at: (a * 12 + b) * 10e3, a: { host: 0, slot: a }, b: { host: 1, slot: b }, proto: (['tcp', 'tcp', 'udp', 'icmp'] as const)[(a * 12 + b) % 4], packets: 30, gapNs: 1e6, pattern: 'rr' });
     }
   }
   return {
@@ -241,7 +241,7 @@ describe('cluster simulator: key exhaustion', () => {
       for (const h of [0, 1]) for (const n of c.keysInUse(h).values()) expect(n).toBeLessThanOrEqual(63);
     }
   });
-  it('with wide keys the same 144 TCP pairs all take the fast path', () => {
+  it('with wide keys the same 144 pairs, TCP, UDP and ICMP, all take the fast path', () => {
     const c = new Cluster(allPairs('wide', 1));
     const r = c.run();
     expect(r.violations.map((v) => Cluster.describe(v))).toEqual([]);
