@@ -13,18 +13,24 @@
 #include "packet.h"
 #include "verdict.h"
 
-/*
- * A global function: the verifier checks it once, on its own, instead of
- * once per path that reaches it (each program forks into a path per protocol
- * and kind of key; walking the mask loop on every one of them exceeds the
- * verifier's budget). Hence scalars only: ports packs sport | dport << 16
- * (network order, as the rules hold them).
- */
-__noinline int policy_denied_tuple(__u32 src, __u32 dst, __u32 ports, __u8 proto, __u8 dir)
+static __always_inline struct policy_masks *policy_masks_in_use(void)
 {
 	__u32 zero = 0;
 	struct policy_masks *pm = bpf_map_lookup_elem(&policy_masks, &zero);
-	if (!pm || pm->count == 0)
+	return pm && pm->count ? pm : 0;
+}
+
+/*
+ * The mask loop is a global function: the verifier checks it once, on its
+ * own, instead of once per path that reaches it (each program forks into a
+ * path per protocol and kind of key; walking the loop on every one of them
+ * exceeds the verifier's budget). Hence scalars only: ports packs
+ * sport | dport << 16 (network order, as the rules hold them).
+ */
+__noinline int policy_denied_tuple(__u32 src, __u32 dst, __u32 ports, __u8 proto, __u8 dir)
+{
+	struct policy_masks *pm = policy_masks_in_use();
+	if (!pm)
 		return 0;
 	__u32 n = pm->count;
 
@@ -46,9 +52,12 @@ __noinline int policy_denied_tuple(__u32 src, __u32 dst, __u32 ports, __u8 proto
 	return 0;
 }
 
+/* Without rules, the usual case, no call at all. */
 static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
 					 __u8 dir)
 {
+	if (!policy_masks_in_use())
+		return 0;
 	return policy_denied_tuple(src, dst, h->sport | ((__u32)h->dport << 16), h->proto, dir);
 }
 
