@@ -3,16 +3,15 @@
  * functions: dataplane/agent/caches.ts expires and purges, and
  * dataplane/agent/policy.ts turns rules into policy_rules keys and the
  * policy_masks list. Those functions read the kernel's maps as raw bytes;
- * here they read the model's tables through ModelMapView, which encodes and
- * decodes with the layouts of dataplane/maps.ts, so they see exactly the
+ * here they read the model's tables through ModelMapView, which gives each
+ * entry's fields at the offsets of dataplane/maps.ts, so they see exactly the
  * bytes the kernel would hold.
  */
 import type { BpfMap } from '../../dataplane/libbpf.ts';
-import { egressKey, ingressKey, path, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
+import { POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
-import type { Struct } from '../../dataplane/layout.ts';
 import { E2BIG, EEXIST, ENOENT, type DatapathState, type HashTable } from '../model/index.ts';
 
 /** The part of BpfMap that caches.ts uses, over a model table. */
@@ -21,56 +20,29 @@ type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update'>;
 /** The model's errnos by the names BpfMap reports them under (LibbpfError.code). */
 const ERRNO_NAMES: Record<number, string> = { [ENOENT]: 'ENOENT', [EEXIST]: 'EEXIST', [E2BIG]: 'E2BIG' };
 
-class ModelMapView<K, V> implements MapOps {
-  constructor(
-    private readonly table: HashTable<K, V>,
-    private readonly key: Struct<never>,
-    private readonly value: Struct<never>,
-  ) {}
+/** A model table as the kernel's bytes, at the offsets of maps.ts (HashTable's byte boundary). */
+class ModelMapView implements MapOps {
+  constructor(private readonly table: HashTable<unknown, unknown>) {}
 
   lookup(k: Buffer): Buffer | undefined {
-    const v = this.table.lookup(this.key.decode(k) as K);
-    return v === undefined ? undefined : this.value.encode(v as never);
+    return this.table.lookupBytes(k);
   }
 
   lookupBatch(): Array<[Buffer, Buffer]> {
-    return this.table.entries().map(([k, v]) => [this.encoded(this.key, k as object), this.encoded(this.value, v as object)]);
+    return this.table.entriesBytes();
   }
-
-  /**
-   * A fresh copy of the bytes of a table's key or value. The agent reads whole
-   * tables every scan, and most entries sit unchanged between scans until
-   * they expire: bytes already made from equal fields are reused (keys never
-   * change; a value the programs changed in place is encoded again).
-   */
-  private encoded(struct: Struct<never>, x: object): Buffer {
-    const c = this.bytesOf.get(x);
-    if (c && sameFields(c.fields, x)) return Buffer.from(c.bytes);
-    const bytes = struct.encode(x as never);
-    this.bytesOf.set(x, { fields: { ...x }, bytes });
-    return Buffer.from(bytes);
-  }
-
-  private readonly bytesOf = new WeakMap<object, { fields: object; bytes: Buffer }>();
 
   update(k: Buffer, v: Buffer, flags: 'any' | 'noexist' | 'exist' = 'any'): void {
-    const rc = this.table.update(this.key.decode(k) as K, this.value.decode(v) as V, flags);
+    const rc = this.table.updateBytes(k, v, flags);
     // The kernel's errors as BpfMap reports them (LibbpfError.code).
     if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: ERRNO_NAMES[rc] });
   }
 
   deleteBatch(keys: Buffer[]): number {
     let n = 0;
-    for (const k of keys) if (this.table.delete(this.key.decode(k) as K)) n++;
+    for (const k of keys) if (this.table.deleteBytes(k)) n++;
     return n;
   }
-}
-
-/** Whether two flat structs (numbers, bigints, strings) hold the same fields. */
-function sameFields(a: object, b: object): boolean {
-  const x = a as Record<string, unknown>, y = b as Record<string, unknown>;
-  for (const k in y) if (x[k] !== y[k]) return false;
-  return true;
 }
 
 // caches.ts takes BpfMap, a class with a kernel fd behind it; it only calls the
@@ -98,8 +70,8 @@ export class SimAgent {
   readonly expired = { egress: 0, ingress: 0, unanswered: 0 };
 
   constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}) {
-    this.egress = asBpfMap(new ModelMapView(s.egress_cache, egressKey as unknown as Struct<never>, path as unknown as Struct<never>));
-    this.ingress = asBpfMap(new ModelMapView(s.ingress_cache, ingressKey as unknown as Struct<never>, path as unknown as Struct<never>));
+    this.egress = asBpfMap(new ModelMapView(s.egress_cache));
+    this.ingress = asBpfMap(new ModelMapView(s.ingress_cache));
   }
 
   /** CNI ADD: the agent writes pod_info; a different pod on the same IP is forgotten first. */

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
-  egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule, redirectTrace,
+  policyMasks, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type RunEffects } from '../model/state.ts';
@@ -68,10 +68,11 @@ export class KernelDatapath {
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
     for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules']) this.maps[m].clear();
-    for (const [ip, v] of s.pod_info.entries()) this.maps.pod_info.update(podIp.encode({ ip }), podInfo.encode(v), 'noexist');
-    for (const [k, v] of s.egress_cache.entries()) this.maps.egress_cache.update(egressKey.encode(k), path.encode(v), 'noexist');
-    for (const [k, v] of s.ingress_cache.entries()) this.maps.ingress_cache.update(ingressKey.encode(k), path.encode(v), 'noexist');
-    for (const [k, v] of s.policy_rules.entries()) this.maps.policy_rules.update(policyKey.encode(k), policyRule.encode(v), 'noexist');
+    // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
+    for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
+    for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
+    for (const [k, v] of s.ingress_cache.entriesBytes()) this.maps.ingress_cache.update(k, v, 'noexist');
+    for (const [k, v] of s.policy_rules.entriesBytes()) this.maps.policy_rules.update(k, v, 'noexist');
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -80,10 +81,10 @@ export class KernelDatapath {
   /** Reads every map back. */
   read(): DatapathState {
     const s = emptyState(MAX_ENTRIES.test);
-    for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.update(podIp.decode(k).ip, podInfo.decode(v));
-    for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.update(egressKey.decode(k), path.decode(v));
-    for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.update(ingressKey.decode(k), path.decode(v));
-    for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.update(policyKey.decode(k), policyRule.decode(v));
+    for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.updateBytes(k, v);
+    for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.updateBytes(k, v);
+    for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.updateBytes(k, v);
+    for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.updateBytes(k, v);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
     return s;

@@ -8,7 +8,7 @@ import {
   type Hdrs, type Tunnel,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, emptyPath, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, zeroPath, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -21,8 +21,8 @@ export function fastPathEligible(h: Hdrs): boolean {
  * C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair (a
  * tombstone, ifindex 0, never does); signalling the key again refreshes it.
  */
-function keyStillOurs(s: DatapathState, remoteHost: string, key: number, localPod: string, remotePod: string, now: bigint): boolean {
-  const r = s.ingress_cache.lookup({ remote_host: remoteHost, key });
+function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: bigint): boolean {
+  const r = s.ingress_cache.lookupElem({ remote_host: remoteHost, key });
   if (!r || r.ifindex === 0 || r.local_ip !== localPod || r.remote_ip !== remotePod) return false;
   r.last_seen = now;
   return true;
@@ -47,7 +47,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
   if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
-  const pod = s.pod_info.lookup(src);
+  const pod = s.pod_info.lookupElem(src);
   if (!pod) return pass(fx);
 
   // 2. Policy, egress: a denied flow loses its very first packet.
@@ -79,7 +79,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
     const r = {
-      ...emptyPath(),
+      ...zeroPath(),
       last_seen: now,
       local_ip: src,
       remote_ip: dst,
@@ -95,7 +95,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       const k = (env.random() % n) + min;
       ik.key = k;
       r.local_key = k;
-      if (s.ingress_cache.update(ik, r, 'noexist') === 0) {
+      if (s.ingress_cache.updateElem(ik, r, 'noexist') === 0) {
         e.local_key = k;
         break;
       }

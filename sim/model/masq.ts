@@ -38,7 +38,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (cfg.nic_ifindex === 0) return pass(fx);
 
   // 2. A pair fully learned: path, both keys, and the peer knows ours.
-  const e = s.egress_cache.lookup({ local_pod: h.saddr, remote_pod: h.daddr });
+  const e = s.egress_cache.lookupElem({ local_pod: h.saddr, remote_pod: h.daddr });
   if (!e) return pass(fx);
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
     fx.counters.FELL_BACK++;

@@ -5,7 +5,6 @@
  * the verifier or for GSO packets; the model's packet is one flat Buffer, so
  * those steps are no-ops here and say so.
  */
-import { bytesToIpv4, bytesToMac } from '../../dataplane/layout.ts';
 import { IP_MF, IP_OFFSET, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX } from '../../dataplane/maps.ts';
 
 export const ETH_HLEN = 14;
@@ -31,8 +30,8 @@ export interface Hdrs {
   l3: number;
   l4: number;
   end: number;
-  saddr: string;
-  daddr: string;
+  saddr: number; // the C's words (readIpv4)
+  daddr: number;
   frag: number;
   id: number; // host order here; the C keeps network order
   sport: number; // host order here; the C keeps network order, which only matters for policy keys
@@ -45,7 +44,7 @@ export interface Hdrs {
 }
 
 export function emptyHdrs(): Hdrs {
-  return { l3: 0, l4: 0, end: 0, saddr: '0.0.0.0', daddr: '0.0.0.0', frag: 0, id: 0, sport: 0, dport: 0, carrier: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
+  return { l3: 0, l4: 0, end: 0, saddr: 0, daddr: 0, frag: 0, id: 0, sport: 0, dport: 0, carrier: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
 }
 
 export function isFirstFragment(h: Hdrs): boolean {
@@ -238,44 +237,18 @@ export function csumWordDiff(diff: number, oldW: number, newW: number): number {
 }
 
 /**
- * Parsed addresses and MACs, by their text: the maps hold them as text (the
- * layout's types) and a run sees few distinct ones, so each is parsed once.
- * Bounded, so that random differential inputs cannot grow them without end.
+ * The address at pkt[at] as the C holds it: its four bytes read as a
+ * little-endian u32 (state.ts: the model's addresses are these words).
  */
-const PARSED_MAX = 1 << 16;
-const ipWords = new Map<string, number>();
-const macBytes = new Map<string, Uint8Array>();
-const macTexts = new Map<number, string>();
-const ipTexts = new Map<number, string>();
-
-function remember<K, T>(m: Map<K, T>, k: K, v: T): T {
-  if (m.size >= PARSED_MAX) m.clear();
-  m.set(k, v);
-  return v;
-}
-
-/**
- * The address at pkt[at] as the maps hold it (text). One string per distinct
- * address: its hash is computed once, for every map lookup after.
- */
-export function readIpv4(pkt: Buffer, at: number): string {
-  const n = pkt.readUInt32LE(at);
-  return ipTexts.get(n) ?? remember(ipTexts, n, bytesToIpv4(pkt, at));
-}
-
-/** An IPv4 address as the C holds it: the four bytes read as a little-endian u32. */
-export function ipWord(ip: string): number {
-  const w = ipWords.get(ip);
-  if (w !== undefined) return w;
-  const p = ip.split('.');
-  return remember(ipWords, ip, ((+p[0]) | (+p[1] << 8) | (+p[2] << 16) | (+p[3] << 24)) >>> 0);
+export function readIpv4(pkt: Buffer, at: number): number {
+  return pkt.readUInt32LE(at);
 }
 
 /**
  * C: rewrite_ipv4. Rewrites tos, ID, flags and addresses of the IPv4 header
  * at l3 and fixes its checksum; returns the address diff for the L4 pseudo header.
  */
-export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fragHost: number, saddr: string, daddr: string): number {
+export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fragHost: number, saddr: number, daddr: number): number {
   const w0 = pkt.readUInt32LE(l3);
   const w1 = pkt.readUInt32LE(l3 + 4);
   const s = pkt.readUInt32LE(l3 + 12);
@@ -284,10 +257,10 @@ export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fr
   pkt[l3 + 1] = tos;
   pkt.writeUInt16BE(id, l3 + 4);
   pkt.writeUInt16BE(fragHost, l3 + 6);
-  pkt.writeUInt32LE(ipWord(saddr), l3 + 12);
-  pkt.writeUInt32LE(ipWord(daddr), l3 + 16);
+  pkt.writeUInt32LE(saddr, l3 + 12);
+  pkt.writeUInt32LE(daddr, l3 + 16);
 
-  const addrDiff = csumWordDiff(csumWordDiff(0, s, ipWord(saddr)), d, ipWord(daddr));
+  const addrDiff = csumWordDiff(csumWordDiff(0, s, saddr), d, daddr);
   const diff = csumWordDiff(csumWordDiff(addrDiff, w0, pkt.readUInt32LE(l3)), w1, pkt.readUInt32LE(l3 + 4));
   const check = pkt.readUInt16LE(l3 + 10);
   pkt.writeUInt16LE(csumFold32(csumAdd32(diff, ~check >>> 0)), l3 + 10);
@@ -345,7 +318,7 @@ export function l4CsumOff(proto: number): number {
  * C: rewrite_packet. masq's and restore's rewrite, the carrier included
  * (h.carrier keeps the old value); 0, or -1 if a helper failed.
  */
-export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: string, srcMac: string, tos: number, fragHost: number, saddr: string, daddr: string, carrier: number): number {
+export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: number, srcMac: number, tos: number, fragHost: number, saddr: number, daddr: number, carrier: number): number {
   // Only a wide key changes the carrier, and only on a whole datagram.
   const carrierChanged = carrier !== h.carrier;
   if (carrierChanged) {
@@ -369,17 +342,11 @@ export function rewritable(h: Hdrs): boolean {
   return !isFirstFragment(h) || h.l4_ok;
 }
 
-/** The MAC at pkt[at] as the maps hold it (text), written out once per distinct MAC. */
-export function readMac(pkt: Buffer, at: number): string {
-  const n = pkt.readUIntBE(at, 6);
-  return macTexts.get(n) ?? remember(macTexts, n, bytesToMac(pkt, at));
+/** The MAC at pkt[at] as the model holds it: its six bytes as a 48-bit number, first byte highest. */
+export function readMac(pkt: Buffer, at: number): number {
+  return pkt.readUIntBE(at, 6);
 }
 
-export function writeMac(pkt: Buffer, at: number, mac: string): void {
-  let b = macBytes.get(mac);
-  if (b === undefined) {
-    const p = mac.split(':');
-    b = remember(macBytes, mac, Uint8Array.from(p, (x) => Number.parseInt(x, 16)));
-  }
-  pkt.set(b, at);
+export function writeMac(pkt: Buffer, at: number, mac: number): void {
+  pkt.writeUIntBE(mac, at, 6);
 }

@@ -6,7 +6,7 @@ import { POLICY_MAX_MASKS, PolicyField } from '../../dataplane/maps.ts';
 import type { Hdrs } from './packet.ts';
 import { TC_ACT_SHOT, type DatapathState, type RunEffects } from './state.ts';
 
-export function policyDenied(s: DatapathState, src: string, dst: string, h: Hdrs, dir: number): boolean {
+export function policyDenied(s: DatapathState, src: number, dst: number, h: Hdrs, dir: number): boolean {
   const pm = s.policy_masks;
   if (pm.count === 0) return false;
   const n = pm.count;
@@ -15,14 +15,14 @@ export function policyDenied(s: DatapathState, src: string, dst: string, h: Hdrs
     if (i >= n) break;
     const m = pm.mask[i];
     const k = {
-      src_ip: m & PolicyField.SRC_IP ? src : '0.0.0.0',
-      dst_ip: m & PolicyField.DST_IP ? dst : '0.0.0.0',
+      src_ip: m & PolicyField.SRC_IP ? src : 0,
+      dst_ip: m & PolicyField.DST_IP ? dst : 0,
       src_port: m & PolicyField.SRC_PORT ? h.sport : 0,
       dst_port: m & PolicyField.DST_PORT ? h.dport : 0,
       protocol: m & PolicyField.PROTOCOL ? h.proto : 0,
       dir,
     };
-    if (s.policy_rules.lookup(k)) return true;
+    if (s.policy_rules.lookupElem(k)) return true;
   }
   return false;
 }

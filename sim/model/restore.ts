@@ -31,7 +31,7 @@ function restoreMiss(fx: RunEffects): number {
 /** carrier: the value the pod sent (masq took a wide key only from a free one). */
 function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, carrier: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
-  const r = s.ingress_cache.lookup({ remote_host: h.saddr, key });
+  const r = s.ingress_cache.lookupElem({ remote_host: h.saddr, key });
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
   if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
 
@@ -54,7 +54,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   // 1. An overlay packet for one of our pods.
   if (loadTunnel(pkt, outer, t)) return pass(fx);
   const local = t.inner.daddr, remote = t.inner.saddr;
-  if (!s.pod_info.lookup(local)) return pass(fx);
+  if (!s.pod_info.lookupElem(local)) return pass(fx);
 
   // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
   if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);

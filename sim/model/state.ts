@@ -1,76 +1,225 @@
 /**
- * The datapath's maps as the model sees them, with the kernel's semantics:
- * a hash table refuses a new key when full (E2BIG) or when BPF_NOEXIST finds
- * the key taken (EEXIST); lookup returns the live value, so writing to it is
- * writing to the map, as with a map value pointer in C.
+ * The datapath's maps as the model sees them, with the kernel's semantics
+ * (HashTable), and what a program run reports.
  */
+import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import {
-  MAPS, COUNTER_NAMES, egressKey, ingressKey, podIp, policyKey,
+  MAPS, COUNTER_NAMES, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
   type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
-import { ipWord } from './packet.ts';
 
 export const EEXIST = -17;
 export const E2BIG = -7;
 export const ENOENT = -2;
 
+/*
+ * The model holds addresses and MACs as numbers, as the C holds their bytes:
+ * an IPv4 address is its four bytes read as a little-endian u32 (ipWord), a
+ * MAC its six bytes as a 48-bit number, first byte highest. maps.ts types the
+ * same structs with text (the layout's values); a table converts between the
+ * two at its boundary, through the layout's own bytes.
+ */
+
+/** C: struct path, as the model holds it. */
+export interface ModelPath {
+  last_seen: bigint;
+  local_mac: number;
+  remote_mac: number;
+  local_ip: number;
+  remote_ip: number;
+  ifindex: number;
+  local_key: number;
+  remote_key: number;
+  remote_ready: number;
+}
+export interface ModelPodInfo { ifindex: number; mac: number }
+export interface ModelEgressKey { local_pod: number; remote_pod: number }
+export interface ModelIngressKey { remote_host: number; key: number }
+export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: number; dst_port: number; protocol: number; dir: number }
+
 /**
- * A table's keys: their C bytes both ways, and a name for a key that is equal
- * for two keys exactly when their bytes are, built from the fields without
- * encoding them (a lookup is the model's most frequent operation): text, a
- * number where the key's bits fit in one, or two parts (a key of two
- * addresses), which name an entry in a map of maps, so that no text is built
- * per lookup. Addresses are dotted quads as bytesToIpv4 writes them; update()
- * refuses any other spelling, so a key found by its name is the key the
- * kernel finds by its bytes.
+ * A struct's values as the model holds them, to and from the C bytes: each
+ * field at the layout's offset, ipv4 and mac fields as the numbers above.
+ */
+class ModelCodec<M> {
+  private readonly fields: readonly Field[];
+
+  constructor(readonly struct: Struct<never>) {
+    this.fields = struct.fields.filter((f) => !(typeof f.type === 'object' && 'pad' in f.type));
+    for (const f of this.fields) this.byName.set(f.name, f);
+  }
+
+  toBytes(m: M): Buffer {
+    const b = Buffer.alloc(this.struct.size);
+    const v = m as Record<string, unknown>;
+    for (const f of this.fields) {
+      const x = v[f.name];
+      switch (f.type) {
+        case 'ipv4': b.writeUInt32LE(x as number, f.offset); break;
+        case 'mac': b.writeUIntBE(x as number, f.offset, 6); break;
+        case 'u8': b.writeUInt8(x as number, f.offset); break;
+        case 'u16': b.writeUInt16LE(x as number, f.offset); break;
+        case 'u32': b.writeUInt32LE(x as number, f.offset); break;
+        case 'u64': b.writeBigUInt64LE(x as bigint, f.offset); break;
+        case 'be16': b.writeUInt16BE(x as number, f.offset); break;
+        default: throw new Error(`struct ${this.struct.name}: field ${f.name} has no model form`);
+      }
+    }
+    return b;
+  }
+
+  fromBytes(b: Buffer): M {
+    const v: Record<string, unknown> = {};
+    for (const f of this.fields) {
+      switch (f.type) {
+        case 'ipv4': v[f.name] = b.readUInt32LE(f.offset); break;
+        case 'mac': v[f.name] = b.readUIntBE(f.offset, 6); break;
+        case 'u8': v[f.name] = b.readUInt8(f.offset); break;
+        case 'u16': v[f.name] = b.readUInt16LE(f.offset); break;
+        case 'u32': v[f.name] = b.readUInt32LE(f.offset); break;
+        case 'u64': v[f.name] = b.readBigUInt64LE(f.offset); break;
+        case 'be16': v[f.name] = b.readUInt16BE(f.offset); break;
+        default: throw new Error(`struct ${this.struct.name}: field ${f.name} has no model form`);
+      }
+    }
+    return v as M;
+  }
+
+  /** The layout's value (text addresses and MACs); encode validates it. */
+  fromLayout(x: unknown): M {
+    return this.fromBytes(this.struct.encode(x as never));
+  }
+
+  /** The layout's value, as decode would give it from toBytes (each field converted alone). */
+  toLayout(m: M): unknown {
+    const v: Record<string, unknown> = {};
+    const mr = m as Record<string, unknown>;
+    for (const f of this.fields) v[f.name] = layoutField(f, mr[f.name]);
+    return v;
+  }
+
+  /**
+   * The layout's value, live: reading a field reads the model's, writing one
+   * writes it (converted, a bad address or MAC refused), as writing through a
+   * map value pointer writes the map. Its own keys are the struct's fields.
+   */
+  view(m: M): unknown {
+    return new Proxy(m as object, this.viewHandler);
+  }
+
+  private readonly byName = new Map<string | symbol, Field>();
+
+  private readonly viewHandler: ProxyHandler<object> = {
+    get: (m, name) => {
+      const f = this.byName.get(name);
+      const x = (m as Record<string | symbol, unknown>)[name];
+      return f === undefined ? x : layoutField(f, x);
+    },
+    set: (m, name, x) => {
+      const f = this.byName.get(name);
+      if (f === undefined) return false;
+      (m as Record<string, unknown>)[f.name] = modelField(f, x);
+      return true;
+    },
+    getOwnPropertyDescriptor: (m, name) => {
+      const f = this.byName.get(name);
+      if (f === undefined) return Reflect.getOwnPropertyDescriptor(m, name);
+      return { value: layoutField(f, (m as Record<string, unknown>)[f.name]), writable: true, enumerable: true, configurable: true };
+    },
+  };
+}
+
+const scratch = Buffer.alloc(8);
+
+/** One field of the model's value as the layout gives it. */
+function layoutField(f: Field, x: unknown): unknown {
+  if (f.type === 'ipv4') {
+    scratch.writeUInt32LE(x as number, 0);
+    return bytesToIpv4(scratch, 0);
+  }
+  if (f.type === 'mac') {
+    scratch.writeUIntBE(x as number, 0, 6);
+    return bytesToMac(scratch, 0);
+  }
+  return x;
+}
+
+/** One field of a layout value as the model holds it. */
+function modelField(f: Field, x: unknown): unknown {
+  if (f.type === 'ipv4') {
+    ipv4ToBytes(x as string, scratch, 0);
+    return scratch.readUInt32LE(0);
+  }
+  if (f.type === 'mac') {
+    macToBytes(x as string, scratch, 0);
+    return scratch.readUIntBE(0, 6);
+  }
+  return x;
+}
+
+/**
+ * A table's keys: a name for a key that is equal for two keys exactly when
+ * their bytes are, from its numeric fields (a lookup is the model's most
+ * frequent operation): a number where the key's bits fit in one, two parts
+ * (a map of maps) for two addresses, or text.
  */
 type KeyName = string | number;
 
-interface KeyCodec<K> {
-  encode(k: K): Buffer;
-  decode(b: Buffer): K;
+interface KeyNames<MK> {
   /** The name, or its first part when there is a second. */
-  name(k: K): KeyName;
-  second?(k: K): KeyName;
+  name(k: MK): KeyName;
+  second?(k: MK): KeyName;
 }
 
-function keysOf<K>(struct: { encode(k: K): Buffer; decode(b: Buffer): K }, name: (k: K) => KeyName, second?: (k: K) => KeyName): KeyCodec<K> {
-  return { encode: (k) => struct.encode(k), decode: (b) => struct.decode(b), name, second };
-}
-
-/** The maps hold flat structs of numbers, bigints and strings: a spread copies one whole. */
+/** The maps hold flat structs of numbers and bigints: a spread copies one whole. */
 function copyOf<T>(x: T): T {
   return typeof x === 'object' ? { ...x } : x;
 }
 
-interface Entry<K, V> {
-  key: K;
-  value: V;
+interface Entry<MK, MV> {
+  key: MK;
+  value: MV;
 }
 
-export class HashTable<K, V> {
+/**
+ * A BPF hash table, with the kernel's semantics: it refuses a new key when
+ * full (E2BIG) or when BPF_NOEXIST finds the key taken (EEXIST); lookup
+ * returns the live value, so writing to it is writing to the map, as with a
+ * map value pointer in C; update copies key and value in.
+ *
+ * The programs use lookupElem, updateElem (bpf_map_lookup_elem,
+ * bpf_map_update_elem) on the model's numbers. Everyone else (the agent,
+ * the differential run, tests) uses lookup, update, delete, entries on the
+ * values maps.ts types, or the kernel's bytes (lookupBytes…): the boundary.
+ */
+export class HashTable<K, V, MK = unknown, MV = unknown> {
   /** Entries by name, or by the name's first part and then its second. */
-  private readonly m = new Map<KeyName, Entry<K, V>>();
-  private readonly m2 = new Map<KeyName, Map<KeyName, Entry<K, V>>>();
+  private readonly m = new Map<KeyName, Entry<MK, MV>>();
+  private readonly m2 = new Map<KeyName, Map<KeyName, Entry<MK, MV>>>();
   private readonly twoParts: boolean;
   private count = 0;
 
-  constructor(private readonly keyCodec: KeyCodec<K>, readonly maxEntries: number) {
-    this.twoParts = keyCodec.second !== undefined;
+  constructor(
+    private readonly names: KeyNames<MK>,
+    private readonly keys: { toBytes(k: MK): Buffer; fromBytes(b: Buffer): MK; fromLayout(k: K): MK; toLayout(k: MK): K },
+    private readonly values: ModelCodec<MV>,
+    readonly maxEntries: number,
+  ) {
+    this.twoParts = names.second !== undefined;
   }
 
-  private second(key: K): KeyName {
-    return this.keyCodec.second!(key);
+  private second(key: MK): KeyName {
+    return this.names.second!(key);
   }
 
-  private find(key: K): Entry<K, V> | undefined {
-    const first = this.keyCodec.name(key);
+  private find(key: MK): Entry<MK, MV> | undefined {
+    const first = this.names.name(key);
     return this.twoParts ? this.m2.get(first)?.get(this.second(key)) : this.m.get(first);
   }
 
-  private put(key: K, e: Entry<K, V>): void {
-    const first = this.keyCodec.name(key);
+  private put(key: MK, e: Entry<MK, MV>): void {
+    const first = this.names.name(key);
     if (!this.twoParts) {
       this.m.set(first, e);
       return;
@@ -80,20 +229,24 @@ export class HashTable<K, V> {
     inner.set(this.second(key), e);
   }
 
+  private all(): Iterable<Entry<MK, MV>> {
+    if (!this.twoParts) return this.m.values();
+    return [...this.m2.values()].flatMap((inner) => [...inner.values()]);
+  }
+
   get size(): number {
     return this.count;
   }
 
-  lookup(key: K): V | undefined {
+  // ---- the programs' side: the model's numbers ----
+
+  /** bpf_map_lookup_elem: the live value. */
+  lookupElem(key: MK): MV | undefined {
     return this.find(key)?.value;
   }
 
-  /**
-   * bpf_map_update_elem: 0, or a negative errno as the kernel returns it. The
-   * map keeps copies, as the kernel copies key and value in: a caller changing
-   * its objects afterwards does not change the map.
-   */
-  update(key: K, value: V, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
+  /** bpf_map_update_elem: 0, or a negative errno as the kernel returns it. */
+  updateElem(key: MK, value: MV, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
     const old = this.find(key);
     if (old && flag === 'noexist') return EEXIST;
     if (!old && flag === 'exist') return ENOENT;
@@ -102,23 +255,13 @@ export class HashTable<K, V> {
       old.value = copyOf(value);
       return 0;
     }
-    this.checkSpelling(key);
     this.put(key, { key: copyOf(key), value: copyOf(value) });
     this.count++;
     return 0;
   }
 
-  /** The key through its C bytes and back must have the same name (encode also throws on a bad field). */
-  private checkSpelling(key: K): void {
-    const canonical = this.keyCodec.decode(this.keyCodec.encode(key));
-    const c = this.keyCodec;
-    if (c.name(canonical) !== c.name(key) || (this.twoParts && this.second(canonical) !== this.second(key))) {
-      throw new Error(`map key ${JSON.stringify(key)} is not spelt as its bytes decode (${JSON.stringify(canonical)}); write addresses as plain dotted quads`);
-    }
-  }
-
-  delete(key: K): boolean {
-    const first = this.keyCodec.name(key);
+  deleteElem(key: MK): boolean {
+    const first = this.names.name(key);
     let gone: boolean;
     if (!this.twoParts) gone = this.m.delete(first);
     else {
@@ -130,59 +273,115 @@ export class HashTable<K, V> {
     return gone;
   }
 
-  private all(): Iterable<Entry<K, V>> {
-    if (!this.twoParts) return this.m.values();
-    return [...this.m2.values()].flatMap((inner) => [...inner.values()]);
+  // ---- the boundary: maps.ts values (text addresses and MACs) ----
+
+  /** The live value, as maps.ts types it: writing a field writes the map. */
+  lookup(key: K): V | undefined {
+    const v = this.lookupElem(this.keys.fromLayout(key));
+    return v === undefined ? undefined : (this.values.view(v) as V);
   }
 
+  /** The layout validates key and value (a bad address or field throws). */
+  update(key: K, value: V, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
+    return this.updateElem(this.keys.fromLayout(key), this.values.fromLayout(value), flag);
+  }
+
+  delete(key: K): boolean {
+    return this.deleteElem(this.keys.fromLayout(key));
+  }
+
+  /** Copies of every entry, as maps.ts types them. */
   entries(): Array<[K, V]> {
-    return [...this.all()].map((e) => [e.key, e.value]);
+    return [...this.all()].map((e) => [this.keys.toLayout(e.key), this.values.toLayout(e.value) as V]);
   }
 
-  clone(): HashTable<K, V> {
-    const c = new HashTable<K, V>(this.keyCodec, this.maxEntries);
+  // ---- the boundary: the kernel's bytes (the agent reads maps this way) ----
+
+  lookupBytes(key: Buffer): Buffer | undefined {
+    const v = this.lookupElem(this.keys.fromBytes(key));
+    return v === undefined ? undefined : this.values.toBytes(v);
+  }
+
+  updateBytes(key: Buffer, value: Buffer, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
+    return this.updateElem(this.keys.fromBytes(key), this.values.fromBytes(value), flag);
+  }
+
+  deleteBytes(key: Buffer): boolean {
+    return this.deleteElem(this.keys.fromBytes(key));
+  }
+
+  entriesBytes(): Array<[Buffer, Buffer]> {
+    return [...this.all()].map((e) => [this.keys.toBytes(e.key), this.values.toBytes(e.value)]);
+  }
+
+  clone(): HashTable<K, V, MK, MV> {
+    const c = new HashTable<K, V, MK, MV>(this.names, this.keys, this.values, this.maxEntries);
     for (const e of this.all()) c.put(e.key, { key: copyOf(e.key), value: copyOf(e.value) });
     c.count = this.count;
     return c;
   }
 }
 
+/** A struct key's codec, the key being the struct itself. */
+function structKeys<K, MK>(struct: Struct<never>): { toBytes(k: MK): Buffer; fromBytes(b: Buffer): MK; fromLayout(k: K): MK; toLayout(k: MK): K } {
+  const c = new ModelCodec<MK>(struct);
+  return { toBytes: (k) => c.toBytes(k), fromBytes: (b) => c.fromBytes(b), fromLayout: (k) => c.fromLayout(k), toLayout: (k) => c.toLayout(k) as K };
+}
+
+/** pod_info's key: struct pod_ip, which maps.ts gives as its one field, the address text; the model as its word. */
+function podIpKeys(): { toBytes(k: number): Buffer; fromBytes(b: Buffer): number; fromLayout(k: string): number; toLayout(k: number): string } {
+  const c = new ModelCodec<{ ip: number }>(podIp as unknown as Struct<never>);
+  return {
+    toBytes: (ip) => c.toBytes({ ip }), fromBytes: (b) => c.fromBytes(b).ip,
+    fromLayout: (ip) => c.fromLayout({ ip }).ip, toLayout: (ip) => (c.toLayout({ ip }) as { ip: string }).ip,
+  };
+}
+
 /** Everything the programs read or write, plus what they report. */
 export interface DatapathState {
-  pod_info: HashTable<string, PodInfo>;
-  egress_cache: HashTable<EgressKey, Path>;
-  ingress_cache: HashTable<IngressKey, Path>;
+  pod_info: HashTable<string, PodInfo, number, ModelPodInfo>;
+  egress_cache: HashTable<EgressKey, Path, ModelEgressKey, ModelPath>;
+  ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
   config: Config;
-  policy_rules: HashTable<PolicyKey, PolicyRule>;
+  policy_rules: HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
   policy_masks: PolicyMasks;
 }
 
 /** C: egress_lookup_or_create. Undefined when the table is full. */
-export function egressLookupOrCreate(s: DatapathState, ek: EgressKey): Path | undefined {
-  const e = s.egress_cache.lookup(ek);
+export function egressLookupOrCreate(s: DatapathState, ek: ModelEgressKey): ModelPath | undefined {
+  const e = s.egress_cache.lookupElem(ek);
   if (e) return e;
-  s.egress_cache.update(ek, emptyPath(), 'noexist');
-  return s.egress_cache.lookup(ek);
+  s.egress_cache.updateElem(ek, zeroPath(), 'noexist');
+  return s.egress_cache.lookupElem(ek);
 }
 
+/** A zeroed struct path, as the model holds it. */
+export function zeroPath(): ModelPath {
+  return { last_seen: 0n, local_mac: 0, remote_mac: 0, local_ip: 0, remote_ip: 0, ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0 };
+}
+
+/** A zeroed struct path, as maps.ts types it (for callers at the boundary). */
 export function emptyPath(): Path {
-  return {
-    last_seen: 0n, local_mac: '00:00:00:00:00:00', remote_mac: '00:00:00:00:00:00',
-    local_ip: '0.0.0.0', remote_ip: '0.0.0.0', ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0,
-  };
+  return path.zero();
 }
 
 export interface Sizes { pods: number; paths: number; rules: number }
 
+const asStruct = (s: unknown) => s as Struct<never>;
+
 export function emptyState(sizes: Sizes): DatapathState {
+  const paths = new ModelCodec<ModelPath>(asStruct(path));
   return {
-    pod_info: new HashTable<string, PodInfo>({ encode: (ip) => podIp.encode({ ip }), decode: (b) => podIp.decode(b).ip, name: (ip) => ip }, sizes.pods),
-    egress_cache: new HashTable<EgressKey, Path>(keysOf(egressKey, (k) => k.local_pod, (k) => k.remote_pod), sizes.paths),
-    // 48 bits: init draws up to KEY_TRIES keys per packet, and a number is cheaper to hash than text.
-    ingress_cache: new HashTable<IngressKey, Path>(keysOf(ingressKey, (k) => ipWord(k.remote_host) * 0x10000 + k.key), sizes.paths),
+    pod_info: new HashTable({ name: (ip) => ip }, podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
+    egress_cache: new HashTable<EgressKey, Path, ModelEgressKey, ModelPath>(
+      { name: (k) => k.local_pod, second: (k) => k.remote_pod }, structKeys(asStruct(egressKey)), paths, sizes.paths),
+    // 48 bits: init draws up to KEY_TRIES keys per packet.
+    ingress_cache: new HashTable<IngressKey, Path, ModelIngressKey, ModelPath>(
+      { name: (k) => k.remote_host * 0x10000 + k.key }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
-    policy_rules: new HashTable<PolicyKey, PolicyRule>(
-      keysOf(policyKey, (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`), sizes.rules),
+    policy_rules: new HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
+      { name: (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}` },
+      structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
   };
 }
