@@ -375,9 +375,10 @@ export function emptyState(sizes: Sizes): DatapathState {
     pod_info: new HashTable({ name: (ip) => ip }, podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
     egress_cache: new HashTable<EgressKey, Path, ModelEgressKey, ModelPath>(
       { name: (k) => k.local_pod, second: (k) => k.remote_pod }, structKeys(asStruct(egressKey)), paths, sizes.paths),
-    // 48 bits: init draws up to KEY_TRIES keys per packet.
+    // Two parts, each a small integer, rather than one 48-bit number (which
+    // would be a heap number per lookup): init draws up to KEY_TRIES keys a packet.
     ingress_cache: new HashTable<IngressKey, Path, ModelIngressKey, ModelPath>(
-      { name: (k) => k.remote_host * 0x10000 + k.key }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
+      { name: (k) => k.remote_host, second: (k) => k.key }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
     policy_rules: new HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
       { name: (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}` },
