@@ -18,7 +18,7 @@ import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -40,6 +40,33 @@ export interface Pod {
   deletedAt?: number;
 }
 
+/**
+ * What the kernel gives a host's programs: its clock and random draws. The
+ * clock is a bigint in the model's API: it is made when a program reads it,
+ * once per instant (a packet's hooks on one host run at one instant).
+ */
+class HostEnv implements Env {
+  /** Simulated time, ns. */
+  t = 0;
+  private madeFor = -1;
+  private made = 0n;
+  readonly vlanPresent = false;
+
+  constructor(private readonly rng: Rng) {}
+
+  get now(): bigint {
+    if (this.madeFor !== this.t) {
+      this.madeFor = this.t;
+      this.made = BigInt(Math.round(this.t));
+    }
+    return this.made;
+  }
+
+  random(): number {
+    return this.rng.u32();
+  }
+}
+
 export class Host {
   readonly addr: HostAddresses;
   readonly ip: number;
@@ -47,7 +74,7 @@ export class Host {
   readonly vtepMac: Buffer;
   readonly cniMac: Buffer;
   readonly state: DatapathState;
-  readonly env: Env;
+  readonly env: HostEnv;
   readonly agent: SimAgent;
   readonly podsByIp = new Map<number, Pod>();
   readonly podsByIfindex = new Map<number, Pod>();
@@ -64,8 +91,6 @@ export class Host {
   private nextIfindex = FIRST_VETH_IFINDEX;
   private readonly freeIfindex: number[] = [];
   ipId = 0;
-  /** The simulated time env.now was last set for. */
-  envAt = -1;
 
   constructor(readonly index: number, scheme: KeyScheme, sc: Scenario, faults: AgentFaults, rng: Rng) {
     this.addr = hostAddresses(index);
@@ -75,7 +100,7 @@ export class Host {
     this.cniMac = macBytes(this.addr.cniMac);
     this.state = scheme.newState();
     this.state.config.nic_ifindex = NIC_IFINDEX;
-    this.env = { now: 0n, random: () => rng.u32(), vlanPresent: false };
+    this.env = new HostEnv(rng);
     this.agent = new SimAgent(this.state, sc.timing, faults);
   }
 
@@ -425,7 +450,7 @@ export class Cluster {
     const slot = this.pool.take(tpl.frame.length);
     const frame = slot.inner;
     frame.set(tpl.frame);
-    frame.set(pod.mac, 6);
+    putMac(frame, 6, pod.mac);
     const id = this.nextPacketId++;
     writePacketId(frame, tpl.idOffset, id);
     const cross = from.host !== to.host;
@@ -448,8 +473,8 @@ export class Cluster {
     if (subnetHost(dstIp, this.hosts.length) === src.index) {
       const peer = src.podsByIp.get(dstIp);
       if (!peer) return this.drop(rec, 'no-neighbour');
-      frame.set(peer.mac, 0);
-    } else frame.set(src.cniMac, 0);
+      putMac(frame, 0, peer.mac);
+    } else putMac(frame, 0, src.cniMac);
     this.podEgress(src, pod, rec, flow);
   }
 
@@ -482,11 +507,7 @@ export class Cluster {
 
   /** Runs a program on the packet's frame, in place; its effects are in h.fx. */
   private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', rec: PacketRecord): number {
-    // A packet's hooks on one host run at one instant: the bigint clock is made once for them.
-    if (h.envAt !== this.now) {
-      h.envAt = this.now;
-      h.env.now = BigInt(Math.round(this.now));
-    }
+    h.env.t = this.now;
     const fx = h.fx, c = fx.counters;
     const policyDrops = c.POLICY_DROP, misses = c.RESTORE_MISS;
     const before = this.trace ? { ...c } : undefined;
@@ -543,15 +564,15 @@ export class Cluster {
     if (g === h.index) {
       const p = h.podsByIp.get(dst);
       if (!p) return this.drop(rec, 'no-neighbour');
-      frame.set(h.cniMac, 6);
-      frame.set(p.mac, 0);
+      putMac(frame, 6, h.cniMac);
+      putMac(frame, 0, p.mac);
       this.stats.delivered.local++;
       return this.deliverToPod(h, p, rec, frame);
     }
     // flannel.1: the inner frame goes from our VTEP MAC to theirs (neighbour entry), to their host IP (FDB).
     const peer = this.hosts[g];
-    frame.set(h.vtepMac, 6);
-    frame.set(peer.vtepMac, 0);
+    putMac(frame, 6, h.vtepMac);
+    putMac(frame, 0, peer.vtepMac);
     // Encapsulation in the slot's headroom: the pod frame stays where it is.
     if (frame !== rec.slot.inner) throw new Error(`packet ${rec.id}: a pod frame to encapsulate is not at the start of its slot`);
     vxlanEncapHeader(rec.slot.outer, h.encapTo[g], h.ipId++);
@@ -614,8 +635,8 @@ export class Cluster {
     const p = h.podsByIp.get(dst);
     if (!p) return this.drop(rec, 'no-neighbour');
     if (!decreaseTtl(inner, L3)) return this.drop(rec, 'ttl-exceeded');
-    inner.set(h.cniMac, 6);
-    inner.set(p.mac, 0);
+    putMac(inner, 6, h.cniMac);
+    putMac(inner, 0, p.mac);
     this.stats.delivered.overlay++;
     this.deliverToPod(h, p, rec, inner);
   }
