@@ -344,9 +344,16 @@ export function rewritable(h: Hdrs): boolean {
 
 /** The MAC at pkt[at] as the model holds it: its six bytes as a 48-bit number, first byte highest. */
 export function readMac(pkt: Buffer, at: number): number {
-  return pkt.readUIntBE(at, 6);
+  // Two 24-bit halves: readUIntBE validates its arguments on every call.
+  return ((pkt[at] << 16) | (pkt[at + 1] << 8) | pkt[at + 2]) * 0x1000000 + ((pkt[at + 3] << 16) | (pkt[at + 4] << 8) | pkt[at + 5]);
 }
 
 export function writeMac(pkt: Buffer, at: number, mac: number): void {
-  pkt.writeUIntBE(mac, at, 6);
+  const hi = Math.floor(mac / 0x1000000), lo = mac % 0x1000000;
+  pkt[at] = hi >>> 16;
+  pkt[at + 1] = hi >>> 8;
+  pkt[at + 2] = hi;
+  pkt[at + 3] = lo >>> 16;
+  pkt[at + 4] = lo >>> 8;
+  pkt[at + 5] = lo;
 }

@@ -213,9 +213,21 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
     return this.names.second!(key);
   }
 
+  /** The inner map of the last first part looked up: init's key draws look up one remote host up to KEY_TRIES times. */
+  private lastFirst: KeyName | undefined;
+  private lastInner: Map<KeyName, Entry<MK, MV>> | undefined;
+
+  private inner(first: KeyName): Map<KeyName, Entry<MK, MV>> | undefined {
+    if (first !== this.lastFirst) {
+      this.lastFirst = first;
+      this.lastInner = this.m2.get(first);
+    }
+    return this.lastInner;
+  }
+
   private find(key: MK): Entry<MK, MV> | undefined {
     const first = this.names.name(key);
-    return this.twoParts ? this.m2.get(first)?.get(this.second(key)) : this.m.get(first);
+    return this.twoParts ? this.inner(first)?.get(this.second(key)) : this.m.get(first);
   }
 
   private put(key: MK, e: Entry<MK, MV>): void {
@@ -224,8 +236,11 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
       this.m.set(first, e);
       return;
     }
-    let inner = this.m2.get(first);
-    if (inner === undefined) this.m2.set(first, (inner = new Map()));
+    let inner = this.inner(first);
+    if (inner === undefined) {
+      this.m2.set(first, (inner = new Map()));
+      this.lastInner = inner;
+    }
     inner.set(this.second(key), e);
   }
 
@@ -265,9 +280,12 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
     let gone: boolean;
     if (!this.twoParts) gone = this.m.delete(first);
     else {
-      const inner = this.m2.get(first);
+      const inner = this.inner(first);
       gone = inner !== undefined && inner.delete(this.second(key));
-      if (gone && inner!.size === 0) this.m2.delete(first);
+      if (gone && inner!.size === 0) {
+        this.m2.delete(first);
+        this.lastInner = undefined;
+      }
     }
     if (gone) this.count--;
     return gone;
