@@ -170,6 +170,43 @@ interface KeyNames<MK> {
   /** The name, or its first part when there is a second. */
   name(k: MK): KeyName;
   second?(k: MK): KeyName;
+  /** The second part is a small non-negative integer (a u16): entries under a first part are then an array indexed by it. */
+  secondIsIndex?: boolean;
+}
+
+/** The entries under one first part: a Map, or an IndexMap. */
+interface Inner<E> {
+  readonly size: number;
+  get(k: KeyName): E | undefined;
+  set(k: KeyName, e: E): unknown;
+  delete(k: KeyName): boolean;
+  values(): Iterable<E>;
+}
+
+/** A map from small non-negative integers to entries, as an array: no hashing per lookup. */
+class IndexMap<E> implements Inner<E> {
+  private readonly a: Array<E | undefined> = [];
+  size = 0;
+
+  get(k: KeyName): E | undefined {
+    return this.a[k as number];
+  }
+
+  set(k: KeyName, e: E): void {
+    if (this.a[k as number] === undefined) this.size++;
+    this.a[k as number] = e;
+  }
+
+  delete(k: KeyName): boolean {
+    if (this.a[k as number] === undefined) return false;
+    this.a[k as number] = undefined;
+    this.size--;
+    return true;
+  }
+
+  values(): E[] {
+    return this.a.filter((e): e is E => e !== undefined);
+  }
 }
 
 /** The maps hold flat structs of numbers and bigints: a spread copies one whole. */
@@ -196,7 +233,7 @@ interface Entry<MK, MV> {
 export class HashTable<K, V, MK = unknown, MV = unknown> {
   /** Entries by name, or by the name's first part and then its second. */
   private readonly m = new Map<KeyName, Entry<MK, MV>>();
-  private readonly m2 = new Map<KeyName, Map<KeyName, Entry<MK, MV>>>();
+  private readonly m2 = new Map<KeyName, Inner<Entry<MK, MV>>>();
   private readonly twoParts: boolean;
   private count = 0;
 
@@ -215,9 +252,9 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
 
   /** The inner map of the last first part looked up: init's key draws look up one remote host up to KEY_TRIES times. */
   private lastFirst: KeyName | undefined;
-  private lastInner: Map<KeyName, Entry<MK, MV>> | undefined;
+  private lastInner: Inner<Entry<MK, MV>> | undefined;
 
-  private inner(first: KeyName): Map<KeyName, Entry<MK, MV>> | undefined {
+  private inner(first: KeyName): Inner<Entry<MK, MV>> | undefined {
     if (first !== this.lastFirst) {
       this.lastFirst = first;
       this.lastInner = this.m2.get(first);
@@ -238,7 +275,7 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
     }
     let inner = this.inner(first);
     if (inner === undefined) {
-      this.m2.set(first, (inner = new Map()));
+      this.m2.set(first, (inner = this.names.secondIsIndex ? new IndexMap() : new Map()));
       this.lastInner = inner;
     }
     inner.set(this.second(key), e);
@@ -393,10 +430,9 @@ export function emptyState(sizes: Sizes): DatapathState {
     pod_info: new HashTable({ name: (ip) => ip }, podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
     egress_cache: new HashTable<EgressKey, Path, ModelEgressKey, ModelPath>(
       { name: (k) => k.local_pod, second: (k) => k.remote_pod }, structKeys(asStruct(egressKey)), paths, sizes.paths),
-    // Two parts, each a small integer, rather than one 48-bit number (which
-    // would be a heap number per lookup): init draws up to KEY_TRIES keys a packet.
+    // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
     ingress_cache: new HashTable<IngressKey, Path, ModelIngressKey, ModelPath>(
-      { name: (k) => k.remote_host, second: (k) => k.key }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
+      { name: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
     policy_rules: new HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
       { name: (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}` },
