@@ -2,7 +2,10 @@
  * What else crosses the wire while XMasq is on: host traffic carrying ECN-CE
  * and a DSCP equal to a live key (the original XMasq restored such packets
  * into a pod), and malformed or unusual frames, many forged to carry our
- * marker and a live key. None may reach a pod; nothing may break.
+ * marker and a live key. None may reach a pod; nothing may break. The agents
+ * run with narrow keys (--wide-keys off), whose DSCP is what the original's
+ * flaw was about; host packets whose carrier equals a live wide key are
+ * fixtures (restore-host-tcp-urgent-equal-live-wide-key-passes).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
@@ -25,7 +28,7 @@ let liveKey: number;
 
 beforeAll(async () => {
   const runDir = `/run/xmasq-wire-${name}`;
-  ({ lab, agents } = await upWithAgents({ name, runDir, agentArgs: [] }));
+  ({ lab, agents } = await upWithAgents({ name, runDir, agentArgs: ['--wide-keys', 'off'] }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
   const ping = await lab.exec(a, 'ping', ['-c', '3', '-i', '0.2', '-W', '2', b.ip]);
