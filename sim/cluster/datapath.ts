@@ -2,8 +2,8 @@
  * The datapath the simulated hosts run, as a swappable key scheme: the study
  * and the benchmark take one by name. '6-bit' is the datapath of sim/model
  * with narrow keys only (1..63 per host pair, drawn at random); 'wide' the
- * same programs with the agent's --wide-keys on (config flag WIDE_KEYS: a TCP
- * pair gets a 16-bit key); 'overlay' runs no XMasq at all (every program
+ * same programs with the agent's --wide-keys on (config flag WIDE_KEYS: every
+ * pair gets a 14-bit key); 'overlay' runs no XMasq at all (every program
  * passes), the baseline the fast path is measured against.
  */
 import { ConfigFlag, MAX_ENTRIES } from '../../dataplane/maps.ts';
