@@ -18,7 +18,7 @@ import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, get16, get32, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -557,7 +557,7 @@ export class Cluster {
   /** Host routing of a pod packet: to a local pod through cni0, to another host's pod subnet through flannel.1. */
   private route(h: Host, rec: PacketRecord): void {
     const frame = rec.frame;
-    const dst = frame.readUInt32BE(L3 + 16);
+    const dst = get32(frame, L3 + 16);
     const g = subnetHost(dst, this.hosts.length);
     if (g < 0) return this.drop(rec, 'no-route');
     if (!decreaseTtl(frame, L3)) return this.drop(rec, 'ttl-exceeded');
@@ -616,9 +616,9 @@ export class Cluster {
 
   private hostStack(h: Host, rec: PacketRecord): void {
     const frame = rec.frame;
-    if (!dstMacIs(frame, h.nicMac) || frame.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
+    if (!dstMacIs(frame, h.nicMac) || get16(frame, 12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
     if (!ipHeaderValid(frame, L3)) return this.drop(rec, 'bad-ip-checksum');
-    if (frame.readUInt32BE(L3 + 16) !== h.ip) return this.drop(rec, 'not-for-this-host');
+    if (get32(frame, L3 + 16) !== h.ip) return this.drop(rec, 'not-for-this-host');
     const inner = vxlanDecap(frame, rec.slot);
     if (!inner) {
       this.stats.delivered.host++;
@@ -628,9 +628,9 @@ export class Cluster {
       return;
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
-    if (!dstMacIs(inner, h.vtepMac) || inner.readUInt16BE(12) !== 0x0800) return this.drop(rec, 'vxlan-not-for-vtep');
+    if (!dstMacIs(inner, h.vtepMac) || get16(inner, 12) !== 0x0800) return this.drop(rec, 'vxlan-not-for-vtep');
     if (!ipHeaderValid(inner, L3)) return this.drop(rec, 'bad-ip-checksum');
-    const dst = inner.readUInt32BE(L3 + 16);
+    const dst = get32(inner, L3 + 16);
     if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(rec, 'no-route');
     const p = h.podsByIp.get(dst);
     if (!p) return this.drop(rec, 'no-neighbour');

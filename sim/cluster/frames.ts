@@ -10,6 +10,25 @@ export const VXLAN_OVERHEAD = 50;
 const UDP_SPORT_MIN = 32768;
 const UDP_SPORT_RANGE = 61000 - 32768;
 
+/*
+ * Reads and writes of frame fields, network order. Buffer's readUInt16BE and
+ * the like validate their arguments through several calls per read; these
+ * check only that the bytes are in the frame (and throw as Buffer's do).
+ */
+function inFrame(f: Uint8Array, at: number, n: number): void {
+  if (!(at >= 0 && at + n <= f.length)) throw new RangeError(`${n} bytes at ${at} outside a ${f.length}-byte frame`);
+}
+
+export function get16(f: Uint8Array, at: number): number {
+  inFrame(f, at, 2);
+  return (f[at] << 8) | f[at + 1];
+}
+
+export function get32(f: Uint8Array, at: number): number {
+  inFrame(f, at, 4);
+  return ((f[at] << 24) | (f[at + 1] << 16) | (f[at + 2] << 8) | f[at + 3]) >>> 0;
+}
+
 /** Writes a MAC at f[at] (six stores: a TypedArray set() call costs more for six bytes). */
 export function putMac(f: Uint8Array, at: number, mac: Uint8Array): void {
   f[at] = mac[0];
@@ -29,9 +48,9 @@ export function dstMacIs(f: Uint8Array, mac: Uint8Array): boolean {
 export function decreaseTtl(f: Buffer, l3: number): boolean {
   if (f[l3 + 8] <= 1) return false;
   f[l3 + 8]--;
-  let c = f.readUInt16BE(l3 + 10) + 0x0100;
+  let c = get16(f, l3 + 10) + 0x0100;
   c = (c & 0xffff) + (c >>> 16);
-  f.writeUInt16BE(c, l3 + 10);
+  put16(f, l3 + 10, c);
   return true;
 }
 
@@ -103,7 +122,7 @@ export function vxlanEncapHeader(out: Buffer, o: Encap, ipId: number): void {
   put32(out, udp + 12, VXLAN_VNI << 8);
 }
 
-function put16(f: Buffer, at: number, v: number): void {
+export function put16(f: Buffer, at: number, v: number): void {
   f[at] = v >>> 8;
   f[at + 1] = v;
 }
@@ -138,10 +157,10 @@ export function vxlanDecap(f: Buffer, slot?: FrameSlot): Buffer | undefined {
   const ihl = (f[l3] & 0x0f) * 4;
   const udp = l3 + ihl;
   if (f[l3 + 9] !== 17 || udp + 16 > f.length) return undefined;
-  if (f.readUInt16BE(udp + 2) !== VXLAN_PORT) return undefined;
-  const ulen = f.readUInt16BE(udp + 4);
+  if (get16(f, udp + 2) !== VXLAN_PORT) return undefined;
+  const ulen = get16(f, udp + 4);
   if (ulen < 16 + ETH_HLEN || udp + ulen > f.length) return undefined;
-  if (!(f[udp + 8] & 0x08) || (f.readUInt32BE(udp + 12) >>> 8) !== VXLAN_VNI) return undefined;
+  if (!(f[udp + 8] & 0x08) || (get32(f, udp + 12) >>> 8) !== VXLAN_VNI) return undefined;
   if (slot !== undefined && f === slot.outer && udp + 16 === VXLAN_OVERHEAD && udp + ulen === f.length) return slot.inner;
   return f.subarray(udp + 16, udp + ulen);
 }
@@ -203,16 +222,16 @@ export function payloadOffset(f: Buffer, l3: number): number {
  */
 export function writePacketId(f: Buffer, off: number, id: number): void {
   const hi = id >>> 16, lo = id & 0xffff;
-  f.writeUInt16BE(hi, off);
-  f.writeUInt16BE(lo, off + 2);
-  f.writeUInt16BE(~hi & 0xffff, off + 4);
-  f.writeUInt16BE(~lo & 0xffff, off + 6);
+  put16(f, off, hi);
+  put16(f, off + 2, lo);
+  put16(f, off + 4, ~hi & 0xffff);
+  put16(f, off + 6, ~lo & 0xffff);
 }
 
 /** The id at off, or -1 when the four words do not hold together. */
 export function readPacketId(f: Buffer, off: number): number {
-  const hi = f.readUInt16BE(off), lo = f.readUInt16BE(off + 2);
-  if (f.readUInt16BE(off + 4) !== (~hi & 0xffff) || f.readUInt16BE(off + 6) !== (~lo & 0xffff)) return -1;
+  const hi = get16(f, off), lo = get16(f, off + 2);
+  if (get16(f, off + 4) !== (~hi & 0xffff) || get16(f, off + 6) !== (~lo & 0xffff)) return -1;
   return ((hi << 16) | lo) >>> 0;
 }
 

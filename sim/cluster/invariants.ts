@@ -6,7 +6,7 @@
  * (and the header checksum that covers it), in the right place.
  */
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
-import { dstMacIs, ipHeaderValid, payloadOffset, readPacketId, type FrameSlot } from './frames.ts';
+import { dstMacIs, get32, ipHeaderValid, payloadOffset, readPacketId, type FrameSlot } from './frames.ts';
 
 /** What a packet was sent as: its frame but for the id words, which start at idOffset. */
 export interface Sent {
@@ -180,8 +180,8 @@ export class Checker {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
       return false;
     }
-    if (f.readUInt32BE(L3 + 16) !== pod.ip || rec.dstIp !== pod.ip) {
-      this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(f.readUInt32BE(L3 + 16))}`, rec);
+    if (get32(f, L3 + 16) !== pod.ip || rec.dstIp !== pod.ip) {
+      this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(get32(f, L3 + 16))}`, rec);
       return false;
     }
     if (!dstMacIs(f, pod.mac)) {
