@@ -53,6 +53,32 @@ export function le32(pkt: Buffer, at: number): number {
   return (pkt[at] | (pkt[at + 1] << 8) | (pkt[at + 2] << 16) | (pkt[at + 3] << 24)) >>> 0;
 }
 
+/** Writes, checked as Buffer's writeUInt16BE and the like check them: the bytes in the packet, the value in range. */
+function fits(pkt: Buffer, at: number, n: number, v: number, max: number): void {
+  inBounds(pkt, at, n);
+  if (!(v >= 0 && v <= max && Number.isInteger(v))) throw new RangeError(`value ${v} does not fit ${n} bytes`);
+}
+
+export function putBe16(pkt: Buffer, at: number, v: number): void {
+  fits(pkt, at, 2, v, 0xffff);
+  pkt[at] = v >>> 8;
+  pkt[at + 1] = v;
+}
+
+export function putLe16(pkt: Buffer, at: number, v: number): void {
+  fits(pkt, at, 2, v, 0xffff);
+  pkt[at] = v;
+  pkt[at + 1] = v >>> 8;
+}
+
+export function putLe32(pkt: Buffer, at: number, v: number): void {
+  fits(pkt, at, 4, v, 0xffffffff);
+  pkt[at] = v;
+  pkt[at + 1] = v >>> 8;
+  pkt[at + 2] = v >>> 16;
+  pkt[at + 3] = v >>> 24;
+}
+
 /** What the programs know about one IPv4 datagram (C: struct hdrs). */
 export interface Hdrs {
   l3: number;
@@ -283,15 +309,15 @@ export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fr
   const d = le32(pkt, l3 + 16);
 
   pkt[l3 + 1] = tos;
-  pkt.writeUInt16BE(id, l3 + 4);
-  pkt.writeUInt16BE(fragHost, l3 + 6);
-  pkt.writeUInt32LE(saddr, l3 + 12);
-  pkt.writeUInt32LE(daddr, l3 + 16);
+  putBe16(pkt, l3 + 4, id);
+  putBe16(pkt, l3 + 6, fragHost);
+  putLe32(pkt, l3 + 12, saddr);
+  putLe32(pkt, l3 + 16, daddr);
 
   const addrDiff = csumWordDiff(csumWordDiff(0, s, saddr), d, daddr);
   const diff = csumWordDiff(csumWordDiff(addrDiff, w0, le32(pkt, l3)), w1, le32(pkt, l3 + 4));
   const check = le16(pkt, l3 + 10);
-  pkt.writeUInt16LE(csumFold32(csumAdd32(diff, ~check >>> 0)), l3 + 10);
+  putLe16(pkt, l3 + 10, csumFold32(csumAdd32(diff, ~check >>> 0)));
   return addrDiff;
 }
 
@@ -306,7 +332,7 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
   if (markMangled0 && sum === 0) return;
   let next = csumFold32(csumAdd32(diff, ~sum >>> 0));
   if (markMangled0 && next === 0) next = 0xffff;
-  pkt.writeUInt16LE(next, off);
+  putLe16(pkt, off, next);
 }
 
 /**
@@ -322,7 +348,7 @@ export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHos
   const tmp = csumAdd32(~sum >>> 0, ~be(fromHost) >>> 0);
   let next = csumFold32(csumAdd32(tmp, be(toHost)));
   if (markMangled0 && next === 0) next = 0xffff;
-  pkt.writeUInt16LE(next, off);
+  putLe16(pkt, off, next);
 }
 
 /** C: fix_l4_checksum. */
@@ -352,7 +378,7 @@ export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: number, srcMac: numb
   if (carrierChanged) {
     const at = h.l4 + carrierOff(h.proto);
     if (at > MAX_HDR_OFF + TCP_URG_PTR_OFF) return -1;
-    pkt.writeUInt16BE(carrier, at);
+    putBe16(pkt, at, carrier);
   }
   writeMac(pkt, 0, dstMac);
   writeMac(pkt, 6, srcMac);

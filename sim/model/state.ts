@@ -170,7 +170,7 @@ interface KeyNames<MK> {
   /** The name, or its first part when there is a second. */
   name(k: MK): KeyName;
   second?(k: MK): KeyName;
-  /** The second part is a small non-negative integer (a u16): entries under a first part are then an array indexed by it. */
+  /** The second part is a non-negative integer (a u16 key): entries under a first part are then an IndexMap. */
   secondIsIndex?: boolean;
 }
 
@@ -183,21 +183,38 @@ interface Inner<E> {
   values(): Iterable<E>;
 }
 
-/** A map from small non-negative integers to entries, as an array: no hashing per lookup. */
+/**
+ * A map from non-negative integers to entries: those below INDEXED (the
+ * narrow keys, 1..63) in an array, no hashing per lookup; larger ones (wide
+ * keys) in a Map, as a sparse array would be slow to walk.
+ */
+const INDEXED = 64;
+
 class IndexMap<E> implements Inner<E> {
-  private readonly a: Array<E | undefined> = [];
+  private readonly a: Array<E | undefined> = new Array(INDEXED).fill(undefined);
+  private readonly big = new Map<KeyName, E>();
   size = 0;
 
   get(k: KeyName): E | undefined {
-    return this.a[k as number];
+    return (k as number) < INDEXED ? this.a[k as number] : this.big.get(k);
   }
 
   set(k: KeyName, e: E): void {
+    if ((k as number) >= INDEXED) {
+      if (!this.big.has(k)) this.size++;
+      this.big.set(k, e);
+      return;
+    }
     if (this.a[k as number] === undefined) this.size++;
     this.a[k as number] = e;
   }
 
   delete(k: KeyName): boolean {
+    if ((k as number) >= INDEXED) {
+      const gone = this.big.delete(k);
+      if (gone) this.size--;
+      return gone;
+    }
     if (this.a[k as number] === undefined) return false;
     this.a[k as number] = undefined;
     this.size--;
@@ -205,7 +222,9 @@ class IndexMap<E> implements Inner<E> {
   }
 
   values(): E[] {
-    return this.a.filter((e): e is E => e !== undefined);
+    const out = this.a.filter((e): e is E => e !== undefined);
+    for (const e of this.big.values()) out.push(e);
+    return out;
   }
 }
 
