@@ -36,19 +36,19 @@ function inBounds(pkt: Buffer, at: number, n: number): void {
 }
 
 /** A big-endian u16 (network order), as readUInt16BE. */
-export function be16(pkt: Buffer, at: number): number {
+function be16(pkt: Buffer, at: number): number {
   inBounds(pkt, at, 2);
   return (pkt[at] << 8) | pkt[at + 1];
 }
 
 /** A little-endian u16 (the bytes as the C reads a __u16 from memory), as readUInt16LE. */
-export function le16(pkt: Buffer, at: number): number {
+function le16(pkt: Buffer, at: number): number {
   inBounds(pkt, at, 2);
   return pkt[at] | (pkt[at + 1] << 8);
 }
 
 /** A little-endian u32, as readUInt32LE. */
-export function le32(pkt: Buffer, at: number): number {
+function le32(pkt: Buffer, at: number): number {
   inBounds(pkt, at, 4);
   return (pkt[at] | (pkt[at + 1] << 8) | (pkt[at + 2] << 16) | (pkt[at + 3] << 24)) >>> 0;
 }
@@ -59,19 +59,19 @@ function fits(pkt: Buffer, at: number, n: number, v: number, max: number): void 
   if (!(v >= 0 && v <= max && Number.isInteger(v))) throw new RangeError(`value ${v} does not fit ${n} bytes`);
 }
 
-export function putBe16(pkt: Buffer, at: number, v: number): void {
+function putBe16(pkt: Buffer, at: number, v: number): void {
   fits(pkt, at, 2, v, 0xffff);
   pkt[at] = v >>> 8;
   pkt[at + 1] = v;
 }
 
-export function putLe16(pkt: Buffer, at: number, v: number): void {
+function putLe16(pkt: Buffer, at: number, v: number): void {
   fits(pkt, at, 2, v, 0xffff);
   pkt[at] = v;
   pkt[at + 1] = v >>> 8;
 }
 
-export function putLe32(pkt: Buffer, at: number, v: number): void {
+function putLe32(pkt: Buffer, at: number, v: number): void {
   fits(pkt, at, 4, v, 0xffffffff);
   pkt[at] = v;
   pkt[at + 1] = v >>> 8;

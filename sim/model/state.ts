@@ -15,7 +15,7 @@ export const ENOENT = -2;
 
 /*
  * The model holds addresses and MACs as numbers, as the C holds their bytes:
- * an IPv4 address is its four bytes read as a little-endian u32 (ipWord), a
+ * an IPv4 address is its four bytes read as a little-endian u32 (readIpv4), a
  * MAC its six bytes as a 48-bit number, first byte highest. maps.ts types the
  * same structs with text (the layout's values); a table converts between the
  * two at its boundary, through the layout's own bytes.
