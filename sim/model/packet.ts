@@ -342,13 +342,20 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
  * kernel leaves the field alone: the device sums the final bytes.)
  */
 export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHost: number, markMangled0: boolean): void {
-  const be = (v: number) => ((v & 0xff) << 8) | (v >>> 8); // the value's two bytes read as the C reads memory
   const sum = le16(pkt, off);
   if (markMangled0 && sum === 0) return;
-  const tmp = csumAdd32(~sum >>> 0, ~be(fromHost) >>> 0);
-  let next = csumFold32(csumAdd32(tmp, be(toHost)));
+  const tmp = csumAdd32(~sum >>> 0, ~swap16(fromHost) >>> 0);
+  let next = csumFold32(csumAdd32(tmp, swap16(toHost)));
   if (markMangled0 && next === 0) next = 0xffff;
   putLe16(pkt, off, next);
+}
+
+/**
+ * A 16-bit value's two bytes read as the C reads memory (little-endian).
+ * Module level: an arrow inside the caller would be a new closure per call.
+ */
+function swap16(v: number): number {
+  return ((v & 0xff) << 8) | (v >>> 8);
 }
 
 /** C: fix_l4_checksum. */
