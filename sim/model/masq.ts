@@ -49,7 +49,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
 
   // A wide key needs a carrier the pod left free, and no GSO for UDP; a narrow
-  // key needs an echo's code left 0. (C: after the policy loop, for the verifier.)
+  // key needs an echo's code left 0. (After policy: a denied packet counts POLICY_DROP.)
   const key = e.remote_key;
   const wide = key >= WIDE_KEY_MIN;
   if (wide ? !wideCarrier(h) || h.carrier !== carrierFreeValue(h) || (h.proto === IPPROTO_UDP && !!env.gsoSize)

@@ -6,6 +6,10 @@ import { POLICY_MAX_MASKS, PolicyField } from '../../dataplane/maps.ts';
 import type { Hdrs } from './packet.ts';
 import { TC_ACT_SHOT, type DatapathState, type RunEffects } from './state.ts';
 
+/**
+ * C: policy_denied, which checks for masks in use inline and only then calls
+ * the mask loop, a global BPF function (policy_denied_tuple) for the verifier.
+ */
 export function policyDenied(s: DatapathState, src: number, dst: number, h: Hdrs, dir: number): boolean {
   const pm = s.policy_masks;
   if (pm.count === 0) return false;
