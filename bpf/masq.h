@@ -54,7 +54,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	int wide = key >= XMASQ_WIDE_KEY_MIN;
 	if (wide ? !wide_carrier(&h) || h.carrier != carrier_free_value(&h) ||
 			   (h.proto == IPPROTO_UDP && skb->gso_size)
-		 : is_echo(&h) && wide_carrier(&h) && (h.carrier & 0xff)) {
+		 : is_echo(&h) && carries_wide_key(&h)) {
 		count(XMASQ_CNT_FELL_BACK);
 		return TC_ACT_OK;
 	}

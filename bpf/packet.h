@@ -112,6 +112,17 @@ static __always_inline __u32 l4_header_need(__u8 proto)
 	}
 }
 
+/* Where the carrier and the checksum covering it sit in the L4 header. */
+static __always_inline __u32 carrier_off(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? TCP_URG_PTR_OFF : proto == IPPROTO_UDP ? UDP_LEN_OFF : 0;
+}
+
+static __always_inline __u32 l4_csum_off(__u8 proto)
+{
+	return proto == IPPROTO_TCP ? TCP_CSUM_OFF : proto == IPPROTO_UDP ? UDP_CSUM_OFF : ICMP_CSUM_OFF;
+}
+
 /*
  * Parses the IPv4 header at off, inside a datagram or frame ending at limit.
  * Returns 0 when the header is sound, -1 to make the caller pass.
@@ -172,15 +183,9 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 		h->sport = ports[0];
 		h->dport = ports[1];
 	}
-	/*
-	 * The carrier's offset comes from need, not from branches on proto: the
-	 * verifier would carry a state per protocol through the policy loop.
-	 */
 	__u8 *b = data + l4;
-	if ((void *)(b + need) > data_end)
-		return -1;
-	__u32 coff = need == 20 ? TCP_URG_PTR_OFF : need == 8 ? UDP_LEN_OFF : 0;
-	if (coff > TCP_URG_PTR_OFF || (void *)(b + coff + 2) > data_end)
+	__u32 coff = carrier_off(h->proto);
+	if ((void *)(b + coff + 2) > data_end)
 		return -1;
 	h->carrier = (b[coff] << 8) | b[coff + 1];
 	if (h->proto == IPPROTO_TCP) {
@@ -440,17 +445,6 @@ static __always_inline int fix_l4_checksum(struct __sk_buff *skb, const struct h
 		return bpf_l4_csum_replace(skb, h->l4 + UDP_CSUM_OFF, 0, addr_diff,
 					   BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0);
 	return 0;
-}
-
-/* Where the carrier and the checksum covering it sit in the L4 header. */
-static __always_inline __u32 carrier_off(__u8 proto)
-{
-	return proto == IPPROTO_TCP ? TCP_URG_PTR_OFF : proto == IPPROTO_UDP ? UDP_LEN_OFF : 0;
-}
-
-static __always_inline __u32 l4_csum_off(__u8 proto)
-{
-	return proto == IPPROTO_TCP ? TCP_CSUM_OFF : proto == IPPROTO_UDP ? UDP_CSUM_OFF : ICMP_CSUM_OFF;
 }
 
 /*

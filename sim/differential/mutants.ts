@@ -57,7 +57,7 @@ export const MUTANTS: Mutant[] = [
   { name: 'wide key in the length of a UDP GSO packet', file: 'masq.ts',
     from: ' || (h.proto === IPPROTO_UDP && !!env.gsoSize)', to: '' },
   { name: 'narrow key on an echo with a code', file: 'masq.ts',
-    from: ': isEcho(h) && wideCarrier(h) && (h.carrier & 0xff) !== 0', to: ': false' },
+    from: ': isEcho(h) && carriesWideKey(h)) {', to: ': false) {' },
   { name: 'wide key in any ICMP message', file: 'packet.ts',
     from: 'return h.proto === IPPROTO_UDP || isEcho(h);', to: 'return h.proto === IPPROTO_UDP || h.proto === IPPROTO_ICMP;' },
   { name: 'wide key bits out of DSCP', file: 'packet.ts',

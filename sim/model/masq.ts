@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, dscpWithKey, emptyHdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
+import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, emptyHdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -53,7 +53,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   const key = e.remote_key;
   const wide = key >= WIDE_KEY_MIN;
   if (wide ? !wideCarrier(h) || h.carrier !== carrierFreeValue(h) || (h.proto === IPPROTO_UDP && !!env.gsoSize)
-    : isEcho(h) && wideCarrier(h) && (h.carrier & 0xff) !== 0) {
+    : isEcho(h) && carriesWideKey(h)) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;
   }

@@ -154,14 +154,8 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
     h.sport = be16(pkt, h.l4);
     h.dport = be16(pkt, h.l4 + 2);
   }
-  if (h.proto === IPPROTO_TCP) {
-    h.tcp_flags = pkt[h.l4 + TCP_FLAGS_OFF];
-    h.carrier = be16(pkt, h.l4 + TCP_URG_PTR_OFF);
-  } else if (h.proto === IPPROTO_UDP) {
-    h.carrier = be16(pkt, h.l4 + UDP_LEN_OFF);
-  } else {
-    h.carrier = be16(pkt, h.l4);
-  }
+  h.carrier = be16(pkt, h.l4 + carrierOff(h.proto));
+  if (h.proto === IPPROTO_TCP) h.tcp_flags = pkt[h.l4 + TCP_FLAGS_OFF];
   h.l4_ok = true;
   return 0;
 }
