@@ -18,7 +18,7 @@ import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type 
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { EventQueue } from './events.ts';
-import { ETH_HLEN, FramePool, decreaseTtl, dstMacIs, get16, get32, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -228,7 +228,8 @@ export class Cluster {
   private readonly byNicMac = new Map<number, number>();
   private readonly flows: Flow[] = [];
   private readonly policyIds: Array<{ host: number; id: number } | undefined> = [];
-  private readonly pool = new FramePool();
+  /** Records (each with its frame's slot) by frame length, reused once their packet is done. */
+  private readonly freeRecords: PacketRecord[][] = [];
   /** Why the last program run that returned TC_ACT_SHOT dropped its packet. */
   private shotReason = '';
   private readonly trace: boolean;
@@ -447,19 +448,16 @@ export class Cluster {
     const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
     // The run keeps its flows (for the stats), not their frames: a flow's last packet lets its templates go.
     if (flow.next === spec.packets) tpls[0] = tpls[1] = undefined;
-    const slot = this.pool.take(tpl.frame.length);
-    const frame = slot.inner;
-    frame.set(tpl.frame);
-    putMac(frame, 6, pod.mac);
     const id = this.nextPacketId++;
-    writePacketId(frame, tpl.idOffset, id);
     const cross = from.host !== to.host;
-    const rec = new PacketRecord(
+    const rec = this.takeRecord(tpl).start(
       id, 'pod', cross, tpl, this.now, to.host, dstIp,
       cross && denied(src.agent.policy, 'egress', tpl.tuple),
       this.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
-      frame, slot,
     );
+    const frame = rec.frame;
+    putMac(frame, 6, pod.mac);
+    writePacketId(frame, tpl.idOffset, id);
     const counted = this.now >= this.measureFrom;
     if (cross) {
       this.stats.sent.cross++;
@@ -489,18 +487,27 @@ export class Cluster {
     const index = e.index;
     const tpl = e.template ??= buildTemplate(a.ip, b.ip, spec.proto, 20000 + index, 5000 + (index % 100), spec.tos, spec.df, true, index, { src: a.nicMac, dst: b.nicMac });
     const id = this.nextPacketId++;
-    const slot = this.pool.take(tpl.frame.length);
-    const frame = slot.inner;
-    frame.set(tpl.frame);
-    writePacketId(frame, tpl.idOffset, id);
     this.stats.packets++;
     this.stats.sent.host++;
-    const rec = new PacketRecord(
+    const rec = this.takeRecord(tpl).start(
       id, 'host', false, tpl, this.now, b.index, b.ip, false,
       this.trace ? [`${fmtT(this.now)} host ${a.name} sends ${spec.proto} tos 0x${spec.tos.toString(16)} to ${b.name} (packet ${k})`] : undefined,
-      frame, slot,
     );
+    writePacketId(rec.frame, tpl.idOffset, id);
     this.nicEgress(a, rec);
+  }
+
+  /** A record whose slot holds a copy of the template's frame. */
+  private takeRecord(tpl: Template): PacketRecord {
+    const len = tpl.frame.length;
+    const rec = this.freeRecords[len]?.pop() ?? new PacketRecord(new FrameSlot(len));
+    fillSlot(rec.slot, tpl.frame, tpl.words);
+    return rec;
+  }
+
+  /** The record and its slot are reused once the packet is done (a packet done twice is the checker's violation, not a record given twice). */
+  private giveRecord(rec: PacketRecord): void {
+    (this.freeRecords[rec.slot.len] ??= []).push(rec);
   }
 
   // ---- the datapath at its hooks ----
@@ -624,7 +631,7 @@ export class Cluster {
       this.stats.delivered.host++;
       const first = !rec.done;
       this.checker.hostReceived(this.now, rec, frame, h.index);
-      if (first) this.pool.give(rec.slot);
+      if (first) this.giveRecord(rec);
       return;
     }
     // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
@@ -644,17 +651,17 @@ export class Cluster {
   private deliverToPod(h: Host, p: Pod, rec: PacketRecord, frame: Buffer): void {
     // Hops are kept only when tracing: the text is not built for every packet otherwise.
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
-    // The slot is reused once its packet is done (a packet done twice is the checker's violation, not a slot given twice).
+    // The record is reused once its packet is done (giveRecord).
     const first = !rec.done;
     this.checker.podReceived(this.now, rec, frame, p, h.agent.policy);
-    if (first) this.pool.give(rec.slot);
+    if (first) this.giveRecord(rec);
   }
 
   private drop(rec: PacketRecord, reason: string, at?: Host): void {
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} dropped: ${reason}`);
     const first = !rec.done;
     this.checker.dropped(this.now, rec, reason, at?.agent.policy);
-    if (first) this.pool.give(rec.slot);
+    if (first) this.giveRecord(rec);
   }
 
   // ---- for tests and the study ----

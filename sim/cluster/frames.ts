@@ -187,17 +187,17 @@ export class FrameSlot {
   }
 }
 
-/** Slots by frame length, reused once their packet is delivered or dropped. */
-export class FramePool {
-  private readonly free: FrameSlot[][] = [];
-
-  take(len: number): FrameSlot {
-    return (this.free[len] ??= []).pop() ?? new FrameSlot(len);
-  }
-
-  give(slot: FrameSlot): void {
-    this.free[slot.len].push(slot);
-  }
+/**
+ * A frame copied into the slot a word at a time (TypedArray.set costs more
+ * for a frame this short): frame and words are one frame and its words view.
+ */
+export function fillSlot(slot: FrameSlot, frame: Buffer, words: Int32Array): void {
+  const to = slot.words;
+  const n = words.length;
+  if (frame.length !== slot.len || n !== to.length) throw new RangeError(`a ${frame.length}-byte frame into a ${slot.len}-byte slot`);
+  for (let i = 0; i < n; i++) to[i] = words[i];
+  const inner = slot.inner;
+  for (let i = n << 2; i < frame.length; i++) inner[i] = frame[i];
 }
 
 /** Where the simulator's 8-byte packet id sits: the start of the L4 payload, or -1. */

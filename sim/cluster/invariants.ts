@@ -17,13 +17,21 @@ export interface Sent {
   idOffset: number;
   /** The 5-tuple policy judges, in the pod's terms. */
   tuple: Tuple;
+  /** The checker's masks for this frame (mustEqual as words), made at first use: compared from byte 12 (pods), from 0 (hosts). */
+  podMask: Int32Array | undefined;
+  hostMask: Int32Array | undefined;
 }
+
+/** A fresh record's placeholder until start(). */
+const NOTHING_SENT: Sent = { frame: Buffer.alloc(0), words: new Int32Array(0), idOffset: 0, tuple: { src: '', dst: '', sport: 0, dport: 0, proto: 0 }, podMask: undefined, hostMask: undefined };
 
 /**
  * One packet: what was sent, from where, to which address, whether policy
  * denied it when it left, and where the simulator has it now. The record
  * travels with the packet (it is also the wire's arrival event), so nothing
- * is looked up per hop.
+ * is looked up per hop. A record owns its frame's slot and is used again,
+ * slot and all, once its packet is done (Cluster's record pool): start()
+ * makes it a new packet.
  */
 export class PacketRecord {
   /** Set once the packet was delivered or dropped: a second time is a violation. */
@@ -31,22 +39,38 @@ export class PacketRecord {
   /** When it arrives at host `at` (while on the wire). */
   t = 0;
   at = 0;
+  id = 0;
+  kind: 'pod' | 'host' = 'pod';
+  /** Between pods on different hosts (the traffic XMasq serves). */
+  cross = false;
+  sent: Sent = NOTHING_SENT;
+  sentAt = 0;
+  dstHost = 0;
+  dstIp = 0;
+  deniedAtSend = false;
+  hops: string[] | undefined = undefined;
+  /** The bytes as they are now: a view of slot. */
+  frame: Buffer;
 
-  constructor(
-    readonly id: number,
-    readonly kind: 'pod' | 'host',
-    /** Between pods on different hosts (the traffic XMasq serves). */
-    readonly cross: boolean,
-    readonly sent: Sent,
-    readonly sentAt: number,
-    readonly dstHost: number,
-    readonly dstIp: number,
-    readonly deniedAtSend: boolean,
-    readonly hops: string[] | undefined,
-    /** The bytes as they are now: a view of slot. */
-    public frame: Buffer,
-    readonly slot: FrameSlot,
-  ) {}
+  constructor(readonly slot: FrameSlot) {
+    this.frame = slot.inner;
+  }
+
+  /** A new packet in this record's slot (its frame is slot.inner, to be filled by the caller). */
+  start(id: number, kind: 'pod' | 'host', cross: boolean, sent: Sent, sentAt: number, dstHost: number, dstIp: number, deniedAtSend: boolean, hops: string[] | undefined): this {
+    this.done = false;
+    this.id = id;
+    this.kind = kind;
+    this.cross = cross;
+    this.sent = sent;
+    this.sentAt = sentAt;
+    this.dstHost = dstHost;
+    this.dstIp = dstIp;
+    this.deniedAtSend = deniedAtSend;
+    this.hops = hops;
+    this.frame = this.slot.inner;
+    return this;
+  }
 
   get tuple(): Tuple {
     return this.sent.tuple;
@@ -111,7 +135,8 @@ function maskFor(len: number, from: number, id: number): Int32Array {
 /** The words compare: false at the first bit that must be equal and is not. */
 function sameWords(got: Buffer, gotWords: Int32Array, sent: Sent, from: number): boolean {
   const want = sent.words;
-  const m = maskFor(got.length, from, sent.idOffset);
+  const m = from === 12 ? (sent.podMask ??= maskFor(got.length, from, sent.idOffset))
+    : from === 0 ? (sent.hostMask ??= maskFor(got.length, from, sent.idOffset)) : maskFor(got.length, from, sent.idOffset);
   const n = m.length;
   for (let w = 0; w < n; w++) if (((gotWords[w] ^ want[w]) & m[w]) !== 0) return false;
   for (let i = n << 2; i < got.length; i++) if (mustEqual(i, from, sent.idOffset) && got[i] !== sent.frame[i]) return false;

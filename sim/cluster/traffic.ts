@@ -5,7 +5,7 @@
  * id written into the payload.
  */
 import { buildFrame, type L4Spec } from '../packet/index.ts';
-import type { Tuple } from './invariants.ts';
+import type { Sent } from './invariants.ts';
 import { ETH_HLEN, payloadOffset } from './frames.ts';
 import type { Rng } from './rng.ts';
 import { PROTO_NUMBER, type FlowSpec, type PodRef, type Proto } from './scenario.ts';
@@ -15,14 +15,9 @@ import { u32ToIp } from './topology.ts';
 export const PAYLOAD_BYTES = 64;
 const SERVER_PORTS = [80, 443, 8080, 9000, 6379, 5432];
 
-export interface Template {
-  frame: Buffer;
-  /** The frame as 32-bit words (the checker compares a word at a time). */
-  words: Int32Array;
+export interface Template extends Sent {
   srcIp: number;
   dstIp: number;
-  idOffset: number;
-  tuple: Tuple;
 }
 
 export interface Flow {
@@ -159,7 +154,7 @@ export function buildTemplate(src: number, dst: number, proto: Proto, sport: num
     frame.writeUInt16BE(~wordSum(frame, l4, end, 0) & 0xffff, l4 + 2);
   }
   const ports = proto === 'icmp' ? { sport: 0, dport: 0 } : { sport, dport };
-  return { frame, words, srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports } };
+  return { frame, words, srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports }, podMask: undefined, hostMask: undefined };
 }
 
 /** How the study and the benchmark make traffic: flows arriving at random, as a cluster of microservices does. */
