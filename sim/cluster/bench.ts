@@ -1,75 +1,37 @@
 /**
  * npm run bench:sim [-- --json] [-- --quick]
  *
- * How many simulated packets per second the cluster simulator processes,
- * single-threaded: microservice traffic (traffic.ts MICROSERVICES) on
- * 4 hosts × 20 pods, run on the wide-key datapath (the default), on the 6-bit one and with no XMasq
- * (every packet on the overlay, no program does anything), with the time
- * inside the model programs measured apart. The programs alone are also
- * timed on one fast-path packet, to show what a packet's model calls cost.
+ * How many simulated packets per second the cluster simulator processes:
+ * microservice traffic (traffic.ts MICROSERVICES) on 4 hosts × 20 pods, on
+ * one thread on the wide-key datapath (the default), on the 6-bit one and
+ * with no XMasq (every packet on the overlay, no program does anything), with
+ * the time inside the model programs measured apart; then on every core at
+ * once, a cluster per core (a run is one thread's work; a study's points run
+ * this way, workers.ts). The programs alone are also timed on one fast-path
+ * packet, to show what a packet's model calls cost.
  */
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { buildFrame } from '../packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
-import { DEFAULT_TIMING } from './agent.ts';
-import { Cluster, type RunStats } from './cluster.ts';
-import { Rng } from './rng.ts';
-import type { Scenario } from './scenario.ts';
-import { MICROSERVICES, TrafficGenerator } from './traffic.ts';
+import { benchScenario, measure, type BenchJob, type Measured } from './bench-run.ts';
+import { Cluster } from './cluster.ts';
+import { cores, mapInWorkers } from './workers.ts';
 
-const USAGE = `usage: npm run bench:sim -- [--packets N] [--quick] [--json] [--help]
+const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--quick] [--json] [--help]
 
 Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N simulated
-packets (default 2000000; --quick: 300000) were sent, on the wide-key and 6-bit datapaths and with no XMasq,
-and prints simulated packets per second. The time inside the model programs is sampled (one
-call in 16 timed). --json prints one JSON report on stdout.`;
-
-interface Measured {
-  scheme: string;
-  packets: number;
-  wallSeconds: number;
-  packetsPerSecond: number;
-  modelCalls: number;
-  modelShare: number;
-  modelCallsPerSecondInside: number;
-  fastPathShare: number;
-  violations: number;
-}
-
-function scenario(scheme: string): Scenario {
-  return {
-    hosts: 4, podsPerHost: 20, link: { latencyNs: 50e3, jitterNs: 20e3, loss: 0.001 }, timing: DEFAULT_TIMING,
-    scheme, ifindex: 'fresh', flows: [], hostFlows: [], churn: [], policy: [], durationNs: 3600e9, seed: 1,
-  };
-}
-
-function measure(scheme: string, packets: number): Measured {
-  const sc = scenario(scheme);
-  const gen = new TrafficGenerator(MICROSERVICES, sc.hosts, sc.podsPerHost, new Rng(2));
-  const t0 = performance.now();
-  const r = new Cluster(sc, { generator: gen, maxPackets: packets, timeModel: true }).run();
-  const wall = (performance.now() - t0) / 1000;
-  const s: RunStats = r.stats;
-  return {
-    scheme,
-    packets: s.packets,
-    wallSeconds: +wall.toFixed(3),
-    packetsPerSecond: Math.round(s.packets / wall),
-    modelCalls: s.modelCalls,
-    modelShare: +(s.modelMs / 1000 / wall).toFixed(3),
-    modelCallsPerSecondInside: s.modelMs > 0 ? Math.round(s.modelCalls / (s.modelMs / 1000)) : 0,
-    fastPathShare: s.sent.cross ? +(s.masqueraded / s.sent.cross).toFixed(4) : 0,
-    violations: r.violations.length,
-  };
-}
+packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit
+datapaths and with no XMasq; then on T threads at once (default: one per core), each its own
+cluster of wide keys. Prints simulated packets per second. The time inside the model programs is
+sampled on the one-thread runs (one call in 16 timed). --json prints one JSON report on stdout.`;
 
 /**
  * The two model calls of a fast-path packet, alone, on a learned pair, as the
  * simulator makes them: the frame copied into a buffer and rewritten in place.
  */
 function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: number } {
-  const sc = scenario('6-bit');
+  const sc = benchScenario('6-bit');
   sc.flows = [{ at: 0, a: { host: 0, slot: 0 }, b: { host: 1, slot: 0 }, proto: 'tcp', packets: 10, gapNs: 1e6, pattern: 'rr' }];
   sc.durationNs = 1e9;
   const c = new Cluster(sc);
@@ -95,10 +57,26 @@ function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: nu
   };
 }
 
-function main(argv: string[]): number {
+/**
+ * The machine's figure: one cluster per core, all at once (each its own
+ * seed), the packets of all of them over the time from the first start to
+ * the last end. Workers take a moment to start (tsx compiles the sources
+ * again in each); each run's own clock starts when its cluster does.
+ */
+async function allCores(scheme: string, packets: number, threads: number): Promise<{ threads: number; packetsPerSecond: number; wallSeconds: number; runs: Measured[] }> {
+  const jobs: BenchJob[] = Array.from({ length: threads }, (_, i) => ({ scheme, packets, seed: i + 1 }));
+  const runs = await mapInWorkers<BenchJob, Measured>(new URL('./bench-run.ts', import.meta.url), jobs, { threads });
+  const wall = (Math.max(...runs.map((r) => r.endMs)) - Math.min(...runs.map((r) => r.startMs))) / 1000;
+  const total = runs.reduce((a, r) => a + r.packets, 0);
+  return { threads, packetsPerSecond: Math.round(total / wall), wallSeconds: +wall.toFixed(3), runs };
+}
+
+const fmt = (n: number) => n.toLocaleString('en');
+
+async function main(argv: string[]): Promise<number> {
   let args;
   try {
-    args = parseArgs({ args: argv, options: { packets: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
+    args = parseArgs({ args: argv, options: { packets: { type: 'string' }, threads: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
   } catch (e) {
     process.stderr.write(`bench:sim: ${(e as Error).message}\n\n${USAGE}\n`);
     return 2;
@@ -113,28 +91,42 @@ function main(argv: string[]): number {
     process.stderr.write(`bench:sim: --packets ${args.packets}: want an integer of at least 1000\n`);
     return 2;
   }
+  const threads = args.threads !== undefined ? Number(args.threads) : cores();
+  if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
+    process.stderr.write(`bench:sim: --threads ${args.threads}: want an integer from 1 to 256\n`);
+    return 2;
+  }
   const runs: Measured[] = [];
   for (const scheme of ['wide', '6-bit', 'overlay']) {
-    process.stderr.write(`bench:sim: ${scheme}, ${packets} packets…\n`);
+    process.stderr.write(`bench:sim: ${scheme}, ${packets} packets, one thread…\n`);
     runs.push(measure(scheme, packets));
   }
+  process.stderr.write(`bench:sim: wide, ${packets} packets on each of ${threads} threads at once…\n`);
+  const machine = await allCores('wide', packets, threads);
   const alone = programsAlone(args.quick ? 20_000 : 100_000);
+  const violations = runs.some((r) => r.violations) || machine.runs.some((r) => r.violations);
   const report = {
     when: new Date().toISOString(), cpu: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, kernel: release(), node: process.version,
-    topology: '4 hosts × 20 pods, microservices', runs, programsAlone: alone, goal: 1_000_000,
+    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, goal: 1_000_000,
   };
   if (args.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
-    return runs.some((r) => r.violations) ? 1 : 0;
+    return violations ? 1 : 0;
   }
   for (const r of runs) {
-    process.stdout.write(`${r.scheme.padEnd(8)} ${r.packetsPerSecond.toLocaleString('en')} packets/s  (${r.packets} packets in ${r.wallSeconds} s; `
-      + `${(r.modelShare * 100).toFixed(0)}% of it in ${r.modelCalls} model calls, ${r.modelCallsPerSecondInside.toLocaleString('en')} calls/s; fast path ${(r.fastPathShare * 100).toFixed(1)}%; violations ${r.violations})\n`);
+    process.stdout.write(`${r.scheme.padEnd(8)} ${fmt(r.packetsPerSecond)} packets/s on one thread  (${r.packets} packets in ${r.wallSeconds} s; `
+      + `${(r.modelShare * 100).toFixed(0)}% of it in ${r.modelCalls} model calls, ${fmt(r.modelCallsPerSecondInside)} calls/s; fast path ${(r.fastPathShare * 100).toFixed(1)}%; violations ${r.violations})\n`);
   }
-  process.stdout.write(`model alone: masq ${alone.masqPerSecond.toLocaleString('en')}/s, restore ${alone.restorePerSecond.toLocaleString('en')}/s on a learned pair\n`);
+  process.stdout.write(`wide     ${fmt(machine.packetsPerSecond)} packets/s on ${machine.threads} threads  (${machine.threads} clusters at once, seeds 1..${machine.threads}: `
+    + `${machine.runs.map((r) => fmt(r.packetsPerSecond)).join(' + ')} packets/s each; ${machine.wallSeconds} s from first start to last end)\n`);
+  process.stdout.write(`model alone: masq ${fmt(alone.masqPerSecond)}/s, restore ${fmt(alone.restorePerSecond)}/s on a learned pair\n`);
   const [wide, six] = runs;
-  process.stdout.write(`sim: ${wide.packetsPerSecond.toLocaleString('en')} simulated packets/s (wide keys, the default datapath; 6-bit: ${six.packetsPerSecond.toLocaleString('en')}; goal 1,000,000)\n`);
-  return runs.some((r) => r.violations) ? 1 : 0;
+  process.stdout.write(`sim: ${fmt(machine.packetsPerSecond)} simulated packets/s on this machine (wide keys, the default datapath, ${machine.threads} threads; `
+    + `one thread: ${fmt(wide.packetsPerSecond)}, 6-bit ${fmt(six.packetsPerSecond)}; goal 1,000,000)\n`);
+  return violations ? 1 : 0;
 }
 
-process.exitCode = main(process.argv.slice(2));
+main(process.argv.slice(2)).then((code) => (process.exitCode = code), (e: Error) => {
+  process.stderr.write(`bench:sim: ${e.message}\n`);
+  process.exitCode = 1;
+});

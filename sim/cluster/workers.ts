@@ -1,0 +1,101 @@
+/**
+ * Independent simulations on every core: a run of the simulator is one
+ * thread's work (its events depend on each other, instant by instant), but a
+ * study's points, or the benchmark's clusters, do not depend on each other.
+ * mapInWorkers hands jobs to worker threads, a job at a time to whichever is
+ * free, and gives the results back in the jobs' order: the same results as
+ * running them one after another, since each job is deterministic.
+ *
+ * A worker module calls serveJobs(import.meta.url, handler) at its top
+ * level: in a worker mapInWorkers started for that module it answers jobs,
+ * anywhere else (the main thread, a test runner's worker) it does nothing, so
+ * the module can be imported as any other. Workers load the TypeScript
+ * sources through tsx, as the main thread does.
+ */
+import { availableParallelism } from 'node:os';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+
+interface JobMessage { i: number; job: unknown }
+interface ResultMessage { i: number; result?: unknown; error?: string }
+
+export interface MapOptions<R> {
+  /** Threads to use (default: one per core, at most one per job). */
+  threads?: number;
+  /** Called as each result arrives (jobs finish out of order). */
+  onResult?(i: number, result: R): void;
+}
+
+/** The number of cores this process may use. */
+export function cores(): number {
+  return availableParallelism();
+}
+
+/** The tsx loader, registered in a worker before its module is imported (workers do not inherit --import). */
+const TSX_API = import.meta.resolve('tsx/esm/api');
+
+function startWorker(module: URL): Worker {
+  const code = `import { register } from ${JSON.stringify(TSX_API)}; register(); await import(${JSON.stringify(module.href)});`;
+  return new Worker(code, { eval: true, workerData: { simJobsFor: module.href } });
+}
+
+/**
+ * Runs handler(job) for every job in worker threads running `module`; the
+ * results in the order of jobs. The first job that throws rejects the whole
+ * map (the other workers are stopped) with that job's error.
+ */
+export function mapInWorkers<J, R>(module: URL, jobs: readonly J[], opts: MapOptions<R> = {}): Promise<R[]> {
+  const threads = Math.max(1, Math.min(opts.threads ?? cores(), jobs.length));
+  const results = new Array<R>(jobs.length);
+  if (jobs.length === 0) return Promise.resolve(results);
+  return new Promise((resolve, reject) => {
+    const workers: Worker[] = [];
+    let next = 0, done = 0, failed = false;
+    const stopAll = () => {
+      for (const w of workers) void w.terminate();
+    };
+    const fail = (e: Error) => {
+      if (failed) return;
+      failed = true;
+      stopAll();
+      reject(e);
+    };
+    const feed = (w: Worker) => {
+      if (next < jobs.length) w.postMessage({ i: next, job: jobs[next++] } satisfies JobMessage);
+    };
+    for (let t = 0; t < threads; t++) {
+      const w = startWorker(module);
+      workers.push(w);
+      w.on('message', (m: ResultMessage) => {
+        if (m.error !== undefined) return fail(new Error(`job ${m.i + 1} of ${jobs.length}: ${m.error}`));
+        results[m.i] = m.result as R;
+        opts.onResult?.(m.i, m.result as R);
+        if (++done === jobs.length) {
+          stopAll();
+          resolve(results);
+        } else feed(w);
+      });
+      w.on('error', (e) => fail(e instanceof Error ? e : new Error(String(e))));
+      w.on('exit', (code) => {
+        if (done < jobs.length && !failed) fail(new Error(`a worker thread exited (code ${code}) with ${jobs.length - done} job(s) unfinished`));
+      });
+      feed(w);
+    }
+  });
+}
+
+/**
+ * In the worker mapInWorkers started for moduleUrl (the caller's
+ * import.meta.url): answer every job the main thread sends with handler's
+ * result. Anywhere else: nothing.
+ */
+export function serveJobs<J, R>(moduleUrl: string, handler: (job: J) => R | Promise<R>): void {
+  if (isMainThread || !parentPort || (workerData as { simJobsFor?: string } | null)?.simJobsFor !== moduleUrl) return;
+  const port = parentPort;
+  port.on('message', async (m: JobMessage) => {
+    try {
+      port.postMessage({ i: m.i, result: await handler(m.job as J) } satisfies ResultMessage);
+    } catch (e) {
+      port.postMessage({ i: m.i, error: e instanceof Error ? e.message : String(e) } satisfies ResultMessage);
+    }
+  });
+}
