@@ -127,7 +127,7 @@ export function put16(f: Buffer, at: number, v: number): void {
   f[at + 1] = v;
 }
 
-function put32(f: Buffer, at: number, v: number): void {
+export function put32(f: Buffer, at: number, v: number): void {
   f[at] = v >>> 24;
   f[at + 1] = v >>> 16;
   f[at + 2] = v >>> 8;

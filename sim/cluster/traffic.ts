@@ -6,7 +6,7 @@
  */
 import { buildFrame, type L4Spec } from '../packet/index.ts';
 import type { Sent } from './invariants.ts';
-import { ETH_HLEN, payloadOffset } from './frames.ts';
+import { ETH_HLEN, payloadOffset, put16, put32 } from './frames.ts';
 import type { Rng } from './rng.ts';
 import { PROTO_NUMBER, type FlowSpec, type PodRef, type Proto } from './scenario.ts';
 import { u32ToIp } from './topology.ts';
@@ -125,36 +125,51 @@ export function buildTemplate(src: number, dst: number, proto: Proto, sport: num
     frame.set(macs.dst, 0);
     frame.set(macs.src, 6);
   }
+  // Plain stores: Buffer's write methods check their arguments on every call, a cost per flow.
   const l3 = ETH_HLEN;
   const l4 = l3 + 20;
   frame[l3 + 1] = tos;
-  frame.writeUInt16BE(id & 0xffff, l3 + 4);
-  frame.writeUInt32BE(src, l3 + 12);
-  frame.writeUInt32BE(dst, l3 + 16);
-  frame.writeUInt16BE(0, l3 + 10);
-  frame.writeUInt16BE(~wordSum(frame, l3, l4, 0) & 0xffff, l3 + 10);
+  put16(frame, l3 + 4, id & 0xffff);
+  put32(frame, l3 + 12, src);
+  put32(frame, l3 + 16, dst);
+  put16(frame, l3 + 10, 0);
+  put16(frame, l3 + 10, ~wordSum(frame, l3, l4, 0) & 0xffff);
   const end = frame.length;
+  const pn = PROTO_NUMBER[proto];
   // The pseudo header: addresses, protocol, L4 length.
-  const pseudo = (src >>> 16) + (src & 0xffff) + (dst >>> 16) + (dst & 0xffff) + PROTO_NUMBER[proto] + (end - l4);
+  const pseudo = (src >>> 16) + (src & 0xffff) + (dst >>> 16) + (dst & 0xffff) + pn + (end - l4);
   if (proto === 'tcp') {
-    frame.writeUInt16BE(sport, l4);
-    frame.writeUInt16BE(dport, l4 + 2);
-    frame.writeUInt32BE((id * 1000) % 0x100000000, l4 + 4);
-    frame.writeUInt16BE(0, l4 + 16);
-    frame.writeUInt16BE(~wordSum(frame, l4, end, pseudo) & 0xffff, l4 + 16);
+    put16(frame, l4, sport);
+    put16(frame, l4 + 2, dport);
+    put32(frame, l4 + 4, (id * 1000) % 0x100000000);
+    put16(frame, l4 + 16, 0);
+    put16(frame, l4 + 16, ~wordSum(frame, l4, end, pseudo) & 0xffff);
   } else if (proto === 'udp') {
-    frame.writeUInt16BE(sport, l4);
-    frame.writeUInt16BE(dport, l4 + 2);
-    frame.writeUInt16BE(0, l4 + 6);
+    put16(frame, l4, sport);
+    put16(frame, l4 + 2, dport);
+    put16(frame, l4 + 6, 0);
     // UDP sends a computed 0 as 0xffff (0 means no checksum).
-    frame.writeUInt16BE((~wordSum(frame, l4, end, pseudo) & 0xffff) || 0xffff, l4 + 6);
+    put16(frame, l4 + 6, (~wordSum(frame, l4, end, pseudo) & 0xffff) || 0xffff);
   } else {
-    frame.writeUInt16BE(id & 0xffff, l4 + 4);
-    frame.writeUInt16BE(0, l4 + 2);
-    frame.writeUInt16BE(~wordSum(frame, l4, end, 0) & 0xffff, l4 + 2);
+    put16(frame, l4 + 4, id & 0xffff);
+    put16(frame, l4 + 2, 0);
+    put16(frame, l4 + 2, ~wordSum(frame, l4, end, 0) & 0xffff);
   }
-  const ports = proto === 'icmp' ? { sport: 0, dport: 0 } : { sport, dport };
-  return { frame, words, srcIp: src, dstIp: dst, idOffset: s.idOffset, tuple: { src: u32ToIp(src), dst: u32ToIp(dst), proto: PROTO_NUMBER[proto], ...ports }, podMask: undefined, hostMask: undefined };
+  const icmp = proto === 'icmp';
+  return {
+    frame, words, srcIp: src, dstIp: dst, idOffset: s.idOffset,
+    tuple: { src: ipText(src), dst: ipText(dst), proto: pn, sport: icmp ? 0 : sport, dport: icmp ? 0 : dport },
+    podMask: undefined, hostMask: undefined,
+  };
+}
+
+/** Address text for tuples, made once per address (the cluster's addresses are few). */
+const ipTexts = new Map<number, string>();
+
+function ipText(ip: number): string {
+  let t = ipTexts.get(ip);
+  if (t === undefined) ipTexts.set(ip, (t = u32ToIp(ip)));
+  return t;
 }
 
 /** How the study and the benchmark make traffic: flows arriving at random, as a cluster of microservices does. */
