@@ -4,8 +4,7 @@
  */
 import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
-  IPPROTO_UDP, emptyHdrs, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
-  type Hdrs, type Tunnel,
+  Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, egressLookupOrCreate, zeroPath, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -22,7 +21,7 @@ export function fastPathEligible(h: Hdrs): boolean {
  * tombstone, ifindex 0, never does); signalling the key again refreshes it.
  */
 function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: bigint): boolean {
-  const r = s.ingress_cache.lookupElem({ remote_host: remoteHost, key });
+  const r = s.ingress_cache.lookupPair(remoteHost, key);
   if (!r || r.ifindex === 0 || r.local_ip !== localPod || r.remote_ip !== remotePod) return false;
   r.last_seen = now;
   return true;
@@ -40,14 +39,15 @@ export function initInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return xmasqInit(pkt, s, env, fx);
 }
 
-function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
-  const outer = emptyHdrs();
-  const t: Tunnel = { outer: emptyHdrs(), inner: emptyHdrs(), inner_eth: 0 };
+/** The C's stack locals, reused per run (packet.ts: Hdrs). */
+const outer = new Hdrs();
+const t = new Tunnel();
 
+function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
   // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
   if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
-  const pod = s.pod_info.lookupElem(src);
+  const pod = s.pod_info.lookupWord(src);
   if (!pod) return pass(fx);
 
   // 2. Policy, egress: a denied flow loses its very first packet.
@@ -57,8 +57,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (!fastPathEligible(t.inner)) return pass(fx);
 
   // 4. The egress entry for (our pod, remote pod), created empty if new.
-  const ek = { local_pod: src, remote_pod: dst };
-  const e = egressLookupOrCreate(s, ek);
+  const e = egressLookupOrCreate(s, src, dst);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;

@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, emptyHdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
+import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -29,16 +29,17 @@ export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return xmasqMasq(pkt, s, env, fx, kind);
 }
 
-function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
-  const h = emptyHdrs();
+/** The C's stack local, reused per run (packet.ts: Hdrs). */
+const h = new Hdrs();
 
+function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
   // 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker.
   if (loadEthIpv4(pkt, h, env.vlanPresent) || (h.frag & IP_RF) || !fastPathEligible(h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
 
   // 2. A pair fully learned: path, both keys, and the peer knows ours.
-  const e = s.egress_cache.lookupElem({ local_pod: h.saddr, remote_pod: h.daddr });
+  const e = s.egress_cache.lookupPair(h.saddr, h.daddr);
   if (!e) return pass(fx);
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
     fx.counters.FELL_BACK++;

@@ -26,13 +26,19 @@ const GENEVE_PROTO_ETH = 0x6558;
 const VXLAN_FLAG_VNI = 0x08;
 
 /*
- * Reads of the packet's bytes. Buffer's readUInt16BE and the like check their
- * arguments through several calls on every read; these check only the bounds
- * (a read past the end throws, as Buffer's does), which every caller has
- * checked already, as the C checks them for the verifier.
+ * Reads and writes of the packet's bytes. Buffer's readUInt16BE and the like
+ * validate their arguments through several calls on every access; these check
+ * only the bounds (an access past the end throws, as Buffer's does), which
+ * every caller has checked already, as the C checks them for the verifier.
+ * The throws live in functions of their own so that the checks stay small
+ * enough to inline.
  */
 function inBounds(pkt: Buffer, at: number, n: number): void {
-  if (!(at >= 0 && at + n <= pkt.length)) throw new RangeError(`read of ${n} bytes at ${at} outside a ${pkt.length}-byte packet`);
+  if (!(at >= 0 && at + n <= pkt.length)) outOfBounds(pkt, at, n);
+}
+
+function outOfBounds(pkt: Buffer, at: number, n: number): never {
+  throw new RangeError(`read of ${n} bytes at ${at} outside a ${pkt.length}-byte packet`);
 }
 
 /** A big-endian u16 (network order), as readUInt16BE. */
@@ -53,52 +59,74 @@ function le32(pkt: Buffer, at: number): number {
   return (pkt[at] | (pkt[at + 1] << 8) | (pkt[at + 2] << 16) | (pkt[at + 3] << 24)) >>> 0;
 }
 
-/** Writes, checked as Buffer's writeUInt16BE and the like check them: the bytes in the packet, the value in range. */
-function fits(pkt: Buffer, at: number, n: number, v: number, max: number): void {
-  inBounds(pkt, at, n);
-  if (!(v >= 0 && v <= max && Number.isInteger(v))) throw new RangeError(`value ${v} does not fit ${n} bytes`);
+/*
+ * Writes, checked as Buffer's writeUInt16BE and the like check them: the bytes
+ * in the packet, the value an integer in range. (v & 0xffff) !== v is true
+ * exactly when v is not an integer in 0..0xffff (NaN, fractions, negatives and
+ * larger values all change), (v >>> 0) !== v likewise for 0..0xffffffff.
+ */
+function fits16(pkt: Buffer, at: number, v: number): void {
+  inBounds(pkt, at, 2);
+  if ((v & 0xffff) !== v) doesNotFit(v, 2);
+}
+
+function doesNotFit(v: number, n: number): never {
+  throw new RangeError(`value ${v} does not fit ${n} bytes`);
 }
 
 function putBe16(pkt: Buffer, at: number, v: number): void {
-  fits(pkt, at, 2, v, 0xffff);
+  fits16(pkt, at, v);
   pkt[at] = v >>> 8;
   pkt[at + 1] = v;
 }
 
 function putLe16(pkt: Buffer, at: number, v: number): void {
-  fits(pkt, at, 2, v, 0xffff);
+  fits16(pkt, at, v);
   pkt[at] = v;
   pkt[at + 1] = v >>> 8;
 }
 
-function putLe32(pkt: Buffer, at: number, v: number): void {
-  fits(pkt, at, 4, v, 0xffffffff);
-  pkt[at] = v;
-  pkt[at + 1] = v >>> 8;
-  pkt[at + 2] = v >>> 16;
-  pkt[at + 3] = v >>> 24;
+/**
+ * What the programs know about one IPv4 datagram (C: struct hdrs). In the C
+ * it is a stack local of each run; each model program keeps one of these per
+ * local at module level and fills it anew on every run (loadIpv4 sets every
+ * field), so that a run allocates nothing. The model's programs are therefore
+ * not re-entrant: a run must finish before the next starts, as they do (the
+ * model is synchronous and no program calls another).
+ */
+export class Hdrs {
+  l3 = 0;
+  l4 = 0;
+  end = 0;
+  saddr = 0; // the C's words (readIpv4)
+  daddr = 0;
+  frag = 0;
+  id = 0; // host order here; the C keeps network order
+  sport = 0; // host order here; the C keeps network order, which only matters for policy keys
+  dport = 0;
+  carrier = 0; // the L4 word a wide key can ride in (TCP urgent pointer, UDP length, ICMP type and code); 0 when not readable
+  tcp_flags = 0; // 0 when not TCP or not readable
+  tos = 0;
+  proto = 0;
+  l4_ok = false;
 }
 
-/** What the programs know about one IPv4 datagram (C: struct hdrs). */
-export interface Hdrs {
-  l3: number;
-  l4: number;
-  end: number;
-  saddr: number; // the C's words (readIpv4)
-  daddr: number;
-  frag: number;
-  id: number; // host order here; the C keeps network order
-  sport: number; // host order here; the C keeps network order, which only matters for policy keys
-  dport: number;
-  carrier: number; // the L4 word a wide key can ride in (TCP urgent pointer, UDP length, ICMP type and code); 0 when not readable
-  tcp_flags: number; // 0 when not TCP or not readable
-  tos: number;
-  proto: number;
-  l4_ok: boolean;
-}
-
-export function emptyHdrs(): Hdrs {
-  return { l3: 0, l4: 0, end: 0, saddr: 0, daddr: 0, frag: 0, id: 0, sport: 0, dport: 0, carrier: 0, tcp_flags: 0, tos: 0, proto: 0, l4_ok: false };
+/** C: the struct copy *to = *from. */
+export function copyHdrs(to: Hdrs, from: Hdrs): void {
+  to.l3 = from.l3;
+  to.l4 = from.l4;
+  to.end = from.end;
+  to.saddr = from.saddr;
+  to.daddr = from.daddr;
+  to.frag = from.frag;
+  to.id = from.id;
+  to.sport = from.sport;
+  to.dport = from.dport;
+  to.carrier = from.carrier;
+  to.tcp_flags = from.tcp_flags;
+  to.tos = from.tos;
+  to.proto = from.proto;
+  to.l4_ok = from.l4_ok;
 }
 
 export function isFirstFragment(h: Hdrs): boolean {
@@ -227,16 +255,17 @@ export function isTunnel(h: Hdrs): boolean {
   return h.proto === IPPROTO_UDP && h.l4_ok && !isFragment(h) && isTunnelPort(h.dport);
 }
 
-export interface Tunnel {
-  outer: Hdrs;
-  inner: Hdrs;
-  inner_eth: number;
+/** C: struct tunnel; a program's own, reused per run as Hdrs is. */
+export class Tunnel {
+  readonly outer = new Hdrs();
+  readonly inner = new Hdrs();
+  inner_eth = 0;
 }
 
 /** C: load_tunnel. Outer IPv4/UDP, VXLAN or Geneve, inner Ethernet + IPv4. */
 export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
   if (!isTunnel(outer)) return -1;
-  t.outer = { ...outer };
+  copyHdrs(t.outer, outer);
 
   // The UDP length bounds the tunnel payload, as the UDP stack would trim it.
   const l4 = outer.l4;
@@ -269,9 +298,17 @@ export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
 
 // ---- checksums: the kernel's csum_add / csum_fold on 32-bit words in memory order ----
 
+/*
+ * The sums are held as int32 (`| 0`), the same 32 bits as the C's __u32: V8
+ * keeps an int32 in a register or a small integer, while a u32 above 2^31 is
+ * a double, boxed into a fresh heap object whenever it crosses a call the
+ * compiler did not inline. Every word the sums take, u32 or int32, gives the
+ * same bits.
+ */
+
 export function csumAdd32(a: number, b: number): number {
-  const r = (a + b) >>> 0;
-  return (r + (r < b ? 1 : 0)) >>> 0;
+  const r = (a + b) | 0;
+  return (r + ((r >>> 0) < (b >>> 0) ? 1 : 0)) | 0;
 }
 
 export function csumFold32(s: number): number {
@@ -281,7 +318,7 @@ export function csumFold32(s: number): number {
 }
 
 export function csumWordDiff(diff: number, oldW: number, newW: number): number {
-  return csumAdd32(csumAdd32(diff, ~oldW >>> 0), newW);
+  return csumAdd32(csumAdd32(diff, ~oldW), newW);
 }
 
 /**
@@ -292,26 +329,48 @@ export function readIpv4(pkt: Buffer, at: number): number {
   return le32(pkt, at);
 }
 
+/** The four bytes at pkt[at] as a little-endian int32: a word for the sums. */
+function word32(pkt: Buffer, at: number): number {
+  return pkt[at] | (pkt[at + 1] << 8) | (pkt[at + 2] << 16) | (pkt[at + 3] << 24);
+}
+
 /**
  * C: rewrite_ipv4. Rewrites tos, ID, flags and addresses of the IPv4 header
- * at l3 and fixes its checksum; returns the address diff for the L4 pseudo header.
+ * at l3 and fixes its checksum; returns the address diff for the L4 pseudo
+ * header. The caller has checked that the header is in bounds (the C's
+ * pointer check); so does this, once for the whole header.
  */
 export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fragHost: number, saddr: number, daddr: number): number {
-  const w0 = le32(pkt, l3);
-  const w1 = le32(pkt, l3 + 4);
-  const s = le32(pkt, l3 + 12);
-  const d = le32(pkt, l3 + 16);
+  inBounds(pkt, l3, 20);
+  if ((id & 0xffff) !== id) doesNotFit(id, 2);
+  if ((fragHost & 0xffff) !== fragHost) doesNotFit(fragHost, 2);
+  if ((saddr >>> 0) !== saddr) doesNotFit(saddr, 4);
+  if ((daddr >>> 0) !== daddr) doesNotFit(daddr, 4);
+  const w0 = word32(pkt, l3);
+  const w1 = word32(pkt, l3 + 4);
+  const s = word32(pkt, l3 + 12);
+  const d = word32(pkt, l3 + 16);
 
   pkt[l3 + 1] = tos;
-  putBe16(pkt, l3 + 4, id);
-  putBe16(pkt, l3 + 6, fragHost);
-  putLe32(pkt, l3 + 12, saddr);
-  putLe32(pkt, l3 + 16, daddr);
+  pkt[l3 + 4] = id >>> 8;
+  pkt[l3 + 5] = id;
+  pkt[l3 + 6] = fragHost >>> 8;
+  pkt[l3 + 7] = fragHost;
+  pkt[l3 + 12] = saddr;
+  pkt[l3 + 13] = saddr >>> 8;
+  pkt[l3 + 14] = saddr >>> 16;
+  pkt[l3 + 15] = saddr >>> 24;
+  pkt[l3 + 16] = daddr;
+  pkt[l3 + 17] = daddr >>> 8;
+  pkt[l3 + 18] = daddr >>> 16;
+  pkt[l3 + 19] = daddr >>> 24;
 
   const addrDiff = csumWordDiff(csumWordDiff(0, s, saddr), d, daddr);
-  const diff = csumWordDiff(csumWordDiff(addrDiff, w0, le32(pkt, l3)), w1, le32(pkt, l3 + 4));
-  const check = le16(pkt, l3 + 10);
-  putLe16(pkt, l3 + 10, csumFold32(csumAdd32(diff, ~check >>> 0)));
+  const diff = csumWordDiff(csumWordDiff(addrDiff, w0, word32(pkt, l3)), w1, word32(pkt, l3 + 4));
+  const check = pkt[l3 + 10] | (pkt[l3 + 11] << 8);
+  const next = csumFold32(csumAdd32(diff, ~check));
+  pkt[l3 + 10] = next;
+  pkt[l3 + 11] = next >>> 8;
   return addrDiff;
 }
 
@@ -324,7 +383,7 @@ export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fr
 export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, markMangled0: boolean): void {
   const sum = le16(pkt, off);
   if (markMangled0 && sum === 0) return;
-  let next = csumFold32(csumAdd32(diff, ~sum >>> 0));
+  let next = csumFold32(csumAdd32(diff, ~sum));
   if (markMangled0 && next === 0) next = 0xffff;
   putLe16(pkt, off, next);
 }
@@ -338,7 +397,7 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
 export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHost: number, markMangled0: boolean): void {
   const sum = le16(pkt, off);
   if (markMangled0 && sum === 0) return;
-  const tmp = csumAdd32(~sum >>> 0, ~swap16(fromHost) >>> 0);
+  const tmp = csumAdd32(~sum, ~swap16(fromHost));
   let next = csumFold32(csumAdd32(tmp, swap16(toHost)));
   if (markMangled0 && next === 0) next = 0xffff;
   putLe16(pkt, off, next);
@@ -404,7 +463,8 @@ export function readMac(pkt: Buffer, at: number): number {
 }
 
 export function writeMac(pkt: Buffer, at: number, mac: number): void {
-  const hi = Math.floor(mac / 0x1000000), lo = mac % 0x1000000;
+  // Subtraction, not %: a double's remainder is a library call, ~10x a multiply.
+  const hi = Math.floor(mac / 0x1000000), lo = mac - hi * 0x1000000;
   pkt[at] = hi >>> 16;
   pkt[at + 1] = hi >>> 8;
   pkt[at + 2] = hi;

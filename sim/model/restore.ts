@@ -4,8 +4,7 @@
  */
 import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
-  IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, emptyHdrs, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
-  type Hdrs, type Tunnel,
+  IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -31,7 +30,7 @@ function restoreMiss(fx: RunEffects): number {
 /** carrier: the value the pod sent (masq took a wide key only from a free one). */
 function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, carrier: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
-  const r = s.ingress_cache.lookupElem({ remote_host: h.saddr, key });
+  const r = s.ingress_cache.lookupPair(h.saddr, key);
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
   if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
 
@@ -48,13 +47,15 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return TC_ACT_REDIRECT;
 }
 
-function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
-  const t: Tunnel = { outer: emptyHdrs(), inner: emptyHdrs(), inner_eth: 0 };
+/** The C's stack locals, reused per run (packet.ts: Hdrs). */
+const h = new Hdrs();
+const t = new Tunnel();
 
+function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
   // 1. An overlay packet for one of our pods.
   if (loadTunnel(pkt, outer, t)) return pass(fx);
   const local = t.inner.daddr, remote = t.inner.saddr;
-  if (!s.pod_info.lookupElem(local)) return pass(fx);
+  if (!s.pod_info.lookupWord(local)) return pass(fx);
 
   // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
   if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);
@@ -68,8 +69,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   }
 
   // 4. The peer's key, into our egress entry for the reverse direction.
-  const ek = { local_pod: local, remote_pod: remote };
-  const e = egressLookupOrCreate(s, ek);
+  const e = egressLookupOrCreate(s, local, remote);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;
@@ -83,7 +83,6 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
 }
 
 function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
-  const h = emptyHdrs();
   if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
   if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);

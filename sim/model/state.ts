@@ -44,29 +44,55 @@ export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: numb
  */
 class ModelCodec<M> {
   private readonly fields: readonly Field[];
+  /*
+   * toBytes runs for every entry of every scan the agent makes: it walks
+   * these arrays (one slot per field: its name, how it is stored, where)
+   * and writes the bytes itself, rather than dispatch on the layout's type
+   * names and call Buffer's validating writers per field.
+   */
+  private readonly names: readonly string[];
+  private readonly kinds: Uint8Array;
+  private readonly offsets: Uint16Array;
+  /** The bytes no field covers (pads, alignment holes): zero, as in the kernel's copy. */
+  private readonly holes: readonly number[];
 
   constructor(readonly struct: Struct<never>) {
     this.fields = struct.fields.filter((f) => !(typeof f.type === 'object' && 'pad' in f.type));
     for (const f of this.fields) this.byName.set(f.name, f);
+    this.names = this.fields.map((f) => f.name);
+    this.kinds = Uint8Array.from(this.fields.map((f) => {
+      const k = KINDS.indexOf(f.type as never);
+      if (k < 0) throw new Error(`struct ${struct.name}: field ${f.name} has no model form`);
+      return k;
+    }));
+    this.offsets = Uint16Array.from(this.fields.map((f) => f.offset));
+    const covered = new Uint8Array(struct.size);
+    for (const f of this.fields) covered.fill(1, f.offset, f.offset + f.size);
+    this.holes = [...covered.keys()].filter((i) => !covered[i]);
   }
 
+  /** The C bytes of a value; a field out of its type's range throws, as Buffer's writers do. */
   toBytes(m: M): Buffer {
-    const b = Buffer.alloc(this.struct.size);
+    const b = Buffer.allocUnsafe(this.struct.size);
     const v = m as Record<string, unknown>;
-    for (const f of this.fields) {
-      const x = v[f.name];
-      switch (f.type) {
-        case 'ipv4': b.writeUInt32LE(x as number, f.offset); break;
-        case 'mac': b.writeUIntBE(x as number, f.offset, 6); break;
-        case 'u8': b.writeUInt8(x as number, f.offset); break;
-        case 'u16': b.writeUInt16LE(x as number, f.offset); break;
-        case 'u32': b.writeUInt32LE(x as number, f.offset); break;
-        case 'u64': b.writeBigUInt64LE(x as bigint, f.offset); break;
-        case 'be16': b.writeUInt16BE(x as number, f.offset); break;
-        default: throw new Error(`struct ${this.struct.name}: field ${f.name} has no model form`);
+    const { names, kinds, offsets, holes } = this;
+    for (let i = 0; i < names.length; i++) {
+      const x = v[names[i]], at = offsets[i];
+      switch (kinds[i]) {
+        case IPV4: case U32: putU32(b, at, x as number, this, i); break;
+        case MAC: putMac(b, at, x as number, this, i); break;
+        case U8: if (((x as number) & 0xff) !== x) this.outOfRange(i, x); b[at] = x as number; break;
+        case U16: if (((x as number) & 0xffff) !== x) this.outOfRange(i, x); b[at] = x as number; b[at + 1] = (x as number) >>> 8; break;
+        case BE16: if (((x as number) & 0xffff) !== x) this.outOfRange(i, x); b[at] = (x as number) >>> 8; b[at + 1] = x as number; break;
+        case U64: putU64(b, at, x as bigint, this, i); break;
       }
     }
+    for (let i = 0; i < holes.length; i++) b[holes[i]] = 0;
     return b;
+  }
+
+  outOfRange(i: number, x: unknown): never {
+    throw new RangeError(`struct ${this.struct.name}: field ${this.names[i]} = ${String(x)} is out of range for ${JSON.stringify(this.fields[i].type)}`);
   }
 
   fromBytes(b: Buffer): M {
@@ -130,6 +156,40 @@ class ModelCodec<M> {
   };
 }
 
+/** The field types a model value holds, by their index in toBytes's kinds. */
+const KINDS = ['ipv4', 'mac', 'u8', 'u16', 'u32', 'u64', 'be16'] as const;
+const IPV4 = 0, MAC = 1, U8 = 2, U16 = 3, U32 = 4, U64 = 5, BE16 = 6;
+
+function putU32(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if ((x >>> 0) !== x) c.outOfRange(i, x);
+  b[at] = x;
+  b[at + 1] = x >>> 8;
+  b[at + 2] = x >>> 16;
+  b[at + 3] = x >>> 24;
+}
+
+/** The model's 48-bit MAC number, first byte highest (readMac's form). */
+function putMac(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if (!(x >= 0 && x <= 0xffffffffffff && Math.floor(x) === x)) c.outOfRange(i, x);
+  const hi = Math.floor(x / 0x1000000), lo = x - hi * 0x1000000;
+  b[at] = hi >>> 16;
+  b[at + 1] = hi >>> 8;
+  b[at + 2] = hi;
+  b[at + 3] = lo >>> 16;
+  b[at + 4] = lo >>> 8;
+  b[at + 5] = lo;
+}
+
+/** A u64 through DataView's own conversion: BigInt arithmetic would allocate. */
+const u64Bytes = new Uint8Array(8);
+const u64View = new DataView(u64Bytes.buffer);
+
+function putU64(b: Buffer, at: number, x: bigint, c: ModelCodec<unknown>, i: number): void {
+  if (typeof x !== 'bigint' || x < 0n || x > 0xffffffffffffffffn) c.outOfRange(i, x);
+  u64View.setBigUint64(0, x, true);
+  for (let j = 0; j < 8; j++) b[at + j] = u64Bytes[j];
+}
+
 const scratch = Buffer.alloc(8);
 
 /** One field of the model's value as the layout gives it. */
@@ -158,28 +218,12 @@ function modelField(f: Field, x: unknown): unknown {
   return x;
 }
 
-/**
- * A table's keys: a name for a key that is equal for two keys exactly when
- * their bytes are, from its numeric fields (a lookup is the model's most
- * frequent operation): a number where the key's bits fit in one, two parts
- * (a map of maps) for two addresses, or text.
- */
-type KeyName = string | number;
-
-interface KeyNames<MK> {
-  /** The name, or its first part when there is a second. */
-  name(k: MK): KeyName;
-  second?(k: MK): KeyName;
-  /** The second part is a non-negative integer (a u16 key): entries under a first part are then an IndexMap. */
-  secondIsIndex?: boolean;
-}
-
-/** The entries under one first part: a Map, or an IndexMap. */
+/** A map from non-negative integers to entries. */
 interface Inner<E> {
   readonly size: number;
-  get(k: KeyName): E | undefined;
-  set(k: KeyName, e: E): unknown;
-  delete(k: KeyName): boolean;
+  get(k: number): E | undefined;
+  set(k: number, e: E): unknown;
+  delete(k: number): boolean;
   values(): Iterable<E>;
 }
 
@@ -192,37 +236,38 @@ const INDEXED = 64;
 
 class IndexMap<E> implements Inner<E> {
   private readonly a: Array<E | undefined> = new Array(INDEXED).fill(undefined);
-  private readonly big = new Map<KeyName, E>();
+  private readonly big = new Map<number, E>();
   size = 0;
 
-  get(k: KeyName): E | undefined {
-    return (k as number) < INDEXED ? this.a[k as number] : this.big.get(k);
+  get(k: number): E | undefined {
+    return k < INDEXED ? this.a[k] : this.big.get(k);
   }
 
-  set(k: KeyName, e: E): void {
-    if ((k as number) >= INDEXED) {
+  set(k: number, e: E): void {
+    if (k >= INDEXED) {
       if (!this.big.has(k)) this.size++;
       this.big.set(k, e);
       return;
     }
-    if (this.a[k as number] === undefined) this.size++;
-    this.a[k as number] = e;
+    if (this.a[k] === undefined) this.size++;
+    this.a[k] = e;
   }
 
-  delete(k: KeyName): boolean {
-    if ((k as number) >= INDEXED) {
+  delete(k: number): boolean {
+    if (k >= INDEXED) {
       const gone = this.big.delete(k);
       if (gone) this.size--;
       return gone;
     }
-    if (this.a[k as number] === undefined) return false;
-    this.a[k as number] = undefined;
+    if (this.a[k] === undefined) return false;
+    this.a[k] = undefined;
     this.size--;
     return true;
   }
 
   values(): E[] {
-    const out = this.a.filter((e): e is E => e !== undefined);
+    const out: E[] = [];
+    for (let k = 0; k < INDEXED; k++) if (this.a[k] !== undefined) out.push(this.a[k]!);
     for (const e of this.big.values()) out.push(e);
     return out;
   }
@@ -233,9 +278,19 @@ function copyOf<T>(x: T): T {
   return typeof x === 'object' ? { ...x } : x;
 }
 
-interface Entry<MK, MV> {
-  key: MK;
-  value: MV;
+/** A key's forms at a table's boundary: maps.ts's value and the kernel's bytes. */
+interface KeyCodec<K, MK> {
+  toBytes(k: MK): Buffer;
+  fromBytes(b: Buffer): MK;
+  fromLayout(k: K): MK;
+  toLayout(k: MK): K;
+}
+
+class Entry<MK, MV> {
+  /** The key's bytes, made by the first scan that reads them: a key never changes. */
+  keyBytes: Buffer | undefined = undefined;
+
+  constructor(readonly key: MK, public value: MV) {}
 }
 
 /**
@@ -244,66 +299,31 @@ interface Entry<MK, MV> {
  * returns the live value, so writing to it is writing to the map, as with a
  * map value pointer in C; update copies key and value in.
  *
- * The programs use lookupElem, updateElem (bpf_map_lookup_elem,
- * bpf_map_update_elem) on the model's numbers. Everyone else (the agent,
- * the differential run, tests) uses lookup, update, delete, entries on the
- * values maps.ts types, or the kernel's bytes (lookupBytes…): the boundary.
+ * The programs look entries up on the model's numbers through the lookups
+ * of each kind of table (WordTable, PairTable, NamedTable), which take the
+ * key's parts as arguments: no key object per lookup, and a call site of its
+ * own per kind of key. They also use lookupElem, updateElem, deleteElem
+ * (bpf_map_lookup_elem…) on the model's key objects. Everyone else (the
+ * agent, the differential run, tests) uses lookup, update, delete, entries on
+ * the values maps.ts types, or the kernel's bytes (lookupBytes…): the boundary.
  */
-export class HashTable<K, V, MK = unknown, MV = unknown> {
-  /** Entries by name, or by the name's first part and then its second. */
-  private readonly m = new Map<KeyName, Entry<MK, MV>>();
-  private readonly m2 = new Map<KeyName, Inner<Entry<MK, MV>>>();
-  private readonly twoParts: boolean;
-  private count = 0;
+export abstract class HashTable<K, V, MK = unknown, MV = unknown> {
+  protected count = 0;
 
   constructor(
-    private readonly names: KeyNames<MK>,
-    private readonly keys: { toBytes(k: MK): Buffer; fromBytes(b: Buffer): MK; fromLayout(k: K): MK; toLayout(k: MK): K },
-    private readonly values: ModelCodec<MV>,
+    protected readonly keys: KeyCodec<K, MK>,
+    protected readonly values: ModelCodec<MV>,
     readonly maxEntries: number,
-  ) {
-    this.twoParts = names.second !== undefined;
-  }
+  ) {}
 
-  private second(key: MK): KeyName {
-    return this.names.second!(key);
-  }
-
-  /** The inner map of the last first part looked up: init's key draws look up one remote host up to KEY_TRIES times. */
-  private lastFirst: KeyName | undefined;
-  private lastInner: Inner<Entry<MK, MV>> | undefined;
-
-  private inner(first: KeyName): Inner<Entry<MK, MV>> | undefined {
-    if (first !== this.lastFirst) {
-      this.lastFirst = first;
-      this.lastInner = this.m2.get(first);
-    }
-    return this.lastInner;
-  }
-
-  private find(key: MK): Entry<MK, MV> | undefined {
-    const first = this.names.name(key);
-    return this.twoParts ? this.inner(first)?.get(this.second(key)) : this.m.get(first);
-  }
-
-  private put(key: MK, e: Entry<MK, MV>): void {
-    const first = this.names.name(key);
-    if (!this.twoParts) {
-      this.m.set(first, e);
-      return;
-    }
-    let inner = this.inner(first);
-    if (inner === undefined) {
-      this.m2.set(first, (inner = this.names.secondIsIndex ? new IndexMap() : new Map()));
-      this.lastInner = inner;
-    }
-    inner.set(this.second(key), e);
-  }
-
-  private all(): Iterable<Entry<MK, MV>> {
-    if (!this.twoParts) return this.m.values();
-    return [...this.m2.values()].flatMap((inner) => [...inner.values()]);
-  }
+  protected abstract find(key: MK): Entry<MK, MV> | undefined;
+  /** Files a new entry, whose key the table does not hold. */
+  protected abstract put(e: Entry<MK, MV>): void;
+  protected abstract remove(key: MK): boolean;
+  /** Every entry, in the table's order. */
+  protected abstract all(): Array<Entry<MK, MV>>;
+  /** An empty table of the same kind and size. */
+  protected abstract empty(): HashTable<K, V, MK, MV>;
 
   get size(): number {
     return this.count;
@@ -326,23 +346,13 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
       old.value = copyOf(value);
       return 0;
     }
-    this.put(key, { key: copyOf(key), value: copyOf(value) });
+    this.put(new Entry(copyOf(key), copyOf(value)));
     this.count++;
     return 0;
   }
 
   deleteElem(key: MK): boolean {
-    const first = this.names.name(key);
-    let gone: boolean;
-    if (!this.twoParts) gone = this.m.delete(first);
-    else {
-      const inner = this.inner(first);
-      gone = inner !== undefined && inner.delete(this.second(key));
-      if (gone && inner!.size === 0) {
-        this.m2.delete(first);
-        this.lastInner = undefined;
-      }
-    }
+    const gone = this.remove(key);
     if (gone) this.count--;
     return gone;
   }
@@ -366,7 +376,7 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
 
   /** Copies of every entry, as maps.ts types them. */
   entries(): Array<[K, V]> {
-    return [...this.all()].map((e) => [this.keys.toLayout(e.key), this.values.toLayout(e.value) as V]);
+    return this.all().map((e) => [this.keys.toLayout(e.key), this.values.toLayout(e.value) as V]);
   }
 
   // ---- the boundary: the kernel's bytes (the agent reads maps this way) ----
@@ -384,26 +394,182 @@ export class HashTable<K, V, MK = unknown, MV = unknown> {
     return this.deleteElem(this.keys.fromBytes(key));
   }
 
+  /**
+   * Every entry as the kernel's bytes: a fresh value buffer each, and the key's
+   * bytes, made once per entry and shared by every scan (the agent scans whole
+   * tables every second): read them, never write them.
+   */
   entriesBytes(): Array<[Buffer, Buffer]> {
-    return [...this.all()].map((e) => [this.keys.toBytes(e.key), this.values.toBytes(e.value)]);
+    const all = this.all();
+    const out = new Array<[Buffer, Buffer]>(all.length);
+    for (let i = 0; i < all.length; i++) {
+      const e = all[i];
+      out[i] = [e.keyBytes ??= this.keys.toBytes(e.key), this.values.toBytes(e.value)];
+    }
+    return out;
   }
 
-  clone(): HashTable<K, V, MK, MV> {
-    const c = new HashTable<K, V, MK, MV>(this.names, this.keys, this.values, this.maxEntries);
-    for (const e of this.all()) c.put(e.key, { key: copyOf(e.key), value: copyOf(e.value) });
+  clone(): this {
+    // empty() is of this very class; TypeScript cannot type an abstract factory as `this`.
+    const c = this.empty() as this;
+    for (const e of this.all()) {
+      const copy = new Entry(copyOf(e.key), copyOf(e.value));
+      copy.keyBytes = e.keyBytes;
+      c.put(copy);
+    }
     c.count = this.count;
     return c;
   }
 }
 
+/** A table whose key is one u32 word (pod_info: an address): entries by the word. */
+export class WordTable<K, V, MV> extends HashTable<K, V, number, MV> {
+  private readonly m = new Map<number, Entry<number, MV>>();
+
+  /** bpf_map_lookup_elem on the key word: the live value. */
+  lookupWord(w: number): MV | undefined {
+    const e = this.m.get(w);
+    return e === undefined ? undefined : e.value;
+  }
+
+  protected find(key: number): Entry<number, MV> | undefined {
+    return this.m.get(key);
+  }
+
+  protected put(e: Entry<number, MV>): void {
+    this.m.set(e.key, e);
+  }
+
+  protected remove(key: number): boolean {
+    return this.m.delete(key);
+  }
+
+  protected all(): Array<Entry<number, MV>> {
+    return [...this.m.values()];
+  }
+
+  protected empty(): WordTable<K, V, MV> {
+    return new WordTable(this.keys, this.values, this.maxEntries);
+  }
+}
+
+/** How a PairTable's key object splits into its two numbers, and is made from them. */
+interface KeyParts<MK> {
+  first(k: MK): number;
+  second(k: MK): number;
+  /** The second part is a u16 key: entries under a first part are then an IndexMap. */
+  secondIsIndex: boolean;
+}
+
+/**
+ * A table whose key is two numbers (egress_cache: two addresses;
+ * ingress_cache: the remote host and a key): a map of maps, by the first
+ * number and then the second, so that a lookup hashes numbers only.
+ */
+export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
+  private readonly m = new Map<number, Inner<Entry<MK, MV>>>();
+
+  constructor(private readonly parts: KeyParts<MK>, keys: KeyCodec<K, MK>, values: ModelCodec<MV>, maxEntries: number) {
+    super(keys, values, maxEntries);
+  }
+
+  /** The inner map of the last first part looked up: init's key draws look up one remote host up to KEY_TRIES times. */
+  private lastFirst = -1;
+  private lastInner: Inner<Entry<MK, MV>> | undefined = undefined;
+
+  private inner(first: number): Inner<Entry<MK, MV>> | undefined {
+    if (first !== this.lastFirst) {
+      this.lastFirst = first;
+      this.lastInner = this.m.get(first);
+    }
+    return this.lastInner;
+  }
+
+  /** bpf_map_lookup_elem on the key's two numbers: the live value. */
+  lookupPair(first: number, second: number): MV | undefined {
+    const inner = this.inner(first);
+    if (inner === undefined) return undefined;
+    const e = inner.get(second);
+    return e === undefined ? undefined : e.value;
+  }
+
+  protected find(key: MK): Entry<MK, MV> | undefined {
+    return this.inner(this.parts.first(key))?.get(this.parts.second(key));
+  }
+
+  protected put(e: Entry<MK, MV>): void {
+    const first = this.parts.first(e.key);
+    let inner = this.inner(first);
+    if (inner === undefined) {
+      this.m.set(first, (inner = this.parts.secondIsIndex ? new IndexMap() : new Map()));
+      this.lastInner = inner;
+    }
+    inner.set(this.parts.second(e.key), e);
+  }
+
+  protected remove(key: MK): boolean {
+    const first = this.parts.first(key);
+    const inner = this.inner(first);
+    if (inner === undefined || !inner.delete(this.parts.second(key))) return false;
+    if (inner.size === 0) {
+      this.m.delete(first);
+      this.lastInner = undefined;
+    }
+    return true;
+  }
+
+  protected all(): Array<Entry<MK, MV>> {
+    const out: Array<Entry<MK, MV>> = [];
+    for (const inner of this.m.values()) for (const e of inner.values()) out.push(e);
+    return out;
+  }
+
+  protected empty(): PairTable<K, V, MK, MV> {
+    return new PairTable(this.parts, this.keys, this.values, this.maxEntries);
+  }
+}
+
+/**
+ * A table whose key does not fit numbers (policy_rules: a 5-tuple and a
+ * direction): entries by a text name that is equal for two keys exactly when
+ * their bytes are.
+ */
+export class NamedTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
+  private readonly m = new Map<string, Entry<MK, MV>>();
+
+  constructor(private readonly name: (k: MK) => string, keys: KeyCodec<K, MK>, values: ModelCodec<MV>, maxEntries: number) {
+    super(keys, values, maxEntries);
+  }
+
+  protected find(key: MK): Entry<MK, MV> | undefined {
+    return this.m.get(this.name(key));
+  }
+
+  protected put(e: Entry<MK, MV>): void {
+    this.m.set(this.name(e.key), e);
+  }
+
+  protected remove(key: MK): boolean {
+    return this.m.delete(this.name(key));
+  }
+
+  protected all(): Array<Entry<MK, MV>> {
+    return [...this.m.values()];
+  }
+
+  protected empty(): NamedTable<K, V, MK, MV> {
+    return new NamedTable(this.name, this.keys, this.values, this.maxEntries);
+  }
+}
+
 /** A struct key's codec, the key being the struct itself. */
-function structKeys<K, MK>(struct: Struct<never>): { toBytes(k: MK): Buffer; fromBytes(b: Buffer): MK; fromLayout(k: K): MK; toLayout(k: MK): K } {
+function structKeys<K, MK>(struct: Struct<never>): KeyCodec<K, MK> {
   const c = new ModelCodec<MK>(struct);
   return { toBytes: (k) => c.toBytes(k), fromBytes: (b) => c.fromBytes(b), fromLayout: (k) => c.fromLayout(k), toLayout: (k) => c.toLayout(k) as K };
 }
 
 /** pod_info's key: struct pod_ip, which maps.ts gives as its one field, the address text; the model as its word. */
-function podIpKeys(): { toBytes(k: number): Buffer; fromBytes(b: Buffer): number; fromLayout(k: string): number; toLayout(k: number): string } {
+function podIpKeys(): KeyCodec<string, number> {
   const c = new ModelCodec<{ ip: number }>(podIp as unknown as Struct<never>);
   return {
     toBytes: (ip) => c.toBytes({ ip }), fromBytes: (b) => c.fromBytes(b).ip,
@@ -413,20 +579,20 @@ function podIpKeys(): { toBytes(k: number): Buffer; fromBytes(b: Buffer): number
 
 /** Everything the programs read or write, plus what they report. */
 export interface DatapathState {
-  pod_info: HashTable<string, PodInfo, number, ModelPodInfo>;
-  egress_cache: HashTable<EgressKey, Path, ModelEgressKey, ModelPath>;
-  ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
+  pod_info: WordTable<string, PodInfo, ModelPodInfo>;
+  egress_cache: PairTable<EgressKey, Path, ModelEgressKey, ModelPath>;
+  ingress_cache: PairTable<IngressKey, Path, ModelIngressKey, ModelPath>;
   config: Config;
-  policy_rules: HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
+  policy_rules: NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
   policy_masks: PolicyMasks;
 }
 
 /** C: egress_lookup_or_create. Undefined when the table is full. */
-export function egressLookupOrCreate(s: DatapathState, ek: ModelEgressKey): ModelPath | undefined {
-  const e = s.egress_cache.lookupElem(ek);
+export function egressLookupOrCreate(s: DatapathState, localPod: number, remotePod: number): ModelPath | undefined {
+  const e = s.egress_cache.lookupPair(localPod, remotePod);
   if (e) return e;
-  s.egress_cache.updateElem(ek, zeroPath(), 'noexist');
-  return s.egress_cache.lookupElem(ek);
+  s.egress_cache.updateElem({ local_pod: localPod, remote_pod: remotePod }, zeroPath(), 'noexist');
+  return s.egress_cache.lookupPair(localPod, remotePod);
 }
 
 /** A zeroed struct path, as the model holds it. */
@@ -446,15 +612,15 @@ const asStruct = (s: unknown) => s as Struct<never>;
 export function emptyState(sizes: Sizes): DatapathState {
   const paths = new ModelCodec<ModelPath>(asStruct(path));
   return {
-    pod_info: new HashTable({ name: (ip) => ip }, podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
-    egress_cache: new HashTable<EgressKey, Path, ModelEgressKey, ModelPath>(
-      { name: (k) => k.local_pod, second: (k) => k.remote_pod }, structKeys(asStruct(egressKey)), paths, sizes.paths),
+    pod_info: new WordTable<string, PodInfo, ModelPodInfo>(podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
+    egress_cache: new PairTable<EgressKey, Path, ModelEgressKey, ModelPath>(
+      { first: (k) => k.local_pod, second: (k) => k.remote_pod, secondIsIndex: false }, structKeys(asStruct(egressKey)), paths, sizes.paths),
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
-    ingress_cache: new HashTable<IngressKey, Path, ModelIngressKey, ModelPath>(
-      { name: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
+    ingress_cache: new PairTable<IngressKey, Path, ModelIngressKey, ModelPath>(
+      { first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0 },
-    policy_rules: new HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
-      { name: (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}` },
+    policy_rules: new NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
+      (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
   };
