@@ -513,7 +513,7 @@ export class Cluster {
   // ---- the datapath at its hooks ----
 
   /** Runs a program on the packet's frame, in place; its effects are in h.fx. */
-  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', rec: PacketRecord): number {
+  private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', program: KeyScheme['masq'], rec: PacketRecord): number {
     h.env.t = this.now;
     const fx = h.fx, c = fx.counters;
     const policyDrops = c.POLICY_DROP, misses = c.RESTORE_MISS;
@@ -521,7 +521,7 @@ export class Cluster {
     fx.redirect = NO_REDIRECT;
     const timed = this.opts.timeModel === true && this.stats.modelCalls % TIME_ONE_IN === 0;
     const t0 = timed ? performance.now() : 0;
-    const verdict = this.scheme[prog](rec.frame, h.state, h.env, fx);
+    const verdict = program(rec.frame, h.state, h.env, fx);
     if (timed) this.stats.modelMs += (performance.now() - t0) * TIME_ONE_IN;
     this.stats.modelCalls++;
     if (verdict === TC_ACT_SHOT) this.shotReason = c.POLICY_DROP !== policyDrops ? 'policy' : c.RESTORE_MISS !== misses ? 'restore-miss' : `${prog}-shot`;
@@ -534,7 +534,7 @@ export class Cluster {
 
   /** masq at the TC ingress of the pod's host-side veth. */
   private podEgress(h: Host, pod: Pod, rec: PacketRecord, flow: Flow): void {
-    const verdict = this.runProgram(h, 'masq', rec);
+    const verdict = this.runProgram(h, 'masq', this.scheme.masq, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
     if (verdict === TC_ACT_REDIRECT) {
       if (h.fx.redirect.ifindex !== NIC_IFINDEX) return this.drop(rec, 'redirect-to-unknown-device');
@@ -589,7 +589,7 @@ export class Cluster {
 
   /** init at the NIC's TC egress, then the wire. */
   private nicEgress(h: Host, rec: PacketRecord): void {
-    const verdict = this.runProgram(h, 'init', rec);
+    const verdict = this.runProgram(h, 'init', this.scheme.init, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
     if (verdict !== TC_ACT_OK) return this.drop(rec, 'init-bad-verdict');
     this.wire(rec);
@@ -609,7 +609,7 @@ export class Cluster {
 
   /** restore at the NIC's TC ingress; what it passes goes to the host stack. */
   private nicIngress(h: Host, rec: PacketRecord): void {
-    const verdict = this.runProgram(h, 'restore', rec);
+    const verdict = this.runProgram(h, 'restore', this.scheme.restore, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason, h);
     if (verdict === TC_ACT_REDIRECT) {
       // bpf_redirect_peer: into the namespace of the veth's peer, if that veth still exists.
