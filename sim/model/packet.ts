@@ -80,8 +80,8 @@ function putBe16(pkt: Buffer, at: number, v: number): void {
   pkt[at + 1] = v;
 }
 
-function putLe16(pkt: Buffer, at: number, v: number): void {
-  fits16(pkt, at, v);
+/** A checksum back where le16 read it: in bounds, and a fold is always 16 bits. */
+function setLe16(pkt: Buffer, at: number, v: number): void {
   pkt[at] = v;
   pkt[at + 1] = v >>> 8;
 }
@@ -149,24 +149,26 @@ export function l4HeaderNeed(proto: number): number {
 /** C: load_ipv4. Returns 0 when the header is sound, -1 to make the caller pass. */
 export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): number {
   if (off > MAX_HDR_OFF || off + 20 > limit) return -1;
-  // C: ensure_linear + pointer bounds check; the whole model packet is linear.
+  // C: ensure_linear, then the (ip + 1) > data_end check: the whole model packet is linear.
+  inBounds(pkt, off, 20);
   const vihl = pkt[off];
   const version = vihl >> 4;
   const ihl = vihl & 0x0f;
   if (version !== 4 || ihl < 5) return -1;
   const hlen = ihl * 4;
-  const tot = be16(pkt, off + 2);
+  const tot = (pkt[off + 2] << 8) | pkt[off + 3];
   if (tot < hlen || off + tot > limit) return -1;
 
+  const l4 = off + hlen, end = off + tot, proto = pkt[off + 9];
   h.l3 = off;
-  h.l4 = off + hlen;
-  h.end = off + tot;
+  h.l4 = l4;
+  h.end = end;
   h.saddr = readIpv4(pkt, off + 12);
   h.daddr = readIpv4(pkt, off + 16);
-  h.frag = be16(pkt, off + 6);
-  h.id = be16(pkt, off + 4);
+  h.frag = (pkt[off + 6] << 8) | pkt[off + 7];
+  h.id = (pkt[off + 4] << 8) | pkt[off + 5];
   h.tos = pkt[off + 1];
-  h.proto = pkt[off + 9];
+  h.proto = proto;
   h.sport = 0;
   h.dport = 0;
   h.carrier = 0;
@@ -175,15 +177,18 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
 
   // Only a first fragment carries the L4 header.
   if (!isFirstFragment(h)) return 0;
-  const need = l4HeaderNeed(h.proto);
-  if (need === 0 || h.l4 + need > h.end) return 0;
-  if (h.l4 > MAX_HDR_OFF) return -1;
-  if (h.proto !== IPPROTO_ICMP) {
-    h.sport = be16(pkt, h.l4);
-    h.dport = be16(pkt, h.l4 + 2);
+  const need = l4HeaderNeed(proto);
+  if (need === 0 || l4 + need > end) return 0;
+  if (l4 > MAX_HDR_OFF) return -1;
+  // C: ensure_linear, then its pointer checks on the ports, the carrier and the TCP flags.
+  inBounds(pkt, l4, need);
+  if (proto !== IPPROTO_ICMP) {
+    h.sport = (pkt[l4] << 8) | pkt[l4 + 1];
+    h.dport = (pkt[l4 + 2] << 8) | pkt[l4 + 3];
   }
-  h.carrier = be16(pkt, h.l4 + carrierOff(h.proto));
-  if (h.proto === IPPROTO_TCP) h.tcp_flags = pkt[h.l4 + TCP_FLAGS_OFF];
+  const c = l4 + carrierOff(proto);
+  h.carrier = (pkt[c] << 8) | pkt[c + 1];
+  if (proto === IPPROTO_TCP) h.tcp_flags = pkt[l4 + TCP_FLAGS_OFF];
   h.l4_ok = true;
   return 0;
 }
@@ -277,6 +282,7 @@ export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
   const tun = l4 + 8;
   if (tun + 8 > limit) return -1;
   if (tun > MAX_HDR_OFF) return -1;
+  inBounds(pkt, tun, 8);
 
   let innerEth: number;
   if (outer.dport === PORT_GENEVE) {
@@ -385,7 +391,7 @@ export function l4CsumReplaceByDiff(pkt: Buffer, off: number, diff: number, mark
   if (markMangled0 && sum === 0) return;
   let next = csumFold32(csumAdd32(diff, ~sum));
   if (markMangled0 && next === 0) next = 0xffff;
-  putLe16(pkt, off, next);
+  setLe16(pkt, off, next);
 }
 
 /**
@@ -400,7 +406,7 @@ export function l4CsumReplace2(pkt: Buffer, off: number, fromHost: number, toHos
   const tmp = csumAdd32(~sum, ~swap16(fromHost));
   let next = csumFold32(csumAdd32(tmp, swap16(toHost)));
   if (markMangled0 && next === 0) next = 0xffff;
-  putLe16(pkt, off, next);
+  setLe16(pkt, off, next);
 }
 
 /**

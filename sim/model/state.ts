@@ -44,55 +44,38 @@ export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: numb
  */
 class ModelCodec<M> {
   private readonly fields: readonly Field[];
-  /*
-   * toBytes runs for every entry of every scan the agent makes: it walks
-   * these arrays (one slot per field: its name, how it is stored, where)
-   * and writes the bytes itself, rather than dispatch on the layout's type
-   * names and call Buffer's validating writers per field.
-   */
-  private readonly names: readonly string[];
-  private readonly kinds: Uint8Array;
-  private readonly offsets: Uint16Array;
   /** The bytes no field covers (pads, alignment holes): zero, as in the kernel's copy. */
   private readonly holes: readonly number[];
+  /**
+   * Writes every field of a value at its offset. toBytes runs for every entry
+   * of every scan the agent makes; a loop over the fields reading v[name]
+   * was a megamorphic keyed load per field, and Buffer's writers validate
+   * their arguments through several calls. So the function is made once per
+   * struct from the layout: a load by the field's literal name and a call
+   * of the writer for its type, per field (writeFields below).
+   */
+  private readonly write: (b: Buffer, v: unknown, c: ModelCodec<unknown>) => void;
 
   constructor(readonly struct: Struct<never>) {
     this.fields = struct.fields.filter((f) => !(typeof f.type === 'object' && 'pad' in f.type));
     for (const f of this.fields) this.byName.set(f.name, f);
-    this.names = this.fields.map((f) => f.name);
-    this.kinds = Uint8Array.from(this.fields.map((f) => {
-      const k = KINDS.indexOf(f.type as never);
-      if (k < 0) throw new Error(`struct ${struct.name}: field ${f.name} has no model form`);
-      return k;
-    }));
-    this.offsets = Uint16Array.from(this.fields.map((f) => f.offset));
     const covered = new Uint8Array(struct.size);
     for (const f of this.fields) covered.fill(1, f.offset, f.offset + f.size);
     this.holes = [...covered.keys()].filter((i) => !covered[i]);
+    this.write = writeFields(struct.name, this.fields);
   }
 
   /** The C bytes of a value; a field out of its type's range throws, as Buffer's writers do. */
   toBytes(m: M): Buffer {
     const b = Buffer.allocUnsafe(this.struct.size);
-    const v = m as Record<string, unknown>;
-    const { names, kinds, offsets, holes } = this;
-    for (let i = 0; i < names.length; i++) {
-      const x = v[names[i]], at = offsets[i];
-      switch (kinds[i]) {
-        case IPV4: case U32: putU32(b, at, x as number, this, i); break;
-        case MAC: putMac(b, at, x as number, this, i); break;
-        case U8: if (((x as number) & 0xff) !== x) this.outOfRange(i, x); b[at] = x as number; break;
-        case U16: if (((x as number) & 0xffff) !== x) this.outOfRange(i, x); b[at] = x as number; b[at + 1] = (x as number) >>> 8; break;
-        case BE16: if (((x as number) & 0xffff) !== x) this.outOfRange(i, x); b[at] = (x as number) >>> 8; b[at + 1] = x as number; break;
-        case U64: putU64(b, at, x as bigint, this, i); break;
-      }
-    }
+    this.write(b, m, this as ModelCodec<unknown>);
+    const holes = this.holes;
     for (let i = 0; i < holes.length; i++) b[holes[i]] = 0;
     return b;
   }
 
   outOfRange(i: number, x: unknown): never {
-    throw new RangeError(`struct ${this.struct.name}: field ${this.names[i]} = ${String(x)} is out of range for ${JSON.stringify(this.fields[i].type)}`);
+    throw new RangeError(`struct ${this.struct.name}: field ${this.fields[i].name} = ${String(x)} is out of range for ${JSON.stringify(this.fields[i].type)}`);
   }
 
   fromBytes(b: Buffer): M {
@@ -156,9 +139,39 @@ class ModelCodec<M> {
   };
 }
 
-/** The field types a model value holds, by their index in toBytes's kinds. */
-const KINDS = ['ipv4', 'mac', 'u8', 'u16', 'u32', 'u64', 'be16'] as const;
-const IPV4 = 0, MAC = 1, U8 = 2, U16 = 3, U32 = 4, U64 = 5, BE16 = 6;
+/** A writer of one field: its bytes at b[at], or the codec's range error for field i. */
+type FieldWriter = (b: Buffer, at: number, x: never, c: ModelCodec<unknown>, i: number) => void;
+
+/**
+ * The function that writes a struct's fields (ModelCodec.write): made with
+ * new Function from the layout alone (field names, quoted by JSON.stringify,
+ * offsets and types), so that each field's load has its name in the code.
+ */
+function writeFields(struct: string, fields: readonly Field[]): (b: Buffer, v: unknown, c: ModelCodec<unknown>) => void {
+  const writers: Record<string, FieldWriter> = { ipv4: putU32, u32: putU32, mac: putMac, u8: putU8, u16: putU16, be16: putBe16, u64: putU64 };
+  const lines = fields.map((f, i) => {
+    if (typeof f.type !== 'string' || !(f.type in writers)) throw new Error(`struct ${struct}: field ${f.name} has no model form`);
+    return `w.${f.type}(b, ${f.offset}, v[${JSON.stringify(f.name)}], c, ${i});`;
+  });
+  return new Function('w', `return function write(b, v, c) {\n${lines.join('\n')}\n};`)(writers);
+}
+
+function putU8(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if ((x & 0xff) !== x) c.outOfRange(i, x);
+  b[at] = x;
+}
+
+function putU16(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if ((x & 0xffff) !== x) c.outOfRange(i, x);
+  b[at] = x;
+  b[at + 1] = x >>> 8;
+}
+
+function putBe16(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if ((x & 0xffff) !== x) c.outOfRange(i, x);
+  b[at] = x >>> 8;
+  b[at + 1] = x;
+}
 
 function putU32(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
   if ((x >>> 0) !== x) c.outOfRange(i, x);
@@ -325,6 +338,11 @@ export abstract class HashTable<K, V, MK = unknown, MV = unknown> {
   /** An empty table of the same kind and size. */
   protected abstract empty(): HashTable<K, V, MK, MV>;
 
+  /** An update of an entry the table holds: the new value in its place. */
+  protected replace(e: Entry<MK, MV>, value: MV): void {
+    e.value = value;
+  }
+
   get size(): number {
     return this.count;
   }
@@ -343,7 +361,7 @@ export abstract class HashTable<K, V, MK = unknown, MV = unknown> {
     if (!old && flag === 'exist') return ENOENT;
     if (!old && this.count >= this.maxEntries) return E2BIG;
     if (old) {
-      old.value = copyOf(value);
+      this.replace(old, copyOf(value));
       return 0;
     }
     this.put(new Entry(copyOf(key), copyOf(value)));
@@ -462,12 +480,104 @@ interface KeyParts<MK> {
 }
 
 /**
+ * The values of a PairTable by their two key numbers, in an open-addressing
+ * hash table (linear probing) of flat arrays: a lookup is a hash and a few
+ * loads from slots side by side. The simulator runs millions of lookups
+ * between which it touches much other memory; a lookup through two Maps and
+ * an entry object was a chain of some eight dependent loads, each a likely
+ * cache miss, and most of a lookup's time.
+ */
+class PairIndex<MV> {
+  /** The key numbers as int32 (`| 0`: the same 32 bits; V8 keeps them unboxed). */
+  private firsts = new Int32Array(PAIR_INDEX_MIN);
+  private seconds = new Int32Array(PAIR_INDEX_MIN);
+  /** undefined: a free slot, which ends a probe; null: a deleted one, which does not. */
+  private values: Array<MV | null | undefined> = new Array(PAIR_INDEX_MIN).fill(undefined);
+  private mask = PAIR_INDEX_MIN - 1;
+  private live = 0;
+  private deleted = 0;
+
+  get(first: number, second: number): MV | undefined {
+    const a = first | 0, b = second | 0, mask = this.mask;
+    for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
+      const v = this.values[i];
+      if (v === undefined) return undefined;
+      if (v !== null && this.firsts[i] === a && this.seconds[i] === b) return v;
+    }
+  }
+
+  /** A key the index does not hold. */
+  add(first: number, second: number, value: MV): void {
+    // At most half the slots in use or deleted: probes stay short.
+    if ((this.live + this.deleted + 1) * 2 > this.values.length) this.resize();
+    const a = first | 0, b = second | 0, mask = this.mask;
+    let i = pairHash(a, b) & mask;
+    while (this.values[i] !== undefined && this.values[i] !== null) i = (i + 1) & mask;
+    if (this.values[i] === null) this.deleted--;
+    this.firsts[i] = a;
+    this.seconds[i] = b;
+    this.values[i] = value;
+    this.live++;
+  }
+
+  /** A new value for a key the index holds. */
+  set(first: number, second: number, value: MV): void {
+    this.values[this.slot(first, second)] = value;
+  }
+
+  /** A key the index holds. */
+  delete(first: number, second: number): void {
+    this.values[this.slot(first, second)] = null;
+    this.live--;
+    this.deleted++;
+  }
+
+  private slot(first: number, second: number): number {
+    const a = first | 0, b = second | 0, mask = this.mask;
+    for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
+      const v = this.values[i];
+      if (v === undefined) throw new Error(`model table index: key (${first}, ${second}) is missing, the index is out of step with its table`);
+      if (v !== null && this.firsts[i] === a && this.seconds[i] === b) return i;
+    }
+  }
+
+  /** Rehashed into the size that leaves the live keys a quarter of the slots, dropping deleted ones. */
+  private resize(): void {
+    let n = PAIR_INDEX_MIN;
+    while (n < (this.live + 1) * 4) n *= 2;
+    const { firsts, seconds, values } = this;
+    this.firsts = new Int32Array(n);
+    this.seconds = new Int32Array(n);
+    this.values = new Array(n).fill(undefined);
+    this.mask = n - 1;
+    this.live = 0;
+    this.deleted = 0;
+    for (let i = 0; i < values.length; i++) {
+      const v = values[i];
+      if (v !== undefined && v !== null) this.add(firsts[i], seconds[i], v);
+    }
+  }
+}
+
+const PAIR_INDEX_MIN = 16;
+
+/** A hash of two int32s that spreads both over the low bits the index masks. */
+function pairHash(a: number, b: number): number {
+  let h = Math.imul(a, 0x9e3779b1) ^ b;
+  h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+  return h ^ (h >>> 13);
+}
+
+/**
  * A table whose key is two numbers (egress_cache: two addresses;
- * ingress_cache: the remote host and a key): a map of maps, by the first
- * number and then the second, so that a lookup hashes numbers only.
+ * ingress_cache: the remote host and a key). The programs look values up in
+ * a PairIndex; the entries are also kept in a map of maps, by the first
+ * number and then the second, which gives scans their order: first parts as
+ * they came, under each the narrow keys ascending, then the others as they came.
  */
 export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
   private readonly m = new Map<number, Inner<Entry<MK, MV>>>();
+  private readonly index = new PairIndex<MV>();
 
   constructor(private readonly parts: KeyParts<MK>, keys: KeyCodec<K, MK>, values: ModelCodec<MV>, maxEntries: number) {
     super(keys, values, maxEntries);
@@ -487,10 +597,7 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
 
   /** bpf_map_lookup_elem on the key's two numbers: the live value. */
   lookupPair(first: number, second: number): MV | undefined {
-    const inner = this.inner(first);
-    if (inner === undefined) return undefined;
-    const e = inner.get(second);
-    return e === undefined ? undefined : e.value;
+    return this.index.get(first, second);
   }
 
   protected find(key: MK): Entry<MK, MV> | undefined {
@@ -498,23 +605,30 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
   }
 
   protected put(e: Entry<MK, MV>): void {
-    const first = this.parts.first(e.key);
+    const first = this.parts.first(e.key), second = this.parts.second(e.key);
     let inner = this.inner(first);
     if (inner === undefined) {
       this.m.set(first, (inner = this.parts.secondIsIndex ? new IndexMap() : new Map()));
       this.lastInner = inner;
     }
-    inner.set(this.parts.second(e.key), e);
+    inner.set(second, e);
+    this.index.add(first, second, e.value);
+  }
+
+  protected override replace(e: Entry<MK, MV>, value: MV): void {
+    e.value = value;
+    this.index.set(this.parts.first(e.key), this.parts.second(e.key), value);
   }
 
   protected remove(key: MK): boolean {
-    const first = this.parts.first(key);
+    const first = this.parts.first(key), second = this.parts.second(key);
     const inner = this.inner(first);
-    if (inner === undefined || !inner.delete(this.parts.second(key))) return false;
+    if (inner === undefined || !inner.delete(second)) return false;
     if (inner.size === 0) {
       this.m.delete(first);
       this.lastInner = undefined;
     }
+    this.index.delete(first, second);
     return true;
   }
 
