@@ -6,7 +6,7 @@ import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dat
 import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /**
@@ -67,6 +67,6 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
 
   e.last_seen = env.now;
   fx.counters.MASQUERADED++;
-  fx.redirect = { ifindex: cfg.nic_ifindex, kind };
+  fx.redirect = redirectTo(cfg.nic_ifindex, kind);
   return TC_ACT_REDIRECT;
 }

@@ -7,7 +7,7 @@ import {
   IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
@@ -43,7 +43,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 4. Into the pod's namespace.
   r.last_seen = env.now;
   fx.counters.RESTORED++;
-  fx.redirect = { ifindex: r.ifindex, kind: 'PEER' };
+  fx.redirect = redirectTo(r.ifindex, 'PEER');
   return TC_ACT_REDIRECT;
 }
 

@@ -4,7 +4,7 @@
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import {
-  MAPS, COUNTER_NAMES, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
+  MAPS, COUNTER_NAMES, RedirectKind, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
   type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
@@ -760,6 +760,22 @@ export interface RunEffects {
 const ZERO_COUNTERS = Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>;
 /** No redirect. Programs replace fx.redirect, never change it in place; frozen, a change would throw. */
 export const NO_REDIRECT: RunEffects['redirect'] = Object.freeze({ ifindex: 0, kind: 'NONE' });
+
+/**
+ * The redirect to (ifindex, kind), frozen like NO_REDIRECT and shared: a run
+ * that redirects sets fx.redirect to one of these rather than to a new object
+ * per packet. They are kept in a direct-mapped cache by kind and ifindex; a
+ * miss makes a new one.
+ */
+export function redirectTo(ifindex: number, kind: RedirectKindName): RunEffects['redirect'] {
+  const slot = RedirectKind[kind] * REDIRECT_SLOTS + (ifindex & (REDIRECT_SLOTS - 1));
+  const r = redirects[slot];
+  if (r !== undefined && r.ifindex === ifindex) return r;
+  return (redirects[slot] = Object.freeze({ ifindex, kind }));
+}
+
+const REDIRECT_SLOTS = 256;
+const redirects: Array<RunEffects['redirect'] | undefined> = new Array(4 * REDIRECT_SLOTS).fill(undefined);
 
 export function newEffects(): RunEffects {
   return { counters: { ...ZERO_COUNTERS }, redirect: NO_REDIRECT };
