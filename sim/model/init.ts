@@ -7,7 +7,7 @@ import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, zeroPath, copyPacket, newEffects, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -77,14 +77,17 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   //    With wide keys on, every pair draws a wide key (TCP, UDP and ICMP echo carry them).
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
-    const r = {
-      ...zeroPath(),
+    // C: a designated initializer; every field in struct order, as zeroPath gives them.
+    const r: ModelPath = {
       last_seen: now,
+      local_mac: pod.mac,
+      remote_mac: readMac(pkt, t.inner_eth),
       local_ip: src,
       remote_ip: dst,
       ifindex: pod.ifindex,
-      local_mac: pod.mac,
-      remote_mac: readMac(pkt, t.inner_eth),
+      local_key: 0,
+      remote_key: 0,
+      remote_ready: 0,
     };
     const ik = { remote_host: t.outer.daddr, key: 0 };
     const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0;

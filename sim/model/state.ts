@@ -600,6 +600,12 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
     return this.index.get(first, second);
   }
 
+  /** A taken key refused through the index: init's key draws are mostly such inserts. */
+  override updateElem(key: MK, value: MV, flag: 'any' | 'noexist' | 'exist' = 'any'): number {
+    if (flag === 'noexist' && this.index.get(this.parts.first(key), this.parts.second(key)) !== undefined) return EEXIST;
+    return super.updateElem(key, value, flag);
+  }
+
   protected find(key: MK): Entry<MK, MV> | undefined {
     return this.inner(this.parts.first(key))?.get(this.parts.second(key));
   }
