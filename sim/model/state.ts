@@ -4,7 +4,7 @@
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import {
-  MAPS, COUNTER_NAMES, RedirectKind, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
+  MAPS, COUNTER_NAMES, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
   type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
@@ -488,9 +488,8 @@ interface KeyParts<MK> {
  * cache miss, and most of a lookup's time.
  */
 class PairIndex<MV> {
-  /** The key numbers as int32 (`| 0`: the same 32 bits; V8 keeps them unboxed). */
-  private firsts = new Int32Array(PAIR_INDEX_MIN);
-  private seconds = new Int32Array(PAIR_INDEX_MIN);
+  /** Slot i's key numbers at 2i and 2i + 1 (one cache line), as int32 (`| 0`: the same 32 bits; V8 keeps them unboxed). */
+  private keys = new Int32Array(2 * PAIR_INDEX_MIN);
   /** undefined: a free slot, which ends a probe; null: a deleted one, which does not. */
   private values: Array<MV | null | undefined> = new Array(PAIR_INDEX_MIN).fill(undefined);
   private mask = PAIR_INDEX_MIN - 1;
@@ -498,11 +497,11 @@ class PairIndex<MV> {
   private deleted = 0;
 
   get(first: number, second: number): MV | undefined {
-    const a = first | 0, b = second | 0, mask = this.mask;
+    const a = first | 0, b = second | 0, mask = this.mask, keys = this.keys;
     for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
       const v = this.values[i];
       if (v === undefined) return undefined;
-      if (v !== null && this.firsts[i] === a && this.seconds[i] === b) return v;
+      if (keys[2 * i] === a && keys[2 * i + 1] === b && v !== null) return v;
     }
   }
 
@@ -514,8 +513,8 @@ class PairIndex<MV> {
     let i = pairHash(a, b) & mask;
     while (this.values[i] !== undefined && this.values[i] !== null) i = (i + 1) & mask;
     if (this.values[i] === null) this.deleted--;
-    this.firsts[i] = a;
-    this.seconds[i] = b;
+    this.keys[2 * i] = a;
+    this.keys[2 * i + 1] = b;
     this.values[i] = value;
     this.live++;
   }
@@ -533,11 +532,11 @@ class PairIndex<MV> {
   }
 
   private slot(first: number, second: number): number {
-    const a = first | 0, b = second | 0, mask = this.mask;
+    const a = first | 0, b = second | 0, mask = this.mask, keys = this.keys;
     for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
       const v = this.values[i];
       if (v === undefined) throw new Error(`model table index: key (${first}, ${second}) is missing, the index is out of step with its table`);
-      if (v !== null && this.firsts[i] === a && this.seconds[i] === b) return i;
+      if (keys[2 * i] === a && keys[2 * i + 1] === b && v !== null) return i;
     }
   }
 
@@ -545,16 +544,15 @@ class PairIndex<MV> {
   private resize(): void {
     let n = PAIR_INDEX_MIN;
     while (n < (this.live + 1) * 4) n *= 2;
-    const { firsts, seconds, values } = this;
-    this.firsts = new Int32Array(n);
-    this.seconds = new Int32Array(n);
+    const { keys, values } = this;
+    this.keys = new Int32Array(2 * n);
     this.values = new Array(n).fill(undefined);
     this.mask = n - 1;
     this.live = 0;
     this.deleted = 0;
     for (let i = 0; i < values.length; i++) {
       const v = values[i];
-      if (v !== undefined && v !== null) this.add(firsts[i], seconds[i], v);
+      if (v !== undefined && v !== null) this.add(keys[2 * i], keys[2 * i + 1], v);
     }
   }
 }
@@ -770,18 +768,18 @@ export const NO_REDIRECT: RunEffects['redirect'] = Object.freeze({ ifindex: 0, k
 /**
  * The redirect to (ifindex, kind), frozen like NO_REDIRECT and shared: a run
  * that redirects sets fx.redirect to one of these rather than to a new object
- * per packet. They are kept in a direct-mapped cache by kind and ifindex; a
- * miss makes a new one.
+ * per packet. They are kept in a direct-mapped cache by ifindex; a miss (a
+ * new ifindex, or another kind in its slot) makes a new one.
  */
 export function redirectTo(ifindex: number, kind: RedirectKindName): RunEffects['redirect'] {
-  const slot = RedirectKind[kind] * REDIRECT_SLOTS + (ifindex & (REDIRECT_SLOTS - 1));
+  const slot = ifindex & (REDIRECT_SLOTS - 1);
   const r = redirects[slot];
-  if (r !== undefined && r.ifindex === ifindex) return r;
+  if (r !== undefined && r.ifindex === ifindex && r.kind === kind) return r;
   return (redirects[slot] = Object.freeze({ ifindex, kind }));
 }
 
 const REDIRECT_SLOTS = 256;
-const redirects: Array<RunEffects['redirect'] | undefined> = new Array(4 * REDIRECT_SLOTS).fill(undefined);
+const redirects: Array<RunEffects['redirect'] | undefined> = new Array(REDIRECT_SLOTS).fill(undefined);
 
 export function newEffects(): RunEffects {
   return { counters: { ...ZERO_COUNTERS }, redirect: NO_REDIRECT };
