@@ -312,13 +312,14 @@ class Entry<MK, MV> {
  * returns the live value, so writing to it is writing to the map, as with a
  * map value pointer in C; update copies key and value in.
  *
- * The programs look entries up on the model's numbers through the lookups
- * of each kind of table (WordTable, PairTable, NamedTable), which take the
- * key's parts as arguments: no key object per lookup, and a call site of its
- * own per kind of key. They also use lookupElem, updateElem, deleteElem
- * (bpf_map_lookup_elem…) on the model's key objects. Everyone else (the
- * agent, the differential run, tests) uses lookup, update, delete, entries on
- * the values maps.ts types, or the kernel's bytes (lookupBytes…): the boundary.
+ * The programs work on the model's numbers. Their per-packet lookups are
+ * the key kind's own (WordTable.lookupWord, PairTable.lookupPair), which take
+ * the key's numbers as arguments: no key object per lookup, and a call site
+ * of its own per kind of key. Otherwise (policy_rules, inserts) they use
+ * lookupElem, updateElem, deleteElem (bpf_map_lookup_elem…) on the model's
+ * key objects. Everyone else (the agent, the differential run, tests) uses
+ * lookup, update, delete, entries on the values maps.ts types, or the
+ * kernel's bytes (lookupBytes…): the boundary.
  */
 export abstract class HashTable<K, V, MK = unknown, MV = unknown> {
   protected count = 0;
