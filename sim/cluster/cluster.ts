@@ -17,8 +17,8 @@ import { COUNTER_NAMES, type CounterName } from '../../dataplane/maps.ts';
 import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
-import { EventQueue } from './events.ts';
-import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, macNumber, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { Lanes } from './events.ts';
+import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, MacTable, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
 import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
@@ -78,8 +78,8 @@ export class Host {
   readonly agent: SimAgent;
   readonly podsByIp = new Map<number, Pod>();
   readonly podsByIfindex = new Map<number, Pod>();
-  /** Live pods by MAC (48 bits as a number): cni0's forwarding table. */
-  readonly podsByMac = new Map<number, Pod>();
+  /** Live pods by MAC: cni0's forwarding table. */
+  readonly podsByMac = new MacTable<Pod>();
   /** flannel.1's outer headers to each host, by index. */
   readonly encapTo: Encap[] = [];
   /** The pod in each slot, and the IP the slot last had (peers keep sending to it while the slot is empty). */
@@ -161,7 +161,6 @@ class ControlEvent {
   ) {}
 }
 
-type Ev = FlowEvent | PacketRecord | ControlEvent;
 
 export interface RunStats {
   /** Simulated packets: every packet a pod or a host sent. */
@@ -221,11 +220,12 @@ export class Cluster {
   readonly hosts: Host[];
   readonly checker: Checker;
   private readonly scheme: KeyScheme;
-  private readonly q = new EventQueue<Ev>();
+  /** Packets on the wire in one lane, everything else in the other (events.ts Lanes). */
+  private readonly q = new Lanes<PacketRecord, FlowEvent | ControlEvent>();
   private readonly rng: Rng;
   private readonly wireRng: Rng;
-  /** Host index by NIC MAC (the 48 bits as a number): the wire's switch table. */
-  private readonly byNicMac = new Map<number, number>();
+  /** Hosts by NIC MAC: the wire's switch table. */
+  private readonly byNicMac = new MacTable<{ mac: Buffer; index: number }>();
   private readonly flows: Flow[] = [];
   private readonly policyIds: Array<{ host: number; id: number } | undefined> = [];
   /** Records (each with its frame's slot) by frame length, reused once their packet is done. */
@@ -252,7 +252,7 @@ export class Cluster {
     for (let h = 0; h < sc.hosts; h++) {
       const host = new Host(h, this.scheme, sc, opts.faults ?? {}, new Rng(sc.seed * 31 + h));
       this.hosts.push(host);
-      this.byNicMac.set(macNumber(host.nicMac, 0), h);
+      this.byNicMac.set({ mac: host.nicMac, index: h });
     }
     for (const host of this.hosts) {
       for (const peer of this.hosts) host.encapTo.push({ srcMac: host.nicMac, dstMac: peer.nicMac, srcIp: host.ip, dstIp: peer.ip });
@@ -279,7 +279,7 @@ export class Cluster {
     host.slotIp[slot] = a;
     host.podsByIp.set(a, pod);
     host.podsByIfindex.set(pod.ifindex, pod);
-    host.podsByMac.set(macNumber(pod.mac, 0), pod);
+    host.podsByMac.set(pod);
     host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex, BigInt(Math.round(this.now)));
     return pod;
   }
@@ -293,14 +293,14 @@ export class Cluster {
     pod.deletedAt = this.now;
     host.podsByIp.delete(pod.ip);
     host.podsByIfindex.delete(pod.ifindex);
-    host.podsByMac.delete(macNumber(pod.mac, 0));
+    host.podsByMac.delete(pod);
     host.releaseIfindex(pod.ifindex);
     return pod;
   }
 
   /** Nothing new starts after the run's end; packets already on the wire still arrive. */
   private schedule(e: FlowEvent | ControlEvent): void {
-    if (e.t <= this.sc.durationNs) this.q.push(e);
+    if (e.t <= this.sc.durationNs) this.q.b.push(e);
   }
 
   // ---- the run ----
@@ -553,7 +553,7 @@ export class Cluster {
   private bridge(h: Host, rec: PacketRecord, from: Pod): void {
     const frame = rec.frame;
     if (dstMacIs(frame, h.cniMac)) return this.route(h, rec);
-    const p = h.podsByMac.get(macNumber(frame, 0));
+    const p = h.podsByMac.forDst(frame);
     if (p !== undefined && p !== from) {
       this.stats.delivered.local++;
       return this.deliverToPod(h, p, rec, frame);
@@ -596,15 +596,16 @@ export class Cluster {
   }
 
   private wire(rec: PacketRecord): void {
-    const to = this.byNicMac.get(macNumber(rec.frame, 0));
-    if (to === undefined) return this.drop(rec, 'wire-unknown-mac');
+    const nic = this.byNicMac.forDst(rec.frame);
+    if (nic === undefined) return this.drop(rec, 'wire-unknown-mac');
+    const to = nic.index;
     const l = this.sc.link;
     if (l.loss > 0 && this.wireRng.next() < l.loss) return this.drop(rec, 'wire-loss');
     const delay = l.latencyNs + (l.jitterNs > 0 ? this.wireRng.next() * l.jitterNs : 0);
     // The record is the arrival event; packets already on the wire arrive after the run's end too.
     rec.t = this.now + delay;
     rec.at = to;
-    this.q.push(rec);
+    this.q.a.push(rec);
   }
 
   /** restore at the NIC's TC ingress; what it passes goes to the host stack. */

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { EventQueue } from './events.ts';
+import { EventQueue, Lanes } from './events.ts';
 
 describe('sim/cluster event queue', () => {
   it('pops in time order, and events at the same time in the order they were pushed', () => {
@@ -11,6 +11,18 @@ describe('sim/cluster event queue', () => {
       for (let e = q.pop(); e; e = q.pop()) got.push([e.t, e.n]);
       const want = times.map((t, n) => [t, n] as [number, number]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
       expect(got).toEqual(want);
+    }));
+  });
+
+  it('two lanes pop as one queue would: by time, then by the order pushed over both', () => {
+    fc.assert(fc.property(fc.array(fc.tuple(fc.nat(20), fc.boolean()), { maxLength: 200 }), (pushes) => {
+      const q = new Lanes<{ t: number; n: number }, { t: number; n: number }>();
+      pushes.forEach(([t, lane], n) => (lane ? q.a : q.b).push({ t, n }));
+      const got: Array<[number, number]> = [];
+      for (let e = q.pop(); e; e = q.pop()) got.push([e.t, e.n]);
+      const want = pushes.map(([t], n) => [t, n] as [number, number]).sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+      expect(got).toEqual(want);
+      expect(q.size).toBe(0);
     }));
   });
 });

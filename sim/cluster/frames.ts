@@ -235,7 +235,38 @@ export function readPacketId(f: Buffer, off: number): number {
   return ((hi << 16) | lo) >>> 0;
 }
 
-/** The MAC at f[at] as a 48-bit number (a map key without a string per frame). */
-export function macNumber(f: Uint8Array, at: number): number {
-  return (f[at] * 0x10000 + (f[at + 1] << 8 | f[at + 2])) * 0x1000000 + (f[at + 3] << 16 | f[at + 4] << 8 | f[at + 5]);
+/**
+ * The last four bytes of the MAC at f[at] as an int32: a map key that V8
+ * holds unboxed (a 48-bit number is a heap number per lookup). Tables keyed
+ * by it (MacTable) compare the whole MAC on a hit.
+ */
+export function macTail(f: Uint8Array, at: number): number {
+  return (f[at + 2] << 24) | (f[at + 3] << 16) | (f[at + 4] << 8) | f[at + 5];
+}
+
+/**
+ * What a switch knows: entries by MAC. Keyed by the MAC's tail, and a hit
+ * whose whole MAC differs is a miss; two entries with one tail are refused
+ * (the simulator's MACs differ in their last four bytes: pod MACs end in the
+ * pod's uid, NIC MACs in the host's number).
+ */
+export class MacTable<E extends { mac: Uint8Array }> {
+  private readonly m = new Map<number, E>();
+
+  set(e: E): void {
+    const tail = macTail(e.mac, 0);
+    const old = this.m.get(tail);
+    if (old !== undefined && old !== e) throw new Error(`MAC ${[...e.mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} shares its last four bytes with another entry`);
+    this.m.set(tail, e);
+  }
+
+  delete(e: E): void {
+    if (this.m.get(macTail(e.mac, 0)) === e) this.m.delete(macTail(e.mac, 0));
+  }
+
+  /** The entry for the destination MAC of frame f, if any. */
+  forDst(f: Uint8Array): E | undefined {
+    const e = this.m.get(macTail(f, 0));
+    return e !== undefined && dstMacIs(f, e.mac) ? e : undefined;
+  }
 }
