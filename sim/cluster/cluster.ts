@@ -161,7 +161,6 @@ class ControlEvent {
   ) {}
 }
 
-
 export interface RunStats {
   /** Simulated packets: every packet a pod or a host sent. */
   packets: number;
