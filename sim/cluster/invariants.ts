@@ -176,18 +176,21 @@ export class Checker {
     if (this.violations.length < this.maxViolations) this.violations.push({ t, id, rule, detail, hops: rec?.hops ?? [] });
   }
 
-  /** The packet arrives for the first time, carrying the id it was sent with. */
-  private identify(t: number, rec: PacketRecord, f: Buffer, where: string): boolean {
+  /**
+   * The packet arrives for the first time, carrying the id it was sent with.
+   * where: a pod's name, or a host's number (the text is made only for a violation).
+   */
+  private identify(t: number, rec: PacketRecord, f: Buffer, where: string | number): boolean {
     const id = rec.id;
     if (rec.done) {
-      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${where} again`, rec);
+      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${place(where)} again`, rec);
       return false;
     }
     rec.done = true;
     const off = payloadOffset(f, L3);
     const carried = off < 0 ? -1 : readPacketId(f, off);
     if (carried !== id) {
-      this.violate(t, id, 'payload intact', `${where} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
+      this.violate(t, id, 'payload intact', `${place(where)} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
       return false;
     }
     return true;
@@ -199,7 +202,7 @@ export class Checker {
 
   /** A pod received a frame into its namespace. */
   podReceived(t: number, rec: PacketRecord, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): boolean {
-    if (!this.identify(t, rec, f, `pod ${pod.name}`)) return false;
+    if (!this.identify(t, rec, f, pod.name)) return false;
     const id = rec.id;
     if (rec.kind === 'host') {
       this.violate(t, id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
@@ -227,7 +230,7 @@ export class Checker {
 
   /** The host stack accepted a frame as its own (not for a pod). */
   hostReceived(t: number, rec: PacketRecord, f: Buffer, host: number): boolean {
-    if (!this.identify(t, rec, f, `the stack of host ${host}`)) return false;
+    if (!this.identify(t, rec, f, host)) return false;
     const id = rec.id;
     if (rec.kind === 'pod') {
       this.violate(t, id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
@@ -256,6 +259,10 @@ export class Checker {
       this.violate(t, id, 'policy drops only denied flows', `packet ${id} ${tupleStr(rec.tuple)} was dropped by policy, yet no rule in force matches it`, rec);
     }
   }
+}
+
+function place(where: string | number): string {
+  return typeof where === 'number' ? `the stack of host ${where}` : `pod ${where}`;
 }
 
 export function ipStr(n: number): string {
