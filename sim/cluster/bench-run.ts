@@ -61,6 +61,25 @@ export function measure(scheme: string, packets: number, seed = 1, timeModel = t
   };
 }
 
-export interface BenchJob { scheme: string; packets: number; seed: number }
+/**
+ * A fixed amount of plain CPU work (integer adds), ms: run alone and on every
+ * core at once beside the simulator's runs, it tells how fast, and how
+ * parallel, this shared machine was during them (the same work takes twice as
+ * long when a neighbour holds the core).
+ */
+export function cpuCheck(): { ms: number } {
+  const t0 = performance.now();
+  let x = 0;
+  for (let i = 0; i < CPU_CHECK_ADDS; i++) x = (x + i * 7) | 0;
+  cpuCheckSink ^= x;
+  return { ms: +(performance.now() - t0).toFixed(1) };
+}
 
-serveJobs(import.meta.url, (j: BenchJob) => measure(j.scheme, j.packets, j.seed, false));
+/** Where the check's sum goes, so that its loop is not dead code. */
+export let cpuCheckSink = 0;
+
+export const CPU_CHECK_ADDS = 500_000_000;
+
+export type BenchJob = { scheme: string; packets: number; seed: number } | { cpuCheck: true };
+
+serveJobs(import.meta.url, (j: BenchJob) => ('cpuCheck' in j ? cpuCheck() : measure(j.scheme, j.packets, j.seed, false)));

@@ -14,7 +14,7 @@ import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { buildFrame } from '../packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
-import { benchScenario, measure, type BenchJob, type Measured } from './bench-run.ts';
+import { CPU_CHECK_ADDS, benchScenario, cpuCheck, measure, type BenchJob, type Measured } from './bench-run.ts';
 import { Cluster } from './cluster.ts';
 import { cores, mapInWorkers } from './workers.ts';
 
@@ -24,7 +24,9 @@ Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N
 packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit
 datapaths and with no XMasq; then on T threads at once (default: one per core), each its own
 cluster of wide keys. Prints simulated packets per second. The time inside the model programs is
-sampled on the one-thread runs (one call in 16 timed). --json prints one JSON report on stdout.`;
+sampled on the one-thread runs (one call in 16 timed). A fixed CPU check, before and after, alone
+and on T threads at once, shows how fast and how parallel the machine was meanwhile (a shared
+machine's figures halve when a neighbour holds the cores). --json prints one JSON report on stdout.`;
 
 /**
  * The two model calls of a fast-path packet, alone, on a pair learned with
@@ -70,10 +72,19 @@ function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: nu
  */
 async function allCores(scheme: string, packets: number, threads: number): Promise<{ threads: number; packetsPerSecond: number; wallSeconds: number; runs: Measured[] }> {
   const jobs: BenchJob[] = Array.from({ length: threads }, (_, i) => ({ scheme, packets, seed: i + 1 }));
-  const runs = await mapInWorkers<BenchJob, Measured>(new URL('./bench-run.ts', import.meta.url), jobs, { threads });
+  const runs = await mapInWorkers<BenchJob, Measured>(BENCH_RUN, jobs, { threads });
   const wall = (Math.max(...runs.map((r) => r.endMs)) - Math.min(...runs.map((r) => r.startMs))) / 1000;
   const total = runs.reduce((a, r) => a + r.packets, 0);
   return { threads, packetsPerSecond: Math.round(total / wall), wallSeconds: +wall.toFixed(3), runs };
+}
+
+const BENCH_RUN = new URL('./bench-run.ts', import.meta.url);
+
+/** The CPU check (bench-run.ts) on this thread, then on every thread at once: ms each. */
+async function cpuChecks(threads: number): Promise<{ adds: number; oneThreadMs: number; allThreadsMs: number[] }> {
+  const one = cpuCheck().ms;
+  const all = await mapInWorkers<BenchJob, { ms: number }>(BENCH_RUN, Array.from({ length: threads }, () => ({ cpuCheck: true as const })), { threads });
+  return { adds: CPU_CHECK_ADDS, oneThreadMs: one, allThreadsMs: all.map((r) => r.ms) };
 }
 
 const fmt = (n: number) => n.toLocaleString('en');
@@ -101,6 +112,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`bench:sim: --threads ${args.threads}: want an integer from 1 to 256\n`);
     return 2;
   }
+  const before = await cpuChecks(threads);
   const runs: Measured[] = [];
   for (const scheme of ['wide', '6-bit', 'overlay']) {
     process.stderr.write(`bench:sim: ${scheme}, ${packets} packets, one thread…\n`);
@@ -109,10 +121,11 @@ async function main(argv: string[]): Promise<number> {
   process.stderr.write(`bench:sim: wide, ${packets} packets on each of ${threads} threads at once…\n`);
   const machine = await allCores('wide', packets, threads);
   const alone = programsAlone(args.quick ? 50_000 : 1_000_000);
+  const after = await cpuChecks(threads);
   const violations = runs.some((r) => r.violations) || machine.runs.some((r) => r.violations);
   const report = {
     when: new Date().toISOString(), cpu: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, kernel: release(), node: process.version,
-    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, goal: 1_000_000,
+    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, cpuCheck: { before, after }, goal: 1_000_000,
   };
   if (args.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
@@ -125,6 +138,8 @@ async function main(argv: string[]): Promise<number> {
   process.stdout.write(`wide     ${fmt(machine.packetsPerSecond)} packets/s on ${machine.threads} threads  (${machine.threads} clusters at once, seeds 1..${machine.threads}: `
     + `${machine.runs.map((r) => fmt(r.packetsPerSecond)).join(' + ')} packets/s each; ${machine.wallSeconds} s from first start to last end)\n`);
   process.stdout.write(`model alone: masq ${fmt(alone.masqPerSecond)}/s, restore ${fmt(alone.restorePerSecond)}/s on a pair learned with wide keys (the frame copy included)\n`);
+  const check = (c: typeof before) => `${c.oneThreadMs} ms alone, ${c.allThreadsMs.join(' / ')} ms on ${c.allThreadsMs.length} threads at once`;
+  process.stdout.write(`cpu check (${fmt(CPU_CHECK_ADDS)} integer adds): before ${check(before)}; after ${check(after)}\n`);
   const [wide, six] = runs;
   process.stdout.write(`sim: ${fmt(machine.packetsPerSecond)} simulated packets/s on this machine (wide keys, the default datapath, ${machine.threads} threads; `
     + `one thread: ${fmt(wide.packetsPerSecond)}, 6-bit ${fmt(six.packetsPerSecond)}; goal 1,000,000)\n`);
