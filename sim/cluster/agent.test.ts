@@ -4,7 +4,7 @@
  * them what a kernel map would.
  */
 import { describe, expect, it } from 'vitest';
-import { MAX_ENTRIES } from '../../dataplane/maps.ts';
+import { MAX_ENTRIES, egressKey, path } from '../../dataplane/maps.ts';
 import { emptyPath, emptyState } from '../model/index.ts';
 import { SimAgent } from './agent.ts';
 
@@ -50,6 +50,49 @@ describe('sim/cluster agent on model maps', () => {
     expect(r.egress.deleted).toBe(1);
     expect(r.ingress.deleted).toBe(1);
     expect(s.egress_cache.entries().map(([k]) => k.local_pod)).toEqual(['10.244.1.3']);
+  });
+
+  it('expiry decides to the nanosecond where a double cannot (stamps past 2^63)', () => {
+    const now = (1n << 63n) + 12_345n;
+    const s = state();
+    const stamp = (key: number, egress: bigint, ingress: bigint) => {
+      s.egress_cache.lookup({ local_pod: `10.244.1.${key + 1}`, remote_pod: '10.244.2.2' })!.last_seen = now - egress;
+      s.ingress_cache.lookup({ remote_host: '172.31.250.2', key })!.last_seen = now - ingress;
+    };
+    // Egress idle 10: 10 ns idle stays (its peer answered 10 ns ago), 11 goes; ingress idle 20: 20 stays.
+    stamp(1, 10n, 10n);
+    stamp(2, 11n, 20n);
+    const a = new SimAgent(s, T);
+    let r = a.scan(now);
+    expect([r.egress.deleted, r.egress.unanswered, r.ingress.deleted]).toEqual([1, 0, 0]);
+    expect(s.egress_cache.entries().map(([k]) => k.local_pod)).toEqual(['10.244.1.2']);
+    // The peer's answer 11 ns old is one ns too old: unanswered. The ingress entry 21 ns idle goes.
+    stamp(1, 0n, 11n);
+    s.ingress_cache.lookup({ remote_host: '172.31.250.2', key: 2 })!.last_seen = now - 21n;
+    r = a.scan(now);
+    expect([r.egress.deleted, r.egress.unanswered, r.ingress.deleted]).toEqual([1, 1, 1]);
+    expect(s.ingress_cache.entries().map(([k]) => k.key)).toEqual([1]);
+  });
+
+  it('a batch read gives the values as of the read, a clone its own', () => {
+    const s = state();
+    const key = { local_pod: '10.244.1.2', remote_pod: '10.244.2.2' };
+    const bytes = () => s.egress_cache.entriesBytes().map(([k, v]) => [k.toString('hex'), v.toString('hex')]);
+    const first = bytes();
+    expect(first).toEqual(s.egress_cache.entries().map(([k, v]) => [egressKey.encode(k).toString('hex'), path.encode(v).toString('hex')]));
+    // The programs write values in place; the next batch has what they wrote, as a fresh lookup does.
+    s.egress_cache.lookup(key)!.last_seen = 0x1_0000_0001n;
+    s.egress_cache.lookup(key)!.remote_mac = '02:00:00:00:00:09';
+    const copy = s.egress_cache.clone();
+    const second = bytes();
+    expect(second).not.toEqual(first);
+    expect(second).toEqual(s.egress_cache.entries().map(([k, v]) => [egressKey.encode(k).toString('hex'), path.encode(v).toString('hex')]));
+    expect(second[0][1]).toBe(s.egress_cache.lookupBytes(egressKey.encode(key))!.toString('hex'));
+    // A clone's batch buffers are not the original's: a scan of one leaves the other's bytes alone.
+    const [[, held]] = copy.entriesBytes();
+    s.egress_cache.lookup(key)!.last_seen = 7n;
+    s.egress_cache.entriesBytes();
+    expect(held.readBigUInt64LE(path.field('last_seen').offset)).toBe(0x1_0000_0001n);
   });
 
   it('policy rules become policy_rules keys and the list of masks in use', () => {

@@ -28,6 +28,11 @@ class ModelMapView implements MapOps {
     return this.table.lookupBytes(k);
   }
 
+  /**
+   * Unlike BpfMap's, the buffers are the table's own, rewritten by the next
+   * lookupBatch (HashTable.entriesBytes): caches.ts reads a batch before it
+   * reads the map's batch again and copies a value before it changes one.
+   */
   lookupBatch(): Array<[Buffer, Buffer]> {
     return this.table.entriesBytes();
   }

@@ -67,7 +67,11 @@ class ModelCodec<M> {
 
   /** The C bytes of a value; a field out of its type's range throws, as Buffer's writers do. */
   toBytes(m: M): Buffer {
-    const b = Buffer.allocUnsafe(this.struct.size);
+    return this.writeBytes(Buffer.allocUnsafe(this.struct.size), m);
+  }
+
+  /** toBytes into b (the struct's size), every byte of it written; returns b. */
+  writeBytes(b: Buffer, m: M): Buffer {
     this.write(b, m, this as ModelCodec<unknown>);
     const holes = this.holes;
     for (let i = 0; i < holes.length; i++) b[holes[i]] = 0;
@@ -302,6 +306,8 @@ interface KeyCodec<K, MK> {
 class Entry<MK, MV> {
   /** The key's bytes, made by the first scan that reads them: a key never changes. */
   keyBytes: Buffer | undefined = undefined;
+  /** The value's bytes as the last scan wrote them (entriesBytes): this entry's own, never a clone's. */
+  valueBytes: Buffer | undefined = undefined;
 
   constructor(readonly key: MK, public value: MV) {}
 }
@@ -414,16 +420,23 @@ export abstract class HashTable<K, V, MK = unknown, MV = unknown> {
   }
 
   /**
-   * Every entry as the kernel's bytes: a fresh value buffer each, and the key's
-   * bytes, made once per entry and shared by every scan (the agent scans whole
-   * tables every second): read them, never write them.
+   * Every entry as the kernel's bytes, as of this call (a batch lookup). The
+   * agent scans whole tables every second, so no buffer is made per entry per
+   * scan: an entry's key bytes are made once (a key never changes), and its
+   * value is written, at each call, into a buffer the entry keeps. So the
+   * buffers are the caller's to read until the next entriesBytes of this
+   * table, which rewrites the values: never write them (copy one to change
+   * it), never keep them past that. Other calls (lookupBytes, updateBytes,
+   * deleteBytes) leave them as they are.
    */
   entriesBytes(): Array<[Buffer, Buffer]> {
     const all = this.all();
     const out = new Array<[Buffer, Buffer]>(all.length);
     for (let i = 0; i < all.length; i++) {
       const e = all[i];
-      out[i] = [e.keyBytes ??= this.keys.toBytes(e.key), this.values.toBytes(e.value)];
+      // allocUnsafe: from Node's pool, so the buffers made by one scan lie side by side; writeBytes fills every byte.
+      const v = e.valueBytes ??= Buffer.allocUnsafe(this.values.struct.size);
+      out[i] = [e.keyBytes ??= this.keys.toBytes(e.key), this.values.writeBytes(v, e.value)];
     }
     return out;
   }
