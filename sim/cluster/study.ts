@@ -34,7 +34,7 @@ DIR/sim-study.md with SVG plots of the fraction of packets and of flows on the f
   --quick          fewer points, shorter runs (a smoke test: numbers are rough)
   --help           this text
 
-Takes under a minute on 2 cores (--quick: about 15 s).`;
+Takes 20-35 s on 2 cores (--quick: about 10 s).`;
 
 const pct = (v: number) => v.toFixed(1);
 
