@@ -8,6 +8,7 @@ import {
   type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
+import { writeMac } from './packet.ts';
 
 export const EEXIST = -17;
 export const E2BIG = -7;
@@ -188,13 +189,7 @@ function putU32(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: num
 /** The model's 48-bit MAC number, first byte highest (readMac's form). */
 function putMac(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
   if (!(x >= 0 && x <= 0xffffffffffff && Math.floor(x) === x)) c.outOfRange(i, x);
-  const hi = Math.floor(x / 0x1000000), lo = x - hi * 0x1000000;
-  b[at] = hi >>> 16;
-  b[at + 1] = hi >>> 8;
-  b[at + 2] = hi;
-  b[at + 3] = lo >>> 16;
-  b[at + 4] = lo >>> 8;
-  b[at + 5] = lo;
+  writeMac(b, at, x);
 }
 
 /** A u64 through DataView's own conversion: BigInt arithmetic would allocate. */
