@@ -744,6 +744,8 @@ export class BpfMap {
   /**
    * Every [key, value] through BPF_MAP_LOOKUP_BATCH, a few syscalls instead of
    * two per entry; falls back to entries() where the map type lacks batching.
+   * The buffers are views of memory each call allocates for itself: the
+   * caller's to keep or change, as copies would be.
    */
   lookupBatch(opts: { batchSize?: number } = {}): Array<[Buffer, Buffer]> {
     const n = native();
@@ -769,11 +771,9 @@ export class BpfMap {
         }
         throw new LibbpfError(`batch lookup in ${this.label}`, -rc, undefined);
       }
+      // Views of this batch's own buffers, which nothing else writes: a snapshot without a copy per entry.
       for (let i = 0; i < count[0]; i++) {
-        out.push([
-          Buffer.from(keys.subarray(i * this.keySize, (i + 1) * this.keySize)),
-          Buffer.from(values.subarray(i * full, (i + 1) * full)),
-        ]);
+        out.push([keys.subarray(i * this.keySize, (i + 1) * this.keySize), values.subarray(i * full, (i + 1) * full)]);
       }
       // ENOENT is how the kernel says the last batch reached the end.
       if (rc === -E.ENOENT) return out;
