@@ -240,9 +240,10 @@ interface Inner<E> {
 }
 
 /**
- * A map from non-negative integers to entries: those below INDEXED (the
- * narrow keys, 1..63) in an array, no hashing per lookup; larger ones (wide
- * keys) in a Map, as a sparse array would be slow to walk.
+ * A map from non-negative integers to entries, walked in the order the scans
+ * see (PairTable): those below INDEXED (the narrow keys, 1..63) in an array,
+ * by key; larger ones (wide keys) in a Map, as they came (a sparse array
+ * would be slow to walk).
  */
 const INDEXED = 64;
 
@@ -480,7 +481,7 @@ export class WordTable<K, V, MV> extends HashTable<K, V, number, MV> {
   }
 }
 
-/** How a PairTable's key object splits into its two numbers, and is made from them. */
+/** How a PairTable's key object splits into its two numbers. */
 interface KeyParts<MK> {
   first(k: MK): number;
   second(k: MK): number;
@@ -590,18 +591,6 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
     super(keys, values, maxEntries);
   }
 
-  /** The inner map of the last first part looked up: init's key draws look up one remote host up to KEY_TRIES times. */
-  private lastFirst = -1;
-  private lastInner: Inner<Entry<MK, MV>> | undefined = undefined;
-
-  private inner(first: number): Inner<Entry<MK, MV>> | undefined {
-    if (first !== this.lastFirst) {
-      this.lastFirst = first;
-      this.lastInner = this.m.get(first);
-    }
-    return this.lastInner;
-  }
-
   /** bpf_map_lookup_elem on the key's two numbers: the live value. */
   lookupPair(first: number, second: number): MV | undefined {
     return this.index.get(first, second);
@@ -614,16 +603,13 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
   }
 
   protected find(key: MK): Entry<MK, MV> | undefined {
-    return this.inner(this.parts.first(key))?.get(this.parts.second(key));
+    return this.m.get(this.parts.first(key))?.get(this.parts.second(key));
   }
 
   protected put(e: Entry<MK, MV>): void {
     const first = this.parts.first(e.key), second = this.parts.second(e.key);
-    let inner = this.inner(first);
-    if (inner === undefined) {
-      this.m.set(first, (inner = this.parts.secondIsIndex ? new IndexMap() : new Map()));
-      this.lastInner = inner;
-    }
+    let inner = this.m.get(first);
+    if (inner === undefined) this.m.set(first, (inner = this.parts.secondIsIndex ? new IndexMap() : new Map()));
     inner.set(second, e);
     this.index.add(first, second, e.value);
   }
@@ -635,12 +621,9 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
 
   protected remove(key: MK): boolean {
     const first = this.parts.first(key), second = this.parts.second(key);
-    const inner = this.inner(first);
+    const inner = this.m.get(first);
     if (inner === undefined || !inner.delete(second)) return false;
-    if (inner.size === 0) {
-      this.m.delete(first);
-      this.lastInner = undefined;
-    }
+    if (inner.size === 0) this.m.delete(first);
     this.index.delete(first, second);
     return true;
   }
