@@ -279,7 +279,7 @@ export class Cluster {
     host.podsByIp.set(a, pod);
     host.podsByIfindex.set(pod.ifindex, pod);
     host.podsByMac.set(pod);
-    host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex, BigInt(Math.round(this.now)));
+    host.agent.addPod(pod.ipStr, podMac(uid), pod.ifindex, this.clock(host));
     return pod;
   }
 
@@ -287,7 +287,7 @@ export class Cluster {
   private deletePod(host: Host, slot: number): Pod | undefined {
     const pod = host.slots[slot];
     if (!pod) return undefined;
-    host.agent.delPod(pod.ipStr, BigInt(Math.round(this.now)));
+    host.agent.delPod(pod.ipStr, this.clock(host));
     host.slots[slot] = undefined;
     pod.deletedAt = this.now;
     host.podsByIp.delete(pod.ip);
@@ -295,6 +295,12 @@ export class Cluster {
     host.podsByMac.delete(pod);
     host.releaseIfindex(pod.ifindex);
     return pod;
+  }
+
+  /** The host's clock as the agent reads it: the programs' bigint clock (HostEnv), now. */
+  private clock(h: Host): bigint {
+    h.env.t = this.now;
+    return h.env.now;
   }
 
   /** Nothing new starts after the run's end; packets already on the wire still arrive. */
@@ -361,7 +367,7 @@ export class Cluster {
       case HOST_FLOW: return this.hostPacket(e);
       case SCAN: {
         const h = this.hosts[e.index];
-        h.agent.scan(BigInt(Math.round(this.now)));
+        h.agent.scan(this.clock(h));
         e.t = this.now + this.sc.timing.scanIntervalNs;
         return this.schedule(e);
       }
