@@ -42,25 +42,14 @@ export interface Pod {
 
 /**
  * What the kernel gives a host's programs: its clock and random draws. The
- * clock is a bigint in the model's API: it is made when a program reads it,
- * once per instant (a packet's hooks on one host run at one instant).
+ * clock is a whole number of ns (the model's Stamp as a number: a run's
+ * simulated time stays far below 2^53 ns), set before each program run.
  */
 class HostEnv implements Env {
-  /** Simulated time, ns. */
-  t = 0;
-  private madeFor = -1;
-  private made = 0n;
+  now = 0;
   readonly vlanPresent = false;
 
   constructor(private readonly rng: Rng) {}
-
-  get now(): bigint {
-    if (this.madeFor !== this.t) {
-      this.madeFor = this.t;
-      this.made = BigInt(Math.round(this.t));
-    }
-    return this.made;
-  }
 
   random(): number {
     return this.rng.u32();
@@ -297,10 +286,10 @@ export class Cluster {
     return pod;
   }
 
-  /** The host's clock as the agent reads it: the programs' bigint clock (HostEnv), now. */
+  /** The host's clock as the agent reads it (a u64, as bpf_ktime_get_ns): the programs' clock (HostEnv), now. */
   private clock(h: Host): bigint {
-    h.env.t = this.now;
-    return h.env.now;
+    h.env.now = Math.round(this.now);
+    return BigInt(h.env.now);
   }
 
   /** Nothing new starts after the run's end; packets already on the wire still arrive. */
@@ -519,7 +508,7 @@ export class Cluster {
 
   /** Runs a program on the packet's frame, in place; its effects are in h.fx. */
   private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', program: KeyScheme['masq'], rec: PacketRecord): number {
-    h.env.t = this.now;
+    h.env.now = Math.round(this.now);
     const fx = h.fx, c = fx.counters;
     const policyDrops = c.POLICY_DROP, misses = c.RESTORE_MISS;
     const before = this.trace ? { ...c } : undefined;

@@ -7,7 +7,7 @@ import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -20,7 +20,7 @@ export function fastPathEligible(h: Hdrs): boolean {
  * C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair (a
  * tombstone, ifindex 0, never does); signalling the key again refreshes it.
  */
-function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: bigint): boolean {
+function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: Stamp): boolean {
   const r = s.ingress_cache.lookupPair(remoteHost, key);
   if (!r || r.ifindex === 0 || r.local_ip !== localPod || r.remote_ip !== remotePod) return false;
   r.last_seen = now;

@@ -84,3 +84,29 @@ describe('model tables: a PairTable and its index', () => {
     agree(t, (remote_host, key) => ({ remote_host, key }), ops, hosts, keys);
   });
 });
+
+describe('model tables: a clock stamp as a number', () => {
+  const key = { local_pod: 0x0201f40a, remote_pod: 0x0301f40a };
+  // Both halves of the u64 exercised: below and at 2^32, a high word with every bit, the largest exact number.
+  const STAMPS = [0, 1, 0xffffffff, 2 ** 32, 2 ** 32 + 1, 0x1234_5678_9abc, Number.MAX_SAFE_INTEGER];
+
+  it('is written as the same bytes, and read as the same bigint, as the stamp as a bigint', () => {
+    for (const stamp of [...STAMPS, ...fc.sample(fc.maxSafeNat(), 200)]) {
+      const asNumber = emptyState(SIZES).egress_cache, asBigint = emptyState(SIZES).egress_cache;
+      asNumber.updateElem(key, { ...zeroPath(), last_seen: stamp }, 'any');
+      asBigint.updateElem(key, { ...zeroPath(), last_seen: BigInt(stamp) }, 'any');
+      const bytes = asNumber.entriesBytes()[0][1];
+      expect(bytes.readBigUInt64LE(0), `stamp ${stamp}`).toBe(BigInt(stamp));
+      expect(Buffer.compare(bytes, asBigint.entriesBytes()[0][1]), `stamp ${stamp}`).toBe(0);
+      expect(asNumber.entries()[0][1].last_seen, `stamp ${stamp}`).toBe(BigInt(stamp));
+    }
+  });
+
+  it('is refused, as the bytes cannot hold it exactly, when negative, fractional or past 2^53', () => {
+    for (const stamp of [-1, 0.5, 2 ** 53, Infinity, NaN]) {
+      const t = emptyState(SIZES).egress_cache;
+      t.updateElem(key, { ...zeroPath(), last_seen: stamp }, 'any');
+      expect(() => t.entriesBytes(), `stamp ${stamp}`).toThrow(/last_seen/);
+    }
+  });
+});

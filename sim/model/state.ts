@@ -22,9 +22,18 @@ export const ENOENT = -2;
  * two at its boundary, through the layout's own bytes.
  */
 
+/**
+ * The kernel's u64 ns clock as the model holds it (Env.now, last_seen): a
+ * bigint, or a number where the caller knows it stays an exact integer, below
+ * 2^53 ns (104 days). The simulator reads the clock for nearly every packet
+ * and would make a BigInt each time; the model only stores the value, and
+ * its bytes and its layout value (a bigint) are the same either way.
+ */
+export type Stamp = bigint | number;
+
 /** C: struct path, as the model holds it. */
 export interface ModelPath {
-  last_seen: bigint;
+  last_seen: Stamp;
   local_mac: number;
   remote_mac: number;
   local_ip: number;
@@ -192,11 +201,18 @@ function putMac(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: num
   writeMac(b, at, x);
 }
 
-/** A u64 through DataView's own conversion: BigInt arithmetic would allocate. */
+/** A u64 bigint through DataView's own conversion: BigInt arithmetic would allocate. */
 const u64Bytes = new Uint8Array(8);
 const u64View = new DataView(u64Bytes.buffer);
 
-function putU64(b: Buffer, at: number, x: bigint, c: ModelCodec<unknown>, i: number): void {
+function putU64(b: Buffer, at: number, x: Stamp, c: ModelCodec<unknown>, i: number): void {
+  if (typeof x === 'number') {
+    if (!(x >= 0 && x <= Number.MAX_SAFE_INTEGER && Math.floor(x) === x)) c.outOfRange(i, x);
+    const lo = x % 0x100000000;
+    putU32(b, at, lo, c, i);
+    putU32(b, at + 4, (x - lo) / 0x100000000, c, i);
+    return;
+  }
   if (typeof x !== 'bigint' || x < 0n || x > 0xffffffffffffffffn) c.outOfRange(i, x);
   u64View.setBigUint64(0, x, true);
   for (let j = 0; j < 8; j++) b[at + j] = u64Bytes[j];
@@ -206,6 +222,7 @@ const scratch = Buffer.alloc(8);
 
 /** One field of the model's value as the layout gives it. */
 function layoutField(f: Field, x: unknown): unknown {
+  if (f.type === 'u64' && typeof x === 'number') return BigInt(x);
   if (f.type === 'ipv4') {
     scratch.writeUInt32LE(x as number, 0);
     return bytesToIpv4(scratch, 0);
@@ -789,7 +806,7 @@ export function copyPacket(input: Buffer): Buffer {
 
 /** The inputs the kernel chooses: the clock and the random draws. */
 export interface Env {
-  now: bigint;
+  now: Stamp;
   random(): number; // one bpf_get_prandom_u32()
   /**
    * skb->vlan_present: a VLAN tag the kernel took out of the frame. BPF_PROG_TEST_RUN
