@@ -14,6 +14,23 @@ describe('sim/cluster event queue', () => {
     }));
   });
 
+  it('pops the earliest event at any point of pushes and pops interleaved', () => {
+    // Each op pushes an event at a time (a number) or pops (null); a sorted list is the reference.
+    fc.assert(fc.property(fc.array(fc.option(fc.nat(50), { freq: 3 }), { maxLength: 400 }), (ops) => {
+      const q = new EventQueue<{ t: number; n: number }>();
+      const ref: Array<{ t: number; n: number }> = [];
+      ops.forEach((t, n) => {
+        if (t !== null) {
+          const e = { t, n };
+          q.push(e);
+          ref.push(e);
+          ref.sort((a, b) => a.t - b.t || a.n - b.n);
+        } else expect(q.pop()).toBe(ref.shift());
+        expect(q.size).toBe(ref.length);
+      });
+    }));
+  });
+
   it('two lanes pop as one queue would: by time, then by the order pushed over both', () => {
     fc.assert(fc.property(fc.array(fc.tuple(fc.nat(20), fc.boolean()), { maxLength: 200 }), (pushes) => {
       const q = new Lanes<{ t: number; n: number }, { t: number; n: number }>();

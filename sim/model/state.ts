@@ -208,9 +208,16 @@ const u64View = new DataView(u64Bytes.buffer);
 function putU64(b: Buffer, at: number, x: Stamp, c: ModelCodec<unknown>, i: number): void {
   if (typeof x === 'number') {
     if (!(x >= 0 && x <= Number.MAX_SAFE_INTEGER && Math.floor(x) === x)) c.outOfRange(i, x);
-    const lo = x % 0x100000000;
-    putU32(b, at, lo, c, i);
-    putU32(b, at + 4, (x - lo) / 0x100000000, c, i);
+    // Not x % 2^32: on a number past int32 that is a call to fmod.
+    const hi = Math.floor(x / 0x100000000), lo = (x - hi * 0x100000000) | 0;
+    b[at] = lo & 0xff;
+    b[at + 1] = (lo >>> 8) & 0xff;
+    b[at + 2] = (lo >>> 16) & 0xff;
+    b[at + 3] = lo >>> 24;
+    b[at + 4] = hi & 0xff;
+    b[at + 5] = (hi >>> 8) & 0xff;
+    b[at + 6] = (hi >>> 16) & 0xff;
+    b[at + 7] = hi >>> 24;
     return;
   }
   if (typeof x !== 'bigint' || x < 0n || x > 0xffffffffffffffffn) c.outOfRange(i, x);
@@ -724,7 +731,7 @@ export function egressLookupOrCreate(s: DatapathState, localPod: number, remoteP
 
 /** A zeroed struct path, as the model holds it. */
 export function zeroPath(): ModelPath {
-  return { last_seen: 0n, local_mac: 0, remote_mac: 0, local_ip: 0, remote_ip: 0, ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0 };
+  return { last_seen: 0, local_mac: 0, remote_mac: 0, local_ip: 0, remote_ip: 0, ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0 };
 }
 
 /** A zeroed struct path, as maps.ts types it (for callers at the boundary). */
