@@ -4,6 +4,7 @@
  * timed. bench.ts runs it on the main thread, and as a worker module on every
  * core at once (workers.ts), each worker its own cluster and seed.
  */
+import { createHash } from 'node:crypto';
 import { DEFAULT_TIMING } from './agent.ts';
 import { Cluster, type RunStats } from './cluster.ts';
 import { Rng } from './rng.ts';
@@ -62,33 +63,65 @@ export function measure(scheme: string, packets: number, seed = 1, timeModel = t
 }
 
 /**
- * A fixed amount of plain CPU work (integer adds), ms: run alone and on every
- * core at once beside the simulator's runs, it tells how fast, and how
- * parallel, this shared machine was during them (the same work takes twice as
- * long when a neighbour holds the core).
+ * How fast this shared machine was: two fixed pieces of work, run alone and
+ * on every core at once beside the simulator's runs.
+ * - SHA-256 over 256 MiB: native code, the same instructions every time (a
+ *   JS loop of int32 adds timed here ran at 0.5 or at 5 ns an add from one
+ *   process to the next, by which tier V8 happened to compile it at).
+ * - A chase of dependent reads through 64 MiB in a random cycle: each read
+ *   waits for memory, as the simulator's reads of its objects do; a
+ *   neighbour on the shared L3 cache or the memory bus slows it down where
+ *   the hash does not notice.
  */
-export function cpuCheck(): { ms: number } {
-  // Warmed up and in chunks: timed in one long loop, the work would run at whatever tier the JIT happened to reach.
-  let x = 0;
-  for (let c = 0; c < 20; c++) x = addChunk(x, c * CHUNK);
+export function machineCheck(): MachineCheck {
+  const buf = Buffer.alloc(1 << 20, 0x5a);
   const t0 = performance.now();
-  for (let c = 0; c < CPU_CHECK_ADDS / CHUNK; c++) x = addChunk(x, c * CHUNK);
-  cpuCheckSink ^= x;
-  return { ms: +(performance.now() - t0).toFixed(1) };
+  for (let i = 0; i < SHA_MIB; i++) createHash('sha256').update(buf).digest();
+  const sha256Ms = performance.now() - t0;
+  const cycle = chaseCycle();
+  let at = 0;
+  // The first pass brings the pages in; the second is timed.
+  for (let i = 0; i < CHASE_READS; i++) at = cycle[at];
+  const t1 = performance.now();
+  for (let i = 0; i < CHASE_READS; i++) at = cycle[at];
+  const chaseNs = ((performance.now() - t1) * 1e6) / CHASE_READS;
+  checkSink ^= at;
+  return { sha256Ms: +sha256Ms.toFixed(1), chaseNs: +chaseNs.toFixed(1) };
 }
 
-const CHUNK = 1_000_000;
-
-function addChunk(x: number, from: number): number {
-  for (let i = from; i < from + CHUNK; i++) x = (x + Math.imul(i, 7)) | 0;
-  return x;
+export interface MachineCheck {
+  /** ms to hash SHA_MIB MiB. */
+  sha256Ms: number;
+  /** ns per dependent read through CHASE_BYTES. */
+  chaseNs: number;
 }
 
-/** Where the check's sum goes, so that its loop is not dead code. */
-let cpuCheckSink = 0;
+export const SHA_MIB = 256;
+export const CHASE_BYTES = 64 << 20;
+const CHASE_READS = 2_000_000;
 
-export const CPU_CHECK_ADDS = 500_000_000;
+/** A single random cycle through every slot (Sattolo's shuffle), made once per thread. */
+let cycleMemo: Int32Array | undefined;
 
-export type BenchJob = { scheme: string; packets: number; seed: number } | { cpuCheck: true };
+function chaseCycle(): Int32Array {
+  if (cycleMemo) return cycleMemo;
+  const n = CHASE_BYTES / 4;
+  const c = new Int32Array(n);
+  for (let i = 0; i < n; i++) c[i] = i;
+  let seed = 0x9e3779b9;
+  for (let i = n - 1; i > 0; i--) {
+    seed = (Math.imul(seed, 1664525) + 1013904223) | 0;
+    const j = (seed >>> 0) % i;
+    const x = c[i];
+    c[i] = c[j];
+    c[j] = x;
+  }
+  return (cycleMemo = c);
+}
 
-serveJobs(import.meta.url, (j: BenchJob) => ('cpuCheck' in j ? cpuCheck() : measure(j.scheme, j.packets, j.seed, false)));
+/** Where the chase's last slot goes, so that its loop is not dead code. */
+let checkSink = 0;
+
+export type BenchJob = { scheme: string; packets: number; seed: number } | { machineCheck: true };
+
+serveJobs(import.meta.url, (j: BenchJob) => ('machineCheck' in j ? machineCheck() : measure(j.scheme, j.packets, j.seed, false)));

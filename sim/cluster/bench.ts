@@ -14,7 +14,7 @@ import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { buildFrame } from '../packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
-import { CPU_CHECK_ADDS, benchScenario, cpuCheck, measure, type BenchJob, type Measured } from './bench-run.ts';
+import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, type BenchJob, type MachineCheck, type Measured } from './bench-run.ts';
 import { Cluster } from './cluster.ts';
 import { cores, mapInWorkers } from './workers.ts';
 
@@ -24,9 +24,10 @@ Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N
 packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit
 datapaths and with no XMasq; then on T threads at once (default: one per core), each its own
 cluster of wide keys. Prints simulated packets per second. The time inside the model programs is
-sampled on the one-thread runs (one call in 16 timed). A fixed CPU check, before and after, alone
-and on T threads at once, shows how fast and how parallel the machine was meanwhile (a shared
-machine's figures halve when a neighbour holds the cores). --json prints one JSON report on stdout.`;
+sampled on the one-thread runs (one call in 16 timed). A machine check before and after, alone
+and on T threads at once, shows how fast the shared machine was meanwhile: SHA-256 of 256 MiB
+(the cores) and dependent reads through 64 MiB (memory and the shared cache, which a neighbour
+can slow down as the simulator feels it). --json prints one JSON report on stdout.`;
 
 /**
  * The two model calls of a fast-path packet, alone, on a pair learned with
@@ -80,11 +81,11 @@ async function allCores(scheme: string, packets: number, threads: number): Promi
 
 const BENCH_RUN = new URL('./bench-run.ts', import.meta.url);
 
-/** The CPU check (bench-run.ts) on this thread, then on every thread at once: ms each. */
-async function cpuChecks(threads: number): Promise<{ adds: number; oneThreadMs: number; allThreadsMs: number[] }> {
-  const one = cpuCheck().ms;
-  const all = await mapInWorkers<BenchJob, { ms: number }>(BENCH_RUN, Array.from({ length: threads }, () => ({ cpuCheck: true as const })), { threads });
-  return { adds: CPU_CHECK_ADDS, oneThreadMs: one, allThreadsMs: all.map((r) => r.ms) };
+/** The machine check (bench-run.ts) on this thread, then on every thread at once. */
+async function machineChecks(threads: number): Promise<{ alone: MachineCheck; allThreads: MachineCheck[] }> {
+  const alone = machineCheck();
+  const allThreads = await mapInWorkers<BenchJob, MachineCheck>(BENCH_RUN, Array.from({ length: threads }, () => ({ machineCheck: true as const })), { threads });
+  return { alone, allThreads };
 }
 
 const fmt = (n: number) => n.toLocaleString('en');
@@ -112,7 +113,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`bench:sim: --threads ${args.threads}: want an integer from 1 to 256\n`);
     return 2;
   }
-  const before = await cpuChecks(threads);
+  const before = await machineChecks(threads);
   const runs: Measured[] = [];
   for (const scheme of ['wide', '6-bit', 'overlay']) {
     process.stderr.write(`bench:sim: ${scheme}, ${packets} packets, one thread…\n`);
@@ -121,11 +122,11 @@ async function main(argv: string[]): Promise<number> {
   process.stderr.write(`bench:sim: wide, ${packets} packets on each of ${threads} threads at once…\n`);
   const machine = await allCores('wide', packets, threads);
   const alone = programsAlone(args.quick ? 50_000 : 1_000_000);
-  const after = await cpuChecks(threads);
+  const after = await machineChecks(threads);
   const violations = runs.some((r) => r.violations) || machine.runs.some((r) => r.violations);
   const report = {
     when: new Date().toISOString(), cpu: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, kernel: release(), node: process.version,
-    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, cpuCheck: { before, after }, goal: 1_000_000,
+    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, machineCheck: { before, after }, goal: 1_000_000,
   };
   if (args.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
@@ -138,8 +139,9 @@ async function main(argv: string[]): Promise<number> {
   process.stdout.write(`wide     ${fmt(machine.packetsPerSecond)} packets/s on ${machine.threads} threads  (${machine.threads} clusters at once, seeds 1..${machine.threads}: `
     + `${machine.runs.map((r) => fmt(r.packetsPerSecond)).join(' + ')} packets/s each; ${machine.wallSeconds} s from first start to last end)\n`);
   process.stdout.write(`model alone: masq ${fmt(alone.masqPerSecond)}/s, restore ${fmt(alone.restorePerSecond)}/s on a pair learned with wide keys (the frame copy included)\n`);
-  const check = (c: typeof before) => `${c.oneThreadMs} ms alone, ${c.allThreadsMs.join(' / ')} ms on ${c.allThreadsMs.length} threads at once`;
-  process.stdout.write(`cpu check (${fmt(CPU_CHECK_ADDS)} integer adds): before ${check(before)}; after ${check(after)}\n`);
+  const check = (c: typeof before) => `sha-256 ${c.alone.sha256Ms} ms, chase ${c.alone.chaseNs} ns alone; `
+    + `${c.allThreads.map((m) => `${m.sha256Ms} ms, ${m.chaseNs} ns`).join(' / ')} on ${c.allThreads.length} threads at once`;
+  process.stdout.write(`machine check (sha-256 of ${SHA_MIB} MiB; dependent reads through ${CHASE_BYTES >> 20} MiB): before: ${check(before)}; after: ${check(after)}\n`);
   const [wide, six] = runs;
   process.stdout.write(`sim: ${fmt(machine.packetsPerSecond)} simulated packets/s on this machine (wide keys, the default datapath, ${machine.threads} threads; `
     + `one thread: ${fmt(wide.packetsPerSecond)}, 6-bit ${fmt(six.packetsPerSecond)}; goal 1,000,000)\n`);
