@@ -18,12 +18,14 @@ import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, type BenchJ
 import { Cluster } from './cluster.ts';
 import { cores, mapInWorkers } from './workers.ts';
 
-const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--quick] [--json] [--help]
+const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds R] [--quick] [--json] [--help]
 
 Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N simulated
 packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit
 datapaths and with no XMasq; then on T threads at once (default: one per core), each its own
-cluster of wide keys. Prints simulated packets per second. The time inside the model programs is
+cluster of wide keys; R rounds of all four (default 3; --quick: 1), one after the other. Prints
+simulated packets per second, the median of the rounds and their range: runs of the same build
+on this VM differ by up to 1.5x from one to the next. The time inside the model programs is
 sampled on the one-thread runs (one call in 16 timed). A machine check before and after, alone
 and on T threads at once, shows how fast the shared machine was meanwhile: SHA-256 of 256 MiB
 (the cores) and dependent reads through 64 MiB (memory and the shared cache, which a neighbour
@@ -71,7 +73,9 @@ function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: nu
  * the last end. Workers take a moment to start (tsx compiles the sources
  * again in each); each run's own clock starts when its cluster does.
  */
-async function allCores(scheme: string, packets: number, threads: number): Promise<{ threads: number; packetsPerSecond: number; wallSeconds: number; runs: Measured[] }> {
+interface AllCores { threads: number; packetsPerSecond: number; wallSeconds: number; runs: Measured[] }
+
+async function allCores(scheme: string, packets: number, threads: number): Promise<AllCores> {
   const jobs: BenchJob[] = Array.from({ length: threads }, (_, i) => ({ scheme, packets, seed: i + 1 }));
   const runs = await mapInWorkers<BenchJob, Measured>(BENCH_RUN, jobs, { threads });
   const wall = (Math.max(...runs.map((r) => r.endMs)) - Math.min(...runs.map((r) => r.startMs))) / 1000;
@@ -90,10 +94,20 @@ async function machineChecks(threads: number): Promise<{ alone: MachineCheck; al
 
 const fmt = (n: number) => n.toLocaleString('en');
 
+const SCHEMES = ['wide', '6-bit', 'overlay'] as const;
+
+interface Spread { median: number; min: number; max: number }
+
+/** The median (of an even count, the lower middle: a figure that was measured) and the range. */
+function spread(xs: number[]): Spread {
+  const s = [...xs].sort((a, b) => a - b);
+  return { median: s[(s.length - 1) >> 1], min: s[0], max: s[s.length - 1] };
+}
+
 async function main(argv: string[]): Promise<number> {
   let args;
   try {
-    args = parseArgs({ args: argv, options: { packets: { type: 'string' }, threads: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
+    args = parseArgs({ args: argv, options: { packets: { type: 'string' }, threads: { type: 'string' }, rounds: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
   } catch (e) {
     process.stderr.write(`bench:sim: ${(e as Error).message}\n\n${USAGE}\n`);
     return 2;
@@ -113,38 +127,51 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`bench:sim: --threads ${args.threads}: want an integer from 1 to 256\n`);
     return 2;
   }
+  const rounds = args.rounds !== undefined ? Number(args.rounds) : args.quick ? 1 : 3;
+  if (!Number.isInteger(rounds) || rounds < 1 || rounds > 100) {
+    process.stderr.write(`bench:sim: --rounds ${args.rounds}: want an integer from 1 to 100\n`);
+    return 2;
+  }
   const before = await machineChecks(threads);
   const runs: Measured[] = [];
-  for (const scheme of ['wide', '6-bit', 'overlay']) {
-    process.stderr.write(`bench:sim: ${scheme}, ${packets} packets, one thread…\n`);
-    runs.push(measure(scheme, packets));
+  const machines: AllCores[] = [];
+  for (let round = 1; round <= rounds; round++) {
+    for (const scheme of SCHEMES) {
+      process.stderr.write(`bench:sim: round ${round}/${rounds}: ${scheme}, ${packets} packets, one thread…\n`);
+      runs.push(measure(scheme, packets));
+    }
+    process.stderr.write(`bench:sim: round ${round}/${rounds}: wide, ${packets} packets on each of ${threads} threads at once…\n`);
+    machines.push(await allCores('wide', packets, threads));
   }
-  process.stderr.write(`bench:sim: wide, ${packets} packets on each of ${threads} threads at once…\n`);
-  const machine = await allCores('wide', packets, threads);
   const alone = programsAlone(args.quick ? 50_000 : 1_000_000);
   const after = await machineChecks(threads);
-  const violations = runs.some((r) => r.violations) || machine.runs.some((r) => r.violations);
+  const violations = runs.some((r) => r.violations) || machines.some((m) => m.runs.some((r) => r.violations));
+  const oneThread = Object.fromEntries(SCHEMES.map((sc) => [sc, spread(runs.filter((r) => r.scheme === sc).map((r) => r.packetsPerSecond))]));
+  const allThreads = spread(machines.map((m) => m.packetsPerSecond));
   const report = {
     when: new Date().toISOString(), cpu: cpus()[0]?.model ?? 'unknown', cpus: cpus().length, kernel: release(), node: process.version,
-    topology: '4 hosts × 20 pods, microservices', runs, allCores: machine, programsAlone: alone, machineCheck: { before, after }, goal: 1_000_000,
+    topology: '4 hosts × 20 pods, microservices', rounds, oneThread, allThreads, runs, allCores: machines, programsAlone: alone, machineCheck: { before, after }, goal: 1_000_000,
   };
   if (args.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
     return violations ? 1 : 0;
   }
-  for (const r of runs) {
-    process.stdout.write(`${r.scheme.padEnd(8)} ${fmt(r.packetsPerSecond)} packets/s on one thread  (${r.packets} packets in ${r.wallSeconds} s; `
-      + `${(r.modelShare * 100).toFixed(0)}% of it in ${r.modelCalls} model calls, ${fmt(r.modelCallsPerSecondInside)} calls/s; fast path ${(r.fastPathShare * 100).toFixed(1)}%; violations ${r.violations})\n`);
+  const range = (x: Spread) => (rounds > 1 ? ` (median of ${rounds} rounds; ${fmt(x.min)}-${fmt(x.max)})` : '');
+  for (const sc of SCHEMES) {
+    // The model's share and rate as in the median run.
+    const mine = runs.filter((r) => r.scheme === sc), r = mine.find((x) => x.packetsPerSecond === oneThread[sc].median)!;
+    process.stdout.write(`${sc.padEnd(8)} ${fmt(oneThread[sc].median)} packets/s on one thread${range(oneThread[sc])}; ${r.packets} packets a run, `
+      + `${(r.modelShare * 100).toFixed(0)}% of it in ${r.modelCalls} model calls, ${fmt(r.modelCallsPerSecondInside)} calls/s; fast path ${(r.fastPathShare * 100).toFixed(1)}%; `
+      + `violations ${mine.reduce((a, x) => a + x.violations, 0)}\n`);
   }
-  process.stdout.write(`wide     ${fmt(machine.packetsPerSecond)} packets/s on ${machine.threads} threads  (${machine.threads} clusters at once, seeds 1..${machine.threads}: `
-    + `${machine.runs.map((r) => fmt(r.packetsPerSecond)).join(' + ')} packets/s each; ${machine.wallSeconds} s from first start to last end)\n`);
+  process.stdout.write(`wide     ${fmt(allThreads.median)} packets/s on ${threads} threads${range(allThreads)}; ${threads} clusters at once, seeds 1..${threads}, `
+    + `each round's packets over its time from first start to last end (${machines.map((m) => m.runs.map((r) => fmt(r.packetsPerSecond)).join(' + ')).join('; ')} packets/s each)\n`);
   process.stdout.write(`model alone: masq ${fmt(alone.masqPerSecond)}/s, restore ${fmt(alone.restorePerSecond)}/s on a pair learned with wide keys (the frame copy included)\n`);
   const check = (c: typeof before) => `sha-256 ${c.alone.sha256Ms} ms, chase ${c.alone.chaseNs} ns alone; `
     + `${c.allThreads.map((m) => `${m.sha256Ms} ms, ${m.chaseNs} ns`).join(' / ')} on ${c.allThreads.length} threads at once`;
   process.stdout.write(`machine check (sha-256 of ${SHA_MIB} MiB; dependent reads through ${CHASE_BYTES >> 20} MiB): before: ${check(before)}; after: ${check(after)}\n`);
-  const [wide, six] = runs;
-  process.stdout.write(`sim: ${fmt(machine.packetsPerSecond)} simulated packets/s on this machine (wide keys, the default datapath, ${machine.threads} threads; `
-    + `one thread: ${fmt(wide.packetsPerSecond)}, 6-bit ${fmt(six.packetsPerSecond)}; goal 1,000,000)\n`);
+  process.stdout.write(`sim: ${fmt(allThreads.median)} simulated packets/s on this machine (wide keys, the default datapath, ${threads} threads; `
+    + `one thread: ${fmt(oneThread.wide.median)}, 6-bit ${fmt(oneThread['6-bit'].median)}; goal 1,000,000)\n`);
   return violations ? 1 : 0;
 }
 
