@@ -286,7 +286,7 @@ export class Cluster {
     return pod;
   }
 
-  /** The host's clock as the agent reads it (a u64, as bpf_ktime_get_ns): the programs' clock (HostEnv), now. */
+  /** The host's clock as the agent reads it, a u64 bigint: the programs' clock (HostEnv), now. */
   private clock(h: Host): bigint {
     h.env.now = Math.round(this.now);
     return BigInt(h.env.now);
