@@ -40,13 +40,19 @@ export interface Pod {
   deletedAt?: number;
 }
 
+// Simulated times are numbers of ns, past 2^31 and often fractional. Every
+// field that holds one starts as a double (NaN, or -0 where it must read as
+// 0): V8 keeps a field whose first value was a small integer as a tagged
+// value, and each store of a time into it then allocates a heap number (~30
+// bytes of garbage a packet, with write barriers, before they started so).
+
 /**
  * What the kernel gives a host's programs: its clock and random draws. The
  * clock is a whole number of ns (the model's Stamp as a number: a run's
  * simulated time stays far below 2^53 ns), set before each program run.
  */
 class HostEnv implements Env {
-  now = 0;
+  now = Number.NaN;
   readonly vlanPresent = false;
 
   constructor(private readonly rng: Rng) {}
@@ -129,7 +135,7 @@ export class Host {
 
 /** The next packet of a flow. */
 class FlowEvent {
-  t: number;
+  t = Number.NaN;
   constructor(readonly flow: Flow) {
     this.t = flow.spec.at;
   }
@@ -142,12 +148,15 @@ class ControlEvent {
   k = 0;
   ip = 0;
   template: Template | undefined;
+  t = Number.NaN;
   constructor(
-    public t: number,
+    t: number,
     readonly kind: number,
     readonly index: number,
     readonly spec?: HostFlowSpec | ChurnSpec | PolicySpec,
-  ) {}
+  ) {
+    this.t = t;
+  }
 }
 
 export interface RunStats {
@@ -222,7 +231,7 @@ export class Cluster {
   private shotReason = '';
   private readonly trace: boolean;
   private readonly measureFrom: number;
-  private now = 0;
+  private now = -0;
   private nextPacketId = 1;
   private nextUid = 1;
   private readonly stats: RunStats;

@@ -36,15 +36,15 @@ const NOTHING_SENT: Sent = { frame: Buffer.alloc(0), words: new Int32Array(0), i
 export class PacketRecord {
   /** Set once the packet was delivered or dropped: a second time is a violation. */
   done = false;
-  /** When it arrives at host `at` (while on the wire). */
-  t = 0;
+  /** When it arrives at host `at` (while on the wire). Times start as doubles (cluster.ts says why). */
+  t = Number.NaN;
   at = 0;
   id = 0;
   kind: 'pod' | 'host' = 'pod';
   /** Between pods on different hosts (the traffic XMasq serves). */
   cross = false;
   sent: Sent = NOTHING_SENT;
-  sentAt = 0;
+  sentAt = Number.NaN;
   dstHost = 0;
   dstIp = 0;
   deniedAtSend = false;
