@@ -242,7 +242,7 @@ export class Cluster {
     this.scheme = keyScheme(sc.scheme);
     this.rng = new Rng(sc.seed);
     this.wireRng = new Rng(sc.seed ^ 0x5bd1e995);
-    this.checker = new Checker();
+    this.checker = new Checker(() => this.now);
     this.trace = opts.trace === true;
     this.measureFrom = opts.measureFromNs ?? 0;
     this.hosts = [];
@@ -634,7 +634,7 @@ export class Cluster {
     if (!inner) {
       this.stats.delivered.host++;
       const first = !rec.done;
-      this.checker.hostReceived(this.now, rec, frame, h.index);
+      this.checker.hostReceived(rec, frame, h.index);
       if (first) this.giveRecord(rec);
       return;
     }
@@ -657,14 +657,14 @@ export class Cluster {
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
     // The record is reused once its packet is done (giveRecord).
     const first = !rec.done;
-    this.checker.podReceived(this.now, rec, frame, p, h.agent.policy);
+    this.checker.podReceived(rec, frame, p, h.agent.policy);
     if (first) this.giveRecord(rec);
   }
 
   private drop(rec: PacketRecord, reason: string, at?: Host): void {
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} dropped: ${reason}`);
     const first = !rec.done;
-    this.checker.dropped(this.now, rec, reason, at?.agent.policy);
+    this.checker.dropped(rec, reason, at?.agent.policy);
     if (first) this.giveRecord(rec);
   }
 

@@ -169,28 +169,32 @@ export class Checker {
   readonly violationCounts: Record<string, number> = {};
   readonly drops: Record<string, number> = {};
 
-  constructor(private readonly maxViolations = 20) {}
+  /**
+   * clock: the simulated time, read only for a violation (passing the time
+   * with every call made V8 box it as a heap number on every packet).
+   */
+  constructor(private readonly clock: () => number, private readonly maxViolations = 20) {}
 
-  private violate(t: number, id: number, rule: string, detail: string, rec?: PacketRecord): void {
+  private violate(id: number, rule: string, detail: string, rec?: PacketRecord): void {
     this.violationCounts[rule] = (this.violationCounts[rule] ?? 0) + 1;
-    if (this.violations.length < this.maxViolations) this.violations.push({ t, id, rule, detail, hops: rec?.hops ?? [] });
+    if (this.violations.length < this.maxViolations) this.violations.push({ t: this.clock(), id, rule, detail, hops: rec?.hops ?? [] });
   }
 
   /**
    * The packet arrives for the first time, carrying the id it was sent with.
    * where: a pod's name, or a host's number (the text is made only for a violation).
    */
-  private identify(t: number, rec: PacketRecord, f: Buffer, where: string | number): boolean {
+  private identify(rec: PacketRecord, f: Buffer, where: string | number): boolean {
     const id = rec.id;
     if (rec.done) {
-      this.violate(t, id, 'exactly once', `packet ${id} arrived at ${place(where)} again`, rec);
+      this.violate(id, 'exactly once', `packet ${id} arrived at ${place(where)} again`, rec);
       return false;
     }
     rec.done = true;
     const off = payloadOffset(f, L3);
     const carried = off < 0 ? -1 : readPacketId(f, off);
     if (carried !== id) {
-      this.violate(t, id, 'payload intact', `${place(where)} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
+      this.violate(id, 'payload intact', `${place(where)} got packet ${id} with its id words ${carried < 0 ? 'destroyed' : `reading ${carried}`}`, rec);
       return false;
     }
     return true;
@@ -201,62 +205,62 @@ export class Checker {
   }
 
   /** A pod received a frame into its namespace. */
-  podReceived(t: number, rec: PacketRecord, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): boolean {
-    if (!this.identify(t, rec, f, pod.name)) return false;
+  podReceived(rec: PacketRecord, f: Buffer, pod: { ip: number; mac: Buffer; name: string; host: number }, ingressRules: readonly PolicyRuleRecord[]): boolean {
+    if (!this.identify(rec, f, pod.name)) return false;
     const id = rec.id;
     if (rec.kind === 'host') {
-      this.violate(t, id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
+      this.violate(id, 'host traffic untouched', `host packet ${id} was delivered into pod ${pod.name}`, rec);
       return false;
     }
     if (get32(f, L3 + 16) !== pod.ip || rec.dstIp !== pod.ip) {
-      this.violate(t, id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(get32(f, L3 + 16))}`, rec);
+      this.violate(id, 'right pod', `packet ${id} for ${ipStr(rec.dstIp)} entered pod ${pod.name} (${ipStr(pod.ip)}) addressed to ${ipStr(get32(f, L3 + 16))}`, rec);
       return false;
     }
     if (!dstMacIs(f, pod.mac)) {
-      this.violate(t, id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
+      this.violate(id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
       return false;
     }
     const diff = sameDatagram(f, f === rec.slot.inner ? rec.slot.words : undefined, rec, 12);
     if (diff) {
-      this.violate(t, id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
+      this.violate(id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
       return false;
     }
     if (rec.cross && (rec.deniedAtSend || denied(ingressRules, 'ingress', rec.tuple))) {
-      this.violate(t, id, 'denied flows never pass', `packet ${id} ${tupleStr(rec.tuple)} reached pod ${pod.name} though a deny rule ${rec.deniedAtSend ? 'on the sending host' : 'on the receiving host'} matches it`, rec);
+      this.violate(id, 'denied flows never pass', `packet ${id} ${tupleStr(rec.tuple)} reached pod ${pod.name} though a deny rule ${rec.deniedAtSend ? 'on the sending host' : 'on the receiving host'} matches it`, rec);
       return false;
     }
     return true;
   }
 
   /** The host stack accepted a frame as its own (not for a pod). */
-  hostReceived(t: number, rec: PacketRecord, f: Buffer, host: number): boolean {
-    if (!this.identify(t, rec, f, host)) return false;
+  hostReceived(rec: PacketRecord, f: Buffer, host: number): boolean {
+    if (!this.identify(rec, f, host)) return false;
     const id = rec.id;
     if (rec.kind === 'pod') {
-      this.violate(t, id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
+      this.violate(id, 'never to the host stack', `pod packet ${id} ${tupleStr(rec.tuple)} was delivered to the stack of host h${host}`, rec);
       return false;
     }
     const diff = rec.dstHost !== host ? `it was sent to host h${rec.dstHost}` : sameDatagram(f, f === rec.slot.inner ? rec.slot.words : undefined, rec, 0) ?? (f[L3 + 8] !== rec.sent.frame[L3 + 8] ? 'its TTL changed' : undefined);
     if (diff) {
-      this.violate(t, id, 'host traffic untouched', `host packet ${id} reached host h${host} altered: ${diff}`, rec);
+      this.violate(id, 'host traffic untouched', `host packet ${id} reached host h${host} altered: ${diff}`, rec);
       return false;
     }
     return true;
   }
 
   /** The datapath or the network dropped a packet; receiverIngress: the rules of the host that dropped it, when it is the receiver. */
-  dropped(t: number, rec: PacketRecord, reason: string, receiverIngress: readonly PolicyRuleRecord[] = []): void {
+  dropped(rec: PacketRecord, reason: string, receiverIngress: readonly PolicyRuleRecord[] = []): void {
     this.drops[reason] = (this.drops[reason] ?? 0) + 1;
     const id = rec.id;
     if (rec.done) {
-      this.violate(t, id, 'exactly once', `packet ${id} was dropped (${reason}) after it had arrived or been dropped`, rec);
+      this.violate(id, 'exactly once', `packet ${id} was dropped (${reason}) after it had arrived or been dropped`, rec);
       return;
     }
     rec.done = true;
     if (rec.kind === 'host' && reason !== 'wire-loss') {
-      this.violate(t, id, 'host traffic untouched', `host packet ${id} was dropped (${reason})`, rec);
+      this.violate(id, 'host traffic untouched', `host packet ${id} was dropped (${reason})`, rec);
     } else if (reason === 'policy' && rec.cross && !rec.deniedAtSend && !denied(receiverIngress, 'ingress', rec.tuple)) {
-      this.violate(t, id, 'policy drops only denied flows', `packet ${id} ${tupleStr(rec.tuple)} was dropped by policy, yet no rule in force matches it`, rec);
+      this.violate(id, 'policy drops only denied flows', `packet ${id} ${tupleStr(rec.tuple)} was dropped by policy, yet no rule in force matches it`, rec);
     }
   }
 }
