@@ -37,10 +37,15 @@ export function benchScenario(scheme: string, seed = 1): Scenario {
 
 const clock = () => performance.timeOrigin + performance.now();
 
-/** timeModel: sample the time inside the model programs (a clock read per 16 calls). */
-export function measure(scheme: string, packets: number, seed = 1, timeModel = true): Measured {
+/**
+ * timeModel: sample the time inside the model programs (a clock read per 16
+ * calls). start: a start line shared with the other runs (startLine), which
+ * this run waits at before its clock starts.
+ */
+export function measure(scheme: string, packets: number, seed = 1, timeModel = true, start?: SharedArrayBuffer): Measured {
   const sc = benchScenario(scheme, seed);
   const gen = new TrafficGenerator(MICROSERVICES, sc.hosts, sc.podsPerHost, new Rng(seed + 1));
+  if (start) waitAtStartLine(start);
   const t0 = clock();
   const r = new Cluster(sc, { generator: gen, maxPackets: packets, timeModel }).run();
   const t1 = clock();
@@ -122,6 +127,30 @@ function chaseCycle(): Int32Array {
 /** Where the chase's last slot goes, so that its loop is not dead code. */
 let checkSink = 0;
 
-export type BenchJob = { scheme: string; packets: number; seed: number } | { machineCheck: true };
+/**
+ * A start line for runs in several threads: each waits at it until all have
+ * come (workers take a moment to start, tsx compiling the sources again in
+ * each), so that they run side by side from the same instant.
+ */
+export function startLine(runs: number): SharedArrayBuffer {
+  const line = new SharedArrayBuffer(8);
+  new Int32Array(line)[1] = runs;
+  return line;
+}
 
-serveJobs(import.meta.url, (j: BenchJob) => ('machineCheck' in j ? machineCheck() : measure(j.scheme, j.packets, j.seed, false)));
+const START_TIMEOUT_MS = 120_000;
+
+function waitAtStartLine(line: SharedArrayBuffer): void {
+  // [0]: the runs arrived so far; [1]: how many will come.
+  const a = new Int32Array(line);
+  Atomics.add(a, 0, 1);
+  Atomics.notify(a, 0);
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  for (let n = Atomics.load(a, 0); n < a[1]; n = Atomics.load(a, 0)) {
+    if (Date.now() > deadline || Atomics.wait(a, 0, n, START_TIMEOUT_MS) === 'timed-out') throw new Error(`only ${n} of ${a[1]} runs reached the start line in ${START_TIMEOUT_MS / 1000} s`);
+  }
+}
+
+export type BenchJob = { scheme: string; packets: number; seed: number; start?: SharedArrayBuffer } | { machineCheck: true };
+
+serveJobs(import.meta.url, (j: BenchJob) => ('machineCheck' in j ? machineCheck() : measure(j.scheme, j.packets, j.seed, false, j.start)));

@@ -14,7 +14,7 @@ import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { buildFrame } from '../packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
-import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, type BenchJob, type MachineCheck, type Measured } from './bench-run.ts';
+import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, type BenchJob, type MachineCheck, type Measured } from './bench-run.ts';
 import { Cluster } from './cluster.ts';
 import { cores, mapInWorkers } from './workers.ts';
 
@@ -69,14 +69,15 @@ function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: nu
 
 /**
  * The machine's figure: one cluster per core, all at once (each its own
- * seed), the packets of all of them over the time from the first start to
- * the last end. Workers take a moment to start (tsx compiles the sources
- * again in each); each run's own clock starts when its cluster does.
+ * seed), started together from a start line once every worker is up (tsx
+ * compiles the sources again in each), the packets of all of them over the
+ * time from the first start to the last end.
  */
 interface AllCores { threads: number; packetsPerSecond: number; wallSeconds: number; runs: Measured[] }
 
 async function allCores(scheme: string, packets: number, threads: number): Promise<AllCores> {
-  const jobs: BenchJob[] = Array.from({ length: threads }, (_, i) => ({ scheme, packets, seed: i + 1 }));
+  const start = startLine(threads);
+  const jobs: BenchJob[] = Array.from({ length: threads }, (_, i) => ({ scheme, packets, seed: i + 1, start }));
   const runs = await mapInWorkers<BenchJob, Measured>(BENCH_RUN, jobs, { threads });
   const wall = (Math.max(...runs.map((r) => r.endMs)) - Math.min(...runs.map((r) => r.startMs))) / 1000;
   const total = runs.reduce((a, r) => a + r.packets, 0);
