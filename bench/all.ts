@@ -20,7 +20,11 @@ interface Part {
   argv: (out: string, quick: boolean) => string[];
   /** Where the part's JSON is: its stdout, or a file it writes. */
   json: 'stdout' | ((out: string) => string);
+  /** The part's headline figure, from its JSON, printed at the end. */
+  headline?: (report: never) => string;
 }
+
+const fmt = (n: number) => n.toLocaleString('en');
 
 const TSX = [process.execPath, '--import', 'tsx'];
 
@@ -42,6 +46,8 @@ const PARTS: Part[] = [
     what: 'simulated packets per second of the cluster simulator (sim/cluster)',
     argv: (_, quick) => [...TSX, `${ROOT}sim/cluster/bench.ts`, '--json', ...(quick ? ['--quick'] : [])],
     json: 'stdout',
+    headline: (r: { allThreads: { median: number }; oneThread: { wide: { median: number } }; allCores: Array<{ threads: number }>; goal: number }) =>
+      `${fmt(r.allThreads.median)} simulated packets/s on ${r.allCores[0]?.threads} threads, a cluster each (one thread: ${fmt(r.oneThread.wide.median)}; goal ${fmt(r.goal)})`,
   },
   {
     name: 'demo',
@@ -126,6 +132,7 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`bench: ${p.name} done in ${secs} s\n`);
   }
   writeFileSync(`${out}.json`, `${JSON.stringify(record, null, 2)}\n`);
+  for (const p of parts) if (p.headline && record[p.name] !== undefined) process.stdout.write(`${p.name}: ${p.headline(record[p.name] as never)}\n`);
   process.stderr.write(`\nwrote ${out}.json${failed.length ? `; FAILED: ${failed.join(', ')}` : ''}\n`);
   return failed.length ? 1 : 0;
 }
