@@ -23,7 +23,7 @@ const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds
 Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N simulated
 packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit
 datapaths and with no XMasq; then on T threads at once (default: one per core), each its own
-cluster of wide keys; R rounds of all four (default 3; --quick: 1), one after the other. Prints
+cluster of wide keys, started together once every worker is up; R rounds of all four (default 3; --quick: 1), one after the other. Prints
 simulated packets per second, the median of the rounds and their range: runs of the same build
 on this VM differ by up to 1.5x from one to the next. The time inside the model programs is
 sampled on the one-thread runs (one call in 16 timed). A machine check before and after, alone
