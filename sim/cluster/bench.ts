@@ -16,7 +16,7 @@ import { buildFrame } from '../packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
 import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, type BenchJob, type MachineCheck, type Measured } from './bench-run.ts';
 import { Cluster } from './cluster.ts';
-import { cores, mapInWorkers } from './workers.ts';
+import { mapInWorkers, threadsOption } from './workers.ts';
 
 const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds R] [--quick] [--json] [--help]
 
@@ -123,9 +123,9 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`bench:sim: --packets ${args.packets}: want an integer of at least 1000\n`);
     return 2;
   }
-  const threads = args.threads !== undefined ? Number(args.threads) : cores();
-  if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
-    process.stderr.write(`bench:sim: --threads ${args.threads}: want an integer from 1 to 256\n`);
+  const threads = threadsOption(args.threads);
+  if (typeof threads === 'string') {
+    process.stderr.write(`bench:sim: ${threads}\n`);
     return 2;
   }
   const rounds = args.rounds !== undefined ? Number(args.rounds) : args.quick ? 1 : 3;

@@ -3,6 +3,7 @@
  * VXLAN encapsulation as flannel.1 sends it, and decapsulation; plus the
  * packet id the simulator writes into every payload. All on raw bytes.
  */
+import { bytesToMac } from '../../dataplane/layout.ts';
 import { VXLAN_PORT, VXLAN_VNI } from './topology.ts';
 
 export const ETH_HLEN = 14;
@@ -256,12 +257,13 @@ export class MacTable<E extends { mac: Uint8Array }> {
   set(e: E): void {
     const tail = macTail(e.mac, 0);
     const old = this.m.get(tail);
-    if (old !== undefined && old !== e) throw new Error(`MAC ${[...e.mac].map((b) => b.toString(16).padStart(2, '0')).join(':')} shares its last four bytes with another entry`);
+    if (old !== undefined && old !== e) throw new Error(`MAC ${bytesToMac(e.mac, 0)} shares its last four bytes with another entry`);
     this.m.set(tail, e);
   }
 
   delete(e: E): void {
-    if (this.m.get(macTail(e.mac, 0)) === e) this.m.delete(macTail(e.mac, 0));
+    const tail = macTail(e.mac, 0);
+    if (this.m.get(tail) === e) this.m.delete(tail);
   }
 
   /** The entry for the destination MAC of frame f, if any. */

@@ -6,6 +6,7 @@
  * (and the header checksum that covers it), in the right place.
  */
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
+import { bytesToMac } from '../../dataplane/layout.ts';
 import { dstMacIs, get32, ipHeaderValid, payloadOffset, readPacketId, type FrameSlot } from './frames.ts';
 
 /** What a packet was sent as: its frame but for the id words, which start at idOffset. */
@@ -217,7 +218,7 @@ export class Checker {
       return false;
     }
     if (!dstMacIs(f, pod.mac)) {
-      this.violate(id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${macStr(f, 0)}, not the pod's ${macStr(pod.mac, 0)}`, rec);
+      this.violate(id, 'right pod', `packet ${id} entered pod ${pod.name} with Ethernet destination ${bytesToMac(f, 0)}, not the pod's ${bytesToMac(pod.mac, 0)}`, rec);
       return false;
     }
     const diff = sameDatagram(f, f === rec.slot.inner ? rec.slot.words : undefined, rec, 12);
@@ -273,9 +274,6 @@ export function ipStr(n: number): string {
   return `${n >>> 24}.${(n >>> 16) & 0xff}.${(n >>> 8) & 0xff}.${n & 0xff}`;
 }
 
-function macStr(b: Buffer, at: number): string {
-  return [...b.subarray(at, at + 6)].map((x) => x.toString(16).padStart(2, '0')).join(':');
-}
 
 export function tupleStr(t: Tuple): string {
   const p = ({ 1: 'icmp', 6: 'tcp', 17: 'udp' } as Record<number, string>)[t.proto] ?? String(t.proto);

@@ -15,7 +15,7 @@ import { parseArgs } from 'node:util';
 import { KEY_SCHEMES } from './datapath.ts';
 import { sweeps, type Point, type PointJob, type Sweep } from './study-points.ts';
 import { lineChart, type Series } from './svg.ts';
-import { cores, mapInWorkers } from './workers.ts';
+import { mapInWorkers, threadsOption } from './workers.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
@@ -56,9 +56,9 @@ async function main(argv: string[]): Promise<number> {
     process.stderr.write(`sim:study: unknown key scheme ${unknown.join(', ') || '(none given)'}; the schemes are ${Object.keys(KEY_SCHEMES).join(', ')}\n`);
     return 2;
   }
-  const threads = args.threads !== undefined ? Number(args.threads) : cores();
-  if (!Number.isInteger(threads) || threads < 1 || threads > 256) {
-    process.stderr.write(`sim:study: --threads ${args.threads}: want an integer from 1 to 256\n`);
+  const threads = threadsOption(args.threads);
+  if (typeof threads === 'string') {
+    process.stderr.write(`sim:study: ${threads}\n`);
     return 2;
   }
   const quick = !!args.quick;

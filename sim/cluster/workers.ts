@@ -30,6 +30,14 @@ export function cores(): number {
   return availableParallelism();
 }
 
+const MAX_THREADS = 256;
+
+/** The tools' --threads: absent, one per core; else an integer from 1 to MAX_THREADS. What is wrong with it, as text, when it is not one. */
+export function threadsOption(text: string | undefined): number | string {
+  const threads = text !== undefined ? Number(text) : cores();
+  return Number.isInteger(threads) && threads >= 1 && threads <= MAX_THREADS ? threads : `--threads ${text}: want an integer from 1 to ${MAX_THREADS}`;
+}
+
 /** The tsx loader, registered in a worker before its module is imported (workers do not inherit --import). */
 const TSX_API = import.meta.resolve('tsx/esm/api');
 

@@ -56,7 +56,7 @@ function le16(pkt: Buffer, at: number): number {
 /** A little-endian u32, as readUInt32LE. */
 function le32(pkt: Buffer, at: number): number {
   inBounds(pkt, at, 4);
-  return (pkt[at] | (pkt[at + 1] << 8) | (pkt[at + 2] << 16) | (pkt[at + 3] << 24)) >>> 0;
+  return word32(pkt, at) >>> 0;
 }
 
 /*
