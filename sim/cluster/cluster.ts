@@ -302,10 +302,14 @@ export class Cluster {
     return pod;
   }
 
-  /** The host's clock as the agent reads it, a u64 bigint: the programs' clock (HostEnv), now. */
+  /** The host's clock, now: its programs' (HostEnv) set to the simulated time, in whole ns. */
+  private setHostClock(h: Host): number {
+    return (h.env.now = Math.round(this.now));
+  }
+
+  /** The host's clock as the agent reads it: a u64 bigint. */
   private clock(h: Host): bigint {
-    h.env.now = Math.round(this.now);
-    return BigInt(h.env.now);
+    return BigInt(this.setHostClock(h));
   }
 
   /** Nothing new starts after the run's end; packets already on the wire still arrive. */
@@ -514,7 +518,7 @@ export class Cluster {
 
   /** Runs a program on the packet's frame, in place; its effects are in h.fx. */
   private runProgram(h: Host, prog: 'masq' | 'init' | 'restore', program: KeyScheme['masq'], rec: PacketRecord): number {
-    h.env.now = Math.round(this.now);
+    this.setHostClock(h);
     const fx = h.fx, c = fx.counters;
     const policyDrops = c.POLICY_DROP, misses = c.RESTORE_MISS;
     const before = this.trace ? { ...c } : undefined;

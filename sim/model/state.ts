@@ -208,16 +208,10 @@ const u64View = new DataView(u64Bytes.buffer);
 function putU64(b: Buffer, at: number, x: Stamp, c: ModelCodec<unknown>, i: number): void {
   if (typeof x === 'number') {
     if (!(x >= 0 && x <= Number.MAX_SAFE_INTEGER && Math.floor(x) === x)) c.outOfRange(i, x);
-    // Not x % 2^32: on a number past int32 that is a call to fmod.
-    const hi = Math.floor(x / 0x100000000), lo = (x - hi * 0x100000000) | 0;
-    b[at] = lo & 0xff;
-    b[at + 1] = (lo >>> 8) & 0xff;
-    b[at + 2] = (lo >>> 16) & 0xff;
-    b[at + 3] = lo >>> 24;
-    b[at + 4] = hi & 0xff;
-    b[at + 5] = (hi >>> 8) & 0xff;
-    b[at + 6] = (hi >>> 16) & 0xff;
-    b[at + 7] = hi >>> 24;
+    // Its two u32 words, low first. Not x % 2^32: on a number past int32 that is a call to fmod.
+    const hi = Math.floor(x / 0x100000000);
+    putU32(b, at, x - hi * 0x100000000, c, i);
+    putU32(b, at + 4, hi, c, i);
     return;
   }
   if (typeof x !== 'bigint' || x < 0n || x > 0xffffffffffffffffn) c.outOfRange(i, x);
@@ -531,12 +525,8 @@ class PairIndex<MV> {
   private deleted = 0;
 
   get(first: number, second: number): MV | undefined {
-    const a = first | 0, b = second | 0, mask = this.mask, keys = this.keys;
-    for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
-      const v = this.values[i];
-      if (v === undefined) return undefined;
-      if (keys[2 * i] === a && keys[2 * i + 1] === b && v !== null) return v;
-    }
+    const i = this.find(first, second);
+    return i < 0 ? undefined : (this.values[i] as MV);
   }
 
   /** A key the index does not hold. */
@@ -565,11 +555,19 @@ class PairIndex<MV> {
     this.deleted++;
   }
 
+  /** The slot of a key the index holds. */
   private slot(first: number, second: number): number {
+    const i = this.find(first, second);
+    if (i < 0) throw new Error(`model table index: key (${first}, ${second}) is missing, the index is out of step with its table`);
+    return i;
+  }
+
+  /** The slot holding the key, or -1: the probe ends at a free slot and steps over deleted ones. */
+  private find(first: number, second: number): number {
     const a = first | 0, b = second | 0, mask = this.mask, keys = this.keys;
     for (let i = pairHash(a, b) & mask; ; i = (i + 1) & mask) {
       const v = this.values[i];
-      if (v === undefined) throw new Error(`model table index: key (${first}, ${second}) is missing, the index is out of step with its table`);
+      if (v === undefined) return -1;
       if (keys[2 * i] === a && keys[2 * i + 1] === b && v !== null) return i;
     }
   }
