@@ -413,7 +413,7 @@ export class Cluster {
   // ---- traffic ----
 
   private startFlow(spec: FlowSpec): void {
-    const flow: Flow = { id: ++this.flowCount, spec, next: 0, cross: spec.a.host !== spec.b.host, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [undefined, undefined] };
+    const flow: Flow = { id: ++this.flowCount, spec, next: 0, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [undefined, undefined] };
     this.schedule(new FlowEvent(flow));
   }
 

@@ -25,7 +25,6 @@ export interface Flow {
   spec: FlowSpec;
   /** Index of the next packet to send. */
   next: number;
-  cross: boolean;
   /** Cross-host packets sent, and those masq carried. */
   sentCross: number;
   fast: number;
