@@ -15,10 +15,12 @@
 #define XMASQ_MAX_PODS 16
 #define XMASQ_MAX_PATHS 64
 #define XMASQ_MAX_RULES 32
+#define XMASQ_MAX_CT_PENDING 16
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
 #define XMASQ_MAX_RULES 65536
+#define XMASQ_MAX_CT_PENDING 4096
 #endif
 
 /* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
@@ -68,6 +70,18 @@ struct {
 	__type(key, __u32);
 	__type(value, struct policy_masks);
 } policy_masks SEC(".maps");
+
+/*
+ * TCP flows to make liberal (conntrack.h), written by masq and restore, drained
+ * by the agent every few milliseconds. A plain hash, not an LRU: when full, a
+ * flow waits for the next packet after the agent has drained it.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_CT_PENDING);
+	__type(key, struct ct_tuple);
+	__type(value, __u32);
+} ct_pending SEC(".maps");
 
 /* Bumped by every program; read by the agent's /metrics. */
 struct {

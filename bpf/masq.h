@@ -16,6 +16,7 @@
 #include "policy.h"
 #include "verdict.h"
 #include "init.h"
+#include "conntrack.h"
 
 /* Returns TC_ACT_REDIRECT with the NIC ifindex in *nic, or the verdict to return. */
 static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
@@ -60,7 +61,17 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	}
 
 	/*
-	 * 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the
+	 * 4. Only a flow the host stack has accepted, and would not NAT: the rest
+	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
+	 */
+	int admit = ct_admit(skb, &h, h.saddr, h.daddr);
+	if (admit != XMASQ_CT_ADMIT) {
+		count(admit);
+		return TC_ACT_OK;
+	}
+
+	/*
+	 * 5. Host MACs and IPs; the peer's key in DSCP (narrow) or in the
 	 * carrier (wide); the pod's ECN kept; RF marks it.
 	 */
 	__u8 dscp = wide ? dscp_with_key(&h, key) : key;

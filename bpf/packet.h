@@ -28,6 +28,9 @@
 #define TCP_CSUM_OFF 16
 #define TCP_FLAGS_OFF 13
 #define TCP_URG_PTR_OFF 18
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_URG 0x20
 #define UDP_LEN_OFF 4
 #define UDP_CSUM_OFF 6

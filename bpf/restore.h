@@ -13,6 +13,7 @@
 #include "packet.h"
 #include "policy.h"
 #include "verdict.h"
+#include "conntrack.h"
 
 static __always_inline int restore_miss(void)
 {
@@ -44,8 +45,21 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, carrier))
 		return restore_miss();
 
-	/* 4. Into the pod's namespace, skipping the host stack and the veth. */
 	r->last_seen = bpf_ktime_get_coarse_ns();
+
+	/*
+	 * 4. A flow the host's conntrack does not admit goes up the host stack as
+	 * the pod packet it now is, as if the overlay had delivered it: conntrack
+	 * reverses a Service's NAT, FORWARD's policy rules see it. It never
+	 * reaches a host socket as ours: its addresses are the pods' again.
+	 */
+	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip);
+	if (admit != XMASQ_CT_ADMIT) {
+		count(admit);
+		return TC_ACT_OK;
+	}
+
+	/* 5. Into the pod's namespace, skipping the host stack and the veth. */
 	count(XMASQ_CNT_RESTORED);
 	trace_redirect(r->ifindex, XMASQ_REDIRECT_PEER);
 	return bpf_redirect_peer(r->ifindex, 0);

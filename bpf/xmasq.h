@@ -144,7 +144,39 @@ enum xmasq_counter {
 	XMASQ_CNT_POLICY_DROP,     /* a deny rule matched */
 	XMASQ_CNT_PASSED,          /* not ours: left untouched */
 	XMASQ_CNT_RESTORE_MISS,    /* marked packet with no ingress entry: dropped */
+	/*
+	 * Host authority (conntrack.h): a pod packet of a learned pair whose flow
+	 * the host's conntrack does not admit. masq leaves it on the overlay;
+	 * restore restores it and hands it to the host stack.
+	 */
+	XMASQ_CNT_CT_REFUSED,      /* no established entry, or a packet only the stack may see */
+	XMASQ_CNT_CT_NAT,          /* the host NATs the flow (a Service): the stack must */
+	XMASQ_CNT_CT_PENDING,      /* established TCP not yet liberal: queued for the agent */
 	XMASQ_CNT_MAX,
+};
+
+/* ct_admit's verdict when the flow may take the fast path (else a counter). */
+#define XMASQ_CT_ADMIT (-1)
+
+/* What the programs read of a conntrack entry (include/uapi/linux/netfilter/nf_conntrack_common.h). */
+#define XMASQ_IPS_SEEN_REPLY 0x2
+#define XMASQ_IPS_SRC_NAT 0x10
+#define XMASQ_IPS_DST_NAT 0x20
+#define XMASQ_TCP_CONNTRACK_ESTABLISHED 3
+/* ip_ct_tcp_state.flags: window tracking off for that direction (nf_conntrack_tcp.h). */
+#define XMASQ_CT_TCP_FLAG_BE_LIBERAL 0x08
+
+/*
+ * ct_pending key: a TCP flow (as the packet that found it saw it, network
+ * order) whose established conntrack entry the agent is to make liberal.
+ */
+struct ct_tuple {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 protocol;
+	__u8 pad[3];
 };
 
 enum xmasq_redirect_kind {

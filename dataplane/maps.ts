@@ -28,8 +28,8 @@ export const POLICY_MAX_MASKS = 31;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
-  production: { pods: 1024, paths: 65536, rules: 65536 },
-  test: { pods: 16, paths: 64, rules: 32 },
+  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096 },
+  test: { pods: 16, paths: 64, rules: 32, ctPending: 16 },
 } as const;
 
 // ---- enums (bpf/xmasq.h); layout.test.ts holds them against the object's BTF ----
@@ -42,13 +42,21 @@ export const Counter = {
   POLICY_DROP: 5,
   PASSED: 6,
   RESTORE_MISS: 7,
+  CT_REFUSED: 8,
+  CT_NAT: 9,
+  CT_PENDING: 10,
 } as const;
-export const COUNTER_COUNT = 8;
+export const COUNTER_COUNT = 11;
 export type CounterName = keyof typeof Counter;
 export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
 
 export const RedirectKind = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3 } as const;
 export type RedirectKindName = keyof typeof RedirectKind;
+
+/** What the programs read of a conntrack entry (bpf/xmasq.h, XMASQ_IPS_* and friends). */
+export const CtBits = {
+  IPS_SEEN_REPLY: 0x2, IPS_SRC_NAT: 0x10, IPS_DST_NAT: 0x20, TCP_CONNTRACK_ESTABLISHED: 3, TCP_FLAG_BE_LIBERAL: 0x08,
+} as const;
 
 export const PolicyDir = { EGRESS: 0, INGRESS: 1 } as const;
 export const PolicyField = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
@@ -103,6 +111,15 @@ export const redirectTrace = new Struct('redirect_trace', [
   ['ifindex', 'u32'],
   ['kind', 'u32'],
 ] as const);
+export const ctTuple = new Struct('ct_tuple', [
+  ['saddr', 'ipv4'],
+  ['daddr', 'ipv4'],
+  ['sport', 'be16'],
+  ['dport', 'be16'],
+  ['protocol', 'u8'],
+  ['pad', { pad: 3 }],
+] as const);
+export const ctPendingValue = new Struct('ct_pending_value', [['queued', 'u32']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
 
@@ -114,6 +131,7 @@ export type Config = StructValue<typeof config extends Struct<infer F> ? F : nev
 export type PolicyKey = StructValue<typeof policyKey extends Struct<infer F> ? F : never>;
 export type PolicyRule = StructValue<typeof policyRule extends Struct<infer F> ? F : never>;
 export type PolicyMasks = StructValue<typeof policyMasks extends Struct<infer F> ? F : never>;
+export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 
 /** Every map of the object: its C name, kind, and key/value layouts. */
@@ -124,6 +142,7 @@ export const MAPS = {
   config: { kind: 'array', key: arrayIndex, value: config },
   policy_rules: { kind: 'hash', key: policyKey, value: policyRule },
   policy_masks: { kind: 'array', key: arrayIndex, value: policyMasks },
+  ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
 } as const;

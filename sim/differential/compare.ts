@@ -10,7 +10,7 @@ import { masq } from '../model/masq.ts';
 import { restore } from '../model/restore.ts';
 import { cloneState, type DatapathState, type Env, type HashTable, type RunResult } from '../model/state.ts';
 import type { KernelDatapath, KernelRun } from './kernel.ts';
-import type { ProgramName, SkbContext } from './statespec.ts';
+import { modelConntrack, type ConntrackSpec, type ProgramName, type SkbContext } from './statespec.ts';
 
 export interface Case {
   name: string;
@@ -18,6 +18,8 @@ export interface Case {
   packet: Buffer;
   state: DatapathState;
   ctx?: SkbContext;
+  /** The host's conntrack entries when the program runs (none: an empty table). */
+  conntrack?: ConntrackSpec;
 }
 
 /** A model of one program; the mutation check swaps these for planted bugs. */
@@ -34,7 +36,7 @@ export interface Outcome {
 }
 
 export function runCase(k: KernelDatapath, c: Case, model: Record<ProgramName, ModelProgram> = MODEL): Outcome {
-  const kernel = k.run(c.program, c.packet, c.state, c.ctx);
+  const kernel = k.run(c.program, c.packet, c.state, c.ctx, c.conntrack);
   const env = oracleEnv(c, kernel.state);
   const ms = cloneState(c.state);
   const m = model[c.program](c.packet, ms, env);
@@ -82,6 +84,7 @@ export function oracleEnv(c: Case, after: DatapathState): Env {
     now,
     random: () => (draws.length ? draws[i++ % draws.length] : 0),
     gsoSize: c.ctx?.gso_size,
+    conntrack: modelConntrack(c.conntrack ?? []),
   };
 }
 
@@ -129,6 +132,7 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   table('egress_cache', a.egress_cache, b.egress_cache);
   table('ingress_cache', a.ingress_cache, b.ingress_cache);
   table('policy_rules', a.policy_rules, b.policy_rules);
+  table('ct_pending', a.ct_pending, b.ct_pending);
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_masks', a.policy_masks, b.policy_masks, names));
   return out;

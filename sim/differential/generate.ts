@@ -16,6 +16,10 @@ import {
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
 import type { Case } from './compare.ts';
+import {
+  IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_FIN_WAIT, TCP_CONNTRACK_SYN_SENT, inverse,
+  type CtEntrySpec, type CtTuple,
+} from '../../dataplane/conntrack.ts';
 import { minTestRunLength } from './kernel.ts';
 import { masksFromList, type ProgramName } from './statespec.ts';
 
@@ -231,7 +235,9 @@ function podL4(rng: Rng, f: Focus, tags: string[]): L4Spec {
       tags.push('tcp');
       // Mostly URG clear and a zero urgent pointer, as Linux sends: what a wide key needs.
       return { tcp: {
-        sport: f.sport, dport: f.dport, seq: rng.u32(), ack: rng.u32(), flags: rng.chance(0.8) ? rng.int(256) & ~0x20 : rng.int(256),
+        // Half of them a data segment of an established connection (ACK, PSH): what conntrack may admit.
+        sport: f.sport, dport: f.dport, seq: rng.u32(), ack: rng.u32(),
+        flags: rng.chance(0.5) ? rng.pick([0x10, 0x18]) : rng.chance(0.8) ? rng.int(256) & ~0x20 : rng.int(256),
         urgent: rng.chance(0.85) ? 0 : rng.pick([1, KEY_MAX, WIDE_KEY_MIN, rng.int(0x10000)]), checksum: checksumChoice(rng), payload,
       } };
     case 17: {
@@ -391,6 +397,42 @@ function masqCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; d
   return { frame: { eth: { src: f.local.mac, dst: GATEWAY_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.EGRESS };
 }
 
+/**
+ * The host's conntrack table around the focus flow (local pod :sport <->
+ * remote pod :dport): its entry in either direction, in any state the
+ * admission check tells apart (no reply seen, TCP states, liberal or not in
+ * each direction, a Service's DNAT whose reply is this flow), a near miss on
+ * a port, and an unrelated flow.
+ */
+function genConntrack(rng: Rng, f: Focus, tags: string[]): CtEntrySpec[] {
+  const out: CtEntrySpec[] = [];
+  const proto = f.proto === 6 || f.proto === 17 ? f.proto : rng.pick([6, 17]);
+  if (rng.chance(0.8)) {
+    const flow: CtTuple = { src: f.local.ip, dst: f.remote, sport: f.sport, dport: f.dport, proto };
+    const e: CtEntrySpec = { orig: rng.chance(0.5) ? flow : inverse(flow), status: rng.chance(0.85) ? IPS_SEEN_REPLY | (rng.chance(0.5) ? IPS_ASSURED : 0) : 0 };
+    if (rng.chance(0.1)) {
+      // A Service: the pod sent to a ClusterIP, the host DNATed it to this remote pod.
+      e.orig = { src: f.local.ip, dst: '10.96.0.10', sport: f.sport, dport: 80, proto };
+      e.dnat = { ip: f.remote, port: f.dport };
+      tags.push('ct-dnat');
+    } else if (rng.chance(0.06)) {
+      e.orig = { ...e.orig, sport: e.orig.sport === 65535 ? 1 : e.orig.sport + 1 };
+      tags.push('ct-near-miss');
+    }
+    if (proto === 6) {
+      e.tcpState = rng.chance(0.8) ? TCP_CONNTRACK_ESTABLISHED : rng.pick([TCP_CONNTRACK_SYN_SENT, TCP_CONNTRACK_FIN_WAIT, 5, 7]);
+      const both = rng.chance(0.6);
+      e.liberal = [both || rng.chance(0.5), both || rng.chance(0.5)];
+    }
+    tags.push('ct');
+    out.push(e);
+  }
+  if (rng.chance(0.3)) {
+    out.push({ orig: { src: '10.244.0.250', dst: f.remote, sport: rng.range(1, 65535), dport: 443, proto }, status: IPS_SEEN_REPLY, tcpState: TCP_CONNTRACK_ESTABLISHED, liberal: [true, true] });
+  }
+  return out;
+}
+
 /** One random case for a program. */
 export function generateCase(program: ProgramName, rng: Rng, index: number): Case {
   const tags: string[] = [];
@@ -433,7 +475,15 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   let packet = rng.chance(0.12) ? damage(rng, built, tags) : built;
   // Below this the kernel's test_run refuses the frame (see minTestRunLength).
   if (packet.length < minTestRunLength(packet)) packet = Buffer.concat([packet, built.subarray(packet.length, minTestRunLength(packet))]);
-  return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx };
+  const conntrack = program === 'init' ? [] : genConntrack(rng, focus, tags);
+  // Sometimes flows already queued for the agent, sometimes the queue full.
+  if (program !== 'init' && rng.chance(0.15)) {
+    const n = rng.chance(0.3) ? SIZES.ctPending : rng.int(4);
+    for (let i = 0; i < n; i++) {
+      state.ct_pending.update({ saddr: rng.pick(LOCAL_PODS).ip, daddr: remotePod(rng.int(3), rng.int(40)), sport: rng.range(1, 65535), dport: 80, protocol: 6 }, { queued: 1 });
+    }
+  }
+  return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx, conntrack };
 }
 
 export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {

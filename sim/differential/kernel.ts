@@ -12,7 +12,8 @@ import {
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type RunEffects } from '../model/state.ts';
-import type { ProgramName, SkbContext } from './statespec.ts';
+import { Conntrack, unshareNetns } from '../../dataplane/conntrack.ts';
+import type { ConntrackSpec, ProgramName, SkbContext } from './statespec.ts';
 
 export const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
 
@@ -40,6 +41,7 @@ const SK_BUFF_GSO_SIZE = 176;
 export class KernelDatapath {
   private readonly obj: BpfObject;
   private readonly maps: Record<string, BpfMap>;
+  private readonly ct: Conntrack;
 
   constructor(objectPath = TEST_OBJECT) {
     if (process.getuid?.() !== 0) {
@@ -48,31 +50,39 @@ export class KernelDatapath {
     if (!existsSync(objectPath)) {
       throw new Error(`${objectPath} is missing: build it with 'make -C bpf' (npm test does this first)`);
     }
+    // The programs consult the conntrack table of the namespace they run in:
+    // a new one of this thread's own, so that the cases never see (or flush)
+    // the host's flows.
+    unshareNetns();
+    this.ct = new Conntrack();
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
-    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules) {
+    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries,
+      ctPending: this.maps.ct_pending.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
   }
 
   close(): void {
+    this.ct.close();
     this.obj.close();
   }
 
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules']) this.maps[m].clear();
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending']) this.maps[m].clear();
     // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
     for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
     for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.ingress_cache.entriesBytes()) this.maps.ingress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.policy_rules.entriesBytes()) this.maps.policy_rules.update(k, v, 'noexist');
+    for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -85,6 +95,7 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.updateBytes(k, v);
     for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.updateBytes(k, v);
     for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.updateBytes(k, v);
+    for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
     return s;
@@ -109,12 +120,19 @@ export class KernelDatapath {
     return { ifindex: t.ifindex, kind };
   }
 
-  /** Loads s, runs the program once on packet, and reads everything back. */
-  run(program: ProgramName, packet: Buffer, s: DatapathState, ctx: SkbContext = {}): KernelRun {
+  /** Replaces the namespace's conntrack table with these entries. */
+  conntrack(entries: ConntrackSpec): void {
+    this.ct.flush();
+    for (const e of entries) this.ct.create(e);
+  }
+
+  /** Loads s and the conntrack entries, runs the program once on packet, and reads everything back. */
+  run(program: ProgramName, packet: Buffer, s: DatapathState, ctx: SkbContext = {}, conntrack: ConntrackSpec = []): KernelRun {
     if (packet.length < minTestRunLength(packet)) {
       throw new Error(`a ${packet.length}-byte frame is shorter than BPF_PROG_TEST_RUN accepts (${minTestRunLength(packet)} for its ethertype)`);
     }
     this.load(s);
+    this.conntrack(conntrack);
     const before = this.counters();
     const skb = skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark });
     skb.writeUInt32LE(ctx.gso_size ?? 0, SK_BUFF_GSO_SIZE);

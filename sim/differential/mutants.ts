@@ -83,6 +83,23 @@ export const MUTANTS: Mutant[] = [
     from: '  r.last_seen = now;\n  return true;', to: '  return true;' },
   { name: 'init refreshes an entry holding a peer\'s key', file: 'init.ts',
     from: 'if (!e.remote_key) e.last_seen = now;', to: 'e.last_seen = now;' },
+  // Host authority: conntrack admits a flow, or the host stack handles it.
+  { name: 'conntrack check skipped in masq', file: 'masq.ts',
+    from: 'const admit = ctAdmit(s, env.conntrack, h, h.saddr, h.daddr);', to: 'const admit = CT_ADMIT;' },
+  { name: 'conntrack check skipped in restore', file: 'restore.ts',
+    from: 'const admit = ctAdmit(s, env.conntrack, h, r.remote_ip, r.local_ip);', to: 'const admit = CT_ADMIT;' },
+  { name: 'a NATed flow (a Service reply) put into the pod', file: 'conntrack.ts',
+    from: 'if (e.status & (CtBits.IPS_SRC_NAT | CtBits.IPS_DST_NAT))', to: 'if (false)' },
+  { name: 'restore looks the flow up the wrong way round', file: 'restore.ts',
+    from: 'ctAdmit(s, env.conntrack, h, r.remote_ip, r.local_ip)', to: 'ctAdmit(s, env.conntrack, h, r.local_ip, r.remote_ip)' },
+  { name: 'a UDP flow without a reply admitted', file: 'conntrack.ts',
+    from: "verdict = e.status & CtBits.IPS_SEEN_REPLY ? CT_ADMIT : 'CT_REFUSED';", to: 'verdict = CT_ADMIT;' },
+  { name: 'liberal in one direction taken for both', file: 'conntrack.ts',
+    from: 'e.flags[0] & e.flags[1] & CtBits.TCP_FLAG_BE_LIBERAL', to: 'e.flags[0] & CtBits.TCP_FLAG_BE_LIBERAL' },
+  { name: 'a FIN or RST admitted past conntrack', file: 'conntrack.ts',
+    from: 'if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))', to: 'if (h.proto === IPPROTO_TCP && (h.tcp_flags & TCP_FLAG_SYN))' },
+  { name: 'a TCP entry past ESTABLISHED admitted', file: 'conntrack.ts',
+    from: 'else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED)', to: 'else if (false)' },
 ];
 
 const MODEL_DIR = fileURLToPath(new URL('../model/', import.meta.url));

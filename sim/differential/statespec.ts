@@ -4,6 +4,9 @@
  */
 import type { Config, EgressKey, IngressKey, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type Sizes } from '../model/state.ts';
+import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
+import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
+import { CtBits } from '../../dataplane/maps.ts';
 
 /** A path with its u64 timestamp as a decimal string, for JSON. */
 export type PathJson = Omit<Path, 'last_seen'> & { last_seen: string };
@@ -18,6 +21,28 @@ export interface StateSpec {
 }
 
 export type ProgramName = 'init' | 'restore' | 'masq';
+
+/** The host's conntrack entries for a case, as dataplane/conntrack.ts creates them. */
+export type ConntrackSpec = CtEntrySpec[];
+
+/**
+ * The model's view of the entries the kernel holds once ctnetlink created
+ * them: a DNAT rewrites the reply direction's source and sets IPS_DST_NAT;
+ * the TCP flags are exactly the liberal bits the creator set.
+ */
+export function modelConntrack(spec: ConntrackSpec): ModelConntrack {
+  const word = (t: CtTuple): ModelCtTuple => ({ src: ipWord(t.src), dst: ipWord(t.dst), sport: t.sport, dport: t.dport, proto: t.proto });
+  return new ModelConntrack(spec.map((e) => {
+    const reply = e.dnat ? { ...inverse(e.orig), src: e.dnat.ip, sport: e.dnat.port } : inverse(e.orig);
+    const lib = e.liberal ?? [false, false];
+    return {
+      orig: word(e.orig), reply: word(reply),
+      status: e.status | (e.dnat ? CtBits.IPS_DST_NAT : 0),
+      tcpState: e.orig.proto === 6 ? (e.tcpState ?? CtBits.TCP_CONNTRACK_ESTABLISHED) : 0,
+      flags: [lib[0] ? CtBits.TCP_FLAG_BE_LIBERAL : 0, lib[1] ? CtBits.TCP_FLAG_BE_LIBERAL : 0],
+    };
+  }));
+}
 
 /** The __sk_buff fields BPF_PROG_TEST_RUN lets a test set. */
 export interface SkbContext {

@@ -6,6 +6,7 @@ import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dat
 import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
+import { CT_ADMIT, ctAdmit } from './conntrack.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -59,7 +60,14 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     return TC_ACT_OK;
   }
 
-  // 4. Host MACs and IPs; the peer's key in DSCP (narrow) or in the carrier
+  // 4. Only a flow the host stack has accepted, and would not NAT.
+  const admit = ctAdmit(s, env.conntrack, h, h.saddr, h.daddr);
+  if (admit !== CT_ADMIT) {
+    fx.counters[admit]++;
+    return TC_ACT_OK;
+  }
+
+  // 5. Host MACs and IPs; the peer's key in DSCP (narrow) or in the carrier
   //    (wide); the pod's ECN kept; RF marks it.
   const dscp = wide ? dscpWithKey(h, key) : key;
   if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, (dscp << 2) | (h.tos & 3), h.frag | IP_RF, e.local_ip, e.remote_ip,

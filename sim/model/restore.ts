@@ -7,6 +7,7 @@ import {
   IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
+import { CT_ADMIT, ctAdmit } from './conntrack.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -40,8 +41,16 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its carrier.
   if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip, carrier)) return restoreMiss(fx);
 
-  // 4. Into the pod's namespace.
   r.last_seen = env.now;
+
+  // 4. A flow the host's conntrack does not admit goes up the host stack as the pod packet it now is.
+  const admit = ctAdmit(s, env.conntrack, h, r.remote_ip, r.local_ip);
+  if (admit !== CT_ADMIT) {
+    fx.counters[admit]++;
+    return TC_ACT_OK;
+  }
+
+  // 5. Into the pod's namespace.
   fx.counters.RESTORED++;
   fx.redirect = redirectTo(r.ifindex, 'PEER');
   return TC_ACT_REDIRECT;

@@ -4,11 +4,12 @@
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import {
-  MAPS, COUNTER_NAMES, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
-  type CounterName, type Config, type EgressKey, type IngressKey, type Path, type PodInfo,
+  MAPS, COUNTER_NAMES, ctPendingValue, ctTuple, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
+  type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { writeMac } from './packet.ts';
+import type { ModelConntrack } from './conntrack.ts';
 
 export const EEXIST = -17;
 export const E2BIG = -7;
@@ -46,6 +47,7 @@ export interface ModelPath {
 export interface ModelPodInfo { ifindex: number; mac: number }
 export interface ModelEgressKey { local_pod: number; remote_pod: number }
 export interface ModelIngressKey { remote_host: number; key: number }
+export interface ModelCtTupleKey { saddr: number; daddr: number; sport: number; dport: number; protocol: number }
 export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: number; dst_port: number; protocol: number; dir: number }
 
 /**
@@ -717,6 +719,7 @@ export interface DatapathState {
   config: Config;
   policy_rules: NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
   policy_masks: PolicyMasks;
+  ct_pending: NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
 }
 
 /** C: egress_lookup_or_create. Undefined when the table is full. */
@@ -737,7 +740,7 @@ export function emptyPath(): Path {
   return path.zero();
 }
 
-export interface Sizes { pods: number; paths: number; rules: number }
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -755,6 +758,9 @@ export function emptyState(sizes: Sizes): DatapathState {
       (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
+    ct_pending: new NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>(
+      (k) => `${k.saddr} ${k.daddr} ${k.sport} ${k.dport} ${k.protocol}`,
+      structKeys(asStruct(ctTuple)), new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
   };
 }
 
@@ -766,6 +772,7 @@ export function cloneState(s: DatapathState): DatapathState {
     config: { ...s.config },
     policy_rules: s.policy_rules.clone(),
     policy_masks: { count: s.policy_masks.count, mask: [...s.policy_masks.mask] },
+    ct_pending: s.ct_pending.clone(),
   };
 }
 
@@ -823,6 +830,12 @@ export interface Env {
    * (init sends no wide signal on one). BPF_PROG_TEST_RUN sets it from the ctx.
    */
   gsoSize?: number;
+  /**
+   * The host's conntrack table, which masq and restore consult (conntrack.ts).
+   * Absent: the build without the check (XMASQ_NO_CONNTRACK, the rpeer
+   * object), which admits every flow; the cluster simulator runs so.
+   */
+  conntrack?: ModelConntrack;
 }
 
 export interface RunResult {
@@ -837,4 +850,4 @@ export const TC_ACT_REDIRECT = 7;
 
 // Keep the map list and the state in step: a new map in maps.ts must be modelled here.
 export const MODELLED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules',
-  'policy_masks', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];
+  'policy_masks', 'ct_pending', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];

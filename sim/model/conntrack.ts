@@ -1,0 +1,88 @@
+/**
+ * Twin of bpf/conntrack.h: flow admission by the host's conntrack. The
+ * host's table is an input of the model, like the clock: the differential
+ * fills the kernel's real table with the same entries (dataplane/conntrack.ts).
+ */
+import { CtBits, type CounterName } from '../../dataplane/maps.ts';
+import { ipv4ToBytes } from '../../dataplane/layout.ts';
+import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
+import type { DatapathState } from './state.ts';
+
+const TCP_FLAG_FIN = 0x01;
+const TCP_FLAG_SYN = 0x02;
+const TCP_FLAG_RST = 0x04;
+
+/** A flow's tuple as the programs hold it: address words (packet.ts readIpv4), ports in host order. */
+export interface ModelCtTuple { src: number; dst: number; sport: number; dport: number; proto: number }
+
+/** What the programs read of an entry. */
+export interface ModelCtEntry {
+  orig: ModelCtTuple;
+  reply: ModelCtTuple;
+  status: number;
+  tcpState: number;
+  /** ip_ct_tcp_state.flags of the original and the reply direction. */
+  flags: [number, number];
+}
+
+/** The conntrack table the programs consult: an entry is found by either direction's tuple. */
+export class ModelConntrack {
+  private readonly byTuple = new Map<string, ModelCtEntry>();
+
+  constructor(entries: ModelCtEntry[] = []) {
+    for (const e of entries) this.add(e);
+  }
+
+  add(e: ModelCtEntry): void {
+    this.byTuple.set(tupleName(e.orig), e);
+    this.byTuple.set(tupleName(e.reply), e);
+  }
+
+  lookup(t: ModelCtTuple): ModelCtEntry | undefined {
+    return this.byTuple.get(tupleName(t));
+  }
+
+  get size(): number {
+    return new Set(this.byTuple.values()).size;
+  }
+}
+
+function tupleName(t: ModelCtTuple): string {
+  return `${t.src}|${t.dst}|${t.sport}|${t.dport}|${t.proto}`;
+}
+
+/** The address word of dotted text, as readIpv4 reads it from a packet. */
+export function ipWord(ip: string): number {
+  const b = Buffer.alloc(4);
+  ipv4ToBytes(ip, b, 0);
+  return readIpv4(b, 0);
+}
+
+/** The C's XMASQ_CT_ADMIT: admitted. Anything else is the counter to bump. */
+export const CT_ADMIT = 'ADMIT';
+export type CtVerdict = typeof CT_ADMIT | Extract<CounterName, 'CT_REFUSED' | 'CT_NAT' | 'CT_PENDING'>;
+
+/**
+ * C: ct_admit. The flow of a pod packet from src to dst, ports and protocol
+ * from h. Without a table, the build without the check (XMASQ_NO_CONNTRACK).
+ */
+export function ctAdmit(s: DatapathState, ct: ModelConntrack | undefined, h: Hdrs, src: number, dst: number): CtVerdict {
+  if (ct === undefined) return CT_ADMIT;
+  if ((h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP) || !h.l4_ok || isFragment(h)) return 'CT_REFUSED';
+  if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) return 'CT_REFUSED';
+
+  const e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
+  if (!e) return 'CT_REFUSED';
+
+  let verdict: CtVerdict = CT_ADMIT;
+  if (e.status & (CtBits.IPS_SRC_NAT | CtBits.IPS_DST_NAT)) verdict = 'CT_NAT';
+  else if (h.proto === IPPROTO_UDP) verdict = e.status & CtBits.IPS_SEEN_REPLY ? CT_ADMIT : 'CT_REFUSED';
+  else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED) verdict = 'CT_REFUSED';
+  else if (!(e.flags[0] & e.flags[1] & CtBits.TCP_FLAG_BE_LIBERAL)) verdict = 'CT_PENDING';
+
+  if (verdict === 'CT_PENDING') {
+    // A plain hash: when full, the insert fails and the flow waits (maps.h).
+    s.ct_pending.updateElem({ saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto }, { queued: 1 }, 'any');
+  }
+  return verdict;
+}
