@@ -23,6 +23,10 @@ export interface AgentConfig {
   egressIdleSeconds: number;
   ingressIdleSeconds: number;
   scanIntervalSeconds: number;
+  /** A socket connection with no request (or whose replies go unread) for this long is closed. */
+  socketIdleSeconds: number;
+  /** Socket connections served at once. */
+  socketMaxConns: number;
   /** Give pairs wide keys (14-bit, in a carrier: TCP urgent pointer, UDP length, ICMP echo code); off: narrow 6-bit keys only. */
   wideKeys: boolean;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
@@ -39,7 +43,7 @@ export class ConfigError extends Error {
 
 const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
 
-type Kind = 'string' | 'path' | 'seconds' | 'bool' | 'mode' | 'onoff';
+type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -47,7 +51,18 @@ interface FieldDef {
   arg?: string;
   def: AgentConfig[keyof AgentConfig];
   help: string;
+  /** The range of a seconds or count field, both ends included, and why it ends there. */
+  range?: { min: number; max: number; why: string };
 }
+
+/*
+ * Timers take at most 2^31-1 ms (~24.8 days): node turns a longer delay into
+ * 1 ms, so a huge --scan-interval would be a busy loop. Idle limits become
+ * nanoseconds on the 64-bit monotonic clock: one past ~584 years (1e300, say)
+ * would put the bound before boot and silently end expiry. Every range below
+ * stays well inside both.
+ */
+const DAY = 86_400;
 
 export const FIELDS: readonly FieldDef[] = [
   { key: 'nic', flag: '--nic', kind: 'string', arg: 'DEV', def: undefined, help: 'the underlay NIC (default: the default route\'s device, or the only non-lo device with an IPv4 address)' },
@@ -58,9 +73,16 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'socket', flag: '--socket', kind: 'path', arg: 'PATH', def: DEFAULT_SOCKET, help: 'the unix socket of the pod/policy protocol' },
   { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
   { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
-  { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)' },
-  { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted; at least --egress-idle + --scan-interval' },
-  { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries' },
+  { key: 'egressIdleSeconds', flag: '--egress-idle', kind: 'seconds', arg: 'SECONDS', def: 20, help: 'egress cache entries idle longer than this are deleted, and so are fully learned ones whose peer has not talked back for as long (see "expiry" below)',
+    range: { min: 1, max: 7 * DAY, why: 'under a second retires busy flows between two of their packets, and no flow needs its entry kept idle for over a week (is the value in milliseconds?)' } },
+  { key: 'ingressIdleSeconds', flag: '--ingress-idle', kind: 'seconds', arg: 'SECONDS', def: 40, help: 'ingress cache entries idle longer than this are deleted; at least --egress-idle + --scan-interval',
+    range: { min: 1, max: 8 * DAY, why: 'it must outlast --egress-idle plus a scan, at most a week and an hour, and a deleted pod\'s keys stay taken this long' } },
+  { key: 'scanIntervalSeconds', flag: '--scan-interval', kind: 'seconds', arg: 'SECONDS', def: 1, help: 'how often the caches are scanned for idle entries',
+    range: { min: 0.05, max: 3600, why: 'a tighter loop only burns CPU; scanning less than hourly lets idle entries, and pods gone without a DEL, outlive their limits by hours' } },
+  { key: 'socketIdleSeconds', flag: '--socket-idle', kind: 'seconds', arg: 'SECONDS', def: 60, help: 'a socket connection that sends no request, or takes none of its replies, for this long is closed',
+    range: { min: 1, max: DAY, why: 'a client needs a moment between requests, and a day is longer than any client needs to hold an idle connection' } },
+  { key: 'socketMaxConns', flag: '--socket-max-conns', kind: 'count', arg: 'N', def: 64, help: 'socket connections served at once; more are answered with an error and closed (the CNI plugin and CLI use one each, briefly)',
+    range: { min: 1, max: 1024, why: 'each connection may hold a request line (1 MiB) and a reply in the agent\'s memory' } },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
@@ -82,7 +104,7 @@ Run it inside the host network namespace it serves, e.g.
 
 flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below
-${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''})`).join('\n')}
+${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''}${f.range ? `, ${f.range.min} to ${f.range.max}` : ''})`).join('\n')}
   --help                          this text
 
 expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
@@ -157,6 +179,12 @@ function fail(f: FieldDef, value: unknown, fix: string): never {
   throw new ConfigError(`${f.flag} (${f.key}) = ${JSON.stringify(value)}: ${fix}`);
 }
 
+function inRange(f: FieldDef, raw: unknown, n: number, unit: string): number {
+  const r = f.range!;
+  if (n < r.min || n > r.max) fail(f, raw, `must be from ${r.min} to ${r.max}${unit ? ` ${unit}` : ''}: ${r.why}`);
+  return n;
+}
+
 function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): AgentConfig[keyof AgentConfig] {
   switch (f.kind) {
     case 'bool':
@@ -172,8 +200,12 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
     case 'seconds': {
       const n = typeof raw === 'number' ? raw : typeof raw === 'string' && raw.trim() !== '' ? Number(raw) : NaN;
       if (!Number.isFinite(n) || n <= 0) return fail(f, raw, `must be a number of seconds > 0, e.g. ${f.flag} ${f.def}`);
-      if (f.key === 'scanIntervalSeconds' && n < 0.05) return fail(f, raw, 'must be at least 0.05 s: a tighter loop only burns CPU');
-      return n;
+      return inRange(f, raw, n, 'seconds');
+    }
+    case 'count': {
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' && /^\s*\d+\s*$/.test(raw) ? Number(raw) : NaN;
+      if (!Number.isSafeInteger(n)) return fail(f, raw, `must be a whole number, e.g. ${f.flag} ${f.def}`);
+      return inRange(f, raw, n, '');
     }
     case 'path': {
       if (typeof raw !== 'string' || raw === '') return fail(f, raw, `must be a non-empty path${fromFile ? ' string' : ''}`);
