@@ -20,7 +20,7 @@ import {
   OPS, PROTOCOL_VERSION, type AgentStatus, type Attachment, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
   type ReplyMap,
 } from './protocol.ts';
-import { SocketServer } from './server.ts';
+import { DEPTH_LIMIT, LINE_LIMIT, SocketServer } from './server.ts';
 import { StateDir } from './state.ts';
 import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex } from './system.ts';
 
@@ -56,6 +56,9 @@ export class Agent {
     scans: 0,
     lastScanSeconds: 0,
     lastScanAt: undefined as string | undefined,
+    /** Why the last scan failed, and since when; undefined once one succeeds. */
+    scanFailing: undefined as { since: string; error: string } | undefined,
+    scanFailures: 0,
     requests: Object.fromEntries(OPS.map((o) => [o, 0])) as Record<string, number>,
   };
 
@@ -83,9 +86,14 @@ export class Agent {
     this.log.info(`nic ${this.nic.name} (ifindex ${this.nic.ifindex}), mode ${this.mode} (${this.modeReason}), pins ${cfg.pinDir}`);
 
     try {
-      this.sock = await SocketServer.listen(cfg.socket, (line) => this.handleLine(line));
+      this.sock = await SocketServer.listen(cfg.socket, (line) => this.handleLine(line), this.log, {
+        maxLineBytes: LINE_LIMIT, maxDepth: DEPTH_LIMIT, maxConnections: cfg.socketMaxConns, idleSeconds: cfg.socketIdleSeconds,
+      });
       if (cfg.metricsListen !== 'off') {
-        this.http = await startHttp(cfg.metricsListen, { metrics: () => this.metrics(), health: () => this.health() });
+        this.http = await startHttp(cfg.metricsListen, {
+          metrics: () => this.metrics(), health: () => this.health(),
+          error: (e) => this.log.warn(`metrics endpoint: ${e.message} (it goes on serving)`),
+        });
       }
       // From here to the end of the block nothing awaits: no request is served
       // before the datapath is complete, and a failure undoes all of it.
@@ -407,9 +415,12 @@ export class Agent {
       if (!gone) continue;
       const dp = this.dp!;
       if (pod.masq) dp.detach(pod.masq);
-      this.pods.delete(pod.record.ip);
       const purged = this.forgetPod(pod.record.ip);
-      this.savePods();
+      // The pod leaves memory only once the state file no longer holds it: a
+      // failed write fails this scan and the next ones (so /healthz says so)
+      // instead of once, and both steps above are safe to repeat.
+      this.state.writePods(this.cfg.pinDir, [...this.pods.values()].filter((p) => p !== pod).map((p) => p.record));
+      this.pods.delete(pod.record.ip);
       this.log.info(`dropped pod ${pod.record.ip}: ${gone} (no DEL came); purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
     }
   }
@@ -431,8 +442,14 @@ export class Agent {
         this.log.debug(`expired ${r.egress.deleted} egress${r.egress.unanswered ? ` (${r.egress.unanswered} unanswered by the peer)` : ''} and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left) in ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
       }
       this.collectGonePods();
+      if (this.stats.scanFailing) this.log.info(`expiry scans work again (failing since ${this.stats.scanFailing.since})`);
+      this.stats.scanFailing = undefined;
     } catch (e) {
-      this.log.warn(`expiry scan failed: ${(e as Error).message}`);
+      const error = (e as Error).message;
+      this.stats.scanFailures++;
+      // Logged when the failure starts or changes, not on every scan of a lasting one.
+      if (this.stats.scanFailing?.error !== error) this.log.warn(`expiry scan failed: ${error}`);
+      this.stats.scanFailing = { since: this.stats.scanFailing?.since ?? new Date().toISOString(), error };
     }
     this.stats.scans++;
     this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
@@ -452,6 +469,11 @@ export class Agent {
       req = v as Record<string, unknown>;
     } catch {
       return JSON.stringify({ ok: false, error: `not a JSON object: ${line.slice(0, 100)}; send one object per line like {"op":"status"}` });
+    }
+    // The protocol's seq is a number or a string: echoing anything else back
+    // would echo whatever the client built, however deep.
+    if (req.seq !== undefined && typeof req.seq !== 'number' && typeof req.seq !== 'string') {
+      return JSON.stringify({ ok: false, error: `"seq" must be a number or a string, not ${Array.isArray(req.seq) ? 'an array' : typeof req.seq}` });
     }
     const seq = req.seq !== undefined ? { seq: req.seq } : {};
     try {
@@ -566,6 +588,8 @@ export class Agent {
       expired: s.expiry.expired,
       lastScanSeconds: this.stats.lastScanSeconds,
       scans: this.stats.scans,
+      scanFailures: this.stats.scanFailures,
+      socket: this.sock?.stats() ?? { connections: 0, refused: {} },
       startTimeSeconds: Math.floor(this.startedAt.getTime() / 1000),
       requests: this.stats.requests,
     });
@@ -577,6 +601,8 @@ export class Agent {
     for (const a of this.nicFilters) {
       if (!this.dp.isAttached(a)) problems.push(`${a.program} is no longer attached at ${describe(a)}`);
     }
+    const failing = this.stats.scanFailing;
+    if (failing) problems.push(`expiry scans fail since ${failing.since}: ${failing.error}`);
     return problems;
   }
 }

@@ -14,6 +14,9 @@ export interface MetricsSnapshot {
   expired: { egress: number; ingress: number };
   lastScanSeconds: number;
   scans: number;
+  scanFailures: number;
+  /** The unix socket: connections open now, and requests or connections refused by a bound, by reason. */
+  socket: { connections: number; refused: Record<string, number> };
   startTimeSeconds: number;
   requests: Record<string, number>;
 }
@@ -46,6 +49,10 @@ export function renderMetrics(s: MetricsSnapshot): string {
   metric('xmasq_info', 'gauge', 'The agent\'s NIC and mode.', [[{ nic: s.nic, mode: s.mode }, 1]]);
   metric('xmasq_expiry_scan_duration_seconds', 'gauge', 'Duration of the last idle-entry scan.', [[{}, s.lastScanSeconds]]);
   metric('xmasq_expiry_scans_total', 'counter', 'Idle-entry scans run.', [[{}, s.scans]]);
+  metric('xmasq_expiry_scan_failures_total', 'counter', 'Idle-entry scans that failed (/healthz is 503 while the last one did).', [[{}, s.scanFailures]]);
+  metric('xmasq_agent_socket_connections', 'gauge', 'Connections open on the agent socket.', [[{}, s.socket.connections]]);
+  metric('xmasq_agent_socket_refused_total', 'counter', 'Requests or connections the agent socket refused or closed, by the bound they hit.',
+    Object.entries(s.socket.refused).map(([reason, v]) => [{ reason }, v]));
   metric('xmasq_agent_requests_total', 'counter', 'Socket requests by op.',
     Object.entries(s.requests).map(([op, v]) => [{ op }, v]));
   metric('xmasq_agent_start_time_seconds', 'gauge', 'Unix time the agent started.', [[{}, s.startTimeSeconds]]);
@@ -56,6 +63,8 @@ export interface HttpHandlers {
   metrics(): string;
   /** Problems that make the agent unhealthy; empty when healthy. */
   health(): string[];
+  /** An error of the server past its start (a failed accept); it goes on serving. */
+  error?(e: Error): void;
 }
 
 /** Listens on host:port; rejects with a message that says how to fix the address. */
@@ -89,6 +98,12 @@ export function startHttp(listen: string, h: HttpHandlers): Promise<Server> {
             : 'set --metrics-listen to a valid HOST:PORT, or off';
       reject(new Error(`--metrics-listen ${listen}: cannot listen (${e.code ?? e.message}): ${fix}`));
     });
-    server.listen(port, host, () => resolve(server));
+    server.listen(port, host, () => {
+      // Past the listen, an 'error' (a failed accept: EMFILE) with nobody
+      // listening would be an uncaught exception, which stops the agent.
+      server.removeAllListeners('error');
+      server.on('error', (e) => h.error?.(e));
+      resolve(server);
+    });
   });
 }
