@@ -354,6 +354,7 @@ export class Agent {
   private addPod(spec: unknown): ReplyMap['add'] {
     const dp = this.dp!;
     const p = this.validatePod(spec);
+    this.vethFree(p);
     const old = this.pods.get(p.ip);
     // A pod is its veth and its MAC; the netns path may be spelt differently
     // by different callers (/run/netns/x, /proc/<pid>/ns/net) for the same pod.
@@ -393,6 +394,23 @@ export class Agent {
     }
     this.log.info(`pod ${p.ip} added: ${p.mac} on ${p.hostVeth} (ifindex ${p.hostVethIfindex})${old && !same ? ', replacing the pod that held this IP' : ''}${purged.egress + purged.ingress ? `; purged ${purged.egress} egress and ${purged.ingress} ingress entries` : ''}`);
     return { pod: { ...pod.record }, replaced: !!old && !same, purged };
+  }
+
+  /**
+   * A veth belongs to one pod: a second pod on it would share its masq filter,
+   * and the second pod's DEL would take the first one's filter away. A holder
+   * whose veth is gone (its ifindex now names another device) is dropped
+   * first, as the next scan would.
+   */
+  private vethFree(p: PodSpec & { hostVeth: string }): void {
+    const holder = [...this.pods.values()].find((q) => q.record.ip !== p.ip && q.record.hostVethIfindex === p.hostVethIfindex);
+    if (!holder) return;
+    if (this.podGone(holder.record)) {
+      this.collectGonePods();
+      return;
+    }
+    const h = holder.record.ip;
+    throw new RequestError(`pod.hostVethIfindex = ${p.hostVethIfindex}: ${p.hostVeth} already belongs to pod ${h}, and a veth serves one pod; if ${h} is gone, delete it first ({"op":"del","ip":"${h}"})`);
   }
 
   private delPod(ip: unknown): ReplyMap['del'] {
