@@ -7,6 +7,7 @@
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createConnection, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
@@ -28,7 +29,7 @@ const OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.bpf.o', import.meta.
 const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
 
 const ID = `xmt${process.pid}`;
-const NS = { host: `${ID}-host`, wire: `${ID}-wire`, pod: `${ID}-pod`, pod2: `${ID}-pod2`, pod3: `${ID}-pod3` };
+const NS = { host: `${ID}-host`, wire: `${ID}-wire`, pod: `${ID}-pod`, pod2: `${ID}-pod2`, pod3: `${ID}-pod3`, pod4: `${ID}-pod4` };
 const PIN = `/sys/fs/bpf/xmasq-test-${process.pid}`;
 let TMP = '';
 let SOCK = '';
@@ -100,6 +101,39 @@ async function stopAgent(sig: NodeJS.Signals = 'SIGTERM'): Promise<{ code: numbe
   a.child.kill(sig);
   const code = await a.exited;
   return { code, stderr: a.stderr() };
+}
+
+interface RawConn {
+  sock: Socket;
+  /** Every complete reply line so far, parsed. */
+  replies: () => Array<{ ok: boolean; error?: string; seq?: unknown }>;
+  closed: Promise<void>;
+  isClosed: () => boolean;
+}
+
+/** A plain connection to the agent socket, for sending what AgentClient never would. */
+function rawConnect(): Promise<RawConn> {
+  return new Promise((resolve, reject) => {
+    const sock = createConnection(SOCK);
+    let text = '';
+    let isClosed = false;
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      text += d;
+    });
+    const closed = new Promise<void>((r) => sock.on('close', () => {
+      isClosed = true;
+      r();
+    }));
+    sock.once('error', reject); // before connect; afterwards (EPIPE, ECONNRESET) only the close matters
+    sock.once('connect', () => {
+      sock.on('error', () => {});
+      resolve({
+        sock, closed, isClosed: () => isClosed,
+        replies: () => text.split('\n').slice(0, -1).map((l) => JSON.parse(l) as { ok: boolean; error?: string; seq?: unknown }),
+      });
+    });
+  });
 }
 
 async function call<T>(fn: (c: AgentClient) => Promise<T>): Promise<T> {
@@ -477,6 +511,232 @@ describe('xmasq-agent', () => {
       expect(x.status).toBe(3);
       expect(x.stderr).toContain(`no agent at ${TMP}/nope.sock: start xmasq-agent, or pass --socket`);
     }
+  });
+
+  // -------------------------------------------------------------------------
+  // Hostile input (issue 14): each attack must leave the agent serving with
+  // every filter attached. alive() checks exactly that, from the outside.
+  // -------------------------------------------------------------------------
+
+  async function alive(): Promise<void> {
+    expect(agent!.child.exitCode, agent!.stderr()).toBeNull();
+    const s = (await call((c) => c.status())).status;
+    expect(s.pid).toBe(agent!.child.pid);
+    expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    expect(filters('vpod2', 'ingress')).toEqual(['masq']);
+  }
+
+  it('a request nested 10,000 deep gets an error reply, and the same connection serves on', async () => {
+    const deep = `{"op":"status","seq":${'['.repeat(10_000)}${']'.repeat(10_000)}}`;
+    const c = await rawConnect();
+    c.sock.write(`${deep}\n{"op":"status","seq":[[1]]}\n{"op":"status","seq":7}\n`);
+    await until('three replies', () => c.replies().length >= 3, 10_000);
+    const [a, b, ok] = c.replies();
+    expect(a.ok).toBe(false);
+    expect(a.error).toMatch(/^request nested deeper than \d+ levels/);
+    // Within the depth bound, but not what the protocol's seq is: not echoed.
+    expect(b).toMatchObject({ ok: false, error: '"seq" must be a number or a string, not an array' });
+    expect(ok).toMatchObject({ ok: true, seq: 7 });
+    expect(c.isClosed()).toBe(false);
+    c.sock.destroy();
+    expect(agent!.stderr()).toContain('refused a request nested deeper than');
+    await alive();
+  });
+
+  it('garbage bytes and malformed requests get error replies, never a crash', async () => {
+    // Deterministic junk: every byte value, invalid UTF-8, NULs, lone brackets and quotes.
+    let x = 0x2545f491;
+    const junk = Buffer.alloc(256 * 1024);
+    for (let i = 0; i < junk.length; i++) {
+      x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
+      junk[i] = x & 0xff;
+    }
+    const crafted = [
+      'null', '[]', '"op"', '1e999', '{', '}', ']]]]]]', '{"op":', '"\\', '{"op":"status"', '\u0000\u0001\u0002',
+      '{"op":"__proto__"}', '{"op":"constructor"}', '{"op":"toString"}', '{"op":"add"}', '{"op":"add","pod":[]}',
+      '{"op":"add","pod":{"__proto__":{"ip":"10.244.1.9"}}}', '{"op":"add","pod":{"ip":"10.244.1.9","mac":"0a:58:0a:f4:01:09","hostVethIfindex":2147483647}}',
+      '{"op":"add","pod":{"ip":"10.244.1.9","mac":"0a:58:0a:f4:01:09","hostVethIfindex":1e300}}', '{"op":"del","ip":"999.1.1.1"}',
+      '{"op":"del","ip":{"toString":1}}', '{"op":"policy-del","id":1e308}', '{"op":"policy-add","rule":"x"}', '{"op":"cache-dump","cache":{}}',
+      `{"op":"status","seq":"${'\\\\'.repeat(1000)}\\"]]]"}x`, '\xff\xfe{"op":"status"}',
+    ].join('\n');
+    const c = await rawConnect();
+    c.sock.write(Buffer.concat([junk, Buffer.from(`\n${crafted}\n`), Buffer.from([0xc3, 0x28, 0xa0, 0xa1, 0x0a]), Buffer.from('{"op":"status","seq":"after"}\n')]));
+    await until('the reply to the last request', () => c.replies().some((r) => r.seq === 'after'), 20_000);
+    const replies = c.replies();
+    expect(replies.length).toBeGreaterThan(crafted.split('\n').length);
+    // Every line before the last was wrong in some way, and each got the protocol's error shape.
+    for (const r of replies.slice(0, -1)) {
+      expect(r.ok, JSON.stringify(r)).toBe(false);
+      expect(typeof r.error).toBe('string');
+    }
+    expect(replies[replies.length - 1]).toMatchObject({ ok: true, seq: 'after' });
+    c.sock.destroy();
+    expect((await call((cl) => cl.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
+    await alive();
+  });
+
+  it('a 10 MB line without a newline is refused at the line limit: error reply, connection closed, the rest not read', async () => {
+    const c = await rawConnect();
+    const wrote = new Promise<Error | null | undefined>((resolve) => c.sock.write(Buffer.alloc(10 << 20, 0x61), resolve));
+    await c.closed;
+    const replies = c.replies();
+    expect(replies).toHaveLength(1);
+    expect(replies[0]).toMatchObject({ ok: false });
+    expect(replies[0].error).toMatch(/^request line longer than \d+ bytes/);
+    // The agent stopped reading and closed: the client could not hand over all 10 MB.
+    expect(await wrote).toBeInstanceOf(Error);
+    expect(agent!.stderr()).toMatch(/closed a connection whose request line passed \d+ bytes/);
+    await alive();
+  });
+
+  it('a second pod on a veth that a pod already uses is refused, and its del leaves the first pod alone', async () => {
+    const veth1 = ifindex(NS.host, 'vpod1');
+    const other = { ip: '10.244.1.8', mac: '0a:58:0a:f4:01:08' };
+    const r = await call((c) => c.raw({ op: 'add', pod: { ...other, hostVethIfindex: veth1 } }));
+    expect(r.ok).toBe(false);
+    expect((r as { error: string }).error).toBe(`pod.hostVethIfindex = ${veth1}: vpod1 already belongs to pod ${POD.ip}, and a veth serves one pod; if ${POD.ip} is gone, delete it first ({"op":"del","ip":"${POD.ip}"})`);
+    expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: other.ip })))).toBeUndefined();
+    expect(await call((c) => c.delPod(other.ip))).toMatchObject({ known: false, detached: false });
+    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
+    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth1, mac: POD.mac });
+    expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
+    await alive();
+  });
+
+  it('refuses out-of-range durations and sizes at start, naming the range, and leaves the running agent alone', async () => {
+    // Each is consistent otherwise (ingress idle >= egress idle + scan), so only a range check refuses it.
+    const cases: Array<[string[], string]> = [
+      // setTimeout turns a delay past 2^31-1 ms into 1 ms: a busy loop.
+      [['--scan-interval', '3e6', '--ingress-idle', '4e6'], '--scan-interval (scanIntervalSeconds) = "3e6": must be from 0.05 to 3600 seconds'],
+      // 1e300 s is before boot on the 64-bit ns clock: expiry would silently stop.
+      [['--egress-idle', '1e300', '--ingress-idle', '1e301'], '--egress-idle (egressIdleSeconds) = "1e300": must be from 1 to 604800 seconds'],
+      [['--socket-max-conns', '0'], '--socket-max-conns (socketMaxConns) = "0": must be from 1 to 1024'],
+      [['--socket-max-conns', '2.5'], '--socket-max-conns (socketMaxConns) = "2.5": must be a whole number'],
+      [['--socket-idle', '1e10'], '--socket-idle (socketIdleSeconds) = "1e10": must be from 1 to 86400 seconds'],
+    ];
+    for (const [flags, message] of cases) {
+      const r = await startAgent(flags, false);
+      expect(await r.exited, flags.join(' ')).toBe(2);
+      expect(r.stderr()).toContain(message);
+    }
+    const file = `${TMP}/huge.json`;
+    writeFileSync(file, JSON.stringify({ scanIntervalSeconds: 2 ** 31, ingressIdleSeconds: 2 ** 32 }));
+    const r = await startAgent(['--config', file], false);
+    expect(await r.exited).toBe(2);
+    expect(r.stderr()).toContain(`--scan-interval (scanIntervalSeconds) = ${2 ** 31}: must be from 0.05 to 3600 seconds`);
+    await alive();
+  });
+
+  it('--socket-max-conns: connections past the bound get an error reply and are closed; the agent serves on', async () => {
+    await stopAgent();
+    agent = await startAgent(['--socket-max-conns', '16']);
+    const conns = await Promise.all(Array.from({ length: 200 }, () => rawConnect()));
+    await until('the refused connections to close', () => conns.filter((c) => c.isClosed()).length >= 200 - 16, 20_000);
+    await new Promise((r) => setTimeout(r, 300)); // would more close?
+    const open = conns.filter((c) => !c.isClosed());
+    expect(open).toHaveLength(16);
+    for (const c of conns.filter((x) => x.isClosed())) {
+      expect(c.replies()).toEqual([{ ok: false, error: 'the agent serves at most 16 connections at once (--socket-max-conns): close idle ones, or retry in a moment' }]);
+    }
+    // The ones let in are served.
+    open[0].sock.write('{"op":"status","seq":1}\n');
+    await until('a reply on an admitted connection', () => open[0].replies().length === 1);
+    expect(open[0].replies()[0]).toMatchObject({ ok: true, seq: 1 });
+    expect(agent.stderr()).toMatch(/refused a connection: 16 are open, the most --socket-max-conns allows/);
+    for (const c of open) c.sock.destroy();
+    // The agent frees their places as it sees them close: until then a new connection is still one too many.
+    for (let i = 0; ; i++) {
+      try {
+        await call((c) => c.status());
+        break;
+      } catch (e) {
+        if (!(e instanceof AgentError) || i >= 100) throw e;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+    await alive();
+  });
+
+  it('--socket-idle: an idle connection is told why and closed; one that keeps asking stays', async () => {
+    await stopAgent();
+    agent = await startAgent(['--socket-idle', '2']);
+    const idle = await rawConnect();
+    const busy = await rawConnect();
+    for (let i = 0; i < 12; i++) {
+      busy.sock.write(`{"op":"list","seq":${i}}\n`);
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    await until('the idle connection to close', () => idle.isClosed(), 10_000);
+    expect(idle.replies()).toEqual([{ ok: false, error: 'closing the connection: no request for 2 s (--socket-idle); connect again to send more' }]);
+    // 3 s of requests every 0.25 s: longer than the idle limit, never idle for it.
+    expect(busy.isClosed()).toBe(false);
+    expect(busy.replies().map((r) => r.seq)).toEqual(Array.from({ length: 12 }, (_, i) => i));
+    busy.sock.destroy();
+    expect(agent!.stderr()).toContain('closed a connection idle for 2 s (--socket-idle)');
+    await alive();
+  });
+
+  it('a client that never reads its replies is read no further, then dropped; the agent\'s memory stays put', async () => {
+    const pid = agent!.child.pid!;
+    const rssKb = () => Number(/^VmRSS:\s+(\d+)/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))![1]);
+    const before = rssKb();
+    const c = await rawConnect();
+    c.sock.pause(); // takes no reply
+    const n = 50_000;
+    // ~0.9 MB of requests whose replies (a status each, ~2 KB) would be ~100 MB
+    c.sock.write(Array.from({ length: n }, () => '{"op":"status"}\n').join(''));
+    await new Promise((r) => setTimeout(r, 4000)); // twice --socket-idle
+    const after = rssKb();
+    c.sock.resume();
+    await until('the dropped connection to close', () => c.isClosed(), 10_000);
+    const got = c.replies().length;
+    expect(got).toBeLessThan(n / 10);
+    expect(after - before).toBeLessThan(50 * 1024);
+    expect(agent!.stderr()).toMatch(/dropped a client that took none of its replies for 2 s \(--socket-idle\)/);
+    console.log(`slow client: ${got} of ${n} replies sent before the drop; agent RSS ${before} -> ${after} kB`);
+    await alive();
+  });
+
+  it('/healthz is 503 while expiry scans fail, and an unexpected error in a request is only an error reply', async () => {
+    const pod3 = { ip: '10.244.1.7', mac: '0a:58:0a:f4:01:07' };
+    const pod4 = { ip: '10.244.1.9', mac: '0a:58:0a:f4:01:09' };
+    const health = () => {
+      const out = inHost('curl', '-s', '-S', '-w', '\n%{http_code}', 'http://127.0.0.1:9477/healthz').split('\n');
+      return { code: Number(out.pop()), body: out.join('\n').trim() };
+    };
+    makePod(NS.pod3, 'vpod3', pod3);
+    makePod(NS.pod4, 'vpod4', pod4);
+    await call((c) => c.addPod({ ...pod3, hostVethIfindex: ifindex(NS.host, 'vpod3') }));
+    expect(health()).toEqual({ code: 200, body: 'ok' });
+    expect(metrics()).toMatch(/^xmasq_expiry_scan_failures_total 0$/m);
+    // A state dir that cannot be written: dropping a vanished pod fails, on every scan.
+    execFileSync('mv', [STATE, `${STATE}.away`]);
+    writeFileSync(STATE, 'not a directory\n');
+    try {
+      ip('netns', 'del', NS.pod3); // takes vpod3 with it
+      await until('/healthz to fail', () => health().code === 503);
+      expect(health().body).toMatch(/^expiry scans fail since \S+: EEXIST/);
+      expect(metrics()).toMatch(/^xmasq_expiry_scan_failures_total [1-9]\d*$/m);
+      // An add that fails where no client mistake is: an error reply, undone, and the datapath stays.
+      const r = await call((c) => c.raw({ op: 'add', pod: { ...pod4, hostVethIfindex: ifindex(NS.host, 'vpod4') } }));
+      expect(r).toMatchObject({ ok: false });
+      expect((r as { error: string }).error).toMatch(/EEXIST/);
+      expect(filters('vpod4', 'ingress')).toEqual([]);
+      expect(agent!.stderr()).toMatch(/error: add failed: EEXIST/);
+      await alive();
+    } finally {
+      rmSync(STATE, { force: true });
+      execFileSync('mv', [`${STATE}.away`, STATE]);
+    }
+    await until('/healthz to recover', () => health().code === 200);
+    expect(health().body).toBe('ok');
+    expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
+    expect(agent!.stderr()).toContain('expiry scans work again');
+    ip('netns', 'del', NS.pod4);
+    await alive();
   });
 
   it('SIGTERM detaches every filter and keeps the pins', async () => {
