@@ -264,7 +264,7 @@ export class Lab {
     if (!Number.isInteger(podsPerHost) || podsPerHost < 0 || podsPerHost > 250) throw new Error(`podsPerHost must be an integer in 0..250, got ${podsPerHost}`);
     requireRoot();
     const checksumOffload = opts.checksumOffload ?? true;
-    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
+    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', 'iptables', ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
 
     if (existsSync(stateFile(name))) {
       throw new Error(`lab "${name}" already exists (${stateFile(name)}); take it down first (Lab.down('${name}'), or 'xmasq lab down')`);
@@ -651,6 +651,11 @@ export class Lab {
       `link set ${VXLAN_DEV} mtu ${POD_MTU} up`,
       `addr add ${p.vtepIp}/32 dev ${VXLAN_DEV}`,
     ], `setting up host ${p.name}`);
+    // Every Kubernetes node has kube-proxy's KUBE-FORWARD rule dropping what conntrack finds
+    // INVALID. It also makes conntrack track in the host's netns, which XMasq's admission
+    // check reads (bpf/conntrack.h): without a user, a netns's conntrack tracks nothing.
+    await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables', '-w', '-A', 'FORWARD', '-m', 'conntrack', '--ctstate', 'INVALID', '-j', 'DROP'],
+      { what: `kube-proxy's INVALID drop on ${p.name}` });
     if (!this.state.checksumOffload) {
       await this.offloadOff(p.netns, NIC);
       await this.offloadOff(this.state.wire, p.wirePort);

@@ -24,6 +24,16 @@ export async function output(child: ChildProcess, timeoutMs = 15_000): Promise<{
 export const TCP_ECHO = (port: number) => `require('net').createServer((s) => s.pipe(s)).listen(${port}, '0.0.0.0', () => console.log('ready'))`;
 export const UDP_ECHO = (port: number) => `const d = require('dgram').createSocket('udp4'); d.on('message', (m, r) => d.send(m, r.port, r.address)); d.bind(${port}, () => console.log('ready'))`;
 
+/**
+ * A UDP client doing n round trips one after another (each datagram sent once the last was
+ * echoed, a gap apart); prints 'udp-echoed <k>' with how many came back. ICMP would not do for
+ * fast-path tests: the host's conntrack admits only TCP and UDP flows (bpf/conntrack.h).
+ */
+export const UDP_ROUND_TRIPS = (ip: string, port: number, n: number, gapMs = 100) => `const d = require('dgram').createSocket('udp4'); let k = 0;
+  const send = () => d.send('rt-' + k, ${port}, '${ip}');
+  d.on('message', () => { if (++k === ${n}) { console.log('udp-echoed', k); d.close(); } else setTimeout(send, ${gapMs}); });
+  send(); setTimeout(() => { console.log('udp-echoed', k); process.exit(1); }, ${n} * ${gapMs} + 5000);`;
+
 /** Starts a server script that prints 'ready' once listening. */
 export async function server(lab: Lab, pod: LabPod, script: string): Promise<ChildProcess> {
   const s = nodeIn(lab, pod, script);

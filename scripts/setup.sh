@@ -11,6 +11,8 @@ fi
 
 packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
   containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev
+  # the host stack XMasq defers to: conntrack (the tool, for tests), iptables (kube-proxy-style rules in the lab)
+  conntrack iptables
   # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
   linux-source-6.1 bc flex bison libssl-dev dwarves cpio patch xz-utils qemu-system-x86)
 missing=()

@@ -1,0 +1,62 @@
+/**
+ * The agent's half of flow admission (bpf/conntrack.h): masq and restore
+ * queue established TCP flows whose conntrack entry still tracks windows in
+ * ct_pending; the agent makes each entry liberal over ctnetlink, after which
+ * the flow's packets may take the fast path. Until then they cross the host
+ * stack, which is always correct, only slower.
+ */
+import type { BpfMap } from '../libbpf.ts';
+import { Conntrack } from '../conntrack.ts';
+import { ctTuple } from '../maps.ts';
+import type { Log } from './log.ts';
+
+/** How often the queue is drained: a new connection's first ~100 ms cross the stack. */
+export const CT_DRAIN_INTERVAL_MS = 100;
+
+export interface CtDrainStats {
+  /** Entries made liberal. */
+  liberal: number;
+  /** Queued flows that had no entry any more (closed, timed out). */
+  gone: number;
+  /** Drains that failed (ctnetlink refused, or the map could not be read). */
+  failures: number;
+}
+
+export class ConntrackDrain {
+  readonly stats: CtDrainStats = { liberal: 0, gone: 0, failures: 0 };
+  private ct: Conntrack | undefined;
+  private lastError = '';
+
+  constructor(private readonly pending: BpfMap, private readonly log: Log) {}
+
+  /** Empties ct_pending once. Never throws: a failure is counted and logged when it changes. */
+  drain(): void {
+    try {
+      const queued = this.pending.entries();
+      if (queued.length === 0) return;
+      this.ct ??= new Conntrack();
+      for (const [key] of queued) {
+        const t = ctTuple.decode(key);
+        const found = this.ct.makeLiberal({ src: t.saddr, dst: t.daddr, sport: t.sport, dport: t.dport, proto: t.protocol });
+        if (found) this.stats.liberal++;
+        else this.stats.gone++;
+        // Deleted after the update: a packet that queues it again meanwhile finds it liberal next time.
+        this.pending.delete(key);
+      }
+      if (this.lastError) this.log.info('conntrack: entries are made liberal again');
+      this.lastError = '';
+    } catch (e) {
+      this.stats.failures++;
+      const msg = (e as Error).message;
+      if (msg !== this.lastError) this.log.warn(`conntrack: cannot make queued flows liberal (they stay on the host stack): ${msg}`);
+      this.lastError = msg;
+      this.ct?.close();
+      this.ct = undefined;
+    }
+  }
+
+  close(): void {
+    this.ct?.close();
+    this.ct = undefined;
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * The host stays in charge (bpf/conntrack.h): a Service's DNAT and policy
+ * rules in the hosts' FORWARD chains give the same outcome with XMasq as
+ * without it, while the flows they allow still take the fast path.
+ *
+ * The rules are the ones a node carries: kube-proxy's DNAT for a ClusterIP in
+ * the client host's nat table, and DROP rules in FORWARD as Calico, Canal or
+ * kube-router install them, on the receiving host (ingress policy) and on the
+ * sending host (egress policy). Every case runs with the agents on, after the
+ * pod pair has been learned, and again with the agents stopped (the plain
+ * overlay); the outcomes must be equal, and the counters show what XMasq
+ * carried.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { LabAgents, upWithAgents } from './agents.ts';
+import { Lab, type LabPod } from './lab.ts';
+import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
+import type { ChildProcess } from 'node:child_process';
+
+if (process.getuid?.() !== 0) throw new Error('lab/authority.test.ts needs root (network namespaces, BPF, iptables): run it as root');
+
+const name = `xa${process.pid % 100000}`;
+const CLUSTER_IP = '10.96.0.10';
+let lab: Lab;
+let agents: LabAgents;
+let a: LabPod, b: LabPod;
+const servers: ChildProcess[] = [];
+
+async function iptables(host: string, args: string[]): Promise<string> {
+  const r = await lab.exec(lab.host(host), 'iptables', ['-w', ...args]);
+  if (r.code !== 0) throw new Error(`iptables ${args.join(' ')} on ${host}: ${r.stderr}`);
+  return r.stdout;
+}
+
+/** Packets counted by the first rule of a chain whose text has all the words. */
+async function rulePackets(host: string, table: string, chain: string, words: string[]): Promise<number> {
+  const out = await iptables(host, ['-t', table, '-L', chain, '-v', '-x', '-n']);
+  const line = out.split('\n').find((l) => words.every((w) => l.includes(w)));
+  if (!line) throw new Error(`no rule with ${words.join(' ')} in ${table}/${chain} on ${host}:\n${out}`);
+  return Number(line.trim().split(/\s+/)[0]);
+}
+
+/** n round trips on ONE TCP connection, 1 byte each; prints 'tcp-rt <k>'. */
+const tcpRoundTrips = (ip: string, port: number, n: number) => `const s = require('net').connect(${port}, '${ip}'); let k = 0;
+  s.setNoDelay(true);
+  s.on('connect', () => s.write('x'));
+  s.on('data', (d) => { k += d.length; if (k >= ${n}) { console.log('tcp-rt', k); process.exit(0); } else s.write('x'); });
+  s.on('error', (e) => { console.log('tcp-error', e.code); process.exit(1); });
+  setTimeout(() => { console.log('tcp-rt', k); process.exit(1); }, 15000);`;
+
+/** UDP round trips to ip:port, checking that every answer comes FROM ip:port; prints 'udp-from-ok <k>'. */
+const udpFrom = (ip: string, port: number, n: number, timeoutMs = 8000) => `const d = require('dgram').createSocket('udp4'); let k = 0, wrong = 0;
+  const send = () => d.send('q' + k, ${port}, '${ip}');
+  d.on('message', (m, r) => { if (r.address !== '${ip}' || r.port !== ${port}) wrong++; if (++k === ${n}) { console.log('udp-from-ok', k - wrong, 'wrong', wrong); process.exit(0); } else setTimeout(send, 50); });
+  send(); setTimeout(() => { console.log('udp-from-ok', k - wrong, 'wrong', wrong); process.exit(1); }, ${timeoutMs});`;
+
+/** A TCP connect that must fail within 3 s; prints 'connected' or 'refused-or-timeout'. */
+const tcpConnect = (ip: string, port: number) => `const s = require('net').connect(${port}, '${ip}');
+  s.on('connect', () => { s.write('x'); });
+  s.on('data', () => { console.log('connected'); process.exit(0); });
+  s.on('error', () => { console.log('refused-or-timeout'); process.exit(0); });
+  setTimeout(() => { console.log('refused-or-timeout'); process.exit(0); }, 3000);`;
+
+interface Outcome { serviceTcp: string; serviceUdp: string; deniedIngress: string; deniedEgress: string; allowed: string }
+
+/** Every case once; the pair is learned first (direct traffic on an allowed port). */
+async function scenario(): Promise<Outcome> {
+  const learn = await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5353, 6, 100)));
+  expect(learn.out).toContain('udp-echoed 6');
+  const serviceTcp = (await output(nodeIn(lab, a, tcpRoundTrips(CLUSTER_IP, 80, 200)))).out.trim();
+  const serviceUdp = (await output(nodeIn(lab, a, udpFrom(CLUSTER_IP, 53, 20)))).out.trim();
+  const deniedIngress = (await output(nodeIn(lab, a, tcpConnect(b.ip, 2222)))).out.trim();
+  const deniedEgress = (await output(nodeIn(lab, a, udpFrom(b.ip, 5354, 3, 3000)))).out.trim().startsWith('udp-from-ok 0') ? 'no answer' : 'answered';
+  const allowed = (await output(nodeIn(lab, a, tcpRoundTrips(b.ip, 8080, 200)))).out.trim();
+  return { serviceTcp, serviceUdp, deniedIngress, deniedEgress, allowed };
+}
+
+beforeAll(async () => {
+  const runDir = `/run/xmasq-authority-${name}`;
+  ({ lab, agents } = await upWithAgents({ name, runDir }));
+  a = await lab.addPod('h1', 'a');
+  b = await lab.addPod('h2', 'b');
+  for (const [script] of [[TCP_ECHO(8080)], [TCP_ECHO(2222)], [UDP_ECHO(5353)], [UDP_ECHO(5354)]]) servers.push(await server(lab, b, script));
+  // kube-proxy on h1: the Service 10.96.0.10 (tcp/80, udp/53) has one endpoint, b on h2.
+  await iptables('h1', ['-t', 'nat', '-A', 'PREROUTING', '-d', CLUSTER_IP, '-p', 'tcp', '--dport', '80', '-j', 'DNAT', '--to-destination', `${b.ip}:8080`]);
+  await iptables('h1', ['-t', 'nat', '-A', 'PREROUTING', '-d', CLUSTER_IP, '-p', 'udp', '--dport', '53', '-j', 'DNAT', '--to-destination', `${b.ip}:5353`]);
+  // Ingress policy on h2: a may not reach b's port 2222. Egress policy on h1: a may not send to b's UDP 5354.
+  await iptables('h2', ['-I', 'FORWARD', '-s', a.ip, '-d', b.ip, '-p', 'tcp', '--dport', '2222', '-j', 'DROP']);
+  await iptables('h1', ['-I', 'FORWARD', '-s', a.ip, '-d', b.ip, '-p', 'udp', '--dport', '5354', '-j', 'DROP']);
+}, 180_000);
+
+afterAll(async () => {
+  for (const s of servers) s.kill();
+  await agents?.teardown();
+  await lab?.down();
+});
+
+describe("the hosts' Services and policies hold on the fast path", () => {
+  let withAgents: Outcome;
+
+  it('with agents: Service connections through the DNAT keep working, denied flows never arrive, allowed ones are accelerated', async () => {
+    const before = { h1: await agents.counters('h1'), h2: await agents.counters('h2') };
+    const dropsIngress = await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222']);
+    const dropsEgress = await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354']);
+    withAgents = await scenario();
+    expect(withAgents).toEqual({
+      serviceTcp: 'tcp-rt 200', serviceUdp: 'udp-from-ok 20 wrong 0',
+      deniedIngress: 'refused-or-timeout', deniedEgress: 'no answer', allowed: 'tcp-rt 200',
+    });
+    // The DROP rules saw the denied packets: nothing went around them.
+    expect(await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222'])).toBeGreaterThan(dropsIngress);
+    expect(await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354'])).toBeGreaterThan(dropsEgress);
+
+    const after = { h1: await agents.counters('h1'), h2: await agents.counters('h2') };
+    const d = (h: 'h1' | 'h2', c: string) => after[h][c] - before[h][c];
+    // b's answers to the Service's clients were masqueraded by h2, restored by h1 and handed to
+    // h1's stack, whose conntrack gave them the ClusterIP back.
+    expect(d('h2', 'MASQUERADED')).toBeGreaterThan(0);
+    expect(d('h1', 'CT_NAT')).toBeGreaterThan(0);
+    // The allowed flows took the fast path both ways.
+    expect(d('h1', 'MASQUERADED')).toBeGreaterThan(0);
+    expect(d('h1', 'RESTORED')).toBeGreaterThan(0);
+    expect(d('h2', 'RESTORED')).toBeGreaterThan(0);
+    expect(d('h1', 'RESTORE_MISS') + d('h2', 'RESTORE_MISS')).toBe(0);
+  }, 120_000);
+
+  it('without agents (the plain overlay): the same outcomes', async () => {
+    await agents.stop('h1');
+    await agents.stop('h2');
+    const without = await scenario();
+    expect(without).toEqual(withAgents);
+  }, 120_000);
+});
