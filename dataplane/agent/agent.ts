@@ -10,6 +10,7 @@ import { macToBytes } from '../layout.ts';
 import { podInfo, podIp } from '../maps.ts';
 import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './caches.ts';
 import { ConfigError, checkObject, type AgentConfig } from './config.ts';
+import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
 import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
@@ -47,6 +48,8 @@ export class Agent {
   private sock: SocketServer | undefined;
   private http: Server | undefined;
   private timer: NodeJS.Timeout | undefined;
+  private ctTimer: NodeJS.Timeout | undefined;
+  private ctDrain: ConntrackDrain | undefined;
   private ready = false;
   private stopping = false;
   private readonly state: StateDir;
@@ -103,6 +106,10 @@ export class Agent {
       throw e;
     }
     this.timer = setInterval(() => this.scan(), cfg.scanIntervalSeconds * 1000);
+    // Flows masq and restore queued for a liberal conntrack entry (bpf/conntrack.h).
+    const drain = new ConntrackDrain(this.dp!.maps.ct_pending, this.log);
+    this.ctDrain = drain;
+    this.ctTimer = setInterval(() => drain.drain(), CT_DRAIN_INTERVAL_MS);
     this.ready = true;
     this.log.info(`ready: ${this.pods.size} pod(s), ${this.policy!.list().length} rule(s); socket ${cfg.socket}${this.http ? `, metrics http://${cfg.metricsListen}/metrics` : ''}`);
   }
@@ -242,6 +249,8 @@ export class Agent {
 
   private async closeEndpoints(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
+    if (this.ctTimer) clearInterval(this.ctTimer);
+    this.ctDrain?.close();
     this.timer = undefined;
     const sock = this.sock;
     this.sock = undefined;
