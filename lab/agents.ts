@@ -99,6 +99,8 @@ export interface AgentLabOptions {
   /** Extra xmasq-agent flags for every host. */
   agentArgs?: string[];
   checksumOffload?: boolean;
+  /** LabOptions.conntrack. */
+  conntrack?: boolean;
   startTimeoutMs?: number;
 }
 
@@ -109,7 +111,7 @@ export interface AgentLabOptions {
  */
 export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
   const lab = await Lab.up({
-    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false,
+    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
     cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
   });

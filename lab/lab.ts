@@ -55,6 +55,13 @@ export interface LabOptions {
   cniPlugins?: CniPluginConf[];
   /** Directories searched for CNI plugin binaries (CNI_PATH). Default ['/usr/lib/cni']. */
   cniPath?: string[];
+  /**
+   * Default true: every host gets kube-proxy's FORWARD rule dropping what conntrack finds
+   * INVALID, as every Kubernetes node has; it also makes conntrack track flows in the host's
+   * netns, which XMasq's admission check needs. false for a kernel without netfilter (the
+   * QEMU guest's, whose rpeer object has no admission check).
+   */
+  conntrack?: boolean;
 }
 
 export interface LabHost {
@@ -133,6 +140,8 @@ interface LabState {
   name: string;
   createdAt: string;
   checksumOffload: boolean;
+  /** Hosts carry kube-proxy's INVALID drop (LabOptions.conntrack); absent in older state files: true. */
+  conntrack?: boolean;
   cniPath: string[];
   cniPlugins: CniPluginConf[];
   wire: string;
@@ -264,7 +273,8 @@ export class Lab {
     if (!Number.isInteger(podsPerHost) || podsPerHost < 0 || podsPerHost > 250) throw new Error(`podsPerHost must be an integer in 0..250, got ${podsPerHost}`);
     requireRoot();
     const checksumOffload = opts.checksumOffload ?? true;
-    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', 'iptables', ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
+    const conntrack = opts.conntrack ?? true;
+    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(conntrack ? ['iptables'] : []), ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
 
     if (existsSync(stateFile(name))) {
       throw new Error(`lab "${name}" already exists (${stateFile(name)}); take it down first (Lab.down('${name}'), or 'xmasq lab down')`);
@@ -274,6 +284,7 @@ export class Lab {
       name,
       createdAt: new Date().toISOString(),
       checksumOffload,
+      conntrack,
       cniPath: opts.cniPath ?? [...DEFAULT_CNI_PATH],
       cniPlugins: opts.cniPlugins ?? [],
       wire: `${name}-wire`,
@@ -654,8 +665,10 @@ export class Lab {
     // Every Kubernetes node has kube-proxy's KUBE-FORWARD rule dropping what conntrack finds
     // INVALID. It also makes conntrack track in the host's netns, which XMasq's admission
     // check reads (bpf/conntrack.h): without a user, a netns's conntrack tracks nothing.
-    await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables', '-w', '-A', 'FORWARD', '-m', 'conntrack', '--ctstate', 'INVALID', '-j', 'DROP'],
-      { what: `kube-proxy's INVALID drop on ${p.name}` });
+    if (this.state.conntrack ?? true) {
+      await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables', '-w', '-A', 'FORWARD', '-m', 'conntrack', '--ctstate', 'INVALID', '-j', 'DROP'],
+        { what: `kube-proxy's INVALID drop on ${p.name}` });
+    }
     if (!this.state.checksumOffload) {
       await this.offloadOff(p.netns, NIC);
       await this.offloadOff(this.state.wire, p.wirePort);

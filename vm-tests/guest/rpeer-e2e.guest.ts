@@ -25,7 +25,8 @@ const sock = (host: string) => agents.socket(host);
 
 beforeAll(async () => {
   // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier).
-  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000 }));
+  // The guest kernel has no netfilter, and the rpeer object no conntrack admission check.
+  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000, conntrack: false }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
 });
