@@ -269,7 +269,7 @@ function ipv4FromNetns(netns: string, ifname: string): string | undefined {
 
 /** Why talking to the agent failed, for the error code and for DEL's "already gone" rule. */
 export class AgentTrouble extends Error {
-  constructor(readonly kind: 'absent' | 'timeout' | 'refused' | 'garbage', message: string) {
+  constructor(readonly kind: 'absent' | 'unreachable' | 'timeout' | 'refused' | 'garbage', message: string) {
     super(message);
     this.name = 'AgentTrouble';
   }
@@ -303,6 +303,9 @@ export async function askAgent(socket: string, req: Request, timeoutMs: number):
     if (e instanceof AgentNotRunningError) throw new AgentTrouble('absent', `no agent listens at ${socket} (${e.code})`);
     const msg = (e as Error)?.message ?? String(e);
     if (/did not answer/.test(msg)) throw new AgentTrouble('timeout', msg);
+    // A socket we may not open, or a connect that failed otherwise: there may be an agent
+    // behind it, so unlike 'absent' this does not let a required DEL pass.
+    if (!client) throw new AgentTrouble('unreachable', msg);
     throw new AgentTrouble('garbage', msg);
   } finally {
     clearTimeout(timer);
