@@ -115,13 +115,13 @@ describe("the hosts' Services and policies hold on the fast path", () => {
     const d = (h: 'h1' | 'h2', c: string) => after[h][c] - before[h][c];
     // b's answers to the Service's clients were masqueraded by h2, restored by h1 and handed to
     // h1's stack, whose conntrack gave them the ClusterIP back.
-    expect(d('h2', 'MASQUERADED')).toBeGreaterThan(0);
-    expect(d('h1', 'CT_NAT')).toBeGreaterThan(0);
+    expect(d('h2', 'masqueraded')).toBeGreaterThan(0);
+    expect(d('h1', 'ct_nat')).toBeGreaterThan(0);
     // The allowed flows took the fast path both ways.
-    expect(d('h1', 'MASQUERADED')).toBeGreaterThan(0);
-    expect(d('h1', 'RESTORED')).toBeGreaterThan(0);
-    expect(d('h2', 'RESTORED')).toBeGreaterThan(0);
-    expect(d('h1', 'RESTORE_MISS') + d('h2', 'RESTORE_MISS')).toBe(0);
+    expect(d('h1', 'masqueraded')).toBeGreaterThan(0);
+    expect(d('h1', 'restored')).toBeGreaterThan(0);
+    expect(d('h2', 'restored')).toBeGreaterThan(0);
+    expect(d('h1', 'restore_miss') + d('h2', 'restore_miss')).toBe(0);
   }, 120_000);
 
   it('without agents (the plain overlay): the same outcomes', async () => {
