@@ -22,6 +22,12 @@
  * is queued in ct_pending and the agent sets it over ctnetlink
  * (dataplane/conntrack.ts); its packets keep crossing the stack until then.
  *
+ * A lookup costs ~180 ns, more than the rest of a fast path. So a flow that
+ * conntrack admitted is admitted again without one for XMASQ_CT_RECHECK_NS
+ * (ct_admitted): a change of its entry (deleted by a policy engine, timed
+ * out, closed) takes effect within that time. Control segments, fragments
+ * and other protocols are refused before the cache, every time.
+ *
  * Twin: sim/model/conntrack.ts.
  */
 #ifndef XMASQ_CONNTRACK_H
@@ -91,6 +97,14 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	if (h->proto == IPPROTO_TCP && (h->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
 		return XMASQ_CNT_CT_REFUSED;
 
+	struct ct_tuple k = {
+		.saddr = src, .daddr = dst, .sport = h->sport, .dport = h->dport, .protocol = h->proto,
+	};
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_admission *seen = bpf_map_lookup_elem(&ct_admitted, &k);
+	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS)
+		return XMASQ_CT_ADMIT;
+
 	struct bpf_sock_tuple tuple = {};
 	tuple.ipv4.saddr = src;
 	tuple.ipv4.daddr = dst;
@@ -99,8 +113,11 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	struct bpf_ct_opts opts = { .netns_id = XMASQ_CT_CURRENT_NETNS, .l4proto = h->proto };
 	struct nf_conn *ct = bpf_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts,
 					       XMASQ_CT_OPTS_SZ);
-	if (!ct)
+	if (!ct) {
+		if (seen)
+			bpf_map_delete_elem(&ct_admitted, &k);
 		return XMASQ_CNT_CT_REFUSED;
+	}
 
 	__u64 status = ct->status;
 	int verdict = XMASQ_CT_ADMIT;
@@ -115,11 +132,15 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 		verdict = XMASQ_CNT_CT_PENDING;
 	bpf_ct_release(ct);
 
+	if (verdict == XMASQ_CT_ADMIT) {
+		struct ct_admission a = { .checked = now };
+		bpf_map_update_elem(&ct_admitted, &k, &a, BPF_ANY);
+		return verdict;
+	}
+	/* No longer admitted: the cached admission must not outlive the entry's change. */
+	if (seen)
+		bpf_map_delete_elem(&ct_admitted, &k);
 	if (verdict == XMASQ_CNT_CT_PENDING) {
-		struct ct_tuple k = {
-			.saddr = src, .daddr = dst, .sport = h->sport, .dport = h->dport,
-			.protocol = h->proto,
-		};
 		__u32 one = 1;
 		bpf_map_update_elem(&ct_pending, &k, &one, BPF_ANY);
 	}

@@ -16,11 +16,13 @@
 #define XMASQ_MAX_PATHS 64
 #define XMASQ_MAX_RULES 32
 #define XMASQ_MAX_CT_PENDING 16
+#define XMASQ_MAX_CT_ADMITTED 16
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
 #define XMASQ_MAX_RULES 65536
 #define XMASQ_MAX_CT_PENDING 4096
+#define XMASQ_MAX_CT_ADMITTED 65536
 #endif
 
 /* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
@@ -82,6 +84,18 @@ struct {
 	__type(key, struct ct_tuple);
 	__type(value, __u32);
 } ct_pending SEC(".maps");
+
+/*
+ * Flows conntrack admitted a moment ago (conntrack.h), written by masq and
+ * restore; the agent deletes entries past XMASQ_CT_RECHECK_NS so that the
+ * table keeps room. A plain hash: when full, flows are looked up every packet.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_CT_ADMITTED);
+	__type(key, struct ct_tuple);
+	__type(value, struct ct_admission);
+} ct_admitted SEC(".maps");
 
 /* Bumped by every program; read by the agent's /metrics. */
 struct {

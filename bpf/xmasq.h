@@ -167,8 +167,9 @@ enum xmasq_counter {
 #define XMASQ_CT_TCP_FLAG_BE_LIBERAL 0x08
 
 /*
- * ct_pending key: a TCP flow (as the packet that found it saw it, network
- * order) whose established conntrack entry the agent is to make liberal.
+ * A flow as a packet of it travels (network order): the key of ct_pending (a
+ * TCP flow whose established conntrack entry the agent is to make liberal)
+ * and of ct_admitted (a flow conntrack admitted a moment ago).
  */
 struct ct_tuple {
 	__u32 saddr;
@@ -178,6 +179,16 @@ struct ct_tuple {
 	__u8 protocol;
 	__u8 pad[3];
 };
+
+/*
+ * ct_admitted value: when conntrack last admitted the flow
+ * (bpf_ktime_get_coarse_ns). For XMASQ_CT_RECHECK_NS after that, its packets
+ * are admitted without a lookup (~180 ns a packet otherwise); conntrack.h.
+ */
+struct ct_admission {
+	__u64 checked;
+};
+#define XMASQ_CT_RECHECK_NS (200ULL * 1000 * 1000)
 
 enum xmasq_redirect_kind {
 	XMASQ_REDIRECT_NONE = 0,

@@ -28,8 +28,8 @@ export const POLICY_MAX_MASKS = 31;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
-  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096 },
-  test: { pods: 16, paths: 64, rules: 32, ctPending: 16 },
+  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096, ctAdmitted: 65536 },
+  test: { pods: 16, paths: 64, rules: 32, ctPending: 16, ctAdmitted: 16 },
 } as const;
 
 // ---- enums (bpf/xmasq.h); layout.test.ts holds them against the object's BTF ----
@@ -57,6 +57,8 @@ export type RedirectKindName = keyof typeof RedirectKind;
 export const CtBits = {
   IPS_SEEN_REPLY: 0x2, IPS_SRC_NAT: 0x10, IPS_DST_NAT: 0x20, TCP_CONNTRACK_ESTABLISHED: 3, TCP_FLAG_BE_LIBERAL: 0x08,
 } as const;
+/** How long a flow conntrack admitted is admitted again without a lookup (XMASQ_CT_RECHECK_NS). */
+export const CT_RECHECK_NS = 200_000_000n;
 
 export const PolicyDir = { EGRESS: 0, INGRESS: 1 } as const;
 export const PolicyField = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
@@ -120,6 +122,7 @@ export const ctTuple = new Struct('ct_tuple', [
   ['pad', { pad: 3 }],
 ] as const);
 export const ctPendingValue = new Struct('ct_pending_value', [['queued', 'u32']] as const);
+export const ctAdmission = new Struct('ct_admission', [['checked', 'u64']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
 
@@ -143,6 +146,7 @@ export const MAPS = {
   policy_rules: { kind: 'hash', key: policyKey, value: policyRule },
   policy_masks: { kind: 'array', key: arrayIndex, value: policyMasks },
   ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
+  ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
 } as const;

@@ -107,7 +107,7 @@ export class Agent {
     }
     this.timer = setInterval(() => this.scan(), cfg.scanIntervalSeconds * 1000);
     // Flows masq and restore queued for a liberal conntrack entry (bpf/conntrack.h).
-    const drain = new ConntrackDrain(this.dp!.maps.ct_pending, this.log);
+    const drain = new ConntrackDrain(this.dp!.maps.ct_pending, this.dp!.maps.ct_admitted, this.log);
     this.ctDrain = drain;
     this.ctTimer = setInterval(() => drain.drain(), CT_DRAIN_INTERVAL_MS);
     this.ready = true;

@@ -7,11 +7,14 @@
  */
 import type { BpfMap } from '../libbpf.ts';
 import { Conntrack } from '../conntrack.ts';
-import { ctTuple } from '../maps.ts';
+import { CT_RECHECK_NS, ctAdmission, ctTuple } from '../maps.ts';
 import type { Log } from './log.ts';
+import { monotonicCoarseNs } from './native.ts';
 
 /** How often the queue is drained: a new connection's first ~100 ms cross the stack. */
 export const CT_DRAIN_INTERVAL_MS = 100;
+/** Every this many drains, ct_admitted loses its entries past the recheck time (2 s). */
+const ADMITTED_SWEEP_EVERY = 20;
 
 export interface CtDrainStats {
   /** Entries made liberal. */
@@ -20,18 +23,25 @@ export interface CtDrainStats {
   gone: number;
   /** Drains that failed (ctnetlink refused, or the map could not be read). */
   failures: number;
+  /** ct_admitted entries deleted as past their recheck time. */
+  admittedSwept: number;
 }
 
 export class ConntrackDrain {
-  readonly stats: CtDrainStats = { liberal: 0, gone: 0, failures: 0 };
+  readonly stats: CtDrainStats = { liberal: 0, gone: 0, failures: 0, admittedSwept: 0 };
   private ct: Conntrack | undefined;
   private lastError = '';
+  private drains = 0;
 
-  constructor(private readonly pending: BpfMap, private readonly log: Log) {}
+  constructor(private readonly pending: BpfMap, private readonly admitted: BpfMap, private readonly log: Log) {}
 
-  /** Empties ct_pending once. Never throws: a failure is counted and logged when it changes. */
+  /**
+   * Empties ct_pending once, and now and then sweeps ct_admitted. Never throws:
+   * a failure is counted and logged when it changes.
+   */
   drain(): void {
     try {
+      if (++this.drains % ADMITTED_SWEEP_EVERY === 0) this.sweepAdmitted();
       const queued = this.pending.entries();
       if (queued.length === 0) return;
       this.ct ??= new Conntrack();
@@ -53,6 +63,19 @@ export class ConntrackDrain {
       this.ct?.close();
       this.ct = undefined;
     }
+  }
+
+  /**
+   * A cached admission past XMASQ_CT_RECHECK_NS is never used again (the next packet looks
+   * its flow up anew and rewrites it); deleting those keeps room for new flows.
+   */
+  private sweepAdmitted(): void {
+    const bound = monotonicCoarseNs() - CT_RECHECK_NS;
+    const old: Buffer[] = [];
+    for (const [k, v] of this.admitted.lookupBatch()) {
+      if (ctAdmission.decode(v).checked < bound) old.push(Buffer.from(k));
+    }
+    if (old.length) this.stats.admittedSwept += this.admitted.deleteBatch(old);
   }
 
   close(): void {

@@ -26,9 +26,6 @@ export interface Case {
 export type ModelProgram = (pkt: Buffer, s: DatapathState, env: Env) => RunResult;
 export const MODEL: Record<ProgramName, ModelProgram> = { init, restore, masq: (p, s, e) => masq(p, s, e, 'EGRESS') };
 
-/** No program run writes this time; a model write of it shows up as a mismatch. */
-const NO_CLOCK = 0xdead_beefn;
-
 export interface Outcome {
   mismatches: string[];
   kernel: KernelRun;
@@ -37,29 +34,21 @@ export interface Outcome {
 
 export function runCase(k: KernelDatapath, c: Case, model: Record<ProgramName, ModelProgram> = MODEL): Outcome {
   const kernel = k.run(c.program, c.packet, c.state, c.ctx, c.conntrack);
-  const env = oracleEnv(c, kernel.state);
+  const env = oracleEnv(c, kernel.state, kernel.now);
   const ms = cloneState(c.state);
   const m = model[c.program](c.packet, ms, env);
   return { mismatches: compare(m, ms, kernel), kernel, model: { ...m, state: ms } };
 }
 
 /**
- * The clock and the random draws are the kernel's to choose: take the clock
- * from any timestamp the kernel wrote, and the key from the entry it created.
- * Everything else the model must reproduce on its own: a key the kernel chose
- * that was not free makes the model's BPF_NOEXIST insert fail, a mismatch.
+ * The clock and the random draws are the kernel's to choose: the clock as the
+ * harness read it around the run (kernel.ts), and the key from the entry init
+ * created. Everything else the model must reproduce on its own: a key the
+ * kernel chose that was not free makes the model's BPF_NOEXIST insert fail, a
+ * mismatch.
  */
-export function oracleEnv(c: Case, after: DatapathState): Env {
-  let now = NO_CLOCK;
+export function oracleEnv(c: Case, after: DatapathState, now: bigint): Env {
   const before = c.state;
-  const changed = (t: HashTable<unknown, { last_seen: bigint }>, b: HashTable<unknown, { last_seen: bigint }>) => {
-    for (const [key, v] of t.entries()) {
-      const old = b.lookup(key);
-      if (!old || old.last_seen !== v.last_seen) now = v.last_seen;
-    }
-  };
-  changed(after.egress_cache, before.egress_cache);
-  changed(after.ingress_cache, before.ingress_cache);
 
   // The draws that give the kernel's outcome: the key it kept, as an offset in
   // its class (narrow or wide), or, when it gave up, the narrow keys already
@@ -133,6 +122,7 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   table('ingress_cache', a.ingress_cache, b.ingress_cache);
   table('policy_rules', a.policy_rules, b.policy_rules);
   table('ct_pending', a.ct_pending, b.ct_pending);
+  table('ct_admitted', a.ct_admitted, b.ct_admitted);
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_masks', a.policy_masks, b.policy_masks, names));
   return out;

@@ -11,11 +11,12 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  ConfigFlag, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  CT_RECHECK_NS, ConfigFlag, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
 import type { Case } from './compare.ts';
+import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import {
   IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_FIN_WAIT, TCP_CONNTRACK_SYN_SENT, inverse,
   type CtEntrySpec, type CtTuple,
@@ -482,6 +483,24 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     for (let i = 0; i < n; i++) {
       state.ct_pending.update({ saddr: rng.pick(LOCAL_PODS).ip, daddr: remotePod(rng.int(3), rng.int(40)), sport: rng.range(1, 65535), dport: 80, protocol: 6 }, { queued: 1 });
     }
+  }
+  // Admissions conntrack gave a moment ago: stamps around the real clock (the kernel's, read
+  // now; the case runs a few ms later), fresh, just past the recheck time, ancient, or ahead.
+  if (program !== 'init' && rng.chance(0.3)) {
+    const now = monotonicCoarseNs();
+    const stamp = () => rng.pick([
+      now - BigInt(rng.int(20_000_000)), now - BigInt(rng.int(20_000_000)), now - CT_RECHECK_NS - BigInt(rng.int(1_000_000_000)),
+      BigInt(rng.range(1, 1_000_000)), now + 5_000_000_000n,
+    ]);
+    const proto = focus.proto === 17 ? 17 : 6;
+    const mine = { saddr: focus.local.ip, daddr: focus.remote, sport: focus.sport, dport: focus.dport, protocol: proto };
+    const theirs = { saddr: focus.remote, daddr: focus.local.ip, sport: focus.dport, dport: focus.sport, protocol: proto };
+    for (const k of [mine, theirs]) if (rng.chance(0.6)) state.ct_admitted.update(k, { checked: stamp() });
+    const n = rng.chance(0.2) ? SIZES.ctAdmitted : rng.int(3);
+    for (let i = 0; state.ct_admitted.size < SIZES.ctAdmitted && i < n; i++) {
+      state.ct_admitted.update({ saddr: rng.pick(LOCAL_PODS).ip, daddr: remotePod(rng.int(3), rng.int(40)), sport: rng.range(1, 65535), dport: 443, protocol: 6 }, { checked: stamp() });
+    }
+    tags.push('ct-cached');
   }
   return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx, conntrack };
 }

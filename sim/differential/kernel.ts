@@ -13,6 +13,7 @@ import {
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type RunEffects } from '../model/state.ts';
 import { Conntrack, unshareNetns } from '../../dataplane/conntrack.ts';
+import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import type { ConntrackSpec, ProgramName, SkbContext } from './statespec.ts';
 
 export const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
@@ -32,6 +33,8 @@ export interface KernelRun {
   packet: Buffer;
   effects: RunEffects;
   state: DatapathState;
+  /** bpf_ktime_get_coarse_ns() during the run: the same coarse clock read just before and just after it. */
+  now: bigint;
 }
 
 const ZERO = arrayIndex.encode({ index: 0 });
@@ -58,13 +61,13 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
     const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries,
-      ctPending: this.maps.ct_pending.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending) {
+      ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending || got.ctAdmitted !== want.ctAdmitted) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
   }
@@ -76,13 +79,14 @@ export class KernelDatapath {
 
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending']) this.maps[m].clear();
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending', 'ct_admitted']) this.maps[m].clear();
     // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
     for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
     for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.ingress_cache.entriesBytes()) this.maps.ingress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.policy_rules.entriesBytes()) this.maps.policy_rules.update(k, v, 'noexist');
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
+    for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -96,6 +100,7 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.updateBytes(k, v);
     for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
+    for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
     return s;
@@ -131,16 +136,25 @@ export class KernelDatapath {
     if (packet.length < minTestRunLength(packet)) {
       throw new Error(`a ${packet.length}-byte frame is shorter than BPF_PROG_TEST_RUN accepts (${minTestRunLength(packet)} for its ethertype)`);
     }
-    this.load(s);
     this.conntrack(conntrack);
-    const before = this.counters();
     const skb = skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark });
     skb.writeUInt32LE(ctx.gso_size ?? 0, SK_BUFF_GSO_SIZE);
-    const r = this.obj.program(program).testRun({ data: packet, ctx: skb });
-    const after = this.counters();
-    const counters = {} as Record<CounterName, number>;
-    for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
-    return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state: this.read() };
+    // The programs read the coarse clock (ticks of a few ms); a run between two equal
+    // readings saw exactly that time, which the model then gets. A run across a tick is
+    // run again from the same state, so that the model never has to guess the time.
+    for (let attempt = 0; ; attempt++) {
+      this.load(s);
+      const before = this.counters();
+      const t0 = monotonicCoarseNs();
+      const r = this.obj.program(program).testRun({ data: packet, ctx: skb });
+      const t1 = monotonicCoarseNs();
+      if (t0 !== t1 && attempt < 20) continue;
+      if (t0 !== t1) throw new Error('the coarse clock ticked during every one of 20 runs of one case');
+      const after = this.counters();
+      const counters = {} as Record<CounterName, number>;
+      for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
+      return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state: this.read(), now: t0 };
+    }
   }
 
   /** The programs by name, for benchmarks. */

@@ -3,10 +3,10 @@
  * host's table is an input of the model, like the clock: the differential
  * fills the kernel's real table with the same entries (dataplane/conntrack.ts).
  */
-import { CtBits, type CounterName } from '../../dataplane/maps.ts';
+import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts';
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
-import type { DatapathState } from './state.ts';
+import type { DatapathState, Env, Stamp } from './state.ts';
 
 const TCP_FLAG_FIN = 0x01;
 const TCP_FLAG_SYN = 0x02;
@@ -66,13 +66,22 @@ export type CtVerdict = typeof CT_ADMIT | Extract<CounterName, 'CT_REFUSED' | 'C
  * C: ct_admit. The flow of a pod packet from src to dst, ports and protocol
  * from h. Without a table, the build without the check (XMASQ_NO_CONNTRACK).
  */
-export function ctAdmit(s: DatapathState, ct: ModelConntrack | undefined, h: Hdrs, src: number, dst: number): CtVerdict {
+export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: number): CtVerdict {
+  const ct = env.conntrack;
   if (ct === undefined) return CT_ADMIT;
   if ((h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP) || !h.l4_ok || isFragment(h)) return 'CT_REFUSED';
   if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) return 'CT_REFUSED';
 
+  const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
+  const now = env.now;
+  const seen = s.ct_admitted.lookupElem(k);
+  if (seen && recent(now, seen.checked)) return CT_ADMIT;
+
   const e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
-  if (!e) return 'CT_REFUSED';
+  if (!e) {
+    if (seen) s.ct_admitted.deleteElem(k);
+    return 'CT_REFUSED';
+  }
 
   let verdict: CtVerdict = CT_ADMIT;
   if (e.status & (CtBits.IPS_SRC_NAT | CtBits.IPS_DST_NAT)) verdict = 'CT_NAT';
@@ -80,9 +89,19 @@ export function ctAdmit(s: DatapathState, ct: ModelConntrack | undefined, h: Hdr
   else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED) verdict = 'CT_REFUSED';
   else if (!(e.flags[0] & e.flags[1] & CtBits.TCP_FLAG_BE_LIBERAL)) verdict = 'CT_PENDING';
 
-  if (verdict === 'CT_PENDING') {
-    // A plain hash: when full, the insert fails and the flow waits (maps.h).
-    s.ct_pending.updateElem({ saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto }, { queued: 1 }, 'any');
+  if (verdict === CT_ADMIT) {
+    s.ct_admitted.updateElem(k, { checked: now }, 'any');
+    return verdict;
   }
+  // No longer admitted: the cached admission must not outlive the entry's change.
+  if (seen) s.ct_admitted.deleteElem(k);
+  // A plain hash: when full, the insert fails and the flow waits (maps.h).
+  if (verdict === 'CT_PENDING') s.ct_pending.updateElem(k, { queued: 1 }, 'any');
   return verdict;
+}
+
+/** C: now >= checked && now - checked < XMASQ_CT_RECHECK_NS, in u64. */
+function recent(now: Stamp, checked: Stamp): boolean {
+  const n = BigInt(now), c = BigInt(checked);
+  return n >= c && n - c < CT_RECHECK_NS;
 }

@@ -61,7 +61,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   }
 
   // 4. Only a flow the host stack has accepted, and would not NAT.
-  const admit = ctAdmit(s, env.conntrack, h, h.saddr, h.daddr);
+  const admit = ctAdmit(s, env, h, h.saddr, h.daddr);
   if (admit !== CT_ADMIT) {
     fx.counters[admit]++;
     return TC_ACT_OK;

@@ -44,7 +44,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   r.last_seen = env.now;
 
   // 4. A flow the host's conntrack does not admit goes up the host stack as the pod packet it now is.
-  const admit = ctAdmit(s, env.conntrack, h, r.remote_ip, r.local_ip);
+  const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip);
   if (admit !== CT_ADMIT) {
     fx.counters[admit]++;
     return TC_ACT_OK;

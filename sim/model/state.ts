@@ -4,7 +4,7 @@
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import {
-  MAPS, COUNTER_NAMES, ctPendingValue, ctTuple, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
+  MAPS, COUNTER_NAMES, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
   type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
@@ -720,6 +720,7 @@ export interface DatapathState {
   policy_rules: NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
   policy_masks: PolicyMasks;
   ct_pending: NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
+  ct_admitted: NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>;
 }
 
 /** C: egress_lookup_or_create. Undefined when the table is full. */
@@ -740,7 +741,7 @@ export function emptyPath(): Path {
   return path.zero();
 }
 
-export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number }
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -759,10 +760,13 @@ export function emptyState(sizes: Sizes): DatapathState {
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
     ct_pending: new NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>(
-      (k) => `${k.saddr} ${k.daddr} ${k.sport} ${k.dport} ${k.protocol}`,
-      structKeys(asStruct(ctTuple)), new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
+      ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
+    ct_admitted: new NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>(
+      ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ checked: Stamp }>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
   };
 }
+
+const ctTupleName = (k: ModelCtTupleKey) => `${k.saddr} ${k.daddr} ${k.sport} ${k.dport} ${k.protocol}`;
 
 export function cloneState(s: DatapathState): DatapathState {
   return {
@@ -773,6 +777,7 @@ export function cloneState(s: DatapathState): DatapathState {
     policy_rules: s.policy_rules.clone(),
     policy_masks: { count: s.policy_masks.count, mask: [...s.policy_masks.mask] },
     ct_pending: s.ct_pending.clone(),
+    ct_admitted: s.ct_admitted.clone(),
   };
 }
 
@@ -850,4 +855,4 @@ export const TC_ACT_REDIRECT = 7;
 
 // Keep the map list and the state in step: a new map in maps.ts must be modelled here.
 export const MODELLED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules',
-  'policy_masks', 'ct_pending', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];
+  'policy_masks', 'ct_pending', 'ct_admitted', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];
