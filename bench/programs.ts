@@ -14,6 +14,7 @@ import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
+import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
@@ -58,8 +59,8 @@ const tcp = (sport: number, dport: number): Ipv4Spec['l4'] =>
   ({ tcp: { sport, dport, seq: 1, ack: 2, flags: 'PA', payload: PAYLOAD } });
 
 /** A pod packet as it leaves the pod (masq's input). */
-const podPacket = (dst = REMOTE_POD): FrameSpec =>
-  ({ eth: { src: POD.mac, dst: GW_MAC }, ipv4: { src: POD.ip, dst, id: 0x1234, df: true, l4: tcp(POD_SPORT, POD_DPORT) } });
+const podPacket = (dst = REMOTE_POD, sport = POD_SPORT): FrameSpec =>
+  ({ eth: { src: POD.mac, dst: GW_MAC }, ipv4: { src: POD.ip, dst, id: 0x1234, df: true, l4: tcp(sport, POD_DPORT) } });
 
 /** The same pod packet in the overlay, at our NIC's egress (init's input). */
 const overlayOut = (): FrameSpec => ({
@@ -85,6 +86,8 @@ const hostPacket = (src: string, dst: string): FrameSpec => ({
 const PACKETS = {
   pod: buildFrame(podPacket()),
   podUnknownPair: buildFrame(podPacket(UNKNOWN_POD)),
+  /** A learned pair, but a connection the host's conntrack does not know. */
+  podUnknownFlow: buildFrame(podPacket(REMOTE_POD, POD_SPORT + 1)),
   overlayOut: buildFrame(overlayOut()),
   masqueraded: buildFrame(masqueraded()),
   hostOut: buildFrame(hostPacket(HERE.ip, PEER.ip)),
@@ -253,6 +256,7 @@ const ROWS: RowDef[] = [
   { name: 'init pass (host packet)', kind: 'pass', state: 'base', program: 'init', packet: PACKETS.hostOut, resets: false, counter: 'PASSED', check: untouched },
   { name: 'restore pass (host TCP, no RF)', kind: 'pass', state: 'base', program: 'restore', packet: PACKETS.hostIn, resets: false, counter: 'PASSED', check: untouched },
   { name: 'masq pass (no egress entry)', kind: 'pass', state: 'base', program: 'masq', packet: PACKETS.podUnknownPair, resets: false, counter: 'PASSED', check: untouched },
+  { name: 'masq, flow unknown to conntrack (overlay)', kind: 'pass', state: 'base', program: 'masq', packet: PACKETS.podUnknownFlow, resets: false, counter: 'CT_REFUSED', check: untouched },
   ...([
     ['policy: 0 rules', 'base'],
     ['policy: 1 mask, 1 rule', 'rules1'],
@@ -440,6 +444,19 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
     if (r.resets && r.packet.length < RESET_LEN) throw new BenchError(`row "${r.name}": a ${r.packet.length}-byte packet is shorter than the ${RESET_LEN} bytes the wrapper restores`);
   }
 
+  // The full paths consult the host's conntrack (bpf/conntrack.h): they run in a network
+  // namespace of this thread's own, whose table holds the pair's connection as established
+  // and liberal, as the agent leaves it. BPF_PROG_TEST_RUN looks it up there.
+  unshareNetns();
+  const ct = new Conntrack();
+  try {
+    ct.create({
+      orig: { src: POD.ip, dst: REMOTE_POD, sport: POD_SPORT, dport: POD_DPORT, proto: 6 },
+      status: IPS_SEEN_REPLY | IPS_ASSURED, tcpState: TCP_CONNTRACK_ESTABLISHED, liberal: [true, true],
+    });
+  } finally {
+    ct.close();
+  }
   const runner = new Runner(objectPath, log);
   try {
     const states = [...new Set(ROWS.map((r) => r.state))];
