@@ -31,7 +31,7 @@ export const UDP_ECHO = (port: number) => `const d = require('dgram').createSock
  */
 export const UDP_ROUND_TRIPS = (ip: string, port: number, n: number, gapMs = 100) => `const d = require('dgram').createSocket('udp4'); let k = 0;
   const send = () => d.send('rt-' + k, ${port}, '${ip}');
-  d.on('message', () => { if (++k === ${n}) { console.log('udp-echoed', k); d.close(); } else setTimeout(send, ${gapMs}); });
+  d.on('message', () => { if (++k === ${n}) { console.log('udp-echoed', k); process.exit(0); } else setTimeout(send, ${gapMs}); });
   send(); setTimeout(() => { console.log('udp-echoed', k); process.exit(1); }, ${n} * ${gapMs} + 5000);`;
 
 /** Starts a server script that prints 'ready' once listening. */

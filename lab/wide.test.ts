@@ -1,8 +1,9 @@
 /**
  * Wide keys on the real wire (the agents' default, --wide-keys on): a pod pair
  * gets 14-bit keys, signalled in the outer IPv4 ID of its first VXLAN packets
- * and then carried in its masqueraded packets: the TCP urgent pointer, the UDP
- * length, an ICMP echo's code (with DSCP). The receiving pod sees its own
+ * and then carried in its masqueraded packets: the TCP urgent pointer or the UDP
+ * length (an ICMP echo's code can carry one too, but the hosts' conntrack admits
+ * only TCP and UDP flows to the fast path, so echoes stay on the overlay). The receiving pod sees its own
  * packets again, checksums valid (offload off, so the capture shows what a
  * receiver checks).
  */
@@ -12,7 +13,7 @@ import { WIDE_KEY_MAX, WIDE_KEY_MIN } from '../dataplane/maps.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
-import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, snmp, wireChecksumValid } from './traffic.ts';
+import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireChecksumValid } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/wide.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -169,21 +170,15 @@ describe('wide keys in a two-host lab', () => {
     }
   }, 60_000);
 
-  it('ICMP echo: the key in the code and DSCP; the pod gets code 0 and DSCP 0 back', async () => {
+  it('ICMP echo of a wide-key pair stays on the overlay (the hosts\' conntrack admits TCP and UDP only) and arrives as sent', async () => {
     const h1 = lab.host('h1');
     const { frames: wire, result } = await capture(lab, h1, h1.nic, 'icmp', `${agents.runDir}/wide-icmp-wire.pcap`,
       () => capture(lab, d, 'eth0', 'icmp', `${agents.runDir}/wide-icmp-pod.pcap`,
         () => lab.exec(c, 'ping', ['-c', '8', '-i', '0.2', '-W', '2', d.ip])));
     expect(result.result.stdout, result.result.stderr).toMatch(/8 packets transmitted, 8 received/);
-    const keys = await wideKeys(c, d);
-    const masq = wire.filter((x) => (x[20] & 0x80) !== 0 && ipOf(x, 26) === h1.ip);
-    expect(masq.length).toBeGreaterThan(0);
-    for (const x of masq) {
-      expect(x[l4At(x)], 'echo request').toBe(8);
-      expect(x[l4At(x) + 1], 'code = high bits of the key').toBe(keys.out >> 6);
-      expect(x[15] >> 2, 'DSCP = low bits of the key').toBe(keys.out & 63);
-      expect(l4ChecksumInfo(x, 14)?.valid, 'ICMP checksum on the wire').toBe(true);
-    }
+    await wideKeys(c, d); // the pair is learned with wide keys (TCP and UDP above used them)
+    // No plain ICMP on the underlay: every echo crossed inside VXLAN.
+    expect(wire.filter((x) => ipOf(x, 26) === h1.ip).length, 'masqueraded echoes on the wire').toBe(0);
     const requests = result.frames.filter((x) => ipOf(x, 30) === d.ip);
     expect(requests.length).toBe(8);
     for (const x of requests) {
@@ -192,6 +187,5 @@ describe('wide keys in a two-host lab', () => {
       expect(x[l4At(x) + 1], 'code').toBe(0);
       expect(l4ChecksumInfo(x, 14)?.valid, 'ICMP checksum in the pod').toBe(true);
     }
-    expect((await snmp(lab, d)).Icmp?.InCsumErrors ?? 0, 'ICMP checksum errors in d').toBe(0);
   }, 30_000);
 });
