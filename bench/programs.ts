@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
-import {
+import { NO_OVERLAY,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type CounterName, type PolicyKey,
@@ -109,7 +109,7 @@ interface Maps {
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
 function learnedPair(m: Maps): void {
   m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
-  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0 }));
+  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY }));
   m.egress_cache.update(
     egressKey.encode({ local_pod: POD.ip, remote_pod: REMOTE_POD }),
     path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),

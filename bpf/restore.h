@@ -15,6 +15,27 @@
 #include "verdict.h"
 #include "conntrack.h"
 
+/*
+ * A restored pod packet the host stack must handle (conntrack.h), handed to it
+ * as the overlay would have: received on the overlay device, addressed to its
+ * MAC. The stack then sees the interface and addresses it always sees for
+ * this pod pair: conntrack reverses a Service's NAT, FORWARD's rules and
+ * rp_filter (strict mode included: the route to the remote pod is the
+ * overlay's) apply as without XMasq. Without an overlay device configured, it
+ * goes up the stack at the NIC, where a strict rp_filter would drop it.
+ */
+static __always_inline int to_host_stack(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || cfg->overlay_ifindex == 0)
+		return TC_ACT_OK;
+	if (bpf_skb_store_bytes(skb, 0, cfg->overlay_mac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	trace_redirect(cfg->overlay_ifindex, XMASQ_REDIRECT_INGRESS);
+	return bpf_redirect(cfg->overlay_ifindex, BPF_F_INGRESS);
+}
+
 static __always_inline int restore_miss(void)
 {
 	count(XMASQ_CNT_RESTORE_MISS);
@@ -56,7 +77,7 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip);
 	if (admit != XMASQ_CT_ADMIT) {
 		count(admit);
-		return TC_ACT_OK;
+		return to_host_stack(skb);
 	}
 
 	/* 5. Into the pod's namespace, skipping the host stack and the veth. */

@@ -93,8 +93,16 @@ struct path {
 
 /* config (one slot): written by the agent before any program is attached. */
 struct config {
-	__u32 nic_ifindex; /* where masq redirects to */
-	__u32 flags;       /* XMASQ_CFG_* */
+	__u32 nic_ifindex;     /* where masq redirects to */
+	__u32 flags;           /* XMASQ_CFG_* */
+	/*
+	 * The overlay's device (VXLAN/Geneve) and its MAC: restore hands a pod
+	 * packet the host stack must see to it, as if the overlay had delivered
+	 * it. 0: to the stack at the NIC instead (see restore.h).
+	 */
+	__u32 overlay_ifindex;
+	__u8 overlay_mac[6];
+	__u8 pad[2];
 };
 
 enum xmasq_policy_dir {
@@ -195,6 +203,7 @@ enum xmasq_redirect_kind {
 	XMASQ_REDIRECT_EGRESS = 1, /* bpf_redirect(ifindex, 0) */
 	XMASQ_REDIRECT_PEER = 2,   /* bpf_redirect_peer(ifindex, 0) */
 	XMASQ_REDIRECT_RPEER = 3,  /* bpf_redirect_rpeer(ifindex, 0) */
+	XMASQ_REDIRECT_INGRESS = 4, /* bpf_redirect(ifindex, BPF_F_INGRESS): received on that device */
 };
 
 /* Test build only: the redirect a program asked for, which test_run cannot show. */

@@ -50,7 +50,7 @@ export const COUNTER_COUNT = 11;
 export type CounterName = keyof typeof Counter;
 export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
 
-export const RedirectKind = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3 } as const;
+export const RedirectKind = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3, INGRESS: 4 } as const;
 export type RedirectKindName = keyof typeof RedirectKind;
 
 /** What the programs read of a conntrack entry (bpf/xmasq.h, XMASQ_IPS_* and friends). */
@@ -94,7 +94,12 @@ export const path = new Struct('path', [
 export const config = new Struct('config', [
   ['nic_ifindex', 'u32'],
   ['flags', 'u32'],
+  ['overlay_ifindex', 'u32'],
+  ['overlay_mac', 'mac'],
+  ['pad', { pad: 2 }],
 ] as const);
+/** config's overlay fields when no overlay device is configured (restore hands to the stack at the NIC). */
+export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00' } as const;
 export const policyKey = new Struct('policy_key', [
   ['src_ip', 'ipv4'],
   ['dst_ip', 'ipv4'],

@@ -23,7 +23,7 @@ import {
 } from './protocol.ts';
 import { DEPTH_LIMIT, LINE_LIMIT, SocketServer } from './server.ts';
 import { StateDir } from './state.ts';
-import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex } from './system.ts';
+import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex, overlayDevice, type OverlayDevice } from './system.ts';
 
 interface Pod {
   record: PodRecord;
@@ -41,6 +41,7 @@ export class Agent {
   private policy: PolicyTable | undefined;
   private readonly pods = new Map<string, Pod>();
   private nic = { name: '', ifindex: 0 };
+  private overlay: OverlayDevice | undefined;
   private mode: Mode = 'veth';
   private modeReason = '';
   private objectPath = '';
@@ -79,6 +80,7 @@ export class Agent {
     const cap = capabilityProblem();
     if (cap) throw new ConfigError(cap);
     this.nic = resolveNic(cfg);
+    this.overlay = this.resolveOverlay();
     const fsProblem = bpffsProblem(cfg.pinDir);
     if (fsProblem) throw new ConfigError(fsProblem);
     const tc = clsactProblem();
@@ -112,6 +114,19 @@ export class Agent {
     this.ctTimer = setInterval(() => drain.drain(), CT_DRAIN_INTERVAL_MS);
     this.ready = true;
     this.log.info(`ready: ${this.pods.size} pod(s), ${this.policy!.list().length} rule(s); socket ${cfg.socket}${this.http ? `, metrics http://${cfg.metricsListen}/metrics` : ''}`);
+  }
+
+  /** The overlay device restore hands what the host stack must see to (system.ts overlayDevice). */
+  private resolveOverlay(): OverlayDevice | undefined {
+    let found: ReturnType<typeof overlayDevice>;
+    try {
+      found = overlayDevice(this.nic.name, this.cfg.overlayDev);
+    } catch (e) {
+      throw new ConfigError((e as Error).message);
+    }
+    if (found.dev) this.log.info(`overlay device ${found.dev.name} (ifindex ${found.dev.ifindex}, ${found.why}): restored packets the host stack must handle are received there`);
+    else this.log.warn(`no overlay device (${found.why}): restored packets the host stack must handle go up the stack at ${this.nic.name}, where a strict rp_filter (net.ipv4.conf.${this.nic.name}.rp_filter=1) would drop them`);
+    return found.dev;
   }
 
   private decideMode(): void {
@@ -161,7 +176,7 @@ export class Agent {
       ? `created and pinned the maps in ${cfg.pinDir}`
       : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
     try {
-      dp.writeConfig(this.nic.ifindex, cfg.wideKeys);
+      dp.writeConfig(this.nic.ifindex, cfg.wideKeys, this.overlay);
       if (!cfg.wideKeys) {
         const dropped = dp.dropWideKeys();
         if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);

@@ -27,6 +27,8 @@ export interface AgentConfig {
   socketIdleSeconds: number;
   /** Socket connections served at once. */
   socketMaxConns: number;
+  /** The overlay's tunnel device (default: found, see system.ts overlayDevice). */
+  overlayDev?: string;
   /** Give pairs wide keys (14-bit, in a carrier: TCP urgent pointer, UDP length, ICMP echo code); off: narrow 6-bit keys only. */
   wideKeys: boolean;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
@@ -83,6 +85,7 @@ export const FIELDS: readonly FieldDef[] = [
     range: { min: 1, max: DAY, why: 'a client needs a moment between requests, and a day is longer than any client needs to hold an idle connection' } },
   { key: 'socketMaxConns', flag: '--socket-max-conns', kind: 'count', arg: 'N', def: 64, help: 'socket connections served at once; more are answered with an error and closed (the CNI plugin and CLI use one each, briefly)',
     range: { min: 1, max: 1024, why: 'each connection may hold a request line (1 MiB) and a reply in the agent\'s memory' } },
+  { key: 'overlayDev', flag: '--overlay-dev', kind: 'string', arg: 'DEV', def: undefined, help: 'the overlay\'s VXLAN/Geneve device, on which restore delivers restored packets the host stack must handle (Services, policy), as the overlay would (none, or default: the only VXLAN/Geneve device on the nic; none: they go up the stack at the nic, where a strict rp_filter drops them)' },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },

@@ -176,7 +176,9 @@ interface IpLink {
   address?: string;
   operstate?: string;
   flags?: string[];
-  linkinfo?: { info_kind?: string };
+  link_type?: string;
+  /** info_data.link: the device a VXLAN device sends through, by name. */
+  linkinfo?: { info_kind?: string; info_data?: { link?: string } };
 }
 
 export function listLinks(): IpLink[] {
@@ -185,6 +187,36 @@ export function listLinks(): IpLink[] {
 
 export function linkByIndex(ifindex: number): IpLink | undefined {
   return listLinks().find((l) => l.ifindex === ifindex);
+}
+
+export interface OverlayDevice { ifindex: number; name: string; mac: string }
+
+/**
+ * The overlay's tunnel device, to which restore hands restored pod packets
+ * the host stack must see: the one named (it must exist and be an Ethernet
+ * device), else the only VXLAN or Geneve device bound to the NIC (Flannel's
+ * flannel.1, Calico's vxlan.calico), else the only one at all. Undefined when
+ * there is none or no single one (Antrea's OVS tunnel ports are not host
+ * devices a packet can be received on): restore then hands to the stack at
+ * the NIC. Throws when a named device is unusable.
+ */
+export function overlayDevice(nicName: string, named?: string): { dev?: OverlayDevice; why: string } {
+  const links = listLinks();
+  const usable = (l: IpLink) => l.link_type === 'ether' && !!l.address;
+  const as = (l: IpLink): OverlayDevice => ({ ifindex: l.ifindex, name: l.ifname, mac: l.address! });
+  if (named === 'none') return { why: 'none, by --overlay-dev' };
+  if (named) {
+    const l = links.find((x) => x.ifname === named);
+    if (!l) throw new Error(`--overlay-dev ${named}: no such device in this network namespace (see 'ip link')`);
+    if (!usable(l)) throw new Error(`--overlay-dev ${named}: not an Ethernet device (link type ${l.link_type ?? 'unknown'})`);
+    return { dev: as(l), why: 'set by --overlay-dev' };
+  }
+  const tunnels = links.filter((l) => (l.linkinfo?.info_kind === 'vxlan' || l.linkinfo?.info_kind === 'geneve') && usable(l));
+  const onNic = tunnels.filter((l) => l.linkinfo?.info_data?.link === nicName);
+  if (onNic.length === 1) return { dev: as(onNic[0]), why: `the only VXLAN/Geneve device on ${nicName}` };
+  if (onNic.length === 0 && tunnels.length === 1) return { dev: as(tunnels[0]), why: 'the only VXLAN/Geneve device' };
+  const list = (onNic.length ? onNic : tunnels).map((l) => l.ifname);
+  return { why: list.length ? `several VXLAN/Geneve devices (${list.join(', ')}): set --overlay-dev` : 'no VXLAN/Geneve device' };
 }
 
 /**

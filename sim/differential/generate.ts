@@ -11,7 +11,7 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  CT_RECHECK_NS, ConfigFlag, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
@@ -154,7 +154,11 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     s.ingress_cache.update({ remote_host: rng.pick(PEERS), key: anyKey(rng) }, randomPath(rng));
   }
 
-  s.config = { nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: rng.chance(0.5) ? ConfigFlag.WIDE_KEYS : 0 };
+  s.config = {
+    nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: rng.chance(0.5) ? ConfigFlag.WIDE_KEYS : 0,
+    // Half the time an overlay device, to which restore hands what conntrack does not admit.
+    ...(rng.chance(0.5) ? { overlay_ifindex: rng.range(2, 50), overlay_mac: VTEP_MAC(3) } : NO_OVERLAY),
+  };
 
   // policy: rules around the focus tuple, some matching, some one field off.
   if (rng.chance(0.3)) {

@@ -6,6 +6,7 @@ import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../datap
 import {
   IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
 } from './packet.ts';
+import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, ctAdmit } from './conntrack.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
@@ -21,6 +22,19 @@ export function restore(input: Buffer, s: DatapathState, env: Env): RunResult {
 /** restore on the caller's frame, in place; adds to fx.counters and sets fx.redirect (masqInPlace). */
 export function restoreInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
   return xmasqRestore(pkt, s, env, fx);
+}
+
+/**
+ * C: to_host_stack. A restored pod packet the host stack must handle goes to
+ * the overlay device's ingress, addressed to its MAC; without one, up the
+ * stack at the NIC.
+ */
+function toHostStack(pkt: Buffer, s: DatapathState, fx: RunEffects): number {
+  const cfg = s.config;
+  if (cfg.overlay_ifindex === 0) return TC_ACT_OK;
+  macToBytes(cfg.overlay_mac, pkt, 0);
+  fx.redirect = redirectTo(cfg.overlay_ifindex, 'INGRESS');
+  return TC_ACT_REDIRECT;
 }
 
 function restoreMiss(fx: RunEffects): number {
@@ -47,7 +61,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip);
   if (admit !== CT_ADMIT) {
     fx.counters[admit]++;
-    return TC_ACT_OK;
+    return toHostStack(pkt, s, fx);
   }
 
   // 5. Into the pod's namespace.

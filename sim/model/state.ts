@@ -3,7 +3,7 @@
  * (HashTable), and what a program run reports.
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
-import {
+import { NO_OVERLAY,
   MAPS, COUNTER_NAMES, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
   type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
@@ -754,7 +754,7 @@ export function emptyState(sizes: Sizes): DatapathState {
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
     ingress_cache: new PairTable<IngressKey, Path, ModelIngressKey, ModelPath>(
       { first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
-    config: { nic_ifindex: 0, flags: 0 },
+    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY },
     policy_rules: new NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
       (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
