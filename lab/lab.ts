@@ -16,6 +16,7 @@ import { accessSync, constants, existsSync, mkdirSync, readFileSync, renameSync,
 import { delimiter, join } from 'node:path';
 import { mustRun, netnsPath, run, runIn, spawnIn, type RunOptions, type RunResult } from './command.ts';
 import { checkPlugins, cniAdd, cniDel, type CniConfList, type CniInvocation, type CniPluginConf, type CniResult } from './cni.ts';
+import { baseRestore } from './kubeproxy.ts';
 
 export const STATE_ROOT = '/run/xmasq-lab';
 export const DEFAULT_CNI_PATH: readonly string[] = ['/usr/lib/cni'];
@@ -23,7 +24,9 @@ export const DEFAULT_LAB_NAME = 'xmq';
 
 /** Underlay: hosts are .1, .2, … of this /24, which exists only on the lab's wire. */
 const UNDERLAY_PREFIX = '172.31.250';
-const CLUSTER_CIDR = '10.244.0.0/16';
+export const CLUSTER_CIDR = '10.244.0.0/16';
+/** Clients outside the cluster (addExternal) get .200, .201, … of the underlay /24. */
+const EXTERNAL_BASE = 200;
 const NIC = 'nic0';
 const WIRE_BRIDGE = 'br0';
 const VXLAN_DEV = 'flannel.1';
@@ -62,6 +65,21 @@ export interface LabOptions {
    * QEMU guest's, whose rpeer object has no admission check).
    */
   conntrack?: boolean;
+  /**
+   * Default false. A Kubernetes node's host stack on every host: kube-proxy's chains in
+   * iptables mode (nat KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ; filter KUBE-FORWARD,
+   * whose INVALID drop replaces the bare one of `conntrack`) and a policy engine's dispatch
+   * chain, with no Service or policy yet; declare those with lab/k8s.ts. Needs `conntrack`.
+   */
+  k8s?: boolean;
+}
+
+/** A machine outside the cluster on the underlay (a netns on the wire), e.g. a NodePort client. */
+export interface LabExternal {
+  name: string;
+  netns: string;
+  /** Its address in the underlay /24 (no prefix length). */
+  ip: string;
 }
 
 export interface LabHost {
@@ -112,7 +130,9 @@ export interface LabStatus {
   name: string;
   stateFile: string;
   checksumOffload: boolean;
+  k8s: boolean;
   wire: { netns: string; exists: boolean };
+  externals: (LabExternal & { netnsExists: boolean })[];
   hosts: (LabHost & { netnsExists: boolean })[];
   pods: (LabPod & { netnsExists: boolean })[];
   /** Pods whose CNI ADD started but did not finish (a crashed addPod); `down` DELs them too. */
@@ -142,6 +162,10 @@ interface LabState {
   checksumOffload: boolean;
   /** Hosts carry kube-proxy's INVALID drop (LabOptions.conntrack); absent in older state files: true. */
   conntrack?: boolean;
+  /** Hosts carry kube-proxy's and a policy engine's chains (LabOptions.k8s); absent: false. */
+  k8s?: boolean;
+  /** Clients outside the cluster attached to the wire (addExternal); absent in older state files. */
+  externals?: LabExternal[];
   cniPath: string[];
   cniPlugins: CniPluginConf[];
   wire: string;
@@ -256,6 +280,13 @@ export class Lab {
   get checksumOffload(): boolean {
     return this.state.checksumOffload;
   }
+  /** Whether the hosts are Kubernetes nodes (LabOptions.k8s): Services and policies go through lab/k8s.ts. */
+  get k8s(): boolean {
+    return this.state.k8s ?? false;
+  }
+  get externals(): LabExternal[] {
+    return this.state.externals ?? [];
+  }
   get stateFile(): string {
     return stateFile(this.state.name);
   }
@@ -274,7 +305,10 @@ export class Lab {
     requireRoot();
     const checksumOffload = opts.checksumOffload ?? true;
     const conntrack = opts.conntrack ?? true;
-    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(conntrack ? ['iptables'] : []), ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
+    const k8s = opts.k8s ?? false;
+    // kube-proxy's rules are conntrack's users: without it there is no NAT and no INVALID drop.
+    if (k8s && !conntrack) throw new Error('k8s needs conntrack: a Kubernetes node\'s Services and policies are conntrack rules');
+    for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(conntrack ? ['iptables'] : []), ...(k8s ? ['iptables-save', 'iptables-restore'] : []), ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
 
     if (existsSync(stateFile(name))) {
       throw new Error(`lab "${name}" already exists (${stateFile(name)}); take it down first (Lab.down('${name}'), or 'xmasq lab down')`);
@@ -285,6 +319,8 @@ export class Lab {
       createdAt: new Date().toISOString(),
       checksumOffload,
       conntrack,
+      k8s,
+      externals: [],
       cniPath: opts.cniPath ?? [...DEFAULT_CNI_PATH],
       cniPlugins: opts.cniPlugins ?? [],
       wire: `${name}-wire`,
@@ -444,6 +480,40 @@ export class Lab {
     }
   }
 
+  /**
+   * A machine outside the cluster: a netns `<lab>-<name>` on the wire with the next free
+   * address of .200-.254 of the underlay /24 and no route beyond it, so it reaches the hosts'
+   * underlay addresses (NodePorts) and nothing else. `down` removes it with the lab.
+   */
+  async addExternal(name: string): Promise<LabExternal> {
+    this.assertUp();
+    validatePodName(name);
+    const externals = (this.state.externals ??= []);
+    if (externals.some((e) => e.name === name) || this.state.pods.some((p) => p.name === name) || this.state.attachments[name]) {
+      throw new Error(`${name} already exists in lab ${this.name}`);
+    }
+    let k = EXTERNAL_BASE;
+    while (externals.some((e) => e.ip === `${UNDERLAY_PREFIX}.${k}`)) k++;
+    if (k > 254) throw new Error(`lab ${this.name} has no free external address left (.${EXTERNAL_BASE}-.254)`);
+    const ext: LabExternal = { name, netns: `${this.name}-${name}`, ip: `${UNDERLAY_PREFIX}.${k}` };
+    await this.addNetns(ext.netns);
+    await this.configureNetns(ext.netns, []);
+    // A wire port like a host's, named after the address (a bridge port name has 15 characters at most).
+    const port = `x${k}`;
+    await ipBatch(this.state.wire, [
+      `link add ${port} mtu ${UNDERLAY_MTU} type veth peer name ${NIC} netns ${ext.netns}`,
+      `link set ${port} master ${WIRE_BRIDGE} up`,
+    ], `wiring external ${name}`);
+    await ipBatch(ext.netns, [`link set ${NIC} mtu ${UNDERLAY_MTU} up`, `addr add ${ext.ip}/24 dev ${NIC}`], `setting up external ${name}`);
+    if (!this.state.checksumOffload) {
+      await this.offloadOff(ext.netns, NIC);
+      await this.offloadOff(this.state.wire, port);
+    }
+    externals.push(ext);
+    this.save();
+    return ext;
+  }
+
   /** CNI DEL (which releases the IP), then the pod's netns. On a DEL error the pod is kept, so it can be retried. */
   async deletePod(name: string): Promise<void> {
     this.assertUp();
@@ -525,7 +595,9 @@ export class Lab {
       name: this.name,
       stateFile: this.stateFile,
       checksumOffload: this.state.checksumOffload,
+      k8s: this.k8s,
       wire: { netns: this.state.wire, exists: exists(this.state.wire) },
+      externals: this.externals.map((e) => ({ ...e, netnsExists: exists(e.netns) })),
       hosts: this.state.hosts.map((h) => ({ ...h, netnsExists: exists(h.netns) })),
       pods: this.state.pods.map((p) => ({ ...p, netnsExists: exists(p.netns) })),
       incompletePods: Object.keys(this.state.attachments).filter((n) => !this.state.pods.some((p) => p.name === n)),
@@ -665,7 +737,11 @@ export class Lab {
     // Every Kubernetes node has kube-proxy's KUBE-FORWARD rule dropping what conntrack finds
     // INVALID. It also makes conntrack track in the host's netns, which XMasq's admission
     // check reads (bpf/conntrack.h): without a user, a netns's conntrack tracks nothing.
-    if (this.state.conntrack ?? true) {
+    if (this.state.k8s) {
+      // A Kubernetes node: KUBE-FORWARD holds the same INVALID drop, among kube-proxy's chains.
+      await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables-restore', '-w', '--noflush'],
+        { input: baseRestore({ services: [], policies: [], masqueradeAll: false, clusterCidr: CLUSTER_CIDR }), what: `kube-proxy's chains on ${p.name}` });
+    } else if (this.state.conntrack ?? true) {
       await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables', '-w', '-A', 'FORWARD', '-m', 'conntrack', '--ctstate', 'INVALID', '-j', 'DROP'],
         { what: `kube-proxy's INVALID drop on ${p.name}` });
     }
