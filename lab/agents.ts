@@ -101,6 +101,8 @@ export interface AgentLabOptions {
   checksumOffload?: boolean;
   /** LabOptions.conntrack. */
   conntrack?: boolean;
+  /** LabOptions.k8s: the hosts are Kubernetes nodes (lab/k8s.ts). */
+  k8s?: boolean;
   startTimeoutMs?: number;
 }
 
@@ -111,7 +113,7 @@ export interface AgentLabOptions {
  */
 export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
   const lab = await Lab.up({
-    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack,
+    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
     cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
   });

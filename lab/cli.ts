@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { unpinAll } from '../dataplane/agent/datapath.ts';
 import { AgentClient, type AgentStatus, type PodRecord } from '../dataplane/agent/protocol.ts';
 import { LabAgents, ROOT } from './agents.ts';
+import { Kube, type PolicyRule, type ServiceSpec } from './k8s.ts';
 import { DEFAULT_LAB_NAME, Lab, type LabPod } from './lab.ts';
 
 export const AGENTS_ROOT = '/run/xmasq-lab-agents';
@@ -29,6 +30,8 @@ export interface UpOptions {
   withAgents?: boolean;
   /** Extra xmasq-agent flags, e.g. ['--egress-idle', '5']. */
   agentArgs?: string[];
+  /** LabOptions.k8s: the hosts are Kubernetes nodes (Services and policies through lab/k8s.ts). */
+  k8s?: boolean;
 }
 
 export function agentsDir(name: string): string {
@@ -154,10 +157,10 @@ export async function labUp(opts: UpOptions, progress: Progress): Promise<Lab> {
     if (running.length) throw new Error(`agents of a lab "${name}" still run (${running.join(', ')}); take it down first: xmasq lab down --name ${name}`);
     rmSync(agentsDir(name), { recursive: true, force: true });
   }
-  progress(`creating lab ${name}: ${hosts} host(s), ${pods} pod(s) each${withAgents ? ', with agents' : ''}, checksum offload ${opts.offload === false ? 'off' : 'on'}`);
+  progress(`creating lab ${name}: ${hosts} host(s), ${pods} pod(s) each${withAgents ? ', with agents' : ''}${opts.k8s ? ', Kubernetes nodes' : ''}, checksum offload ${opts.offload === false ? 'off' : 'on'}`);
   // With agents, pods come after them: the xmasq plugin in the chain tells each pod to its host's agent.
   const lab = await Lab.up({
-    name, hosts, podsPerHost: withAgents ? 0 : pods, checksumOffload: opts.offload !== false,
+    name, hosts, podsPerHost: withAgents ? 0 : pods, checksumOffload: opts.offload !== false, k8s: !!opts.k8s,
     ...(withAgents ? {
       cniPath: ['/usr/lib/cni', CNI_DIR],
       cniPlugins: [{ type: 'xmasq', agentSocket: `${agentsDir(name)}/{host}/agent.sock`, required: true }],
@@ -244,6 +247,8 @@ export interface LabView {
   up: boolean;
   stateFile?: string;
   checksumOffload?: boolean;
+  /** A lab of Kubernetes nodes: what lab/k8s.ts declared on it. */
+  k8s?: { masqueradeAll: boolean; services: ServiceSpec[]; policies: PolicyRule[] };
   hosts: Array<{ name: string; netns: string; ip: string; nic: string; netnsExists: boolean; agent?: AgentView }>;
   pods: Array<Pick<LabPod, 'name' | 'host' | 'netns' | 'ip' | 'mac' | 'hostVeth'> & { netnsExists: boolean; masq?: 'attached' | 'detached' | 'unknown to the agent' }>;
 }
@@ -278,6 +283,7 @@ export async function labStatus(name: string = DEFAULT_LAB_NAME): Promise<LabVie
     up: true,
     stateFile: s.stateFile,
     checksumOffload: s.checksumOffload,
+    ...(s.k8s ? { k8s: (({ masqueradeAll, services, policies }) => ({ masqueradeAll, services, policies }))(Kube.read(lab) ?? { masqueradeAll: false, services: [], policies: [] }) } : {}),
     hosts: s.hosts.map((h) => ({ name: h.name, netns: h.netns, ip: h.ip, nic: h.nic, netnsExists: h.netnsExists, ...(agents.has(h.name) ? { agent: agents.get(h.name) } : {}) })),
     pods: [...s.pods].sort((x, y) => lab.host(x.host).index - lab.host(y.host).index || x.name.localeCompare(y.name)).map((p) => {
       const known = agents.get(p.host)?.pods;
@@ -312,6 +318,9 @@ export function printLabStatus(v: LabView): string {
     table(['HOST', 'NETNS', 'IP', 'NETNS OK', 'AGENT'], hostRows),
     '',
     v.pods.length ? table(['POD', 'HOST', 'NETNS', 'IP', 'MAC', 'HOST VETH', 'NETNS OK', 'MASQ'], podRows) : 'no pods',
+    ...(v.k8s ? ['', `Kubernetes nodes (kube-proxy iptables mode${v.k8s.masqueradeAll ? ', --masquerade-all' : ''}):`,
+      ...v.k8s.services.flatMap((svc) => svc.ports.map((p) => `  service ${svc.namespace ?? 'default'}/${svc.name} ${svc.clusterIP}:${p.port}/${p.protocol}${p.nodePort ? ` nodePort ${p.nodePort}` : ''} -> ${svc.endpoints.map((e) => `${e}:${p.targetPort ?? p.port}`).join(', ') || 'no endpoints'}`)),
+      ...v.k8s.policies.map((r) => `  policy ${r.id}: ${r.pod.name} ${r.direction} ${r.action} ${r.protocol ?? 'any'}${r.port ? `/${r.port}` : ''} ${r.direction === 'ingress' ? 'from' : 'to'} ${r.peer ?? 'anyone'}`)] : []),
     ...(logs.length ? ['', 'agents:', ...logs] : []),
   ].join('\n');
 }

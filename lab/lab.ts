@@ -738,6 +738,12 @@ export class Lab {
     // INVALID. It also makes conntrack track in the host's netns, which XMasq's admission
     // check reads (bpf/conntrack.h): without a user, a netns's conntrack tracks nothing.
     if (this.state.k8s) {
+      // kube-proxy (and Flannel) need bridged frames to cross iptables: a Service endpoint on
+      // the same host answers its client over cni0 at layer 2, and without the bridge hooks its
+      // reply would skip conntrack, which un-DNATs it (the client would get the answer from the
+      // endpoint's address instead of the ClusterIP). Policies see same-host pod traffic the same way.
+      const r = await run('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'sysctl', '-q', '-w', 'net.bridge.bridge-nf-call-iptables=1']);
+      if (r.code !== 0) throw new Error(`k8s mode needs br_netfilter for Services with an endpoint on the client's host ('modprobe br_netfilter'): ${r.stderr.trim()}`);
       // A Kubernetes node: KUBE-FORWARD holds the same INVALID drop, among kube-proxy's chains.
       await mustRun('nsenter', [`--net=${netnsPath(p.netns)}`, '--', 'iptables-restore', '-w', '--noflush'],
         { input: baseRestore({ services: [], policies: [], masqueradeAll: false, clusterCidr: CLUSTER_CIDR }), what: `kube-proxy's chains on ${p.name}` });

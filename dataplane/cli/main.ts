@@ -65,7 +65,7 @@ ingress: packets entering one. A new rule applies to new and masqueraded flows
 alike; a flow it denies loses its packets from the next one on.
 
 ${GLOBAL}`,
-  lab: `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents]
+  lab: `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--k8s]
        xmasq lab down [--name N]
        xmasq lab status [--name N] [--json]
 
@@ -73,7 +73,7 @@ N hosts as network namespaces joined by a wire, with a Flannel-style VXLAN
 overlay and pods from the real CNI plugins (see lab/README.md). Needs root;
 everything it creates lives in its own namespaces. Progress goes to stderr.
 xmasq lab <command> --help for each command.`,
-  'lab up': `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--json]
+  'lab up': `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--k8s] [--json]
 
 Creates the lab: hosts <N>-h1.., a wire, the overlay, and --pods pods per host
 (<N>-h1-p1..) through the CNI chain bridge + host-local.
@@ -89,6 +89,11 @@ Creates the lab: hosts <N>-h1.., a wire, the overlay, and --pods pods per host
                   /sys/fs/bpf/xmasq-lab-<name>-<host>, /metrics on
                   127.0.0.1:9477 inside each host's netns); pods are created
                   after them, through the chain with the xmasq plugin last
+  --k8s           the hosts are Kubernetes nodes: kube-proxy's iptables-mode
+                  chains (KUBE-SERVICES, KUBE-MARK-MASQ, KUBE-POSTROUTING,
+                  KUBE-FORWARD with its INVALID drop) and a policy engine's
+                  LAB-POLICY chain on every host; declare Services and
+                  policies with lab/k8s.ts (see lab/README.md)
   --json          print the lab's status as JSON when it is up
 
 Talk to a host's agent with: xmasq --socket /run/xmasq-lab-agents/<name>/h1/agent.sock status`,
@@ -115,7 +120,7 @@ interface Args {
 }
 
 const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id', '--name', '--hosts', '--pods']);
-const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress', '--no-offload', '--with-agents']);
+const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress', '--no-offload', '--with-agents', '--k8s']);
 
 function parse(argv: string[]): Args {
   const positional: string[] = [];
@@ -357,7 +362,7 @@ async function main(argv: string[]): Promise<number> {
 async function lab(a: Args, sub: string | undefined, rest: string[], out: (human: string, raw: unknown) => void): Promise<number> {
   if (sub !== 'up' && sub !== 'down' && sub !== 'status') throw new UsageError('usage: xmasq lab up|down|status (see xmasq lab --help)');
   if (rest.length) throw new UsageError(`lab ${sub} takes options only, got "${rest[0]}"`);
-  allowOnly(a, sub === 'up' ? ['--name', '--hosts', '--pods', '--no-offload', '--with-agents'] : ['--name']);
+  allowOnly(a, sub === 'up' ? ['--name', '--hosts', '--pods', '--no-offload', '--with-agents', '--k8s'] : ['--name']);
   if (a.opts.has('--socket')) throw new UsageError('--socket does not apply to lab commands');
   const name = a.opts.get('--name') as string | undefined;
   const { labUp, labDown, labStatus, printLabStatus } = await import('../../lab/cli.ts');
@@ -365,7 +370,7 @@ async function lab(a: Args, sub: string | undefined, rest: string[], out: (human
   if (sub === 'up') {
     const hosts = intOpt(a.opts, '--hosts');
     const pods = intOpt(a.opts, '--pods');
-    await labUp({ name, hosts, pods, offload: !a.opts.has('--no-offload'), withAgents: a.opts.has('--with-agents') }, progress);
+    await labUp({ name, hosts, pods, offload: !a.opts.has('--no-offload'), withAgents: a.opts.has('--with-agents'), k8s: a.opts.has('--k8s') }, progress);
     const v = await labStatus(name);
     out(printLabStatus(v), v);
     return 0;
