@@ -26,6 +26,7 @@ import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { LabAgents, ROOT } from '../lab/agents.ts';
 import { run } from '../lab/command.ts';
 import { Lab, STATE_ROOT, type LabHost, type LabPod } from '../lab/lab.ts';
+import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from '../lab/traffic.ts';
 import { MODES, PATHS, summarize, type DemoReport, type Mode, type PathName, type Sample } from './report.ts';
 
 export interface DemoOptions {
@@ -71,6 +72,8 @@ export interface DemoRun {
 
 const IPERF_PORT = 5201;
 const RR_PORT = 5301;
+/** The UDP echo that warms the pair onto the fast path. */
+const WARM_PORT = 5401;
 const LAB_PREFIX = 'xdemo';
 /** Cores busy before the demo starts above which its numbers are flagged. */
 const FOREIGN_LOAD_LIMIT = 0.15;
@@ -482,18 +485,25 @@ class Demo {
   }
 
   /**
-   * Pings until both directions are masqueraded: the first packets of the pair cross the
-   * overlay so init can learn it and the keys are exchanged. The cache is per pod pair, so
-   * every later connection of a and b starts on the fast path.
+   * UDP round trips until both directions are masqueraded: the first packets of the pair cross
+   * the overlay so init can learn it and the keys are exchanged, and the hosts' conntrack sees
+   * the flow answered (it admits TCP and UDP flows only, never pings). The cache is per pod
+   * pair, so every later connection of a and b takes the fast path once conntrack has it
+   * established (for TCP, ~100 ms after its handshake, when the agent made its entry liberal).
    */
   private async warm(): Promise<void> {
     const h1 = await this.masqueraded('h1'), h2 = await this.masqueraded('h2');
-    for (let i = 0; i < 30; i++) {
-      this.checkAbort();
-      await this.lab!.exec(this.a, 'ping', ['-c', '2', '-i', '0.05', '-W', '1', this.b.ip], { timeoutMs: 5000 });
-      if ((await this.masqueraded('h1')) > h1 && (await this.masqueraded('h2')) > h2) return;
+    const echo = await server(this.lab!, this.b, UDP_ECHO(WARM_PORT));
+    try {
+      for (let i = 0; i < 30; i++) {
+        this.checkAbort();
+        await output(nodeIn(this.lab!, this.a, UDP_ROUND_TRIPS(this.b.ip, WARM_PORT, 4, 20)), 5000);
+        if ((await this.masqueraded('h1')) > h1 && (await this.masqueraded('h2')) > h2) return;
+      }
+    } finally {
+      echo.kill();
     }
-    throw new DemoError('xmasq path: the a-b pair never reached the fast path (masqueraded counters did not grow after 60 pings)');
+    throw new DemoError('xmasq path: the a-b pair never reached the fast path (masqueraded counters did not grow after 120 UDP round trips)');
   }
 
   private endpoints(path: PathName): { client: { netns: string }; server: { netns: string }; target: string } {

@@ -132,9 +132,31 @@ describe("the hosts' Services and policies hold on the fast path", () => {
     expect(d('h1', 'restore_miss') + d('h2', 'restore_miss')).toBe(0);
   }, 120_000);
 
-  it('without agents (the plain overlay): the same outcomes', async () => {
+  it('a TCP connection that leaves the fast path mid-stream (both agents stopped) goes on over the overlay; conntrack finds nothing INVALID', async () => {
+    const invalid = async () => (await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'INVALID'])) + (await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'INVALID']));
+    const invalidBefore = await invalid();
+    const m0 = (await agents.counters('h1')).masqueraded;
+    // Round trips of 100 bytes every 10 ms for 4 s on one connection, every echo checked.
+    const client = nodeIn(lab, a, `const s = require('net').connect(8080, '${b.ip}'); let k = 0, got = 0; const msg = Buffer.alloc(100, 7);
+      s.setNoDelay(true);
+      s.on('connect', () => s.write(msg));
+      s.on('data', (d) => { got += d.length; while (got >= 100) { got -= 100; k++; if (Date.now() - t0 > 4000) { console.log('rt', k); process.exit(0); } setTimeout(() => s.write(msg), 10); } });
+      s.on('error', (e) => { console.log('error', e.code, 'after', k); process.exit(1); });
+      const t0 = Date.now(); setTimeout(() => { console.log('stalled after', k); process.exit(1); }, 20000);`);
+    const done = output(client, 30_000);
+    await new Promise((r) => setTimeout(r, 1500));
+    // On the fast path by now (the agents made the entries liberal).
+    expect((await agents.counters('h1')).masqueraded).toBeGreaterThan(m0);
     await agents.stop('h1');
     await agents.stop('h2');
+    const { code, out } = await done;
+    expect(out.trim(), out).toMatch(/^rt \d+$/);
+    expect(code).toBe(0);
+    expect(Number(out.trim().split(' ')[1])).toBeGreaterThan(100);
+    expect(await invalid(), "packets KUBE-FORWARD's INVALID drop took").toBe(invalidBefore);
+  }, 60_000);
+
+  it('without agents (the plain overlay): the same outcomes', async () => {
     const without = await scenario();
     expect(without).toEqual(withAgents);
   }, 120_000);

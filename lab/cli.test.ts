@@ -2,12 +2,13 @@
  * `xmasq lab up|status|down` as a person runs them: separate processes, the
  * agents outliving the command that started them, and nothing left behind.
  */
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { LabView } from './cli.ts';
 import { run } from './command.ts';
+import { UDP_ECHO, UDP_ROUND_TRIPS } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/cli.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -49,7 +50,7 @@ describe('xmasq lab', () => {
     expect((await xmasq('lab', 'up', '--hosts', 'two')).code).toBe(2);
   });
 
-  it('up --with-agents, status, a ping between the pods, down: nothing left behind', async () => {
+  it('up --with-agents, status, a ping and UDP between the pods (UDP on the fast path), down: nothing left behind', async () => {
     const up = await xmasq('lab', 'up', '--name', name, '--hosts', '2', '--pods', '1', '--with-agents');
     expect(up.code, up.err).toBe(0);
     expect(up.err).toMatch(/xmasq lab: agent of h1 runs: pid \d+/);
@@ -70,6 +71,18 @@ describe('xmasq lab', () => {
     const [p1, p2] = v.pods;
     const ping = await run('nsenter', [`--net=/run/netns/${p1.netns}`, 'ping', '-c', '4', '-i', '0.2', '-W', '2', p2.ip]);
     expect(ping.stdout, ping.stderr).toMatch(/4 packets transmitted, 4 received/);
+    // UDP takes the fast path (the hosts' conntrack admits TCP and UDP flows, not pings).
+    const echo = spawn('nsenter', [`--net=/run/netns/${p2.netns}`, process.execPath, '-e', UDP_ECHO(5353)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        echo.stdout!.on('data', (d) => { if (String(d).includes('ready')) resolve(); });
+        echo.once('exit', (c) => reject(new Error(`udp echo in ${p2.netns} exited ${c}`)));
+      });
+      const rt = await run('nsenter', [`--net=/run/netns/${p1.netns}`, process.execPath, '-e', UDP_ROUND_TRIPS(p2.ip, 5353, 5, 100)]);
+      expect(rt.stdout, rt.stderr).toContain('udp-echoed 5');
+    } finally {
+      echo.kill();
+    }
     const after = JSON.parse((await xmasq('lab', 'status', '--name', name, '--json')).out) as LabView;
     expect(after.hosts[0].agent!.status!.counters.masqueraded).toBeGreaterThan(0);
     expect(after.hosts[1].agent!.status!.counters.restored).toBeGreaterThan(0);

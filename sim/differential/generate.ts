@@ -421,6 +421,11 @@ function genConntrack(rng: Rng, f: Focus, tags: string[]): CtEntrySpec[] {
       e.dnat = { ip: f.remote, port: f.dport };
       tags.push('ct-dnat');
     } else if (rng.chance(0.06)) {
+      // The pod's own flow, DNATed by its host to another pod (what masq must leave to the stack).
+      e.orig = flow;
+      e.dnat = { ip: remotePod(f.peer, 41), port: f.dport };
+      tags.push('ct-dnat-own');
+    } else if (rng.chance(0.06)) {
       e.orig = { ...e.orig, sport: e.orig.sport === 65535 ? 1 : e.orig.sport + 1 };
       tags.push('ct-near-miss');
     }
