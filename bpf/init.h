@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * init — NIC, TC egress. Learns from overlay packets our pods send: the outer
+ * init — NIC, TC egress. Learns from overlay packets our pods send, as this
+ * host encapsulated them, towards a node of the overlay: the outer
  * headers of the path to the remote pod's host, and a key under which that
  * host may later send us masqueraded packets. It tells the peer the key in
  * the outer IPv4 header of the same overlay packet.
@@ -52,15 +53,34 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	if (!pod)
 		return pass();
 
-	/* 2. Policy, egress: a denied flow loses its very first packet. */
+	/*
+	 * 2. Only an overlay packet this host encapsulated itself. A tunnel
+	 * device's transmit scrubs the skb (skb_scrub_packet clears skb_iif), so
+	 * our own encapsulation leaves with ingress_ifindex 0, from one of our
+	 * addresses; a pod's UDP datagram to a tunnel port, which the host
+	 * forwards, keeps the device it came in on. Its payload, path and key
+	 * alike, is the pod's to write: learning from it would let a pod re-point
+	 * its neighbours' pairs (README "Threat model"). It goes on untouched.
+	 */
+	if (skb->ingress_ifindex != 0 || !is_self(t.outer.saddr)) {
+		count(XMASQ_CNT_NOT_OURS);
+		return TC_ACT_OK;
+	}
+	/* 3. Only towards a node of the overlay (the agent's node set). */
+	if (!is_peer_node(t.outer.daddr)) {
+		count(XMASQ_CNT_PEER_NOT_NODE);
+		return TC_ACT_OK;
+	}
+
+	/* 4. Policy, egress: a denied flow loses its very first packet. */
 	if (policy_denied(src, dst, &t.inner, XMASQ_DIR_EGRESS))
 		return policy_drop();
 
-	/* 3. Learn only pairs masq could carry. */
+	/* 5. Learn only pairs masq could carry. */
 	if (!fast_path_eligible(&t.inner))
 		return pass();
 
-	/* 4. The egress entry for (our pod, remote pod), created empty if new. */
+	/* 6. The egress entry for (our pod, remote pod), created empty if new. */
 	struct egress_key ek = { .local_pod = src, .remote_pod = dst };
 	struct path *e = egress_lookup_or_create(&ek);
 	if (!e) {
@@ -68,7 +88,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 
-	/* 5. Remember the outer headers masq will write for this pair. */
+	/* 7. Remember the outer headers masq will write for this pair. */
 	void *data = skb_data(skb);
 	void *data_end = skb_data_end(skb);
 	struct ethhdr *eth = data;
@@ -92,7 +112,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		e->last_seen = now;
 
 	/*
-	 * 6. Our key for the pair. A key whose ingress entry expired or was purged
+	 * 8. Our key for the pair. A key whose ingress entry expired or was purged
 	 * (pod deleted) is dropped and drawn again, so that the peer is never told
 	 * a key that no longer restores to this pair. With wide keys on, every
 	 * pair draws from the 16,320 wide keys: TCP, UDP and ICMP echo carry them
@@ -137,11 +157,11 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		}
 	}
 
-	/* 7. Optimistic: restore clears it if the peer says it lacks our key. */
+	/* 9. Optimistic: restore clears it if the peer says it lacks our key. */
 	e->remote_ready = 1;
 
 	/*
-	 * 8. Signal on the outer header: RF marks it, DF says whether we know the
+	 * 10. Signal on the outer header: RF marks it, DF says whether we know the
 	 * peer's key; a narrow key goes in DSCP, a wide one in the ID with DSCP 0.
 	 * ECN stays as the overlay set it. The outer ID is the host's own (the
 	 * receiver's kernel ignores it on an unfragmented datagram), but GSO

@@ -17,12 +17,14 @@
 #define XMASQ_MAX_RULES 32
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
+#define XMASQ_MAX_NODES 16
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
 #define XMASQ_MAX_RULES 65536
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
+#define XMASQ_MAX_NODES 8192
 #endif
 
 /* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
@@ -96,6 +98,27 @@ struct {
 	__type(key, struct ct_tuple);
 	__type(value, struct ct_admission);
 } ct_admitted SEC(".maps");
+/* The overlay's nodes (xmasq.h), written by the agent; read by init and restore. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XMASQ_MAX_NODES);
+	__type(key, __u32); /* underlay IPv4, network order */
+	__type(value, struct node_info);
+} nodes SEC(".maps");
+
+/* Whether addr is a node of the overlay other than this host. */
+static __always_inline int is_peer_node(__u32 addr)
+{
+	struct node_info *n = bpf_map_lookup_elem(&nodes, &addr);
+	return n && !(n->flags & XMASQ_NODE_SELF);
+}
+
+/* Whether addr is one of this host's own underlay addresses. */
+static __always_inline int is_self(__u32 addr)
+{
+	struct node_info *n = bpf_map_lookup_elem(&nodes, &addr);
+	return n && (n->flags & XMASQ_NODE_SELF);
+}
 
 /* Bumped by every program; read by the agent's /metrics. */
 struct {

@@ -23,8 +23,20 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 {
 	struct hdrs h = {};
 
-	/* 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker. */
-	if (load_eth_ipv4(skb, &h) || (h.frag & XMASQ_IP_RF) || !fast_path_eligible(&h))
+	/* 1. A pod's IPv4 packet that masq can carry. */
+	if (load_eth_ipv4(skb, &h))
+		return pass();
+	/*
+	 * RF is our marker, which no conforming stack sets (RFC 791): a pod that
+	 * sets it (a raw socket) forges a masqueraded packet or a signal, which a
+	 * host masquerading pod traffic to the underlay (flannel's ip-masq) would
+	 * send from its own, a node's, address. It never leaves the pod.
+	 */
+	if (h.frag & XMASQ_IP_RF) {
+		count(XMASQ_CNT_POD_MARKED);
+		return TC_ACT_SHOT;
+	}
+	if (!fast_path_eligible(&h))
 		return pass();
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&config, &zero);

@@ -3,6 +3,8 @@
  * restore — NIC, TC ingress. (a) Turns a masqueraded packet back into the pod
  * packet it was and puts it straight into the pod with bpf_redirect_peer.
  * (b) Learns the peer's key from a signal on an incoming overlay packet.
+ * Both only from nodes of the overlay (the agent's node set), a signal only
+ * from the node the pair's peer pod lives on.
  * Everything else passes untouched.
  * Twin: sim/model/restore.ts.
  */
@@ -49,8 +51,14 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	/*
 	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
 	 * one we cannot restore is dropped, never handed to the host stack,
-	 * where it could reach a host socket bound to the pod's port.
+	 * where it could reach a host socket bound to the pod's port. Only a
+	 * node of the overlay masquerades: from any other address it is a
+	 * forgery, dropped before it can try a key.
 	 */
+	if (!is_peer_node(h->saddr)) {
+		count(XMASQ_CNT_MARKED_NOT_NODE);
+		return TC_ACT_SHOT;
+	}
 	struct ingress_key ik = { .remote_host = h->saddr, .key = key };
 	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
 	/* ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts). */
@@ -111,13 +119,35 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 			return pass();
 	}
 
-	/* 4. The peer's key, into our egress entry for the reverse direction. */
+	/*
+	 * 4. Only the node the pair's peer pod lives on may tell us its key: the
+	 * node our entry records (init's path, or the first signal's source),
+	 * and a first signal only from a node of the overlay. Anyone else's
+	 * signal would blackhole the pair, or point it at a key that restores
+	 * into another pod (README "Threat model"). The packet itself goes on to
+	 * the overlay device, as without us.
+	 */
+	__u32 from = t.outer.saddr;
+	if (!is_peer_node(from)) {
+		count(XMASQ_CNT_SIGNAL_NOT_NODE);
+		return TC_ACT_OK;
+	}
 	struct egress_key ek = { .local_pod = local, .remote_pod = remote };
-	struct path *e = egress_lookup_or_create(&ek);
+	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
+	if (e && e->remote_ip && e->remote_ip != from) {
+		count(XMASQ_CNT_SIGNAL_WRONG_NODE);
+		return TC_ACT_OK;
+	}
+
+	/* 5. The peer's key, into our egress entry for the reverse direction. */
+	if (!e)
+		e = egress_lookup_or_create(&ek);
 	if (!e) {
 		count(XMASQ_CNT_FELL_BACK);
 		return TC_ACT_OK;
 	}
+	if (!e->remote_ip)
+		e->remote_ip = from;
 	e->remote_key = key;
 	/* The peer lacks our key: keep using the overlay, whose signals teach it. */
 	if (!(t.outer.frag & XMASQ_IP_DF))

@@ -91,6 +91,20 @@ struct path {
 	__u8 pad[3];
 };
 
+/*
+ * nodes: the overlay's nodes (README "Threat model"), by underlay IPv4
+ * address (network order), written by the agent from its config and the
+ * overlay device's FDB before any program is attached. init learns only
+ * toward a peer node; restore takes signals and masqueraded packets only from
+ * one. An entry flagged XMASQ_NODE_SELF is one of this host's own addresses:
+ * the source of every overlay packet it encapsulates, never a peer.
+ */
+#define XMASQ_NODE_SELF 0x1
+
+struct node_info {
+	__u32 flags; /* XMASQ_NODE_* */
+};
+
 /* config (one slot): written by the agent before any program is attached. */
 struct config {
 	__u32 nic_ifindex;     /* where masq redirects to */
@@ -160,6 +174,16 @@ enum xmasq_counter {
 	XMASQ_CNT_CT_REFUSED,      /* no established entry, or a packet only the stack may see */
 	XMASQ_CNT_CT_NAT,          /* the host NATs the flow (a Service): the stack must */
 	XMASQ_CNT_CT_PENDING,      /* established TCP not yet liberal: queued for the agent */
+	/*
+	 * Trust (README "Threat model"): what a program refuses to learn from or
+	 * carry because it did not come from where it must.
+	 */
+	XMASQ_CNT_NOT_OURS,        /* init: an overlay packet this host did not encapsulate (a forwarded datagram): not learned from */
+	XMASQ_CNT_PEER_NOT_NODE,   /* init: an overlay packet of ours towards an address that is no node: not learned from */
+	XMASQ_CNT_SIGNAL_NOT_NODE, /* restore: a signal from an address that is no node: ignored */
+	XMASQ_CNT_SIGNAL_WRONG_NODE, /* restore: a signal for a pair whose peer is another node: ignored */
+	XMASQ_CNT_MARKED_NOT_NODE, /* restore: a masqueraded packet from an address that is no node: dropped */
+	XMASQ_CNT_POD_MARKED,      /* masq: a pod packet carrying our marker (RF): dropped */
 	XMASQ_CNT_MAX,
 };
 

@@ -8,7 +8,7 @@ import { describe, expect, it } from 'vitest';
 import { readEnum, readStructLayouts } from './btf.ts';
 import {
   RedirectKind,
-  config, ctAdmission, ctTuple, egressKey, ingressKey, path, podInfo, policyKey, policyMasks, policyRule, redirectTrace,
+  config, ctAdmission, ctTuple, egressKey, ingressKey, nodeInfo, path, podInfo, policyKey, policyMasks, policyRule, redirectTrace,
 } from './maps.ts';
 import type { Struct } from './layout.ts';
 
@@ -18,10 +18,10 @@ describe.each(objects)('map layouts in %s', (obj) => {
   if (!existsSync(obj)) throw new Error(`${obj} is missing: run 'make -C bpf' first (npm test does)`);
   const btf = readStructLayouts(obj);
 
-  // pod_ip/array_index/counter_value are plain integers in C, not structs.
+  // pod_ip/node_ip/array_index/counter_value are plain integers in C, not structs.
   // redirect_trace exists only in the test build.
   const testBuild = obj.endsWith('.test.bpf.o');
-  const structs: Struct<never>[] = [podInfo, egressKey, ingressKey, path, config, policyKey, policyRule, policyMasks, ctTuple, ctAdmission,
+  const structs: Struct<never>[] = [podInfo, egressKey, ingressKey, path, config, policyKey, policyRule, policyMasks, ctTuple, ctAdmission, nodeInfo,
     ...(testBuild ? [redirectTrace] : [])] as never;
   it.each(structs.map((s) => [s.name, s] as const))('struct %s matches', (name, s) => {
     const c = btf.get(name);

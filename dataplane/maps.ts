@@ -28,8 +28,8 @@ export const POLICY_MAX_MASKS = 31;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
-  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096, ctAdmitted: 65536 },
-  test: { pods: 16, paths: 64, rules: 32, ctPending: 16, ctAdmitted: 16 },
+  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096, ctAdmitted: 65536, nodes: 8192 },
+  test: { pods: 16, paths: 64, rules: 32, ctPending: 16, ctAdmitted: 16, nodes: 16 },
 } as const;
 
 // ---- enums (bpf/xmasq.h); layout.test.ts holds them against the object's BTF ----
@@ -45,8 +45,14 @@ export const Counter = {
   CT_REFUSED: 8,
   CT_NAT: 9,
   CT_PENDING: 10,
+  NOT_OURS: 11,
+  PEER_NOT_NODE: 12,
+  SIGNAL_NOT_NODE: 13,
+  SIGNAL_WRONG_NODE: 14,
+  MARKED_NOT_NODE: 15,
+  POD_MARKED: 16,
 } as const;
-export const COUNTER_COUNT = 11;
+export const COUNTER_COUNT = 17;
 export type CounterName = keyof typeof Counter;
 export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
 
@@ -59,6 +65,9 @@ export const CtBits = {
 } as const;
 /** How long a flow conntrack admitted is admitted again without a lookup (XMASQ_CT_RECHECK_NS). */
 export const CT_RECHECK_NS = 200_000_000n;
+
+/** node_info.flags (XMASQ_NODE_*): SELF marks one of this host's own addresses. */
+export const NodeFlag = { SELF: 0x1 } as const;
 
 export const PolicyDir = { EGRESS: 0, INGRESS: 1 } as const;
 export const PolicyField = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
@@ -128,6 +137,9 @@ export const ctTuple = new Struct('ct_tuple', [
 ] as const);
 export const ctPendingValue = new Struct('ct_pending_value', [['queued', 'u32']] as const);
 export const ctAdmission = new Struct('ct_admission', [['checked', 'u64']] as const);
+/** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
+export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
+export const nodeInfo = new Struct('node_info', [['flags', 'u32']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
 
@@ -140,6 +152,7 @@ export type PolicyKey = StructValue<typeof policyKey extends Struct<infer F> ? F
 export type PolicyRule = StructValue<typeof policyRule extends Struct<infer F> ? F : never>;
 export type PolicyMasks = StructValue<typeof policyMasks extends Struct<infer F> ? F : never>;
 export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
+export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 
 /** Every map of the object: its C name, kind, and key/value layouts. */
@@ -152,6 +165,7 @@ export const MAPS = {
   policy_masks: { kind: 'array', key: arrayIndex, value: policyMasks },
   ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
   ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
+  nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
 } as const;

@@ -14,6 +14,7 @@ import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
 import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
+import { NodeSet } from './nodes.ts';
 import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
 import { withNetns } from '../libbpf.ts';
 import { PolicyTable, describeRule } from './policy.ts';
@@ -29,6 +30,9 @@ interface Pod {
   record: PodRecord;
   masq?: Attachment;
 }
+
+/** The node set follows the overlay device's FDB at most this often (on expiry scans). */
+const NODE_SYNC_MS = 1000;
 
 /** A request the client got wrong: the reply says so, nothing is logged as an agent failure. */
 class RequestError extends Error {}
@@ -51,6 +55,8 @@ export class Agent {
   private timer: NodeJS.Timeout | undefined;
   private ctTimer: NodeJS.Timeout | undefined;
   private ctDrain: ConntrackDrain | undefined;
+  private nodes: NodeSet | undefined;
+  private lastNodeSync = 0;
   private ready = false;
   private stopping = false;
   private readonly state: StateDir;
@@ -177,6 +183,18 @@ export class Agent {
       : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
     try {
       dp.writeConfig(this.nic.ifindex, cfg.wideKeys, this.overlay);
+      // The nodes before any program: init learns only towards them, restore listens only to them.
+      const nodes = new NodeSet(dp.maps.nodes, this.nic.name, cfg.overlayDev, cfg.nodes, this.log);
+      try {
+        nodes.resolve();
+      } catch (e) {
+        throw new ConfigError(`--overlay-dev (overlayDev) = ${JSON.stringify(cfg.overlayDev)}: ${(e as Error).message}`);
+      }
+      nodes.sync();
+      this.nodes = nodes;
+      this.lastNodeSync = Date.now();
+      const ns = nodes.snapshot();
+      this.log.info(`nodes: ${ns.peers.length} peer(s) from ${ns.overlayDevices.join(', ') || 'no overlay device'}${cfg.nodes.length ? ` and --nodes` : ''}; this host is ${ns.self.join(', ')}`);
       if (!cfg.wideKeys) {
         const dropped = dp.dropWideKeys();
         if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);
@@ -297,9 +315,16 @@ export class Agent {
       dp.close();
       this.dp = undefined;
     } else if (dp) {
-      const n = dp.list().length;
-      errors.push(...dp.detachAll());
-      this.log.info(`detached ${n - errors.length} filter(s)${errors.length ? `; ${errors.length} failed` : ''}`);
+      // restore stays unless everything goes (--cleanup): peers keep masquerading to
+      // this host until they retire the pairs, and restore is what keeps those marked
+      // packets from the host stack (README "Threat model"). masq and init go, so no
+      // pair is masqueraded or learned from here on; the next agent replaces restore
+      // in place, `xmasq-agent cleanup` removes it.
+      const uninstall = opts.cleanup ?? this.cfg.cleanupOnExit;
+      const keep = uninstall ? [] : this.nicFilters.filter((a) => a.program === 'restore');
+      const n = dp.list().length - keep.length;
+      errors.push(...dp.detachAll(keep));
+      this.log.info(`detached ${n - errors.length} filter(s)${errors.length ? `; ${errors.length} failed` : ''}${keep.length ? `; left restore attached at ${this.nic.name} ingress, so that what peers still masquerade to this host never reaches its stack (the next agent replaces it; 'xmasq-agent cleanup' removes it)` : ''}`);
       dp.close();
       this.dp = undefined;
     }
@@ -484,6 +509,11 @@ export class Agent {
         this.log.debug(`expired ${r.egress.deleted} egress${r.egress.unanswered ? ` (${r.egress.unanswered} unanswered by the peer)` : ''} and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left) in ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
       }
       this.collectGonePods();
+      // Nodes come and go with the overlay device's FDB: at most once a second.
+      if (this.nodes && Date.now() - this.lastNodeSync >= NODE_SYNC_MS) {
+        this.lastNodeSync = Date.now();
+        this.nodes.sync();
+      }
       if (this.stats.scanFailing) this.log.info(`expiry scans work again (failing since ${this.stats.scanFailing.since})`);
       this.stats.scanFailing = undefined;
     } catch (e) {
@@ -612,6 +642,7 @@ export class Agent {
         ...(this.stats.lastScanAt ? { lastScanAt: this.stats.lastScanAt } : {}),
       },
       attachments: dp.list(),
+      nodes: this.nodes?.snapshot() ?? { overlayDevices: [], self: [], peers: [] },
     };
   }
 
@@ -625,6 +656,7 @@ export class Agent {
       caches: s.caches,
       pods: s.pods,
       podsAttached: [...this.pods.values()].filter((p) => p.masq).length,
+      nodes: { self: s.nodes.self.length, peers: s.nodes.peers.length },
       policyRules: s.policy.rules,
       policyMasks: s.policy.masks.length,
       expired: s.expiry.expired,

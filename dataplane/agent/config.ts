@@ -31,6 +31,8 @@ export interface AgentConfig {
   overlayDev?: string;
   /** Give pairs wide keys (14-bit, in a carrier: TCP urgent pointer, UDP length, ICMP echo code); off: narrow 6-bit keys only. */
   wideKeys: boolean;
+  /** Node addresses besides the overlay device's FDB (README "Threat model"). */
+  nodes: string[];
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
   verbose: boolean;
@@ -45,7 +47,7 @@ export class ConfigError extends Error {
 
 const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
 
-type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff';
+type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff' | 'iplist';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -87,6 +89,7 @@ export const FIELDS: readonly FieldDef[] = [
     range: { min: 1, max: 1024, why: 'each connection may hold a request line (1 MiB) and a reply in the agent\'s memory' } },
   { key: 'overlayDev', flag: '--overlay-dev', kind: 'string', arg: 'DEV', def: undefined, help: 'the overlay\'s VXLAN/Geneve device, on which restore delivers restored packets the host stack must handle (Services, policy), as the overlay would (none, or default: the only VXLAN/Geneve device on the nic; none: they go up the stack at the nic, where a strict rp_filter drops them)' },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
+  { key: 'nodes', flag: '--nodes', kind: 'iplist', arg: 'IP[,IP...]', def: [], help: 'underlay addresses of nodes besides the FDB destinations of the VXLAN devices on the nic (or of --overlay-dev): the node set init learns towards and restore takes signals and masqueraded packets from (an overlay without a Linux FDB, e.g. Antrea: every node\'s address)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
 ];
@@ -107,7 +110,7 @@ Run it inside the host network namespace it serves, e.g.
 
 flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below
-${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''}${f.range ? `, ${f.range.min} to ${f.range.max}` : ''})`).join('\n')}
+${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' && !(Array.isArray(f.def) && f.def.length === 0) ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''}${f.range ? `, ${f.range.min} to ${f.range.max}` : ''})`).join('\n')}
   --help                          this text
 
 expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
@@ -127,10 +130,20 @@ for --ingress-idle, so that a peer still sending to the deleted pod under our ke
 never reach a pod the key is given to next. So --ingress-idle must be at least
 --egress-idle + --scan-interval, with the same settings on every host.
 
-signals: SIGTERM/SIGINT detach every filter and exit, keeping the pinned maps so that
-a restart resumes every learned flow. SIGUSR2 exits for an upgrade: the filters stay
-attached and keep working on the pinned maps until the next agent replaces them in
-place, so a restart that way loses no packet.`;
+nodes: the datapath learns paths only towards, and takes key signals and masqueraded
+packets only from, the overlay's nodes: the destinations of --overlay-dev's FDB (kept
+current on every scan, at most once a second; without --overlay-dev, of every VXLAN or
+Geneve device on the nic), its fixed remote, and --nodes; this
+host's own addresses (the NIC's, the device's local) are marked as ours.
+
+signals: SIGTERM/SIGINT detach masq from every pod and init from the NIC, leave restore
+attached at the NIC ingress and exit, keeping the pinned maps: peers may go on
+masquerading to this host for a while (until they retire the pairs), and restore still
+delivers those packets, or drops them, so none reaches the host stack. The next agent
+replaces restore in place; 'xmasq-agent cleanup' (or --cleanup) removes it too.
+SIGUSR2 exits for an upgrade: every filter stays attached and keeps working on the
+pinned maps until the next agent replaces them in place, so a restart that way loses
+no packet.`;
 
 export function parseArgs(argv: readonly string[]): ParsedArgs {
   const out: ParsedArgs = { command: 'run', flags: {} };
@@ -217,6 +230,12 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
     case 'string':
       if (typeof raw !== 'string' || raw === '') return fail(f, raw, 'must be a non-empty string');
       return raw;
+    case 'iplist': {
+      const items = typeof raw === 'string' ? raw.split(',').map((x) => x.trim()).filter((x) => x !== '') : Array.isArray(raw) && fromFile ? raw : undefined;
+      if (items === undefined) return fail(f, raw, `must be IPv4 addresses${fromFile ? ' (an array of strings, or one string with commas)' : ' separated by commas'}, e.g. ${f.flag} 172.31.250.2,172.31.250.3`);
+      for (const ip of items) if (!isIpv4Text(ip)) fail(f, raw, `${JSON.stringify(ip)} is not an IPv4 address like 172.31.250.2`);
+      return [...new Set(items as string[])];
+    }
   }
 }
 
@@ -287,6 +306,10 @@ export function checkObject(key: 'object' | 'rpeerObject', path: string): void {
     const code = (e as NodeJS.ErrnoException).code;
     fail(field(key), path, code === 'ENOENT' ? "no such file: build it with 'make -C bpf' or point the flag at it" : `cannot read it (${code})`);
   }
+}
+
+function isIpv4Text(s: unknown): s is string {
+  return typeof s === 'string' && /^\d{1,3}(\.\d{1,3}){3}$/.test(s) && s.split('.').every((p) => Number(p) <= 255 && String(Number(p)) === p);
 }
 
 export function parseListen(s: string): { host: string; port: number } {

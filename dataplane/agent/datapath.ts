@@ -22,7 +22,7 @@ export const TC_HANDLE = 0x584d;
 export const TC_PRIORITY = 1;
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
-export const PINNED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'counters'] as const;
+export const PINNED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters'] as const;
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 
 const ZERO = arrayIndex.encode({ index: 0 });
@@ -196,10 +196,14 @@ export class Datapath {
     if (i >= 0) this.attachments.splice(i, 1);
   }
 
-  /** Detaches everything, last attached first; returns the failures instead of stopping at the first. */
-  detachAll(): string[] {
+  /**
+   * Detaches everything but keep, last attached first; returns the failures
+   * instead of stopping at the first.
+   */
+  detachAll(keep: readonly Attachment[] = []): string[] {
     const errors: string[] = [];
     for (const a of [...this.attachments].reverse()) {
+      if (keep.includes(a)) continue;
       try {
         this.detach(a);
       } catch (e) {

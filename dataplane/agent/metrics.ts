@@ -9,6 +9,8 @@ export interface MetricsSnapshot {
   caches: Record<'egress' | 'ingress', { entries: number; capacity: number }>;
   pods: number;
   podsAttached: number;
+  /** The datapath's node set: this host's addresses and the peers'. */
+  nodes: { self: number; peers: number };
   policyRules: number;
   policyMasks: number;
   expired: { egress: number; ingress: number };
@@ -42,6 +44,8 @@ export function renderMetrics(s: MetricsSnapshot): string {
     (['egress', 'ingress'] as const).map((c) => [{ cache: c }, s.expired[c]]));
   metric('xmasq_pods', 'gauge', 'Pods the agent serves.', [[{}, s.pods]]);
   metric('xmasq_pods_attached', 'gauge', 'Pods whose masq filter is attached.', [[{}, s.podsAttached]]);
+  metric('xmasq_nodes', 'gauge', 'Addresses in the datapath\'s node set: this host\'s own (self) and the overlay\'s other nodes (peer).',
+    (['self', 'peer'] as const).map((k) => [{ kind: k }, k === 'self' ? s.nodes.self : s.nodes.peers]));
   metric('xmasq_policy_rules', 'gauge', 'Installed deny rules.', [[{}, s.policyRules]]);
   metric('xmasq_policy_masks', 'gauge', 'Distinct field masks in use (one hash lookup each per new flow).', [[{}, s.policyMasks]]);
   metric('xmasq_mode', 'gauge', 'Where masq runs: 1 for the active mode.',

@@ -153,6 +153,8 @@ export interface AgentStatus {
     lastScanAt?: string;
   };
   attachments: Attachment[];
+  /** The node set the datapath trusts (README "Threat model"). */
+  nodes: { overlayDevices: string[]; self: string[]; peers: string[] };
 }
 
 type WithSeq<T> = T & { seq?: number | string };

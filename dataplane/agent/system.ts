@@ -236,3 +236,71 @@ export function defaultNic(): { nic?: string; problem?: string } {
   if (withV4.length === 0) return { problem: "cannot pick the nic: there is no default route and no device but lo has an IPv4 address in this network namespace; set --nic (see 'ip -4 addr')" };
   return { problem: `cannot pick the nic: there is no default route and ${withV4.length} devices have an IPv4 address (${withV4.join(', ')}); set --nic` };
 }
+
+// ---------------------------------------------------------------------------
+// The overlay's nodes (README "Threat model"): what the agent gives the
+// datapath's node set.
+// ---------------------------------------------------------------------------
+
+interface IpLinkDetail extends IpLink {
+  linkinfo?: { info_kind?: string; info_data?: { local?: string; remote?: string; link?: string } };
+}
+
+/** The kinds of tunnel device whose peers are nodes: VXLAN (flannel, Calico) and Geneve. */
+const TUNNEL_KINDS = new Set(['vxlan', 'geneve']);
+
+/** A tunnel device, with the local and remote addresses its own config gives. */
+export interface TunnelDevice { name: string; kind: string; local?: string; remote?: string }
+
+/**
+ * The overlay's tunnel devices: the one named (an error if it is none), or,
+ * with name undefined, every VXLAN or Geneve device bound to the NIC (its
+ * `dev`) or sending from one of the NIC's addresses (its `local`).
+ */
+export function tunnelDevices(name: string | undefined, nic: string): TunnelDevice[] {
+  const links = ipJson<IpLinkDetail[]>(['-d', 'link', 'show']);
+  const dev = (l: IpLinkDetail): TunnelDevice => ({
+    name: l.ifname, kind: l.linkinfo?.info_kind ?? 'plain',
+    ...(l.linkinfo?.info_data?.local ? { local: l.linkinfo.info_data.local } : {}),
+    ...(l.linkinfo?.info_data?.remote ? { remote: l.linkinfo.info_data.remote } : {}),
+  });
+  if (name !== undefined) {
+    const l = links.find((x) => x.ifname === name);
+    if (!l) throw new Error(`overlay device "${name}" not found in this network namespace; see 'ip -d link'`);
+    // Another kind of device (one restore delivers to) has no FDB to read: --nodes names the nodes.
+    return TUNNEL_KINDS.has(l.linkinfo?.info_kind ?? '') ? [dev(l)] : [];
+  }
+  const nicAddrs = new Set(ipv4Addresses(nic));
+  return links.filter((l) => TUNNEL_KINDS.has(l.linkinfo?.info_kind ?? '') &&
+    (l.linkinfo?.info_data?.link === nic || nicAddrs.has(l.linkinfo?.info_data?.local ?? ''))).map(dev);
+}
+
+/** The IPv4 addresses of a device. */
+export function ipv4Addresses(dev: string): string[] {
+  const addrs = ipJson<Array<{ addr_info?: Array<{ family: string; local?: string }> }>>(['-4', 'addr', 'show', 'dev', dev]);
+  return addrs.flatMap((a) => (a.addr_info ?? []).filter((i) => i.family === 'inet' && i.local).map((i) => i.local!));
+}
+
+/**
+ * The unicast IPv4 destinations of a VXLAN device's forwarding database:
+ * where it sends, so the nodes of the overlay (flannel and Calico program
+ * one entry per node).
+ */
+export function fdbDestinations(dev: string): string[] {
+  let out: string;
+  try {
+    out = execFileSync('bridge', ['-j', 'fdb', 'show', 'dev', dev], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException & { stderr?: string };
+    if (err.code === 'ENOENT') throw new Error("'bridge' is not installed (apt-get install iproute2)");
+    throw new Error(`'bridge -j fdb show dev ${dev}' failed: ${(err.stderr || err.message).trim()}`);
+  }
+  const entries = (out.trim() ? JSON.parse(out) : []) as Array<{ dst?: string }>;
+  const ipv4 = /^\d{1,3}(\.\d{1,3}){3}$/;
+  return [...new Set(entries.map((e) => e.dst).filter((d): d is string => !!d && ipv4.test(d) && !isMulticastOrAny(d)))];
+}
+
+function isMulticastOrAny(ip: string): boolean {
+  const first = Number(ip.split('.')[0]);
+  return ip === '0.0.0.0' || (first >= 224 && first <= 239);
+}

@@ -163,6 +163,7 @@ function printStatus(s: AgentStatus): string {
     `nic       ${s.nic} (ifindex ${s.nicIfindex})`,
     `pins      ${s.pinDir} (${s.pinsReused ? 'reused from an earlier agent' : 'created by this agent'})`,
     `object    ${s.object}`,
+    `nodes     ${s.nodes ? `${s.nodes.peers.length} peer(s) (from ${s.nodes.overlayDevices.join(', ') || 'no overlay device'}${s.nodes.peers.length ? `: ${s.nodes.peers.slice(0, 8).join(', ')}${s.nodes.peers.length > 8 ? ', …' : ''}` : ''}); this host ${s.nodes.self.join(', ') || 'unknown'}` : 'not reported by this agent'}`,
     `pods      ${s.pods}`,
     `caches    egress ${s.caches.egress.entries}/${s.caches.egress.capacity}, ingress ${s.caches.ingress.entries}/${s.caches.ingress.capacity}`,
     `policy    ${s.policy.rules} rule(s), ${s.policy.masks.length} mask(s)${s.policy.masks.length ? `: ${s.policy.masks.map((m) => `0x${m.toString(16).padStart(2, '0')}`).join(' ')}` : ''}`,

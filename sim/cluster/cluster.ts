@@ -13,7 +13,7 @@
  *
  * Everything inside a host happens at one instant; only the wire takes time.
  */
-import { COUNTER_NAMES, type CounterName } from '../../dataplane/maps.ts';
+import { COUNTER_NAMES, NodeFlag, type CounterName } from '../../dataplane/maps.ts';
 import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { SimAgent, type AgentFaults } from './agent.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
@@ -259,7 +259,11 @@ export class Cluster {
       this.byNicMac.set({ mac: host.nicMac, index: h });
     }
     for (const host of this.hosts) {
-      for (const peer of this.hosts) host.encapTo.push({ srcMac: host.nicMac, dstMac: peer.nicMac, srcIp: host.ip, dstIp: peer.ip });
+      for (const peer of this.hosts) {
+        host.encapTo.push({ srcMac: host.nicMac, dstMac: peer.nicMac, srcIp: host.ip, dstIp: peer.ip });
+        // The agent's node set (README "Threat model"): every host, this one flagged SELF.
+        host.state.nodes.update(peer.addr.ip, { flags: peer === host ? NodeFlag.SELF : 0 });
+      }
       for (let s = 0; s < sc.podsPerHost; s++) this.addPod(host, s, undefined);
     }
     this.stats = {

@@ -74,6 +74,7 @@ export function oracleEnv(c: Case, after: DatapathState, now: bigint): Env {
     random: () => (draws.length ? draws[i++ % draws.length] : 0),
     gsoSize: c.ctx?.gso_size,
     conntrack: modelConntrack(c.conntrack ?? []),
+    ingressIfindex: c.ctx?.ingress_ifindex,
   };
 }
 
@@ -123,6 +124,7 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   table('policy_rules', a.policy_rules, b.policy_rules);
   table('ct_pending', a.ct_pending, b.ct_pending);
   table('ct_admitted', a.ct_admitted, b.ct_admitted);
+  table('nodes', a.nodes, b.nodes);
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_masks', a.policy_masks, b.policy_masks, names));
   return out;

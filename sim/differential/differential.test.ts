@@ -19,12 +19,13 @@ it(`model and kernel agree on fixtures + ${PER_PROGRAM} generated cases per prog
   // The cases must reach every path, not just agree on the easy ones.
   console.log(outcomeTable(s));
   const everyPath = {
-    init: ['LEARNED', 'PASSED', 'POLICY_DROP', 'KEY_EXHAUSTED', 'FELL_BACK', 'LEARNED wide'],
+    init: ['LEARNED', 'PASSED', 'POLICY_DROP', 'KEY_EXHAUSTED', 'FELL_BACK', 'LEARNED wide', 'NOT_OURS', 'PEER_NOT_NODE'],
     // An ICMP echo's wide key is restored too, then handed to the stack (conntrack admits no ICMP): CT_REFUSED.
     restore: ['RESTORED', 'LEARNED', 'PASSED', 'POLICY_DROP', 'RESTORE_MISS', 'FELL_BACK', 'RESTORED wide', 'LEARNED wide', 'RESTORE_MISS wide', 'PASSED wide',
-      'RESTORED wide tcp', 'RESTORED wide udp', 'CT_REFUSED wide icmp', 'RESTORE_MISS wide udp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING'],
+      'RESTORED wide tcp', 'RESTORED wide udp', 'CT_REFUSED wide icmp', 'RESTORE_MISS wide udp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING',
+      'SIGNAL_NOT_NODE', 'SIGNAL_WRONG_NODE', 'MARKED_NOT_NODE', 'MARKED_NOT_NODE wide'],
     masq: ['MASQUERADED', 'PASSED', 'POLICY_DROP', 'FELL_BACK', 'MASQUERADED wide', 'FELL_BACK wide',
-      'MASQUERADED wide tcp', 'MASQUERADED wide udp', 'FELL_BACK wide udp', 'FELL_BACK wide icmp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING'],
+      'MASQUERADED wide tcp', 'MASQUERADED wide udp', 'FELL_BACK wide udp', 'FELL_BACK wide icmp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING', 'POD_MARKED'],
   };
   for (const [program, counters] of Object.entries(everyPath)) {
     for (const c of counters) {

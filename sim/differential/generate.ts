@@ -11,7 +11,7 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, KEY_MAX, KEY_MIN, MAX_ENTRIES, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
@@ -22,7 +22,7 @@ import {
   type CtEntrySpec, type CtTuple,
 } from '../../dataplane/conntrack.ts';
 import { minTestRunLength } from './kernel.ts';
-import { masksFromList, type ProgramName } from './statespec.ts';
+import { masksFromList, type ProgramName, type SkbContext } from './statespec.ts';
 
 /** xorshift32: small, fast, and the same sequence for the same seed everywhere. */
 export class Rng {
@@ -62,6 +62,8 @@ const SIZES = MAX_ENTRIES.test;
 export const LOCAL_HOST = '10.99.0.1';
 export const LOCAL_MAC = '02:99:00:00:00:01';
 export const PEERS = ['10.99.0.2', '10.99.0.3', '10.99.0.4'];
+/** An address on the underlay that is no node: its signals and marked packets are forgeries. */
+const STRANGER = '10.99.0.77';
 const peerMac = (h: number) => `02:99:00:00:00:0${h + 2}`;
 const LOCAL_PODS = Array.from({ length: 20 }, (_, i) => ({
   ip: `10.244.0.${2 + i}`, ifindex: 100 + i, mac: `0a:58:0a:f4:00:${(2 + i).toString(16).padStart(2, '0')}`,
@@ -120,8 +122,11 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
 
   // egress_cache: the focus pair in any state of learning, plus noise; sometimes full.
   if (rng.chance(0.7)) {
+    // Sometimes without a recorded peer (an entry a first signal made before we
+    // knew the path), or with another node recorded.
+    const recorded = rng.chance(0.8) ? PEERS[f.peer] : rng.chance(0.6) ? '0.0.0.0' : PEERS[(f.peer + 1) % 3];
     s.egress_cache.update({ local_pod: f.local.ip, remote_pod: f.remote }, randomPath(rng, {
-      remote_ip: PEERS[f.peer], remote_mac: peerMac(f.peer),
+      remote_ip: recorded, remote_mac: peerMac(f.peer),
     }));
   }
   // Full more often for restore (ingress), whose learning path needs a full table to fall back.
@@ -153,6 +158,16 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
   for (let i = 0; s.ingress_cache.size < SIZES.paths && i < nIngress; i++) {
     s.ingress_cache.update({ remote_host: rng.pick(PEERS), key: anyKey(rng) }, randomPath(rng));
   }
+
+  // Now and then the stranger holds an ingress entry too (a stale one, or the node set
+  // lost it): only the node check then keeps its marked packets out.
+  if (rng.chance(0.15) && s.ingress_cache.size < SIZES.paths) {
+    s.ingress_cache.update({ remote_host: STRANGER, key: anyKey(rng) }, randomPath(rng, {
+      local_mac: f.local.mac, local_ip: f.local.ip, remote_ip: f.remote, ifindex: f.local.ifindex, remote_key: 0, remote_ready: 0,
+    }), 'noexist');
+  }
+
+  genNodes(rng, s);
 
   s.config = {
     nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: rng.chance(0.5) ? ConfigFlag.WIDE_KEYS : 0,
@@ -189,6 +204,20 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     s.policy_masks = masksFromList(list.length, list);
   }
   return s;
+}
+
+/**
+ * The node set: mostly this host (SELF) and every peer, but a peer may be
+ * missing (not a node, or not yet in the agent's set), this host missing or
+ * not flagged SELF, a peer flagged SELF, the stranger a node, and sometimes
+ * the table empty (an agent that has not filled it) or full.
+ */
+function genNodes(rng: Rng, s: DatapathState): void {
+  if (rng.chance(0.04)) return;
+  if (rng.chance(0.96)) s.nodes.update(LOCAL_HOST, { flags: rng.chance(0.97) ? NodeFlag.SELF : 0 });
+  for (const p of PEERS) if (rng.chance(0.92)) s.nodes.update(p, { flags: rng.chance(0.03) ? NodeFlag.SELF : rng.chance(0.1) ? 0x2 : 0 });
+  if (rng.chance(0.05)) s.nodes.update(STRANGER, { flags: 0 });
+  if (rng.chance(0.03)) for (let i = 0; s.nodes.size < SIZES.nodes; i++) s.nodes.update(`10.98.0.${i + 1}`, { flags: 0 });
 }
 
 // ---- packets ----
@@ -350,7 +379,14 @@ function initCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; d
     tags.push('inner-vlan');
   }
   const outerTos = rng.chance(0.8) ? rng.int(4) : rng.int(256);
-  return { frame: overlay(rng, LOCAL_HOST, PEERS[f.peer], { src: LOCAL_MAC, dst: peerMac(f.peer) }, inner, tags, outerTos), focus: f, dir: PolicyDir.EGRESS };
+  // Mostly our own encapsulation; sometimes a pod's datagram to a tunnel port as the
+  // host forwards it (from the pod's address, or masqueraded to ours: then only
+  // ingress_ifindex tells, see generateCase), or one towards an address that is no node.
+  const outerSrc = rng.chance(0.94) ? LOCAL_HOST : rng.pick([f.local.ip, STRANGER, PEERS[rng.int(3)]]);
+  const outerDst = rng.chance(0.95) ? PEERS[f.peer] : rng.pick([STRANGER, LOCAL_HOST]);
+  if (outerSrc !== LOCAL_HOST) tags.push('foreign-src');
+  if (outerDst !== PEERS[f.peer]) tags.push('not-node-dst');
+  return { frame: overlay(rng, outerSrc, outerDst, { src: LOCAL_MAC, dst: peerMac(f.peer) }, inner, tags, outerTos), focus: f, dir: PolicyDir.EGRESS };
 }
 
 function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; dir: number; keyFrom?: 'ingress' } {
@@ -359,7 +395,10 @@ function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus
   if (kind < 5) {
     // A masqueraded packet from a peer host; its key is filled in once the state exists.
     tags.push('masqueraded');
-    const ip = podIpv4(rng, PEERS[f.peer], LOCAL_HOST, { ...f, sport: f.dport, dport: f.sport }, tags);
+    // From the pair's peer mostly; sometimes forged: from the stranger, or from this host's own address.
+    const src = rng.chance(0.88) ? PEERS[f.peer] : rng.pick([STRANGER, STRANGER, LOCAL_HOST]);
+    if (src !== PEERS[f.peer]) tags.push('forged-src');
+    const ip = podIpv4(rng, src, LOCAL_HOST, { ...f, sport: f.dport, dport: f.sport }, tags);
     ip.rf = rng.chance(0.9);
     return { frame: { eth: { src: peerMac(f.peer), dst: LOCAL_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.INGRESS, keyFrom: 'ingress' };
   }
@@ -381,7 +420,10 @@ function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus
     // A narrow signal (key in DSCP), or a wide one (DSCP 0, key in the outer ID), or DSCP 0 and an ID below the wide keys.
     const wide = signal && rng.chance(0.5);
     const outerTos = signal && !wide ? (rng.range(rng.chance(0.1) ? 0 : KEY_MIN, KEY_MAX) << 2) | rng.int(4) : rng.int(4);
-    const frame = overlay(rng, PEERS[f.peer], LOCAL_HOST, { src: peerMac(f.peer), dst: LOCAL_MAC }, inner, tags, outerTos);
+    // A signal from the pair's peer mostly; sometimes from another node (not the pair's), or the stranger.
+    const from = rng.chance(0.8) ? PEERS[f.peer] : rng.pick([PEERS[(f.peer + 1) % 3], STRANGER]);
+    if (from !== PEERS[f.peer]) tags.push('other-src');
+    const frame = overlay(rng, from, LOCAL_HOST, { src: peerMac(f.peer), dst: LOCAL_MAC }, inner, tags, outerTos);
     if (signal) {
       frame.ipv4!.rf = rng.chance(0.9);
       frame.ipv4!.df = rng.chance(0.5);
@@ -478,8 +520,15 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     }
   }
   // Overlay packets of a TSO stream are GSO packets: init sends no wide signal on them.
-  const ctx = rng.chance(0.15) ? { gso_size: rng.pick([1398, 1448, 8948]) } : undefined;
+  const ctx: SkbContext | undefined = rng.chance(0.15) ? { gso_size: rng.pick([1398, 1448, 8948]) } : undefined;
   if (ctx) tags.push('gso');
+  // A forwarded packet keeps the device it came in on (a pod's datagram to a tunnel
+  // port); our own encapsulation has none. Mostly for init, which reads it.
+  let ctxOut = ctx;
+  if (rng.chance(program === 'init' ? 0.06 : 0.03)) {
+    ctxOut = { ...ctx, ingress_ifindex: rng.pick([3, 7, 100 + rng.int(20)]) };
+    tags.push('forwarded');
+  }
 
   const built = buildFrame(frame);
   let packet = rng.chance(0.12) ? damage(rng, built, tags) : built;
@@ -511,7 +560,7 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     }
     tags.push('ct-cached');
   }
-  return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx, conntrack };
+  return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx: ctxOut, conntrack };
 }
 
 export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {

@@ -61,13 +61,14 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
     const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries,
-      ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending || got.ctAdmitted !== want.ctAdmitted) {
+      ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
+      nodes: this.maps.nodes.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending || got.ctAdmitted !== want.ctAdmitted || got.nodes !== want.nodes) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
   }
@@ -79,7 +80,7 @@ export class KernelDatapath {
 
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending', 'ct_admitted']) this.maps[m].clear();
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending', 'ct_admitted', 'nodes']) this.maps[m].clear();
     // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
     for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
     for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
@@ -87,6 +88,7 @@ export class KernelDatapath {
     for (const [k, v] of s.policy_rules.entriesBytes()) this.maps.policy_rules.update(k, v, 'noexist');
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
+    for (const [k, v] of s.nodes.entriesBytes()) this.maps.nodes.update(k, v, 'noexist');
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -101,6 +103,7 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
+    for (const [k, v] of this.maps.nodes.entries()) s.nodes.updateBytes(k, v);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
     return s;

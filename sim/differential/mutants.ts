@@ -110,6 +110,25 @@ export const MUTANTS: Mutant[] = [
     from: '  macToBytes(cfg.overlay_mac, pkt, 0);\n', to: '' },
   { name: 'a TCP entry past ESTABLISHED admitted', file: 'conntrack.ts',
     from: 'else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED)', to: 'else if (false)' },
+  // Trust: learn only from our own encapsulation towards nodes; signals and marked packets only from nodes.
+  { name: 'init learns from a datagram the host forwards', file: 'init.ts',
+    from: 'if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {', to: 'if (!isSelf(s, t.outer.saddr)) {' },
+  { name: 'init learns whatever the outer source', file: 'init.ts',
+    from: 'if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {', to: 'if ((env.ingressIfindex ?? 0) !== 0) {' },
+  { name: 'init learns towards any address', file: 'init.ts',
+    from: 'if (!isPeerNode(s, t.outer.daddr)) {', to: 'if (false) {' },
+  { name: 'this host taken for a peer node', file: 'state.ts',
+    from: 'return n !== undefined && (n.flags & NodeFlag.SELF) === 0;', to: 'return n !== undefined;' },
+  { name: 'restore takes signals from anyone', file: 'restore.ts',
+    from: 'if (!isPeerNode(s, from)) {', to: 'if (false) {' },
+  { name: 'restore takes a signal for a pair from any node', file: 'restore.ts',
+    from: 'if (e && e.remote_ip && e.remote_ip !== from) {', to: 'if (false) {' },
+  { name: "the first signal's node not recorded", file: 'restore.ts',
+    from: 'if (!e.remote_ip) e.remote_ip = from;', to: '' },
+  { name: 'restore takes marked packets from anyone', file: 'restore.ts',
+    from: 'if (!isPeerNode(s, h.saddr)) {', to: 'if (false) {' },
+  { name: "a pod's marker passed on by masq", file: 'masq.ts',
+    from: '    fx.counters.POD_MARKED++;\n    return TC_ACT_SHOT;', to: '    return pass(fx);' },
 ];
 
 const MODEL_DIR = fileURLToPath(new URL('../model/', import.meta.url));

@@ -2,7 +2,7 @@
  * A map state as plain JSON (what a fixture's .json holds and what the
  * generators produce), and its conversion to the model's state.
  */
-import type { Config, EgressKey, IngressKey, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
+import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type Sizes } from '../model/state.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
 import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
@@ -18,6 +18,8 @@ export interface StateSpec {
   config?: Config;
   policy_rules?: Array<{ key: PolicyKey; id: number }>;
   policy_masks?: { count: number; masks: number[] };
+  /** The overlay's nodes by underlay address (flags: NodeFlag.SELF for this host's own). */
+  nodes?: Array<{ ip: string } & NodeInfo>;
 }
 
 export type ProgramName = 'init' | 'restore' | 'masq';
@@ -71,6 +73,7 @@ export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
   if (spec.config) s.config = { ...spec.config };
   for (const r of spec.policy_rules ?? []) must(s.policy_rules.update(r.key, { id: r.id }), 'policy_rules');
   if (spec.policy_masks) s.policy_masks = masksFromList(spec.policy_masks.count, spec.policy_masks.masks);
+  for (const n of spec.nodes ?? []) must(s.nodes.update(n.ip, { flags: n.flags }), `nodes ${n.ip}`);
   return s;
 }
 

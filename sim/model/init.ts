@@ -1,13 +1,13 @@
 /**
  * Twin of bpf/init.h — NIC, TC egress. Learns from overlay packets our pods
- * send, allocates our key for the pair and signals it on the outer header.
+ * send, as this host encapsulated them towards a node, allocates our key for the pair and signals it on the outer header.
  */
 import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
+import { TC_ACT_OK, egressLookupOrCreate, isPeerNode, isSelf, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -50,20 +50,33 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   const pod = s.pod_info.lookupWord(src);
   if (!pod) return pass(fx);
 
-  // 2. Policy, egress: a denied flow loses its very first packet.
+  // 2. Only an overlay packet this host encapsulated itself (a tunnel device's transmit
+  //    clears skb_iif), from one of its own addresses: not a pod's datagram to a tunnel
+  //    port that the host forwards, whose payload is the pod's to write.
+  if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {
+    fx.counters.NOT_OURS++;
+    return TC_ACT_OK;
+  }
+  // 3. Only towards a node of the overlay (the agent's node set).
+  if (!isPeerNode(s, t.outer.daddr)) {
+    fx.counters.PEER_NOT_NODE++;
+    return TC_ACT_OK;
+  }
+
+  // 4. Policy, egress: a denied flow loses its very first packet.
   if (policyDenied(s, src, dst, t.inner, PolicyDir.EGRESS)) return policyDrop(fx);
 
-  // 3. Learn only pairs masq could carry.
+  // 5. Learn only pairs masq could carry.
   if (!fastPathEligible(t.inner)) return pass(fx);
 
-  // 4. The egress entry for (our pod, remote pod), created empty if new.
+  // 6. The egress entry for (our pod, remote pod), created empty if new.
   const e = egressLookupOrCreate(s, src, dst);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;
   }
 
-  // 5. Remember the outer headers masq will write for this pair.
+  // 7. Remember the outer headers masq will write for this pair.
   const now = env.now;
   e.local_mac = readMac(pkt, 6);
   e.remote_mac = readMac(pkt, 0);
@@ -73,7 +86,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   // which also keep the peer's ingress entry alive, may refresh it while we hold one.
   if (!e.remote_key) e.last_seen = now;
 
-  // 6. Our key for the pair; a key whose ingress entry is gone is drawn again.
+  // 8. Our key for the pair; a key whose ingress entry is gone is drawn again.
   //    With wide keys on, every pair draws a wide key (TCP, UDP and ICMP echo carry them).
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
@@ -108,10 +121,10 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
     }
   }
 
-  // 7. Optimistic: restore clears it if the peer says it lacks our key.
+  // 9. Optimistic: restore clears it if the peer says it lacks our key.
   e.remote_ready = 1;
 
-  // 8. Signal on the outer header: RF marks it, DF says we know theirs; a narrow
+  // 10. Signal on the outer header: RF marks it, DF says we know theirs; a narrow
   //    key in DSCP, a wide one in the ID with DSCP 0. Segmentation gives every
   //    segment of a GSO packet its own ID, so a GSO packet carries no wide signal.
   let key = e.local_key;

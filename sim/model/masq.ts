@@ -34,8 +34,15 @@ export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
 const h = new Hdrs();
 
 function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
-  // 1. A pod's IPv4 packet that masq can carry; RF would be a forgery of our marker.
-  if (loadEthIpv4(pkt, h, env.vlanPresent) || (h.frag & IP_RF) || !fastPathEligible(h)) return pass(fx);
+  // 1. A pod's IPv4 packet that masq can carry.
+  if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
+  // RF is our marker, which no conforming stack sets: a pod that sets it forges a
+  // masqueraded packet or a signal. It never leaves the pod.
+  if (h.frag & IP_RF) {
+    fx.counters.POD_MARKED++;
+    return TC_ACT_SHOT;
+  }
+  if (!fastPathEligible(h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
 

@@ -9,7 +9,7 @@ import {
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, ctAdmit } from './conntrack.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
@@ -45,6 +45,11 @@ function restoreMiss(fx: RunEffects): number {
 /** carrier: the value the pod sent (masq took a wide key only from a free one). */
 function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, carrier: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
+  //    Only a node masquerades: from any other address it is a forgery.
+  if (!isPeerNode(s, h.saddr)) {
+    fx.counters.MARKED_NOT_NODE++;
+    return TC_ACT_SHOT;
+  }
   const r = s.ingress_cache.lookupPair(h.saddr, key);
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
   if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
@@ -91,12 +96,26 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
     if (key < WIDE_KEY_MIN || key > WIDE_KEY_MAX) return pass(fx);
   }
 
-  // 4. The peer's key, into our egress entry for the reverse direction.
-  const e = egressLookupOrCreate(s, local, remote);
+  // 4. Only the node the pair's peer pod lives on may tell us its key: the node our
+  //    entry records, and a first signal only from a node of the overlay.
+  const from = t.outer.saddr;
+  if (!isPeerNode(s, from)) {
+    fx.counters.SIGNAL_NOT_NODE++;
+    return TC_ACT_OK;
+  }
+  let e = s.egress_cache.lookupPair(local, remote);
+  if (e && e.remote_ip && e.remote_ip !== from) {
+    fx.counters.SIGNAL_WRONG_NODE++;
+    return TC_ACT_OK;
+  }
+
+  // 5. The peer's key, into our egress entry for the reverse direction.
+  if (!e) e = egressLookupOrCreate(s, local, remote);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_ACT_OK;
   }
+  if (!e.remote_ip) e.remote_ip = from;
   e.remote_key = key;
   // The peer lacks our key: keep using the overlay, whose signals teach it.
   if (!(t.outer.frag & IP_DF)) e.remote_ready = 0;

@@ -4,8 +4,8 @@
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
 import { NO_OVERLAY,
-  MAPS, COUNTER_NAMES, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyRule,
-  type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type Path, type PodInfo,
+  MAPS, COUNTER_NAMES, NodeFlag, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyRule,
+  type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { writeMac } from './packet.ts';
@@ -45,6 +45,7 @@ export interface ModelPath {
   remote_ready: number;
 }
 export interface ModelPodInfo { ifindex: number; mac: number }
+export interface ModelNodeInfo { flags: number }
 export interface ModelEgressKey { local_pod: number; remote_pod: number }
 export interface ModelIngressKey { remote_host: number; key: number }
 export interface ModelCtTupleKey { saddr: number; daddr: number; sport: number; dport: number; protocol: number }
@@ -702,9 +703,12 @@ function structKeys<K, MK>(struct: Struct<never>): KeyCodec<K, MK> {
   return { toBytes: (k) => c.toBytes(k), fromBytes: (b) => c.fromBytes(b), fromLayout: (k) => c.fromLayout(k), toLayout: (k) => c.toLayout(k) as K };
 }
 
-/** pod_info's key: struct pod_ip, which maps.ts gives as its one field, the address text; the model as its word. */
-function podIpKeys(): KeyCodec<string, number> {
-  const c = new ModelCodec<{ ip: number }>(podIp as unknown as Struct<never>);
+/**
+ * An address key (pod_info's struct pod_ip, nodes' struct node_ip), which
+ * maps.ts gives as its one field, the address text; the model as its word.
+ */
+function ipKeys(struct: Struct<never>): KeyCodec<string, number> {
+  const c = new ModelCodec<{ ip: number }>(struct);
   return {
     toBytes: (ip) => c.toBytes({ ip }), fromBytes: (b) => c.fromBytes(b).ip,
     fromLayout: (ip) => c.fromLayout({ ip }).ip, toLayout: (ip) => (c.toLayout({ ip }) as { ip: string }).ip,
@@ -721,6 +725,8 @@ export interface DatapathState {
   policy_masks: PolicyMasks;
   ct_pending: NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
   ct_admitted: NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>;
+  /** The overlay's nodes by underlay address; flag SELF marks this host's own (bpf/xmasq.h). */
+  nodes: WordTable<string, NodeInfo, ModelNodeInfo>;
 }
 
 /** C: egress_lookup_or_create. Undefined when the table is full. */
@@ -729,6 +735,18 @@ export function egressLookupOrCreate(s: DatapathState, localPod: number, remoteP
   if (e) return e;
   s.egress_cache.updateElem({ local_pod: localPod, remote_pod: remotePod }, zeroPath(), 'noexist');
   return s.egress_cache.lookupPair(localPod, remotePod);
+}
+
+/** C: is_peer_node (maps.h). Whether addr is a node of the overlay other than this host. */
+export function isPeerNode(s: DatapathState, addr: number): boolean {
+  const n = s.nodes.lookupWord(addr);
+  return n !== undefined && (n.flags & NodeFlag.SELF) === 0;
+}
+
+/** C: is_self (maps.h). Whether addr is one of this host's own underlay addresses. */
+export function isSelf(s: DatapathState, addr: number): boolean {
+  const n = s.nodes.lookupWord(addr);
+  return n !== undefined && (n.flags & NodeFlag.SELF) !== 0;
 }
 
 /** A zeroed struct path, as the model holds it. */
@@ -741,14 +759,14 @@ export function emptyPath(): Path {
   return path.zero();
 }
 
-export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number }
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
 export function emptyState(sizes: Sizes): DatapathState {
   const paths = new ModelCodec<ModelPath>(asStruct(path));
   return {
-    pod_info: new WordTable<string, PodInfo, ModelPodInfo>(podIpKeys(), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
+    pod_info: new WordTable<string, PodInfo, ModelPodInfo>(ipKeys(asStruct(podIp)), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
     egress_cache: new PairTable<EgressKey, Path, ModelEgressKey, ModelPath>(
       { first: (k) => k.local_pod, second: (k) => k.remote_pod, secondIsIndex: false }, structKeys(asStruct(egressKey)), paths, sizes.paths),
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
@@ -763,6 +781,7 @@ export function emptyState(sizes: Sizes): DatapathState {
       ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
     ct_admitted: new NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>(
       ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ checked: Stamp }>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
+    nodes: new WordTable<string, NodeInfo, ModelNodeInfo>(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
   };
 }
 
@@ -778,6 +797,7 @@ export function cloneState(s: DatapathState): DatapathState {
     policy_masks: { count: s.policy_masks.count, mask: [...s.policy_masks.mask] },
     ct_pending: s.ct_pending.clone(),
     ct_admitted: s.ct_admitted.clone(),
+    nodes: s.nodes.clone(),
   };
 }
 
@@ -841,6 +861,12 @@ export interface Env {
    * object), which admits every flow; the cluster simulator runs so.
    */
   conntrack?: ModelConntrack;
+  /**
+   * skb->ingress_ifindex: the device a forwarded packet came in on; 0 (or
+   * absent) for one this host sent, its tunnel device's encapsulation
+   * included (init learns only from those). BPF_PROG_TEST_RUN sets it from the ctx.
+   */
+  ingressIfindex?: number;
 }
 
 export interface RunResult {
@@ -855,4 +881,4 @@ export const TC_ACT_REDIRECT = 7;
 
 // Keep the map list and the state in step: a new map in maps.ts must be modelled here.
 export const MODELLED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules',
-  'policy_masks', 'ct_pending', 'ct_admitted', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];
+  'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace'] as const satisfies readonly (keyof typeof MAPS)[];
