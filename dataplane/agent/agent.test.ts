@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
 import {
-  ConfigFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  ConfigFlag, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs } from './config.ts';
@@ -742,11 +742,12 @@ describe('xmasq-agent', () => {
     await alive();
   });
 
-  it('SIGTERM detaches every filter and keeps the pins', async () => {
+  it('SIGTERM detaches masq and init, leaves restore at the NIC (marked packets peers still send never reach the stack) and keeps the pins', async () => {
     const { code, stderr } = await stopAgent('SIGTERM');
     expect(code, stderr).toBe(0);
     expect(filters('nic0', 'egress')).toEqual([]);
-    expect(filters('nic0', 'ingress')).toEqual([]);
+    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(stderr).toContain('left restore attached at nic0 ingress');
     expect(filters('vpod1', 'ingress')).toEqual([]);
     expect(filters('vpod2', 'ingress')).toEqual([]);
     expect(existsSync(`${PIN}/egress_cache`)).toBe(true);
@@ -823,6 +824,36 @@ describe('xmasq-agent', () => {
     expect((await call((c) => c.status())).status.pods).toBe(1);
   });
 
+  it('the node set: the NIC\'s address as self, the FDB of the vxlan device on nic0 and --nodes as peers, following the FDB on scans; --overlay-dev must name a tunnel device', async () => {
+    await stopAgent();
+    const bad = await startAgent(['--overlay-dev', 'vpod1'], false);
+    expect(await bad.exited).toBe(1);
+    expect(bad.stderr()).toContain('--overlay-dev (overlayDev) = "vpod1": overlay device "vpod1" is a veth device, not a vxlan or geneve one');
+    expect(filters('nic0', 'egress')).toEqual([]);
+    inHost('ip', 'link', 'add', 'vx0', 'type', 'vxlan', 'id', '7', 'local', '192.168.77.1', 'dev', 'nic0', 'dstport', '8472', 'nolearning');
+    try {
+      inHost('bridge', 'fdb', 'append', '0e:00:00:00:00:02', 'dev', 'vx0', 'dst', '192.168.77.2', 'self', 'permanent');
+      agent = await startAgent(['--nodes', '192.168.77.9,192.168.77.2']);
+      const nodes = () => withMap('nodes', (m) => Object.fromEntries(m.entries().map(([k, v]) => [nodeIp.decode(k).ip, nodeInfo.decode(v).flags])));
+      expect(nodes()).toEqual({ '192.168.77.1': NodeFlag.SELF, '192.168.77.2': 0, '192.168.77.9': 0 });
+      expect((await call((c) => c.status())).status.nodes).toEqual({ overlayDevices: ['vx0'], self: ['192.168.77.1'], peers: ['192.168.77.2', '192.168.77.9'] });
+      expect(metrics()).toContain('xmasq_nodes{kind="peer"} 2');
+      // A node joins, another leaves: the set follows on the next scans; a --nodes address stays.
+      inHost('bridge', 'fdb', 'append', '0e:00:00:00:00:03', 'dev', 'vx0', 'dst', '192.168.77.3', 'self', 'permanent');
+      inHost('bridge', 'fdb', 'append', '0e:00:00:00:00:04', 'dev', 'vx0', 'dst', '192.168.77.4', 'self', 'permanent');
+      await until('192.168.77.3 and .4 in the node set', () => '192.168.77.3' in nodes() && '192.168.77.4' in nodes());
+      inHost('bridge', 'fdb', 'del', '0e:00:00:00:00:04', 'dev', 'vx0', 'dst', '192.168.77.4', 'self');
+      await until('192.168.77.4 out of the node set', () => !('192.168.77.4' in nodes()));
+      expect(nodes()).toEqual({ '192.168.77.1': NodeFlag.SELF, '192.168.77.2': 0, '192.168.77.3': 0, '192.168.77.9': 0 });
+      expect(agent.stderr()).toContain('node set: - 192.168.77.4');
+    } finally {
+      await stopAgent();
+      inHost('ip', 'link', 'del', 'vx0');
+    }
+    agent = await startAgent();
+    expect(agent.stderr()).toContain('no peer node known');
+  });
+
   it('refuses pins made by another build, saying how to clear them, and keeps their entries', async () => {
     expect((await stopAgent('SIGINT')).code).toBe(0);
     const r = await startAgent(['--object', TEST_OBJECT], false);
@@ -839,6 +870,8 @@ describe('xmasq-agent', () => {
     expect(existsSync(PIN)).toBe(false);
     expect(existsSync(`${STATE}/pods.json`)).toBe(false);
     expect(filters('vpod1', 'ingress')).toEqual([]);
+    // ...and the restore a stopped agent left at the NIC.
+    expect(filters('nic0', 'ingress')).toEqual([]);
   });
 });
 
