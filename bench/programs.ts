@@ -16,8 +16,8 @@ import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
 import { NO_OVERLAY,
-  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, PolicyDir, PolicyField, arrayIndex, config, counterValue,
-  egressKey, ingressKey, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
+  egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type CounterName, type PolicyKey,
 } from '../dataplane/maps.ts';
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
@@ -103,13 +103,16 @@ const noPath = {
 
 interface Maps {
   pod_info: BpfMap; egress_cache: BpfMap; ingress_cache: BpfMap; config: BpfMap;
-  policy_rules: BpfMap; policy_masks: BpfMap; counters: BpfMap; bench_packet: BpfMap;
+  policy_rules: BpfMap; policy_masks: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
 }
 
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
 function learnedPair(m: Maps): void {
   m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
   m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY }));
+  // The node set (README "Threat model"): init learns and restore listens only with it.
+  m.nodes.update(nodeIp.encode({ ip: HERE.ip }), nodeInfo.encode({ flags: NodeFlag.SELF }), 'noexist');
+  m.nodes.update(nodeIp.encode({ ip: PEER.ip }), nodeInfo.encode({ flags: 0 }), 'noexist');
   m.egress_cache.update(
     egressKey.encode({ local_pod: POD.ip, remote_pod: REMOTE_POD }),
     path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),
@@ -287,7 +290,7 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'bench_packet'] as const) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'bench_packet', 'nodes'] as const) {
       maps[m] = obj.map(m);
     }
     // The point of the bench object is production-sized tables (hash buckets, cache footprint).
