@@ -64,8 +64,11 @@ export class LabAgents {
     }
   }
 
-  /** SIGTERM: the agent detaches its filters and keeps its pins; SIGUSR2 hands over, filters left attached. */
-  async stop(host: string, signal: 'SIGTERM' | 'SIGUSR2' = 'SIGTERM'): Promise<number | null> {
+  /**
+   * SIGTERM: the agent detaches masq and init, leaves restore at the NIC and keeps its pins;
+   * SIGUSR2 hands over, filters left attached; SIGKILL: a crash, everything left as it was.
+   */
+  async stop(host: string, signal: 'SIGTERM' | 'SIGUSR2' | 'SIGKILL' = 'SIGTERM'): Promise<number | null> {
     const child = this.procs.get(host);
     this.procs.delete(host);
     if (!child || child.exitCode !== null) return child?.exitCode ?? null;
