@@ -27,13 +27,23 @@ export interface CtDrainStats {
   admittedSwept: number;
 }
 
+/** The part of the conntrack table the drain uses (dataplane/conntrack.ts Conntrack; the cluster simulator gives its hosts' tables). */
+export type LiberalTable = Pick<Conntrack, 'makeLiberal' | 'close'>;
+
 export class ConntrackDrain {
   readonly stats: CtDrainStats = { liberal: 0, gone: 0, failures: 0, admittedSwept: 0 };
-  private ct: Conntrack | undefined;
+  private ct: LiberalTable | undefined;
   private lastError = '';
   private drains = 0;
 
-  constructor(private readonly pending: BpfMap, private readonly admitted: BpfMap, private readonly log: Log) {}
+  /** open and now: the host's conntrack and clock (the cluster simulator gives its own). */
+  constructor(
+    private readonly pending: BpfMap,
+    private readonly admitted: BpfMap,
+    private readonly log: Log,
+    private readonly open: () => LiberalTable = () => new Conntrack(),
+    private readonly now: () => bigint = monotonicCoarseNs,
+  ) {}
 
   /**
    * Empties ct_pending once, and now and then sweeps ct_admitted. Never throws:
@@ -44,7 +54,7 @@ export class ConntrackDrain {
       if (++this.drains % ADMITTED_SWEEP_EVERY === 0) this.sweepAdmitted();
       const queued = this.pending.entries();
       if (queued.length === 0) return;
-      this.ct ??= new Conntrack();
+      this.ct ??= this.open();
       for (const [key] of queued) {
         const t = ctTuple.decode(key);
         const found = this.ct.makeLiberal({ src: t.saddr, dst: t.daddr, sport: t.sport, dport: t.dport, proto: t.protocol });
@@ -70,7 +80,7 @@ export class ConntrackDrain {
    * its flow up anew and rewrites it); deleting those keeps room for new flows.
    */
   private sweepAdmitted(): void {
-    const bound = monotonicCoarseNs() - CT_RECHECK_NS;
+    const bound = this.now() - CT_RECHECK_NS;
     const old: Buffer[] = [];
     for (const [k, v] of this.admitted.lookupBatch()) {
       if (ctAdmission.decode(v).checked < bound) old.push(Buffer.from(k));

@@ -10,12 +10,14 @@
 import type { BpfMap } from '../../dataplane/libbpf.ts';
 import { POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
+import { ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
+import type { Log } from '../../dataplane/agent/log.ts';
 import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { E2BIG, EEXIST, ENOENT, type DatapathState, type HashTable } from '../model/index.ts';
 
-/** The part of BpfMap that caches.ts uses, over a model table. */
-type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update'>;
+/** The part of BpfMap that caches.ts and conntrack.ts use, over a model table. */
+type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update' | 'entries' | 'delete'>;
 
 /** The model's errnos by the names BpfMap reports them under (LibbpfError.code). */
 const ERRNO_NAMES: Record<number, string> = { [ENOENT]: 'ENOENT', [EEXIST]: 'EEXIST', [E2BIG]: 'E2BIG' };
@@ -43,6 +45,15 @@ class ModelMapView implements MapOps {
     if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: ERRNO_NAMES[rc] });
   }
 
+  /** As lookupBatch (the same buffers). */
+  entries(): Array<[Buffer, Buffer]> {
+    return this.table.entriesBytes();
+  }
+
+  delete(k: Buffer): boolean {
+    return this.table.deleteBytes(k);
+  }
+
   deleteBatch(keys: Buffer[]): number {
     let n = 0;
     for (const k of keys) if (this.table.deleteBytes(k)) n++;
@@ -58,10 +69,22 @@ export interface AgentTiming {
   egressIdleNs: number;
   ingressIdleNs: number;
   scanIntervalNs: number;
+  /** How often ct_pending is drained (dataplane/agent/conntrack.ts: every 100 ms). Default 100 ms. */
+  ctDrainNs?: number;
 }
 
-/** The agent's defaults (dataplane/agent/config.ts): 20 s, 40 s, a scan every second. */
-export const DEFAULT_TIMING: AgentTiming = { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9 };
+/** The agent's defaults (dataplane/agent/config.ts, conntrack.ts): 20 s, 40 s, a scan every second, a drain every 100 ms. */
+export const DEFAULT_TIMING: AgentTiming = { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9, ctDrainNs: 100e6 };
+export const DEFAULT_CT_DRAIN_NS = 100e6;
+
+/** The drain's log: a warning would mean the simulated table refused, which it cannot; kept for a test to read. */
+class MemoryLog implements Log {
+  readonly lines: string[] = [];
+  info(m: string): void { this.lines.push(m); }
+  warn(m: string): void { this.lines.push(m); }
+  error(m: string): void { this.lines.push(m); }
+  debug(): void {}
+}
 
 export interface AgentFaults {
   /** A planted bug for the property tests: pod DEL leaves the pod's cache entries behind. */
@@ -73,10 +96,25 @@ export class SimAgent {
   private readonly ingress: BpfMap;
   private rules: PolicyRuleRecord[] = [];
   readonly expired = { egress: 0, ingress: 0, unanswered: 0 };
+  /** The agent's own drain of ct_pending, making the host's entries liberal (undefined: the host has no conntrack). */
+  readonly ctDrain: ConntrackDrain | undefined;
+  readonly log = new MemoryLog();
 
-  constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}) {
+  constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}, conntrack?: LiberalTable) {
     this.egress = asBpfMap(new ModelMapView(s.egress_cache));
     this.ingress = asBpfMap(new ModelMapView(s.ingress_cache));
+    if (conntrack) {
+      this.ctDrain = new ConntrackDrain(asBpfMap(new ModelMapView(s.ct_pending)), asBpfMap(new ModelMapView(s.ct_admitted)), this.log, () => conntrack, () => this.drainNow);
+    }
+  }
+
+  /** The host's clock at the drain running now (the real agent reads CLOCK_MONOTONIC_COARSE). */
+  private drainNow = 0n;
+
+  /** One drain of ct_pending, and now and then a sweep of ct_admitted (every ctDrainNs). */
+  drainConntrack(nowNs: bigint): void {
+    this.drainNow = nowNs;
+    this.ctDrain?.drain();
   }
 
   /** CNI ADD: the agent writes pod_info; a different pod on the same IP is forgotten first. */

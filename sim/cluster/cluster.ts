@@ -15,18 +15,23 @@
  */
 import { COUNTER_NAMES, NodeFlag, type CounterName } from '../../dataplane/maps.ts';
 import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
-import { SimAgent, type AgentFaults } from './agent.ts';
+import { DEFAULT_CT_DRAIN_NS, SimAgent, type AgentFaults } from './agent.ts';
+import { CT_INVALID, CT_NEW, HostConntrack, LINUX_CT_TIMEOUTS } from './conntrack.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
 import { Lanes } from './events.ts';
-import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, MacTable, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
-import { Checker, PacketRecord, denied, type Violation } from './invariants.ts';
+import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, MacTable, natRewrite, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
+import { Checker, PacketRecord, denied, ruleMatches, tupleStr, type Tuple, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
-import type { ChurnSpec, FlowSpec, HostFlowSpec, PodRef, PolicySpec, Scenario } from './scenario.ts';
+import { PROTO_NUMBER, serviceIp, type ChurnSpec, type FlowSpec, type HostFlowSpec, type PodRef, type PolicySpec, type Scenario, type ServiceSpec } from './scenario.ts';
 import {
   FIRST_POD_HOST_BYTE, FIRST_VETH_IFINDEX, LAST_POD_HOST_BYTE, NIC_IFINDEX,
   hostAddresses, ipToU32, macBytes, podMac, subnetHost, u32ToIp, type HostAddresses,
 } from './topology.ts';
-import { buildTemplate, forward, podTemplate, type Flow, type Template, type TrafficGenerator } from './traffic.ts';
+import {
+  EXPECT_AT_A, EXPECT_AT_B, FLAGS_FINACK, FLAGS_PA, FLAGS_SYN, FLAGS_SYNACK, SENT_A, SENT_B,
+  buildTemplate, flowPorts, flowTemplate, forward, type Flow, type Template, type TrafficGenerator,
+} from './traffic.ts';
+import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 
 export interface Pod {
   uid: number;
@@ -54,6 +59,8 @@ export interface Pod {
 class HostEnv implements Env {
   now = Number.NaN;
   readonly vlanPresent = false;
+  /** The host's table, which masq and restore consult; undefined runs the programs without the check (a planted bug, RunOptions.bypassAdmission). */
+  conntrack: HostConntrack | undefined = undefined;
 
   constructor(private readonly rng: Rng) {}
 
@@ -71,6 +78,9 @@ export class Host {
   readonly state: DatapathState;
   readonly env: HostEnv;
   readonly agent: SimAgent;
+  /** The host stack's conntrack, and its FORWARD deny rules (Scenario.hostPolicy). */
+  readonly ct: HostConntrack;
+  forwardRules: HostRule[] = [];
   readonly podsByIp = new Map<number, Pod>();
   readonly podsByIfindex = new Map<number, Pod>();
   /** Live pods by MAC: cni0's forwarding table. */
@@ -87,7 +97,7 @@ export class Host {
   private readonly freeIfindex: number[] = [];
   ipId = 0;
 
-  constructor(readonly index: number, scheme: KeyScheme, sc: Scenario, faults: AgentFaults, rng: Rng) {
+  constructor(readonly index: number, scheme: KeyScheme, sc: Scenario, faults: AgentFaults, rng: Rng, bypassAdmission: boolean) {
     this.addr = hostAddresses(index);
     this.ip = ipToU32(this.addr.ip);
     this.nicMac = macBytes(this.addr.nicMac);
@@ -96,7 +106,9 @@ export class Host {
     this.state = scheme.newState();
     this.state.config.nic_ifindex = NIC_IFINDEX;
     this.env = new HostEnv(rng);
-    this.agent = new SimAgent(this.state, sc.timing, faults);
+    this.ct = new HostConntrack(sc.ctTimeouts ?? LINUX_CT_TIMEOUTS);
+    if (!bypassAdmission) this.env.conntrack = this.ct;
+    this.agent = new SimAgent(this.state, sc.timing, faults, this.ct);
   }
 
   get name(): string {
@@ -141,7 +153,16 @@ class FlowEvent {
   }
 }
 
-const HOST_FLOW = 0, SCAN = 1, CHURN = 2, POD_ADD = 3, POLICY = 4, GENERATE = 5;
+const HOST_FLOW = 0, SCAN = 1, CHURN = 2, POD_ADD = 3, POLICY = 4, GENERATE = 5, CT_DRAIN = 6, HOST_POLICY = 7;
+
+/** A FORWARD deny rule on a host: the rule (addresses as text, for the checker) and its address words (for the stack). */
+interface HostRule {
+  id: number;
+  rule: PolicyRuleRecord;
+  src: number | undefined;
+  dst: number | undefined;
+  addedAt: number;
+}
 
 /** Everything but packets: host flows (their template built once), agent scans, churn, policy, the traffic generator. */
 class ControlEvent {
@@ -162,9 +183,11 @@ class ControlEvent {
 export interface RunStats {
   /** Simulated packets: every packet a pod or a host sent. */
   packets: number;
-  sent: { cross: number; local: number; host: number; unsent: number };
+  /** Pod packets by where they go (a Service request: decided by its DNAT, in service), host packets; unsent: a pod gone, or a server with nothing heard to answer. */
+  sent: { cross: number; local: number; service: number; host: number; unsent: number };
   masqueraded: number;
-  delivered: { fast: number; overlay: number; local: number; host: number };
+  /** viaStack: masqueraded, restored, then handed to the host stack (conntrack did not admit it). */
+  delivered: { fast: number; overlay: number; local: number; host: number; viaStack: number };
   drops: Record<string, number>;
   flows: { cross: number; crossFast: number };
   /** From measureFromNs on: cross-host pod packets sent and masqueraded, the same for 'stream' flows alone; cross-host flows started, and those that reached the fast path. */
@@ -198,10 +221,25 @@ export interface RunOptions {
   measureFromNs?: number;
   /** Measure the wall time spent inside the model programs (stats.modelMs). */
   timeModel?: boolean;
+  /** A planted bug: the programs run without the hosts' conntrack (the build without the check), while the host stacks keep tracking. */
+  bypassAdmission?: boolean;
 }
 
 /** Where IPv4 starts in an untagged frame. */
 const L3 = ETH_HLEN;
+const IPPROTO_ICMP = 1, IPPROTO_TCP = 6, IPPROTO_UDP = 17;
+/** Where a pod packet enters the host stack (podStack). */
+const BRIDGED = 0, FROM_POD = 1, FROM_OVERLAY = 2, FROM_RESTORE = 3;
+
+/** The four bytes at f[at] as the model's address word (sim/model/packet.ts readIpv4: little-endian). */
+function le32(f: Buffer, at: number): number {
+  return (f[at] | (f[at + 1] << 8) | (f[at + 2] << 16) | (f[at + 3] << 24)) >>> 0;
+}
+
+/** The model's word of an address the simulator holds as a number (big-endian). */
+function wordOf(ip: number): number {
+  return (((ip & 0xff) << 24) | ((ip & 0xff00) << 8) | ((ip >>> 8) & 0xff00) | (ip >>> 24)) >>> 0;
+}
 
 /** With timeModel, one model call in this many is timed and counted this many times (a clock read costs as much as a short call). */
 const TIME_ONE_IN = 16;
@@ -232,6 +270,11 @@ export class Cluster {
    */
   private flowCount = 0;
   private readonly policyIds: Array<{ host: number; id: number } | undefined> = [];
+  private readonly hostPolicyIds: Array<{ host: number; id: number } | undefined> = [];
+  private nextHostRule = 1;
+  /** FORWARD rules added so far on any host (the checker's host-policy oracle runs only when there are some). */
+  private hostRulesEver = 0;
+  private readonly services: ServiceSpec[];
   /** Records (each with its frame's slot) by frame length, reused once their packet is done. */
   private readonly freeRecords: PacketRecord[][] = [];
   /** Why the last program run that returned TC_ACT_SHOT dropped its packet. */
@@ -254,7 +297,7 @@ export class Cluster {
     this.measureFrom = opts.measureFromNs ?? 0;
     this.hosts = [];
     for (let h = 0; h < sc.hosts; h++) {
-      const host = new Host(h, this.scheme, sc, opts.faults ?? {}, new Rng(sc.seed * 31 + h));
+      const host = new Host(h, this.scheme, sc, opts.faults ?? {}, new Rng(sc.seed * 31 + h), opts.bypassAdmission === true);
       this.hosts.push(host);
       this.byNicMac.set({ mac: host.nicMac, index: h });
     }
@@ -266,9 +309,10 @@ export class Cluster {
       }
       for (let s = 0; s < sc.podsPerHost; s++) this.addPod(host, s, undefined);
     }
+    this.services = sc.services ?? [];
     this.stats = {
-      packets: 0, sent: { cross: 0, local: 0, host: 0, unsent: 0 }, masqueraded: 0,
-      delivered: { fast: 0, overlay: 0, local: 0, host: 0 }, drops: this.checker.drops,
+      packets: 0, sent: { cross: 0, local: 0, service: 0, host: 0, unsent: 0 }, masqueraded: 0,
+      delivered: { fast: 0, overlay: 0, local: 0, host: 0, viaStack: 0 }, drops: this.checker.drops,
       flows: { cross: 0, crossFast: 0 }, window: { cross: 0, fast: 0, flows: 0, fastFlows: 0, stream: 0, streamFast: 0 }, counters: Object.fromEntries(COUNTER_NAMES.map((n) => [n, 0])) as Record<CounterName, number>,
       expired: { egress: 0, ingress: 0, unanswered: 0 }, modelCalls: 0, modelMs: 0, events: 0, simulatedNs: 0,
     };
@@ -306,9 +350,9 @@ export class Cluster {
     return pod;
   }
 
-  /** The host's clock, now: its programs' (HostEnv) set to the simulated time, in whole ns. */
+  /** The host's clock, now: its programs' (HostEnv) and its conntrack's set to the simulated time, in whole ns. */
   private setHostClock(h: Host): number {
-    return (h.env.now = Math.round(this.now));
+    return (h.ct.now = h.env.now = Math.round(this.now));
   }
 
   /** The host's clock as the agent reads it: a u64 bigint. */
@@ -334,8 +378,11 @@ export class Cluster {
     sc.hostFlows.forEach((spec, i) => this.schedule(new ControlEvent(spec.at, HOST_FLOW, i, spec)));
     for (const c of sc.churn) this.schedule(new ControlEvent(c.at, CHURN, 0, c));
     sc.policy.forEach((spec, index) => this.schedule(new ControlEvent(spec.at, POLICY, index, spec)));
+    (sc.hostPolicy ?? []).forEach((spec, index) => this.schedule(new ControlEvent(spec.at, HOST_POLICY, index, spec)));
     // Each agent scans on its own phase, as agents started at different times do.
     for (const h of this.hosts) this.schedule(new ControlEvent(this.rng.next() * sc.timing.scanIntervalNs, SCAN, h.index));
+    // And drains ct_pending on its own phase (drawn after the scans': runs without conntrack draw as before).
+    for (const h of this.hosts) this.schedule(new ControlEvent(this.rng.next() * this.drainNs, CT_DRAIN, h.index));
 
     const maxPackets = this.opts.maxPackets ?? Infinity;
     for (;;) {
@@ -363,9 +410,20 @@ export class Cluster {
     return s;
   }
 
+  private get drainNs(): number {
+    return this.sc.timing.ctDrainNs ?? DEFAULT_CT_DRAIN_NS;
+  }
+
   private control(e: ControlEvent): void {
     switch (e.kind) {
       case HOST_FLOW: return this.hostPacket(e);
+      case CT_DRAIN: {
+        const h = this.hosts[e.index];
+        h.agent.drainConntrack(this.clock(h));
+        e.t = this.now + this.drainNs;
+        return this.schedule(e);
+      }
+      case HOST_POLICY: return this.hostPolicyEvent(e.spec as PolicySpec, e.index);
       case SCAN: {
         const h = this.hosts[e.index];
         h.agent.scan(this.clock(h));
@@ -414,10 +472,35 @@ export class Cluster {
     }
   }
 
+  /** A FORWARD deny rule added or removed (pods by slot, resolved to the IPs the slots have now). */
+  private hostPolicyEvent(p: PolicySpec, index: number): void {
+    const h = this.hosts[p.host];
+    if (p.op === 'remove') {
+      const target = p.removes === undefined ? undefined : this.hostPolicyIds[p.removes];
+      if (target && target.host === p.host) h.forwardRules = h.forwardRules.filter((r) => r.id !== target.id);
+      return;
+    }
+    const ipOf = (r: PodRef | undefined) => (r ? this.hosts[r.host].slotIp[r.slot] : undefined);
+    const src = ipOf(p.src), dst = ipOf(p.dst);
+    const id = this.nextHostRule++;
+    const rule: PolicyRuleRecord = {
+      id, dir: p.dir ?? 'ingress', src: src === undefined ? undefined : u32ToIp(src), dst: dst === undefined ? undefined : u32ToIp(dst),
+      dport: p.dport, proto: p.proto === undefined ? undefined : PROTO_NUMBER[p.proto], mask: 0,
+    };
+    // A new array: a packet's pass reads the list it started with.
+    h.forwardRules = [...h.forwardRules, { id, rule, src: src === undefined ? undefined : wordOf(src), dst: dst === undefined ? undefined : wordOf(dst), addedAt: this.now }];
+    this.hostPolicyIds[index] = { host: p.host, id };
+    this.hostRulesEver++;
+  }
+
   // ---- traffic ----
 
   private startFlow(spec: FlowSpec): void {
-    const flow: Flow = { id: ++this.flowCount, spec, next: 0, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [undefined, undefined] };
+    const proto = spec.service === undefined ? spec.proto : this.services[spec.service].proto;
+    const flow: Flow = {
+      id: ++this.flowCount, spec, next: 0, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [], flagged: [], proto,
+      heardA: false, heardB: false, bData: false, server: undefined,
+    };
     this.schedule(new FlowEvent(flow));
   }
 
@@ -426,45 +509,86 @@ export class Cluster {
     return p !== undefined && p.deletedAt !== undefined && this.now > p.deletedAt + grace;
   }
 
+  /**
+   * The next packet of a flow. a speaks first; b (a Service's backend) only
+   * answers once it has heard a packet of the flow, to the address it heard
+   * from. TCP: a sends SYN until it has heard b, b sends SYN-ACK until it has
+   * heard more than a SYN, then both PSH-ACK; the flow's last packet is a FIN.
+   */
   private flowPacket(ev: FlowEvent): void {
     const flow = ev.flow;
     const spec = flow.spec;
-    if (flow.next === 0) flow.pods = [this.hosts[spec.a.host].slots[spec.a.slot], this.hosts[spec.b.host].slots[spec.b.slot]];
+    const service = spec.service;
+    if (flow.next === 0) flow.pods = [this.hosts[spec.a.host].slots[spec.a.slot], service === undefined ? this.hosts[spec.b.host].slots[spec.b.slot] : undefined];
     const grace = this.sc.deadPeerGraceNs;
     if (grace !== undefined && (this.goneTooLong(flow.pods[0], grace) || this.goneTooLong(flow.pods[1], grace))) return;
     const k = flow.next++;
     const fwd = forward(spec, k);
-    const tpls = flow.templates;
     if (flow.next < spec.packets) {
       ev.t = this.now + spec.gapNs;
       this.schedule(ev);
     }
-    const from = fwd ? spec.a : spec.b;
-    const to = fwd ? spec.b : spec.a;
-    const src = this.hosts[from.host];
-    const pod = src.slots[from.slot];
     this.stats.packets++;
+    // b's side: the pod in b's slot, or the Service's backend that heard the flow.
+    const bRef: PodRef | undefined = service === undefined ? spec.b : flow.server;
+    if (!fwd && (!flow.heardB || bRef === undefined)) {
+      this.stats.sent.unsent++;
+      return;
+    }
+    const from = fwd ? spec.a : bRef!;
+    const src = this.hosts[from.host];
+    // A Service's backend answers only as the pod that heard (a pod since put in its slot never did).
+    const pod = service !== undefined && !fwd && flow.server!.deletedAt !== undefined ? undefined : src.slots[from.slot];
     if (!pod) {
       this.stats.sent.unsent++;
       return;
     }
-    const dstHost = this.hosts[to.host];
-    const dstIp = dstHost.slotIp[to.slot];
-    const tpl = podTemplate(flow, fwd, pod.ip, dstIp);
+    const last = flow.next === spec.packets;
+    const flags = fwd ? (flow.heardA ? (last ? FLAGS_FINACK : FLAGS_PA) : FLAGS_SYN) : (flow.bData ? (last ? FLAGS_FINACK : FLAGS_PA) : FLAGS_SYNACK);
+    const ports = flowPorts(flow.id);
+    const aIp = this.hosts[spec.a.host].slotIp[spec.a.slot];
+    let tpl: Template, expect: Template, dstIp: number, toHost: number;
+    if (service === undefined) {
+      toHost = fwd ? spec.b.host : spec.a.host;
+      dstIp = fwd ? this.hosts[spec.b.host].slotIp[spec.b.slot] : aIp;
+      tpl = expect = fwd ? flowTemplate(flow, SENT_A, pod.ip, dstIp, ports.client, ports.server, flags)
+        : flowTemplate(flow, SENT_B, pod.ip, dstIp, ports.server, ports.client, flags);
+    } else {
+      const v = this.services[service];
+      if (fwd) {
+        // To the ClusterIP; what the backend must receive is made when one does (deliverToPod).
+        toHost = -1;
+        dstIp = serviceIp(service);
+        tpl = expect = flowTemplate(flow, SENT_A, pod.ip, dstIp, ports.client, v.port, flags);
+      } else {
+        // The backend answers the client it heard; the client must see the answer come from the ClusterIP.
+        toHost = spec.a.host;
+        dstIp = aIp;
+        tpl = flowTemplate(flow, SENT_B, pod.ip, aIp, v.targetPort, ports.client, flags);
+        expect = flowTemplate(flow, EXPECT_AT_A, serviceIp(service), aIp, v.port, ports.client, flags);
+      }
+    }
     // A flow's last packet lets its templates go (packets still on the wire keep theirs through their records).
-    if (flow.next === spec.packets) tpls[0] = tpls[1] = undefined;
+    if (last) {
+      flow.templates.length = 0;
+      flow.flagged.length = 0;
+    }
     const id = this.nextPacketId++;
-    const cross = from.host !== to.host;
+    const cross = toHost >= 0 && from.host !== toHost;
     const rec = this.takeRecord(tpl).start(
-      id, 'pod', cross, tpl, this.now, to.host, dstIp,
+      id, 'pod', cross, tpl, this.now, toHost, dstIp,
       cross && denied(src.agent.policy, 'egress', tpl.tuple),
-      this.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tpl.tuple.src} → ${tpl.tuple.dst} (flow ${flow.id}, packet ${k})`] : undefined,
+      this.trace ? [`${fmtT(this.now)} ${pod.name} sends ${tupleStr(tpl.tuple)} flags 0x${flags.toString(16)} (flow ${flow.id}, packet ${k})`] : undefined,
     );
+    rec.expect = expect;
+    rec.flow = flow;
+    rec.fwd = fwd;
     const frame = rec.frame;
     putMac(frame, 6, pod.mac);
     writePacketId(frame, tpl.idOffset, id);
     const counted = this.now >= this.measureFrom;
-    if (cross) {
+    if (toHost < 0) this.stats.sent.service++;
+    else if (cross) {
       this.stats.sent.cross++;
       if (flow.sentCross++ === 0) {
         this.stats.flows.cross++;
@@ -560,33 +684,126 @@ export class Cluster {
     this.bridge(h, rec, pod);
   }
 
-  /** cni0: a frame for a local pod's MAC is switched; one for the gateway is routed. */
+  /**
+   * cni0: a frame for the gateway's MAC goes up the host stack to be routed;
+   * one for a local pod's MAC is switched, through the stack's conntrack and
+   * FORWARD rules all the same (br_netfilter, as on a Kubernetes node).
+   */
   private bridge(h: Host, rec: PacketRecord, from: Pod): void {
     const frame = rec.frame;
-    if (dstMacIs(frame, h.cniMac)) return this.route(h, rec);
+    if (dstMacIs(frame, h.cniMac)) return this.podStack(h, rec, frame, FROM_POD);
     const p = h.podsByMac.forDst(frame);
-    if (p !== undefined && p !== from) {
-      this.stats.delivered.local++;
-      return this.deliverToPod(h, p, rec, frame);
-    }
+    if (p !== undefined && p !== from) return this.podStack(h, rec, frame, BRIDGED);
     this.drop(rec, 'bridge-unknown-mac');
   }
 
-  /** Host routing of a pod packet: to a local pod through cni0, to another host's pod subnet through flannel.1. */
-  private route(h: Host, rec: PacketRecord): void {
-    const frame = rec.frame;
+  /**
+   * A pod packet through the host stack, as Linux takes it on a Kubernetes
+   * node: conntrack (nf_conntrack_in), a Service's DNAT for a new connection
+   * (kube-proxy, nat PREROUTING) or the entry's NAT, routing, FORWARD
+   * (ESTABLISHED accepted first, then the deny rules of Scenario.hostPolicy,
+   * then kube-proxy's INVALID drop), the entry confirmed, the reply's DNAT
+   * reversed (POSTROUTING); then out through cni0 or flannel.1. from:
+   * BRIDGED, a frame cni0 switched from one local pod to another (not routed:
+   * no TTL decrement); FROM_POD, one a local pod sent to its gateway;
+   * FROM_OVERLAY, one flannel.1 decapsulated; FROM_RESTORE, one restore
+   * restored and handed up. The frame is Ethernet + IPv4 at offset 0.
+   */
+  private podStack(h: Host, rec: PacketRecord, frame: Buffer, from: number): void {
+    if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} ${h.name} host stack`);
+    this.setHostClock(h);
+    const ct = h.ct;
+    const proto = frame[L3 + 9];
+    const l4 = L3 + (frame[L3] & 0x0f) * 4;
+    let sport = 0, dport = 0, tcpFlags = 0, icmpType = 0;
+    if (proto === IPPROTO_TCP || proto === IPPROTO_UDP) {
+      sport = get16(frame, l4);
+      dport = get16(frame, l4 + 2);
+      if (proto === IPPROTO_TCP) tcpFlags = frame[l4 + 13];
+    } else if (proto === IPPROTO_ICMP) {
+      icmpType = frame[l4];
+      sport = get16(frame, l4 + 4);
+    }
+    const st = ct.track(le32(frame, L3 + 12), le32(frame, L3 + 16), sport, dport, proto, tcpFlags, icmpType);
+    if (st === CT_INVALID) return this.drop(rec, 'ct-invalid');
+    if (ct.entry < 0 && (proto === IPPROTO_TCP || proto === IPPROTO_UDP)) {
+      const v = this.serviceAt(get32(frame, L3 + 16), dport, proto);
+      if (v >= 0) {
+        const backend = this.pickBackend(this.services[v]);
+        if (backend === undefined) return this.drop(rec, 'no-endpoints');
+        ct.dnat(wordOf(backend), this.services[v].targetPort);
+      }
+    }
+    const nat = ct.isDnat();
+    // nat PREROUTING: the original direction goes to the backend.
+    if (nat && ct.dir === 0) natRewrite(frame, L3 + 16, l4 + 2, ct.word(3), ct.word(5) >>> 16);
     const dst = get32(frame, L3 + 16);
     const g = subnetHost(dst, this.hosts.length);
     if (g < 0) return this.drop(rec, 'no-route');
-    if (!decreaseTtl(frame, L3)) return this.drop(rec, 'ttl-exceeded');
-    if (g === h.index) {
-      const p = h.podsByIp.get(dst);
-      if (!p) return this.drop(rec, 'no-neighbour');
+    // filter FORWARD: -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT first, then the policy's drops.
+    if (st === CT_NEW && h.forwardRules.length > 0 && this.forwardDenied(h, frame, dst, g, dport, proto)) return this.drop(rec, 'host-policy');
+    ct.confirm();
+    // nat POSTROUTING: a reply leaves from the address the client asked for.
+    if (nat && ct.dir === 1) natRewrite(frame, L3 + 12, l4, ct.word(1), ct.word(2) & 0xffff);
+    if (rec.dstHost < 0) this.serviceRequestRouted(h, rec, g);
+    if (g !== h.index) return this.toOverlay(h, rec, g);
+    const p = h.podsByIp.get(dst);
+    if (!p) return this.drop(rec, 'no-neighbour');
+    if (from !== BRIDGED) {
+      if (!decreaseTtl(frame, L3)) return this.drop(rec, 'ttl-exceeded');
       putMac(frame, 6, h.cniMac);
       putMac(frame, 0, p.mac);
-      this.stats.delivered.local++;
-      return this.deliverToPod(h, p, rec, frame);
     }
+    const d = this.stats.delivered;
+    if (from === FROM_OVERLAY) d.overlay++;
+    else if (from === FROM_RESTORE) d.viaStack++;
+    else d.local++;
+    this.deliverToPod(h, p, rec, frame);
+  }
+
+  /** A Service request after its DNAT: where it goes now decides whether it crosses hosts, and the egress rules of its sender then apply (the agent's policy oracle). */
+  private serviceRequestRouted(h: Host, rec: PacketRecord, g: number): void {
+    rec.dstHost = g;
+    rec.cross = g !== h.index;
+    if (rec.cross && h.agent.policy.length > 0) {
+      const f = rec.frame;
+      const t: Tuple = { ...rec.sent.tuple, dst: u32ToIp(get32(f, L3 + 16)), dport: rec.sent.tuple.proto === IPPROTO_ICMP ? 0 : get16(f, L3 + (f[L3] & 0x0f) * 4 + 2) };
+      rec.deniedAtSend = denied(h.agent.policy, 'egress', t);
+    }
+  }
+
+  /** The Service whose ClusterIP:port and protocol the packet is for, or -1. */
+  private serviceAt(dst: number, dport: number, proto: number): number {
+    const n = (dst - serviceIp(0)) >>> 0;
+    if (n >= this.services.length) return -1;
+    const v = this.services[n];
+    return v.port === dport && PROTO_NUMBER[v.proto] === proto ? n : -1;
+  }
+
+  /** kube-proxy's choice among the endpoints, at random (statistic mode random): the backend slots that hold a pod. */
+  private pickBackend(v: ServiceSpec): number | undefined {
+    const ready: number[] = [];
+    for (const b of v.backends) if (this.hosts[b.host].slots[b.slot]) ready.push(this.hosts[b.host].slotIp[b.slot]);
+    return ready.length ? ready[Math.floor(this.rng.next() * ready.length)] : undefined;
+  }
+
+  /** Whether a deny rule of the host's FORWARD chain matches a new connection's packet: ingress rules for a pod of this host, egress rules for one sending from it. */
+  private forwardDenied(h: Host, frame: Buffer, dst: number, dstHost: number, dport: number, proto: number): boolean {
+    const srcW = le32(frame, L3 + 12), dstW = wordOf(dst);
+    const fromHere = subnetHost(get32(frame, L3 + 12), this.hosts.length) === h.index;
+    for (const r of h.forwardRules) {
+      const x = r.rule;
+      if (x.dir === 'ingress' ? dstHost !== h.index : !fromHere) continue;
+      if ((r.src === undefined || r.src === srcW) && (r.dst === undefined || r.dst === dstW)
+        && (x.dport === undefined || x.dport === dport) && (x.proto === undefined || x.proto === proto)) return true;
+    }
+    return false;
+  }
+
+  /** flannel.1: the routed pod frame (TTL − 1), encapsulated to the host whose pod subnet holds its destination. */
+  private toOverlay(h: Host, rec: PacketRecord, g: number): void {
+    const frame = rec.frame;
+    if (!decreaseTtl(frame, L3)) return this.drop(rec, 'ttl-exceeded');
     // flannel.1: the inner frame goes from our VTEP MAC to theirs (neighbour entry), to their host IP (FDB).
     const peer = this.hosts[g];
     putMac(frame, 6, h.vtepMac);
@@ -621,6 +838,8 @@ export class Cluster {
 
   /** restore at the NIC's TC ingress; what it passes goes to the host stack. */
   private nicIngress(h: Host, rec: PacketRecord): void {
+    // eth_type_trans ran before TC: whether the frame was for our NIC is decided on the wire's MAC.
+    const forUs = dstMacIs(rec.frame, h.nicMac);
     const verdict = this.runProgram(h, 'restore', this.scheme.restore, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason, h);
     if (verdict === TC_ACT_REDIRECT) {
@@ -630,14 +849,19 @@ export class Cluster {
       this.stats.delivered.fast++;
       return this.deliverToPod(h, p, rec, rec.frame);
     }
-    this.hostStack(h, rec);
+    this.hostStack(h, rec, forUs);
   }
 
-  private hostStack(h: Host, rec: PacketRecord): void {
+  private hostStack(h: Host, rec: PacketRecord, forUs: boolean): void {
     const frame = rec.frame;
-    if (!dstMacIs(frame, h.nicMac) || get16(frame, 12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
+    if (!forUs || get16(frame, 12) !== 0x0800) return this.drop(rec, 'not-for-this-host');
     if (!ipHeaderValid(frame, L3)) return this.drop(rec, 'bad-ip-checksum');
-    if (get32(frame, L3 + 16) !== h.ip) return this.drop(rec, 'not-for-this-host');
+    const dst = get32(frame, L3 + 16);
+    if (dst !== h.ip) {
+      // A pod packet restore restored and handed up (conntrack did not admit it): forwarded like any other.
+      if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(rec, 'not-for-this-host');
+      return this.podStack(h, rec, frame, FROM_RESTORE);
+    }
     const inner = vxlanDecap(frame, rec.slot);
     if (!inner) {
       this.stats.delivered.host++;
@@ -646,18 +870,11 @@ export class Cluster {
       if (first) this.giveRecord(rec);
       return;
     }
-    // flannel.1 receives the inner frame: for its own MAC only, then routed to cni0.
+    // flannel.1 receives the inner frame: for its own MAC only, then into the host stack.
     if (!dstMacIs(inner, h.vtepMac) || get16(inner, 12) !== 0x0800) return this.drop(rec, 'vxlan-not-for-vtep');
     if (!ipHeaderValid(inner, L3)) return this.drop(rec, 'bad-ip-checksum');
-    const dst = get32(inner, L3 + 16);
-    if (subnetHost(dst, this.hosts.length) !== h.index) return this.drop(rec, 'no-route');
-    const p = h.podsByIp.get(dst);
-    if (!p) return this.drop(rec, 'no-neighbour');
-    if (!decreaseTtl(inner, L3)) return this.drop(rec, 'ttl-exceeded');
-    putMac(inner, 6, h.cniMac);
-    putMac(inner, 0, p.mac);
-    this.stats.delivered.overlay++;
-    this.deliverToPod(h, p, rec, inner);
+    if (subnetHost(get32(inner, L3 + 16), this.hosts.length) !== h.index) return this.drop(rec, 'no-route');
+    this.podStack(h, rec, inner, FROM_OVERLAY);
   }
 
   private deliverToPod(h: Host, p: Pod, rec: PacketRecord, frame: Buffer): void {
@@ -665,8 +882,87 @@ export class Cluster {
     if (this.trace) this.checker.hop(rec, `${fmtT(this.now)} delivered into pod ${p.name} (${p.ipStr})`);
     // The record is reused once its packet is done (giveRecord).
     const first = !rec.done;
-    this.checker.podReceived(rec, frame, p, h.agent.policy);
+    const flow = rec.flow as Flow | undefined;
+    if (flow !== undefined && first && !this.flowChecks(h, p, rec, flow, frame)) {
+      this.checker.dropped(rec, 'checked');
+    } else if (this.checker.podReceived(rec, frame, p, h.agent.policy) && flow !== undefined) {
+      // What the pod learnt of its connection.
+      const fwd = rec.fwd;
+      if (fwd) {
+        if (flow.spec.service !== undefined && flow.server === undefined) flow.server = p;
+        flow.heardB = true;
+        if (flow.proto !== 'tcp' || (frame[L3 + (frame[L3] & 0x0f) * 4 + 13] & 0x02) === 0) flow.bData = true;
+      } else flow.heardA = true;
+    }
     if (first) this.giveRecord(rec);
+  }
+
+  /**
+   * The checks of a pod packet that need its flow, before the checker's own:
+   * - a Service connection never breaks: a request reaches a backend of the
+   *   Service (the connection's own, once it has one) at its targetPort, the
+   *   frame the client sent but for the DNATed destination; a reply reaches
+   *   the client from the ClusterIP:port it asked, never from the backend's own
+   *   address (the reply's expected frame says so; the checker compares);
+   * - a denied flow never arrives: no packet of a connection reaches a pod
+   *   while a FORWARD deny rule matching the connection's first packet (its
+   *   original direction, after DNAT) is in force since before the connection
+   *   began: an egress rule on the client's host, an ingress rule on the
+   *   server's. (Rules added later may leave an established connection alone:
+   *   ESTABLISHED is accepted first, as without XMasq.)
+   * False after a violation (the packet counts as checked, not delivered).
+   */
+  private flowChecks(h: Host, p: Pod, rec: PacketRecord, flow: Flow, frame: Buffer): boolean {
+    const spec = flow.spec;
+    const v = spec.service;
+    if (v === undefined && this.hostRulesEver === 0) return true;
+    let serverIp: number, serverHost: number, serverPort: number;
+    const ports = flowPorts(flow.id);
+    if (v !== undefined) {
+      const svc = this.services[v];
+      serverPort = svc.targetPort;
+      if (rec.fwd) {
+        const own = flow.server;
+        const isBackend = svc.backends.some((b) => b.host === p.host && this.hosts[b.host].slots[b.slot] === p);
+        if (!isBackend || (own !== undefined && own.ip !== p.ip)) {
+          this.checker.violation(rec, 'a Service connection never breaks', `request ${rec.id} of flow ${flow.id} to service #${v} reached pod ${p.name} (${p.ipStr}), ${isBackend ? `not the connection's backend ${u32ToIp(own!.ip)}` : 'not a backend of the Service'}`);
+          return false;
+        }
+        // The client's frame, DNATed to this backend.
+        rec.expect = flowTemplate(flow, EXPECT_AT_B, (rec.sent as Template).srcIp, p.ip, ports.client, svc.targetPort, frame[L3 + (frame[L3] & 0x0f) * 4 + 13]);
+        rec.dstIp = p.ip;
+        rec.dstHost = p.host;
+        serverIp = p.ip;
+        serverHost = p.host;
+      } else {
+        const want = serviceIp(v);
+        const got = get32(frame, L3 + 12);
+        if (got !== want) {
+          this.checker.violation(rec, 'a Service connection never breaks', `reply ${rec.id} of flow ${flow.id} reached client ${p.name} from ${u32ToIp(got)}, not from the ClusterIP ${u32ToIp(want)} it asked (its backend's own address, the DNAT not reversed)`);
+          return false;
+        }
+        serverIp = flow.server!.ip;
+        serverHost = flow.server!.host;
+      }
+    } else {
+      serverIp = this.hosts[spec.b.host].slotIp[spec.b.slot];
+      serverHost = spec.b.host;
+      serverPort = ports.server;
+    }
+    if (this.hostRulesEver === 0) return true;
+    const clientHost = spec.a.host;
+    const proto = PROTO_NUMBER[flow.proto];
+    const icmp = flow.proto === 'icmp';
+    const t: Tuple = { src: u32ToIp(this.hosts[clientHost].slotIp[spec.a.slot]), dst: u32ToIp(serverIp), sport: icmp ? 0 : ports.client, dport: icmp ? 0 : serverPort, proto };
+    for (const [host, dir] of [[clientHost, 'egress'], [serverHost, 'ingress']] as const) {
+      for (const r of this.hosts[host].forwardRules) {
+        if (r.addedAt <= spec.at && ruleMatches(r.rule, dir, t)) {
+          this.checker.violation(rec, 'a denied flow never arrives', `packet ${rec.id} of flow ${flow.id} (${tupleStr(t)}) reached pod ${p.name} though FORWARD rule ${r.id} on h${host} (${dir}) denies the connection and was in force before it began`);
+          return false;
+        }
+      }
+    }
+    return true;
   }
 
   private drop(rec: PacketRecord, reason: string, at?: Host): void {

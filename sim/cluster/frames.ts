@@ -272,3 +272,36 @@ export class MacTable<E extends { mac: Uint8Array }> {
     return e !== undefined && dstMacIs(f, e.mac) ? e : undefined;
   }
 }
+
+/** A 16-bit ones'-complement checksum with some 16-bit words replaced (RFC 1624, eqn. 3): the value a recomputation gives. */
+function csumReplace(check: number, o1: number, o2: number, o3: number, n1: number, n2: number, n3: number): number {
+  let sum = (~check & 0xffff) + (~o1 & 0xffff) + (~o2 & 0xffff) + (~o3 & 0xffff) + n1 + n2 + n3;
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  return ~sum & 0xffff;
+}
+
+/**
+ * nf_nat's rewrite of one address and its port in an untagged IPv4 frame: the
+ * address at ipAt becomes word (the model's address word, readIpv4), the TCP
+ * or UDP port at portAt becomes port, and the IPv4 header and L4 checksums
+ * are updated incrementally (a UDP checksum of 0 stays 0; a computed 0 is
+ * sent as 0xffff). Other protocols: the address only.
+ */
+export function natRewrite(f: Buffer, ipAt: number, portAt: number, word: number, port: number): void {
+  const l3 = ETH_HLEN;
+  const proto = f[l3 + 9];
+  const l4 = l3 + (f[l3] & 0x0f) * 4;
+  const o1 = get16(f, ipAt), o2 = get16(f, ipAt + 2);
+  const n1 = ((word & 0xff) << 8) | ((word >>> 8) & 0xff), n2 = (((word >>> 16) & 0xff) << 8) | (word >>> 24);
+  put16(f, ipAt, n1);
+  put16(f, ipAt + 2, n2);
+  put16(f, l3 + 10, csumReplace(get16(f, l3 + 10), o1, o2, 0, n1, n2, 0));
+  const at = proto === 6 ? l4 + 16 : proto === 17 ? l4 + 6 : -1;
+  if (at < 0) return;
+  const op = get16(f, portAt);
+  put16(f, portAt, port);
+  const c = get16(f, at);
+  if (proto === 17 && c === 0) return;
+  const r = csumReplace(c, o1, o2, op, n1, n2, port);
+  put16(f, at, proto === 17 && r === 0 ? 0xffff : r);
+}

@@ -49,6 +49,11 @@ export class PacketRecord {
   dstHost = 0;
   dstIp = 0;
   deniedAtSend = false;
+  /** What the receiving pod must get: the frame sent, or for a Service flow its NATed form (set by the cluster). */
+  expect: Sent = NOTHING_SENT;
+  /** The flow of a pod packet, and whether it goes from a to b (its original direction). */
+  flow: unknown = undefined;
+  fwd = true;
   hops: string[] | undefined = undefined;
   /** The bytes as they are now: a view of slot. */
   frame: Buffer;
@@ -70,6 +75,9 @@ export class PacketRecord {
     this.deniedAtSend = deniedAtSend;
     this.hops = hops;
     this.frame = this.slot.inner;
+    this.expect = sent;
+    this.flow = undefined;
+    this.fwd = true;
     return this;
   }
 
@@ -150,12 +158,12 @@ function sameWords(got: Buffer, gotWords: Int32Array, sent: Sent, from: number):
  * the start of its slot (then the compare goes a word at a time).
  */
 function sameDatagram(got: Buffer, gotWords: Int32Array | undefined, rec: PacketRecord, from: number): string | undefined {
-  const want = rec.sent.frame;
+  const want = rec.expect.frame;
   const end = want.length;
   if (got.length !== end) return `length ${got.length}, sent ${end}`;
   if (!ipHeaderValid(got, L3)) return 'IPv4 header checksum does not check';
-  if (gotWords !== undefined && sameWords(got, gotWords, rec.sent, from)) return undefined;
-  const id = rec.sent.idOffset;
+  if (gotWords !== undefined && sameWords(got, gotWords, rec.expect, from)) return undefined;
+  const id = rec.expect.idOffset;
   for (let i = from; i < end; i++) {
     if (!mustEqual(i, from, id)) continue;
     if (got[i] !== want[i]) return `byte ${i} is 0x${got[i].toString(16)}, sent 0x${want[i].toString(16)}`;
@@ -201,6 +209,11 @@ export class Checker {
     return true;
   }
 
+  /** A check of the caller's (a Service's replies, host policy) failed on a packet that arrived. */
+  violation(rec: PacketRecord, rule: string, detail: string): void {
+    this.violate(rec.id, rule, detail, rec);
+  }
+
   hop(rec: PacketRecord, text: string): void {
     if (!rec.done) rec.hops?.push(text);
   }
@@ -226,7 +239,7 @@ export class Checker {
       this.violate(id, 'original headers and payload', `packet ${id} reached pod ${pod.name} altered: ${diff}`, rec);
       return false;
     }
-    if (rec.cross && (rec.deniedAtSend || denied(ingressRules, 'ingress', rec.tuple))) {
+    if (rec.cross && (rec.deniedAtSend || denied(ingressRules, 'ingress', rec.expect.tuple))) {
       this.violate(id, 'denied flows never pass', `packet ${id} ${tupleStr(rec.tuple)} reached pod ${pod.name} though a deny rule ${rec.deniedAtSend ? 'on the sending host' : 'on the receiving host'} matches it`, rec);
       return false;
     }
@@ -260,7 +273,7 @@ export class Checker {
     rec.done = true;
     if (rec.kind === 'host' && reason !== 'wire-loss') {
       this.violate(id, 'host traffic untouched', `host packet ${id} was dropped (${reason})`, rec);
-    } else if (reason === 'policy' && rec.cross && !rec.deniedAtSend && !denied(receiverIngress, 'ingress', rec.tuple)) {
+    } else if (reason === 'policy' && rec.cross && !rec.deniedAtSend && !denied(receiverIngress, 'ingress', rec.expect.tuple)) {
       this.violate(id, 'policy drops only denied flows', `packet ${id} ${tupleStr(rec.tuple)} was dropped by policy, yet no rule in force matches it`, rec);
     }
   }

@@ -5,6 +5,7 @@
  * benchmark add a traffic generator (traffic.ts) that makes flows as it goes.
  */
 import type { AgentTiming } from './agent.ts';
+import type { CtTimeouts } from './conntrack.ts';
 
 export interface LinkSpec {
   /** One-way latency of the underlay, ns. */
@@ -37,6 +38,24 @@ export interface FlowSpec {
   pattern: 'rr' | 'stream';
   /** The TOS byte the pods write; DSCP ≠ 0 keeps a flow on the overlay by design. */
   tos?: number;
+  /**
+   * a talks to Service #service (Scenario.services) instead of to b: a sends to
+   * its ClusterIP:port, its host DNATs the connection to a backend, and the
+   * backend that receives it answers. proto is the Service's; b is not used.
+   */
+  service?: number;
+}
+
+/**
+ * A ClusterIP Service, DNATed kube-proxy style by the client's host (nat
+ * PREROUTING) to one of its backends, chosen at random per connection among
+ * the backend slots that hold a pod; conntrack reverses it on the replies.
+ */
+export interface ServiceSpec {
+  proto: 'tcp' | 'udp';
+  port: number;
+  targetPort: number;
+  backends: PodRef[];
 }
 
 /** Host-to-host traffic (not from pods), which XMasq must never alter. */
@@ -86,7 +105,19 @@ export interface Scenario {
   flows: FlowSpec[];
   hostFlows: HostFlowSpec[];
   churn: ChurnSpec[];
+  /** The agent's own deny rules (xmasq policy add: its policy_rules map). */
   policy: PolicySpec[];
+  /** ClusterIP Services (the n-th is 10.96.0.(10 + n)). */
+  services?: ServiceSpec[];
+  /**
+   * Deny rules in the hosts' FORWARD chain, as Calico or kube-router install
+   * a NetworkPolicy: ESTABLISHED,RELATED accepted first, then the deny rules
+   * (ingress: to a pod of this host; egress: from one), then KUBE-FORWARD's
+   * ctstate INVALID drop. Same shape as policy, on the host's stack.
+   */
+  hostPolicy?: PolicySpec[];
+  /** The hosts' conntrack timeouts (default Linux's, conntrack.ts). */
+  ctTimeouts?: CtTimeouts;
   /**
    * How long a flow goes on sending after one of its pods was deleted, ns: a client
    * keeps sending to a dead pod until it notices (TCP retries, endpoint updates).
@@ -100,6 +131,11 @@ export interface Scenario {
 
 export const PROTO_NUMBER: Record<Proto, number> = { icmp: 1, tcp: 6, udp: 17 };
 
+/** Service #n's ClusterIP, 10.96.0.(10 + n). */
+export function serviceIp(n: number): number {
+  return ((10 << 24) | (96 << 16) | (10 + n)) >>> 0;
+}
+
 const ms = (ns: number) => `${(ns / 1e6).toFixed(3)}ms`;
 const ref = (r: PodRef) => `h${r.host}p${r.slot}`;
 
@@ -110,12 +146,17 @@ export function formatScenario(sc: Scenario): string {
   const lines = [
     `${sc.hosts} hosts × ${sc.podsPerHost} pods, scheme ${sc.scheme}, ifindex ${sc.ifindex}, seed ${sc.seed}, run ${ms(sc.durationNs)}`,
     `link: latency ${ms(l.latencyNs)} + jitter ${ms(l.jitterNs)}, loss ${l.loss}; agent: egress idle ${ms(t.egressIdleNs)}, ingress idle ${ms(t.ingressIdleNs)}, scan every ${ms(t.scanIntervalNs)}`,
-    ...sc.flows.map((f, i) => `flow ${i + 1}: at ${ms(f.at)} ${ref(f.a)} ↔ ${ref(f.b)} ${f.proto} ${f.packets} packets every ${ms(f.gapNs)} ${f.pattern}${f.tos ? ` tos 0x${f.tos.toString(16)}` : ''}`),
+    ...(sc.services ?? []).map((v, i) => `service #${i}: 10.96.0.${10 + i}:${v.port} ${v.proto} → ${v.backends.map(ref).join(' ')} :${v.targetPort}`),
+    ...sc.flows.map((f, i) => `flow ${i + 1}: at ${ms(f.at)} ${ref(f.a)} ↔ ${f.service !== undefined ? `service #${f.service}` : `${ref(f.b)} ${f.proto}`} ${f.packets} packets every ${ms(f.gapNs)} ${f.pattern}${f.tos ? ` tos 0x${f.tos.toString(16)}` : ''}`),
     ...sc.hostFlows.map((f) => `host traffic: at ${ms(f.at)} h${f.from} → h${f.to} ${f.proto} tos 0x${f.tos.toString(16)}${f.df ? ' DF' : ''} ${f.packets} packets every ${ms(f.gapNs)}`),
     ...sc.churn.map((c) => `churn: at ${ms(c.at)} ${ref(c.pod)} deleted, a new pod ${ms(c.gapNs)} later on ${c.sameIp ? 'the same IP' : 'a new IP'}`),
     ...sc.policy.map((p, i) => p.op === 'add'
       ? `policy #${i}: at ${ms(p.at)} h${p.host} deny ${p.dir} ${p.src ? ref(p.src) : '*'} → ${p.dst ? ref(p.dst) : '*'}${p.dport ? `:${p.dport}` : ''}${p.proto ? ` ${p.proto}` : ''}`
       : `policy #${i}: at ${ms(p.at)} h${p.host} remove rule #${p.removes}`),
+    ...(sc.hostPolicy ?? []).map((p, i) => p.op === 'add'
+      ? `FORWARD #${i}: at ${ms(p.at)} h${p.host} deny ${p.dir} ${p.src ? ref(p.src) : '*'} → ${p.dst ? ref(p.dst) : '*'}${p.dport ? `:${p.dport}` : ''}${p.proto ? ` ${p.proto}` : ''}`
+      : `FORWARD #${i}: at ${ms(p.at)} h${p.host} remove rule #${p.removes}`),
+    ...(sc.ctTimeouts ? [`conntrack: udp ${ms(sc.ctTimeouts.udp)} / stream ${ms(sc.ctTimeouts.udpStream)}, tcp closing ${ms(sc.ctTimeouts.tcpFinWait)}`] : []),
   ];
   return lines.join('\n');
 }

@@ -30,8 +30,59 @@ export interface Flow {
   fast: number;
   /** The pods of a and b when the flow started (deadPeerGraceNs ends a flow some time after either is deleted). */
   pods: [{ deletedAt?: number } | undefined, { deletedAt?: number } | undefined];
-  /** The last frame built for each direction, and the addresses it was built for (churn can change them). */
-  templates: [Template | undefined, Template | undefined];
+  /**
+   * The last frames built, by slot (FLOW_SENT_A etc.), and the addresses each
+   * was built for (churn can change them); flagged: their TCP SYN, SYN-ACK
+   * and FIN variants, made from them (flowTemplate).
+   */
+  templates: Array<Template | undefined>;
+  flagged: Array<Template | undefined>;
+  /** The flow's protocol (a Service's for a Service flow). */
+  proto: Proto;
+  /** A server answers only what it heard: b (or a Service's backend) received a packet of the flow; a heard b; b heard a's handshake end. */
+  heardB: boolean;
+  heardA: boolean;
+  bData: boolean;
+  /** A Service flow's backend: the pod that received its first request (its IP and where it is). */
+  server: { ip: number; host: number; slot: number; deletedAt?: number } | undefined;
+}
+
+/** Template slots of a flow: what a sends, what b sends; what a Service's backend must receive, what its client must. */
+export const SENT_A = 0, SENT_B = 1, EXPECT_AT_B = 2, EXPECT_AT_A = 3;
+
+/** TCP flags the simulated connections carry. */
+export const FLAGS_SYN = 0x02, FLAGS_SYNACK = 0x12, FLAGS_PA = 0x18, FLAGS_FINACK = 0x11;
+
+/**
+ * The frame of a flow's slot from src:sport to dst:dport, with TCP flags (any
+ * for UDP and ICMP, which have none): the PSH-ACK frame is built (and kept)
+ * per address pair, the others are made from it.
+ */
+export function flowTemplate(f: Flow, slot: number, src: number, dst: number, sport: number, dport: number, flags: number): Template {
+  let base = f.templates[slot];
+  if (!base || base.srcIp !== src || base.dstIp !== dst) {
+    base = buildTemplate(src, dst, f.proto, sport, dport, f.spec.tos ?? 0, false, slot === SENT_A || slot === EXPECT_AT_B, f.id);
+    f.templates[slot] = base;
+  }
+  if (flags === FLAGS_PA || f.proto !== 'tcp') return base;
+  const k = slot * 3 + (flags === FLAGS_SYN ? 0 : flags === FLAGS_SYNACK ? 1 : 2);
+  const c = f.flagged[k];
+  if (c && c.srcIp === src && c.dstIp === dst) return c;
+  return (f.flagged[k] = withTcpFlags(base, flags));
+}
+
+/** A copy of a TCP template with other flags, its checksum updated incrementally (RFC 1624), as a recomputation would give it. */
+export function withTcpFlags(t: Template, flags: number): Template {
+  const { frame, words } = templateMemory(t.frame.length);
+  frame.set(t.frame);
+  const l4 = ETH_HLEN + (frame[ETH_HLEN] & 0x0f) * 4;
+  const old = (frame[l4 + 12] << 8) | frame[l4 + 13];
+  frame[l4 + 13] = flags;
+  const now = (frame[l4 + 12] << 8) | frame[l4 + 13];
+  let sum = (~((frame[l4 + 16] << 8) | frame[l4 + 17]) & 0xffff) + (~old & 0xffff) + now;
+  while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
+  put16(frame, l4 + 16, ~sum & 0xffff);
+  return { ...t, frame, words, podMask: undefined, hostMask: undefined };
 }
 
 /** Which way packet k of a flow goes: true from a to b. */
@@ -43,18 +94,6 @@ export function flowPorts(id: number): { client: number; server: number } {
   return { client: 10000 + (id * 7919) % 50000, server: SERVER_PORTS[id % SERVER_PORTS.length] };
 }
 
-/** The frame a pod sends for flow f from src to dst (MACs are written per packet). */
-export function podTemplate(f: Flow, fwd: boolean, src: number, dst: number): Template {
-  const slot = fwd ? 0 : 1;
-  const cached = f.templates[slot];
-  if (cached && cached.srcIp === src && cached.dstIp === dst) return cached;
-  const { client, server } = flowPorts(f.id);
-  const sport = fwd ? client : server;
-  const dport = fwd ? server : client;
-  const t = buildTemplate(src, dst, f.spec.proto, sport, dport, f.spec.tos ?? 0, false, fwd, f.id);
-  f.templates[slot] = t;
-  return t;
-}
 
 /**
  * One frame per shape (protocol, DF, ICMP echo request or reply), built with
