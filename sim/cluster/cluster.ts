@@ -499,7 +499,7 @@ export class Cluster {
     const proto = spec.service === undefined ? spec.proto : this.services[spec.service].proto;
     const flow: Flow = {
       id: ++this.flowCount, spec, next: 0, sentCross: 0, fast: 0, pods: [undefined, undefined], templates: [], flagged: [], proto,
-      heardA: false, heardB: false, bData: false, server: undefined,
+      heardA: false, heardB: false, bData: false, server: undefined, aIp: -1, bIp: -1,
     };
     this.schedule(new FlowEvent(flow));
   }
@@ -543,10 +543,24 @@ export class Cluster {
       this.stats.sent.unsent++;
       return;
     }
+    // A pod on another IP in a's (or b's) slot is another connection: it starts with its handshake, and a Service picks a backend for it again.
+    const aIp = this.hosts[spec.a.host].slotIp[spec.a.slot];
+    const bIp = service === undefined ? this.hosts[spec.b.host].slotIp[spec.b.slot] : -1;
+    if (aIp !== flow.aIp || bIp !== flow.bIp) {
+      flow.aIp = aIp;
+      flow.bIp = bIp;
+      if (flow.next > 1) {
+        flow.heardA = flow.heardB = flow.bData = false;
+        flow.server = undefined;
+        if (!fwd) {
+          this.stats.sent.unsent++;
+          return;
+        }
+      }
+    }
     const last = flow.next === spec.packets;
     const flags = fwd ? (flow.heardA ? (last ? FLAGS_FINACK : FLAGS_PA) : FLAGS_SYN) : (flow.bData ? (last ? FLAGS_FINACK : FLAGS_PA) : FLAGS_SYNACK);
     const ports = flowPorts(flow.id);
-    const aIp = this.hosts[spec.a.host].slotIp[spec.a.slot];
     let tpl: Template, expect: Template, dstIp: number, toHost: number;
     if (service === undefined) {
       toHost = fwd ? spec.b.host : spec.a.host;
@@ -736,7 +750,10 @@ export class Cluster {
     }
     const nat = ct.isDnat();
     // nat PREROUTING: the original direction goes to the backend.
-    if (nat && ct.dir === 0) natRewrite(frame, L3 + 16, l4 + 2, ct.word(3), ct.word(5) >>> 16);
+    if (nat && ct.dir === 0) {
+      dport = ct.word(5) >>> 16;
+      natRewrite(frame, L3 + 16, l4 + 2, ct.word(3), dport);
+    }
     const dst = get32(frame, L3 + 16);
     const g = subnetHost(dst, this.hosts.length);
     if (g < 0) return this.drop(rec, 'no-route');
@@ -956,7 +973,8 @@ export class Cluster {
     const t: Tuple = { src: u32ToIp(this.hosts[clientHost].slotIp[spec.a.slot]), dst: u32ToIp(serverIp), sport: icmp ? 0 : ports.client, dport: icmp ? 0 : serverPort, proto };
     for (const [host, dir] of [[clientHost, 'egress'], [serverHost, 'ingress']] as const) {
       for (const r of this.hosts[host].forwardRules) {
-        if (r.addedAt <= spec.at && ruleMatches(r.rule, dir, t)) {
+        // Strictly before: a rule added at the very instant the connection starts may come after its first packet.
+        if (r.addedAt < spec.at && ruleMatches(r.rule, dir, t)) {
           this.checker.violation(rec, 'a denied flow never arrives', `packet ${rec.id} of flow ${flow.id} (${tupleStr(t)}) reached pod ${p.name} though FORWARD rule ${r.id} on h${host} (${dir}) denies the connection and was in force before it began`);
           return false;
         }

@@ -45,6 +45,9 @@ export interface Flow {
   bData: boolean;
   /** A Service flow's backend: the pod that received its first request (its IP and where it is). */
   server: { ip: number; host: number; slot: number; deletedAt?: number } | undefined;
+  /** The addresses of a and b the connection was made with (-1: none yet; b's: -1 for a Service). */
+  aIp: number;
+  bIp: number;
 }
 
 /** Template slots of a flow: what a sends, what b sends; what a Service's backend must receive, what its client must. */
