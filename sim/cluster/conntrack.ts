@@ -109,7 +109,7 @@ const IV = -2;
  * States: NONE SS SR ES FW CW LA TW CL.
  */
 const { SYN_SENT: SS, SYN_RECV: SR, ESTABLISHED: ES, FIN_WAIT: FW, CLOSE_WAIT: CW, LAST_ACK: LA, TIME_WAIT: TW, CLOSE: CL } = TCP;
-const TABLE: number[][][] = [
+const TABLE_ROWS: number[][][] = [
   [ // original
     /* SYN    */ [SS, SS, IG, IG, IG, IG, IG, SS, SS],
     /* SYNACK */ [IV, IV, SR, IV, IV, IV, IV, IV, IV],
@@ -127,6 +127,30 @@ const TABLE: number[][][] = [
     /* NONE   */ [IV, IV, IV, IV, IV, IV, IV, IV, IV],
   ],
 ];
+/** The same table, flat: [dir][index][state] at (dir * 6 + index) * 9 + state. */
+const TABLE = Int8Array.from(TABLE_ROWS.flat(2));
+
+/**
+ * What lookup returns: one object per table, filled for each call with what
+ * the programs read (status, TCP state, flags); the tuples are made only if
+ * read (the programs do not).
+ */
+class CtView implements ModelCtEntry {
+  id = 0;
+  status = 0;
+  tcpState = 0;
+  readonly flags: [number, number] = [0, 0];
+
+  constructor(private readonly tuple: (id: number, dir: number) => ModelCtTuple) {}
+
+  get orig(): ModelCtTuple {
+    return this.tuple(this.id, 0);
+  }
+
+  get reply(): ModelCtTuple {
+    return this.tuple(this.id, 1);
+  }
+}
 
 export class HostConntrack extends ModelConntrack {
   /** The host's clock, ns: set before each program run and stack pass. */
@@ -147,10 +171,12 @@ export class HostConntrack extends ModelConntrack {
   private free: number[] = [];
   private next = 0;
   private live = 0;
-  private readonly view: ModelCtEntry = {
-    orig: { src: 0, dst: 0, sport: 0, dport: 0, proto: 0 }, reply: { src: 0, dst: 0, sport: 0, dport: 0, proto: 0 },
-    status: 0, tcpState: 0, flags: [0, 0],
-  };
+  private readonly view = new CtView((id, dir) => {
+    const p = this.tup, b = 6 * id + 3 * dir;
+    return { src: p[b] >>> 0, dst: p[b + 1] >>> 0, sport: p[b + 2] >>> 16, dport: p[b + 2] & 0xffff, proto: this.proto[id] };
+  });
+  /** The TCP timeout of each state. */
+  private readonly tcpTimeouts: Float64Array;
 
   /** What track() found: the entry (or -1: a new one, to confirm) and the packet's direction. */
   entry = -1;
@@ -164,6 +190,7 @@ export class HostConntrack extends ModelConntrack {
 
   constructor(readonly timeouts: CtTimeouts = LINUX_CT_TIMEOUTS) {
     super();
+    this.tcpTimeouts = Float64Array.from([0, 1, 2, 3, 4, 5, 6, 7, 8], (s) => tcpTimeout(timeouts, s));
   }
 
   // ---- what the programs read (ModelConntrack) ----
@@ -180,16 +207,8 @@ export class HostConntrack extends ModelConntrack {
   override lookup(t: ModelCtTuple): ModelCtEntry | undefined {
     const ref = this.find(t.src, t.dst, (t.sport << 16) | t.dport, t.proto);
     if (ref < 0) return undefined;
-    const id = ref >> 1, v = this.view, p = this.tup, b = 6 * id;
-    v.orig.src = p[b] >>> 0;
-    v.orig.dst = p[b + 1] >>> 0;
-    v.orig.sport = p[b + 2] >>> 16;
-    v.orig.dport = p[b + 2] & 0xffff;
-    v.reply.src = p[b + 3] >>> 0;
-    v.reply.dst = p[b + 4] >>> 0;
-    v.reply.sport = p[b + 5] >>> 16;
-    v.reply.dport = p[b + 5] & 0xffff;
-    v.orig.proto = v.reply.proto = this.proto[id];
+    const id = ref >> 1, v = this.view;
+    v.id = id;
     v.status = this.stat[id];
     v.tcpState = this.tcpState[id];
     v.flags[0] = this.flags[2 * id];
@@ -221,7 +240,7 @@ export class HostConntrack extends ModelConntrack {
       this.nFlags = 0;
       this.nState = TCP.NONE;
       if (proto === IPPROTO_TCP) {
-        const s = TABLE[0][tcpIndex(tcpFlags)][TCP.NONE];
+        const s = TABLE[tcpIndex(tcpFlags) * 9 + TCP.NONE];
         if (s < 0) return CT_INVALID;
         this.nState = s;
         // Picked up mid-stream: windows unknown, so both directions are liberal (tcp_new).
@@ -237,10 +256,10 @@ export class HostConntrack extends ModelConntrack {
     const p = this.proto[id];
     if (p === IPPROTO_TCP) {
       const old = this.tcpState[id];
-      const s = TABLE[dir][tcpIndex(tcpFlags)][old];
+      const s = TABLE[(dir * 6 + tcpIndex(tcpFlags)) * 9 + old];
       if (s === IV) return CT_INVALID;
       if (s !== IG) this.tcpState[id] = s;
-      this.expires[id] = this.now + tcpTimeout(t, s === IG ? old : s);
+      this.expires[id] = this.now + this.tcpTimeouts[s === IG ? old : s];
     } else if (p === IPPROTO_UDP) {
       // SEEN_REPLY as the UDP handler sees it: set only after it ran (nf_conntrack_in).
       if ((this.stat[id] & IPS_SEEN_REPLY) !== 0 && this.now > this.streamAt[id]) {
@@ -268,7 +287,7 @@ export class HostConntrack extends ModelConntrack {
     if (this.entry >= 0) return;
     const t = this.timeouts;
     const p = this.nProto;
-    this.entry = this.insert(p === IPPROTO_TCP ? tcpTimeout(t, this.nState) : p === IPPROTO_UDP ? t.udp : t.icmp);
+    this.entry = this.insert(p === IPPROTO_TCP ? this.tcpTimeouts[this.nState] : p === IPPROTO_UDP ? t.udp : t.icmp);
   }
 
   /** Of the entry track() found or confirm() made: whether it is DNATed, and its addresses (model words). */

@@ -85,7 +85,7 @@ export function withTcpFlags(t: Template, flags: number): Template {
   let sum = (~((frame[l4 + 16] << 8) | frame[l4 + 17]) & 0xffff) + (~old & 0xffff) + now;
   while (sum > 0xffff) sum = (sum & 0xffff) + (sum >>> 16);
   put16(frame, l4 + 16, ~sum & 0xffff);
-  return { ...t, frame, words, podMask: undefined, hostMask: undefined };
+  return { frame, words, srcIp: t.srcIp, dstIp: t.dstIp, idOffset: t.idOffset, tuple: t.tuple, podMask: undefined, hostMask: undefined };
 }
 
 /** Which way packet k of a flow goes: true from a to b. */
