@@ -902,7 +902,7 @@ export class Cluster {
     const flow = rec.flow as Flow | undefined;
     if (flow !== undefined && first && !this.flowChecks(h, p, rec, flow, frame)) {
       this.checker.dropped(rec, 'checked');
-    } else if (this.checker.podReceived(rec, frame, p, h.agent.policy) && flow !== undefined) {
+    } else if (this.checker.podReceived(rec, frame, p, h.agent.policy) && flow !== undefined && this.ofCurrentConnection(rec, flow)) {
       // What the pod learnt of its connection.
       const fwd = rec.fwd;
       if (fwd) {
@@ -912,6 +912,12 @@ export class Cluster {
       } else flow.heardA = true;
     }
     if (first) this.giveRecord(rec);
+  }
+
+  /** Whether a packet belongs to the flow's connection of now, not to one of a pod its slot held before (churn). */
+  private ofCurrentConnection(rec: PacketRecord, flow: Flow): boolean {
+    const t = rec.sent as Template;
+    return rec.fwd ? t.srcIp === flow.aIp : t.dstIp === flow.aIp;
   }
 
   /**
@@ -941,7 +947,7 @@ export class Cluster {
       if (rec.fwd) {
         const own = flow.server;
         const isBackend = svc.backends.some((b) => b.host === p.host && this.hosts[b.host].slots[b.slot] === p);
-        if (!isBackend || (own !== undefined && own.ip !== p.ip)) {
+        if (!isBackend || (own !== undefined && own.ip !== p.ip && this.ofCurrentConnection(rec, flow))) {
           this.checker.violation(rec, 'a Service connection never breaks', `request ${rec.id} of flow ${flow.id} to service #${v} reached pod ${p.name} (${p.ipStr}), ${isBackend ? `not the connection's backend ${u32ToIp(own!.ip)}` : 'not a backend of the Service'}`);
           return false;
         }
@@ -958,8 +964,11 @@ export class Cluster {
           this.checker.violation(rec, 'a Service connection never breaks', `reply ${rec.id} of flow ${flow.id} reached client ${p.name} from ${u32ToIp(got)}, not from the ClusterIP ${u32ToIp(want)} it asked (its backend's own address, the DNAT not reversed)`);
           return false;
         }
-        serverIp = flow.server!.ip;
-        serverHost = flow.server!.host;
+        // A reply of a connection its client has since left (churn) has no backend to judge by any more.
+        const srv = flow.server;
+        if (srv === undefined) return true;
+        serverIp = srv.ip;
+        serverHost = srv.host;
       }
     } else {
       serverIp = this.hosts[spec.b.host].slotIp[spec.b.slot];

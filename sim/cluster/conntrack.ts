@@ -175,6 +175,7 @@ export class HostConntrack extends ModelConntrack {
     const p = this.tup, b = 6 * id + 3 * dir;
     return { src: p[b] >>> 0, dst: p[b + 1] >>> 0, sport: p[b + 2] >>> 16, dport: p[b + 2] & 0xffff, proto: this.proto[id] };
   });
+  private readonly words = new Map<string, number>();
   /** The TCP timeout of each state. */
   private readonly tcpTimeouts: Float64Array;
 
@@ -302,12 +303,19 @@ export class HostConntrack extends ModelConntrack {
 
   /** The agent's ctnetlink update (dataplane/agent/conntrack.ts): both directions liberal; false if no entry. */
   makeLiberal(t: { src: string; dst: string; sport: number; dport: number; proto: number }): boolean {
-    const ref = this.find(ipWord(t.src), ipWord(t.dst), (t.sport << 16) | t.dport, t.proto);
+    const ref = this.find(this.wordOf(t.src), this.wordOf(t.dst), (t.sport << 16) | t.dport, t.proto);
     if (ref < 0) return false;
     const id = ref >> 1;
     this.flags[2 * id] |= LIBERAL;
     this.flags[2 * id + 1] |= LIBERAL;
     return true;
+  }
+
+  /** Address text as a model word, remembered (the drain names the same few pod addresses again and again). */
+  private wordOf(ip: string): number {
+    let w = this.words.get(ip);
+    if (w === undefined) this.words.set(ip, (w = ipWord(ip)));
+    return w;
   }
 
   /** The TCP state and status of a flow's entry, for tests and traces. */
