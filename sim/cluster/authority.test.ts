@@ -267,17 +267,18 @@ describe('host authority: the cases of issue 13, by hand', () => {
 
   it('a UDP flow whose entries expire while it is on the fast path falls back to the stack and comes back, nothing lost', () => {
     // UDP's timeouts at 1/1000: 30 ms unreplied, 120 ms once a stream (2 ms): the fast path refreshes nothing.
+    // The programs look the flow up again 200 ms after they last did (ct_admitted), find no entry, and leave it to the stack.
     const sc = pairScenario({
-      ctTimeouts: scaledTimeouts(1e-3),
-      flows: [{ at: 0, a: { host: 0, slot: 0 }, b: { host: 1, slot: 0 }, proto: 'udp', packets: 180, gapNs: 1e6, pattern: 'rr' }],
+      ctTimeouts: scaledTimeouts(1e-3), durationNs: 700e6,
+      flows: [{ at: 0, a: { host: 0, slot: 0 }, b: { host: 1, slot: 0 }, proto: 'udp', packets: 600, gapNs: 1e6, pattern: 'rr' }],
     });
     const r = new Cluster(sc).run();
     expect(r.violations).toEqual([]);
     expect(r.stats.drops).toEqual({});
-    expect(r.stats.delivered.fast + r.stats.delivered.overlay + r.stats.delivered.viaStack).toBe(180);
+    expect(r.stats.delivered.fast + r.stats.delivered.overlay + r.stats.delivered.viaStack).toBe(600);
     // Refused after the expiry (no entry), then admitted again once the new entry saw a reply.
-    expect(r.stats.counters.CT_REFUSED).toBeGreaterThan(2);
-    expect(r.stats.masqueraded).toBeGreaterThan(140);
+    expect(r.stats.counters.CT_REFUSED).toBeGreaterThanOrEqual(2);
+    expect(r.stats.masqueraded).toBeGreaterThan(540);
   });
 });
 

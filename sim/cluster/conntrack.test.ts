@@ -6,10 +6,10 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { MAX_ENTRIES } from '../../dataplane/maps.ts';
+import { CT_RECHECK_NS, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { CT_ADMIT, ctAdmit, ipWord } from '../model/conntrack.ts';
 import { Hdrs } from '../model/packet.ts';
-import { emptyState } from '../model/state.ts';
+import { emptyState, type Env } from '../model/state.ts';
 import { verifyL4 } from '../packet/index.ts';
 import { CT_ESTABLISHED, CT_INVALID, CT_NEW, HostConntrack, IPS_DST_NAT, IPS_SEEN_REPLY, LINUX_CT_TIMEOUTS, TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, scaledTimeouts } from './conntrack.ts';
 import { ipHeaderValid, natRewrite } from './frames.ts';
@@ -31,6 +31,11 @@ function hdrs(proto: number, sport: number, dport: number, flags = PA): Hdrs {
   return h;
 }
 
+/** What the programs get from the host: its clock and its table. */
+function envOf(ct: HostConntrack): Env {
+  return { now: ct.now, random: () => 0, conntrack: ct };
+}
+
 /** A packet crossing the stack: track, then confirm as FORWARD accepted it. */
 function cross(ct: HostConntrack, src: number, dst: number, sport: number, dport: number, proto: number, flags: number): number {
   const st = ct.track(src, dst, sport, dport, proto, flags, 0);
@@ -42,7 +47,7 @@ describe('sim/cluster conntrack', () => {
   it('a TCP connection: SYN_SENT, SYN_RECV, ESTABLISHED; admitted only once liberal; a FIN takes it off the fast path', () => {
     const ct = new HostConntrack();
     const s = emptyState(MAX_ENTRIES.test);
-    const admit = () => ctAdmit(s, ct, hdrs(TCPP, 40000, 80), A, B);
+    const admit = () => ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B);
     expect(admit()).toBe('CT_REFUSED');
     expect(cross(ct, A, B, 40000, 80, TCPP, TCP_SYN)).toBe(CT_NEW);
     expect(ct.lookup({ src: A, dst: B, sport: 40000, dport: 80, proto: TCPP })!.tcpState).toBe(TCP.SYN_SENT);
@@ -62,11 +67,15 @@ describe('sim/cluster conntrack', () => {
     expect(s.ct_pending.lookupElem({ saddr: A, daddr: B, sport: 40000, dport: 80, protocol: TCPP })).toBeDefined();
     expect(ct.makeLiberal({ src: '10.244.2.3', dst: '10.244.1.2', sport: 80, dport: 40000, proto: TCPP })).toBe(true);
     expect(admit()).toBe(CT_ADMIT);
-    expect(ctAdmit(s, ct, hdrs(TCPP, 80, 40000), B, A)).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 80, 40000), B, A)).toBe(CT_ADMIT);
     // A SYN, FIN or RST never takes the fast path; after a FIN the entry is closing.
-    expect(ctAdmit(s, ct, hdrs(TCPP, 40000, 80, TCP_FIN | TCP_ACK), A, B)).toBe('CT_REFUSED');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80, TCP_FIN | TCP_ACK), A, B)).toBe('CT_REFUSED');
     expect(cross(ct, B, A, 80, 40000, TCPP, TCP_FIN | TCP_ACK)).toBe(CT_ESTABLISHED);
     expect(ct.lookup({ src: A, dst: B, sport: 40000, dport: 80, proto: TCPP })!.tcpState).toBe(TCP.CLOSE_WAIT);
+    // The admission is cached for 200 ms (ct_admitted), then looked up again.
+    ct.now += Number(CT_RECHECK_NS) - 1;
+    expect(admit()).toBe(CT_ADMIT);
+    ct.now += 1;
     expect(admit()).toBe('CT_REFUSED');
     expect(ct.makeLiberal({ src: '10.244.9.9', dst: '10.244.1.2', sport: 80, dport: 40000, proto: TCPP })).toBe(false);
   });
@@ -87,7 +96,7 @@ describe('sim/cluster conntrack', () => {
     const s = emptyState(MAX_ENTRIES.test);
     expect(cross(ct, A, B, 40000, 80, TCPP, PA)).toBe(CT_NEW);
     // No reply seen yet: established, liberal (windows unknown); the check asks for no more.
-    expect(ctAdmit(s, ct, hdrs(TCPP, 40000, 80), A, B)).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B)).toBe(CT_ADMIT);
     expect(cross(ct, B, A, 80, 40000, TCPP, PA)).toBe(CT_ESTABLISHED);
   });
 
@@ -95,7 +104,7 @@ describe('sim/cluster conntrack', () => {
     const ct = new HostConntrack();
     const s = emptyState(MAX_ENTRIES.test);
     const S = 1e9;
-    const admit = () => ctAdmit(s, ct, hdrs(UDPP, 5000, 53), A, B);
+    const admit = () => ctAdmit(s, envOf(ct), hdrs(UDPP, 5000, 53), A, B);
     ct.now = 0;
     expect(cross(ct, A, B, 5000, 53, UDPP, 0)).toBe(CT_NEW);
     expect(admit()).toBe('CT_REFUSED');
@@ -144,8 +153,8 @@ describe('sim/cluster conntrack', () => {
     expect(ct.dir).toBe(1);
     expect(cross(ct, A, VIP, 40000, 80, TCPP, TCP_ACK)).toBe(CT_ESTABLISHED);
     ct.makeLiberal({ src: '10.244.1.2', dst: '10.96.0.10', sport: 40000, dport: 80, proto: TCPP });
-    expect(ctAdmit(s, ct, hdrs(TCPP, 8080, 40000), B, A)).toBe('CT_NAT');
-    expect(ctAdmit(s, ct, hdrs(TCPP, 40000, 80), A, VIP)).toBe('CT_NAT');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 8080, 40000), B, A)).toBe('CT_NAT');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, VIP)).toBe('CT_NAT');
   });
 
   it('the table agrees with a plain model of UDP entries through both directions, expiries, slot reuse and growth', () => {
