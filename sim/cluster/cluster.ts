@@ -5,15 +5,21 @@
  * ingress), the agent's control loops, and an underlay with latency, jitter
  * (hence reordering) and loss.
  *
- * Overlay path:  pod → veth (masq: pass) → cni0 → route, TTL−1 → flannel.1
+ * Overlay path:  pod → veth (masq: pass) → cni0 → host stack → flannel.1
  *                encap → NIC egress (init) → wire → NIC ingress (restore:
- *                pass) → host stack → vxlan decap → route, TTL−1 → cni0 → pod
+ *                pass) → vxlan decap → host stack → cni0 → pod
  * Fast path:     pod → veth (masq: rewrite, redirect) → NIC egress (init:
  *                pass) → wire → NIC ingress (restore: rewrite, redirect peer) → pod
+ * Host stack:    conntrack, a Service's DNAT, routing (TTL−1), FORWARD
+ *                (ESTABLISHED first, deny rules, INVALID dropped), the reply's
+ *                DNAT reversed (podStack). masq and restore read its conntrack:
+ *                what it does not admit stays on the overlay, or is restored
+ *                and handed to the stack.
  *
  * Everything inside a host happens at one instant; only the wire takes time.
  */
 import { COUNTER_NAMES, NodeFlag, type CounterName } from '../../dataplane/maps.ts';
+import { readIpv4 } from '../model/packet.ts';
 import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { DEFAULT_CT_DRAIN_NS, SimAgent, type AgentFaults } from './agent.ts';
 import { CT_INVALID, CT_NEW, HostConntrack, LINUX_CT_TIMEOUTS } from './conntrack.ts';
@@ -231,12 +237,7 @@ const IPPROTO_ICMP = 1, IPPROTO_TCP = 6, IPPROTO_UDP = 17;
 /** Where a pod packet enters the host stack (podStack). */
 const BRIDGED = 0, FROM_POD = 1, FROM_OVERLAY = 2, FROM_RESTORE = 3;
 
-/** The four bytes at f[at] as the model's address word (sim/model/packet.ts readIpv4: little-endian). */
-function le32(f: Buffer, at: number): number {
-  return (f[at] | (f[at + 1] << 8) | (f[at + 2] << 16) | (f[at + 3] << 24)) >>> 0;
-}
-
-/** The model's word of an address the simulator holds as a number (big-endian). */
+/** The model's word (readIpv4: the address's bytes read little-endian) of an address the simulator holds as a number (big-endian). */
 function wordOf(ip: number): number {
   return (((ip & 0xff) << 24) | ((ip & 0xff00) << 8) | ((ip >>> 8) & 0xff00) | (ip >>> 24)) >>> 0;
 }
@@ -738,7 +739,7 @@ export class Cluster {
       icmpType = frame[l4];
       sport = get16(frame, l4 + 4);
     }
-    const st = ct.track(le32(frame, L3 + 12), le32(frame, L3 + 16), sport, dport, proto, tcpFlags, icmpType);
+    const st = ct.track(readIpv4(frame, L3 + 12), readIpv4(frame, L3 + 16), sport, dport, proto, tcpFlags, icmpType);
     if (st === CT_INVALID) return this.drop(rec, 'ct-invalid');
     if (ct.entry < 0 && (proto === IPPROTO_TCP || proto === IPPROTO_UDP)) {
       const v = this.serviceAt(get32(frame, L3 + 16), dport, proto);
@@ -806,7 +807,7 @@ export class Cluster {
 
   /** Whether a deny rule of the host's FORWARD chain matches a new connection's packet: ingress rules for a pod of this host, egress rules for one sending from it. */
   private forwardDenied(h: Host, frame: Buffer, dst: number, dstHost: number, dport: number, proto: number): boolean {
-    const srcW = le32(frame, L3 + 12), dstW = wordOf(dst);
+    const srcW = readIpv4(frame, L3 + 12), dstW = wordOf(dst);
     const fromHere = subnetHost(get32(frame, L3 + 12), this.hosts.length) === h.index;
     for (const r of h.forwardRules) {
       const x = r.rule;
