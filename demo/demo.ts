@@ -437,10 +437,16 @@ class Demo {
     for (const h of ['h1', 'h2']) await this.agents!.start(h);
   }
 
+  /**
+   * Stops the agents and removes what a stopped agent leaves on purpose (restore at the NIC,
+   * the pins), so that the other paths run with no program attached at all.
+   */
   private async stopAgents(): Promise<void> {
     for (const h of ['h1', 'h2']) {
       const code = await this.agents!.stop(h);
       if (code !== 0 && code !== null) throw new DemoError(`xmasq-agent on ${h} exited ${code} while stopping`);
+      const clean = await this.agents!.cleanup(h);
+      if (clean.code !== 0) throw new DemoError(`xmasq-agent cleanup on ${h} exited ${clean.code}: ${clean.out.trim()}`);
     }
   }
 
