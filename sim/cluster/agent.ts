@@ -10,7 +10,7 @@
 import type { BpfMap } from '../../dataplane/libbpf.ts';
 import { POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
-import { ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
+import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
 import type { Log } from '../../dataplane/agent/log.ts';
 import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
@@ -69,13 +69,13 @@ export interface AgentTiming {
   egressIdleNs: number;
   ingressIdleNs: number;
   scanIntervalNs: number;
-  /** How often ct_pending is drained (dataplane/agent/conntrack.ts: every 100 ms). Default 100 ms. */
+  /** How often ct_pending is drained (dataplane/agent/conntrack.ts CT_DRAIN_INTERVAL_MS, the default). */
   ctDrainNs?: number;
 }
 
-/** The agent's defaults (dataplane/agent/config.ts, conntrack.ts): 20 s, 40 s, a scan every second, a drain every 100 ms. */
-export const DEFAULT_TIMING: AgentTiming = { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9, ctDrainNs: 100e6 };
-export const DEFAULT_CT_DRAIN_NS = 100e6;
+export const DEFAULT_CT_DRAIN_NS = CT_DRAIN_INTERVAL_MS * 1e6;
+/** The agent's defaults (dataplane/agent/config.ts, conntrack.ts): 20 s, 40 s, a scan every second, its drain interval. */
+export const DEFAULT_TIMING: AgentTiming = { egressIdleNs: 20e9, ingressIdleNs: 40e9, scanIntervalNs: 1e9, ctDrainNs: DEFAULT_CT_DRAIN_NS };
 
 /** The drain's log: a warning would mean the simulated table refused, which it cannot; kept for a test to read. */
 class MemoryLog implements Log {

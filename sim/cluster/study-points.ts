@@ -92,7 +92,7 @@ export function sweeps(quick: boolean): Sweep[] {
         const dur = 12e9 * (quick ? 0.5 : 1);
         return { scenario: { ...base(pods, DEFAULT_TIMING, dur), flows: steadyFlows(pods, dur, 5) }, warmupNs: dur / 3 };
       },
-      describe: `${HOSTS} hosts; every pod talks to every pod of the other host (pods² pairs per host pair), each pair a request or a response every ${STEADY_GAP_NS / 1e6} ms, starting at a random time in the first 2 s; TCP, UDP or ICMP echo by pair (80/17/3%); agent defaults; ${quick ? 6 : 12} s simulated, the first third not counted: every pair learns its keys in it, with its first two packets (one each way) over the overlay, and a TCP pair's connection is admitted once the agent has made its entries liberal (its first ~100 ms), as the whole-run column shows; its last packet, a FIN, and ICMP echo stay on the overlay`,
+      describe: `${HOSTS} hosts; every pod talks to every pod of the other host (pods² pairs per host pair), each pair a request or a response every ${STEADY_GAP_NS / 1e6} ms, starting at a random time in the first 2 s; TCP, UDP or ICMP echo by pair (80/17/3%); agent defaults; ${quick ? 6 : 12} s simulated, the first third not counted: every pair learns its keys in it, with its first two packets (one each way) over the overlay, and a TCP pair's connection is admitted once the agent has made its entries liberal (its first ~10 ms), as the whole-run column shows; its last packet, a FIN, and ICMP echo stay on the overlay`,
     },
     {
       id: 'pods', title: 'Fast path vs pods per host (all-to-all microservices)', xLabel: 'pods per host',

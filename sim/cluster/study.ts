@@ -118,7 +118,7 @@ async function main(argv: string[]): Promise<number> {
     'Every packet of the simulated cluster runs through the model programs at their hooks (sim/cluster/README.md).',
     'A packet is on the fast path when masq carried it; a flow is when at least one of its packets was. Counted over',
     'cross-host pod traffic only, after a warm-up. The hosts have conntrack, and the programs admit a flow only once it is established there, liberal and not NATed',
-    '(sim/cluster/README.md, "The host stays in charge"): a TCP connection\'s packets cross the host stack until the agent\'s drain of ct_pending (every 100 ms)',
+    '(sim/cluster/README.md, "The host stays in charge"): a TCP connection\'s packets cross the host stack until the agent\'s drain of ct_pending (every 10 ms)',
     'has made its entries liberal, ICMP always does, and so does a TCP connection\'s FIN. Key schemes:',
     '',
     ...schemes.map((n) => `- \`${n}\`: ${KEY_SCHEMES[n].describe}`),
@@ -145,7 +145,7 @@ async function main(argv: string[]): Promise<number> {
     const steady = results.get('steady')!.find((p) => p.scheme === scheme && p.x === 110)!;
     const mice = results.get('pods')!.find((p) => p.scheme === scheme && p.x === 110)!;
     md.push(`- \`${scheme}\`: ${pct(steady.packetsPct)}% of packets on the fast path under steady all-to-all traffic, ${pct(mice.packetsPct)}% under all-to-all microservices`
-      + ' (short flows: a new TCP connection crosses the host stack until the agent, draining ct_pending every 100 ms, makes its conntrack entries liberal, so most connections of a few ms never take the fast path; and flows between pairs that talk less often than the entries live learn the keys again).');
+      + ' (short flows: a new TCP connection crosses the host stack until the agent, draining ct_pending every 10 ms, makes its conntrack entries liberal, so connections shorter than that never take the fast path; and flows between pairs that talk less often than the entries live learn the keys again).');
   }
   md.push('', `The last line is \`${headScheme}\` (${headScheme === 'wide' ? 'the default datapath, `--wide-keys on`' : 'the first scheme studied'}) under steady all-to-all traffic.`, '');
   const last = `fast-path packets: ${pct(headline.packetsPct)}% (110 pods/host, all-to-all)`;
