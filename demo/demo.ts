@@ -438,15 +438,17 @@ class Demo {
   }
 
   /**
-   * Stops the agents and removes what a stopped agent leaves on purpose (restore at the NIC,
-   * the pins), so that the other paths run with no program attached at all.
+   * Stops the agents, then takes off the restore a stopped agent leaves at the NIC on purpose
+   * (so that peers' marked packets never reach the stack), so that the other paths run with no
+   * program attached at all. The pins and pod records stay: the next xmasq path's agents
+   * resume from them (`cleanup` would forget the pods).
    */
   private async stopAgents(): Promise<void> {
-    for (const h of ['h1', 'h2']) {
+    for (const h of ['h1', 'h2'] as const) {
       const code = await this.agents!.stop(h);
       if (code !== 0 && code !== null) throw new DemoError(`xmasq-agent on ${h} exited ${code} while stopping`);
-      const clean = await this.agents!.cleanup(h);
-      if (clean.code !== 0) throw new DemoError(`xmasq-agent cleanup on ${h} exited ${clean.code}: ${clean.out.trim()}`);
+      const host = this.host(h === 'h1' ? 1 : 2);
+      await this.mustExec(host, 'tc', ['filter', 'del', 'dev', host.nic, 'ingress']);
     }
   }
 
