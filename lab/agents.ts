@@ -6,6 +6,8 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
+import { BpfMap } from '../dataplane/libbpf.ts';
+import { egressKey, path, type Path } from '../dataplane/maps.ts';
 import { run } from './command.ts';
 import { Lab } from './lab.ts';
 
@@ -81,6 +83,17 @@ export class LabAgents {
   async cleanup(host: string): Promise<{ code: number; out: string }> {
     const r = await run('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, TSX, AGENT, 'cleanup', ...this.args(host)]);
     return { code: r.code, out: r.stdout + r.stderr };
+  }
+
+  /** The egress entry (local pod -> remote pod) of a host, straight from its pinned map: cheap enough to poll every few ms. */
+  egressEntry(host: string, local: string, remote: string): Path | undefined {
+    const m = BpfMap.fromPinned(`${this.pinDir(host)}/egress_cache`);
+    try {
+      const v = m.lookup(egressKey.encode({ local_pod: local, remote_pod: remote }));
+      return v && path.decode(v);
+    } finally {
+      m.close();
+    }
   }
 
   async counters(host: string): Promise<Record<string, number>> {

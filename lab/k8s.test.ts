@@ -13,7 +13,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../dataplane/libbpf.ts';
-import { COUNTER_NAMES, arrayIndex, counterValue, egressKey, path } from '../dataplane/maps.ts';
+import { COUNTER_NAMES, arrayIndex, counterValue, egressKey } from '../dataplane/maps.ts';
 import { LabAgents, ROOT, upWithAgents } from './agents.ts';
 import { run } from './command.ts';
 import { Kube } from './k8s.ts';
@@ -132,16 +132,6 @@ async function withCounters<T>(label: string, fn: () => Promise<T>): Promise<{ r
   return { result, d };
 }
 
-/** The pair's egress entry on host (local pod → remote pod), straight from the pinned map. */
-function egressEntry(host: string, local: string, remote: string) {
-  const m = BpfMap.fromPinned(`${agents.pinDir(host)}/egress_cache`);
-  try {
-    const v = m.lookup(egressKey.encode({ local_pod: local, remote_pod: remote }));
-    return v && path.decode(v);
-  } finally {
-    m.close();
-  }
-}
 
 function forgetPair(x: LabPod, y: LabPod): void {
   for (const [host, local, remote] of [[x.host, x.ip, y.ip], [y.host, y.ip, x.ip]]) {
@@ -291,8 +281,8 @@ const CASES: Case[] = [
         const learn = await runIn(e, TCP_RT(d.ip, 8080, 30));
         if (phase === 'agents') {
           // The pair is fully learned on both sides now: the denied flows below meet a learned pair.
-          expect(egressEntry('h1', e.ip, d.ip)?.remote_ready).toBeTruthy();
-          expect(egressEntry('h2', d.ip, e.ip)?.remote_ready).toBeTruthy();
+          expect(agents.egressEntry('h1', e.ip, d.ip)?.remote_ready).toBeTruthy();
+          expect(agents.egressEntry('h2', d.ip, e.ip)?.remote_ready).toBeTruthy();
         }
         const learned = await denied();
         // The hosts' DROP rules saw the denied packets: nothing went around them.
@@ -343,7 +333,7 @@ const CASES: Case[] = [
       const tcp = output(nodeIn(lab, g, TCP_RT(k.ip, 8080, 120, 25)), 60_000);
       const udp = output(nodeIn(lab, g, UDP_RT(k.ip, 5353, 80, 25)), 60_000);
       await sleep(1000);
-      if (phase === 'agents') expect(egressEntry('h1', g.ip, k.ip)?.remote_ready).toBeTruthy();
+      if (phase === 'agents') expect(agents.egressEntry('h1', g.ip, k.ip)?.remote_ready).toBeTruthy();
       const ids = [
         await kube.addPolicy({ pod: k, direction: 'ingress', peer: g, protocol: 'tcp', port: 8080, action: 'deny' }),
         await kube.addPolicy({ pod: k, direction: 'ingress', peer: g, protocol: 'udp', port: 5353, action: 'deny' }),

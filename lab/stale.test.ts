@@ -11,8 +11,6 @@
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { BpfMap } from '../dataplane/libbpf.ts';
-import { egressKey, path, type Path } from '../dataplane/maps.ts';
 import { readPcapFile, type PcapRecord } from '../fixtures/pcap.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
@@ -39,16 +37,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const counters = (host: string) => agents.counters(host);
 const dump = async (host: string) => AgentClient.request(agents.socket(host), { op: 'cache-dump', cache: 'both' });
 
-/** The egress entry straight from the pinned map: cheap enough to poll every few ms. */
-function egressEntry(host: string, local: string, remote: string): Path | undefined {
-  const m = BpfMap.fromPinned(`${agents.pinDir(host)}/egress_cache`);
-  try {
-    const v = m.lookup(egressKey.encode({ local_pod: local, remote_pod: remote }));
-    return v && path.decode(v);
-  } finally {
-    m.close();
-  }
-}
 
 async function until<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, ms: number, every = 50): Promise<T> {
   const end = Date.now() + ms;
@@ -164,13 +152,13 @@ describe(`stale state, agents with --egress-idle ${EGRESS_IDLE} --ingress-idle $
     try {
       // The fast path, both ways.
       const old = await until('a fully learned entry a -> b on h1', () => {
-        const e = egressEntry('h1', a.ip, b.ip);
+        const e = agents.egressEntry('h1', a.ip, b.ip);
         return e && e.local_key && e.remote_key && e.remote_ready ? e : undefined;
       }, 10_000);
       const m0 = (await counters('h1')).masqueraded;
       await until('masqueraded packets from h1', async () => (await counters('h1')).masqueraded > m0 + 3, 5000);
       const stillOld = () => {
-        const e = egressEntry('h1', a.ip, b.ip);
+        const e = agents.egressEntry('h1', a.ip, b.ip);
         return !!e && e.local_key === old.local_key && e.remote_key === old.remote_key;
       };
 
@@ -213,7 +201,7 @@ describe(`stale state, agents with --egress-idle ${EGRESS_IDLE} --ingress-idle $
       // Then a reaches c: over the overlay first, then masqueraded.
       const reply = await until('a reply from c', () => ping.replies().find((t) => t > cUpAt), 5000);
       await until('masqueraded packets to c', async () => {
-        const e = egressEntry('h1', a.ip, c.ip);
+        const e = agents.egressEntry('h1', a.ip, c.ip);
         return !!e && e.remote_key !== 0 && e.remote_ready !== 0 && !stillOld();
       }, 5000);
       const m1 = (await counters('h1')).masqueraded;
