@@ -9,9 +9,22 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+# Node.js is not installed here: Debian 12's own nodejs is 18, and this project needs 20 or later
+# (vitest 4, tsx; package.json "engines"). Install it first.
+if ! command -v node >/dev/null 2>&1; then
+  echo "setup.sh: node is not installed; install Node.js 20 or later first (Debian 12's nodejs package is 18)" >&2
+  exit 1
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "setup.sh: node $(node --version) is too old; this project needs Node.js 20 or later (Debian 12's nodejs package is 18)" >&2
+  exit 1
+fi
+
 packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
   containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev
-  # the host stack XMasq defers to: conntrack (the tool, for tests), iptables (kube-proxy-style rules in the lab)
+  # the host stack XMasq defers to: iptables (kube-proxy-style rules in the lab), conntrack (to look at
+  # the table the programs consult: conntrack -L)
   conntrack iptables
   # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
   linux-source-6.1 bc flex bison libssl-dev dwarves cpio patch xz-utils qemu-system-x86)
