@@ -43,6 +43,8 @@ export interface DemoOptions {
   progress?: Progress;
   /** Aborting kills the running measurement and tears the lab down. */
   signal?: AbortSignal;
+  /** The datapath object the agents load (their --object), to compare builds; default the agent's. */
+  agentObject?: string;
 }
 
 export interface Progress {
@@ -409,7 +411,7 @@ class Demo {
       cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
       cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
     });
-    this.agents = new LabAgents(this.lab, runDir, this.name);
+    this.agents = new LabAgents(this.lab, runDir, this.name, this.opts.agentObject ? ['--object', this.opts.agentObject] : []);
     this.checkAbort();
     await this.startAgents();
     this.a = await this.lab.addPod('h1', 'a');

@@ -3,7 +3,7 @@
  * `xmasq demo`: is it faster? One command that measures host, route, overlay and XMasq in
  * a lab and says so. See demo/demo.ts for what each path is.
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { ROOT } from '../lab/agents.ts';
 import { DEFAULT_NICE, DemoError, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
@@ -32,6 +32,8 @@ options:
   --duration S     seconds per measurement (default 5; 1 with --quick)
   --quick          a short run for tests and smoke checks; writes no file unless asked
   --pinned-only    skip the unpinned measurements
+  --agent-object FILE  the datapath object the agents load (default bpf/build/xmasq.bpf.o),
+                   to compare two builds' xmasq path against the same host and overlay
   --nice N         nice level of iperf3 and rr (default -20: other load on the machine
                    takes as little from them as possible; 0 to run them normally)
   --json FILE      write the results as JSON
@@ -55,6 +57,7 @@ export interface CliOptions {
   json?: string;
   svg?: string;
   md?: string;
+  agentObject?: string;
   help: boolean;
 }
 
@@ -89,6 +92,12 @@ export function parseArgs(argv: readonly string[]): CliOptions {
       case '--json': o.json = value(); break;
       case '--svg': o.svg = value(); break;
       case '--md': o.md = value(); break;
+      case '--agent-object': {
+        const f = value();
+        if (!existsSync(f)) throw new UsageError(`--agent-object ${f}: no such file (build objects with 'make -C bpf')`);
+        o.agentObject = f;
+        break;
+      }
       default: throw new UsageError(`unknown argument ${JSON.stringify(a)}`);
     }
   }
@@ -195,7 +204,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   let result: DemoRun;
   try {
-    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal });
+    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject });
   } catch (e) {
     if (isAbort(e) || ac.signal.aborted) {
       process.stderr.write('xmasq demo: interrupted; the lab is down\n');
