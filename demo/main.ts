@@ -150,8 +150,10 @@ h1 and pod b on h2 from the CNI chain bridge + host-local + xmasq (pod MTU 1450)
 - **overlay**: pod a to pod b over VXLAN with no agent running (no filter attached).
   Packets through h1's flannel.1 per measurement: ${range(overlay.map((c) => c.delta))}.
 - **xmasq**: both agents started (they re-attach to the pods they know), the pair warmed
-  with pings until both hosts masquerade, then measured; agents stopped (filters detached)
-  afterwards. h1's \`masqueraded\` counter grew by ${range(fast.map((c) => c.delta))} packets per measurement.
+  with UDP round trips until both hosts masquerade (the hosts' conntrack admits TCP and UDP
+  flows; each measured TCP connection crosses the stack until the agent has made its entry
+  liberal, ~10 ms), then measured; agents stopped and the restore they leave at the NIC
+  taken off afterwards. h1's \`masqueraded\` counter grew by ${range(fast.map((c) => c.delta))} packets per measurement.
 
 Throughput: \`iperf3 -c <ip> -t ${r.report.duration_s} [-P 4] -J\`, received bits/s.
 
