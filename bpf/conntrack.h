@@ -80,10 +80,11 @@ extern void bpf_ct_release(struct nf_conn *ct) __ksym;
 /*
  * Whether the host's conntrack admits the flow of a pod packet from src to
  * dst (network order; ports and protocol from h): XMASQ_CT_ADMIT, or the
- * reason it does not, which is also the counter bumped.
+ * reason it does not, which is also the counter bumped. now: the caller's
+ * clock read, which also stamps its cache entry (one read per packet).
  */
 static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h, __u32 src,
-				    __u32 dst)
+				    __u32 dst, __u64 now)
 {
 #ifdef XMASQ_NO_CONNTRACK
 	return XMASQ_CT_ADMIT;
@@ -100,7 +101,6 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	struct ct_tuple k = {
 		.saddr = src, .daddr = dst, .sport = h->sport, .dport = h->dport, .protocol = h->proto,
 	};
-	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_admission *seen = bpf_map_lookup_elem(&ct_admitted, &k);
 	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS)
 		return XMASQ_CT_ADMIT;

@@ -76,7 +76,8 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	 * 4. Only a flow the host stack has accepted, and would not NAT: the rest
 	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
 	 */
-	int admit = ct_admit(skb, &h, h.saddr, h.daddr);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	int admit = ct_admit(skb, &h, h.saddr, h.daddr, now);
 	if (admit != XMASQ_CT_ADMIT) {
 		count(admit);
 		return TC_ACT_OK;
@@ -92,7 +93,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 			   wide ? carrier_with_key(&h, key) : h.carrier))
 		return TC_ACT_SHOT;
 
-	e->last_seen = bpf_ktime_get_coarse_ns();
+	e->last_seen = now;
 	count(XMASQ_CNT_MASQUERADED);
 	*nic = cfg->nic_ifindex;
 	return TC_ACT_REDIRECT;

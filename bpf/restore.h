@@ -74,7 +74,8 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, carrier))
 		return restore_miss();
 
-	r->last_seen = bpf_ktime_get_coarse_ns();
+	__u64 now = bpf_ktime_get_coarse_ns();
+	r->last_seen = now;
 
 	/*
 	 * 4. A flow the host's conntrack does not admit goes up the host stack as
@@ -82,7 +83,7 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	 * reverses a Service's NAT, FORWARD's policy rules see it. It never
 	 * reaches a host socket as ours: its addresses are the pods' again.
 	 */
-	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip);
+	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now);
 	if (admit != XMASQ_CT_ADMIT) {
 		count(admit);
 		return to_host_stack(skb);
