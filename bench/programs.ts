@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
-import { NO_OVERLAY,
+import { NO_OVERLAY, NO_SERVICES,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type CounterName, type PolicyKey,
@@ -109,7 +109,7 @@ interface Maps {
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
 function learnedPair(m: Maps): void {
   m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
-  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY }));
+  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, ...NO_SERVICES }));
   // The node set (README "Threat model"): init learns and restore listens only with it.
   m.nodes.update(nodeIp.encode({ ip: HERE.ip }), nodeInfo.encode({ flags: NodeFlag.SELF }), 'noexist');
   m.nodes.update(nodeIp.encode({ ip: PEER.ip }), nodeInfo.encode({ flags: 0 }), 'noexist');

@@ -4,9 +4,13 @@
  *
  * The fast path goes around the host's stack, which is where Service NAT,
  * NetworkPolicy and conntrack live. So a pod packet may take it only when the
- * host stack has already accepted its flow and would do nothing to it that we
- * skip: conntrack holds an established entry for the flow (its first packets
- * crossed the stack, its policy rules and NAT), and that entry is not NATed.
+ * host stack has already accepted its flow, and then only with what the stack
+ * would do to it: conntrack holds an established entry for the flow (its
+ * first packets crossed the stack, its policy rules and NAT), and the only
+ * NAT on it is a DNAT the caller reproduces. A Service's DNAT is the one we
+ * carry: masq sends a request to the backend conntrack chose (XMASQ_NAT_DST),
+ * restore gives a reply the Service's address back (XMASQ_NAT_SRC), each from
+ * the entry's other direction, as conntrack itself rewrites. SNAT never.
  * Everything else goes through the stack: masq leaves it on the overlay,
  * restore restores it and hands it to the host stack instead of redirecting
  * it into the pod.
@@ -55,8 +59,36 @@ union nf_conntrack_proto {
 	struct ip_ct_tcp tcp;
 } __attribute__((preserve_access_index));
 
+union nf_inet_addr {
+	__be32 ip;
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_man_proto {
+	__be16 all;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_man {
+	union nf_inet_addr u3;
+	union nf_conntrack_man_proto u;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple {
+	struct nf_conntrack_man src;
+	struct {
+		union nf_inet_addr u3;
+		union {
+			__be16 all;
+		} __attribute__((preserve_access_index)) u;
+	} __attribute__((preserve_access_index)) dst;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash {
+	struct nf_conntrack_tuple tuple;
+} __attribute__((preserve_access_index));
+
 struct nf_conn {
 	unsigned long status;
+	struct nf_conntrack_tuple_hash tuplehash[2]; /* IP_CT_DIR_ORIGINAL, IP_CT_DIR_REPLY */
 	union nf_conntrack_proto proto;
 } __attribute__((preserve_access_index));
 
@@ -75,17 +107,71 @@ extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_
 					 __u32 tuple__sz, struct bpf_ct_opts *opts,
 					 __u32 opts__sz) __ksym;
 extern void bpf_ct_release(struct nf_conn *ct) __ksym;
+
+/*
+ * Where a packet of the flow k goes once the host has NATed it: a packet of
+ * the original direction leaves with the reply tuple reversed, one of the
+ * reply direction with the original tuple reversed (how conntrack's NAT
+ * rewrites). Indices are constants: CO-RE relocates the field offsets, not an
+ * index scaled by our own, shorter, struct.
+ */
+#define CT_TUPLE_REVERSED(ct, dir, to)                                       \
+	do {                                                                 \
+		(to)->saddr = (ct)->tuplehash[dir].tuple.dst.u3.ip;          \
+		(to)->sport = (ct)->tuplehash[dir].tuple.dst.u.all;          \
+		(to)->daddr = (ct)->tuplehash[dir].tuple.src.u3.ip;          \
+		(to)->dport = (ct)->tuplehash[dir].tuple.src.u.all;          \
+	} while (0)
+
+static __always_inline void ct_translated(struct nf_conn *ct, const struct ct_tuple *k,
+					  struct ct_tuple *to)
+{
+	if (ct->tuplehash[0].tuple.src.u3.ip == k->saddr &&
+	    ct->tuplehash[0].tuple.src.u.all == k->sport &&
+	    ct->tuplehash[0].tuple.dst.u3.ip == k->daddr &&
+	    ct->tuplehash[0].tuple.dst.u.all == k->dport)
+		CT_TUPLE_REVERSED(ct, 1, to);
+	else
+		CT_TUPLE_REVERSED(ct, 0, to);
+}
 #endif
+
+/* Which end of a flow the caller lets the host's NAT move (ct_admit). */
+enum xmasq_nat_side {
+	XMASQ_NAT_NONE = 0, /* neither: the packet must leave as it is */
+	XMASQ_NAT_DST = 1,  /* masq: a Service request, to the backend conntrack chose */
+	XMASQ_NAT_SRC = 2,  /* restore: a backend's reply, from the Service's address */
+};
+
+/* Whether the flow k, NATed into to, moved only the end side allows. */
+static __always_inline int nat_allowed(const struct ct_tuple *k, const struct ct_tuple *to,
+				       int side)
+{
+	int src_kept = to->saddr == k->saddr && to->sport == k->sport;
+	int dst_kept = to->daddr == k->daddr && to->dport == k->dport;
+	if (side == XMASQ_NAT_DST)
+		return src_kept;
+	if (side == XMASQ_NAT_SRC)
+		return dst_kept;
+	return src_kept && dst_kept;
+}
 
 /*
  * Whether the host's conntrack admits the flow of a pod packet from src to
  * dst (network order; ports and protocol from h): XMASQ_CT_ADMIT, or the
- * reason it does not, which is also the counter bumped. now: the caller's
- * clock read, which also stamps its cache entry (one read per packet).
+ * reason it does not, which is also the counter bumped. When admitted, *to is
+ * the flow as the host would send it on: the same, or NATed at the end side
+ * allows (a NAT elsewhere is XMASQ_CNT_CT_NAT). now: the caller's clock read,
+ * which also stamps its cache entry (one read per packet).
  */
 static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h, __u32 src,
-				    __u32 dst, __u64 now)
+				    __u32 dst, __u64 now, int side, struct ct_tuple *to)
 {
+	to->saddr = src;
+	to->daddr = dst;
+	to->sport = h->sport;
+	to->dport = h->dport;
+	to->protocol = h->proto;
 #ifdef XMASQ_NO_CONNTRACK
 	return XMASQ_CT_ADMIT;
 #else
@@ -102,8 +188,13 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 		.saddr = src, .daddr = dst, .sport = h->sport, .dport = h->dport, .protocol = h->proto,
 	};
 	struct ct_admission *seen = bpf_map_lookup_elem(&ct_admitted, &k);
-	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS)
-		return XMASQ_CT_ADMIT;
+	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS) {
+		to->saddr = seen->saddr;
+		to->daddr = seen->daddr;
+		to->sport = seen->sport;
+		to->dport = seen->dport;
+		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
+	}
 
 	struct bpf_sock_tuple tuple = {};
 	tuple.ipv4.saddr = src;
@@ -121,7 +212,7 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 
 	__u64 status = ct->status;
 	int verdict = XMASQ_CT_ADMIT;
-	if (status & (XMASQ_IPS_SRC_NAT | XMASQ_IPS_DST_NAT))
+	if (status & XMASQ_IPS_SRC_NAT)
 		verdict = XMASQ_CNT_CT_NAT;
 	else if (h->proto == IPPROTO_UDP)
 		verdict = (status & XMASQ_IPS_SEEN_REPLY) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_REFUSED;
@@ -130,10 +221,18 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	else if (!(ct->proto.tcp.seen[0].flags & ct->proto.tcp.seen[1].flags &
 		   XMASQ_CT_TCP_FLAG_BE_LIBERAL))
 		verdict = XMASQ_CNT_CT_PENDING;
+	if (verdict == XMASQ_CT_ADMIT && (status & XMASQ_IPS_DST_NAT)) {
+		ct_translated(ct, &k, to);
+		if (!nat_allowed(&k, to, side))
+			verdict = XMASQ_CNT_CT_NAT;
+	}
 	bpf_ct_release(ct);
 
 	if (verdict == XMASQ_CT_ADMIT) {
-		struct ct_admission a = { .checked = now };
+		struct ct_admission a = {
+			.checked = now,
+			.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
+		};
 		bpf_map_update_elem(&ct_admitted, &k, &a, BPF_ANY);
 		return verdict;
 	}

@@ -43,7 +43,27 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	if (!cfg || cfg->nic_ifindex == 0)
 		return pass();
 
-	/* 2. A pair fully learned: path, both keys, and the peer knows ours. */
+	/*
+	 * 2. A Service's request goes where the host would send it: to the
+	 * backend conntrack chose for the flow (its DNAT), if conntrack admits
+	 * the flow. From here on h is the packet as the host would forward it,
+	 * the port it carries written at step 5. Anything else to a Service
+	 * stays on the overlay (through the stack, which NATs it).
+	 */
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_tuple to;
+	int admit = XMASQ_CT_UNCHECKED;
+	__u32 wire_daddr = h.daddr;
+	__be16 wire_dport = h.dport;
+	if (cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net) {
+		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, XMASQ_NAT_DST, &to);
+		if (admit != XMASQ_CT_ADMIT)
+			return pass();
+		h.daddr = to.daddr;
+		h.dport = to.dport;
+	}
+
+	/* 3. A pair fully learned: path, both keys, and the peer knows ours. */
 	struct egress_key ek = { .local_pod = h.saddr, .remote_pod = h.daddr };
 	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
 	if (!e)
@@ -53,7 +73,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		return TC_ACT_OK;
 	}
 
-	/* 3. Policy, egress. */
+	/* 4. Policy, egress. */
 	if (policy_denied(h.saddr, h.daddr, &h, XMASQ_DIR_EGRESS))
 		return policy_drop();
 
@@ -73,25 +93,31 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	}
 
 	/*
-	 * 4. Only a flow the host stack has accepted, and would not NAT: the rest
+	 * 5. Only a flow the host stack has accepted, and would not NAT: the rest
 	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
 	 */
-	__u64 now = bpf_ktime_get_coarse_ns();
-	int admit = ct_admit(skb, &h, h.saddr, h.daddr, now);
-	if (admit != XMASQ_CT_ADMIT) {
-		count(admit);
-		return TC_ACT_OK;
+	if (admit == XMASQ_CT_UNCHECKED) {
+		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, XMASQ_NAT_NONE, &to);
+		if (admit != XMASQ_CT_ADMIT) {
+			count(admit);
+			return TC_ACT_OK;
+		}
 	}
 
 	/*
-	 * 5. Host MACs and IPs; the peer's key in DSCP (narrow) or in the
-	 * carrier (wide); the pod's ECN kept; RF marks it.
+	 * 6. Host MACs and IPs; the peer's key in DSCP (narrow) or in the
+	 * carrier (wide); the pod's ECN kept; RF marks it. A Service's backend
+	 * port (its address is the peer's to restore).
 	 */
 	__u8 dscp = wide ? dscp_with_key(&h, key) : key;
 	if (rewrite_packet(skb, &h, e->remote_mac, e->local_mac, (dscp << 2) | (h.tos & 3),
 			   h.frag | XMASQ_IP_RF, e->local_ip, e->remote_ip,
 			   wide ? carrier_with_key(&h, key) : h.carrier))
 		return TC_ACT_SHOT;
+	if (h.dport != wire_dport && rewrite_port(skb, &h, XMASQ_DPORT_OFF, wire_dport, h.dport))
+		return TC_ACT_SHOT;
+	if (h.daddr != wire_daddr || h.dport != wire_dport)
+		count(XMASQ_CNT_SERVICE_NAT);
 
 	e->last_seen = now;
 	count(XMASQ_CNT_MASQUERADED);

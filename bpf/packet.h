@@ -496,6 +496,22 @@ static __always_inline int rewrite_packet(struct __sk_buff *skb, const struct hd
 	return 0;
 }
 
+/*
+ * A TCP or UDP port of a whole datagram (off: 0 source, 2 destination) from
+ * old to new, both network order, for a Service's NAT. Ports are not in the
+ * pseudo header: a plain 2-byte checksum update, like the carrier's.
+ */
+static __always_inline int rewrite_port(struct __sk_buff *skb, const struct hdrs *h, __u32 off,
+					__be16 old, __be16 new)
+{
+	if (bpf_skb_store_bytes(skb, h->l4 + off, &new, sizeof(new), 0))
+		return -1;
+	__u64 flags = 2 | (h->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0);
+	return bpf_l4_csum_replace(skb, h->l4 + l4_csum_off(h->proto), old, new, flags);
+}
+#define XMASQ_SPORT_OFF 0
+#define XMASQ_DPORT_OFF 2
+
 /* The protocols whose checksums masq and restore know how to keep valid. */
 static __always_inline int rewritable(const struct hdrs *h)
 {

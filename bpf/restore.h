@@ -69,27 +69,40 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	if (policy_denied(r->remote_ip, r->local_ip, h, XMASQ_DIR_INGRESS))
 		return policy_drop();
 
-	/* 3. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its carrier. */
-	if (rewrite_packet(skb, h, r->local_mac, r->remote_mac, h->tos & 3,
-			   h->frag & ~XMASQ_IP_RF, r->remote_ip, r->local_ip, carrier))
-		return restore_miss();
-
+	/*
+	 * 3. Whether the host's conntrack admits the flow (conntrack.h), before
+	 * the rewrite, which takes a Service's address from it: a backend's
+	 * reply to a client of ours leaves the host with the Service's address
+	 * and port as its source.
+	 */
 	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_tuple to;
+	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now, XMASQ_NAT_SRC, &to);
+	__u32 src = admit == XMASQ_CT_ADMIT ? to.saddr : r->remote_ip;
+
+	/* 4. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its carrier. */
+	if (rewrite_packet(skb, h, r->local_mac, r->remote_mac, h->tos & 3,
+			   h->frag & ~XMASQ_IP_RF, src, r->local_ip, carrier))
+		return restore_miss();
+	if (admit == XMASQ_CT_ADMIT && to.sport != h->sport &&
+	    rewrite_port(skb, h, XMASQ_SPORT_OFF, h->sport, to.sport))
+		return restore_miss();
 	r->last_seen = now;
 
 	/*
-	 * 4. A flow the host's conntrack does not admit goes up the host stack as
+	 * 5. A flow the host's conntrack does not admit goes up the host stack as
 	 * the pod packet it now is, as if the overlay had delivered it: conntrack
-	 * reverses a Service's NAT, FORWARD's policy rules see it. It never
-	 * reaches a host socket as ours: its addresses are the pods' again.
+	 * reverses a NAT, FORWARD's policy rules see it. It never reaches a host
+	 * socket as ours: its addresses are the pods' again.
 	 */
-	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now);
 	if (admit != XMASQ_CT_ADMIT) {
 		count(admit);
 		return to_host_stack(skb);
 	}
+	if (src != r->remote_ip || to.sport != h->sport)
+		count(XMASQ_CNT_SERVICE_NAT);
 
-	/* 5. Into the pod's namespace, skipping the host stack and the veth. */
+	/* 6. Into the pod's namespace, skipping the host stack and the veth. */
 	count(XMASQ_CNT_RESTORED);
 	trace_redirect(r->ifindex, XMASQ_REDIRECT_PEER);
 	return bpf_redirect_peer(r->ifindex, 0);

@@ -117,6 +117,13 @@ struct config {
 	__u32 overlay_ifindex;
 	__u8 overlay_mac[6];
 	__u8 pad[2];
+	/*
+	 * The cluster's Service range (kube-proxy's ClusterIPs), network order;
+	 * mask 0: none. masq looks up a packet to it in conntrack before the pair,
+	 * to take it to the backend conntrack chose (masq.h).
+	 */
+	__u32 service_net;
+	__u32 service_mask;
 };
 
 enum xmasq_policy_dir {
@@ -172,7 +179,7 @@ enum xmasq_counter {
 	 * restore restores it and hands it to the host stack.
 	 */
 	XMASQ_CNT_CT_REFUSED,      /* no established entry, or a packet only the stack may see */
-	XMASQ_CNT_CT_NAT,          /* the host NATs the flow (a Service): the stack must */
+	XMASQ_CNT_CT_NAT,          /* the host NATs the flow in a way the program does not carry (SNAT): the stack must */
 	XMASQ_CNT_CT_PENDING,      /* established TCP not yet liberal: queued for the agent */
 	/*
 	 * Trust (README "Threat model"): what a program refuses to learn from or
@@ -184,11 +191,14 @@ enum xmasq_counter {
 	XMASQ_CNT_SIGNAL_WRONG_NODE, /* restore: a signal for a pair whose peer is another node: ignored */
 	XMASQ_CNT_MARKED_NOT_NODE, /* restore: a masqueraded packet from an address that is no node: dropped */
 	XMASQ_CNT_POD_MARKED,      /* masq: a pod packet carrying our marker (RF): dropped */
+	XMASQ_CNT_SERVICE_NAT,     /* masqueraded to a Service's backend, or restored from it with the Service's address (also MASQUERADED/RESTORED) */
 	XMASQ_CNT_MAX,
 };
 
 /* ct_admit's verdict when the flow may take the fast path (else a counter). */
 #define XMASQ_CT_ADMIT (-1)
+/* masq: not looked up yet (a Service's flow is looked up before the pair). */
+#define XMASQ_CT_UNCHECKED (-2)
 
 /* What the programs read of a conntrack entry (include/uapi/linux/netfilter/nf_conntrack_common.h). */
 #define XMASQ_IPS_SEEN_REPLY 0x2
@@ -214,11 +224,18 @@ struct ct_tuple {
 
 /*
  * ct_admitted value: when conntrack last admitted the flow
- * (bpf_ktime_get_coarse_ns). For XMASQ_CT_RECHECK_NS after that, its packets
- * are admitted without a lookup (~180 ns a packet otherwise); conntrack.h.
+ * (bpf_ktime_get_coarse_ns), and the flow as the host sends it on (a
+ * Service's DNAT applied or reversed; else the key's own addresses and
+ * ports). For XMASQ_CT_RECHECK_NS after that, its packets are admitted without
+ * a lookup (~180 ns a packet otherwise); conntrack.h.
  */
 struct ct_admission {
 	__u64 checked;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 pad[4];
 };
 #define XMASQ_CT_RECHECK_NS (200ULL * 1000 * 1000)
 

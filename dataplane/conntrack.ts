@@ -65,6 +65,7 @@ const CTA_TUPLE_ORIG = 1;
 const CTA_TUPLE_REPLY = 2;
 const CTA_STATUS = 3;
 const CTA_PROTOINFO = 4;
+const CTA_NAT_SRC = 6;
 const CTA_TIMEOUT = 7;
 const CTA_NAT_DST = 13;
 const CTA_TUPLE_IP = 1;
@@ -114,6 +115,8 @@ export interface CtEntrySpec {
   liberal?: [boolean, boolean];
   /** A DNAT, as kube-proxy's for a Service: the original destination becomes this. */
   dnat?: { ip: string; port: number };
+  /** An SNAT, as a masquerade's: the original source becomes this. */
+  snat?: { ip: string; port: number };
   timeoutSeconds?: number;
 }
 
@@ -241,9 +244,10 @@ export class Conntrack {
         liberalFlags(tcp, e.liberal ?? [false, false]);
       }));
     }
-    if (e.dnat) {
-      const { ip, port } = e.dnat;
-      a.nest(CTA_NAT_DST, (n) => {
+    for (const [attr, nat] of [[CTA_NAT_SRC, e.snat], [CTA_NAT_DST, e.dnat]] as const) {
+      if (!nat) continue;
+      const { ip, port } = nat;
+      a.nest(attr, (n) => {
         n.ipv4(CTA_NAT_V4_MINIP, ip).ipv4(CTA_NAT_V4_MAXIP, ip);
         n.nest(CTA_NAT_PROTO, (p) => p.be16(CTA_PROTONAT_PORT_MIN, port).be16(CTA_PROTONAT_PORT_MAX, port));
       });

@@ -51,8 +51,9 @@ export const Counter = {
   SIGNAL_WRONG_NODE: 14,
   MARKED_NOT_NODE: 15,
   POD_MARKED: 16,
+  SERVICE_NAT: 17,
 } as const;
-export const COUNTER_COUNT = 17;
+export const COUNTER_COUNT = 18;
 export type CounterName = keyof typeof Counter;
 export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
 
@@ -106,9 +107,13 @@ export const config = new Struct('config', [
   ['overlay_ifindex', 'u32'],
   ['overlay_mac', 'mac'],
   ['pad', { pad: 2 }],
+  ['service_net', 'ipv4'],
+  ['service_mask', 'ipv4'],
 ] as const);
 /** config's overlay fields when no overlay device is configured (restore hands to the stack at the NIC). */
 export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00' } as const;
+/** config's Service range when none is configured (masq never looks a Service up). */
+export const NO_SERVICES = { service_net: '0.0.0.0', service_mask: '0.0.0.0' } as const;
 export const policyKey = new Struct('policy_key', [
   ['src_ip', 'ipv4'],
   ['dst_ip', 'ipv4'],
@@ -136,7 +141,14 @@ export const ctTuple = new Struct('ct_tuple', [
   ['pad', { pad: 3 }],
 ] as const);
 export const ctPendingValue = new Struct('ct_pending_value', [['queued', 'u32']] as const);
-export const ctAdmission = new Struct('ct_admission', [['checked', 'u64']] as const);
+export const ctAdmission = new Struct('ct_admission', [
+  ['checked', 'u64'],
+  ['saddr', 'ipv4'],
+  ['daddr', 'ipv4'],
+  ['sport', 'be16'],
+  ['dport', 'be16'],
+  ['pad', { pad: 4 }],
+] as const);
 /** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
 export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
 export const nodeInfo = new Struct('node_info', [['flags', 'u32']] as const);
@@ -152,6 +164,7 @@ export type PolicyKey = StructValue<typeof policyKey extends Struct<infer F> ? F
 export type PolicyRule = StructValue<typeof policyRule extends Struct<infer F> ? F : never>;
 export type PolicyMasks = StructValue<typeof policyMasks extends Struct<infer F> ? F : never>;
 export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
+export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F> ? F : never>;
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 

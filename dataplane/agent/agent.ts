@@ -9,7 +9,7 @@ import { existsSync } from 'node:fs';
 import { macToBytes } from '../layout.ts';
 import { podInfo, podIp } from '../maps.ts';
 import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './caches.ts';
-import { ConfigError, checkObject, type AgentConfig } from './config.ts';
+import { ConfigError, checkObject, parseCidr, type AgentConfig } from './config.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
 import type { Log } from './log.ts';
@@ -182,7 +182,7 @@ export class Agent {
       ? `created and pinned the maps in ${cfg.pinDir}`
       : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
     try {
-      dp.writeConfig(this.nic.ifindex, cfg.wideKeys, this.overlay);
+      dp.writeConfig(this.nic.ifindex, cfg.wideKeys, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
       // The nodes before any program: init learns only towards them, restore listens only to them.
       const nodes = new NodeSet(dp.maps.nodes, this.nic.name, cfg.overlayDev, cfg.nodes, this.log);
       try {

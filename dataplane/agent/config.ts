@@ -33,6 +33,8 @@ export interface AgentConfig {
   wideKeys: boolean;
   /** Node addresses besides the overlay device's FDB (README "Threat model"). */
   nodes: string[];
+  /** The cluster's Service range (ClusterIPs), 'none': masq takes a Service's requests to their backend (README "Services"). */
+  serviceCidr: string;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
   verbose: boolean;
@@ -47,7 +49,7 @@ export class ConfigError extends Error {
 
 const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
 
-type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff' | 'iplist';
+type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff' | 'iplist' | 'cidr';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -90,6 +92,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'overlayDev', flag: '--overlay-dev', kind: 'string', arg: 'DEV', def: undefined, help: 'the overlay\'s VXLAN/Geneve device, on which restore delivers restored packets the host stack must handle (Services, policy), as the overlay would (none, or default: the only VXLAN/Geneve device on the nic; none: they go up the stack at the nic, where a strict rp_filter drops them)' },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'nodes', flag: '--nodes', kind: 'iplist', arg: 'IP[,IP...]', def: [], help: 'underlay addresses of nodes besides the FDB destinations of the VXLAN devices on the nic (or of --overlay-dev): the node set init learns towards and restore takes signals and masqueraded packets from (an overlay without a Linux FDB, e.g. Antrea: every node\'s address)' },
+  { key: 'serviceCidr', flag: '--service-cidr', kind: 'cidr', arg: 'CIDR|none', def: 'none', help: 'the cluster\'s Service range (kube-apiserver --service-cluster-ip-range, e.g. 10.96.0.0/12): masq takes a Service request whose flow conntrack admits straight to the backend\'s host, with the DNAT conntrack recorded; none: Service requests cross the host stack on the overlay (replies are accelerated either way)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
 ];
@@ -236,7 +239,24 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
       for (const ip of items) if (!isIpv4Text(ip)) fail(f, raw, `${JSON.stringify(ip)} is not an IPv4 address like 172.31.250.2`);
       return [...new Set(items as string[])];
     }
+    case 'cidr': {
+      if (raw === 'none') return raw;
+      const m = typeof raw === 'string' ? /^(\d+\.\d+\.\d+\.\d+)\/(\d{1,2})$/.exec(raw.trim()) : null;
+      if (!m || !isIpv4Text(m[1]) || Number(m[2]) < 1 || Number(m[2]) > 32) return fail(f, raw, `must be an IPv4 prefix like 10.96.0.0/12, or none`);
+      if (parseCidr(raw as string).net !== m[1]) return fail(f, raw, `has host bits set: the range is ${parseCidr(raw as string).net}/${m[2]}`);
+      return (raw as string).trim();
+    }
   }
+}
+
+/** An IPv4 prefix a.b.c.d/n as the network and mask the datapath's config holds (dotted). */
+export function parseCidr(text: string): { net: string; mask: string } {
+  const [ip, len] = text.trim().split('/');
+  const bits = Number(len);
+  const mask = bits === 0 ? 0 : (0xffffffff << (32 - bits)) >>> 0;
+  const addr = ip.split('.').reduce((a, o) => ((a << 8) | Number(o)) >>> 0, 0);
+  const dotted = (x: number) => [24, 16, 8, 0].map((sh) => (x >>> sh) & 0xff).join('.');
+  return { net: dotted((addr & mask) >>> 0), mask: dotted(mask) };
 }
 
 /** Merges defaults < file < flags and checks every field that can be checked without the kernel. */

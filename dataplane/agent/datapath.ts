@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, readdirSync, rmdirSync, unlinkSync } from 'node:
 import { join } from 'node:path';
 import { BpfMap, BpfObject, LibbpfError, tcAttach, tcDetach, tcQuery, withNetns, type TcHookPoint } from '../libbpf.ts';
 import {
-  COUNTER_COUNT, COUNTER_NAMES, ConfigFlag, MAPS, MAX_ENTRIES, NO_OVERLAY, WIDE_KEY_MIN, arrayIndex, config, counterValue, ingressKey,
+  COUNTER_COUNT, COUNTER_NAMES, ConfigFlag, MAPS, MAX_ENTRIES, NO_OVERLAY, NO_SERVICES, WIDE_KEY_MIN, arrayIndex, config, counterValue, ingressKey,
   path, type CounterName,
 } from '../maps.ts';
 import type { Log } from './log.ts';
@@ -92,13 +92,15 @@ export class Datapath {
   }
 
   /**
-   * Points masq at the NIC, tells init whether to draw wide keys, and restore
-   * where to hand what the host stack must see (the overlay device, if any).
+   * Points masq at the NIC and the Service range (if any), tells init whether
+   * to draw wide keys, and restore where to hand what the host stack must see
+   * (the overlay device, if any).
    */
-  writeConfig(nicIfindex: number, wideKeys: boolean, overlay?: { ifindex: number; mac: string }): void {
+  writeConfig(nicIfindex: number, wideKeys: boolean, overlay?: { ifindex: number; mac: string }, services?: { net: string; mask: string }): void {
     this.maps.config.update(ZERO, config.encode({
       nic_ifindex: nicIfindex, flags: wideKeys ? ConfigFlag.WIDE_KEYS : 0,
       ...(overlay ? { overlay_ifindex: overlay.ifindex, overlay_mac: overlay.mac } : NO_OVERLAY),
+      ...(services ? { service_net: services.net, service_mask: services.mask } : NO_SERVICES),
     }));
   }
 

@@ -28,7 +28,7 @@ import { Lanes } from './events.ts';
 import { ETH_HLEN, FrameSlot, decreaseTtl, dstMacIs, fillSlot, get16, get32, ipHeaderValid, MacTable, natRewrite, putMac, vxlanDecap, vxlanEncapHeader, writePacketId, type Encap } from './frames.ts';
 import { Checker, PacketRecord, denied, ruleMatches, tupleStr, type Tuple, type Violation } from './invariants.ts';
 import { Rng } from './rng.ts';
-import { PROTO_NUMBER, serviceIp, type ChurnSpec, type FlowSpec, type HostFlowSpec, type PodRef, type PolicySpec, type Scenario, type ServiceSpec } from './scenario.ts';
+import { PROTO_NUMBER, SERVICE_RANGE, serviceIp, type ChurnSpec, type FlowSpec, type HostFlowSpec, type PodRef, type PolicySpec, type Scenario, type ServiceSpec } from './scenario.ts';
 import {
   FIRST_POD_HOST_BYTE, FIRST_VETH_IFINDEX, LAST_POD_HOST_BYTE, NIC_IFINDEX,
   hostAddresses, ipToU32, macBytes, podMac, subnetHost, u32ToIp, type HostAddresses,
@@ -111,6 +111,7 @@ export class Host {
     this.cniMac = macBytes(this.addr.cniMac);
     this.state = scheme.newState();
     this.state.config.nic_ifindex = NIC_IFINDEX;
+    if (sc.serviceRange !== false) Object.assign(this.state.config, SERVICE_RANGE);
     this.env = new HostEnv(rng);
     this.ct = new HostConntrack(sc.ctTimeouts ?? LINUX_CT_TIMEOUTS);
     if (!bypassAdmission) this.env.conntrack = this.ct;

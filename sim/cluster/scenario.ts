@@ -109,6 +109,8 @@ export interface Scenario {
   policy: PolicySpec[];
   /** ClusterIP Services (the n-th is 10.96.0.(10 + n)). */
   services?: ServiceSpec[];
+  /** Whether the agents know the Service range (masq takes admitted requests to their backend); default true. */
+  serviceRange?: boolean;
   /**
    * Deny rules in the hosts' FORWARD chain, as Calico or kube-router install
    * a NetworkPolicy: ESTABLISHED,RELATED accepted first, then the deny rules
@@ -130,6 +132,9 @@ export interface Scenario {
 }
 
 export const PROTO_NUMBER: Record<Proto, number> = { icmp: 1, tcp: 6, udp: 17 };
+
+/** The Service range the agents are given (--service-cidr 10.96.0.0/12), as the datapath's config holds it. */
+export const SERVICE_RANGE = { service_net: '10.96.0.0', service_mask: '255.240.0.0' } as const;
 
 /** Service #n's ClusterIP, 10.96.0.(10 + n). */
 export function serviceIp(n: number): number {

@@ -6,6 +6,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { KEY_MAX, KEY_MIN, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { loadFixtures, type Fixture } from '../../fixtures/load.ts';
 import { runCase } from './compare.ts';
+import { verifyL4 } from '../packet/index.ts';
 import { KernelDatapath } from './kernel.ts';
 
 const fixtures: Fixture[] = await loadFixtures();
@@ -25,6 +26,7 @@ describe('fixtures', () => {
     const want = f.json.expect;
     expect(o.kernel.verdict, 'verdict').toBe(VERDICT[want.verdict]);
     expect(o.kernel.effects.counters[want.counter], `counter ${want.counter}`).toBe(1);
+    for (const c of want.also ?? []) expect(o.kernel.effects.counters[c], `counter ${c}`).toBe(1);
     expect(o.kernel.effects.redirect, 'redirect').toEqual(want.redirect ?? { ifindex: 0, kind: 'NONE' });
     if (want.unchanged) expect(o.kernel.packet.equals(f.packet), 'packet untouched').toBe(true);
     else if (want.verdict !== 'drop') expect(o.kernel.packet.equals(f.packet), 'packet rewritten').toBe(false);
@@ -56,6 +58,11 @@ describe('fixtures', () => {
         else if (want.carrier.in === 'udp-length') expect(out.readUInt16BE(l4 + 4), 'UDP length = key').toBe(key);
         else expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer = key').toBe(key);
       }
+    }
+    if (want.flow) {
+      const dotted = (at: number) => Array.from(out.subarray(at, at + 4)).join('.');
+      expect({ src: dotted(26), dst: dotted(30), sport: out.readUInt16BE(l4), dport: out.readUInt16BE(l4 + 2) }, 'addresses and ports').toEqual(want.flow);
+      expect(verifyL4(out, 14), 'L4 checksum valid for them').toBe(true);
     }
     if (want.urgent !== undefined) expect(out.readUInt16BE(urgentAt), 'TCP urgent pointer').toBe(want.urgent);
     if (want.udpLength !== undefined) expect(out.readUInt16BE(l4 + 4), 'UDP length').toBe(want.udpLength);

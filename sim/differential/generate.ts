@@ -11,7 +11,7 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
@@ -81,7 +81,13 @@ interface Focus {
   sport: number;
   dport: number;
   proto: number;
+  /** masq: the pod sent to this Service, which its host DNATs to remote:dport (genConntrack). */
+  service?: { ip: string; port: number };
 }
+
+/** The cluster's Service range in the generated configs, and a ClusterIP inside it. */
+const SERVICE_RANGE = { service_net: '10.96.0.0', service_mask: '255.240.0.0' } as const;
+const CLUSTER_IP = '10.96.0.10';
 
 /** A narrow key (DSCP) or a wide one (carrier, outer ID), the wide ones near the bounds too. */
 function anyKey(rng: Rng): number {
@@ -173,6 +179,8 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     nic_ifindex: rng.chance(0.9) ? rng.range(2, 50) : 0, flags: rng.chance(0.5) ? ConfigFlag.WIDE_KEYS : 0,
     // Half the time an overlay device, to which restore hands what conntrack does not admit.
     ...(rng.chance(0.5) ? { overlay_ifindex: rng.range(2, 50), overlay_mac: VTEP_MAC(3) } : NO_OVERLAY),
+    // Mostly the Service range; sometimes none, or one the ClusterIP is outside of.
+    ...(rng.chance(0.7) ? SERVICE_RANGE : rng.chance(0.5) ? NO_SERVICES : { service_net: '10.97.0.0', service_mask: '255.255.0.0' }),
   };
 
   // policy: rules around the focus tuple, some matching, some one field off.
@@ -440,6 +448,14 @@ function restoreCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus
 function masqCase(rng: Rng, tags: string[]): { frame: FrameSpec; focus: Focus; dir: number } {
   const f = focusOf(rng);
   if (rng.chance(0.05)) return { frame: otherFrame(rng, tags), focus: f, dir: PolicyDir.EGRESS };
+  if (rng.chance(0.25)) {
+    // A request to a Service whose backend is the remote pod: the port the Service
+    // exposes, the backend's own, or another.
+    f.service = { ip: CLUSTER_IP, port: rng.pick([80, f.dport, rng.range(1, 65535)]) };
+    tags.push('svc');
+    const ip = podIpv4(rng, f.local.ip, f.service.ip, { ...f, dport: f.service.port }, tags);
+    return { frame: { eth: { src: f.local.mac, dst: GATEWAY_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.EGRESS };
+  }
   const ip = podIpv4(rng, f.local.ip, f.remote, f, tags);
   return { frame: { eth: { src: f.local.mac, dst: GATEWAY_MAC }, ipv4: ip }, focus: f, dir: PolicyDir.EGRESS };
 }
@@ -457,7 +473,26 @@ function genConntrack(rng: Rng, f: Focus, tags: string[]): CtEntrySpec[] {
   if (rng.chance(0.8)) {
     const flow: CtTuple = { src: f.local.ip, dst: f.remote, sport: f.sport, dport: f.dport, proto };
     const e: CtEntrySpec = { orig: rng.chance(0.5) ? flow : inverse(flow), status: rng.chance(0.85) ? IPS_SEEN_REPLY | (rng.chance(0.5) ? IPS_ASSURED : 0) : 0 };
-    if (rng.chance(0.1)) {
+    if (f.service && rng.chance(0.85)) {
+      // The request's Service, DNATed by the host to the remote pod, another pod, or the
+      // Service's own address and port (a DNAT that changes nothing); or the backend's own flow.
+      e.orig = { src: f.local.ip, dst: f.service.ip, sport: f.sport, dport: f.service.port, proto };
+      const to = rng.int(10);
+      e.dnat = to < 7 ? { ip: f.remote, port: f.dport } : to < 9 ? { ip: remotePod(f.peer, 41), port: f.dport } : { ip: f.service.ip, port: f.service.port };
+      const odd = rng.int(20);
+      if (odd === 0) e.orig = inverse(e.orig);
+      else if (odd === 1) {
+        // An entry whose reply is the request: its NAT would move the request's source.
+        e.orig = { src: f.service.ip, dst: '10.244.0.250', sport: f.service.port, dport: 4242, proto };
+        e.dnat = { ip: f.local.ip, port: f.sport };
+      } else if (odd === 2) {
+        // An SNAT whose reply is the request, which reversing it would take to the remote pod.
+        e.orig = { src: f.remote, dst: f.local.ip, sport: f.dport, dport: f.sport, proto };
+        e.dnat = undefined;
+        e.snat = { ip: f.service.ip, port: f.service.port };
+      }
+      tags.push('ct-svc');
+    } else if (rng.chance(0.1)) {
       // A Service: the pod sent to a ClusterIP, the host DNATed it to this remote pod.
       e.orig = { src: f.local.ip, dst: '10.96.0.10', sport: f.sport, dport: 80, proto };
       e.dnat = { ip: f.remote, port: f.dport };
@@ -467,6 +502,11 @@ function genConntrack(rng: Rng, f: Focus, tags: string[]): CtEntrySpec[] {
       e.orig = flow;
       e.dnat = { ip: remotePod(f.peer, 41), port: f.dport };
       tags.push('ct-dnat-own');
+    } else if (rng.chance(0.05)) {
+      // The host SNATs the remote pod's flow (a hairpin's masquerade): only the stack may.
+      e.orig = inverse(flow);
+      e.snat = { ip: rng.pick([LOCAL_HOST, '10.244.0.1']), port: rng.pick([f.dport, rng.range(1024, 65535)]) };
+      tags.push('ct-snat');
     } else if (rng.chance(0.06)) {
       e.orig = { ...e.orig, sport: e.orig.sport === 65535 ? 1 : e.orig.sport + 1 };
       tags.push('ct-near-miss');
@@ -553,10 +593,23 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     const proto = focus.proto === 17 ? 17 : 6;
     const mine = { saddr: focus.local.ip, daddr: focus.remote, sport: focus.sport, dport: focus.dport, protocol: proto };
     const theirs = { saddr: focus.remote, daddr: focus.local.ip, sport: focus.dport, dport: focus.sport, protocol: proto };
-    for (const k of [mine, theirs]) if (rng.chance(0.6)) state.ct_admitted.update(k, { checked: stamp() });
+    // What a Service's flow caches: the request's backend, the reply's Service address.
+    const svc = focus.service ?? { ip: CLUSTER_IP, port: 80 };
+    const request = { saddr: focus.local.ip, daddr: svc.ip, sport: focus.sport, dport: svc.port, protocol: proto };
+    const cached = (k: typeof mine) => {
+      const same = { saddr: k.saddr, daddr: k.daddr, sport: k.sport, dport: k.dport };
+      const pick = rng.int(10);
+      // Mostly as conntrack would have it; sometimes NATed at the end the caller must not move.
+      const to = pick < 7 ? same
+        : k === request ? { ...same, daddr: focus.remote, dport: focus.dport }
+        : pick < 9 ? { ...same, saddr: svc.ip, sport: svc.port } : { ...same, daddr: remotePod(focus.peer, 41), dport: 8080 };
+      return { checked: stamp(), ...to };
+    };
+    for (const k of [mine, theirs, request]) if (rng.chance(k === request ? (focus.service ? 0.6 : 0) : 0.6)) state.ct_admitted.update(k, cached(k));
     const n = rng.chance(0.2) ? SIZES.ctAdmitted : rng.int(3);
     for (let i = 0; state.ct_admitted.size < SIZES.ctAdmitted && i < n; i++) {
-      state.ct_admitted.update({ saddr: rng.pick(LOCAL_PODS).ip, daddr: remotePod(rng.int(3), rng.int(40)), sport: rng.range(1, 65535), dport: 443, protocol: 6 }, { checked: stamp() });
+      const k = { saddr: rng.pick(LOCAL_PODS).ip, daddr: remotePod(rng.int(3), rng.int(40)), sport: rng.range(1, 65535), dport: 443, protocol: 6 };
+      state.ct_admitted.update(k, { checked: stamp(), saddr: k.saddr, daddr: k.daddr, sport: k.sport, dport: k.dport });
     }
     tags.push('ct-cached');
   }

@@ -29,17 +29,23 @@ export type ConntrackSpec = CtEntrySpec[];
 
 /**
  * The model's view of the entries the kernel holds once ctnetlink created
- * them: a DNAT rewrites the reply direction's source and sets IPS_DST_NAT;
+ * them: a DNAT rewrites the reply direction's source and sets IPS_DST_NAT, an
+ * SNAT its destination and IPS_SRC_NAT (each only if it changed the tuple);
  * the TCP flags are exactly the liberal bits the creator set.
  */
 export function modelConntrack(spec: ConntrackSpec): ModelConntrack {
   const word = (t: CtTuple): ModelCtTuple => ({ src: ipWord(t.src), dst: ipWord(t.dst), sport: t.sport, dport: t.dport, proto: t.proto });
   return new ModelConntrack(spec.map((e) => {
-    const reply = e.dnat ? { ...inverse(e.orig), src: e.dnat.ip, sport: e.dnat.port } : inverse(e.orig);
+    let reply = inverse(e.orig);
+    if (e.dnat) reply = { ...reply, src: e.dnat.ip, sport: e.dnat.port };
+    if (e.snat) reply = { ...reply, dst: e.snat.ip, dport: e.snat.port };
+    // The kernel marks a NAT only when it changed the tuple (nf_nat_setup_info).
+    const dnated = e.dnat !== undefined && (e.dnat.ip !== e.orig.dst || e.dnat.port !== e.orig.dport);
+    const snated = e.snat !== undefined && (e.snat.ip !== e.orig.src || e.snat.port !== e.orig.sport);
     const lib = e.liberal ?? [false, false];
     return {
       orig: word(e.orig), reply: word(reply),
-      status: e.status | (e.dnat ? CtBits.IPS_DST_NAT : 0),
+      status: e.status | (dnated ? CtBits.IPS_DST_NAT : 0) | (snated ? CtBits.IPS_SRC_NAT : 0),
       tcpState: e.orig.proto === 6 ? (e.tcpState ?? CtBits.TCP_CONNTRACK_ESTABLISHED) : 0,
       flags: [lib[0] ? CtBits.TCP_FLAG_BE_LIBERAL : 0, lib[1] ? CtBits.TCP_FLAG_BE_LIBERAL : 0],
     };

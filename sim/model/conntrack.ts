@@ -58,15 +58,28 @@ export function ipWord(ip: string): number {
   return readIpv4(b, 0);
 }
 
+/** C: enum xmasq_nat_side. Which end of a flow the caller lets the host's NAT move. */
+export const NatSide = { NONE: 0, DST: 1, SRC: 2 } as const;
+
+/** The flow as the host sends it on (C: the struct ct_tuple ct_admit fills); words and host-order ports. */
+export interface CtTo { saddr: number; daddr: number; sport: number; dport: number }
+export const newCtTo = (): CtTo => ({ saddr: 0, daddr: 0, sport: 0, dport: 0 });
+
 /** The C's XMASQ_CT_ADMIT: admitted. Anything else is the counter to bump. */
 export const CT_ADMIT = 'ADMIT';
 export type CtVerdict = typeof CT_ADMIT | Extract<CounterName, 'CT_REFUSED' | 'CT_NAT' | 'CT_PENDING'>;
 
 /**
  * C: ct_admit. The flow of a pod packet from src to dst, ports and protocol
- * from h. Without a table, the build without the check (XMASQ_NO_CONNTRACK).
+ * from h. When admitted, to is the flow as the host sends it on: the same, or
+ * NATed at the end side allows. Without a table, the build without the check
+ * (XMASQ_NO_CONNTRACK).
  */
-export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: number): CtVerdict {
+export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: number, side: number, to: CtTo): CtVerdict {
+  to.saddr = src;
+  to.daddr = dst;
+  to.sport = h.sport;
+  to.dport = h.dport;
   const ct = env.conntrack;
   if (ct === undefined) return CT_ADMIT;
   if ((h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP) || !h.l4_ok || isFragment(h)) return 'CT_REFUSED';
@@ -75,7 +88,13 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
   const now = env.now;
   const seen = s.ct_admitted.lookupElem(k);
-  if (seen && recent(now, seen.checked)) return CT_ADMIT;
+  if (seen && recent(now, seen.checked)) {
+    to.saddr = seen.saddr;
+    to.daddr = seen.daddr;
+    to.sport = seen.sport;
+    to.dport = seen.dport;
+    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
+  }
 
   const e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
   if (!e) {
@@ -84,13 +103,17 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   }
 
   let verdict: CtVerdict = CT_ADMIT;
-  if (e.status & (CtBits.IPS_SRC_NAT | CtBits.IPS_DST_NAT)) verdict = 'CT_NAT';
+  if (e.status & CtBits.IPS_SRC_NAT) verdict = 'CT_NAT';
   else if (h.proto === IPPROTO_UDP) verdict = e.status & CtBits.IPS_SEEN_REPLY ? CT_ADMIT : 'CT_REFUSED';
   else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED) verdict = 'CT_REFUSED';
   else if (!(e.flags[0] & e.flags[1] & CtBits.TCP_FLAG_BE_LIBERAL)) verdict = 'CT_PENDING';
+  if (verdict === CT_ADMIT && e.status & CtBits.IPS_DST_NAT) {
+    ctTranslated(e, k, to);
+    if (!natAllowed(k, to, side)) verdict = 'CT_NAT';
+  }
 
   if (verdict === CT_ADMIT) {
-    s.ct_admitted.updateElem(k, { checked: now }, 'any');
+    s.ct_admitted.updateElem(k, { checked: now, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport }, 'any');
     return verdict;
   }
   // No longer admitted: the cached admission must not outlive the entry's change.
@@ -98,6 +121,30 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   // A plain hash: when full, the insert fails and the flow waits (maps.h).
   if (verdict === 'CT_PENDING') s.ct_pending.updateElem(k, { queued: 1 }, 'any');
   return verdict;
+}
+
+type FlowKey = { saddr: number; daddr: number; sport: number; dport: number };
+
+/**
+ * C: ct_translated. A packet of the original direction leaves with the reply
+ * tuple reversed, one of the reply direction with the original reversed.
+ */
+function ctTranslated(e: ModelCtEntry, k: FlowKey, to: CtTo): void {
+  const o = e.orig;
+  const other = o.src === k.saddr && o.sport === k.sport && o.dst === k.daddr && o.dport === k.dport ? e.reply : o;
+  to.saddr = other.dst;
+  to.sport = other.dport;
+  to.daddr = other.src;
+  to.dport = other.sport;
+}
+
+/** C: nat_allowed. Whether the flow k, NATed into to, moved only the end side allows. */
+function natAllowed(k: FlowKey, to: CtTo, side: number): boolean {
+  const srcKept = to.saddr === k.saddr && to.sport === k.sport;
+  const dstKept = to.daddr === k.daddr && to.dport === k.dport;
+  if (side === NatSide.DST) return srcKept;
+  if (side === NatSide.SRC) return dstKept;
+  return srcKept && dstKept;
 }
 
 /** C: now >= checked && now - checked < XMASQ_CT_RECHECK_NS, in u64. */

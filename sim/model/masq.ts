@@ -3,10 +3,10 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, wideCarrier } from './packet.ts';
+import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { CT_ADMIT, ctAdmit } from './conntrack.ts';
+import { CT_ADMIT, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -30,8 +30,22 @@ export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return xmasqMasq(pkt, s, env, fx, kind);
 }
 
-/** The C's stack local, reused per run (packet.ts: Hdrs). */
+/** The C's stack locals, reused per run (packet.ts: Hdrs). */
 const h = new Hdrs();
+const to = newCtTo();
+/** C: XMASQ_CT_UNCHECKED. */
+const CT_UNCHECKED = 'UNCHECKED';
+
+/** config's Service range as words, converted once per distinct text. */
+let rangeText = '', rangeNet = 0, rangeMask = 0;
+function inServiceRange(net: string, mask: string, daddr: number): boolean {
+  if (rangeText !== `${net}/${mask}`) {
+    rangeText = `${net}/${mask}`;
+    rangeNet = ipWord(net);
+    rangeMask = ipWord(mask);
+  }
+  return rangeMask !== 0 && ((daddr & rangeMask) >>> 0) === rangeNet;
+}
 
 function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
   // 1. A pod's IPv4 packet that masq can carry.
@@ -46,7 +60,20 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
 
-  // 2. A pair fully learned: path, both keys, and the peer knows ours.
+  // 2. A Service's request goes where the host would send it: to the backend
+  //    conntrack chose (its DNAT), if conntrack admits the flow. From here on h is
+  //    the packet as the host would forward it; the port it carries is written at step 6.
+  const now = env.now;
+  let admit: CtVerdict | typeof CT_UNCHECKED = CT_UNCHECKED;
+  const wireDaddr = h.daddr, wireDport = h.dport;
+  if (inServiceRange(cfg.service_net, cfg.service_mask, h.daddr)) {
+    admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.DST, to);
+    if (admit !== CT_ADMIT) return pass(fx);
+    h.daddr = to.daddr;
+    h.dport = to.dport;
+  }
+
+  // 3. A pair fully learned: path, both keys, and the peer knows ours.
   const e = s.egress_cache.lookupPair(h.saddr, h.daddr);
   if (!e) return pass(fx);
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
@@ -54,7 +81,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     return TC_ACT_OK;
   }
 
-  // 3. Policy, egress.
+  // 4. Policy, egress.
   if (policyDenied(s, h.saddr, h.daddr, h, PolicyDir.EGRESS)) return policyDrop(fx);
 
   // A wide key needs a carrier the pod left free, and no GSO for UDP; a narrow
@@ -67,20 +94,24 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     return TC_ACT_OK;
   }
 
-  // 4. Only a flow the host stack has accepted, and would not NAT.
-  const admit = ctAdmit(s, env, h, h.saddr, h.daddr);
-  if (admit !== CT_ADMIT) {
-    fx.counters[admit]++;
-    return TC_ACT_OK;
+  // 5. Only a flow the host stack has accepted, and would not NAT.
+  if (admit === CT_UNCHECKED) {
+    admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.NONE, to);
+    if (admit !== CT_ADMIT) {
+      fx.counters[admit]++;
+      return TC_ACT_OK;
+    }
   }
 
-  // 5. Host MACs and IPs; the peer's key in DSCP (narrow) or in the carrier
-  //    (wide); the pod's ECN kept; RF marks it.
+  // 6. Host MACs and IPs; the peer's key in DSCP (narrow) or in the carrier
+  //    (wide); the pod's ECN kept; RF marks it. A Service's backend port.
   const dscp = wide ? dscpWithKey(h, key) : key;
   if (rewritePacket(pkt, h, e.remote_mac, e.local_mac, (dscp << 2) | (h.tos & 3), h.frag | IP_RF, e.local_ip, e.remote_ip,
     wide ? carrierWithKey(h, key) : h.carrier)) return TC_ACT_SHOT;
+  if (h.dport !== wireDport && rewritePort(pkt, h, DPORT_OFF, wireDport, h.dport)) return TC_ACT_SHOT;
+  if (h.daddr !== wireDaddr || h.dport !== wireDport) fx.counters.SERVICE_NAT++;
 
-  e.last_seen = env.now;
+  e.last_seen = now;
   fx.counters.MASQUERADED++;
   fx.redirect = redirectTo(cfg.nic_ifindex, kind);
   return TC_ACT_REDIRECT;

@@ -455,6 +455,15 @@ export function rewritePacket(pkt: Buffer, h: Hdrs, dstMac: number, srcMac: numb
   return 0;
 }
 
+/** C: rewrite_port. A port of a whole datagram (off: 0 source, 2 destination), host order, its checksum kept. */
+export function rewritePort(pkt: Buffer, h: Hdrs, off: number, from: number, to: number): number {
+  putBe16(pkt, h.l4 + off, to);
+  l4CsumReplace2(pkt, h.l4 + l4CsumOff(h.proto), from, to, h.proto === IPPROTO_UDP);
+  return 0;
+}
+export const SPORT_OFF = 0;
+export const DPORT_OFF = 2;
+
 /** C: rewritable. The protocols whose checksums masq and restore keep valid. */
 export function rewritable(h: Hdrs): boolean {
   if (h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP && h.proto !== IPPROTO_ICMP) return false;

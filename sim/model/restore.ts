@@ -4,11 +4,12 @@
  */
 import { IP_DF, IP_RF, PolicyDir, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
-  IPPROTO_UDP, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
+  IPPROTO_UDP, SPORT_OFF, carriedWideKey, carrierFreeValue, carriesWideKey, Hdrs, Tunnel, isTunnel, loadEthIpv4, loadTunnel, rewritable, rewritePacket,
+  rewritePort,
 } from './packet.ts';
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { CT_ADMIT, ctAdmit } from './conntrack.ts';
+import { CT_ADMIT, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
 import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -57,19 +58,25 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 2. Policy on the packet as the pod will see it.
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
 
-  // 3. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its carrier.
-  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, r.remote_ip, r.local_ip, carrier)) return restoreMiss(fx);
+  // 3. Whether the host's conntrack admits the flow, before the rewrite, which takes
+  //    a Service's address from it: a backend's reply leaves with the Service's as its source.
+  const now = env.now;
+  const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, NatSide.SRC, to);
+  const src = admit === CT_ADMIT ? to.saddr : r.remote_ip;
 
-  r.last_seen = env.now;
+  // 4. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its carrier.
+  if (rewritePacket(pkt, h, r.local_mac, r.remote_mac, h.tos & 3, h.frag & ~IP_RF, src, r.local_ip, carrier)) return restoreMiss(fx);
+  if (admit === CT_ADMIT && to.sport !== h.sport && rewritePort(pkt, h, SPORT_OFF, h.sport, to.sport)) return restoreMiss(fx);
+  r.last_seen = now;
 
-  // 4. A flow the host's conntrack does not admit goes up the host stack as the pod packet it now is.
-  const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip);
+  // 5. A flow the host's conntrack does not admit goes up the host stack as the pod packet it now is.
   if (admit !== CT_ADMIT) {
     fx.counters[admit]++;
     return toHostStack(pkt, s, fx);
   }
+  if (src !== r.remote_ip || to.sport !== h.sport) fx.counters.SERVICE_NAT++;
 
-  // 5. Into the pod's namespace.
+  // 6. Into the pod's namespace.
   fx.counters.RESTORED++;
   fx.redirect = redirectTo(r.ifindex, 'PEER');
   return TC_ACT_REDIRECT;
@@ -78,6 +85,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
 /** The C's stack locals, reused per run (packet.ts: Hdrs). */
 const h = new Hdrs();
 const t = new Tunnel();
+const to = newCtTo();
 
 function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
   // 1. An overlay packet for one of our pods.

@@ -3,9 +3,9 @@
  * (HashTable), and what a program run reports.
  */
 import { bytesToIpv4, bytesToMac, ipv4ToBytes, macToBytes, type Field, type Struct } from '../../dataplane/layout.ts';
-import { NO_OVERLAY,
+import { NO_OVERLAY, NO_SERVICES,
   MAPS, COUNTER_NAMES, NodeFlag, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyRule,
-  type CounterName, type Config, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo,
+  type CounterName, type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo,
   type PolicyKey, type PolicyMasks, type PolicyRule, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { writeMac } from './packet.ts';
@@ -49,6 +49,8 @@ export interface ModelNodeInfo { flags: number }
 export interface ModelEgressKey { local_pod: number; remote_pod: number }
 export interface ModelIngressKey { remote_host: number; key: number }
 export interface ModelCtTupleKey { saddr: number; daddr: number; sport: number; dport: number; protocol: number }
+/** ct_admitted's value: when admitted, and the flow as the host sends it on. */
+export interface ModelCtAdmission { checked: Stamp; saddr: number; daddr: number; sport: number; dport: number }
 export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: number; dst_port: number; protocol: number; dir: number }
 
 /**
@@ -724,7 +726,7 @@ export interface DatapathState {
   policy_rules: NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
   policy_masks: PolicyMasks;
   ct_pending: NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
-  ct_admitted: NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>;
+  ct_admitted: NamedTable<CtTupleKey, CtAdmission, ModelCtTupleKey, ModelCtAdmission>;
   /** The overlay's nodes by underlay address; flag SELF marks this host's own (bpf/xmasq.h). */
   nodes: WordTable<string, NodeInfo, ModelNodeInfo>;
 }
@@ -772,15 +774,15 @@ export function emptyState(sizes: Sizes): DatapathState {
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
     ingress_cache: new PairTable<IngressKey, Path, ModelIngressKey, ModelPath>(
       { first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
-    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY },
+    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES },
     policy_rules: new NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
       (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
     policy_masks: { count: 0, mask: new Array(32).fill(0) },
     ct_pending: new NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>(
       ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
-    ct_admitted: new NamedTable<CtTupleKey, { checked: bigint }, ModelCtTupleKey, { checked: Stamp }>(
-      ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<{ checked: Stamp }>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
+    ct_admitted: new NamedTable<CtTupleKey, CtAdmission, ModelCtTupleKey, ModelCtAdmission>(
+      ctTupleName, structKeys(asStruct(ctTuple)), new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
     nodes: new WordTable<string, NodeInfo, ModelNodeInfo>(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
   };
 }
