@@ -1,65 +1,30 @@
 /**
- * The host's conntrack table over ctnetlink (NETLINK_NETFILTER), through libc
- * via koffi: Node has no netlink sockets of its own.
+ * The host's conntrack table over ctnetlink (NETLINK_NETFILTER), on a
+ * socket of dataplane/netlink.ts: Node has no netlink sockets of its own.
  *
  * The agent uses it for one thing: to make an established TCP entry track its
  * windows liberally once its flow takes the fast path (bpf/conntrack.h says
  * why). The differential tests use it to give the programs real entries to
  * find, in a network namespace of their own.
  *
- * Messages are built by hand: nlmsghdr, nfgenmsg, then nested attributes
+ * Messages are nlmsghdr, nfgenmsg, then nested attributes
  * (include/uapi/linux/netfilter/nfnetlink_conntrack.h). Every call waits for
  * the kernel's answer, so an error comes back to the caller that caused it.
  */
 import koffi from 'koffi';
-import { ipv4ToBytes } from './layout.ts';
+import { Attrs, NETLINK_NETFILTER, NLMSG_HDRLEN, NetlinkSocket, netlinkLibc, parseAttrs } from './netlink.ts';
 
-interface Libc {
-  socket(domain: number, type: number, protocol: number): number;
-  bind(fd: number, addr: Buffer, len: number): number;
-  send(fd: number, buf: Buffer, len: number, flags: number): number;
-  recv(fd: number, buf: Buffer, len: number, flags: number): number;
-  setsockopt(fd: number, level: number, name: number, value: Buffer, len: number): number;
-  close(fd: number): number;
-  unshare(flags: number): number;
-}
-
-let libc: Libc | undefined;
-function c(): Libc {
-  if (libc) return libc;
-  const l = koffi.load('libc.so.6');
-  libc = {
-    socket: l.func('int socket(int domain, int type, int protocol)'),
-    bind: l.func('int bind(int fd, void *addr, uint32_t len)'),
-    send: l.func('intptr_t send(int fd, void *buf, size_t len, int flags)'),
-    recv: l.func('intptr_t recv(int fd, void *buf, size_t len, int flags)'),
-    setsockopt: l.func('int setsockopt(int fd, int level, int name, void *value, uint32_t len)'),
-    close: l.func('int close(int fd)'),
-    unshare: l.func('int unshare(int flags)'),
-  } as unknown as Libc;
-  return libc;
-}
-
-const AF_NETLINK = 16;
-const SOCK_RAW = 3;
-const SOCK_CLOEXEC = 0o2000000;
-const NETLINK_NETFILTER = 12;
-const SOL_SOCKET = 1;
-const SO_RCVTIMEO = 20;
 const CLONE_NEWNET = 0x40000000;
-
-const NLM_F_REQUEST = 0x1;
-const NLM_F_ACK = 0x4;
 const NLM_F_CREATE = 0x400;
 const NLM_F_EXCL = 0x200;
-const NLMSG_ERROR = 2;
-const NLA_F_NESTED = 0x8000;
 
 const NFNL_SUBSYS_CTNETLINK = 1;
 const IPCTNL_MSG_CT_NEW = 0;
 const IPCTNL_MSG_CT_GET = 1;
 const IPCTNL_MSG_CT_DELETE = 2;
 const AF_INET = 2;
+/** struct nfgenmsg: family, version 0, res_id 0. */
+const NFGENMSG = Buffer.from([AF_INET, 0, 0, 0]);
 
 const CTA_TUPLE_ORIG = 1;
 const CTA_TUPLE_REPLY = 2;
@@ -143,31 +108,6 @@ function errnoText(errno: number): string {
   return ERRNO_NAMES[errno] ?? `errno ${errno}`;
 }
 
-/** Netlink attributes, appended in order; nest() wraps what its callback adds. */
-class Attrs {
-  private readonly parts: Buffer[] = [];
-  private put(type: number, payload: Buffer): this {
-    const len = 4 + payload.length;
-    const b = Buffer.alloc((len + 3) & ~3);
-    b.writeUInt16LE(len, 0);
-    b.writeUInt16LE(type, 2);
-    payload.copy(b, 4);
-    this.parts.push(b);
-    return this;
-  }
-  u8(type: number, v: number): this { return this.put(type, Buffer.from([v])); }
-  be16(type: number, v: number): this { const b = Buffer.alloc(2); b.writeUInt16BE(v); return this.put(type, b); }
-  be32(type: number, v: number): this { const b = Buffer.alloc(4); b.writeUInt32BE(v >>> 0); return this.put(type, b); }
-  ipv4(type: number, ip: string): this { const b = Buffer.alloc(4); ipv4ToBytes(ip, b, 0); return this.put(type, b); }
-  bytes(type: number, b: Buffer): this { return this.put(type, b); }
-  nest(type: number, fill: (a: Attrs) => void): this {
-    const inner = new Attrs();
-    fill(inner);
-    return this.put(type | NLA_F_NESTED, inner.buffer());
-  }
-  buffer(): Buffer { return Buffer.concat(this.parts); }
-}
-
 function tuple(a: Attrs, t: CtTuple): void {
   a.nest(CTA_TUPLE_IP, (ip) => ip.ipv4(CTA_IP_V4_SRC, t.src).ipv4(CTA_IP_V4_DST, t.dst));
   a.nest(CTA_TUPLE_PROTO, (p) => p.u8(CTA_PROTO_NUM, t.proto).be16(CTA_PROTO_SRC_PORT, t.sport).be16(CTA_PROTO_DST_PORT, t.dport));
@@ -185,48 +125,15 @@ function liberalFlags(a: Attrs, liberal: [boolean, boolean]): void {
   a.bytes(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags(liberal[1]));
 }
 
-/** Walks the attributes in b[from, to): type (nested flag cleared) -> payload. */
-function parseAttrs(b: Buffer, from = 0, to = b.length): Map<number, Buffer> {
-  const out = new Map<number, Buffer>();
-  let off = from;
-  while (off + 4 <= to) {
-    const len = b.readUInt16LE(off);
-    if (len < 4 || off + len > to) break;
-    out.set(b.readUInt16LE(off + 2) & ~NLA_F_NESTED, b.subarray(off + 4, off + len));
-    off += (len + 3) & ~3;
-  }
-  return out;
-}
-
 /**
  * One ctnetlink socket in the network namespace of the thread that opened it
  * (a namespace keeps its sockets: later setns calls do not move it).
  */
 export class Conntrack {
-  private fd: number;
-  private seq = 1;
-  private readonly rx = Buffer.alloc(64 * 1024);
-
-  constructor() {
-    const fd = c().socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
-    if (fd < 0) throw new ConntrackError('opening a netfilter netlink socket', koffi.errno());
-    const addr = Buffer.alloc(12);
-    addr.writeUInt16LE(AF_NETLINK, 0);
-    if (c().bind(fd, addr, addr.length) < 0) {
-      const e = koffi.errno();
-      c().close(fd);
-      throw new ConntrackError('binding the netlink socket', e);
-    }
-    // A kernel that never answers must not hang the agent: 2 s, then an error.
-    const tv = Buffer.alloc(16);
-    tv.writeBigInt64LE(2n, 0);
-    c().setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, tv, tv.length);
-    this.fd = fd;
-  }
+  private readonly sock = new NetlinkSocket(NETLINK_NETFILTER, (what, errno) => new ConntrackError(what, errno), 'netfilter netlink');
 
   close(): void {
-    if (this.fd >= 0) c().close(this.fd);
-    this.fd = -1;
+    this.sock.close();
   }
 
   /** Creates an entry (EEXIST if the flow has one). */
@@ -284,7 +191,7 @@ export class Conntrack {
       if (err instanceof ConntrackError && err.errno === 2) return undefined;
       throw err;
     }
-    const attrs = parseAttrs(msg, 16 + 4);
+    const attrs = parseAttrs(msg, NLMSG_HDRLEN + NFGENMSG.length);
     const status = attrs.get(CTA_STATUS)?.readUInt32BE(0) ?? 0;
     const view: CtEntryView = { status };
     const pi = attrs.get(CTA_PROTOINFO);
@@ -304,41 +211,12 @@ export class Conntrack {
   }
 
   /**
-   * Sends one request with NLM_F_ACK and returns the kernel's data answer (a
-   * GET's entry) or the empty buffer of a bare ACK; an error answer throws.
+   * Sends one ctnetlink request (nfgenmsg: AF_INET, version 0, res_id 0) and
+   * returns the kernel's data answer (a GET's entry) or the empty buffer of a
+   * bare ACK; an error answer throws.
    */
   private request(msgType: number, flags: number, attrs: Attrs, what: string): Buffer {
-    if (this.fd < 0) throw new Error('conntrack: the socket is closed');
-    const body = attrs.buffer();
-    const seq = this.seq++;
-    const m = Buffer.alloc(16 + 4 + body.length);
-    m.writeUInt32LE(m.length, 0);
-    m.writeUInt16LE((NFNL_SUBSYS_CTNETLINK << 8) | msgType, 4);
-    m.writeUInt16LE(NLM_F_REQUEST | NLM_F_ACK | flags, 6);
-    m.writeUInt32LE(seq, 8);
-    m[16] = AF_INET; // nfgenmsg: family, version 0, res_id 0
-    body.copy(m, 20);
-    if (c().send(this.fd, m, m.length, 0) !== m.length) throw new ConntrackError(what, koffi.errno());
-
-    let data = Buffer.alloc(0);
-    for (;;) {
-      const n = c().recv(this.fd, this.rx, this.rx.length, 0);
-      if (n < 0) throw new ConntrackError(`${what} (no answer)`, koffi.errno());
-      for (let off = 0; off + 16 <= n;) {
-        const len = this.rx.readUInt32LE(off);
-        if (len < 16 || off + len > n) break;
-        const type = this.rx.readUInt16LE(off + 4);
-        if (this.rx.readUInt32LE(off + 8) === seq) {
-          if (type === NLMSG_ERROR) {
-            const err = -this.rx.readInt32LE(off + 16);
-            if (err !== 0) throw new ConntrackError(what, err);
-            return data; // the ACK ends the exchange
-          }
-          data = Buffer.from(this.rx.subarray(off, off + len));
-        }
-        off += (len + 3) & ~3;
-      }
-    }
+    return this.sock.request((NFNL_SUBSYS_CTNETLINK << 8) | msgType, flags, NFGENMSG, attrs, what);
   }
 }
 
@@ -347,5 +225,5 @@ export class Conntrack {
  * conntrack table of its own: for tests, which must never touch the host's.
  */
 export function unshareNetns(): void {
-  if (c().unshare(CLONE_NEWNET) !== 0) throw new ConntrackError('unshare(CLONE_NEWNET)', koffi.errno());
+  if (netlinkLibc().unshare(CLONE_NEWNET) !== 0) throw new ConntrackError('unshare(CLONE_NEWNET)', koffi.errno());
 }
