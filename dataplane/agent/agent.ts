@@ -19,9 +19,10 @@ import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
 import { withNetns } from '../libbpf.ts';
 import { PolicyTable, describeRule } from './policy.ts';
 import {
-  OPS, PROTOCOL_VERSION, type AgentStatus, type Attachment, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
+  OPS, PROTOCOL_VERSION, type AgentStatus, type Attachment, type DiscoveryStatus, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
   type ReplyMap,
 } from './protocol.ts';
+import { planDiscovery, survey, type FoundPod } from './discovery.ts';
 import { DEPTH_LIMIT, LINE_LIMIT, SocketServer } from './server.ts';
 import { StateDir } from './state.ts';
 import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex, overlayDevice, type OverlayDevice } from './system.ts';
@@ -33,6 +34,14 @@ interface Pod {
 
 /** The node set follows the overlay device's FDB at most this often (on expiry scans). */
 const NODE_SYNC_MS = 1000;
+
+/**
+ * After a DEL, discovery leaves the pod's address alone this long: the DEL
+ * comes first in the runtime's teardown (the xmasq plugin is last in the
+ * chain, so it is the first to get DEL), and the pod's veth, with the address
+ * on its peer, stays until the plugins after it have run.
+ */
+const DEL_GUARD_MS = 10_000;
 
 /** A request the client got wrong: the reply says so, nothing is logged as an agent failure. */
 class RequestError extends Error {}
@@ -57,6 +66,18 @@ export class Agent {
   private ctDrain: ConntrackDrain | undefined;
   private nodes: NodeSet | undefined;
   private lastNodeSync = 0;
+  private discoveryTimer: NodeJS.Timeout | undefined;
+  private discovering = false;
+  /** Pods a DEL removed, by IP: when, and the veth they were on (discovery leaves them alone). */
+  private readonly deleted = new Map<string, { at: number; veth?: { ifindex: number; name: string } }>();
+  /** What discovery last said about each veth it did not serve a pod on, so that each change is logged once. */
+  private discoveryNotes = new Map<string, string>();
+  private readonly discoveryStats = {
+    rounds: 0,
+    lastRoundAt: undefined as string | undefined,
+    notServed: [] as DiscoveryStatus['notServed'],
+    failing: undefined as { since: string; error: string } | undefined,
+  };
   private ready = false;
   private stopping = false;
   private readonly state: StateDir;
@@ -118,6 +139,11 @@ export class Agent {
     const drain = new ConntrackDrain(this.dp!.maps.ct_pending, this.dp!.maps.ct_admitted, this.log);
     this.ctDrain = drain;
     this.ctTimer = setInterval(() => drain.drain(), CT_DRAIN_INTERVAL_MS);
+    if (cfg.discoverPods) {
+      // The pods already on the host are served before the first request is.
+      await this.discover();
+      this.scheduleDiscovery();
+    }
     this.ready = true;
     this.log.info(`ready: ${this.pods.size} pod(s), ${this.policy!.list().length} rule(s); socket ${cfg.socket}${this.http ? `, metrics http://${cfg.metricsListen}/metrics` : ''}`);
   }
@@ -244,7 +270,8 @@ export class Agent {
       for (const [ip, info] of inMap) {
         const name = ifIndexToName(info.ifindex);
         if (name && this.mode === 'veth') {
-          records.push({ ip, mac: info.mac, hostVethIfindex: info.ifindex, hostVeth: name, addedAt: new Date().toISOString(), attached: false });
+          // No add backs them: discovery confirms them against the host, or drops them.
+          records.push({ ip, mac: info.mac, hostVethIfindex: info.ifindex, hostVeth: name, addedAt: new Date().toISOString(), attached: false, discovered: true });
         }
       }
       if (records.length) this.log.warn(`${this.state.podsFile} is missing: adopted ${records.length} pod(s) from the pinned pod_info`);
@@ -282,6 +309,8 @@ export class Agent {
 
   private async closeEndpoints(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
+    if (this.discoveryTimer) clearTimeout(this.discoveryTimer);
+    this.discoveryTimer = undefined;
     if (this.ctTimer) clearInterval(this.ctTimer);
     this.ctDrain?.close();
     this.timer = undefined;
@@ -401,15 +430,31 @@ export class Agent {
   }
 
   private addPod(spec: unknown): ReplyMap['add'] {
-    const dp = this.dp!;
     const p = this.validatePod(spec);
+    this.deleted.delete(p.ip);
+    return this.servePod(p, false);
+  }
+
+  /**
+   * Serves a pod an `add` gave, or discovery found: writes pod_info and
+   * attaches masq, replacing (and purging) a different pod that held its IP.
+   */
+  private servePod(p: PodSpec & { hostVeth: string }, discovered: boolean): ReplyMap['add'] {
+    const dp = this.dp!;
     this.vethFree(p);
     const old = this.pods.get(p.ip);
     // A pod is its veth and its MAC; the netns path may be spelt differently
     // by different callers (/run/netns/x, /proc/<pid>/ns/net) for the same pod.
     const same = old && old.record.mac === p.mac && old.record.hostVethIfindex === p.hostVethIfindex && old.record.hostVeth === p.hostVeth;
     const sameAttach = same && old.record.ifname === (p.ifname ?? old.record.ifname) && (this.mode === 'veth' || old.record.netns === (p.netns ?? old.record.netns));
-    if (sameAttach && old.masq && dp.isAttached(old.masq)) return { pod: { ...old.record }, replaced: false, purged: { egress: 0, ingress: 0 } };
+    if (sameAttach && old.masq && dp.isAttached(old.masq)) {
+      if (!discovered && old.record.discovered) {
+        // The CNI plugin confirms a pod discovery found first: from now on it is the plugin's.
+        delete old.record.discovered;
+        this.savePods();
+      }
+      return { pod: { ...old.record }, replaced: false, purged: { egress: 0, ingress: 0 } };
+    }
     if (!old && this.pods.size >= dp.maps.pod_info.maxEntries) {
       throw new RequestError(`pod_info is full (${dp.maps.pod_info.maxEntries} pods): this host serves as many pods as the datapath holds`);
     }
@@ -426,6 +471,8 @@ export class Agent {
         ? { ...old.record, ...p, attached: false }
         : { ...p, addedAt: new Date().toISOString(), attached: false },
     };
+    if (discovered) pod.record.discovered = true;
+    else delete pod.record.discovered;
     const key = podIp.encode({ ip: p.ip });
     dp.maps.pod_info.update(key, podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac }));
     try {
@@ -441,7 +488,7 @@ export class Agent {
       dp.maps.pod_info.delete(key);
       throw e;
     }
-    this.log.info(`pod ${p.ip} added: ${p.mac} on ${p.hostVeth} (ifindex ${p.hostVethIfindex})${old && !same ? ', replacing the pod that held this IP' : ''}${purged.egress + purged.ingress ? `; purged ${purged.egress} egress and ${purged.ingress} ingress entries` : ''}`);
+    this.log.info(`pod ${p.ip} ${discovered ? 'found on this host' : 'added'}: ${p.mac} on ${p.hostVeth} (ifindex ${p.hostVethIfindex})${discovered ? `, netns ${p.netns}, ${p.ifname}` : ''}${old && !same ? ', replacing the pod that held this IP' : ''}${purged.egress + purged.ingress ? `; purged ${purged.egress} egress and ${purged.ingress} ingress entries` : ''}`);
     return { pod: { ...pod.record }, replaced: !!old && !same, purged };
   }
 
@@ -459,12 +506,19 @@ export class Agent {
       return;
     }
     const h = holder.record.ip;
+    if (holder.record.discovered) {
+      // Discovery's view of the veth is older than this pod's: the pod is what holds it now.
+      const purged = this.dropPod(holder);
+      this.log.info(`dropped pod ${h}, which discovery had found on ${holder.record.hostVeth}: that veth is pod ${p.ip}'s now; purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+      return;
+    }
     throw new RequestError(`pod.hostVethIfindex = ${p.hostVethIfindex}: ${p.hostVeth} already belongs to pod ${h}, and a veth serves one pod; if ${h} is gone, delete it first ({"op":"del","ip":"${h}"})`);
   }
 
   private delPod(ip: unknown): ReplyMap['del'] {
     if (!isIpv4(ip)) throw new RequestError(`"ip" = ${JSON.stringify(ip)}: must be the pod's IPv4 address`);
     const pod = this.pods.get(ip);
+    if (this.cfg.discoverPods) this.deleted.set(ip, { at: Date.now(), ...(pod ? { veth: { ifindex: pod.record.hostVethIfindex, name: pod.record.hostVeth } } : {}) });
     const detached = pod?.masq ? this.dp!.detach(pod.masq) : false;
     const purged = this.forgetPod(ip);
     if (pod) {
@@ -475,19 +529,29 @@ export class Agent {
     return { known: !!pod, detached, purged };
   }
 
+  /** Detaches the pod's masq, purges its pod_info and cache entries, and forgets it. */
+  private dropPod(pod: Pod): Purged {
+    // Records adopted from pod_info (no state file) may share a veth, and so its one filter:
+    // the one that stays keeps it.
+    const r = pod.record;
+    const shared = [...this.pods.values()].some((q) => q !== pod && q.record.hostVethIfindex === r.hostVethIfindex && q.record.hostVeth === r.hostVeth);
+    if (pod.masq && shared) this.dp!.forget(pod.masq);
+    else if (pod.masq) this.dp!.detach(pod.masq);
+    const purged = this.forgetPod(pod.record.ip);
+    // The pod leaves memory only once the state file no longer holds it: a
+    // failed write fails this scan and the next ones (so /healthz says so)
+    // instead of once, and both steps above are safe to repeat.
+    this.state.writePods(this.cfg.pinDir, [...this.pods.values()].filter((p) => p !== pod).map((p) => p.record));
+    this.pods.delete(pod.record.ip);
+    return purged;
+  }
+
   /** Pods whose veth vanished without a DEL are dropped like a DEL would. */
   private collectGonePods(): void {
     for (const pod of [...this.pods.values()]) {
       const gone = this.podGone(pod.record);
       if (!gone) continue;
-      const dp = this.dp!;
-      if (pod.masq) dp.detach(pod.masq);
-      const purged = this.forgetPod(pod.record.ip);
-      // The pod leaves memory only once the state file no longer holds it: a
-      // failed write fails this scan and the next ones (so /healthz says so)
-      // instead of once, and both steps above are safe to repeat.
-      this.state.writePods(this.cfg.pinDir, [...this.pods.values()].filter((p) => p !== pod).map((p) => p.record));
-      this.pods.delete(pod.record.ip);
+      const purged = this.dropPod(pod);
       this.log.info(`dropped pod ${pod.record.ip}: ${gone} (no DEL came); purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
     }
   }
@@ -526,6 +590,97 @@ export class Agent {
     this.stats.scans++;
     this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     this.stats.lastScanAt = new Date().toISOString();
+  }
+
+  // -------------------------------------------------------------------------
+  // pod discovery (discovery.ts)
+  // -------------------------------------------------------------------------
+
+  /** The next round, --discover-interval after the last one ended (rounds never overlap). */
+  private scheduleDiscovery(): void {
+    this.discoveryTimer = setTimeout(() => {
+      void this.discover().finally(() => {
+        if (!this.stopping) this.scheduleDiscovery();
+      });
+    }, this.cfg.discoverIntervalSeconds * 1000);
+  }
+
+  /**
+   * One round: surveys the host's veths, serves the pods found, drops the
+   * discovered pods whose veth no longer holds them. Never throws: a failed
+   * round is logged (once per distinct error) and the next one tries again.
+   */
+  private async discover(): Promise<void> {
+    if (this.discovering || !this.dp) return;
+    this.discovering = true;
+    const first = this.discoveryStats.rounds === 0;
+    try {
+      const findings = await survey({ nicIfindex: this.nic.ifindex });
+      if (this.stopping || !this.dp) return;
+      // From here on nothing awaits: the plan is made and carried out on the pods as they are now.
+      this.collectGonePods();
+      for (const [ip, d] of this.deleted) {
+        if (Date.now() - d.at >= DEL_GUARD_MS && !(d.veth && ifIndexToName(d.veth.ifindex) === d.veth.name)) this.deleted.delete(ip);
+      }
+      const held = [...this.pods.values()].map((p) => ({ ...p.record, discovered: p.record.discovered === true }));
+      const plan = planDiscovery(findings, held, (p) => this.deletedWhy(p));
+      for (const d of plan.drop) {
+        const pod = this.pods.get(d.ip);
+        if (!pod) continue;
+        const purged = this.dropPod(pod);
+        this.log.info(`dropped pod ${d.ip}, which discovery had found on ${d.hostVeth}: ${d.why}; purged ${purged.egress} egress and ${purged.ingress} ingress entries`);
+      }
+      let served = 0;
+      for (const p of plan.serve) {
+        try {
+          this.servePod(p, true);
+          served++;
+        } catch (e) {
+          this.log.warn(`discovery: cannot serve pod ${p.ip} on ${p.hostVeth}: ${(e as Error).message}`);
+        }
+      }
+      const notServed: DiscoveryStatus['notServed'] = [];
+      for (const f of findings) {
+        if ('skipped' in f || 'unreadable' in f) notServed.push({ hostVeth: f.veth.name, hostVethIfindex: f.veth.ifindex, why: 'skipped' in f ? f.skipped : `not read: ${f.unreadable}` });
+      }
+      for (const { pod, why } of plan.ignored) notServed.push({ hostVeth: pod.hostVeth, hostVethIfindex: pod.hostVethIfindex, why: `not served: ${why}` });
+      this.noteNotServed(notServed);
+      const found = findings.filter((f) => 'pod' in f).length;
+      const summary = `discovery: ${found} pod(s) on this host's veths: ${served} served now, ${plan.drop.length} dropped, ${notServed.length} veth(s) with no pod to serve`;
+      if (first) this.log.info(summary);
+      else this.log.debug(summary);
+      this.discoveryStats.notServed = notServed;
+      if (this.discoveryStats.failing) this.log.info(`pod discovery works again (failing since ${this.discoveryStats.failing.since})`);
+      this.discoveryStats.failing = undefined;
+    } catch (e) {
+      const error = (e as Error).message;
+      if (this.discoveryStats.failing?.error !== error) this.log.warn(`pod discovery failed: ${error} (the pods the CNI plugin adds are served all the same)`);
+      this.discoveryStats.failing = { since: this.discoveryStats.failing?.since ?? new Date().toISOString(), error };
+    } finally {
+      this.discovering = false;
+      this.discoveryStats.rounds++;
+      this.discoveryStats.lastRoundAt = new Date().toISOString();
+    }
+  }
+
+  /** Why discovery must leave a pod a DEL removed alone, or undefined. */
+  private deletedWhy(p: FoundPod): string | undefined {
+    const d = this.deleted.get(p.ip);
+    if (!d) return undefined;
+    if (d.veth?.ifindex === p.hostVethIfindex && d.veth.name === p.hostVeth) return `a DEL removed pod ${p.ip} from ${p.hostVeth}: its runtime is tearing it down`;
+    const ago = Date.now() - d.at;
+    return ago < DEL_GUARD_MS ? `a DEL removed pod ${p.ip} ${(ago / 1000).toFixed(1)} s ago: its runtime may still be tearing it down` : undefined;
+  }
+
+  /** Logs what is new or changed about the veths discovery serves no pod on. */
+  private noteNotServed(list: DiscoveryStatus['notServed']): void {
+    const notes = new Map<string, string>();
+    for (const n of list) {
+      const key = `${n.hostVethIfindex}/${n.hostVeth}`;
+      notes.set(key, n.why);
+      if (this.discoveryNotes.get(key) !== n.why) this.log.info(`discovery: ${n.hostVeth} (ifindex ${n.hostVethIfindex}): ${n.why}`);
+    }
+    this.discoveryNotes = notes;
   }
 
   // -------------------------------------------------------------------------
@@ -643,6 +798,15 @@ export class Agent {
       },
       attachments: dp.list(),
       nodes: this.nodes?.snapshot() ?? { overlayDevices: [], self: [], peers: [] },
+      discovery: {
+        enabled: cfg.discoverPods,
+        intervalSeconds: cfg.discoverIntervalSeconds,
+        rounds: this.discoveryStats.rounds,
+        ...(this.discoveryStats.lastRoundAt ? { lastRoundAt: this.discoveryStats.lastRoundAt } : {}),
+        discoveredPods: [...this.pods.values()].filter((p) => p.record.discovered).length,
+        notServed: this.discoveryStats.notServed.map((n) => ({ ...n })),
+        ...(this.discoveryStats.failing ? { failing: { ...this.discoveryStats.failing } } : {}),
+      },
     };
   }
 

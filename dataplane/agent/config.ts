@@ -27,6 +27,10 @@ export interface AgentConfig {
   socketIdleSeconds: number;
   /** Socket connections served at once. */
   socketMaxConns: number;
+  /** Find the pods already on the host and serve them (discovery.ts). */
+  discoverPods: boolean;
+  /** How often discovery looks again. */
+  discoverIntervalSeconds: number;
   /** The overlay's tunnel device (default: found, see system.ts overlayDevice). */
   overlayDev?: string;
   /** Give pairs wide keys (14-bit, in a carrier: TCP urgent pointer, UDP length, ICMP echo code); off: narrow 6-bit keys only. */
@@ -89,6 +93,9 @@ export const FIELDS: readonly FieldDef[] = [
     range: { min: 1, max: DAY, why: 'a client needs a moment between requests, and a day is longer than any client needs to hold an idle connection' } },
   { key: 'socketMaxConns', flag: '--socket-max-conns', kind: 'count', arg: 'N', def: 64, help: 'socket connections served at once; more are answered with an error and closed (the CNI plugin and CLI use one each, briefly)',
     range: { min: 1, max: 1024, why: 'each connection may hold a request line (1 MiB) and a reply in the agent\'s memory' } },
+  { key: 'discoverPods', flag: '--discover-pods', kind: 'onoff', arg: 'on|off', def: true, help: 'at start and every --discover-interval, find the pods already on this host (the far ends of its veths) and serve them as an add would; off: only the pods the CNI plugin adds (see "discovery" below)' },
+  { key: 'discoverIntervalSeconds', flag: '--discover-interval', kind: 'seconds', arg: 'SECONDS', def: 30, help: 'how often pod discovery looks again',
+    range: { min: 1, max: 3600, why: 'each round reads every pod\'s namespace, so more often than a second costs CPU for nothing the CNI plugin does not already give, and a pod missed for over an hour stays on the overlay that long' } },
   { key: 'overlayDev', flag: '--overlay-dev', kind: 'string', arg: 'DEV', def: undefined, help: 'the overlay\'s VXLAN/Geneve device, on which restore delivers restored packets the host stack must handle (Services, policy), as the overlay would (none, or default: the only VXLAN/Geneve device on the nic; none: they go up the stack at the nic, where a strict rp_filter drops them)' },
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'nodes', flag: '--nodes', kind: 'iplist', arg: 'IP[,IP...]', def: [], help: 'underlay addresses of nodes besides the FDB destinations of the VXLAN devices on the nic (or of --overlay-dev): the node set init learns towards and restore takes signals and masqueraded packets from (an overlay without a Linux FDB, e.g. Antrea: every node\'s address)' },
@@ -138,6 +145,19 @@ packets only from, the overlay's nodes: the destinations of --overlay-dev's FDB 
 current on every scan, at most once a second; without --overlay-dev, of every VXLAN or
 Geneve device on the nic), its fixed remote, and --nodes; this
 host's own addresses (the NIC's, the device's local) are marked as ours.
+
+discovery: at start and every --discover-interval the agent looks at each veth of its
+network namespace (but the NIC) whose peer is in another namespace: the peer device, found
+by ifindex in the namespace the kernel names (bind mounts under /run/netns and
+/var/run/docker/netns, else /proc/<pid>/ns/net), is a pod when it has exactly one IPv4
+address and a unicast MAC, and the host routes that address back through the veth or the
+bridge (or OVS) it is a port of. Such a pod is served as an add would serve it (masq
+attached, pod_info written), unless another veth claims the same address (then neither is)
+or a pod the CNI plugin added holds it (the plugin's word stands). A discovered pod is
+dropped, its cache entries purged, once its veth no longer holds it; pods whose veth is
+gone are dropped by the scans, as always. Containers on other bridges (docker0) are served
+too, harmlessly: their traffic never crosses the overlay. --discover-pods off leaves only
+the CNI plugin's pods.
 
 signals: SIGTERM/SIGINT detach masq from every pod and init from the NIC, leave restore
 attached at the NIC ingress and exit, keeping the pinned maps: peers may go on

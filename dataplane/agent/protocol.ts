@@ -59,6 +59,12 @@ export interface PodRecord extends PodSpec {
   addedAt: string;
   /** Whether masq is attached for this pod now. */
   attached: boolean;
+  /**
+   * Served because the agent found it on the host (pod discovery), not
+   * because an `add` gave it; absent for added pods. Discovery keeps a
+   * discovered pod only while its veth still holds it.
+   */
+  discovered?: boolean;
 }
 
 export interface PolicyRuleSpec {
@@ -155,6 +161,21 @@ export interface AgentStatus {
   attachments: Attachment[];
   /** The node set the datapath trusts (README "Threat model"). */
   nodes: { overlayDevices: string[]; self: string[]; peers: string[] };
+  /** Pod discovery (--discover-pods): what its last round found and left alone. */
+  discovery: DiscoveryStatus;
+}
+
+export interface DiscoveryStatus {
+  enabled: boolean;
+  intervalSeconds: number;
+  rounds: number;
+  lastRoundAt?: string;
+  /** Pods served because discovery found them. */
+  discoveredPods: number;
+  /** Host veths the last round found no pod to serve on, and why. */
+  notServed: Array<{ hostVeth: string; hostVethIfindex: number; why: string }>;
+  /** Why rounds fail, and since when; absent while they work. */
+  failing?: { since: string; error: string };
 }
 
 type WithSeq<T> = T & { seq?: number | string };
