@@ -121,10 +121,13 @@ describe("the hosts' Services and policies hold on the fast path", () => {
 
     const after = { h1: await agents.counters('h1'), h2: await agents.counters('h2') };
     const d = (h: 'h1' | 'h2', c: string) => after[h][c] - before[h][c];
-    // b's answers to the Service's clients were masqueraded by h2, restored by h1 and handed to
-    // h1's stack, whose conntrack gave them the ClusterIP back.
+    // b's answers to the Service's clients were masqueraded by h2 and restored by h1 with the
+    // ClusterIP and port as their source, from the DNAT h1's conntrack recorded. (No
+    // --service-cidr here: the requests cross h1's stack on the overlay; lab/k8s.test.ts
+    // carries them too.)
     expect(d('h2', 'masqueraded')).toBeGreaterThan(0);
-    expect(d('h1', 'ct_nat')).toBeGreaterThan(0);
+    expect(d('h1', 'service_nat')).toBeGreaterThan(0);
+    expect(d('h1', 'ct_nat')).toBe(0);
     // The allowed flows took the fast path both ways.
     expect(d('h1', 'masqueraded')).toBeGreaterThan(0);
     expect(d('h1', 'restored')).toBeGreaterThan(0);

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { unpinAll } from '../dataplane/agent/datapath.ts';
 import { AgentClient, type AgentStatus, type PodRecord } from '../dataplane/agent/protocol.ts';
 import { LabAgents, ROOT } from './agents.ts';
-import { Kube, type PolicyRule, type ServiceSpec } from './k8s.ts';
+import { Kube, SERVICE_CIDR, type PolicyRule, type ServiceSpec } from './k8s.ts';
 import { DEFAULT_LAB_NAME, Lab, type LabPod } from './lab.ts';
 
 export const AGENTS_ROOT = '/run/xmasq-lab-agents';
@@ -174,7 +174,8 @@ export async function labUp(opts: UpOptions, progress: Progress): Promise<Lab> {
   }
   try {
     await Promise.all(lab.hosts.map(async (h) => {
-      const pid = await startAgent(lab, h.name, opts.agentArgs ?? []);
+      // Kubernetes nodes: the agents know the Service range, so masq carries Service requests.
+      const pid = await startAgent(lab, h.name, [...(opts.k8s ? ['--service-cidr', SERVICE_CIDR] : []), ...(opts.agentArgs ?? [])]);
       progress(`agent of ${h.name} runs: pid ${pid}, socket ${socketOf(name, h.name)}, log ${logFile(name, h.name)}`);
     }));
     // One host's pods one after the other: concurrent bridge ADDs race to create cni0.

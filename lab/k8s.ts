@@ -26,6 +26,9 @@ import { savedChains, syncRestore, type PolicyRule, type Protocol, type ServiceP
 
 export type { PolicyRule, Protocol, ServicePort, ServiceSpec } from './kubeproxy.ts';
 
+/** The lab cluster's Service range (kube-apiserver --service-cluster-ip-range), which its agents are given. */
+export const SERVICE_CIDR = '10.96.0.0/12';
+
 /** A pod by name (or LabPod), or a plain IP/CIDR. */
 export type Peer = string | LabPod;
 
