@@ -15,7 +15,7 @@ import {
   ConfigFlag, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type Path,
 } from '../maps.ts';
-import { loadConfig, parseArgs } from './config.ts';
+import { loadConfig, parseArgs, parseCidr } from './config.ts';
 import { unpinAll } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { normaliseRule, masksOf } from './policy.ts';
@@ -797,6 +797,20 @@ describe('xmasq-agent', () => {
     expect(configFlags()).toBe(ConfigFlag.WIDE_KEYS);
   });
 
+  it('--service-cidr puts the Service range in the datapath\'s config; without it, none', async () => {
+    const range = () => withMap('config', (m) => {
+      const c = config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!);
+      return `${c.service_net}/${c.service_mask}`;
+    });
+    expect(range()).toBe('0.0.0.0/0.0.0.0');
+    await stopAgent();
+    agent = await startAgent(['--service-cidr', '10.96.0.0/12']);
+    expect(range()).toBe('10.96.0.0/255.240.0.0');
+    await stopAgent();
+    agent = await startAgent();
+    expect(range()).toBe('0.0.0.0/0.0.0.0');
+  });
+
   it('a second agent on the same socket is refused and leaves the first one alone', async () => {
     const r = await startAgent([], false);
     expect(await r.exited).toBe(1);
@@ -898,6 +912,17 @@ describe('xmasq-agent pieces that need no kernel state', () => {
     // A key must stay taken until every peer has stopped using it.
     expect(() => loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '30']))).toThrow('--ingress-idle (ingressIdleSeconds) = 30: must be at least --egress-idle + --scan-interval (30 + 1 s)');
     expect(loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '31'])).ingressIdleSeconds).toBe(31);
+    // The Service range: a prefix without host bits, or none (the default).
+    expect(c.serviceCidr).toBe('none');
+    expect(loadConfig(parseArgs(['--service-cidr', '10.96.0.0/12'])).serviceCidr).toBe('10.96.0.0/12');
+    expect(parseCidr('10.96.0.0/12')).toEqual({ net: '10.96.0.0', mask: '255.240.0.0' });
+    expect(parseCidr('172.30.0.0/16')).toEqual({ net: '172.30.0.0', mask: '255.255.0.0' });
+    expect(parseCidr('10.96.0.10/32')).toEqual({ net: '10.96.0.10', mask: '255.255.255.255' });
+    expect(() => loadConfig(parseArgs(['--service-cidr', '10.96.0.10/12']))).toThrow('--service-cidr (serviceCidr) = "10.96.0.10/12": has host bits set: the range is 10.96.0.0/12');
+    // /0 would send every pod packet's flow to conntrack first: refused, like garbage.
+    for (const bad of ['0.0.0.0/0', '10.96.0.0', '10.96.0.0/33', '10.96.0.0/12,10.100.0.0/16', '300.1.1.0/24', 'all']) {
+      expect(() => loadConfig(parseArgs(['--service-cidr', bad])), bad).toThrow(`--service-cidr (serviceCidr) = ${JSON.stringify(bad)}: must be an IPv4 prefix like 10.96.0.0/12, or none`);
+    }
   });
 
   it('normalises rules: 0 and absent both mean any; masks are the distinct field sets', () => {
