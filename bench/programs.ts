@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
-import { NO_OVERLAY, NO_SERVICES,
+import { NO_OVERLAY,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type CounterName, type PolicyKey,
@@ -59,8 +59,13 @@ const tcp = (sport: number, dport: number): Ipv4Spec['l4'] =>
   ({ tcp: { sport, dport, seq: 1, ack: 2, flags: 'PA', payload: PAYLOAD } });
 
 /** A pod packet as it leaves the pod (masq's input). */
-const podPacket = (dst = REMOTE_POD, sport = POD_SPORT): FrameSpec =>
-  ({ eth: { src: POD.mac, dst: GW_MAC }, ipv4: { src: POD.ip, dst, id: 0x1234, df: true, l4: tcp(sport, POD_DPORT) } });
+const podPacket = (dst = REMOTE_POD, sport = POD_SPORT, dport = POD_DPORT): FrameSpec =>
+  ({ eth: { src: POD.mac, dst: GW_MAC }, ipv4: { src: POD.ip, dst, id: 0x1234, df: true, l4: tcp(sport, dport) } });
+
+/** A Service the pod talks to on another connection: CLUSTER_IP:SVC_PORT, DNATed to REMOTE_POD:POD_DPORT. */
+const CLUSTER_IP = '10.96.0.10';
+const SVC_PORT = 443;
+const SVC_SPORT = POD_SPORT + 7;
 
 /** The same pod packet in the overlay, at our NIC's egress (init's input). */
 const overlayOut = (): FrameSpec => ({
@@ -72,9 +77,9 @@ const overlayOut = (): FrameSpec => ({
 });
 
 /** The peer's masqueraded reply, at our NIC's ingress (restore's input). */
-const masqueraded = (): FrameSpec => ({
+const masqueraded = (dport = POD_SPORT): FrameSpec => ({
   eth: { src: PEER.mac, dst: HERE.mac },
-  ipv4: { src: PEER.ip, dst: HERE.ip, id: 0x77, df: true, rf: true, tos: OUR_KEY << 2, l4: tcp(POD_DPORT, POD_SPORT) },
+  ipv4: { src: PEER.ip, dst: HERE.ip, id: 0x77, df: true, rf: true, tos: OUR_KEY << 2, l4: tcp(POD_DPORT, dport) },
 });
 
 /** Host-to-host traffic, ours or the peer's. */
@@ -88,6 +93,8 @@ const PACKETS = {
   podUnknownPair: buildFrame(podPacket(UNKNOWN_POD)),
   /** A learned pair, but a connection the host's conntrack does not know. */
   podUnknownFlow: buildFrame(podPacket(REMOTE_POD, POD_SPORT + 1)),
+  serviceRequest: buildFrame(podPacket(CLUSTER_IP, SVC_SPORT, SVC_PORT)),
+  serviceReply: buildFrame(masqueraded(SVC_SPORT)),
   overlayOut: buildFrame(overlayOut()),
   masqueraded: buildFrame(masqueraded()),
   hostOut: buildFrame(hostPacket(HERE.ip, PEER.ip)),
@@ -109,7 +116,8 @@ interface Maps {
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
 function learnedPair(m: Maps): void {
   m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
-  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, ...NO_SERVICES }));
+  // A Kubernetes node's agent knows the Service range (--service-cidr).
+  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, service_net: '10.96.0.0', service_mask: '255.240.0.0' }));
   // The node set (README "Threat model"): init learns and restore listens only with it.
   m.nodes.update(nodeIp.encode({ ip: HERE.ip }), nodeInfo.encode({ flags: NodeFlag.SELF }), 'noexist');
   m.nodes.update(nodeIp.encode({ ip: PEER.ip }), nodeInfo.encode({ flags: 0 }), 'noexist');
@@ -209,6 +217,8 @@ interface RowDef {
   check(retval: number, out: Buffer, input: Buffer): string[];
   /** The counter this path bumps once per packet (none for the bench-only programs). */
   counter?: CounterName;
+  /** Other counters it bumps once per packet too (a Service's NAT: MASQUERADED or RESTORED). */
+  also?: CounterName[];
 }
 
 type Fields = Record<string, string | number | boolean>;
@@ -254,6 +264,20 @@ const ROWS: RowDef[] = [
     check: (retval, out) => [
       ...expectRetval(retval, TC_ACT_REDIRECT),
       ...expectFields(out, { 'eth.src': HERE.mac, 'eth.dst': PEER.mac, 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'ipv4.rf': true, 'ipv4.tos': THEIR_KEY << 2 }),
+    ],
+  },
+  {
+    name: 'masq, Service request (DNAT to the pair)', kind: 'full', state: 'base', program: 'bench_masq', packet: PACKETS.serviceRequest, resets: true, counter: 'SERVICE_NAT', also: ['MASQUERADED'],
+    check: (retval, out) => [
+      ...expectRetval(retval, TC_ACT_REDIRECT),
+      ...expectFields(out, { 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'ipv4.rf': true, 'ipv4.tos': THEIR_KEY << 2, 'tcp.sport': SVC_SPORT, 'tcp.dport': POD_DPORT }),
+    ],
+  },
+  {
+    name: 'restore, Service reply (from the ClusterIP)', kind: 'full', state: 'base', program: 'bench_restore', packet: PACKETS.serviceReply, resets: true, counter: 'SERVICE_NAT', also: ['RESTORED'],
+    check: (retval, out) => [
+      ...expectRetval(retval, TC_ACT_REDIRECT),
+      ...expectFields(out, { 'eth.dst': POD.mac, 'ipv4.src': CLUSTER_IP, 'ipv4.dst': POD.ip, 'ipv4.rf': false, 'tcp.sport': SVC_PORT, 'tcp.dport': SVC_SPORT }),
     ],
   },
   { name: 'init pass (host packet)', kind: 'pass', state: 'base', program: 'init', packet: PACKETS.hostOut, resets: false, counter: 'PASSED', check: untouched },
@@ -457,6 +481,11 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
       orig: { src: POD.ip, dst: REMOTE_POD, sport: POD_SPORT, dport: POD_DPORT, proto: 6 },
       status: IPS_SEEN_REPLY | IPS_ASSURED, tcpState: TCP_CONNTRACK_ESTABLISHED, liberal: [true, true],
     });
+    // A connection to the Service, which the host DNATed to the same remote pod.
+    ct.create({
+      orig: { src: POD.ip, dst: CLUSTER_IP, sport: SVC_SPORT, dport: SVC_PORT, proto: 6 }, dnat: { ip: REMOTE_POD, port: POD_DPORT },
+      status: IPS_SEEN_REPLY | IPS_ASSURED, tcpState: TCP_CONNTRACK_ESTABLISHED, liberal: [true, true],
+    });
   } finally {
     ct.close();
   }
@@ -495,7 +524,7 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
           // Per packet exactly one bump of this counter and none of any other: every iteration took the path.
           const after = counters(m);
           for (const c of COUNTER_NAMES) {
-            const want = c === row.counter ? BigInt(repeat) : 0n;
+            const want = c === row.counter || row.also?.includes(c) ? BigInt(repeat) : 0n;
             if (after[c] - before[c] !== want) problems.push(`counter ${c} moved by ${after[c] - before[c]}, want ${want}`);
           }
         }
