@@ -4,7 +4,7 @@
  */
 import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { bpfBuildDir } from '../package.ts';
 import { DEFAULT_SOCKET } from './protocol.ts';
 
 export type ModeSetting = 'auto' | 'veth' | 'rpeer';
@@ -51,7 +51,7 @@ export class ConfigError extends Error {
   }
 }
 
-const BUILD = fileURLToPath(new URL('../../bpf/build/', import.meta.url));
+const BUILD = bpfBuildDir();
 
 type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff' | 'iplist' | 'cidr';
 interface FieldDef {
@@ -116,7 +116,7 @@ export const USAGE = `usage: xmasq-agent [run] [--config FILE] [flags]     run t
        xmasq-agent --help
 
 Run it inside the host network namespace it serves, e.g.
-  nsenter --net=/run/netns/<host> npx tsx dataplane/agent/main.ts --config /etc/xmasq/agent.json
+  nsenter --net=/run/netns/<host> node dist/xmasq-agent.mjs --config /etc/xmasq/agent.json
 
 flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below

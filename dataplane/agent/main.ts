@@ -1,7 +1,7 @@
-#!/usr/bin/env -S npx tsx
 /**
  * xmasq-agent entry point: `xmasq-agent [run]` serves one host until SIGTERM or
  * SIGINT; `xmasq-agent cleanup` removes what an agent left behind.
+ * Built into dist/xmasq-agent.mjs (npm run build), which runs with plain node.
  */
 import { existsSync } from 'node:fs';
 import { withNetns } from '../libbpf.ts';

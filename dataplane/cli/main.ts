@@ -1,10 +1,11 @@
-#!/usr/bin/env -S npx tsx
 /**
  * xmasq: the operator's view of a running xmasq-agent, over its socket.
  * Exit status: 0 done, 1 the agent refused or failed, 2 bad usage, 3 no agent.
+ * Built into dist/xmasq.mjs (npm run build), which runs with plain node; `lab` and
+ * `demo` are tools of the source checkout and run only from the sources (npm run xmasq).
  */
 import { execFileSync } from 'node:child_process';
-import { fileURLToPath } from 'node:url';
+import { join } from 'node:path';
 import { dumpEgress, dumpIngress } from '../agent/caches.ts';
 import { openPinned } from '../agent/datapath.ts';
 import { monotonicCoarseNs } from '../agent/native.ts';
@@ -13,6 +14,7 @@ import {
   AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type AgentStatus, type EgressDumpEntry, type IngressDumpEntry,
   type PodRecord, type PolicyRuleRecord, type PolicyRuleSpec,
 } from '../agent/protocol.ts';
+import { packageRoot } from '../package.ts';
 
 class UsageError extends Error {}
 
@@ -249,14 +251,28 @@ async function withClient<T>(socket: string, fn: (c: AgentClient) => Promise<T>)
 }
 
 /**
+ * lab/ and demo/ are test tools of the source checkout: imported only for their commands,
+ * and left out of the bundle (scripts/bundle.ts), where node cannot load their .ts.
+ */
+async function checkoutTool<T>(command: string, load: () => Promise<T>): Promise<T> {
+  try {
+    return await load();
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    if (code !== 'ERR_UNKNOWN_FILE_EXTENSION' && code !== 'ERR_MODULE_NOT_FOUND') throw e;
+    throw new UsageError(`xmasq ${command} is a tool of the source checkout, not of this build: run it from a checkout with its dev dependencies (npm ci), as npm run xmasq -- ${command} … (${(e as Error).message.split('\n')[0]})`);
+  }
+}
+
+/**
  * `xmasq demo` takes the demo's own options, so it is handed over before
  * this CLI parses anything. It builds the BPF objects first (make does
  * nothing when they are current), so that it works from a fresh clone.
  */
 async function demo(argv: string[]): Promise<number> {
-  const { main: demoMain } = await import('../../demo/main.ts');
+  const { main: demoMain } = await checkoutTool('demo', () => import('../../demo/main.ts'));
   if (!argv.includes('--help') && !argv.includes('-h')) {
-    const bpf = fileURLToPath(new URL('../../bpf/', import.meta.url));
+    const bpf = `${join(packageRoot(), 'bpf')}/`;
     try {
       execFileSync('make', ['-s', '--no-print-directory', '-C', bpf], { stdio: ['ignore', 'inherit', 'inherit'] });
     } catch {
@@ -366,7 +382,7 @@ async function lab(a: Args, sub: string | undefined, rest: string[], out: (human
   allowOnly(a, sub === 'up' ? ['--name', '--hosts', '--pods', '--no-offload', '--with-agents', '--k8s'] : ['--name']);
   if (a.opts.has('--socket')) throw new UsageError('--socket does not apply to lab commands');
   const name = a.opts.get('--name') as string | undefined;
-  const { labUp, labDown, labStatus, printLabStatus } = await import('../../lab/cli.ts');
+  const { labUp, labDown, labStatus, printLabStatus } = await checkoutTool(`lab ${sub}`, () => import('../../lab/cli.ts'));
   const progress = (line: string) => process.stderr.write(`xmasq lab: ${line}\n`);
   if (sub === 'up') {
     const hosts = intOpt(a.opts, '--hosts');

@@ -27,7 +27,8 @@
  * 11 (agent unreachable or silent: try again later), 50 (STATUS: agent unavailable), and our
  * own 100 (the agent refused), 101 (the agent's answer is not the protocol), 102 (the pod
  * cannot be identified: no IPv4 host veth or MAC), 103 (CHECK: the agent has no masq for
- * the pod), 999 (a bug in this plugin).
+ * the pod), 104 (the installation is incomplete: the `xmasq` wrapper found no bundle or
+ * no node), 999 (a bug in this plugin).
  */
 import { execFileSync } from 'node:child_process';
 import { AgentClient, AgentNotRunningError, DEFAULT_SOCKET, type Reply, type Request } from '../agent/protocol.ts';
@@ -48,6 +49,8 @@ export const Code = {
   agentGarbage: 101,
   podUnknown: 102,
   notAttached: 103,
+  /** Written by the `xmasq` shell wrapper, which cannot start this code. */
+  notInstalled: 104,
   internal: 999,
 } as const;
 

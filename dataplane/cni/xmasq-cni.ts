@@ -1,7 +1,7 @@
 /**
- * The `xmasq` CNI plugin as a process (run by the `xmasq` wrapper next to it): env and
- * stdin in, one JSON document on stdout, exit status 0 or 1. The logic, the config fields
- * and the error codes are in plugin.ts.
+ * The `xmasq` CNI plugin as a process (built into dist/xmasq-cni.mjs, run by the `xmasq`
+ * wrapper next to this file): env and stdin in, one JSON document on stdout, exit status
+ * 0 or 1. The logic, the config fields and the error codes are in plugin.ts.
  */
 import { readFileSync } from 'node:fs';
 import { runCni } from './plugin.ts';

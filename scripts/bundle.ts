@@ -1,0 +1,120 @@
+/**
+ * npm run build:js: the agent, the CLI and the CNI plugin as plain JavaScript (ESM)
+ * bundles in dist/, which run with node alone (no tsx, no dev dependency):
+ *
+ *   dist/xmasq-agent.mjs   dataplane/agent/main.ts     bin xmasq-agent, npm run agent, deploy/systemd
+ *   dist/xmasq.mjs         dataplane/cli/main.ts       bin xmasq
+ *   dist/xmasq-cni.mjs     dataplane/cni/xmasq-cni.ts  run by the dataplane/cni/xmasq wrapper
+ *
+ * Left outside the bundles:
+ * - koffi, a native module (a .node file per platform): the bundles import it as a
+ *   package, which node finds in the node_modules/ beside dist/ (its lookup walks up from
+ *   the bundle's directory). A copy of the package therefore needs dist/,
+ *   node_modules/koffi, bpf/build/ (the datapath objects) and package.json (how
+ *   dataplane/package.ts finds them). The version is built in.
+ * - lab/ and demo/, which the CLI imports only for `xmasq lab` and `xmasq demo`: test
+ *   tools of the source checkout. The bundle keeps the import, pointing at the .ts file,
+ *   and says so when node cannot load it. Any other import of test, lab, simulator or
+ *   benchmark code into a bundle fails the build.
+ *
+ * A bundle is written whole to a temporary file and renamed into place, and only when it
+ * changed: a plugin that a runtime (or another test run) starts meanwhile never reads
+ * half a file. vitest runs this first (globalSetup), so the tests run what they build.
+ */
+import { chmodSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { build, type Plugin } from 'esbuild';
+
+export const ROOT = fileURLToPath(new URL('..', import.meta.url));
+export const DIST = join(ROOT, 'dist');
+
+export const BUNDLES = {
+  'xmasq-agent': 'dataplane/agent/main.ts',
+  xmasq: 'dataplane/cli/main.ts',
+  'xmasq-cni': 'dataplane/cni/xmasq-cni.ts',
+} as const;
+
+/** Path of a bundle by its name in BUNDLES. */
+export const bundlePath = (name: keyof typeof BUNDLES) => join(DIST, `${name}.mjs`);
+
+/** Checkout tools the CLI may import for its lab and demo commands, kept as imports of their sources. */
+const CHECKOUT_TOOLS = /^(lab|demo)\//;
+/** Source that no bundle may hold. */
+const NOT_PRODUCT = /^(lab|demo|sim|fixtures|bench|vm-tests|kernel-patch)\/|\.test\.ts$/;
+
+const checkoutToolsOutside: Plugin = {
+  name: 'checkout-tools-outside',
+  setup(b) {
+    b.onResolve({ filter: /^\.\.?\// }, (args) => {
+      const target = relative(ROOT, resolve(args.resolveDir, args.path));
+      if (!CHECKOUT_TOOLS.test(target) || args.kind !== 'dynamic-import') return undefined;
+      const fromDist = relative(DIST, join(ROOT, target));
+      return { path: fromDist.startsWith('.') ? fromDist : `./${fromDist}`, external: true };
+    });
+  },
+};
+
+export interface BundleResult {
+  file: string;
+  bytes: number;
+  written: boolean;
+}
+
+export async function bundle(): Promise<BundleResult[]> {
+  const { version } = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string };
+  const r = await build({
+    absWorkingDir: ROOT,
+    entryPoints: Object.fromEntries(Object.entries(BUNDLES).map(([name, src]) => [name, join(ROOT, src)])),
+    outdir: DIST,
+    outExtension: { '.js': '.mjs' },
+    bundle: true,
+    platform: 'node',
+    format: 'esm',
+    target: 'node20',
+    external: ['koffi'],
+    define: { XMASQ_BUNDLE_VERSION: JSON.stringify(version) },
+    plugins: [checkoutToolsOutside],
+    banner: { js: '#!/usr/bin/env node' },
+    metafile: true,
+    write: false,
+    logLevel: 'silent',
+  });
+  for (const [out, meta] of Object.entries(r.metafile.outputs)) {
+    const foreign = Object.keys(meta.inputs).filter((i) => NOT_PRODUCT.test(i));
+    if (foreign.length) throw new Error(`${out} would hold ${foreign.join(', ')}: product code must not import test, lab or simulator code`);
+  }
+  mkdirSync(DIST, { recursive: true });
+  return r.outputFiles.map((f) => {
+    let old: Buffer | undefined;
+    try {
+      old = readFileSync(f.path);
+    } catch {
+      // first build
+    }
+    const written = !old || !old.equals(f.contents);
+    if (written) {
+      const tmp = join(dirname(f.path), `.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`);
+      writeFileSync(tmp, f.contents, { mode: 0o755 });
+      renameSync(tmp, f.path);
+    }
+    chmodSync(f.path, 0o755);
+    return { file: relative(ROOT, f.path), bytes: f.contents.length, written };
+  });
+}
+
+/** vitest globalSetup: the tests spawn the bundles (the CNI plugin through its wrapper). */
+export async function setup(): Promise<void> {
+  await bundle();
+}
+
+if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+  bundle().then((files) => {
+    // Quiet when nothing changed: npm run agent and npm run xmasq build first every time.
+    for (const f of files) if (f.written) process.stderr.write(`build:js: wrote ${f.file} (${(f.bytes / 1024).toFixed(0)} KiB)\n`);
+  }, (e: Error) => {
+    // esbuild's own errors carry the file and line of each problem in their message.
+    process.stderr.write(`build:js: ${e.message}\n`);
+    process.exitCode = 1;
+  });
+}
