@@ -105,7 +105,7 @@ export const FIELDS: readonly FieldDef[] = [
 ];
 
 export interface ParsedArgs {
-  command: 'run' | 'cleanup' | 'help';
+  command: 'run' | 'cleanup' | 'help' | 'version';
   configFile?: string;
   /** Flag values, still raw strings/booleans, by config key. */
   flags: Partial<Record<keyof AgentConfig, string | boolean>>;
@@ -113,7 +113,7 @@ export interface ParsedArgs {
 
 export const USAGE = `usage: xmasq-agent [run] [--config FILE] [flags]     run the agent (in the host's network namespace)
        xmasq-agent cleanup [--config FILE] [flags]   detach leftovers of a dead agent, remove its pins and state
-       xmasq-agent --help
+       xmasq-agent --help | --version
 
 Run it inside the host network namespace it serves, e.g.
   nsenter --net=/run/netns/<host> node dist/xmasq-agent.mjs --config /etc/xmasq/agent.json
@@ -122,6 +122,7 @@ flags (JSON config keys in parentheses; flags override the file):
   --config FILE                   a JSON object with any of the keys below
 ${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.help} (${f.key}${f.def !== undefined && f.kind !== 'bool' && !(Array.isArray(f.def) && f.def.length === 0) ? `, default ${f.kind === 'onoff' ? (f.def ? 'on' : 'off') : f.def}` : ''}${f.range ? `, ${f.range.min} to ${f.range.max}` : ''})`).join('\n')}
   --help                          this text
+  --version                       the version, and exit
 
 expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
 an entry masq uses, since masq refreshes it on every packet the pod sends even when the
@@ -171,11 +172,16 @@ no packet.`;
 export function parseArgs(argv: readonly string[]): ParsedArgs {
   const out: ParsedArgs = { command: 'run', flags: {} };
   let help = false;
+  let version = false;
   let command: string | undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === '--help' || a === '-h') {
       help = true;
+      continue;
+    }
+    if (a === '--version') {
+      version = true;
       continue;
     }
     if (!a.startsWith('-') && command === undefined && (a === 'run' || a === 'cleanup' || a === 'help')) {
@@ -211,6 +217,7 @@ export function parseArgs(argv: readonly string[]): ParsedArgs {
     }
   }
   if (help) out.command = 'help';
+  else if (version) out.command = 'version';
   return out;
 }
 

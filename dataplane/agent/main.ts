@@ -5,6 +5,7 @@
  */
 import { existsSync } from 'node:fs';
 import { withNetns } from '../libbpf.ts';
+import { packageVersion } from '../package.ts';
 import { Agent, resolveNic } from './agent.ts';
 import { ConfigError, USAGE, loadConfig, parseArgs, type AgentConfig } from './config.ts';
 import { detachOurs, unpinAll } from './datapath.ts';
@@ -14,6 +15,8 @@ import { socketInUse } from './server.ts';
 import { StateDir } from './state.ts';
 
 async function run(cfg: AgentConfig, log: Log): Promise<number> {
+  // The pid is the one to signal (SIGUSR2 for a hand-over): a supervisor such as npm may stand between.
+  log.info(`xmasq-agent ${packageVersion()}, pid ${process.pid}, node ${process.version}`);
   const agent = new Agent(cfg, log);
   await agent.start();
   return new Promise<number>((resolve) => {
@@ -108,6 +111,10 @@ async function main(argv: string[]): Promise<number> {
     args = parseArgs(argv);
     if (args.command === 'help') {
       process.stdout.write(`${USAGE}\n`);
+      return 0;
+    }
+    if (args.command === 'version') {
+      process.stdout.write(`${packageVersion()}\n`);
       return 0;
     }
     cfg = loadConfig(args);

@@ -14,14 +14,15 @@ import {
   AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type AgentStatus, type EgressDumpEntry, type IngressDumpEntry,
   type PodRecord, type PolicyRuleRecord, type PolicyRuleSpec,
 } from '../agent/protocol.ts';
-import { packageRoot } from '../package.ts';
+import { packageRoot, packageVersion } from '../package.ts';
 
 class UsageError extends Error {}
 
 const GLOBAL = `global options (anywhere on the line):
   --socket PATH   the agent's socket (default ${DEFAULT_SOCKET})
   --json          print the agent's reply as JSON instead of a table
-  --help          help for the command`;
+  --help          help for the command
+  --version       the version of xmasq`;
 
 const HELP: Record<string, string> = {
   main: `usage: xmasq <command> [options]
@@ -122,7 +123,7 @@ interface Args {
 }
 
 const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id', '--name', '--hosts', '--pods']);
-const BOOL_OPTS = new Set(['--json', '--help', '-h', '--egress', '--ingress', '--no-offload', '--with-agents', '--k8s']);
+const BOOL_OPTS = new Set(['--json', '--help', '-h', '--version', '--egress', '--ingress', '--no-offload', '--with-agents', '--k8s']);
 
 function parse(argv: string[]): Args {
   const positional: string[] = [];
@@ -284,6 +285,10 @@ async function demo(argv: string[]): Promise<number> {
 }
 
 async function main(argv: string[]): Promise<number> {
+  if (argv.includes('--version')) {
+    process.stdout.write(`${packageVersion()}\n`);
+    return 0;
+  }
   if (argv[0] === 'demo') return demo(argv.slice(1));
   const a = parse(argv);
   const [cmd, sub, ...rest] = a.positional;
