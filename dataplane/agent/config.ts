@@ -5,6 +5,7 @@
 import { accessSync, constants, existsSync, readFileSync, statSync } from 'node:fs';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { bpfBuildDir } from '../package.ts';
+import { LOG_FORMATS, type LogFormat } from './log.ts';
 import { DEFAULT_SOCKET } from './protocol.ts';
 
 export type ModeSetting = 'auto' | 'veth' | 'rpeer';
@@ -42,6 +43,7 @@ export interface AgentConfig {
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
   verbose: boolean;
+  logFormat: LogFormat;
 }
 
 export class ConfigError extends Error {
@@ -53,7 +55,7 @@ export class ConfigError extends Error {
 
 const BUILD = bpfBuildDir();
 
-type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'mode' | 'onoff' | 'iplist' | 'cidr';
+type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'choice' | 'onoff' | 'iplist' | 'cidr';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -61,6 +63,8 @@ interface FieldDef {
   arg?: string;
   def: AgentConfig[keyof AgentConfig];
   help: string;
+  /** The values a choice field takes. */
+  choices?: readonly string[];
   /** The range of a seconds or count field, both ends included, and why it ends there. */
   range?: { min: number; max: number; why: string };
 }
@@ -79,7 +83,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'pinDir', flag: '--pin-dir', kind: 'path', arg: 'DIR', def: '/sys/fs/bpf/xmasq', help: 'where the maps are pinned, on bpffs' },
   { key: 'object', flag: '--object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.bpf.o`, help: 'the datapath object (veth mode)' },
   { key: 'rpeerObject', flag: '--rpeer-object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.rpeer.bpf.o`, help: 'the datapath object for kernels with bpf_redirect_rpeer' },
-  { key: 'mode', flag: '--mode', kind: 'mode', arg: 'auto|veth|rpeer', def: 'auto', help: 'where masq runs: rpeer (pod eth0 egress, needs the kfunc) or veth (host veth ingress); auto picks rpeer when the kernel has it' },
+  { key: 'mode', flag: '--mode', kind: 'choice', choices: ['auto', 'veth', 'rpeer'], arg: 'auto|veth|rpeer', def: 'auto', help: 'where masq runs: rpeer (pod eth0 egress, needs the kfunc) or veth (host veth ingress); auto picks rpeer when the kernel has it' },
   { key: 'socket', flag: '--socket', kind: 'path', arg: 'PATH', def: DEFAULT_SOCKET, help: 'the unix socket of the pod/policy protocol' },
   { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
   { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
@@ -102,6 +106,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'serviceCidr', flag: '--service-cidr', kind: 'cidr', arg: 'CIDR|none', def: 'none', help: 'the cluster\'s Service range (kube-apiserver --service-cluster-ip-range, e.g. 10.96.0.0/12): masq takes a Service request whose flow conntrack admits straight to the backend\'s host, with the DNAT conntrack recorded; none: Service requests cross the host stack on the overlay (replies are accelerated either way)' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
+  { key: 'logFormat', flag: '--log-format', kind: 'choice', choices: LOG_FORMATS, arg: 'text|json', def: 'text', help: 'stderr lines as text (time, xmasq-agent:, the message) or as one JSON object each ({"time","level","logger","msg"})' },
 ];
 
 export interface ParsedArgs {
@@ -236,9 +241,11 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
     case 'bool':
       if (typeof raw === 'boolean') return raw;
       return fail(f, raw, 'must be true or false');
-    case 'mode':
-      if (raw === 'auto' || raw === 'veth' || raw === 'rpeer') return raw;
-      return fail(f, raw, 'must be auto, veth or rpeer');
+    case 'choice': {
+      const choices = f.choices!;
+      if (typeof raw === 'string' && choices.includes(raw)) return raw as AgentConfig[keyof AgentConfig];
+      return fail(f, raw, `must be ${choices.slice(0, -1).join(', ')} or ${choices[choices.length - 1]}`);
+    }
     case 'onoff':
       if (raw === true || raw === 'on') return true;
       if (raw === false || raw === 'off') return false;

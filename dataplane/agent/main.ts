@@ -9,7 +9,7 @@ import { packageVersion } from '../package.ts';
 import { Agent, resolveNic } from './agent.ts';
 import { ConfigError, USAGE, loadConfig, parseArgs, type AgentConfig } from './config.ts';
 import { detachOurs, unpinAll } from './datapath.ts';
-import { stderrLog, type Log } from './log.ts';
+import { LOG_FORMATS, stderrLog, type Log, type LogFormat } from './log.ts';
 import { ifIndexToName, ifNameToIndex } from './native.ts';
 import { socketInUse } from './server.ts';
 import { StateDir } from './state.ts';
@@ -103,8 +103,15 @@ async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
   return 0;
 }
 
+/** The --log-format flag as given, if it names a format: configuration errors are logged in it too. */
+function formatFlag(argv: string[]): LogFormat {
+  const i = argv.findIndex((a) => a === '--log-format' || a.startsWith('--log-format='));
+  const v = i < 0 ? undefined : argv[i].includes('=') ? argv[i].slice(argv[i].indexOf('=') + 1) : argv[i + 1];
+  return LOG_FORMATS.find((f) => f === v) ?? 'text';
+}
+
 async function main(argv: string[]): Promise<number> {
-  const log0 = stderrLog();
+  const log0 = stderrLog(false, undefined, formatFlag(argv));
   let args;
   let cfg: AgentConfig;
   try {
@@ -122,7 +129,7 @@ async function main(argv: string[]): Promise<number> {
     log0.error((e as Error).message);
     return 2;
   }
-  const log = stderrLog(cfg.verbose);
+  const log = stderrLog(cfg.verbose, undefined, cfg.logFormat);
   try {
     return args.command === 'cleanup' ? await cleanup(cfg, log) : await run(cfg, log);
   } catch (e) {
