@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
 import {
-  ConfigFlag, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  COUNTER_NAMES, ConfigFlag, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
@@ -425,6 +425,13 @@ describe('xmasq-agent', () => {
     expect(text).toMatch(/^xmasq_policy_rules 1$/m);
     expect(text).toMatch(/^xmasq_mode\{mode="veth"\} 1$/m);
     expect(text).toMatch(/^xmasq_cache_entries\{cache="egress"\} \d+$/m);
+    // Every counter, named in lower case; the standard process_* families; the build.
+    expect([...text.matchAll(/^xmasq_packets_total\{counter="([^"]*)"\} \d+$/gm)].map((m) => m[1])).toEqual(COUNTER_NAMES.map((c) => c.toLowerCase()));
+    for (const name of ['process_cpu_seconds_total', 'process_resident_memory_bytes', 'process_start_time_seconds', 'process_open_fds', 'process_max_fds']) {
+      expect(Number(new RegExp(`^${name} (\\S+)$`, 'm').exec(text)?.[1]), name).toBeGreaterThan(0);
+    }
+    const { version } = JSON.parse(readFileSync(`${REPO}package.json`, 'utf8')) as { version: string };
+    expect(text).toContain(`\nxmasq_build_info{version="${version}",nodejs="${process.version}"} 1\n`);
     expect(metrics('/healthz')).toBe('ok\n');
   });
 

@@ -1,5 +1,13 @@
-/** /metrics (Prometheus text format 0.0.4) and /healthz over node:http. */
+/**
+ * /metrics (Prometheus text format 0.0.4) and /healthz over node:http. Besides the
+ * agent's own xmasq_* families: the standard process_* families every Prometheus
+ * client library exports (CPU, memory, start time, file descriptors, from /proc) and
+ * xmasq_build_info. Label values are lower case (counter="masqueraded"); only names
+ * the system gives (a NIC's) are passed as they are.
+ */
+import { readdirSync, readFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:http';
+import { packageVersion } from '../package.ts';
 import { parseListen } from './config.ts';
 
 export interface MetricsSnapshot {
@@ -23,9 +31,62 @@ export interface MetricsSnapshot {
   requests: Record<string, number>;
 }
 
+/** What the process_* families report, read when /metrics is asked for. */
+export interface ProcessSample {
+  cpuUserSeconds: number;
+  cpuSystemSeconds: number;
+  residentBytes: number;
+  virtualBytes: number;
+  startTimeSeconds: number;
+  openFds: number;
+  maxFds: number;
+}
+
+/** The running process, from Node and /proc/self; a value /proc cannot give is NaN (its family then has no sample). */
+export function processSample(): ProcessSample {
+  const cpu = process.cpuUsage();
+  let virtualBytes = NaN;
+  try {
+    // /proc/self/stat: field 23 is vsize; fields are counted after the ")" that ends the command name.
+    const stat = readFileSync('/proc/self/stat', 'utf8');
+    virtualBytes = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[20]);
+  } catch {
+    // not Linux, or /proc not mounted
+  }
+  let openFds = NaN;
+  try {
+    openFds = readdirSync('/proc/self/fd').length - 1; // less the directory the listing itself opened
+  } catch {
+    // as above
+  }
+  let maxFds = NaN;
+  try {
+    maxFds = Number(/^Max open files\s+(\d+)/m.exec(readFileSync('/proc/self/limits', 'utf8'))?.[1] ?? NaN);
+  } catch {
+    // as above
+  }
+  return {
+    cpuUserSeconds: cpu.user / 1e6,
+    cpuSystemSeconds: cpu.system / 1e6,
+    residentBytes: process.memoryUsage.rss(),
+    virtualBytes,
+    startTimeSeconds: Math.round(Date.now() - process.uptime() * 1000) / 1000,
+    openFds,
+    maxFds,
+  };
+}
+
+/** xmasq_build_info's labels. */
+export interface BuildInfo {
+  version: string;
+  nodejs: string;
+}
+
+export const buildInfo = (): BuildInfo => ({ version: packageVersion(), nodejs: process.version });
+
 const esc = (v: string) => v.replace(/\\/g, '\\\\').replace(/"/g, '\\"').replace(/\n/g, '\\n');
 
-export function renderMetrics(s: MetricsSnapshot): string {
+export function renderMetrics(s: MetricsSnapshot, proc: ProcessSample = processSample(), build: BuildInfo = buildInfo()): string {
   const out: string[] = [];
   const metric = (name: string, type: 'counter' | 'gauge', help: string, samples: Array<[Record<string, string>, number]>) => {
     out.push(`# HELP ${name} ${help}`, `# TYPE ${name} ${type}`);
@@ -60,6 +121,16 @@ export function renderMetrics(s: MetricsSnapshot): string {
   metric('xmasq_agent_requests_total', 'counter', 'Socket requests by op.',
     Object.entries(s.requests).map(([op, v]) => [{ op }, v]));
   metric('xmasq_agent_start_time_seconds', 'gauge', 'Unix time the agent started.', [[{}, s.startTimeSeconds]]);
+  const known = (v: number): Array<[Record<string, string>, number]> => (Number.isNaN(v) ? [] : [[{}, v]]);
+  metric('xmasq_build_info', 'gauge', 'The agent\'s version and the Node.js running it: always 1.', [[{ version: build.version, nodejs: build.nodejs }, 1]]);
+  metric('process_cpu_user_seconds_total', 'counter', 'User CPU time spent in seconds.', [[{}, proc.cpuUserSeconds]]);
+  metric('process_cpu_system_seconds_total', 'counter', 'System CPU time spent in seconds.', [[{}, proc.cpuSystemSeconds]]);
+  metric('process_cpu_seconds_total', 'counter', 'Total user and system CPU time spent in seconds.', [[{}, proc.cpuUserSeconds + proc.cpuSystemSeconds]]);
+  metric('process_resident_memory_bytes', 'gauge', 'Resident memory size in bytes.', known(proc.residentBytes));
+  metric('process_virtual_memory_bytes', 'gauge', 'Virtual memory size in bytes.', known(proc.virtualBytes));
+  metric('process_start_time_seconds', 'gauge', 'Start time of the process since unix epoch in seconds.', [[{}, proc.startTimeSeconds]]);
+  metric('process_open_fds', 'gauge', 'Number of open file descriptors.', known(proc.openFds));
+  metric('process_max_fds', 'gauge', 'Maximum number of open file descriptors.', known(proc.maxFds));
   return `${out.join('\n')}\n`;
 }
 
