@@ -1,20 +1,23 @@
 /**
- * npm run bench:agent [-- --json] [-- --pods N --cycles N --entries N]
+ * npm run bench:agent [-- --json] [-- --pods N --calls N --cycles N --entries N]
  *
- * What the agent costs, measured on a real xmasq-agent in a one-host lab:
+ * What the agent costs, measured on a real xmasq-agent (its bundle,
+ * dist/xmasq-agent.mjs, run with node) in a one-host lab:
  * - its RSS after start, with N pods, after add/del cycles, after scanning
  *   full caches;
  * - how long a pod waits for masq: the `add` request on the socket (the
- *   attach included), the xmasq CNI plugin as a runtime executes it, and a
- *   whole CNI ADD through the chain (bridge + host-local + xmasq) with
- *   lab.addPod;
+ *   attach included), the xmasq CNI plugin as a runtime executes it (its
+ *   VERSION call alone, and its ADD), a whole CNI ADD through the chain
+ *   (bridge + host-local + xmasq, until masq is attached) as a runtime runs
+ *   it into a netns made beforehand, and lab.addPod (the same with the netns
+ *   made and checksum offload turned off);
  * - one expiry scan over full caches (entries planted through the pinned
  *   maps), timed by the agent itself (/metrics) and by running the same
  *   caches.ts code here on the same maps.
  * A report, not a test: it checks only that each step did what it timed.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { expire } from '../dataplane/agent/caches.ts';
@@ -23,11 +26,16 @@ import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { egressKey, ingressKey, path, type Path } from '../dataplane/maps.ts';
 import { ROOT } from '../lab/agents.ts';
+import { cniAdd, cniDel, type CniInvocation, type CniResult } from '../lab/cni.ts';
 import { run } from '../lab/command.ts';
 import { Lab, type LabPod } from '../lab/lab.ts';
 
-const AGENT = `${ROOT}dataplane/agent/main.ts`;
+const AGENT = `${ROOT}dist/xmasq-agent.mjs`;
 const PLUGIN = `${ROOT}dataplane/cni/xmasq`;
+/** Where Debian's containernetworking-plugins puts bridge and host-local, and where kubelet looks by default. */
+const STOCK_CNI_DIRS = ['/usr/lib/cni', '/opt/cni/bin'];
+/** The goals of issue 15, printed beside the medians (a report, not a test). */
+const GOAL_MS = { pluginVersion: 100, cniAddUntilAttached: 150 };
 const EGRESS_IDLE = 60;
 const INGRESS_IDLE = 120;
 
@@ -46,7 +54,11 @@ export interface AgentReport {
     socketAdd: Stats;
     socketDel: Stats;
     socketAddFreshConnection: Stats;
+    pluginVersion: Stats;
     pluginAdd: Stats;
+    /** bridge + host-local + xmasq ADD, as a runtime calls them, into a netns made beforehand: until masq is attached. */
+    cniAddUntilAttached: Stats;
+    /** lab.addPod: netns, the chain, offload off. */
     cniAddChain: Stats;
     cniDelChain: Stats;
   };
@@ -91,7 +103,7 @@ interface Agent {
 async function startAgent(lab: Lab, runDir: string, pinDir: string): Promise<Agent> {
   const h = lab.host('h1');
   const socket = `${runDir}/agent.sock`;
-  const child = spawn('nsenter', [`--net=/run/netns/${h.netns}`, process.execPath, '--import', 'tsx', AGENT,
+  const child = spawn('nsenter', [`--net=/run/netns/${h.netns}`, process.execPath, AGENT,
     '--nic', h.nic, '--pin-dir', pinDir, '--socket', socket, '--state-dir', runDir, '--metrics-listen', '127.0.0.1:9477',
     '--egress-idle', String(EGRESS_IDLE), '--ingress-idle', String(INGRESS_IDLE), '--scan-interval', '1', '--cleanup', '--verbose'],
   { cwd: ROOT, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -173,14 +185,62 @@ function plant(egress: BpfMap, ingress: BpfMap, n: number): Buffer[] {
   return ingressKeys;
 }
 
-async function bench(opts: { pods: number; cycles: number; entries: number }): Promise<AgentReport> {
+/** The xmasq plugin's VERSION call as a runtime makes it, n times. */
+async function pluginVersion(n: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const t = process.hrtime.bigint();
+    const r = await run(PLUGIN, [], { input: '{"cniVersion":"1.0.0"}', env: { ...process.env, CNI_COMMAND: 'VERSION' } });
+    out.push(ms(t));
+    if (r.code !== 0 || !r.stdout.includes('supportedVersions')) throw new Error(`xmasq plugin VERSION exited ${r.code}: ${r.stdout}${r.stderr}`);
+  }
+  return out;
+}
+
+/**
+ * Whole CNI ADDs through the lab's chain, as a runtime makes them: the pod's netns exists
+ * first (the runtime's sandbox), then bridge (with host-local) and xmasq run in the host's
+ * netns. The xmasq plugin returns once the agent has attached masq ("required"); each pod is
+ * checked attached, outside the timing, then DELeted.
+ */
+async function chainAdds(lab: Lab, cniPath: string[], socket: string, n: number): Promise<{ add: number[]; del: number[] }> {
+  const host = lab.host('h1');
+  const list = lab.confList(host);
+  const add: number[] = [];
+  const del: number[] = [];
+  for (let i = 1; i <= n; i++) {
+    const netns = `${lab.name}-c${i}`;
+    const inv: CniInvocation = { containerId: netns, netns, ifname: 'eth0', path: cniPath, pluginNetns: host.netns, args: { K8S_POD_NAME: `c${i}` } };
+    await run('ip', ['netns', 'add', netns]);
+    let result: CniResult | undefined;
+    try {
+      const t = process.hrtime.bigint();
+      result = await cniAdd(list, inv);
+      add.push(ms(t));
+      const podIp = result.ips?.[0]?.address.split('/')[0];
+      const rec = (await AgentClient.request(socket, { op: 'list' })).pods.find((p) => p.ip === podIp);
+      if (!rec?.attached) throw new Error(`after the chain's ADD the agent does not hold ${podIp} attached: ${JSON.stringify(rec)}`);
+      const d = process.hrtime.bigint();
+      await cniDel(list, inv, result);
+      del.push(ms(d));
+    } finally {
+      await run('ip', ['netns', 'del', netns]);
+    }
+  }
+  return { add, del };
+}
+
+async function bench(opts: { pods: number; calls: number; cycles: number; entries: number }): Promise<AgentReport> {
+  if (!existsSync(AGENT)) throw new Error(`${AGENT} is missing: run npm run build (npm run bench:agent builds it first)`);
+  const stock = STOCK_CNI_DIRS.filter((d) => existsSync(`${d}/bridge`) && existsSync(`${d}/host-local`));
+  if (!stock.length) throw new Error(`bridge and host-local are in none of ${STOCK_CNI_DIRS.join(', ')}: apt-get install containernetworking-plugins`);
   const name = `xb${process.pid % 100000}`;
   const runDir = `/run/xmasq-bench-${name}`;
   const pinDir = `/sys/fs/bpf/xmasq-bench-${name}`;
-  progress(`lab ${name}: 1 host, pods through bridge + host-local + xmasq`);
+  const cniPath = [stock[0], `${ROOT}dataplane/cni`];
+  progress(`lab ${name}: 1 host, pods through bridge + host-local (from ${stock[0]}) + xmasq`);
   const lab = await Lab.up({
-    name, hosts: 1, podsPerHost: 0,
-    cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
+    name, hosts: 1, podsPerHost: 0, cniPath,
     cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/agent.sock`, required: true }],
   });
   let agent: Agent | undefined;
@@ -193,7 +253,12 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
     const rssSettled = rssMiB(agent.pid);
     progress(`agent pid ${agent.pid} ready in ${startSeconds.toFixed(2)} s, RSS ${rssStart.toFixed(1)} MiB (${rssSettled.toFixed(1)} MiB 3 s later)`);
 
-    // A whole CNI ADD/DEL through the chain, as a runtime runs it.
+    const versions = await pluginVersion(opts.calls);
+    progress(`xmasq plugin VERSION (${opts.calls} calls): median ${stats(versions).p50.toFixed(0)} ms`);
+    const direct = await chainAdds(lab, cniPath, agent.socket, opts.pods);
+    progress(`whole CNI ADD until masq is attached (${opts.pods} pods): median ${stats(direct.add).p50.toFixed(0)} ms`);
+
+    // lab.addPod: the netns, the chain, offload off.
     const chainAdd: number[] = [];
     const pods: LabPod[] = [];
     for (let i = 1; i <= opts.pods; i++) {
@@ -204,7 +269,7 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
     const listed = (await AgentClient.request(agent.socket, { op: 'list' })).pods;
     if (listed.filter((p) => p.attached).length !== opts.pods) throw new Error(`expected ${opts.pods} attached pods, the agent lists ${JSON.stringify(listed)}`);
     const rssPods = rssMiB(agent.pid);
-    progress(`${opts.pods} pods added through the chain: median ${stats(chainAdd).p50.toFixed(0)} ms; RSS ${rssPods.toFixed(1)} MiB`);
+    progress(`${opts.pods} pods added by lab.addPod: median ${stats(chainAdd).p50.toFixed(0)} ms; RSS ${rssPods.toFixed(1)} MiB`);
 
     // The xmasq plugin alone: the agent forgets the pod first, so the ADD really attaches.
     const pluginAdd: number[] = [];
@@ -214,7 +279,7 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
       const t = process.hrtime.bigint();
       const r = await run('nsenter', [`--net=/run/netns/${lab.host('h1').netns}`, PLUGIN], {
         input: JSON.stringify(conf),
-        env: { ...process.env, CNI_COMMAND: 'ADD', CNI_CONTAINERID: pod.netns, CNI_NETNS: `/run/netns/${pod.netns}`, CNI_IFNAME: 'eth0', CNI_PATH: `/usr/lib/cni:${ROOT}dataplane/cni` },
+        env: { ...process.env, CNI_COMMAND: 'ADD', CNI_CONTAINERID: pod.netns, CNI_NETNS: `/run/netns/${pod.netns}`, CNI_IFNAME: 'eth0', CNI_PATH: cniPath.join(':') },
       });
       pluginAdd.push(ms(t));
       if (r.code !== 0) throw new Error(`xmasq plugin ADD for ${pod.ip} exited ${r.code}: ${r.stdout}${r.stderr}`);
@@ -319,7 +384,7 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
       }
       const unansweredAgentMs = Number(/ in ([\d.]+) ms$/.exec(line)?.[1] ?? NaN);
       const deleted = Number(/expired (\d+) egress/.exec(line)![1]);
-      progress(`scan retiring ${deleted} unanswered egress entries: ${unansweredAgentMs.toFixed(0)} ms (${line.replace(/^xmasq-agent: /, '')})`);
+      progress(`scan retiring ${deleted} unanswered egress entries: ${unansweredAgentMs.toFixed(0)} ms (${line.replace(/^\S+ xmasq-agent: /, '')})`);
 
       return {
         when: new Date().toISOString(),
@@ -334,7 +399,9 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
           socketAdd: stats(addLat),
           socketDel: stats(delLat),
           socketAddFreshConnection: stats(fresh),
+          pluginVersion: stats(versions),
           pluginAdd: stats(pluginAdd),
+          cniAddUntilAttached: stats(direct.add),
           cniAddChain: stats(chainAdd),
           cniDelChain: stats(chainDel),
         },
@@ -367,6 +434,8 @@ async function bench(opts: { pods: number; cycles: number; entries: number }): P
 
 const f = (x: number, d = 1) => x.toFixed(d);
 
+const goalRow = (what: string, s: Stats, goal: number) => `| ${what} ≤ ${goal} ms | ${f(s.p50, 0)} ms | ${s.p50 <= goal ? 'met' : '**not met**'} |`;
+
 export function formatTable(r: AgentReport): string {
   const L = r.latencyMs;
   const row = (what: string, s: Stats, d = 1) => `| ${what} | ${s.n} | ${f(s.p50, d)} | ${f(s.p90, d)} | ${f(s.p99, d)} | ${f(s.max, d)} |`;
@@ -386,8 +455,10 @@ export function formatTable(r: AgentReport): string {
     row('socket `add` (masq attached), one connection', L.socketAdd, 2),
     row('socket `del` (detach + purge), one connection', L.socketDel, 2),
     row('socket `add`, a connection per request', L.socketAddFreshConnection, 2),
+    row('xmasq CNI plugin VERSION (process start → answer)', L.pluginVersion, 0),
     row('xmasq CNI plugin ADD (process start → masq attached)', L.pluginAdd, 0),
-    row('full CNI ADD: bridge + host-local + xmasq (lab.addPod)', L.cniAddChain, 0),
+    row('whole CNI ADD: bridge + host-local + xmasq, until masq attached', L.cniAddUntilAttached, 0),
+    row('lab.addPod: netns + the same chain + offload off', L.cniAddChain, 0),
     row('full CNI DEL (lab.deletePod)', L.cniDelChain, 0),
     '',
     `| expiry scan, ${r.scan.entries.egress} egress + ${r.scan.entries.ingress} ingress entries | ms |`,
@@ -398,13 +469,19 @@ export function formatTable(r: AgentReport): string {
     `| socket \`del\` of a pod (purge reads both caches), median of ${r.scan.fullCacheDelMs.n} | ${f(r.scan.fullCacheDelMs.p50, 0)} |`,
     `| socket \`status\` (counts both caches), median of ${r.scan.fullCacheStatusMs.n} | ${f(r.scan.fullCacheStatusMs.p50, 0)} |`,
     `| (planting the entries through the pinned maps took ${f(r.scan.plantSeconds, 2)} s) | |`,
+    '',
+    '| goal (median) | measured | met |',
+    '|---|---|---|',
+    goalRow('xmasq CNI plugin VERSION', L.pluginVersion, GOAL_MS.pluginVersion),
+    goalRow('whole CNI ADD until masq attached', L.cniAddUntilAttached, GOAL_MS.cniAddUntilAttached),
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:agent -- [--json] [--pods N] [--cycles N] [--entries N] [--help]
+const USAGE = `usage: npm run bench:agent -- [--json] [--pods N] [--calls N] [--cycles N] [--entries N] [--help]
 
   --json         print only the JSON report on stdout (progress still goes to stderr)
-  --pods N       pods created through the CNI chain (default 10)
+  --pods N       pods created through the CNI chain, each way (default 10)
+  --calls N      xmasq plugin VERSION calls (default 30)
   --cycles N     socket add/del cycles (default 1000)
   --entries N    egress (and ingress) entries planted for the scan (default 65536, the map size)
 
@@ -414,7 +491,7 @@ async function main(): Promise<number> {
   let args;
   try {
     args = parseArgs({
-      options: { json: { type: 'boolean' }, pods: { type: 'string' }, cycles: { type: 'string' }, entries: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
+      options: { json: { type: 'boolean' }, pods: { type: 'string' }, calls: { type: 'string' }, cycles: { type: 'string' }, entries: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
       strict: true,
     }).values;
   } catch (e) {
@@ -434,7 +511,7 @@ async function main(): Promise<number> {
     process.stderr.write('bench:agent needs root (network namespaces, BPF)\n');
     return 1;
   }
-  const report = await bench({ pods: num(args.pods, 10, 1), cycles: num(args.cycles, 1000, 1), entries: num(args.entries, 65536, 1) });
+  const report = await bench({ pods: num(args.pods, 10, 1), calls: num(args.calls, 30, 1), cycles: num(args.cycles, 1000, 1), entries: num(args.entries, 65536, 1) });
   process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report)}\n`);
   return 0;
 }

@@ -40,6 +40,8 @@ const PARTS: Part[] = [
     what: 'agent RSS, CNI ADD → masq attached, expiry scan at 65,536 entries',
     argv: (_, quick) => [...TSX, `${ROOT}bench/agent.ts`, '--json', ...(quick ? ['--cycles', '100', '--entries', '8192'] : [])],
     json: 'stdout',
+    headline: (r: { latencyMs: { pluginVersion: { p50: number }; cniAddUntilAttached: { p50: number } } }) =>
+      `xmasq plugin VERSION p50 ${r.latencyMs.pluginVersion.p50.toFixed(0)} ms (goal 100), whole CNI ADD until masq attached p50 ${r.latencyMs.cniAddUntilAttached.p50.toFixed(0)} ms (goal 150)`,
   },
   {
     name: 'sim',
