@@ -26,6 +26,8 @@ packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 e
   # the host stack XMasq defers to: iptables (kube-proxy-style rules in the lab), conntrack (to look at
   # the table the programs consult: conntrack -L)
   conntrack iptables
+  # systemd-analyze, which checks deploy/systemd/xmasq-agent.service
+  systemd
   # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
   linux-source-6.1 bc flex bison libssl-dev dwarves cpio patch xz-utils qemu-system-x86)
 missing=()
@@ -55,3 +57,5 @@ echo "setup: npm ci"
 npm ci --no-audit --no-fund
 echo "setup: building BPF objects"
 make -C bpf
+echo "setup: building the agent, CLI and CNI plugin bundles (dist/)"
+npm run build:js --silent

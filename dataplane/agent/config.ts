@@ -132,7 +132,7 @@ ${FIELDS.map((f) => `  ${`${f.flag}${f.arg ? ` ${f.arg}` : ''}`.padEnd(32)}${f.h
 expiry: an egress entry unused for --egress-idle is deleted. Idleness alone cannot retire
 an entry masq uses, since masq refreshes it on every packet the pod sends even when the
 other end drops them all: after the remote pod is deleted (its host purged our key and
-drops what we send: RESTORE_MISS), and a new pod gets its IP, our pod could never reach
+drops what we send: restore_miss), and a new pod gets its IP, our pod could never reach
 the new one. So an egress entry with both keys is kept only while the peer talks back:
 our ingress entry for the pair (peer host, our key) must exist, restore to this very pod
 pair, and have been refreshed by restore within --egress-idle. Otherwise it is deleted;
