@@ -29,7 +29,8 @@ export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.
 /** bench.bpf.c's BENCH_RESET_LEN: how much of the packet every wrapper writes back. */
 const RESET_LEN = 128;
 
-const TC_ACT_OK = 0;
+/** XMASQ_CONTINUE (bpf/verdict.h): what every program returns for a packet it leaves alone. */
+const TC_ACT_UNSPEC = -1;
 const TC_ACT_SHOT = 2;
 const TC_ACT_REDIRECT = 7;
 
@@ -236,7 +237,7 @@ function expectRetval(retval: number, want: number): string[] {
 }
 
 const untouched = (retval: number, out: Buffer, input: Buffer): string[] => [
-  ...expectRetval(retval, TC_ACT_OK),
+  ...expectRetval(retval, TC_ACT_UNSPEC),
   ...(out.equals(input) ? [] : ['changed the packet, want it untouched']),
 ];
 
@@ -246,7 +247,7 @@ const ROWS: RowDef[] = [
   {
     name: 'init (learn, known key)', kind: 'full', state: 'base', program: 'bench_init', packet: PACKETS.overlayOut, resets: true, counter: 'LEARNED',
     check: (retval, out, input) => [
-      ...expectRetval(retval, TC_ACT_OK),
+      ...expectRetval(retval, TC_ACT_UNSPEC),
       // The signal: RF, our key in DSCP, DF because we know the peer's key.
       ...expectFields(out, { 'ipv4.rf': true, 'ipv4.df': true, 'ipv4.tos': OUR_KEY << 2, 'ipv4.src': HERE.ip, 'ipv4.dst': PEER.ip, 'inner.ipv4.src': POD.ip, 'inner.ipv4.rf': false }),
       ...(out.subarray(34).equals(input.subarray(34)) ? [] : ['changed more than the outer IPv4 header']),

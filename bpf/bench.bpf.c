@@ -35,7 +35,7 @@ static __always_inline int bench_reset(struct __sk_buff *skb)
 SEC("tc")
 int bench_empty(struct __sk_buff *skb)
 {
-	return TC_ACT_OK;
+	return XMASQ_CONTINUE;
 }
 
 SEC("tc")
@@ -43,7 +43,7 @@ int bench_reset_only(struct __sk_buff *skb)
 {
 	if (bench_reset(skb))
 		return TC_ACT_SHOT;
-	return TC_ACT_OK;
+	return XMASQ_CONTINUE;
 }
 
 SEC("tc")
@@ -80,6 +80,6 @@ int bench_policy(struct __sk_buff *skb)
 {
 	struct hdrs h = {};
 	if (load_eth_ipv4(skb, &h))
-		return TC_ACT_OK;
-	return policy_denied(h.saddr, h.daddr, &h, XMASQ_DIR_EGRESS) ? TC_ACT_SHOT : TC_ACT_OK;
+		return XMASQ_CONTINUE;
+	return policy_denied(h.saddr, h.daddr, &h, XMASQ_DIR_EGRESS) ? TC_ACT_SHOT : XMASQ_CONTINUE;
 }

@@ -64,12 +64,12 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	 */
 	if (skb->ingress_ifindex != 0 || !is_self(t.outer.saddr)) {
 		count(XMASQ_CNT_NOT_OURS);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 	/* 3. Only towards a node of the overlay (the agent's node set). */
 	if (!is_peer_node(t.outer.daddr)) {
 		count(XMASQ_CNT_PEER_NOT_NODE);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 
 	/* 4. Policy, egress: a denied flow loses its very first packet. */
@@ -85,7 +85,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	struct path *e = egress_lookup_or_create(&ek);
 	if (!e) {
 		count(XMASQ_CNT_FELL_BACK);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 
 	/* 7. Remember the outer headers masq will write for this pair. */
@@ -153,7 +153,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		}
 		if (e->local_key == 0) {
 			count(XMASQ_CNT_KEY_EXHAUSTED);
-			return TC_ACT_OK;
+			return XMASQ_CONTINUE;
 		}
 	}
 
@@ -173,7 +173,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	if (key >= XMASQ_WIDE_KEY_MIN) {
 		if (skb->gso_size) {
 			count(XMASQ_CNT_LEARNED);
-			return TC_ACT_OK;
+			return XMASQ_CONTINUE;
 		}
 		id = bpf_htons(key);
 		key = 0;
@@ -188,7 +188,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		frag |= XMASQ_IP_DF;
 	rewrite_ipv4(oip, (key << 2) | (t.outer.tos & 3), id, frag, t.outer.saddr, t.outer.daddr);
 	count(XMASQ_CNT_LEARNED);
-	return TC_ACT_OK;
+	return XMASQ_CONTINUE;
 }
 
 #endif /* XMASQ_INIT_H */

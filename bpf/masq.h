@@ -70,7 +70,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		return pass();
 	if (!e->local_key || !e->remote_key || !e->remote_ready) {
 		count(XMASQ_CNT_FELL_BACK);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 
 	/* 4. Policy, egress. */
@@ -89,7 +89,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 			   (h.proto == IPPROTO_UDP && skb->gso_size)
 		 : is_echo(&h) && carries_wide_key(&h)) {
 		count(XMASQ_CNT_FELL_BACK);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 
 	/*
@@ -100,7 +100,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, XMASQ_NAT_NONE, &to);
 		if (admit != XMASQ_CT_ADMIT) {
 			count(admit);
-			return TC_ACT_OK;
+			return XMASQ_CONTINUE;
 		}
 	}
 

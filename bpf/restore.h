@@ -31,7 +31,7 @@ static __always_inline int to_host_stack(struct __sk_buff *skb)
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || cfg->overlay_ifindex == 0)
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	if (bpf_skb_store_bytes(skb, 0, cfg->overlay_mac, ETH_ALEN, 0))
 		return TC_ACT_SHOT;
 	trace_redirect(cfg->overlay_ifindex, XMASQ_REDIRECT_INGRESS);
@@ -144,13 +144,13 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 	__u32 from = t.outer.saddr;
 	if (!is_peer_node(from)) {
 		count(XMASQ_CNT_SIGNAL_NOT_NODE);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 	struct egress_key ek = { .local_pod = local, .remote_pod = remote };
 	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
 	if (e && e->remote_ip && e->remote_ip != from) {
 		count(XMASQ_CNT_SIGNAL_WRONG_NODE);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 
 	/* 5. The peer's key, into our egress entry for the reverse direction. */
@@ -158,7 +158,7 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 		e = egress_lookup_or_create(&ek);
 	if (!e) {
 		count(XMASQ_CNT_FELL_BACK);
-		return TC_ACT_OK;
+		return XMASQ_CONTINUE;
 	}
 	if (!e->remote_ip)
 		e->remote_ip = from;
@@ -168,7 +168,7 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs
 		e->remote_ready = 0;
 	e->last_seen = bpf_ktime_get_coarse_ns();
 	count(XMASQ_CNT_LEARNED);
-	return TC_ACT_OK;
+	return XMASQ_CONTINUE;
 }
 
 static __always_inline int xmasq_restore(struct __sk_buff *skb)

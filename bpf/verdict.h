@@ -14,10 +14,19 @@ static __always_inline void count(__u32 counter)
 		*v += 1;
 }
 
+/*
+ * A packet left to what comes next on the hook: TC_ACT_UNSPEC lets a program
+ * behind ours run (cls_bpf's next filter; tcx's TCX_NEXT is the same -1), and
+ * with none the packet goes on as with TC_ACT_OK. Every verdict of ours that
+ * is not a drop or a redirect is this one, so another project's programs on
+ * the same hook keep working.
+ */
+#define XMASQ_CONTINUE TC_ACT_UNSPEC
+
 static __always_inline int pass(void)
 {
 	count(XMASQ_CNT_PASSED);
-	return TC_ACT_OK;
+	return XMASQ_CONTINUE;
 }
 
 static __always_inline void trace_redirect(__u32 ifindex, __u32 kind)

@@ -955,7 +955,8 @@ export class BpfProgram {
       }[-rc]);
     }
     const result: TestRunResult = {
-      retval: o.retval as number,
+      // A TC verdict is an int: TC_ACT_UNSPEC comes back as -1, not 2^32 - 1.
+      retval: (o.retval as number) | 0,
       data: dataOut.subarray(0, Math.min(o.data_size_out as number, outSize)),
       durationNs: o.duration as number,
     };

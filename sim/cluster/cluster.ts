@@ -20,7 +20,7 @@
  */
 import { COUNTER_NAMES, NodeFlag, type CounterName } from '../../dataplane/maps.ts';
 import { readIpv4 } from '../model/packet.ts';
-import { NO_REDIRECT, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
+import { NO_REDIRECT, TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, newEffects, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { DEFAULT_CT_DRAIN_NS, SimAgent, type AgentFaults } from './agent.ts';
 import { CT_INVALID, CT_NEW, HostConntrack, LINUX_CT_TIMEOUTS } from './conntrack.ts';
 import { keyScheme, type KeyScheme } from './datapath.ts';
@@ -674,7 +674,7 @@ export class Cluster {
     this.stats.modelCalls++;
     if (verdict === TC_ACT_SHOT) this.shotReason = c.POLICY_DROP !== policyDrops ? 'policy' : c.RESTORE_MISS !== misses ? 'restore-miss' : `${prog}-shot`;
     if (before) {
-      const v = verdict === TC_ACT_OK ? 'OK' : verdict === TC_ACT_SHOT ? 'SHOT' : verdict === TC_ACT_REDIRECT ? `REDIRECT ${fx.redirect.kind} ${fx.redirect.ifindex}` : String(verdict);
+      const v = verdict === TC_CONTINUE ? 'CONTINUE' : verdict === TC_ACT_SHOT ? 'SHOT' : verdict === TC_ACT_REDIRECT ? `REDIRECT ${fx.redirect.kind} ${fx.redirect.ifindex}` : String(verdict);
       this.checker.hop(rec, `${fmtT(this.now)} ${h.name} ${prog}: ${v} [${counterText(before, c)}]`);
     }
     return verdict;
@@ -838,7 +838,7 @@ export class Cluster {
   private nicEgress(h: Host, rec: PacketRecord): void {
     const verdict = this.runProgram(h, 'init', this.scheme.init, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
-    if (verdict !== TC_ACT_OK) return this.drop(rec, 'init-bad-verdict');
+    if (verdict !== TC_CONTINUE) return this.drop(rec, 'init-bad-verdict');
     this.wire(rec);
   }
 

@@ -7,7 +7,7 @@
  * passes), the baseline the fast path is measured against.
  */
 import { ConfigFlag, MAX_ENTRIES, type CtTupleKey } from '../../dataplane/maps.ts';
-import { emptyState, initInPlace, masqInPlace, restoreInPlace, TC_ACT_OK, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
+import { emptyState, initInPlace, masqInPlace, restoreInPlace, TC_CONTINUE, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
 import { NamedTable, type ModelCtTupleKey } from '../model/state.ts';
 
 /**
@@ -60,7 +60,7 @@ const wide: KeyScheme = {
 
 /** Every program passes every packet untouched and counts nothing, as if XMasq were not attached. */
 function passAll(): number {
-  return TC_ACT_OK;
+  return TC_CONTINUE;
 }
 
 const overlayOnly: KeyScheme = {

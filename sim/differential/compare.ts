@@ -82,7 +82,7 @@ function outerDst(pkt: Buffer): string {
   return pkt.length >= 34 ? `${pkt[30]}.${pkt[31]}.${pkt[32]}.${pkt[33]}` : '';
 }
 
-const VERDICTS: Record<number, string> = { 0: 'TC_ACT_OK', 2: 'TC_ACT_SHOT', 7: 'TC_ACT_REDIRECT' };
+const VERDICTS: Record<number, string> = { [-1]: 'TC_ACT_UNSPEC', 0: 'TC_ACT_OK', 2: 'TC_ACT_SHOT', 7: 'TC_ACT_REDIRECT' };
 const verdictName = (v: number) => VERDICTS[v] ?? `verdict ${v}`;
 
 export function compare(m: RunResult, ms: DatapathState, k: KernelRun): string[] {

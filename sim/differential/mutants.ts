@@ -126,7 +126,7 @@ export const MUTANTS: Mutant[] = [
   { name: 'a refused flow keeps its cached admission', file: 'conntrack.ts',
     from: '  // No longer admitted: the cached admission must not outlive the entry\'s change.\n  if (seen) s.ct_admitted.deleteElem(k);', to: '' },
   { name: 'the stack handed the packet at the NIC despite an overlay device', file: 'restore.ts',
-    from: 'if (cfg.overlay_ifindex === 0) return TC_ACT_OK;', to: 'return TC_ACT_OK;' },
+    from: 'if (cfg.overlay_ifindex === 0) return TC_CONTINUE;', to: 'return TC_CONTINUE;' },
   { name: "the overlay device's MAC not written", file: 'restore.ts',
     from: '  macToBytes(cfg.overlay_mac, pkt, 0);\n', to: '' },
   { name: 'a TCP entry past ESTABLISHED admitted', file: 'conntrack.ts',

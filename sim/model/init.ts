@@ -7,7 +7,7 @@ import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_ACT_OK, egressLookupOrCreate, isPeerNode, isSelf, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
+import { TC_CONTINUE, egressLookupOrCreate, isPeerNode, isSelf, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -55,12 +55,12 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   //    port that the host forwards, whose payload is the pod's to write.
   if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {
     fx.counters.NOT_OURS++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
   // 3. Only towards a node of the overlay (the agent's node set).
   if (!isPeerNode(s, t.outer.daddr)) {
     fx.counters.PEER_NOT_NODE++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
 
   // 4. Policy, egress: a denied flow loses its very first packet.
@@ -73,7 +73,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   const e = egressLookupOrCreate(s, src, dst);
   if (!e) {
     fx.counters.FELL_BACK++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
 
   // 7. Remember the outer headers masq will write for this pair.
@@ -117,7 +117,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
     }
     if (e.local_key === 0) {
       fx.counters.KEY_EXHAUSTED++;
-      return TC_ACT_OK;
+      return TC_CONTINUE;
     }
   }
 
@@ -132,7 +132,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (key >= WIDE_KEY_MIN) {
     if (env.gsoSize) {
       fx.counters.LEARNED++;
-      return TC_ACT_OK;
+      return TC_CONTINUE;
     }
     id = key;
     key = 0;
@@ -141,5 +141,5 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (e.remote_key) frag |= IP_DF;
   rewriteIpv4(pkt, 14, ((key << 2) | (t.outer.tos & 3)) & 0xff, id, frag, t.outer.saddr, t.outer.daddr);
   fx.counters.LEARNED++;
-  return TC_ACT_OK;
+  return TC_CONTINUE;
 }

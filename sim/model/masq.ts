@@ -7,7 +7,7 @@ import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKe
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /**
@@ -78,7 +78,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (!e) return pass(fx);
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
     fx.counters.FELL_BACK++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
 
   // 4. Policy, egress.
@@ -91,7 +91,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (wide ? !wideCarrier(h) || h.carrier !== carrierFreeValue(h) || (h.proto === IPPROTO_UDP && !!env.gsoSize)
     : isEcho(h) && carriesWideKey(h)) {
     fx.counters.FELL_BACK++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
 
   // 5. Only a flow the host stack has accepted, and would not NAT.
@@ -99,7 +99,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.NONE, to);
     if (admit !== CT_ADMIT) {
       fx.counters[admit]++;
-      return TC_ACT_OK;
+      return TC_CONTINUE;
     }
   }
 

@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
 import { NO_OVERLAY, NO_SERVICES, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { emptyState, type DatapathState, type Env } from './state.ts';
+import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './state.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
 import { init } from './init.ts';
@@ -111,7 +111,7 @@ describe('model: host traffic', () => {
       const { b } = hosts();
       const frame = buildFrame({ eth: { src: A.mac, dst: B.mac }, ipv4: { src: A.host, dst: B.host, tos, l4 } });
       const r = restore(frame, b, env);
-      expect(r.verdict).toBe(0);
+      expect(r.verdict).toBe(TC_CONTINUE);
       expect(r.packet.equals(frame)).toBe(true);
     }), { numRuns: 1000 });
   });
@@ -125,7 +125,7 @@ describe('model: frames too short for the kernel test runner', () => {
     for (let len = 14; len < 34; len++) {
       const frame = full.subarray(0, len);
       for (const [name, r] of [['masq', masq(frame, a, env)], ['restore', restore(frame, b, env)], ['init', init(frame, b, env)]] as const) {
-        expect(r.verdict, `${name} on ${len} bytes`).toBe(0);
+        expect(r.verdict, `${name} on ${len} bytes`).toBe(TC_CONTINUE);
         expect(r.effects.counters.PASSED, `${name} on ${len} bytes`).toBe(1);
         expect(r.packet.equals(frame)).toBe(true);
       }
@@ -140,7 +140,7 @@ describe('model: VLAN tag taken out of the frame by the kernel', () => {
     const sent = masq(pod, a, env).packet;
     const tagged = { ...env, vlanPresent: true };
     for (const [name, r, input] of [['masq', masq(pod, a, tagged), pod], ['restore', restore(sent, b, tagged), sent]] as const) {
-      expect(r.verdict, name).toBe(0);
+      expect(r.verdict, name).toBe(TC_CONTINUE);
       expect(r.effects.counters.PASSED, name).toBe(1);
       expect(r.packet.equals(input), name).toBe(true);
     }

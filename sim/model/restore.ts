@@ -10,7 +10,7 @@ import {
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
-import { TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
@@ -32,7 +32,7 @@ export function restoreInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunE
  */
 function toHostStack(pkt: Buffer, s: DatapathState, fx: RunEffects): number {
   const cfg = s.config;
-  if (cfg.overlay_ifindex === 0) return TC_ACT_OK;
+  if (cfg.overlay_ifindex === 0) return TC_CONTINUE;
   macToBytes(cfg.overlay_mac, pkt, 0);
   fx.redirect = redirectTo(cfg.overlay_ifindex, 'INGRESS');
   return TC_ACT_REDIRECT;
@@ -109,19 +109,19 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   const from = t.outer.saddr;
   if (!isPeerNode(s, from)) {
     fx.counters.SIGNAL_NOT_NODE++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
   let e = s.egress_cache.lookupPair(local, remote);
   if (e && e.remote_ip && e.remote_ip !== from) {
     fx.counters.SIGNAL_WRONG_NODE++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
 
   // 5. The peer's key, into our egress entry for the reverse direction.
   if (!e) e = egressLookupOrCreate(s, local, remote);
   if (!e) {
     fx.counters.FELL_BACK++;
-    return TC_ACT_OK;
+    return TC_CONTINUE;
   }
   if (!e.remote_ip) e.remote_ip = from;
   e.remote_key = key;
@@ -129,7 +129,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   if (!(t.outer.frag & IP_DF)) e.remote_ready = 0;
   e.last_seen = env.now;
   fx.counters.LEARNED++;
-  return TC_ACT_OK;
+  return TC_CONTINUE;
 }
 
 function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {

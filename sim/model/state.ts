@@ -877,7 +877,8 @@ export interface RunResult {
   effects: RunEffects;
 }
 
-export const TC_ACT_OK = 0;
+/** C: XMASQ_CONTINUE (TC_ACT_UNSPEC): left to what comes next on the hook (bpf/verdict.h). */
+export const TC_CONTINUE = -1;
 export const TC_ACT_SHOT = 2;
 export const TC_ACT_REDIRECT = 7;
 

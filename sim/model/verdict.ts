@@ -1,7 +1,7 @@
 /** Twin of bpf/verdict.h. */
-import { TC_ACT_OK, type RunEffects } from './state.ts';
+import { TC_CONTINUE, type RunEffects } from './state.ts';
 
 export function pass(fx: RunEffects): number {
   fx.counters.PASSED++;
-  return TC_ACT_OK;
+  return TC_CONTINUE;
 }
