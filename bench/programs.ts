@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
-import { NO_OVERLAY,
+import { FLANNEL_PORTS, NO_OVERLAY,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type CounterName, type PolicyKey,
@@ -118,7 +118,7 @@ interface Maps {
 function learnedPair(m: Maps): void {
   m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
   // A Kubernetes node's agent knows the Service range (--service-cidr).
-  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, service_net: '10.96.0.0', service_mask: '255.240.0.0' }));
+  m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, service_net: '10.96.0.0', service_mask: '255.240.0.0', ...FLANNEL_PORTS }));
   // The node set (README "Threat model"): init learns and restore listens only with it.
   m.nodes.update(nodeIp.encode({ ip: HERE.ip }), nodeInfo.encode({ flags: NodeFlag.SELF }), 'noexist');
   m.nodes.update(nodeIp.encode({ ip: PEER.ip }), nodeInfo.encode({ flags: 0 }), 'noexist');

@@ -16,10 +16,10 @@
 #include "verdict.h"
 
 /* masq can carry a pod packet only if its DSCP is 0 and it can fix its checksums. */
-static __always_inline int fast_path_eligible(const struct hdrs *h)
+static __always_inline int fast_path_eligible(const struct config *cfg, const struct hdrs *h)
 {
 	return (h->tos >> 2) == 0 && rewritable(h) &&
-	       !(h->proto == IPPROTO_UDP && h->l4_ok && is_tunnel_port(h->dport));
+	       !(h->proto == IPPROTO_UDP && h->l4_ok && is_tunnel_port(cfg, h->dport));
 }
 
 /*
@@ -44,9 +44,10 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 {
 	struct hdrs outer = {};
 	struct tunnel t = {};
+	struct config *cfg = config_get();
 
 	/* 1. An overlay packet whose inner IPv4 packet comes from one of our pods. */
-	if (load_eth_ipv4(skb, &outer) || load_tunnel(skb, &outer, &t))
+	if (load_eth_ipv4(skb, &outer) || load_tunnel(skb, cfg, &outer, &t))
 		return pass();
 	__u32 src = t.inner.saddr, dst = t.inner.daddr;
 	struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &src);
@@ -77,7 +78,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		return policy_drop();
 
 	/* 5. Learn only pairs masq could carry. */
-	if (!fast_path_eligible(&t.inner))
+	if (!fast_path_eligible(cfg, &t.inner))
 		return pass();
 
 	/* 6. The egress entry for (our pod, remote pod), created empty if new. */
@@ -136,8 +137,6 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		__builtin_memcpy(r.local_mac, pod->mac, ETH_ALEN);
 		__builtin_memcpy(r.remote_mac, ieth->h_dest, ETH_ALEN);
 		struct ingress_key ik = { .remote_host = t.outer.daddr };
-		__u32 zero = 0;
-		struct config *cfg = bpf_map_lookup_elem(&config, &zero);
 		int wide = cfg && (cfg->flags & XMASQ_CFG_WIDE_KEYS);
 		__u32 min = wide ? XMASQ_WIDE_KEY_MIN : XMASQ_KEY_MIN;
 		__u32 n = wide ? XMASQ_WIDE_KEY_COUNT : XMASQ_KEY_COUNT;

@@ -98,6 +98,13 @@ struct {
 	__type(key, struct ct_tuple);
 	__type(value, struct ct_admission);
 } ct_admitted SEC(".maps");
+/* config's one slot (NULL only to the verifier: an array's slot 0 always exists). */
+static __always_inline struct config *config_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
 /* The overlay's nodes (xmasq.h), written by the agent; read by init and restore. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -36,10 +36,9 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		count(XMASQ_CNT_POD_MARKED);
 		return TC_ACT_SHOT;
 	}
-	if (!fast_path_eligible(&h))
+	struct config *cfg = config_get();
+	if (!fast_path_eligible(cfg, &h))
 		return pass();
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || cfg->nic_ifindex == 0)
 		return pass();
 

@@ -291,18 +291,17 @@ static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
 	return load_ipv4(skb, ETH_HLEN, skb->len, h);
 }
 
-static __always_inline int is_tunnel_port(__u16 dport_be)
+/* One of the overlay's UDP ports (config.vxlan_port, geneve_port). */
+static __always_inline int is_tunnel_port(const struct config *cfg, __u16 dport_be)
 {
-	return dport_be == bpf_htons(XMASQ_PORT_VXLAN) ||
-	       dport_be == bpf_htons(XMASQ_PORT_VXLAN_LINUX) ||
-	       dport_be == bpf_htons(XMASQ_PORT_GENEVE);
+	return cfg && dport_be && (dport_be == cfg->vxlan_port || dport_be == cfg->geneve_port);
 }
 
 /* A UDP datagram to an overlay port, whole and unfragmented. */
-static __always_inline int is_tunnel(const struct hdrs *h)
+static __always_inline int is_tunnel(const struct config *cfg, const struct hdrs *h)
 {
 	return h->proto == IPPROTO_UDP && h->l4_ok && !is_fragment(h) &&
-	       is_tunnel_port(h->dport);
+	       is_tunnel_port(cfg, h->dport);
 }
 
 /* An overlay packet: outer IPv4/UDP, VXLAN or Geneve, inner Ethernet + IPv4. */
@@ -315,10 +314,10 @@ struct tunnel {
 #define GENEVE_PROTO_ETH 0x6558
 #define VXLAN_FLAG_VNI 0x08
 
-static __always_inline int load_tunnel(struct __sk_buff *skb, struct hdrs *outer,
-				       struct tunnel *t)
+static __always_inline int load_tunnel(struct __sk_buff *skb, const struct config *cfg,
+				       struct hdrs *outer, struct tunnel *t)
 {
-	if (!is_tunnel(outer))
+	if (!cfg || !is_tunnel(cfg, outer))
 		return -1;
 	t->outer = *outer;
 
@@ -348,7 +347,7 @@ static __always_inline int load_tunnel(struct __sk_buff *skb, struct hdrs *outer
 		return -1;
 
 	__u32 inner_eth;
-	if (outer->dport == bpf_htons(XMASQ_PORT_GENEVE)) {
+	if (outer->dport == cfg->geneve_port) {
 		/* Geneve: version 0, options of 4-byte words, then an Ethernet frame. */
 		if ((th[0] >> 6) != 0)
 			return -1;

@@ -108,12 +108,13 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	return bpf_redirect_peer(r->ifindex, 0);
 }
 
-static __always_inline int learn_from_overlay(struct __sk_buff *skb, struct hdrs *outer)
+static __always_inline int learn_from_overlay(struct __sk_buff *skb, const struct config *cfg,
+					      struct hdrs *outer)
 {
 	struct tunnel t = {};
 
 	/* 1. An overlay packet for one of our pods. */
-	if (load_tunnel(skb, outer, &t))
+	if (load_tunnel(skb, cfg, outer, &t))
 		return pass();
 	__u32 local = t.inner.daddr, remote = t.inner.saddr;
 	if (!bpf_map_lookup_elem(&pod_info, &local))
@@ -178,8 +179,9 @@ static __always_inline int xmasq_restore(struct __sk_buff *skb)
 	if (load_eth_ipv4(skb, &h))
 		return pass();
 	/* Overlay packets carry signals, never masqueraded pod packets (masq skips them). */
-	if (is_tunnel(&h))
-		return learn_from_overlay(skb, &h);
+	struct config *cfg = config_get();
+	if (is_tunnel(cfg, &h))
+		return learn_from_overlay(skb, cfg, &h);
 	if (!(h.frag & XMASQ_IP_RF))
 		return pass();
 	/*

@@ -47,10 +47,6 @@
 /* config.flags: init gives pairs wide keys (off: the 6-bit design, narrow keys only). */
 #define XMASQ_CFG_WIDE_KEYS 0x1
 
-#define XMASQ_PORT_VXLAN 4789
-#define XMASQ_PORT_VXLAN_LINUX 8472
-#define XMASQ_PORT_GENEVE 6081
-
 #define XMASQ_POLICY_MAX_MASKS 31
 
 /* pod_info: pod IPv4 (network order) -> the pod as the host sees it. */
@@ -124,6 +120,15 @@ struct config {
 	 */
 	__u32 service_net;
 	__u32 service_mask;
+	/*
+	 * The overlay's UDP ports, network order, 0: none. The agent reads them
+	 * off the overlay's devices (Flannel's Port, Calico's vxlanPort) or takes
+	 * them from its flags (Antrea's tunnelPort, which has no device). A
+	 * datagram to one is overlay traffic: init learns from it, restore reads
+	 * signals on it, masq never carries a pod's.
+	 */
+	__u16 vxlan_port;
+	__u16 geneve_port;
 };
 
 enum xmasq_policy_dir {

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, expect, it } from 'vitest';
 import { BpfObject, tcAttach, withNetns } from './libbpf.ts';
-import { COUNTER_NAMES, NO_OVERLAY, NO_SERVICES, arrayIndex, config, counterValue } from './maps.ts';
+import { COUNTER_NAMES, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, counterValue } from './maps.ts';
 
 if (process.getuid?.() !== 0) throw new Error('dataplane/chain.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -48,7 +48,7 @@ beforeAll(() => {
   ours = BpfObject.open(OBJECT);
   ours.load();
   const b0 = ifindexOf(NS.b, 'b0');
-  ours.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: b0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES }));
+  ours.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: b0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS }));
   behind = BpfObject.open(obj);
   behind.load();
   withNetns(`/run/netns/${NS.b}`, () => {

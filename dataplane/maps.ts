@@ -109,9 +109,13 @@ export const config = new Struct('config', [
   ['pad', { pad: 2 }],
   ['service_net', 'ipv4'],
   ['service_mask', 'ipv4'],
+  ['vxlan_port', 'be16'],
+  ['geneve_port', 'be16'],
 ] as const);
 /** config's overlay fields when no overlay device is configured (restore hands to the stack at the NIC). */
 export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00' } as const;
+/** config's tunnel ports of Flannel's VXLAN (the kernel's historical 8472) and of Geneve (IANA 6081). */
+export const FLANNEL_PORTS = { vxlan_port: 8472, geneve_port: 6081 } as const;
 /** config's Service range when none is configured (masq never looks a Service up). */
 export const NO_SERVICES = { service_net: '0.0.0.0', service_mask: '0.0.0.0' } as const;
 export const policyKey = new Struct('policy_key', [

@@ -22,7 +22,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConntrackDrain } from './agent/conntrack.ts';
 import { stderrLog } from './agent/log.ts';
 import { BpfObject, tcAttach, withNetns } from './libbpf.ts';
-import { NO_OVERLAY, NO_SERVICES, arrayIndex, config, egressKey, path } from './maps.ts';
+import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, egressKey, path } from './maps.ts';
 import { readPcap } from '../fixtures/pcap.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
 
@@ -85,7 +85,7 @@ beforeAll(async () => {
   // One learned pair, POD_IP -> REMOTE_POD, whose peer (the wire netns) uses key 23.
   obj = BpfObject.open(OBJECT);
   obj.load();
-  obj.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: ifindex(NS.host, 'nic0'), flags: 0, ...NO_OVERLAY, ...NO_SERVICES }));
+  obj.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: ifindex(NS.host, 'nic0'), flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS }));
   obj.map('egress_cache').update(egressKey.encode({ local_pod: POD_IP, remote_pod: REMOTE_POD }), path.encode({
     last_seen: 1n, local_mac: mac(NS.host, 'nic0'), remote_mac: mac(NS.wire, 'w0'), local_ip: HOST_IP, remote_ip: PEER_IP,
     ifindex: 0, local_key: 9, remote_key: 23, remote_ready: 1,

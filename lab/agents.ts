@@ -17,6 +17,7 @@ const AGENT = `${ROOT}dataplane/agent/main.ts`;
 
 export class LabAgents {
   private readonly procs = new Map<string, ChildProcess>();
+  private readonly logs = new Map<string, string>();
 
   /**
    * runDir holds <host>/agent.sock and <host>/ state; pins go to /sys/fs/bpf/<pinPrefix>-<host>.
@@ -51,7 +52,11 @@ export class LabAgents {
     const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, process.execPath, '--import', 'tsx', AGENT, ...this.args(host),
       '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: ROOT });
     let log = '';
-    child.stderr!.on('data', (d) => { log += d; });
+    this.logs.set(host, '');
+    child.stderr!.on('data', (d) => {
+      log += d;
+      this.logs.set(host, log);
+    });
     this.procs.set(host, child);
     const deadline = Date.now() + this.startTimeoutMs;
     for (;;) {
@@ -64,6 +69,11 @@ export class LabAgents {
         await new Promise((r) => setTimeout(r, 100));
       }
     }
+  }
+
+  /** What the host's last agent wrote on stderr so far. */
+  log(host: string): string {
+    return this.logs.get(host) ?? '';
   }
 
   /**
@@ -119,6 +129,8 @@ export interface AgentLabOptions {
   conntrack?: boolean;
   /** LabOptions.k8s: the hosts are Kubernetes nodes (lab/k8s.ts). */
   k8s?: boolean;
+  /** LabOptions.vxlanPort. */
+  vxlanPort?: number;
   startTimeoutMs?: number;
 }
 
@@ -129,7 +141,7 @@ export interface AgentLabOptions {
  */
 export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
   const lab = await Lab.up({
-    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s,
+    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s, vxlanPort: o.vxlanPort,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
     cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
   });

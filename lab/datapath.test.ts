@@ -10,7 +10,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, tcAttach, withNetns } from '../dataplane/libbpf.ts';
-import { NO_OVERLAY, NO_SERVICES, COUNTER_NAMES, NodeFlag, arrayIndex, config, counterValue, nodeInfo, nodeIp, podIp, podInfo, type CounterName } from '../dataplane/maps.ts';
+import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, COUNTER_NAMES, NodeFlag, arrayIndex, config, counterValue, nodeInfo, nodeIp, podIp, podInfo, type CounterName } from '../dataplane/maps.ts';
 import { readPcap } from '../fixtures/pcap.ts';
 import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
@@ -42,7 +42,7 @@ beforeAll(async () => {
     const obj = BpfObject.open(OBJECT);
     obj.load();
     objects.set(host.name, obj);
-    obj.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: host.nicIfindex, flags: 0, ...NO_OVERLAY, ...NO_SERVICES }));
+    obj.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: host.nicIfindex, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS }));
     // The node set, as the agent writes it: every host, this one SELF.
     for (const h of lab.hosts) obj.map('nodes').update(nodeIp.encode({ ip: h.ip }), nodeInfo.encode({ flags: h === host ? NodeFlag.SELF : 0 }));
     const pods = lab.pods.filter((p) => p.host === host.name);

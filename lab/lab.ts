@@ -31,7 +31,7 @@ const NIC = 'nic0';
 const WIRE_BRIDGE = 'br0';
 const VXLAN_DEV = 'flannel.1';
 const VXLAN_VNI = 1;
-/** Flannel's default: the Linux kernel's historical VXLAN port, not IANA's 4789. */
+/** Flannel's default: the Linux kernel's historical VXLAN port, not IANA's 4789 (LabOptions.vxlanPort). */
 const VXLAN_PORT = 8472;
 const UNDERLAY_MTU = 1500;
 /** The underlay MTU minus VXLAN's 50 bytes of outer headers, as flannel computes it. */
@@ -54,6 +54,8 @@ export interface LabOptions {
    * CHECKSUM_PARTIAL and hide a wrong checksum written by a program.
    */
   checksumOffload?: boolean;
+  /** The VXLAN devices' UDP port: default 8472 (Flannel's); 4789 as Calico's and Antrea's VXLAN. */
+  vxlanPort?: number;
   /** Plugins appended to the CNI chain after `bridge` (e.g. our own `xmasq` plugin), on every host; "{host}" in a string field becomes the host name. */
   cniPlugins?: CniPluginConf[];
   /** Directories searched for CNI plugin binaries (CNI_PATH). Default ['/usr/lib/cni']. */
@@ -164,6 +166,8 @@ interface LabState {
   conntrack?: boolean;
   /** Hosts carry kube-proxy's and a policy engine's chains (LabOptions.k8s); absent: false. */
   k8s?: boolean;
+  /** The VXLAN devices' UDP port (LabOptions.vxlanPort); absent in older state files: 8472. */
+  vxlanPort?: number;
   /** Clients outside the cluster attached to the wire (addExternal); absent in older state files. */
   externals?: LabExternal[];
   cniPath: string[];
@@ -306,6 +310,8 @@ export class Lab {
     const checksumOffload = opts.checksumOffload ?? true;
     const conntrack = opts.conntrack ?? true;
     const k8s = opts.k8s ?? false;
+    const vxlanPort = opts.vxlanPort ?? VXLAN_PORT;
+    if (!Number.isInteger(vxlanPort) || vxlanPort < 1 || vxlanPort > 65535) throw new Error(`vxlanPort must be a UDP port in 1..65535, got ${vxlanPort}`);
     // kube-proxy's rules are conntrack's users: without it there is no NAT and no INVALID drop.
     if (k8s && !conntrack) throw new Error('k8s needs conntrack: a Kubernetes node\'s Services and policies are conntrack rules');
     for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(conntrack ? ['iptables'] : []), ...(k8s ? ['iptables-save', 'iptables-restore'] : []), ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
@@ -320,6 +326,7 @@ export class Lab {
       checksumOffload,
       conntrack,
       k8s,
+      vxlanPort,
       externals: [],
       cniPath: opts.cniPath ?? [...DEFAULT_CNI_PATH],
       cniPlugins: opts.cniPlugins ?? [],
@@ -730,7 +737,7 @@ export class Lab {
       `addr add ${p.ip}/24 dev ${NIC}`,
       // flannel's vxlan backend: learning off (it programs the FDB itself), its own port, the
       // underlay address as source, bound to the underlay interface.
-      `link add ${VXLAN_DEV} address ${p.vtepMac} type vxlan id ${VXLAN_VNI} local ${p.ip} dev ${NIC} dstport ${VXLAN_PORT} nolearning`,
+      `link add ${VXLAN_DEV} address ${p.vtepMac} type vxlan id ${VXLAN_VNI} local ${p.ip} dev ${NIC} dstport ${this.state.vxlanPort ?? VXLAN_PORT} nolearning`,
       `link set ${VXLAN_DEV} mtu ${POD_MTU} up`,
       `addr add ${p.vtepIp}/32 dev ${VXLAN_DEV}`,
     ], `setting up host ${p.name}`);

@@ -871,6 +871,39 @@ describe('xmasq-agent', () => {
     expect(agent.stderr()).toContain('no peer node known');
   });
 
+  it('the tunnel ports: read off the VXLAN devices on the nic, else IANA\'s; the flags win; devices that disagree are refused', async () => {
+    const ports = () => withMap('config', (m) => {
+      const c = config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!);
+      return [c.vxlan_port, c.geneve_port];
+    });
+    expect(ports()).toEqual([4789, 6081]); // no tunnel device on nic0
+    await stopAgent();
+    inHost('ip', 'link', 'add', 'vx0', 'type', 'vxlan', 'id', '7', 'local', '192.168.77.1', 'dev', 'nic0', 'dstport', '8472', 'nolearning');
+    try {
+      agent = await startAgent();
+      expect(ports()).toEqual([8472, 6081]);
+      expect(agent.stderr()).toContain('tunnel ports: vxlan 8472 (vx0), geneve 6081 (IANA\'s: no geneve device)');
+      await stopAgent();
+      agent = await startAgent(['--vxlan-port', '4790', '--geneve-port', 'none']);
+      expect(ports()).toEqual([4790, 0]);
+      await stopAgent();
+      inHost('ip', 'link', 'add', 'vx1', 'type', 'vxlan', 'id', '8', 'local', '192.168.77.1', 'dev', 'nic0', 'dstport', '4789', 'nolearning');
+      const r = await startAgent([], false);
+      expect(await r.exited).toBe(1);
+      expect(r.stderr()).toMatch(/the VXLAN devices vx0, vx1 use several ports \(8472, 4789\); set --vxlan-port/);
+    } finally {
+      for (const d of ['vx0', 'vx1']) {
+        try {
+          inHost('ip', 'link', 'del', d);
+        } catch {
+          // not made
+        }
+      }
+    }
+    agent = await startAgent();
+    expect(ports()).toEqual([4789, 6081]);
+  });
+
   it('refuses pins made by another build, saying how to clear them, and keeps their entries', async () => {
     // The agent the last test started serves before it is stopped (a signal right after its
     // ready line has been seen to kill it by default action: see the issue note).
@@ -919,6 +952,12 @@ describe('xmasq-agent pieces that need no kernel state', () => {
     // A key must stay taken until every peer has stopped using it.
     expect(() => loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '30']))).toThrow('--ingress-idle (ingressIdleSeconds) = 30: must be at least --egress-idle + --scan-interval (30 + 1 s)');
     expect(loadConfig(parseArgs(['--egress-idle', '30', '--ingress-idle', '31'])).ingressIdleSeconds).toBe(31);
+    // Tunnel ports: 1..65535 or none; unset: found at start.
+    expect(c.vxlanPort).toBeUndefined();
+    expect(loadConfig(parseArgs(['--vxlan-port', '4789', '--geneve-port', 'none']))).toMatchObject({ vxlanPort: 4789, genevePort: 0 });
+    for (const bad of ['0', '65536', '8472/udp', '-1', 'vxlan']) {
+      expect(() => loadConfig(parseArgs(['--vxlan-port', bad])), bad).toThrow(`--vxlan-port (vxlanPort) = ${JSON.stringify(bad)}: must be a UDP port from 1 to 65535, or none, e.g. --vxlan-port 8472`);
+    }
     // The Service range: a prefix without host bits, or none (the default).
     expect(c.serviceCidr).toBe('none');
     expect(loadConfig(parseArgs(['--service-cidr', '10.96.0.0/12'])).serviceCidr).toBe('10.96.0.0/12');

@@ -25,7 +25,7 @@ import {
 import { planDiscovery, survey, type FoundPod } from './discovery.ts';
 import { DEPTH_LIMIT, LINE_LIMIT, SocketServer } from './server.ts';
 import { StateDir } from './state.ts';
-import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex, overlayDevice, type OverlayDevice } from './system.ts';
+import { bpffsProblem, capabilityProblem, clsactProblem, defaultNic, kernelHasRpeer, linkByIndex, overlayDevice, tunnelPorts, type OverlayDevice } from './system.ts';
 
 interface Pod {
   record: PodRecord;
@@ -208,7 +208,6 @@ export class Agent {
       ? `created and pinned the maps in ${cfg.pinDir}`
       : `reused the maps pinned in ${cfg.pinDir} (${countEntries(dp.maps.egress_cache)} egress, ${countEntries(dp.maps.ingress_cache)} ingress entries kept)`);
     try {
-      dp.writeConfig(this.nic.ifindex, cfg.wideKeys, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
       // The nodes before any program: init learns only towards them, restore listens only to them.
       const nodes = new NodeSet(dp.maps.nodes, this.nic.name, cfg.overlayDev, cfg.nodes, this.log);
       try {
@@ -216,6 +215,14 @@ export class Agent {
       } catch (e) {
         throw new ConfigError(`--overlay-dev (overlayDev) = ${JSON.stringify(cfg.overlayDev)}: ${(e as Error).message}`);
       }
+      let ports: ReturnType<typeof tunnelPorts>;
+      try {
+        ports = tunnelPorts(nodes.tunnels, { vxlan: cfg.vxlanPort, geneve: cfg.genevePort });
+      } catch (e) {
+        throw new ConfigError((e as Error).message);
+      }
+      this.log.info(`tunnel ports: ${ports.why}`);
+      dp.writeConfig(this.nic.ifindex, cfg.wideKeys, ports, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
       nodes.sync();
       this.nodes = nodes;
       this.lastNodeSync = Date.now();

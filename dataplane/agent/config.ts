@@ -40,6 +40,9 @@ export interface AgentConfig {
   nodes: string[];
   /** The cluster's Service range (ClusterIPs), 'none': masq takes a Service's requests to their backend (README "Services"). */
   serviceCidr: string;
+  /** The overlay's UDP ports (0: none); undefined: the overlay devices', else IANA's. */
+  vxlanPort?: number;
+  genevePort?: number;
   /** Remove the pins and state files on exit, as `xmasq-agent cleanup` does. */
   cleanupOnExit: boolean;
   verbose: boolean;
@@ -55,7 +58,7 @@ export class ConfigError extends Error {
 
 const BUILD = bpfBuildDir();
 
-type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'choice' | 'onoff' | 'iplist' | 'cidr';
+type Kind = 'string' | 'path' | 'seconds' | 'count' | 'bool' | 'choice' | 'onoff' | 'iplist' | 'cidr' | 'port';
 interface FieldDef {
   key: keyof AgentConfig;
   flag: string;
@@ -104,6 +107,8 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'wideKeys', flag: '--wide-keys', kind: 'onoff', arg: 'on|off', def: true, help: 'give pod pairs 14-bit keys carried in the TCP urgent pointer, the UDP length or the ICMP echo code (past 63 pairs per host pair); off if the underlay rewrites urgent pointers, UDP lengths, ICMP codes or IPv4 IDs (the 6-bit keys of DSCP only)' },
   { key: 'nodes', flag: '--nodes', kind: 'iplist', arg: 'IP[,IP...]', def: [], help: 'underlay addresses of nodes besides the FDB destinations of the VXLAN devices on the nic (or of --overlay-dev): the node set init learns towards and restore takes signals and masqueraded packets from (an overlay without a Linux FDB, e.g. Antrea: every node\'s address)' },
   { key: 'serviceCidr', flag: '--service-cidr', kind: 'cidr', arg: 'CIDR|none', def: 'none', help: 'the cluster\'s Service range (kube-apiserver --service-cluster-ip-range, e.g. 10.96.0.0/12): masq takes a Service request whose flow conntrack admits straight to the backend\'s host, with the DNAT conntrack recorded; none: Service requests cross the host stack on the overlay (replies are accelerated either way)' },
+  { key: 'vxlanPort', flag: '--vxlan-port', kind: 'port', arg: 'PORT|none', def: undefined, help: 'the overlay\'s VXLAN UDP port (Flannel\'s Port, Calico\'s vxlanPort, Antrea\'s tunnelPort); default: the port of the VXLAN devices on the nic, else 4789; none: no VXLAN' },
+  { key: 'genevePort', flag: '--geneve-port', kind: 'port', arg: 'PORT|none', def: undefined, help: 'the overlay\'s Geneve UDP port (Antrea\'s tunnelPort); default: the port of the Geneve devices on the nic, else 6081; none: no Geneve' },
   { key: 'cleanupOnExit', flag: '--cleanup', kind: 'bool', def: false, help: 'on exit, also remove the pinned maps and state files (every cached flow is forgotten)' },
   { key: 'verbose', flag: '--verbose', kind: 'bool', def: false, help: 'also log every filter attached or detached and every expiry scan that deletes something' },
   { key: 'logFormat', flag: '--log-format', kind: 'choice', choices: LOG_FORMATS, arg: 'text|json', def: 'text', help: 'stderr lines as text (time, xmasq-agent:, the message) or as one JSON object each ({"time","level","logger","msg"})' },
@@ -272,6 +277,12 @@ function coerce(f: FieldDef, raw: unknown, base: string, fromFile: boolean): Age
       if (items === undefined) return fail(f, raw, `must be IPv4 addresses${fromFile ? ' (an array of strings, or one string with commas)' : ' separated by commas'}, e.g. ${f.flag} 172.31.250.2,172.31.250.3`);
       for (const ip of items) if (!isIpv4Text(ip)) fail(f, raw, `${JSON.stringify(ip)} is not an IPv4 address like 172.31.250.2`);
       return [...new Set(items as string[])];
+    }
+    case 'port': {
+      if (raw === 'none') return 0;
+      const n = typeof raw === 'number' ? raw : typeof raw === 'string' && /^\s*\d+\s*$/.test(raw) ? Number(raw) : NaN;
+      if (!Number.isInteger(n) || n < 1 || n > 65535) return fail(f, raw, `must be a UDP port from 1 to 65535, or none, e.g. ${f.flag} 8472`);
+      return n;
     }
     case 'cidr': {
       if (raw === 'none') return raw;

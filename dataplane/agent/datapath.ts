@@ -93,14 +93,15 @@ export class Datapath {
 
   /**
    * Points masq at the NIC and the Service range (if any), tells init whether
-   * to draw wide keys, and restore where to hand what the host stack must see
-   * (the overlay device, if any).
+   * to draw wide keys, all three the overlay's UDP ports, and restore where to
+   * hand what the host stack must see (the overlay device, if any).
    */
-  writeConfig(nicIfindex: number, wideKeys: boolean, overlay?: { ifindex: number; mac: string }, services?: { net: string; mask: string }): void {
+  writeConfig(nicIfindex: number, wideKeys: boolean, ports: { vxlan: number; geneve: number }, overlay?: { ifindex: number; mac: string }, services?: { net: string; mask: string }): void {
     this.maps.config.update(ZERO, config.encode({
       nic_ifindex: nicIfindex, flags: wideKeys ? ConfigFlag.WIDE_KEYS : 0,
       ...(overlay ? { overlay_ifindex: overlay.ifindex, overlay_mac: overlay.mac } : NO_OVERLAY),
       ...(services ? { service_net: services.net, service_mask: services.mask } : NO_SERVICES),
+      vxlan_port: ports.vxlan, geneve_port: ports.geneve,
     }));
   }
 

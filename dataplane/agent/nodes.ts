@@ -46,6 +46,11 @@ export class NodeSet {
     this.devices = this.setting === 'none' ? [] : tunnelDevices(this.setting, this.nic);
   }
 
+  /** The overlay devices the last resolve found. */
+  get tunnels(): readonly TunnelDevice[] {
+    return this.devices;
+  }
+
   /** The set as it should be now, from the devices and the config. */
   wanted(): Map<string, number> {
     const want = new Map<string, number>();

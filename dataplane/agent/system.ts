@@ -243,14 +243,14 @@ export function defaultNic(): { nic?: string; problem?: string } {
 // ---------------------------------------------------------------------------
 
 interface IpLinkDetail extends IpLink {
-  linkinfo?: { info_kind?: string; info_data?: { local?: string; remote?: string; link?: string } };
+  linkinfo?: { info_kind?: string; info_data?: { local?: string; remote?: string; link?: string; port?: number } };
 }
 
 /** The kinds of tunnel device whose peers are nodes: VXLAN (flannel, Calico) and Geneve. */
 const TUNNEL_KINDS = new Set(['vxlan', 'geneve']);
 
-/** A tunnel device, with the local and remote addresses its own config gives. */
-export interface TunnelDevice { name: string; kind: string; local?: string; remote?: string }
+/** A tunnel device, with the local and remote addresses and the UDP port its own config gives. */
+export interface TunnelDevice { name: string; kind: string; local?: string; remote?: string; port?: number }
 
 /**
  * The overlay's tunnel devices: the one named (an error if it is none), or,
@@ -263,6 +263,7 @@ export function tunnelDevices(name: string | undefined, nic: string): TunnelDevi
     name: l.ifname, kind: l.linkinfo?.info_kind ?? 'plain',
     ...(l.linkinfo?.info_data?.local ? { local: l.linkinfo.info_data.local } : {}),
     ...(l.linkinfo?.info_data?.remote ? { remote: l.linkinfo.info_data.remote } : {}),
+    ...(l.linkinfo?.info_data?.port ? { port: l.linkinfo.info_data.port } : {}),
   });
   if (name !== undefined) {
     const l = links.find((x) => x.ifname === name);
@@ -273,6 +274,34 @@ export function tunnelDevices(name: string | undefined, nic: string): TunnelDevi
   const nicAddrs = new Set(ipv4Addresses(nic));
   return links.filter((l) => TUNNEL_KINDS.has(l.linkinfo?.info_kind ?? '') &&
     (l.linkinfo?.info_data?.link === nic || nicAddrs.has(l.linkinfo?.info_data?.local ?? ''))).map(dev);
+}
+
+/** IANA's ports, for an overlay whose tunnels are no host devices (Antrea's OVS ports). */
+export const IANA_TUNNEL_PORTS = { vxlan: 4789, geneve: 6081 } as const;
+
+/**
+ * The overlay's UDP port of each kind (VXLAN, Geneve) the datapath takes for
+ * overlay traffic: the flag's (0: none), else the one the overlay's devices of
+ * that kind use, else IANA's. Throws when the devices disagree.
+ */
+export function tunnelPorts(devices: readonly TunnelDevice[], flags: { vxlan?: number; geneve?: number }): { vxlan: number; geneve: number; why: string } {
+  const out = { vxlan: 0, geneve: 0 };
+  const why: string[] = [];
+  for (const kind of ['vxlan', 'geneve'] as const) {
+    const flag = flags[kind];
+    if (flag !== undefined) {
+      out[kind] = flag;
+      why.push(`${kind} ${flag || 'none'} (--${kind}-port)`);
+      continue;
+    }
+    const ports = [...new Set(devices.filter((d) => d.kind === kind && d.port).map((d) => d.port!))];
+    if (ports.length > 1) {
+      throw new Error(`the ${kind === 'vxlan' ? 'VXLAN' : 'Geneve'} devices ${devices.filter((d) => d.kind === kind).map((d) => d.name).join(', ')} use several ports (${ports.join(', ')}); set --${kind}-port`);
+    }
+    out[kind] = ports[0] ?? IANA_TUNNEL_PORTS[kind];
+    why.push(ports.length ? `${kind} ${ports[0]} (${devices.filter((d) => d.kind === kind).map((d) => d.name).join(', ')})` : `${kind} ${IANA_TUNNEL_PORTS[kind]} (IANA's: no ${kind} device)`);
+  }
+  return { ...out, why: why.join(', ') };
 }
 
 /** The IPv4 addresses of a device. */

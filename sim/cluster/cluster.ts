@@ -30,7 +30,7 @@ import { Checker, PacketRecord, denied, ruleMatches, tupleStr, type Tuple, type 
 import { Rng } from './rng.ts';
 import { PROTO_NUMBER, SERVICE_RANGE, serviceIp, type ChurnSpec, type FlowSpec, type HostFlowSpec, type PodRef, type PolicySpec, type Scenario, type ServiceSpec } from './scenario.ts';
 import {
-  FIRST_POD_HOST_BYTE, FIRST_VETH_IFINDEX, LAST_POD_HOST_BYTE, NIC_IFINDEX,
+  FIRST_POD_HOST_BYTE, FIRST_VETH_IFINDEX, LAST_POD_HOST_BYTE, NIC_IFINDEX, VXLAN_PORT,
   hostAddresses, ipToU32, macBytes, podMac, subnetHost, u32ToIp, type HostAddresses,
 } from './topology.ts';
 import {
@@ -111,6 +111,8 @@ export class Host {
     this.cniMac = macBytes(this.addr.cniMac);
     this.state = scheme.newState();
     this.state.config.nic_ifindex = NIC_IFINDEX;
+    // The agent reads the port off the host's VXLAN device.
+    this.state.config.vxlan_port = VXLAN_PORT;
     if (sc.serviceRange !== false) Object.assign(this.state.config, SERVICE_RANGE);
     this.env = new HostEnv(rng);
     this.ct = new HostConntrack(sc.ctTimeouts ?? LINUX_CT_TIMEOUTS);

@@ -11,7 +11,7 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
-  CT_RECHECK_NS, ConfigFlag, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
+  CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
@@ -181,6 +181,9 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     ...(rng.chance(0.5) ? { overlay_ifindex: rng.range(2, 50), overlay_mac: VTEP_MAC(3) } : NO_OVERLAY),
     // Mostly the Service range; sometimes none, or one the ClusterIP is outside of.
     ...(rng.chance(0.7) ? SERVICE_RANGE : rng.chance(0.5) ? NO_SERVICES : { service_net: '10.97.0.0', service_mask: '255.255.0.0' }),
+    // The overlay's ports: mostly Flannel's, or IANA's VXLAN, one kind only, another port, none.
+    ...rng.pick([FLANNEL_PORTS, FLANNEL_PORTS, FLANNEL_PORTS, { vxlan_port: PORT_VXLAN, geneve_port: PORT_GENEVE },
+      { vxlan_port: PORT_VXLAN_LINUX, geneve_port: 0 }, { vxlan_port: 0, geneve_port: PORT_GENEVE }, { vxlan_port: 4790, geneve_port: 6082 }, { vxlan_port: 0, geneve_port: 0 }]),
   };
 
   // policy: rules around the focus tuple, some matching, some one field off.
@@ -308,7 +311,8 @@ function focusOf(rng: Rng): Focus {
     peer,
     remote: remotePod(peer, rng.int(40)),
     sport: rng.range(1, 65535),
-    dport: tunnelDport ? rng.pick(TUNNEL_PORTS) : rng.pick([80, 443, 53, 8080, rng.range(1, 65535)]),
+    // Now and then port 0, which an unset tunnel port (0) must not match.
+    dport: tunnelDport ? rng.pick(TUNNEL_PORTS) : rng.chance(0.03) ? 0 : rng.pick([80, 443, 53, 8080, rng.range(1, 65535)]),
     proto,
   };
 }

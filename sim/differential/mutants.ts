@@ -131,6 +131,13 @@ export const MUTANTS: Mutant[] = [
     from: '  macToBytes(cfg.overlay_mac, pkt, 0);\n', to: '' },
   { name: 'a TCP entry past ESTABLISHED admitted', file: 'conntrack.ts',
     from: 'else if (e.tcpState !== CtBits.TCP_CONNTRACK_ESTABLISHED)', to: 'else if (false)' },
+  // Tunnel ports from configuration (issue 14, item 6).
+  { name: 'the tunnel ports built in, not configured', file: 'packet.ts',
+    from: 'return dport !== 0 && (dport === cfg.vxlan_port || dport === cfg.geneve_port);', to: 'return dport === 4789 || dport === 8472 || dport === 6081;' },
+  { name: 'Geneve taken for VXLAN', file: 'packet.ts',
+    from: 'if (outer.dport === cfg.geneve_port) {', to: 'if (outer.dport === 6081) {' },
+  { name: 'a port of 0 taken for an unset tunnel port', file: 'packet.ts',
+    from: 'return dport !== 0 && (dport === cfg.vxlan_port', to: 'return (dport === cfg.vxlan_port' },
   // Trust: learn only from our own encapsulation towards nodes; signals and marked packets only from nodes.
   { name: 'init learns from a datagram the host forwards', file: 'init.ts',
     from: 'if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {', to: 'if (!isSelf(s, t.outer.saddr)) {' },

@@ -4,16 +4,16 @@
  */
 import { ConfigFlag, IP_DF, IP_RF, KEY_COUNT, KEY_MIN, KEY_TRIES, PolicyDir, WIDE_KEY_COUNT, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import {
-  Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
+  Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, type TunnelPorts, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { TC_CONTINUE, egressLookupOrCreate, isPeerNode, isSelf, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
-export function fastPathEligible(h: Hdrs): boolean {
+export function fastPathEligible(cfg: TunnelPorts, h: Hdrs): boolean {
   return (h.tos >> 2) === 0 && rewritable(h) &&
-    !(h.proto === IPPROTO_UDP && h.l4_ok && isTunnelPort(h.dport));
+    !(h.proto === IPPROTO_UDP && h.l4_ok && isTunnelPort(cfg, h.dport));
 }
 
 /**
@@ -45,7 +45,7 @@ const t = new Tunnel();
 
 function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
   // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
-  if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, outer, t)) return pass(fx);
+  if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
   const pod = s.pod_info.lookupWord(src);
   if (!pod) return pass(fx);
@@ -67,7 +67,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (policyDenied(s, src, dst, t.inner, PolicyDir.EGRESS)) return policyDrop(fx);
 
   // 5. Learn only pairs masq could carry.
-  if (!fastPathEligible(t.inner)) return pass(fx);
+  if (!fastPathEligible(s.config, t.inner)) return pass(fx);
 
   // 6. The egress entry for (our pod, remote pod), created empty if new.
   const e = egressLookupOrCreate(s, src, dst);

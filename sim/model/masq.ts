@@ -56,7 +56,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     fx.counters.POD_MARKED++;
     return TC_ACT_SHOT;
   }
-  if (!fastPathEligible(h)) return pass(fx);
+  if (!fastPathEligible(s.config, h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
 

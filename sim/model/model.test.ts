@@ -8,7 +8,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
-import { NO_OVERLAY, NO_SERVICES, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
+import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './state.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
@@ -30,7 +30,7 @@ function nodes(s: DatapathState, self: string): DatapathState {
 /** Host A knows the pair SRC -> DST fully (our key 4, theirs 33); host B can restore it under 33. */
 function hosts(): { a: DatapathState; b: DatapathState } {
   const a = nodes(emptyState(SIZES), A.host);
-  a.config = { nic_ifindex: 3, flags: 0, ...NO_OVERLAY, ...NO_SERVICES };
+  a.config = { nic_ifindex: 3, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS };
   a.egress_cache.update({ local_pod: SRC.ip, remote_pod: DST.ip }, {
     last_seen: 1n, local_mac: A.mac, remote_mac: B.mac, local_ip: A.host, remote_ip: B.host,
     ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,
@@ -151,6 +151,7 @@ describe('model: init signal', () => {
   it('marks only the outer header, with a valid checksum, and draws keys 1..63', () => {
     fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), podPacketArb, (draw, inner) => {
       const s = nodes(emptyState(SIZES), A.host);
+      Object.assign(s.config, FLANNEL_PORTS);
       s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
       const innerFrame = buildFrame(inner);
       const frame = buildFrame({
@@ -235,7 +236,7 @@ describe('model: wide keys', () => {
   it('init gives a pair a wide key in the outer ID only with the flag on, and never on a GSO packet', () => {
     fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), fc.boolean(), fc.boolean(), (draw, wideOn, gso) => {
       const s = nodes(emptyState(SIZES), A.host);
-      s.config = { nic_ifindex: 3, flags: wideOn ? ConfigFlag.WIDE_KEYS : 0, ...NO_OVERLAY, ...NO_SERVICES };
+      s.config = { nic_ifindex: 3, flags: wideOn ? ConfigFlag.WIDE_KEYS : 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS };
       s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
       const inner: FrameSpec = { eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' }, ipv4: { src: SRC.ip, dst: DST.ip, l4: { tcp: { sport: 1000, dport: 80 } } } };
       const frame = buildFrame({

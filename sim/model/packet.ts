@@ -5,7 +5,7 @@
  * the verifier or for GSO packets; the model's packet is one flat Buffer, so
  * those steps are no-ops here and say so.
  */
-import { IP_MF, IP_OFFSET, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX } from '../../dataplane/maps.ts';
+import { IP_MF, IP_OFFSET } from '../../dataplane/maps.ts';
 
 export const ETH_HLEN = 14;
 export const ETH_P_IP = 0x0800;
@@ -251,13 +251,17 @@ export function loadEthIpv4(pkt: Buffer, h: Hdrs, vlanPresent = false): number {
   return loadIpv4(pkt, ETH_HLEN, pkt.length, h);
 }
 
-export function isTunnelPort(dport: number): boolean {
-  return dport === PORT_VXLAN || dport === PORT_VXLAN_LINUX || dport === PORT_GENEVE;
+/** The overlay's UDP ports as config holds them (host order; 0: none). */
+export interface TunnelPorts { vxlan_port: number; geneve_port: number }
+
+/** C: is_tunnel_port. One of the overlay's UDP ports. */
+export function isTunnelPort(cfg: TunnelPorts, dport: number): boolean {
+  return dport !== 0 && (dport === cfg.vxlan_port || dport === cfg.geneve_port);
 }
 
 /** C: is_tunnel. A UDP datagram to an overlay port, whole and unfragmented. */
-export function isTunnel(h: Hdrs): boolean {
-  return h.proto === IPPROTO_UDP && h.l4_ok && !isFragment(h) && isTunnelPort(h.dport);
+export function isTunnel(cfg: TunnelPorts, h: Hdrs): boolean {
+  return h.proto === IPPROTO_UDP && h.l4_ok && !isFragment(h) && isTunnelPort(cfg, h.dport);
 }
 
 /** C: struct tunnel; a program's own, reused per run as Hdrs is. */
@@ -268,8 +272,8 @@ export class Tunnel {
 }
 
 /** C: load_tunnel. Outer IPv4/UDP, VXLAN or Geneve, inner Ethernet + IPv4. */
-export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
-  if (!isTunnel(outer)) return -1;
+export function loadTunnel(pkt: Buffer, cfg: TunnelPorts, outer: Hdrs, t: Tunnel): number {
+  if (!isTunnel(cfg, outer)) return -1;
   copyHdrs(t.outer, outer);
 
   // The UDP length bounds the tunnel payload, as the UDP stack would trim it.
@@ -285,7 +289,7 @@ export function loadTunnel(pkt: Buffer, outer: Hdrs, t: Tunnel): number {
   inBounds(pkt, tun, 8);
 
   let innerEth: number;
-  if (outer.dport === PORT_GENEVE) {
+  if (outer.dport === cfg.geneve_port) {
     // Geneve: version 0, options of 4-byte words, then an Ethernet frame.
     if ((pkt[tun] >> 6) !== 0) return -1;
     if (((pkt[tun + 2] << 8) | pkt[tun + 3]) !== GENEVE_PROTO_ETH) return -1;

@@ -89,7 +89,7 @@ const to = newCtTo();
 
 function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
   // 1. An overlay packet for one of our pods.
-  if (loadTunnel(pkt, outer, t)) return pass(fx);
+  if (loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const local = t.inner.daddr, remote = t.inner.saddr;
   if (!s.pod_info.lookupWord(local)) return pass(fx);
 
@@ -135,7 +135,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
 function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
   if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
-  if (isTunnel(h)) return learnFromOverlay(pkt, s, env, fx, h);
+  if (isTunnel(s.config, h)) return learnFromOverlay(pkt, s, env, fx, h);
   if (!(h.frag & IP_RF)) return pass(fx);
   // A wide key in the carrier: out of range it was damaged on the way; a UDP
   // datagram GRO merged had its length (the key) rewritten.

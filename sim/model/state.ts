@@ -774,7 +774,7 @@ export function emptyState(sizes: Sizes): DatapathState {
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
     ingress_cache: new PairTable<IngressKey, Path, ModelIngressKey, ModelPath>(
       { first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true }, structKeys(asStruct(ingressKey)), paths, sizes.paths),
-    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES },
+    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
     policy_rules: new NamedTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>(
       (k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
       structKeys(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
