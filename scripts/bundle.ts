@@ -5,6 +5,7 @@
  *   dist/xmasq-agent.mjs   dataplane/agent/main.ts     bin xmasq-agent, npm run agent, deploy/systemd
  *   dist/xmasq.mjs         dataplane/cli/main.ts       bin xmasq
  *   dist/xmasq-cni.mjs     dataplane/cni/xmasq-cni.ts  run by the dataplane/cni/xmasq wrapper
+ *   dist/xmasq-cni-install.mjs  dataplane/cni/xmasq-cni-install.ts  the DaemonSet's plugin installer
  *
  * Left outside the bundles:
  * - koffi, a native module (a .node file per platform): the bundles import it as a
@@ -33,6 +34,7 @@ export const BUNDLES = {
   'xmasq-agent': 'dataplane/agent/main.ts',
   xmasq: 'dataplane/cli/main.ts',
   'xmasq-cni': 'dataplane/cni/xmasq-cni.ts',
+  'xmasq-cni-install': 'dataplane/cni/xmasq-cni-install.ts',
 } as const;
 
 /** Path of a bundle by its name in BUNDLES. */
