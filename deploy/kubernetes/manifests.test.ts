@@ -14,6 +14,10 @@
  *   explained in a comment, the installer's args parse with the installer's parser.
  *
  * Each check is also run on broken copies of the manifest, which it must reject.
+ *
+ * kubernetes-models 4.4.2 (1.27.1) and 4.5.1 (1.33.0) are installed under aliases beside
+ * 5.1.0 (1.36.0). 5.x declares Node.js 22 (npm ci warns EBADENGINE on 20): its validators
+ * are plain generated JavaScript and run on 20, as this file shows.
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
