@@ -177,6 +177,7 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (process.getuid?.() !== 0) throw new Error('npm run image needs root (mmdebstrap in root mode, dockerd); --context-only does not');
+  if (spawnSync('mmdebstrap', ['--version']).error) throw new Error("mmdebstrap is not installed: apt-get install mmdebstrap (it is no part of scripts/setup.sh: the tests build no image)");
   const work = mkdtempSync(join(tmpdir(), 'xmasq-image-'));
   try {
     const context = join(work, 'context');
