@@ -232,37 +232,46 @@ export class DockerDaemon {
 }
 
 /**
- * The busybox image, imported from a rootfs made here: Debian's static busybox, a symlink
- * for each of its applets (sh, ping, nc, wget, sleep…), a minimal /etc/passwd and /etc/group.
- * Skipped when the image exists. No registry involved.
+ * The busybox image, imported from a rootfs made here (busyboxRootfsTar). Skipped when the
+ * image exists. No registry involved.
  */
 export async function ensureBusyboxImage(docker: DockerDaemon, image: string = BUSYBOX_IMAGE): Promise<{ image: string; built: boolean }> {
   if ((await docker.run(['image', 'inspect', '--format', '{{.Id}}', image])).code === 0) return { image, built: false };
-  const busybox = staticBusybox();
-  if (!busybox) throw new Error(`no statically linked busybox at ${BUSYBOX_PATHS.join(' or ')}; install it with 'apt-get install -y busybox-static'`);
   const work = mkdtempSync(join(tmpdir(), 'xmasq-busybox-'));
   try {
-    const root = join(work, 'rootfs');
-    for (const d of ['bin', 'sbin', 'usr/bin', 'usr/sbin', 'etc', 'root', 'proc', 'sys', 'dev', 'tmp']) mkdirSync(join(root, d), { recursive: true });
-    chmodSync(join(root, 'tmp'), 0o1777);
-    copyFileSync(busybox, join(root, 'bin/busybox'));
-    chmodSync(join(root, 'bin/busybox'), 0o755);
-    const list = await mustRun(busybox, ['--list-full'], { what: 'listing the busybox applets' });
-    for (const applet of list.stdout.split('\n').map((l) => l.trim()).filter(Boolean)) {
-      if (applet === 'bin/busybox' || applet.includes('..') || existsSync(join(root, applet))) continue;
-      mkdirSync(dirname(join(root, applet)), { recursive: true });
-      symlinkSync('/bin/busybox', join(root, applet));
-    }
-    writeFileSync(join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n');
-    writeFileSync(join(root, 'etc/group'), 'root:x:0:\nnogroup:x:65534:\n');
-    const tar = join(work, 'rootfs.tar');
-    await mustRun('tar', ['-C', root, '--numeric-owner', '--owner=0', '--group=0', '-cf', tar, '.'], { what: 'packing the busybox rootfs' });
+    const tar = await busyboxRootfsTar(work);
     await docker.must(['import', '--change', 'CMD ["sh"]', '--change', 'ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin', '--message', 'xmasq lab: Debian busybox-static', tar, image],
       { what: `importing ${image}`, timeoutMs: 120_000 });
     return { image, built: true };
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
+}
+
+/**
+ * Writes <work>/rootfs.tar, a root filesystem for `docker import` or `podman import`:
+ * Debian's static busybox, a symlink for each of its applets (sh, ping, nc, wget, sleep…),
+ * a minimal /etc/passwd and /etc/group. Returns the tar's path.
+ */
+export async function busyboxRootfsTar(work: string): Promise<string> {
+  const busybox = staticBusybox();
+  if (!busybox) throw new Error(`no statically linked busybox at ${BUSYBOX_PATHS.join(' or ')}; install it with 'apt-get install -y busybox-static'`);
+  const root = join(work, 'rootfs');
+  for (const d of ['bin', 'sbin', 'usr/bin', 'usr/sbin', 'etc', 'root', 'proc', 'sys', 'dev', 'tmp']) mkdirSync(join(root, d), { recursive: true });
+  chmodSync(join(root, 'tmp'), 0o1777);
+  copyFileSync(busybox, join(root, 'bin/busybox'));
+  chmodSync(join(root, 'bin/busybox'), 0o755);
+  const list = await mustRun(busybox, ['--list-full'], { what: 'listing the busybox applets' });
+  for (const applet of list.stdout.split('\n').map((l) => l.trim()).filter(Boolean)) {
+    if (applet === 'bin/busybox' || applet.includes('..') || existsSync(join(root, applet))) continue;
+    mkdirSync(dirname(join(root, applet)), { recursive: true });
+    symlinkSync('/bin/busybox', join(root, applet));
+  }
+  writeFileSync(join(root, 'etc/passwd'), 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n');
+  writeFileSync(join(root, 'etc/group'), 'root:x:0:\nnogroup:x:65534:\n');
+  const tar = join(work, 'rootfs.tar');
+  await mustRun('tar', ['-C', root, '--numeric-owner', '--owner=0', '--group=0', '-cf', tar, '.'], { what: 'packing the busybox rootfs' });
+  return tar;
 }
 
 export interface ContainerPod {
