@@ -26,6 +26,9 @@ packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 e
   # the host stack XMasq defers to: iptables (kube-proxy-style rules in the lab), conntrack (to look at
   # the table the programs consult: conntrack -L)
   conntrack iptables
+  # lab/podman.test.ts: a container runtime nobody here wrote (podman 4.3; the test selects its CNI
+  # network backend and gives it roots of its own; apt does not start its units: policy-rc.d below)
+  podman
   # systemd-analyze, which checks deploy/systemd/xmasq-agent.service
   systemd
   # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
