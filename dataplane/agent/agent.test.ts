@@ -70,26 +70,33 @@ interface Running {
 let agent: Running | undefined;
 
 /** Starts the agent in the host netns; resolves once it says ready, rejects with its stderr if it exits first. */
-function startAgent(extra: string[] = [], waitReady = true): Promise<Running> {
+/** The agent's process, as soon as it is spawned; stderr collected. */
+function spawnAgent(extra: string[] = []): Running {
   const child = spawn('nsenter', [`--net=/run/netns/${NS.host}`, process.execPath, '--import', 'tsx', AGENT,
     '--pin-dir', PIN, '--socket', SOCK, '--state-dir', STATE, '--scan-interval', '0.2', '--object', OBJECT, '--verbose', ...extra],
   { cwd: REPO, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr!.setEncoding('utf8');
+  child.stderr!.on('data', (s: string) => { err += s; });
   const exited = new Promise<number>((resolve) => child.on('exit', (code, sig) => resolve(code ?? 128 + (sig === 'SIGKILL' ? 9 : 15))));
-  const r: Running = { child, stderr: () => err, exited };
+  return { child, stderr: () => err, exited };
+}
+
+function startAgent(extra: string[] = [], waitReady = true): Promise<Running> {
+  const r = spawnAgent(extra);
+  const { child, exited } = r;
+  const err = r.stderr;
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`agent not ready within 20 s:\n${err}`)), 20_000);
-    child.stderr!.on('data', (s: string) => {
-      err += s;
-      if (waitReady && /xmasq-agent: ready/.test(err)) {
+    const timer = setTimeout(() => reject(new Error(`agent not ready within 20 s:\n${err()}`)), 20_000);
+    child.stderr!.on('data', () => {
+      if (waitReady && /xmasq-agent: ready/.test(err())) {
         clearTimeout(timer);
         resolve(r);
       }
     });
     void exited.then((code) => {
       clearTimeout(timer);
-      if (waitReady) reject(new Error(`agent exited with ${code} before it was ready:\n${err}`));
+      if (waitReady) reject(new Error(`agent exited with ${code} before it was ready:\n${err()}`));
       else resolve(r);
     });
   });
@@ -758,6 +765,20 @@ describe('xmasq-agent', () => {
     expect(filters('vpod1', 'ingress')).toEqual([]);
     expect(filters('vpod2', 'ingress')).toEqual([]);
     expect(existsSync(`${PIN}/egress_cache`)).toBe(true);
+    expect(existsSync(SOCK)).toBe(false);
+  });
+
+  it('a SIGTERM while the agent starts is held until it has started, then acted on as any SIGTERM: nothing half attached', async () => {
+    const r = spawnAgent();
+    // Its first line comes just before the handlers are in place, and long before it is ready.
+    await until('the agent\'s first line', () => /pid \d+/.test(r.stderr()));
+    r.child.kill('SIGTERM');
+    expect(await r.exited, r.stderr()).toBe(0);
+    expect(r.stderr()).toContain('SIGTERM while starting: acting on it once started');
+    expect(r.stderr()).toContain('left restore attached at nic0 ingress');
+    expect(filters('nic0', 'egress')).toEqual([]);
+    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(filters('vpod1', 'ingress')).toEqual([]);
     expect(existsSync(SOCK)).toBe(false);
   });
 

@@ -18,33 +18,41 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
   // The pid is the one to signal (SIGUSR2 for a hand-over): a supervisor such as npm may stand between.
   log.info(`xmasq-agent ${packageVersion()}, pid ${process.pid}, node ${process.version}`);
   const agent = new Agent(cfg, log);
+  /*
+   * The stop signals' listeners are installed once, before start, and never
+   * removed. A stop signal while starting must not kill the process by default
+   * action, half attached: it is held and acted on once start has settled (a
+   * failed start undoes itself). And swapping listeners loses signals: Node
+   * closes a signal's handle with its last listener, and a signal the kernel
+   * delivered to the old handle but the loop had not yet read is dropped (a
+   * SIGTERM sent right after the ready line was lost that way).
+   */
+  let early: NodeJS.Signals | undefined;
+  let act: ((sig: NodeJS.Signals) => void) | undefined;
+  const onStopSignal = (sig: NodeJS.Signals) => {
+    if (act) return act(sig);
+    if (early) return;
+    early = sig;
+    log.info(`${sig} while starting: acting on it once started`);
+  };
+  for (const sig of ['SIGTERM', 'SIGINT', 'SIGUSR2'] as const) process.on(sig, onStopSignal);
   await agent.start();
   return new Promise<number>((resolve) => {
     let stopping = false;
-    const onSignal = (sig: NodeJS.Signals) => {
+    act = (sig) => {
       if (stopping) {
-        log.warn(`${sig} again while stopping: still detaching, please wait`);
+        if (sig !== 'SIGUSR2') log.warn(`${sig} again while stopping: still detaching, please wait`);
         return;
       }
       stopping = true;
-      log.info(`${sig}: stopping`);
-      agent.stop().then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
-        log.error(`stopping failed: ${e.message}`);
+      // SIGUSR2: stop for an upgrade or restart, leaving the datapath running.
+      const handover = sig === 'SIGUSR2';
+      log.info(handover ? 'SIGUSR2: handing over (filters stay attached)' : `${sig}: stopping`);
+      agent.stop(handover ? { handover: true } : undefined).then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
+        log.error(`${handover ? 'handover' : 'stopping'} failed: ${e.message}`);
         resolve(1);
       });
     };
-    process.on('SIGTERM', onSignal);
-    process.on('SIGINT', onSignal);
-    // SIGUSR2: stop for an upgrade or restart, leaving the datapath running.
-    process.on('SIGUSR2', () => {
-      if (stopping) return;
-      stopping = true;
-      log.info('SIGUSR2: handing over (filters stay attached)');
-      agent.stop({ handover: true }).then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
-        log.error(`handover failed: ${e.message}`);
-        resolve(1);
-      });
-    });
     process.on('SIGHUP', () => log.info('SIGHUP ignored: restart the agent to change its configuration (the pins keep every flow)'));
     // A bug must not leave filters attached with nobody to keep their maps right.
     const fatal = (e: unknown) => {
@@ -55,6 +63,7 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
     };
     process.on('uncaughtException', fatal);
     process.on('unhandledRejection', fatal);
+    if (early) act(early);
   });
 }
 
