@@ -18,7 +18,7 @@ import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unsh
 import { FLANNEL_PORTS, NO_OVERLAY,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
-  type CounterName, type PolicyKey,
+  NO_HOST_NETNS, type CounterName, type PolicyKey,
 } from '../dataplane/maps.ts';
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
 import { checksumProblems, decodeFrame, flattenFrame } from '../sim/packet/decode.ts';
@@ -116,7 +116,7 @@ interface Maps {
 
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
 function learnedPair(m: Maps): void {
-  m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac }), 'noexist');
+  m.pod_info.update(podIp.encode({ ip: POD.ip }), podInfo.encode({ ifindex: POD.ifindex, mac: POD.mac, ...NO_HOST_NETNS }), 'noexist');
   // A Kubernetes node's agent knows the Service range (--service-cidr).
   m.config.update(ZERO, config.encode({ nic_ifindex: NIC, flags: 0, ...NO_OVERLAY, service_net: '10.96.0.0', service_mask: '255.240.0.0', ...FLANNEL_PORTS }));
   // The node set (README "Threat model"): init learns and restore listens only with it.

@@ -68,7 +68,7 @@ int bench_masq(struct __sk_buff *skb)
 	if (bench_reset(skb))
 		return TC_ACT_SHOT;
 	__u32 nic = 0;
-	int verdict = xmasq_masq(skb, &nic);
+	int verdict = xmasq_masq(skb, &nic, 0);
 	if (verdict != TC_ACT_REDIRECT)
 		return verdict;
 	return bpf_redirect(nic, 0);

@@ -59,6 +59,18 @@ union nf_conntrack_proto {
 	struct ip_ct_tcp tcp;
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+	unsigned int inum; /* what stat(2) gives as the inode of /proc/<pid>/ns/net */
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} __attribute__((preserve_access_index)) possible_net_t;
+
 union nf_inet_addr {
 	__be32 ip;
 } __attribute__((preserve_access_index));
@@ -87,6 +99,7 @@ struct nf_conntrack_tuple_hash {
 } __attribute__((preserve_access_index));
 
 struct nf_conn {
+	possible_net_t ct_net;
 	unsigned long status;
 	struct nf_conntrack_tuple_hash tuplehash[2]; /* IP_CT_DIR_ORIGINAL, IP_CT_DIR_REPLY */
 	union nf_conntrack_proto proto;
@@ -101,7 +114,6 @@ struct bpf_ct_opts {
 	__u8 reserved[2];
 };
 #define XMASQ_CT_OPTS_SZ 12
-#define XMASQ_CT_CURRENT_NETNS (-1)
 
 extern struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple,
 					 __u32 tuple__sz, struct bpf_ct_opts *opts,
@@ -136,6 +148,15 @@ static __always_inline void ct_translated(struct nf_conn *ct, const struct ct_tu
 }
 #endif
 
+/*
+ * Whose conntrack ct_admit consults, as the kfunc names a namespace: the
+ * program's own (init, restore and masq run in the host's), or the id the
+ * program's namespace gives the host's (masq_rpeer runs in the pod's).
+ * XMASQ_CT_NO_NETNS: the host's has no id there; nothing is admitted.
+ */
+#define XMASQ_CT_CURRENT_NETNS (-1)
+#define XMASQ_CT_NO_NETNS (-2)
+
 /* Which end of a flow the caller lets the host's NAT move (ct_admit). */
 enum xmasq_nat_side {
 	XMASQ_NAT_NONE = 0, /* neither: the packet must leave as it is */
@@ -162,10 +183,13 @@ static __always_inline int nat_allowed(const struct ct_tuple *k, const struct ct
  * reason it does not, which is also the counter bumped. When admitted, *to is
  * the flow as the host would send it on: the same, or NATed at the end side
  * allows (a NAT elsewhere is XMASQ_CNT_CT_NAT). now: the caller's clock read,
- * which also stamps its cache entry (one read per packet).
+ * which also stamps its cache entry (one read per packet). netns_id: the
+ * host's namespace, XMASQ_CT_CURRENT_NETNS or its id from where the program
+ * runs, whose inode netns_ino the entry found must then be in.
  */
 static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h, __u32 src,
-				    __u32 dst, __u64 now, int side, struct ct_tuple *to)
+				    __u32 dst, __u64 now, __s32 netns_id, __u32 netns_ino,
+				    int side, struct ct_tuple *to)
 {
 	to->saddr = src;
 	to->daddr = dst;
@@ -182,6 +206,8 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	if ((h->proto != IPPROTO_TCP && h->proto != IPPROTO_UDP) || !h->l4_ok || is_fragment(h))
 		return XMASQ_CNT_CT_REFUSED;
 	if (h->proto == IPPROTO_TCP && (h->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
+		return XMASQ_CNT_CT_REFUSED;
+	if (netns_id < XMASQ_CT_CURRENT_NETNS)
 		return XMASQ_CNT_CT_REFUSED;
 
 	struct ct_tuple k = {
@@ -201,9 +227,20 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	tuple.ipv4.daddr = dst;
 	tuple.ipv4.sport = h->sport;
 	tuple.ipv4.dport = h->dport;
-	struct bpf_ct_opts opts = { .netns_id = XMASQ_CT_CURRENT_NETNS, .l4proto = h->proto };
+	struct bpf_ct_opts opts = { .netns_id = netns_id, .l4proto = h->proto };
 	struct nf_conn *ct = bpf_skb_ct_lookup(skb, &tuple, sizeof(tuple.ipv4), &opts,
 					       XMASQ_CT_OPTS_SZ);
+	/*
+	 * An id is a number of the program's namespace, not the host's name: a
+	 * pod forging another pod's source address is looked up with that pod's
+	 * id, which its own namespace may give to a namespace it controls (its
+	 * CAP_NET_ADMIN there is enough for RTM_NEWNSID), conntrack entries
+	 * included. So the entry must be in the host's namespace, by its inode.
+	 */
+	if (ct && netns_id != XMASQ_CT_CURRENT_NETNS && ct->ct_net.net->ns.inum != netns_ino) {
+		bpf_ct_release(ct);
+		ct = NULL;
+	}
 	if (!ct) {
 		if (seen)
 			bpf_map_delete_elem(&ct_admitted, &k);

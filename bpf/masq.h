@@ -18,8 +18,11 @@
 #include "init.h"
 #include "conntrack.h"
 
-/* Returns TC_ACT_REDIRECT with the NIC ifindex in *nic, or the verdict to return. */
-static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
+/*
+ * Returns TC_ACT_REDIRECT with the NIC ifindex in *nic, or the verdict to
+ * return. in_pod_netns: run in the pod's namespace (masq_rpeer), not the host's.
+ */
+static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_pod_netns)
 {
 	struct hdrs h = {};
 
@@ -41,6 +44,19 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 		return pass();
 	if (!cfg || cfg->nic_ifindex == 0)
 		return pass();
+	/*
+	 * Whose conntrack admits flows: the host's. In the pod's namespace it is
+	 * named by the id the agent recorded for the source pod (xmasq.h). A pod
+	 * forging another's address gets that pod's id; conntrack.h checks that
+	 * the entry found is the host's all the same.
+	 */
+	__s32 netns_id = XMASQ_CT_CURRENT_NETNS;
+	__u32 netns_ino = 0;
+	if (in_pod_netns) {
+		struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &h.saddr);
+		netns_id = pod && pod->host_netns_id >= 0 ? pod->host_netns_id : XMASQ_CT_NO_NETNS;
+		netns_ino = pod ? pod->host_netns_ino : 0;
+	}
 
 	/*
 	 * 2. A Service's request goes where the host would send it: to the
@@ -55,7 +71,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	__u32 wire_daddr = h.daddr;
 	__be16 wire_dport = h.dport;
 	if (cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net) {
-		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, XMASQ_NAT_DST, &to);
+		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_DST, &to);
 		if (admit != XMASQ_CT_ADMIT)
 			return pass();
 		h.daddr = to.daddr;
@@ -96,7 +112,8 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic)
 	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
 	 */
 	if (admit == XMASQ_CT_UNCHECKED) {
-		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, XMASQ_NAT_NONE, &to);
+		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_NONE,
+				 &to);
 		if (admit != XMASQ_CT_ADMIT) {
 			count(admit);
 			return XMASQ_CONTINUE;

@@ -77,7 +77,8 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	 */
 	__u64 now = bpf_ktime_get_coarse_ns();
 	struct ct_tuple to;
-	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now, XMASQ_NAT_SRC, &to);
+	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now, XMASQ_CT_CURRENT_NETNS, 0,
+			     XMASQ_NAT_SRC, &to);
 	__u32 src = admit == XMASQ_CT_ADMIT ? to.saddr : r->remote_ip;
 
 	/* 4. Back to the pod packet: pod MACs and IPs, DSCP 0 (the pod's own), no RF, its carrier. */

@@ -28,7 +28,7 @@ SEC("tc")
 int masq(struct __sk_buff *skb)
 {
 	__u32 nic = 0;
-	int verdict = xmasq_masq(skb, &nic);
+	int verdict = xmasq_masq(skb, &nic, 0);
 	if (verdict != TC_ACT_REDIRECT)
 		return verdict;
 	trace_redirect(nic, XMASQ_REDIRECT_EGRESS);
@@ -48,7 +48,7 @@ SEC("tc")
 int masq_rpeer(struct __sk_buff *skb)
 {
 	__u32 nic = 0;
-	int verdict = xmasq_masq(skb, &nic);
+	int verdict = xmasq_masq(skb, &nic, 1);
 	if (verdict != TC_ACT_REDIRECT)
 		return verdict;
 	trace_redirect(nic, XMASQ_REDIRECT_RPEER);

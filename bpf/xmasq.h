@@ -54,6 +54,16 @@ struct pod_info {
 	__u32 ifindex; /* host-side veth of the pod */
 	__u8 mac[6];   /* the pod's own eth0 MAC */
 	__u8 pad[2];
+	/*
+	 * The host's network namespace as the pod's own sees it, for masq_rpeer,
+	 * which runs in the pod's namespace and must consult the host's conntrack
+	 * (conntrack.h): the id the pod's namespace gives the host's (the agent
+	 * asks with RTM_GETNSID there, assigning one if there is none; -1:
+	 * unknown, masq_rpeer admits nothing) and the host namespace's inode
+	 * number, which the entry found must be in. veth mode: -1 and 0, unread.
+	 */
+	__s32 host_netns_id;
+	__u32 host_netns_ino;
 };
 
 /* egress cache key: a local pod talking to a remote pod (both network order). */

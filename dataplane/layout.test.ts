@@ -12,7 +12,7 @@ import {
 } from './maps.ts';
 import type { Struct } from './layout.ts';
 
-const objects = ['xmasq.bpf.o', 'xmasq.test.bpf.o'].map((o) => fileURLToPath(new URL(`../bpf/build/${o}`, import.meta.url)));
+const objects = ['xmasq.bpf.o', 'xmasq.test.bpf.o', 'xmasq.rpeer.bpf.o'].map((o) => fileURLToPath(new URL(`../bpf/build/${o}`, import.meta.url)));
 
 describe.each(objects)('map layouts in %s', (obj) => {
   if (!existsSync(obj)) throw new Error(`${obj} is missing: run 'make -C bpf' first (npm test does)`);
@@ -38,7 +38,7 @@ describe.each(objects)('map layouts in %s', (obj) => {
 // and the policy enums type nothing; the fixtures, which name the counter each
 // behaviour bumps, and the differential policy cases pin those instead.
 it('the redirect kinds match the test build', () => {
-  const obj = objects[1];
+  const obj = fileURLToPath(new URL('../bpf/build/xmasq.test.bpf.o', import.meta.url));
   const strip = (e: Record<string, number>, prefix: string) =>
     Object.fromEntries(Object.entries(e).filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k.slice(prefix.length), v]));
   expect(strip(readEnum(obj, 'xmasq_redirect_kind'), 'XMASQ_REDIRECT_')).toEqual(RedirectKind);

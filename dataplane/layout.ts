@@ -8,6 +8,7 @@
 /** How a field is stored in C, and what TypeScript value it decodes to. */
 export type FieldType =
   | 'u8' | 'u16' | 'u32' | 'u64'   // host order (little-endian) numbers; u64 as bigint
+  | 's32'                           // host order signed 32-bit
   | 'be16'                          // network-order 16-bit (ports): a number
   | 'ipv4'                          // network-order IPv4 address: dotted string
   | 'mac'                           // 6 bytes: 'aa:bb:cc:dd:ee:ff'
@@ -31,7 +32,7 @@ export type StructValue<F extends Fields> = {
 
 function sizeOf(t: FieldType): number {
   if (typeof t === 'object') return 'pad' in t ? t.pad : t.u8array;
-  return { u8: 1, u16: 2, u32: 4, u64: 8, be16: 2, ipv4: 4, mac: 6 }[t];
+  return { u8: 1, u16: 2, u32: 4, s32: 4, u64: 8, be16: 2, ipv4: 4, mac: 6 }[t];
 }
 
 function alignOf(t: FieldType): number {
@@ -136,6 +137,7 @@ function writeField(buf: Buffer, f: Field, x: unknown): void {
     case 'u8': buf.writeUInt8(x as number, f.offset); break;
     case 'u16': buf.writeUInt16LE(x as number, f.offset); break;
     case 'u32': buf.writeUInt32LE(x as number, f.offset); break;
+    case 's32': buf.writeInt32LE(x as number, f.offset); break;
     case 'u64': buf.writeBigUInt64LE(x as bigint, f.offset); break;
     case 'be16': buf.writeUInt16BE(x as number, f.offset); break;
     case 'ipv4': ipv4ToBytes(x as string, buf, f.offset); break;
@@ -150,6 +152,7 @@ function readField(buf: Buffer, f: Field): unknown {
     case 'u8': return buf.readUInt8(f.offset);
     case 'u16': return buf.readUInt16LE(f.offset);
     case 'u32': return buf.readUInt32LE(f.offset);
+    case 's32': return buf.readInt32LE(f.offset);
     case 'u64': return buf.readBigUInt64LE(f.offset);
     case 'be16': return buf.readUInt16BE(f.offset);
     case 'ipv4': return bytesToIpv4(buf, f.offset);

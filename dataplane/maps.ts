@@ -79,7 +79,11 @@ export const podInfo = new Struct('pod_info', [
   ['ifindex', 'u32'],
   ['mac', 'mac'],
   ['pad', { pad: 2 }],
+  ['host_netns_id', 's32'],
+  ['host_netns_ino', 'u32'],
 ] as const);
+/** pod_info's host namespace fields when masq runs in the host's (veth mode): unread. */
+export const NO_HOST_NETNS = { host_netns_id: -1, host_netns_ino: 0 } as const;
 export const egressKey = new Struct('egress_key', [
   ['local_pod', 'ipv4'],
   ['remote_pod', 'ipv4'],

@@ -1,14 +1,16 @@
 /**
  * A netlink socket through libc via koffi (Node has none of its own), for
  * the few kernel requests that iproute2 cannot make for us: ctnetlink
- * (dataplane/conntrack.ts) and rtnetlink's RTM_GETNSID (netnsId below).
+ * (dataplane/conntrack.ts) and rtnetlink's RTM_GETNSID/RTM_NEWNSID (NetnsIds below).
  *
  * Messages are built by hand: nlmsghdr, the family's fixed header, then
  * attributes (Attrs). Every request carries NLM_F_ACK and waits for the
  * kernel's answer, so an error comes back to the caller that caused it.
  */
+import { closeSync, openSync, statSync } from 'node:fs';
 import koffi from 'koffi';
 import { ipv4ToBytes } from './layout.ts';
+import { withNetns } from './libbpf.ts';
 
 interface Libc {
   socket(domain: number, type: number, protocol: number): number;
@@ -170,6 +172,7 @@ export class NetlinkSocket {
 // rtnetlink: the id this network namespace gives another one.
 // ---------------------------------------------------------------------------
 
+const RTM_NEWNSID = 88;
 const RTM_GETNSID = 90;
 const NETNSA_NSID = 1;
 const NETNSA_FD = 3;
@@ -199,7 +202,50 @@ export class NetnsIds {
     return nsid && nsid.length >= 4 ? nsid.readInt32LE(0) : -1;
   }
 
+  /** Gives the namespace open as fd an id of the kernel's choosing; EEXIST (it has one already) is no error. */
+  assign(fd: number): void {
+    try {
+      // NETNSA_NSID -1 (as u32): any free id.
+      this.sock.request(RTM_NEWNSID, 0, RTGENMSG, new Attrs().u32(NETNSA_FD, fd).u32(NETNSA_NSID, 0xffffffff), 'giving a network namespace an id');
+    } catch (e) {
+      if (!(e instanceof NetnsIdError && e.errno === 17)) throw e;
+    }
+  }
+
   close(): void {
     this.sock.close();
+  }
+}
+
+/** pod_info's host_netns_id and host_netns_ino (bpf/xmasq.h). */
+export interface HostNetns { host_netns_id: number; host_netns_ino: number }
+
+/**
+ * The calling thread's network namespace (the host's) as the one at podNetns
+ * names it, for masq_rpeer, which consults the host's conntrack from the
+ * pod's namespace: the id the pod's namespace gives it (assigned there, the
+ * kernel picking the number, if it has none yet) and its inode number, which
+ * the programs check the entry found against.
+ */
+export function hostNetnsSeenFrom(podNetns: string): HostNetns {
+  const self = '/proc/thread-self/ns/net';
+  const ino = statSync(self).ino;
+  const fd = openSync(self, 'r');
+  try {
+    // The socket is the pod namespace's: its ids are the ones asked for and assigned.
+    const ids = withNetns(podNetns, () => new NetnsIds());
+    try {
+      let id = ids.of(fd);
+      if (id < 0) {
+        ids.assign(fd);
+        id = ids.of(fd);
+      }
+      if (id < 0) throw new NetnsIdError(`the network namespace ${podNetns} gives this one no id even after RTM_NEWNSID`, 0);
+      return { host_netns_id: id, host_netns_ino: ino };
+    } finally {
+      ids.close();
+    }
+  } finally {
+    closeSync(fd);
   }
 }

@@ -10,7 +10,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, tcAttach, withNetns } from '../dataplane/libbpf.ts';
-import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, COUNTER_NAMES, NodeFlag, arrayIndex, config, counterValue, nodeInfo, nodeIp, podIp, podInfo, type CounterName } from '../dataplane/maps.ts';
+import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, COUNTER_NAMES, NodeFlag, arrayIndex, config, counterValue, nodeInfo, nodeIp, podIp, podInfo, type CounterName } from '../dataplane/maps.ts';
 import { readPcap } from '../fixtures/pcap.ts';
 import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
@@ -46,7 +46,7 @@ beforeAll(async () => {
     // The node set, as the agent writes it: every host, this one SELF.
     for (const h of lab.hosts) obj.map('nodes').update(nodeIp.encode({ ip: h.ip }), nodeInfo.encode({ flags: h === host ? NodeFlag.SELF : 0 }));
     const pods = lab.pods.filter((p) => p.host === host.name);
-    for (const p of pods) obj.map('pod_info').update(podIp.encode({ ip: p.ip }), podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac }));
+    for (const p of pods) obj.map('pod_info').update(podIp.encode({ ip: p.ip }), podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac, ...NO_HOST_NETNS }));
     withNetns(`/run/netns/${host.netns}`, () => {
       tcAttach(host.nicIfindex, 'egress', obj.program('init'));
       tcAttach(host.nicIfindex, 'ingress', obj.program('restore'));

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient, type PodRecord } from '../dataplane/agent/protocol.ts';
 import { monotonicCoarseNs } from '../dataplane/agent/native.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
-import { egressKey, path, podInfo, podIp } from '../dataplane/maps.ts';
+import { NO_HOST_NETNS, egressKey, path, podInfo, podIp } from '../dataplane/maps.ts';
 import { LabAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
@@ -108,7 +108,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     expect(byIp(await list('h1'))).toMatchObject(byIp([a, e].map(found)));
     expect(await list('h2')).toMatchObject([found(b)]);
     for (const [host, pod] of [['h1', a], ['h1', e], ['h2', b]] as const) {
-      expect(podInfoOf(host, pod.ip), `${host} pod_info ${pod.ip}`).toEqual({ ifindex: pod.hostVethIfindex, mac: pod.mac });
+      expect(podInfoOf(host, pod.ip), `${host} pod_info ${pod.ip}`).toEqual({ ifindex: pod.hostVethIfindex, mac: pod.mac, ...NO_HOST_NETNS });
     }
     const masqAt = (await status('h1')).attachments.filter((x) => x.program === 'masq').map((x) => x.dev).sort();
     expect(masqAt).toEqual([a.hostVeth, e.hostVeth].sort());
@@ -135,7 +135,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     expect(c.ip).toBe(a.ip);
     expect(c.mac).not.toBe(a.mac);
     // Until the restart, the pins still hold the deleted pods.
-    expect(podInfoOf('h1', e.ip)).toEqual({ ifindex: e.hostVethIfindex, mac: e.mac });
+    expect(podInfoOf('h1', e.ip)).toEqual({ ifindex: e.hostVethIfindex, mac: e.mac, ...NO_HOST_NETNS });
     expect(egressOf('h1', e.ip)).toEqual([b.ip]);
 
     await agents.start('h1');
@@ -143,7 +143,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     expect(podInfoOf('h1', e.ip)).toBeUndefined();
     expect(egressOf('h1', e.ip)).toEqual([]);
     expect(liveIngressTo('h1', e.ip)).toBe(0);
-    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac });
+    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac, ...NO_HOST_NETNS });
 
     // c reaches b, and once b's host has retired the pair a learned, on the fast path.
     await until('c to reach b on the fast path', async () => {
@@ -151,13 +151,13 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
       const r = await output(nodeIn(lab, c, UDP_ROUND_TRIPS(b.ip, PORT, 10, 100)));
       return r.out.includes('udp-echoed 10') && (await counters('h1')).masqueraded > m0;
     }, 30_000);
-    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac });
+    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac, ...NO_HOST_NETNS });
   }, 90_000);
 
   it('a pod started while the agent runs is found by the next round, and dropped once deleted', async () => {
     const f = await lab.addPod('h1', 'f');
     await until('f to be served', async () => (await list('h1')).some((p) => p.ip === f.ip && p.attached), 5000);
-    expect(podInfoOf('h1', f.ip)).toEqual({ ifindex: f.hostVethIfindex, mac: f.mac });
+    expect(podInfoOf('h1', f.ip)).toEqual({ ifindex: f.hostVethIfindex, mac: f.mac, ...NO_HOST_NETNS });
     await lab.deletePod('f');
     await until('f to be dropped', async () => !(await list('h1')).some((p) => p.ip === f.ip), 5000);
     expect(podInfoOf('h1', f.ip)).toBeUndefined();
@@ -169,7 +169,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     await agents.stop('h1');
     rmSync(`${runDir}/h1/pods.json`);
     // What a pod deleted long ago would leave if its veth's ifindex had gone to c's veth since.
-    withPinned('h1', 'pod_info', (m) => m.update(podIp.encode({ ip: stale }), podInfo.encode({ ifindex: c.hostVethIfindex, mac: '0a:58:0a:f4:01:4d' })));
+    withPinned('h1', 'pod_info', (m) => m.update(podIp.encode({ ip: stale }), podInfo.encode({ ifindex: c.hostVethIfindex, mac: '0a:58:0a:f4:01:4d', ...NO_HOST_NETNS })));
     withPinned('h1', 'egress_cache', (m) => m.update(egressKey.encode({ local_pod: stale, remote_pod: b.ip }), path.encode({
       last_seen: monotonicCoarseNs(), local_mac: '02:00:00:00:00:01', remote_mac: '02:00:00:00:00:02', local_ip: lab.host('h1').ip, remote_ip: lab.host('h2').ip,
       ifindex: c.hostVethIfindex, local_key: 0, remote_key: 0, remote_ready: 0,
@@ -179,7 +179,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     expect(await list('h1')).toMatchObject([found(c)]);
     expect(podInfoOf('h1', stale)).toBeUndefined();
     expect(egressOf('h1', stale)).toEqual([]);
-    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac });
+    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac, ...NO_HOST_NETNS });
     expect((await status('h1')).attachments.filter((x) => x.program === 'masq').map((x) => x.dev)).toEqual([c.hostVeth]);
     const r = await output(nodeIn(lab, c, UDP_ROUND_TRIPS(b.ip, PORT, 5, 100)));
     expect(r.out).toContain('udp-echoed 5');
@@ -197,7 +197,7 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     await until('g to be dropped', async () => !(await list('h1')).some((p) => p.ip === g.ip), 5000);
     const notServed = (await status('h1')).discovery.notServed;
     expect(notServed.find((n) => n.hostVeth === g.hostVeth)?.why).toMatch(/2 IPv4 addresses/);
-    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac });
+    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac, ...NO_HOST_NETNS });
     expect(podInfoOf('h1', g.ip)).toBeUndefined();
 
     // g keeps only c's address: two veths claim it, and neither is served: never g.
@@ -214,6 +214,6 @@ describe('pod discovery: pods the CNI plugin never reported', () => {
     await inG('addr', 'add', `${g.ip}/24`, 'dev', 'eth0');
     await until('c and g to be served again', async () => (await list('h1')).length === 2, 5000);
     expect(byIp(await list('h1'))).toMatchObject(byIp([c, g].map(found)));
-    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac });
+    expect(podInfoOf('h1', c.ip)).toEqual({ ifindex: c.hostVethIfindex, mac: c.mac, ...NO_HOST_NETNS });
   }, 60_000);
 });

@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
 import {
-  COUNTER_NAMES, ConfigFlag, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
@@ -331,7 +331,7 @@ describe('xmasq-agent', () => {
     const r = await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth, netns: `/run/netns/${NS.pod}` }));
     expect(r.pod).toMatchObject({ ip: POD.ip, mac: POD.mac, hostVeth: 'vpod1', attached: true });
     const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
-    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth, mac: POD.mac });
+    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth, mac: POD.mac, ...NO_HOST_NETNS });
     expect(filters('vpod1', 'ingress')).toEqual(['masq']);
     // idempotent: CNI may repeat an ADD
     const again = await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth }));
@@ -615,7 +615,7 @@ describe('xmasq-agent', () => {
     expect(await call((c) => c.delPod(other.ip))).toMatchObject({ known: false, detached: false });
     expect(filters('vpod1', 'ingress')).toEqual(['masq']);
     const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
-    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth1, mac: POD.mac });
+    expect(info && podInfo.decode(info)).toEqual({ ifindex: veth1, mac: POD.mac, ...NO_HOST_NETNS });
     expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
     await alive();
   });

@@ -7,7 +7,8 @@
 import type { Server } from 'node:http';
 import { existsSync } from 'node:fs';
 import { macToBytes } from '../layout.ts';
-import { podInfo, podIp } from '../maps.ts';
+import { NO_HOST_NETNS, podInfo, podIp } from '../maps.ts';
+import { hostNetnsSeenFrom, type HostNetns } from '../netlink.ts';
 import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './caches.ts';
 import { ConfigError, checkObject, parseCidr, type AgentConfig } from './config.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
@@ -294,7 +295,7 @@ export class Agent {
       keep.add(r.ip);
       const pod: Pod = { record: { ...r, attached: false } };
       this.pods.set(r.ip, pod);
-      dp.maps.pod_info.update(podIp.encode({ ip: r.ip }), podInfo.encode({ ifindex: r.hostVethIfindex, mac: r.mac }));
+      dp.maps.pod_info.update(podIp.encode({ ip: r.ip }), podInfo.encode({ ifindex: r.hostVethIfindex, mac: r.mac, ...this.hostNetnsFor(r) }));
       this.attachMasq(pod);
     }
     for (const ip of inMap.keys()) {
@@ -393,6 +394,20 @@ export class Agent {
     r.attached = true;
   }
 
+  /**
+   * pod_info's host namespace fields. rpeer mode: masq_rpeer runs in the
+   * pod's namespace and consults the host's conntrack by the id the pod's
+   * namespace gives the host's (bpf/xmasq.h). veth mode: unread.
+   */
+  private hostNetnsFor(p: { ip: string; netns?: string }): HostNetns {
+    if (this.mode === 'veth') return NO_HOST_NETNS;
+    try {
+      return hostNetnsSeenFrom(p.netns!);
+    } catch (e) {
+      throw new RequestError(`pod ${p.ip}: cannot learn the id its netns ${p.netns} gives the host's (${(e as Error).message}); masq_rpeer needs it to consult the host's conntrack`);
+    }
+  }
+
   /** Removes the pod's pod_info entry, then every cache entry that serves it. */
   private forgetPod(ip: string): Purged {
     const m = this.dp!.maps;
@@ -481,7 +496,7 @@ export class Agent {
     if (discovered) pod.record.discovered = true;
     else delete pod.record.discovered;
     const key = podIp.encode({ ip: p.ip });
-    dp.maps.pod_info.update(key, podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac }));
+    dp.maps.pod_info.update(key, podInfo.encode({ ifindex: p.hostVethIfindex, mac: p.mac, ...this.hostNetnsFor(p) }));
     try {
       this.attachMasq(pod);
       // The same pod: attachMasq replaced its filter in place, so the old record describes nothing.

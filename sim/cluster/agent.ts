@@ -8,7 +8,7 @@
  * bytes the kernel would hold.
  */
 import type { BpfMap } from '../../dataplane/libbpf.ts';
-import { POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
+import { NO_HOST_NETNS, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
 import type { Log } from '../../dataplane/agent/log.ts';
@@ -121,7 +121,7 @@ export class SimAgent {
   addPod(ip: string, mac: string, ifindex: number, nowNs: bigint): void {
     const old = this.s.pod_info.lookup(ip);
     if (old && (old.mac !== mac || old.ifindex !== ifindex)) this.forgetPod(ip, nowNs);
-    this.s.pod_info.update(ip, { ifindex, mac });
+    this.s.pod_info.update(ip, { ifindex, mac, ...NO_HOST_NETNS });
   }
 
   /** CNI DEL, which runs before IPAM frees the IP. */

@@ -7,7 +7,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { CT_RECHECK_NS, MAX_ENTRIES } from '../../dataplane/maps.ts';
-import { CT_ADMIT, NatSide, ctAdmit, ipWord, newCtTo } from '../model/conntrack.ts';
+import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, ipWord, newCtTo } from '../model/conntrack.ts';
 import { Hdrs } from '../model/packet.ts';
 import { emptyState, type Env } from '../model/state.ts';
 import { verifyL4 } from '../packet/index.ts';
@@ -47,7 +47,7 @@ describe('sim/cluster conntrack', () => {
   it('a TCP connection: SYN_SENT, SYN_RECV, ESTABLISHED; admitted only once liberal; a FIN takes it off the fast path', () => {
     const ct = new HostConntrack();
     const s = emptyState(MAX_ENTRIES.test);
-    const admit = () => ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B, NatSide.NONE, newCtTo());
+    const admit = () => ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B, CT_CURRENT_NETNS, 0, NatSide.NONE, newCtTo());
     expect(admit()).toBe('CT_REFUSED');
     expect(cross(ct, A, B, 40000, 80, TCPP, TCP_SYN)).toBe(CT_NEW);
     expect(ct.lookup({ src: A, dst: B, sport: 40000, dport: 80, proto: TCPP })!.tcpState).toBe(TCP.SYN_SENT);
@@ -67,9 +67,9 @@ describe('sim/cluster conntrack', () => {
     expect(s.ct_pending.lookupElem({ saddr: A, daddr: B, sport: 40000, dport: 80, protocol: TCPP })).toBeDefined();
     expect(ct.makeLiberal({ src: '10.244.2.3', dst: '10.244.1.2', sport: 80, dport: 40000, proto: TCPP })).toBe(true);
     expect(admit()).toBe(CT_ADMIT);
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 80, 40000), B, A, NatSide.NONE, newCtTo())).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 80, 40000), B, A, CT_CURRENT_NETNS, 0, NatSide.NONE, newCtTo())).toBe(CT_ADMIT);
     // A SYN, FIN or RST never takes the fast path; after a FIN the entry is closing.
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80, TCP_FIN | TCP_ACK), A, B, NatSide.NONE, newCtTo())).toBe('CT_REFUSED');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80, TCP_FIN | TCP_ACK), A, B, CT_CURRENT_NETNS, 0, NatSide.NONE, newCtTo())).toBe('CT_REFUSED');
     expect(cross(ct, B, A, 80, 40000, TCPP, TCP_FIN | TCP_ACK)).toBe(CT_ESTABLISHED);
     expect(ct.lookup({ src: A, dst: B, sport: 40000, dport: 80, proto: TCPP })!.tcpState).toBe(TCP.CLOSE_WAIT);
     // The admission is cached for 200 ms (ct_admitted), then looked up again.
@@ -96,7 +96,7 @@ describe('sim/cluster conntrack', () => {
     const s = emptyState(MAX_ENTRIES.test);
     expect(cross(ct, A, B, 40000, 80, TCPP, PA)).toBe(CT_NEW);
     // No reply seen yet: established, liberal (windows unknown); the check asks for no more.
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B, NatSide.NONE, newCtTo())).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, B, CT_CURRENT_NETNS, 0, NatSide.NONE, newCtTo())).toBe(CT_ADMIT);
     expect(cross(ct, B, A, 80, 40000, TCPP, PA)).toBe(CT_ESTABLISHED);
   });
 
@@ -104,7 +104,7 @@ describe('sim/cluster conntrack', () => {
     const ct = new HostConntrack();
     const s = emptyState(MAX_ENTRIES.test);
     const S = 1e9;
-    const admit = () => ctAdmit(s, envOf(ct), hdrs(UDPP, 5000, 53), A, B, NatSide.NONE, newCtTo());
+    const admit = () => ctAdmit(s, envOf(ct), hdrs(UDPP, 5000, 53), A, B, CT_CURRENT_NETNS, 0, NatSide.NONE, newCtTo());
     ct.now = 0;
     expect(cross(ct, A, B, 5000, 53, UDPP, 0)).toBe(CT_NEW);
     expect(admit()).toBe('CT_REFUSED');
@@ -155,13 +155,13 @@ describe('sim/cluster conntrack', () => {
     ct.makeLiberal({ src: '10.244.1.2', dst: '10.96.0.10', sport: 40000, dport: 80, proto: TCPP });
     // restore gives the backend's reply the Service's address back; masq takes a request to the backend.
     const to = newCtTo();
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 8080, 40000), B, A, NatSide.SRC, to)).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 8080, 40000), B, A, CT_CURRENT_NETNS, 0, NatSide.SRC, to)).toBe(CT_ADMIT);
     expect(to).toEqual({ saddr: VIP, sport: 80, daddr: A, dport: 40000 });
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, VIP, NatSide.DST, to)).toBe(CT_ADMIT);
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, VIP, CT_CURRENT_NETNS, 0, NatSide.DST, to)).toBe(CT_ADMIT);
     expect(to).toEqual({ saddr: A, sport: 40000, daddr: B, dport: 8080 });
     // Neither carries the other's NAT, nor a flow that must leave as it is.
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, VIP, NatSide.SRC, to)).toBe('CT_NAT');
-    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 8080, 40000), B, A, NatSide.NONE, to)).toBe('CT_NAT');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 40000, 80), A, VIP, CT_CURRENT_NETNS, 0, NatSide.SRC, to)).toBe('CT_NAT');
+    expect(ctAdmit(s, envOf(ct), hdrs(TCPP, 8080, 40000), B, A, CT_CURRENT_NETNS, 0, NatSide.NONE, to)).toBe('CT_NAT');
   });
 
   it('the table agrees with a plain model of UDP entries through both directions, expiries, slot reuse and growth', () => {

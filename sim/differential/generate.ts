@@ -12,7 +12,7 @@
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
 import {
   CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
-  type Path, type PolicyKey,
+  NO_HOST_NETNS, type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/state.ts';
 import type { Case } from './compare.ts';
@@ -119,11 +119,11 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
   const s = emptyState(SIZES);
 
   // pod_info: usually the focus pod; sometimes every slot taken.
-  if (rng.chance(0.85)) s.pod_info.update(f.local.ip, { ifindex: f.local.ifindex, mac: f.local.mac });
+  if (rng.chance(0.85)) s.pod_info.update(f.local.ip, { ifindex: f.local.ifindex, mac: f.local.mac, ...NO_HOST_NETNS });
   const nPods = rng.chance(0.05) ? SIZES.pods : rng.int(6);
   for (let i = 0; i < nPods; i++) {
     const p = rng.pick(LOCAL_PODS);
-    s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac });
+    s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac, ...NO_HOST_NETNS });
   }
 
   // egress_cache: the focus pair in any state of learning, plus noise; sometimes full.

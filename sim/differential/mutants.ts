@@ -85,15 +85,15 @@ export const MUTANTS: Mutant[] = [
     from: 'if (!e.remote_key) e.last_seen = now;', to: 'e.last_seen = now;' },
   // Host authority: conntrack admits a flow, or the host stack handles it.
   { name: 'conntrack check skipped in masq', file: 'masq.ts',
-    from: 'admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.NONE, to);', to: 'admit = CT_ADMIT;' },
+    from: 'admit = ctAdmit(s, env, h, h.saddr, h.daddr, netnsId, netnsIno, NatSide.NONE, to);', to: 'admit = CT_ADMIT;' },
   { name: 'conntrack check skipped in restore', file: 'restore.ts',
-    from: 'const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, NatSide.SRC, to);', to: 'const admit = CT_ADMIT;' },
+    from: 'const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to);', to: 'const admit = CT_ADMIT;' },
   { name: 'an SNATed flow put on the fast path', file: 'conntrack.ts',
     from: 'if (e.status & CtBits.IPS_SRC_NAT)', to: 'if (false)' },
   { name: 'a DNATed flow carried as it came (NAT ignored)', file: 'conntrack.ts',
     from: 'if (verdict === CT_ADMIT && e.status & CtBits.IPS_DST_NAT) {', to: 'if (false) {' },
   { name: 'restore looks the flow up the wrong way round', file: 'restore.ts',
-    from: 'ctAdmit(s, env, h, r.remote_ip, r.local_ip, NatSide.SRC, to)', to: 'ctAdmit(s, env, h, r.local_ip, r.remote_ip, NatSide.SRC, to)' },
+    from: 'ctAdmit(s, env, h, r.remote_ip, r.local_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to)', to: 'ctAdmit(s, env, h, r.local_ip, r.remote_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to)' },
   // Host authority, Services: the NAT conntrack recorded, reproduced exactly.
   { name: "a Service's reply not given the Service's address back", file: 'restore.ts',
     from: 'const src = admit === CT_ADMIT ? to.saddr : r.remote_ip;', to: 'const src = r.remote_ip;' },

@@ -6,13 +6,13 @@ import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo, PolicyKey,
 import { emptyState, type DatapathState, type Sizes } from '../model/state.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
 import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
-import { CtBits } from '../../dataplane/maps.ts';
+import { CtBits, NO_HOST_NETNS } from '../../dataplane/maps.ts';
 
 /** A path with its u64 timestamp as a decimal string, for JSON. */
 export type PathJson = Omit<Path, 'last_seen'> & { last_seen: string };
 
 export interface StateSpec {
-  pod_info?: Array<{ ip: string } & PodInfo>;
+  pod_info?: Array<{ ip: string } & Pick<PodInfo, 'ifindex' | 'mac'>>;
   egress_cache?: Array<{ key: EgressKey; value: PathJson }>;
   ingress_cache?: Array<{ key: IngressKey; value: PathJson }>;
   config?: Config;
@@ -72,7 +72,7 @@ export function pathToJson(p: Path): PathJson {
 export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
   const s = emptyState(sizes);
   for (const p of spec.pod_info ?? []) {
-    must(s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac }), `pod_info ${p.ip}`);
+    must(s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac, ...NO_HOST_NETNS }), `pod_info ${p.ip}`);
   }
   for (const e of spec.egress_cache ?? []) must(s.egress_cache.update(e.key, pathFromJson(e.value)), 'egress_cache');
   for (const e of spec.ingress_cache ?? []) must(s.ingress_cache.update(e.key, pathFromJson(e.value)), 'ingress_cache');

@@ -58,6 +58,15 @@ export function ipWord(ip: string): number {
   return readIpv4(b, 0);
 }
 
+/**
+ * C: XMASQ_CT_CURRENT_NETNS, XMASQ_CT_NO_NETNS. Whose conntrack ctAdmit
+ * consults: the program's own namespace's (the host's, where init, restore and
+ * masq run), or the host's by the id the program's namespace gives it
+ * (masq_rpeer, in the pod's); NONE: the host's has no id there, nothing admitted.
+ */
+export const CT_CURRENT_NETNS = -1;
+export const CT_NO_NETNS = -2;
+
 /** C: enum xmasq_nat_side. Which end of a flow the caller lets the host's NAT move. */
 export const NatSide = { NONE: 0, DST: 1, SRC: 2 } as const;
 
@@ -73,9 +82,12 @@ export type CtVerdict = typeof CT_ADMIT | Extract<CounterName, 'CT_REFUSED' | 'C
  * C: ct_admit. The flow of a pod packet from src to dst, ports and protocol
  * from h. When admitted, to is the flow as the host sends it on: the same, or
  * NATed at the end side allows. Without a table, the build without the check
- * (XMASQ_NO_CONNTRACK).
+ * (XMASQ_NO_CONNTRACK). netnsId: the host's namespace, CT_CURRENT_NETNS or its
+ * id from where the program runs, whose inode netnsIno the entry found must
+ * then be in (env.conntrack is the table of the namespace env.netnsIno names).
  */
-export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: number, side: number, to: CtTo): CtVerdict {
+export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: number, netnsId: number, netnsIno: number,
+  side: number, to: CtTo): CtVerdict {
   to.saddr = src;
   to.daddr = dst;
   to.sport = h.sport;
@@ -84,6 +96,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   if (ct === undefined) return CT_ADMIT;
   if ((h.proto !== IPPROTO_TCP && h.proto !== IPPROTO_UDP) || !h.l4_ok || isFragment(h)) return 'CT_REFUSED';
   if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) return 'CT_REFUSED';
+  if (netnsId < CT_CURRENT_NETNS) return 'CT_REFUSED';
 
   const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
   const now = env.now;
@@ -96,7 +109,9 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
     return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
   }
 
-  const e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
+  let e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
+  // An id is a number of the program's namespace: the entry must be the host's, by its inode.
+  if (e && netnsId !== CT_CURRENT_NETNS && env.netnsIno !== netnsIno) e = undefined;
   if (!e) {
     if (seen) s.ct_admitted.deleteElem(k);
     return 'CT_REFUSED';

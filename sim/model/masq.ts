@@ -6,7 +6,7 @@ import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dat
 import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { CT_ADMIT, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
+import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
 import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -59,6 +59,15 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (!fastPathEligible(s.config, h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
+  // Whose conntrack admits flows: the host's. In the pod's namespace (RPEER) it is
+  // named by the id the agent recorded for the source pod; conntrack.ts checks
+  // that the entry found is the host's all the same.
+  let netnsId = CT_CURRENT_NETNS, netnsIno = 0;
+  if (kind === 'RPEER') {
+    const pod = s.pod_info.lookupWord(h.saddr);
+    netnsId = pod && pod.host_netns_id >= 0 ? pod.host_netns_id : CT_NO_NETNS;
+    netnsIno = pod ? pod.host_netns_ino : 0;
+  }
 
   // 2. A Service's request goes where the host would send it: to the backend
   //    conntrack chose (its DNAT), if conntrack admits the flow. From here on h is
@@ -67,7 +76,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   let admit: CtVerdict | typeof CT_UNCHECKED = CT_UNCHECKED;
   const wireDaddr = h.daddr, wireDport = h.dport;
   if (inServiceRange(cfg.service_net, cfg.service_mask, h.daddr)) {
-    admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.DST, to);
+    admit = ctAdmit(s, env, h, h.saddr, h.daddr, netnsId, netnsIno, NatSide.DST, to);
     if (admit !== CT_ADMIT) return pass(fx);
     h.daddr = to.daddr;
     h.dport = to.dport;
@@ -96,7 +105,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
 
   // 5. Only a flow the host stack has accepted, and would not NAT.
   if (admit === CT_UNCHECKED) {
-    admit = ctAdmit(s, env, h, h.saddr, h.daddr, NatSide.NONE, to);
+    admit = ctAdmit(s, env, h, h.saddr, h.daddr, netnsId, netnsIno, NatSide.NONE, to);
     if (admit !== CT_ADMIT) {
       fx.counters[admit]++;
       return TC_CONTINUE;

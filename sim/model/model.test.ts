@@ -8,7 +8,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
-import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
+import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './state.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
@@ -36,7 +36,7 @@ function hosts(): { a: DatapathState; b: DatapathState } {
     ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,
   });
   const b = nodes(emptyState(SIZES), B.host);
-  b.pod_info.update(DST.ip, { ifindex: DST.ifindex, mac: DST.mac });
+  b.pod_info.update(DST.ip, { ifindex: DST.ifindex, mac: DST.mac, ...NO_HOST_NETNS });
   b.ingress_cache.update({ remote_host: A.host, key: 33 }, {
     last_seen: 1n, local_mac: DST.mac, remote_mac: '0a:58:0a:f4:02:01', local_ip: DST.ip, remote_ip: SRC.ip,
     ifindex: DST.ifindex, local_key: 33, remote_key: 0, remote_ready: 0,
@@ -152,7 +152,7 @@ describe('model: init signal', () => {
     fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), podPacketArb, (draw, inner) => {
       const s = nodes(emptyState(SIZES), A.host);
       Object.assign(s.config, FLANNEL_PORTS);
-      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
+      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac, ...NO_HOST_NETNS });
       const innerFrame = buildFrame(inner);
       const frame = buildFrame({
         eth: { src: A.mac, dst: B.mac },
@@ -237,7 +237,7 @@ describe('model: wide keys', () => {
     fc.assert(fc.property(fc.integer({ min: 0, max: 0xffffffff }), fc.boolean(), fc.boolean(), (draw, wideOn, gso) => {
       const s = nodes(emptyState(SIZES), A.host);
       s.config = { nic_ifindex: 3, flags: wideOn ? ConfigFlag.WIDE_KEYS : 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS };
-      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac });
+      s.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac, ...NO_HOST_NETNS });
       const inner: FrameSpec = { eth: { src: SRC.mac, dst: '0a:58:0a:f4:01:01' }, ipv4: { src: SRC.ip, dst: DST.ip, l4: { tcp: { sport: 1000, dport: 80 } } } };
       const frame = buildFrame({
         eth: { src: A.mac, dst: B.mac },

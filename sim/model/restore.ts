@@ -9,7 +9,7 @@ import {
 } from './packet.ts';
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { CT_ADMIT, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
+import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
 import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -61,7 +61,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 3. Whether the host's conntrack admits the flow, before the rewrite, which takes
   //    a Service's address from it: a backend's reply leaves with the Service's as its source.
   const now = env.now;
-  const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, NatSide.SRC, to);
+  const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to);
   const src = admit === CT_ADMIT ? to.saddr : r.remote_ip;
 
   // 4. Back to the pod packet: pod MACs and IPs, DSCP 0, no RF, its carrier.

@@ -44,7 +44,7 @@ export interface ModelPath {
   remote_key: number;
   remote_ready: number;
 }
-export interface ModelPodInfo { ifindex: number; mac: number }
+export interface ModelPodInfo { ifindex: number; mac: number; host_netns_id: number; host_netns_ino: number }
 export interface ModelNodeInfo { flags: number }
 export interface ModelEgressKey { local_pod: number; remote_pod: number }
 export interface ModelIngressKey { remote_host: number; key: number }
@@ -106,6 +106,7 @@ class ModelCodec<M> {
         case 'u8': v[f.name] = b.readUInt8(f.offset); break;
         case 'u16': v[f.name] = b.readUInt16LE(f.offset); break;
         case 'u32': v[f.name] = b.readUInt32LE(f.offset); break;
+        case 's32': v[f.name] = b.readInt32LE(f.offset); break;
         case 'u64': v[f.name] = b.readBigUInt64LE(f.offset); break;
         case 'be16': v[f.name] = b.readUInt16BE(f.offset); break;
         default: throw new Error(`struct ${this.struct.name}: field ${f.name} has no model form`);
@@ -167,7 +168,7 @@ type FieldWriter = (b: Buffer, at: number, x: never, c: ModelCodec<unknown>, i: 
  * offsets and types), so that each field's load has its name in the code.
  */
 function writeFields(struct: string, fields: readonly Field[]): (b: Buffer, v: unknown, c: ModelCodec<unknown>) => void {
-  const writers: Record<string, FieldWriter> = { ipv4: putU32, u32: putU32, mac: putMac, u8: putU8, u16: putU16, be16: putBe16, u64: putU64 };
+  const writers: Record<string, FieldWriter> = { ipv4: putU32, u32: putU32, s32: putS32, mac: putMac, u8: putU8, u16: putU16, be16: putBe16, u64: putU64 };
   const lines = fields.map((f, i) => {
     if (typeof f.type !== 'string' || !(f.type in writers)) throw new Error(`struct ${struct}: field ${f.name} has no model form`);
     return `w.${f.type}(b, ${f.offset}, v[${JSON.stringify(f.name)}], c, ${i});`;
@@ -198,6 +199,11 @@ function putU32(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: num
   b[at + 1] = x >>> 8;
   b[at + 2] = x >>> 16;
   b[at + 3] = x >>> 24;
+}
+
+function putS32(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
+  if ((x | 0) !== x) c.outOfRange(i, x);
+  putU32(b, at, x >>> 0, c, i);
 }
 
 /** The model's 48-bit MAC number, first byte highest (readMac's form). */
@@ -863,6 +869,12 @@ export interface Env {
    * object), which admits every flow; the cluster simulator runs so.
    */
   conntrack?: ModelConntrack;
+  /**
+   * The inode number of the namespace whose table conntrack is (the host's):
+   * what masq_rpeer, looking the host's up by id from the pod's namespace,
+   * checks an entry against. Absent: unknown, so no entry found by id is.
+   */
+  netnsIno?: number;
   /**
    * skb->ingress_ifindex: the device a forwarded packet came in on; 0 (or
    * absent) for one this host sent, its tunnel device's encapsulation
