@@ -10,7 +10,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, 
 import { cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { kernelHasRpeer } from '../dataplane/agent/system.ts';
+import { btfHasFunc, kernelHasRpeer } from '../dataplane/agent/system.ts';
 import { pidAlive } from '../lab/command.ts';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
@@ -214,6 +214,10 @@ export async function ensureKernel(opts: BuildOptions = {}): Promise<KernelBuild
     await runLogged('objcopy', ['-O', 'binary', '--only-section=.BTF', join(obj, 'vmlinux'), k.btf], { logFile, what: 'extracting the BTF of vmlinux' });
     const rpeer = kernelHasRpeer(k.btf);
     if (!rpeer.present) throw new KernelBuildError(`the kernel was built but its BTF has no bpf_redirect_rpeer (${rpeer.why}); is pahole (apt-get install dwarves) installed?`);
+    // The programs' conntrack admission: registered by nf_conntrack_bpf.c, built only with NF_CONNTRACK=y and DEBUG_INFO_BTF.
+    for (const kfunc of ['bpf_skb_ct_lookup', 'bpf_ct_release']) {
+      if (!btfHasFunc(readFileSync(k.btf), kfunc)) throw new KernelBuildError(`the kernel was built but its BTF has no ${kfunc}: ${CONFIG_FRAGMENT} must keep CONFIG_NF_CONNTRACK=y (built in) and CONFIG_DEBUG_INFO_BTF=y`);
+    }
     writeFileSync(join(out, 'meta.json'), JSON.stringify({ key, sourcePackage: SOURCE_PACKAGE, sourceVersion: version, builtAt: new Date().toISOString(), seconds: Math.round((Date.now() - started) / 1000) }, null, 2) + '\n');
     renameSync(out, done.dir);
     rmSync(work, { recursive: true, force: true });
