@@ -63,8 +63,8 @@ export interface LabOptions {
   /**
    * Default true: every host gets kube-proxy's FORWARD rule dropping what conntrack finds
    * INVALID, as every Kubernetes node has; it also makes conntrack track flows in the host's
-   * netns, which XMasq's admission check needs. false for a kernel without netfilter (the
-   * QEMU guest's, whose rpeer object has no admission check).
+   * netns, which XMasq's admission check needs. false: no rule, so the hosts' conntrack
+   * tracks nothing and XMasq admits no flow (everything stays on the overlay).
    */
   conntrack?: boolean;
   /**

@@ -50,7 +50,7 @@ describe('the rpeer kernel under QEMU', () => {
     expect(vm.guestExitCode, `vitest in the guest exited ${vm.guestExitCode} ${where()}`).toBe(0);
   });
 
-  it('the rpeer datapath end to end: agents in auto mode report rpeer; ICMP/TCP/UDP go VXLAN first, then masqueraded, bypassing the veth', () => {
+  it('the rpeer datapath end to end: agents in auto mode report rpeer; TCP/UDP go VXLAN first, then masqueraded, bypassing the veth; the sending host\'s FORWARD DROP holds for a learned pair', () => {
     expectAllPassed('rpeer-e2e');
   });
 

@@ -2,17 +2,27 @@
  * XMasq end to end on the rpeer kernel: the two-host lab, one xmasq-agent per host in
  * auto mode (which must pick rpeer from the kernel's BTF), pods from the CNI chain
  * bridge + host-local + xmasq, and ICMP/TCP/UDP between pods on different hosts.
- * The wire must show VXLAN first, then masqueraded packets with valid checksums; and
- * in rpeer mode the masqueraded packets leave the pod's eth0 straight for the NIC,
- * so they never appear on the pod's host-side veth.
+ * The wire must show VXLAN first, then masqueraded TCP and UDP with valid checksums
+ * (ICMP always crosses the host stack, bpf/conntrack.h); and in rpeer mode the
+ * masqueraded packets leave the pod's eth0 straight for the NIC, so they never appear
+ * on the pod's host-side veth.
+ *
+ * The hosts keep their authority in rpeer mode too: masq_rpeer runs in the pod's
+ * namespace and consults the HOST's conntrack, by the id the pod's namespace gives
+ * the host's (pod_info). A DROP rule in the sending host's FORWARD chain (egress
+ * policy) holds for a learned pair's denied port, with the agents as without them.
  */
+import { statSync } from 'node:fs';
+import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
+import { BpfMap } from '../../dataplane/libbpf.ts';
+import { podInfo, podIp } from '../../dataplane/maps.ts';
 import { verifyIpv4Header } from '../../sim/packet/checksum.ts';
 import { run } from '../../lab/command.ts';
 import { LabAgents, ROOT, TSX, upWithAgents } from '../../lab/agents.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
-import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireKind, wireChecksumValid } from '../../lab/traffic.ts';
+import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, csumErrors, nodeIn, output, server, wireKind, wireChecksumValid } from '../../lab/traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('rpeer-e2e.guest.ts needs root (network namespaces, BPF): it runs as PID 1 of the test VM');
 
@@ -25,8 +35,9 @@ const sock = (host: string) => agents.socket(host);
 
 beforeAll(async () => {
   // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier).
-  // The guest kernel has no netfilter, and the rpeer object no conntrack admission check.
-  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000, conntrack: false }));
+  // conntrack (the default): every host carries kube-proxy's INVALID drop, which makes
+  // its conntrack track the pods' flows, as on a Kubernetes node.
+  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000 }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
 });
@@ -55,7 +66,22 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
     expect(r.stdout).toMatch(/^mode\s+rpeer\b/m);
   });
 
-  it('ICMP, TCP and UDP across hosts: VXLAN first, then masqueraded, checksums valid', async () => {
+  it('pod_info names the host\'s namespace as each pod\'s namespace sees it: an id there, and its inode', () => {
+    for (const [host, pod] of [['h1', a], ['h2', b]] as const) {
+      const m = BpfMap.fromPinned(`${agents.pinDir(host)}/pod_info`);
+      try {
+        const v = m.lookup(podIp.encode({ ip: pod.ip }));
+        expect(v, `${pod.ip} in ${host}'s pod_info`).toBeDefined();
+        const info = podInfo.decode(v!);
+        expect(info.host_netns_id).toBeGreaterThanOrEqual(0);
+        expect(info.host_netns_ino).toBe(statSync(`/run/netns/${lab.host(host).netns}`).ino);
+      } finally {
+        m.close();
+      }
+    }
+  });
+
+  it('ICMP, TCP and UDP across hosts: VXLAN first, then TCP and UDP masqueraded (ICMP on the overlay), checksums valid', async () => {
     const tcp = await server(lab, b, TCP_ECHO(8080));
     const udp = await server(lab, b, UDP_ECHO(5353));
     try {
@@ -64,22 +90,25 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
       const { frames, result } = await capture(lab, h1, h1.nic, 'ip and not igmp', `${runDir}/wire.pcap`, async () => {
         const ping = await lab.exec(a, 'ping', ['-c', '4', '-i', '0.2', '-W', '2', b.ip]);
         const t = await output(nodeIn(lab, a, `const s = require('net').connect(8080, '${b.ip}'); let got = ''; let n = 0;
-          s.on('connect', () => { const tick = () => { s.write('x'.repeat(1000)); if (++n < 20) setTimeout(tick, 20); else s.end(); }; tick(); });
+          s.on('connect', () => { const tick = () => { s.write('x'.repeat(1000)); if (++n < 40) setTimeout(tick, 25); else s.end(); }; tick(); });
           s.on('data', (d) => { got += d; }); s.on('end', () => console.log('tcp-echoed', got.length));`), 60_000);
         const u = await output(nodeIn(lab, a, `const d = require('dgram').createSocket('udp4'); let n = 0;
-          d.on('message', () => { if (++n === 5) { console.log('udp-echoed', n); d.close(); } });
-          for (let i = 0; i < 5; i++) setTimeout(() => d.send('ping-' + i, 5353, '${b.ip}'), i * 100);
+          d.on('message', () => { if (++n === 10) { console.log('udp-echoed', n); d.close(); } });
+          for (let i = 0; i < 10; i++) setTimeout(() => d.send('ping-' + i, 5353, '${b.ip}'), i * 100);
           setTimeout(() => { console.log('udp-echoed', n); process.exit(1); }, 20000);`), 60_000);
         return { ping, t, u };
       });
       expect(result.ping.stdout, result.ping.stderr).toMatch(/4 packets transmitted, 4 received/);
-      expect(result.t.out).toContain('tcp-echoed 20000');
-      expect(result.u.out).toContain('udp-echoed 5');
+      expect(result.t.out).toContain('tcp-echoed 40000');
+      expect(result.u.out).toContain('udp-echoed 10');
 
       const kinds = frames.map((f) => wireKind(f, hostIps));
       expect(kinds[0]).toBe('vxlan');
       const protoOf = (k: string) => new Set(frames.filter((_, i) => kinds[i] === k).map((f) => f[23]));
-      expect([...protoOf('masq')].sort((x, y) => x - y)).toEqual([1, 6, 17]);
+      // TCP and UDP once the host's conntrack admits their flows (the agent made TCP's
+      // entry liberal); ICMP never: it crosses the host stack, on the overlay.
+      expect([...protoOf('masq')].sort((x, y) => x - y)).toEqual([6, 17]);
+      expect(frames.filter((f, i) => kinds[i] === 'vxlan' && f[14 + 20 + 8 + 8 + 14 + 9] === 1).length, 'ICMP in VXLAN').toBeGreaterThanOrEqual(8);
       for (const f of frames.filter((_, i) => kinds[i] === 'masq')) {
         expect(verifyIpv4Header(f, 14)).toBe(true);
         expect(wireChecksumValid(f)).toBe(true);
@@ -95,30 +124,137 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
     }
   });
 
+  // Each test has servers of its own on ports of its own: a killed server's port may
+  // not be free again yet under TCG.
   it('a learned flow goes pod eth0 -> NIC directly: masqueraded on the wire, nothing on the pod\'s host-side veth', async () => {
     const h1 = lab.host('h1');
-    // The flow may have idled out of the caches since the last test (Node is slow under
-    // TCG, the agents expire after 20 s): two pings learn it again, over VXLAN.
-    expect((await lab.exec(a, 'ping', ['-c', '2', '-i', '0.5', '-W', '2', b.ip])).code).toBe(0);
-    const masqBefore = (await agents.counters('h1')).masqueraded;
-    // Under TCG tcpdump writes its last frames well after ping returns: give both
-    // captures a moment on each side.
-    const settle = () => new Promise((resolve) => setTimeout(resolve, 2000));
-    const pingThenSettle = async () => {
-      await settle();
-      const r = await lab.exec(a, 'ping', ['-c', '5', '-i', '0.2', '-W', '2', b.ip]);
-      await settle();
-      return r;
-    };
-    const { frames: onVeth, result: wire } = await capture(lab, h1, a.hostVeth, 'icmp', `${runDir}/veth.pcap`, () =>
-      capture(lab, h1, h1.nic, 'icmp or udp port 8472', `${runDir}/wire2.pcap`, pingThenSettle));
-    expect(wire.result.stdout, wire.result.stderr).toMatch(/5 packets transmitted, 5 received/);
-    const hostIps = new Set(lab.hosts.map((h) => h.ip));
-    // Echo requests out and replies in, all masqueraded; none crossed the veth either way
-    // (replies go into the pod with bpf_redirect_peer).
-    const seen = wire.frames.map((f) => `${wireKind(f, hostIps)} ${[...f.subarray(26, 30)].join('.')}>${[...f.subarray(30, 34)].join('.')} type ${f[34]} seq ${(f[40] << 8) | f[41]}`);
-    expect(wire.frames.map((f) => wireKind(f, hostIps)), seen.join('\n')).toEqual(Array(10).fill('masq'));
-    expect(onVeth.length).toBe(0);
-    expect((await agents.counters('h1')).masqueraded - masqBefore).toBeGreaterThanOrEqual(5);
+    const udp = await server(lab, b, UDP_ECHO(5355));
+    try {
+      // One UDP socket, a round trip every 200 ms for ~12 s: its first datagrams cross
+      // the host stacks over VXLAN (the pair may have idled out of the caches, Node is
+      // slow under TCG, and the host's conntrack must see a reply before it admits the
+      // flow); the capture starts once it is on the fast path.
+      const client = nodeIn(lab, a, `const d = require('dgram').createSocket('udp4'); let k = 0;
+        const send = () => d.send('rt-' + k, 5355, '${b.ip}');
+        d.on('message', () => { if (++k === 60) { console.log('udp-echoed', k); process.exit(0); } setTimeout(send, 200); });
+        send(); setTimeout(() => { console.log('udp-echoed', k); process.exit(1); }, 40000);`);
+      const done = output(client, 60_000);
+      const masqBefore = (await agents.counters('h1')).masqueraded;
+      const deadline = Date.now() + 20_000;
+      while ((await agents.counters('h1')).masqueraded - masqBefore < 3 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 250));
+      const capturedFor = () => new Promise((resolve) => setTimeout(resolve, 3000));
+      const { frames: onVeth, result: wire } = await capture(lab, h1, a.hostVeth, 'udp port 5355', `${runDir}/veth.pcap`, () =>
+        capture(lab, h1, h1.nic, 'udp port 5355 or udp port 8472', `${runDir}/wire2.pcap`, capturedFor));
+      const { out } = await done;
+      expect(out).toContain('udp-echoed 60');
+      const hostIps = new Set(lab.hosts.map((h) => h.ip));
+      // Requests out and answers in, all masqueraded; none crossed the veth either way
+      // (answers go into the pod with bpf_redirect_peer).
+      const kinds = wire.frames.map((f) => wireKind(f, hostIps));
+      expect(kinds.length).toBeGreaterThanOrEqual(4);
+      expect(kinds).toEqual(Array(kinds.length).fill('masq'));
+      expect(onVeth.length).toBe(0);
+    } finally {
+      udp.kill();
+    }
+  });
+});
+
+/** Packets counted by the first rule of a host's FORWARD chain whose text has all the words. */
+async function forwardDrops(host: string, words: string[]): Promise<number> {
+  const r = await lab.exec(lab.host(host), 'iptables', ['-w', '-L', 'FORWARD', '-v', '-x', '-n']);
+  if (r.code !== 0) throw new Error(`iptables -L FORWARD on ${host}: ${r.stderr}`);
+  const line = r.stdout.split('\n').find((l) => words.every((w) => l.includes(w)));
+  if (!line) throw new Error(`no rule with ${words.join(' ')} in FORWARD on ${host}:\n${r.stdout}`);
+  return Number(line.trim().split(/\s+/)[0]);
+}
+
+/** A TCP connect that must fail within 3 s; prints 'connected' or 'refused-or-timeout'. */
+const tcpConnect = (ip: string, port: number) => `const s = require('net').connect(${port}, '${ip}');
+  s.on('connect', () => { s.write('x'); });
+  s.on('data', () => { console.log('connected'); process.exit(0); });
+  s.on('error', () => { console.log('refused-or-timeout'); process.exit(0); });
+  setTimeout(() => { console.log('refused-or-timeout'); process.exit(0); }, 3000);`;
+
+/** n datagrams from one socket, gapMs apart, whatever comes back; prints 'udp-answers <k>' 3 s after the last. */
+const udpBurst = (ip: string, port: number, n: number, gapMs: number) => `const d = require('dgram').createSocket('udp4'); let k = 0;
+  d.on('message', () => { k++; });
+  for (let i = 0; i < ${n}; i++) setTimeout(() => d.send('q' + i, ${port}, '${ip}'), i * ${gapMs});
+  setTimeout(() => { console.log('udp-answers', k); process.exit(0); }, ${n} * ${gapMs} + 3000);`;
+
+/** n round trips on ONE TCP connection, 1 byte each; prints 'tcp-rt <k>'. */
+const tcpRoundTrips = (ip: string, port: number, n: number) => `const s = require('net').connect(${port}, '${ip}'); let k = 0;
+  s.setNoDelay(true);
+  s.on('connect', () => s.write('x'));
+  s.on('data', (d) => { k += d.length; if (k >= ${n}) { console.log('tcp-rt', k); process.exit(0); } else s.write('x'); });
+  s.on('error', (e) => { console.log('tcp-error', e.code); process.exit(1); });
+  setTimeout(() => { console.log('tcp-rt', k); process.exit(1); }, 30000);`;
+
+describe('the sending host\'s policy holds in rpeer mode: masq_rpeer consults the host\'s conntrack', () => {
+  const servers: ChildProcess[] = [];
+  interface Outcome { learned: string; deniedUdp: string; deniedTcp: string; allowedTcp: string; allowedUdp: string }
+  let withAgents: Outcome;
+
+  /**
+   * The pair is learned on an allowed port first; then a denied UDP port, a denied TCP
+   * port, and allowed flows. around: runs the denied UDP step (to read counters around it).
+   */
+  async function scenario(around = async (step: () => Promise<string>) => step()): Promise<Outcome> {
+    const learned = (await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5356, 6, 100)), 60_000)).out.trim();
+    // b's echo would answer anything that arrived: no answer, nothing arrived.
+    const deniedUdp = await around(async () => (await output(nodeIn(lab, a, udpBurst(b.ip, 5354, 5, 200)), 60_000)).out.trim());
+    const deniedTcp = (await output(nodeIn(lab, a, tcpConnect(b.ip, 2222)), 60_000)).out.trim();
+    const allowedTcp = (await output(nodeIn(lab, a, tcpRoundTrips(b.ip, 8081, 200)), 60_000)).out.trim();
+    const allowedUdp = (await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5356, 20, 50)), 60_000)).out.trim();
+    return { learned, deniedUdp, deniedTcp, allowedTcp, allowedUdp };
+  }
+
+  beforeAll(async () => {
+    for (const script of [TCP_ECHO(8081), TCP_ECHO(2222), UDP_ECHO(5356), UDP_ECHO(5354)]) servers.push(await server(lab, b, script));
+    // Egress policy on a's host, as Calico, Canal or kube-router install it: a may not send
+    // to b's UDP 5354 nor TCP 2222. masq_rpeer runs before h1's stack sees the packet.
+    for (const [proto, port] of [['udp', '5354'], ['tcp', '2222']]) {
+      const r = await lab.exec(lab.host('h1'), 'iptables', ['-w', '-I', 'FORWARD', '-s', a.ip, '-d', b.ip, '-p', proto, '--dport', port, '-j', 'DROP']);
+      if (r.code !== 0) throw new Error(`iptables on h1: ${r.stderr}`);
+    }
+  });
+
+  afterAll(() => {
+    for (const s of servers) s.kill();
+  });
+
+  it('with agents: the denied flows of a learned pair never arrive and the rules count them; the allowed ones are masqueraded', async () => {
+    const before = await agents.counters('h1');
+    const drops = { udp: await forwardDrops('h1', ['DROP', 'dpt:5354']), tcp: await forwardDrops('h1', ['DROP', 'dpt:2222']) };
+    let denied: Record<string, number> = {};
+    withAgents = await scenario(async (step) => {
+      const c0 = await agents.counters('h1');
+      const out = await step();
+      const c1 = await agents.counters('h1');
+      denied = Object.fromEntries(Object.keys(c1).map((k) => [k, c1[k] - c0[k]]));
+      return out;
+    });
+    expect(withAgents).toEqual({
+      learned: 'udp-echoed 6', deniedUdp: 'udp-answers 0', deniedTcp: 'refused-or-timeout', allowedTcp: 'tcp-rt 200', allowedUdp: 'udp-echoed 20',
+    });
+    expect(await forwardDrops('h1', ['DROP', 'dpt:5354'])).toBeGreaterThan(drops.udp);
+    expect(await forwardDrops('h1', ['DROP', 'dpt:2222'])).toBeGreaterThan(drops.tcp);
+    // The denied datagram of the learned pair reached masq_rpeer, which found no entry
+    // in the host's conntrack (the DROP let none be confirmed) and left it to h1's stack:
+    // refused, not masqueraded (a build without the check would have sent it to the NIC).
+    expect(denied.ct_refused, JSON.stringify(denied)).toBeGreaterThan(0);
+    expect(denied.masqueraded, JSON.stringify(denied)).toBe(0);
+    // The allowed flows were admitted and masqueraded, both ways.
+    const after = await agents.counters('h1');
+    const d = (c: string) => after[c] - before[c];
+    expect(d('masqueraded')).toBeGreaterThan(0);
+    expect(d('restored')).toBeGreaterThan(0);
+    expect(d('restore_miss')).toBe(0);
+  });
+
+  it('without agents (the plain overlay): the same outcomes', async () => {
+    await agents.stop('h1');
+    await agents.stop('h2');
+    expect(await scenario()).toEqual(withAgents);
   });
 });
