@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
-import { podInfo, podIp } from '../dataplane/maps.ts';
+import { NO_HOST_NETNS, podInfo, podIp } from '../dataplane/maps.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { netnsPath } from './command.ts';
 import { stateDir, type Lab } from './lab.ts';
@@ -73,7 +73,7 @@ describe('pods made by podman (CNI backend) on two lab hosts, with the xmasq plu
       expect(inspect.stdout.trim()).toBe(`${podman!.network} ${pod.ip} ${pod.mac}`);
       expect(await listed(pod.host)).toEqual([{ ip: pod.ip, mac: pod.mac, ifindex: pod.hostVethIfindex, attached: true }]);
       expect(agents!.log(pod.host)).toContain(`pod ${pod.ip} added: ${pod.mac} on ${pod.hostVeth} (ifindex ${pod.hostVethIfindex})`);
-      expect(podInfoOf(pod.host, pod.ip)).toEqual({ ifindex: pod.hostVethIfindex, mac: pod.mac });
+      expect(podInfoOf(pod.host, pod.ip)).toEqual({ ifindex: pod.hostVethIfindex, mac: pod.mac, ...NO_HOST_NETNS });
     }
     expect(a!.ip).toMatch(/^10\.244\.1\./);
     expect(b!.ip).toMatch(/^10\.244\.2\./);
