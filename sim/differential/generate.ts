@@ -538,6 +538,12 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   else ({ frame, focus, dir } = masqCase(rng, tags));
 
   const state = genState(rng, focus, dir);
+  // An overlay frame mostly meets an overlay configured with its port (the random ports
+  // above alone would leave most overlay frames no overlay packet at all).
+  const udp = frame.ipv4?.l4 && 'udp' in frame.ipv4.l4 ? frame.ipv4.l4.udp : undefined;
+  const tunnelKind = udp?.payload && typeof udp.payload === 'object' && !(udp.payload instanceof Uint8Array)
+    ? ('vxlan' in udp.payload ? 'vxlan_port' : 'geneve' in udp.payload ? 'geneve_port' : undefined) : undefined;
+  if (udp && tunnelKind && rng.chance(0.85)) state.config[tunnelKind] = udp.dport;
   // Cases the wide keys decide: init drawing with them on, masq towards a wide key.
   if (program === 'init' && state.config.flags & ConfigFlag.WIDE_KEYS) tags.push('wide');
   const focusEgress = state.egress_cache.lookup({ local_pod: focus.local.ip, remote_pod: focus.remote });
