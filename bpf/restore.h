@@ -26,10 +26,8 @@
  * overlay's) apply as without XMasq. Without an overlay device configured, it
  * goes up the stack at the NIC, where a strict rp_filter would drop it.
  */
-static __always_inline int to_host_stack(struct __sk_buff *skb)
+static __always_inline int to_host_stack(struct __sk_buff *skb, const struct config *cfg)
 {
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || cfg->overlay_ifindex == 0)
 		return XMASQ_CONTINUE;
 	if (bpf_skb_store_bytes(skb, 0, cfg->overlay_mac, ETH_ALEN, 0))
@@ -45,8 +43,8 @@ static __always_inline int restore_miss(void)
 }
 
 /* carrier: the value the pod sent (masq took a wide key only from a free one). */
-static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdrs *h, __u16 key,
-					       __u16 carrier)
+static __always_inline int restore_masqueraded(struct __sk_buff *skb, const struct config *cfg,
+					       struct hdrs *h, __u16 key, __u16 carrier)
 {
 	/*
 	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
@@ -98,7 +96,7 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, struct hdr
 	 */
 	if (admit != XMASQ_CT_ADMIT) {
 		count(admit);
-		return to_host_stack(skb);
+		return to_host_stack(skb, cfg);
 	}
 	if (src != r->remote_ip || to.sport != h->sport)
 		count(XMASQ_CNT_SERVICE_NAT);
@@ -195,11 +193,11 @@ static __always_inline int xmasq_restore(struct __sk_buff *skb)
 		if (key < XMASQ_WIDE_KEY_MIN || key > XMASQ_WIDE_KEY_MAX ||
 		    (h.proto == IPPROTO_UDP && skb->gso_size))
 			return restore_miss();
-		return restore_masqueraded(skb, &h, key, carrier_free_value(&h));
+		return restore_masqueraded(skb, cfg, &h, key, carrier_free_value(&h));
 	}
 	/* A narrow key in DSCP; the carrier is the pod's. */
 	if (h.tos >> 2)
-		return restore_masqueraded(skb, &h, h.tos >> 2, h.carrier);
+		return restore_masqueraded(skb, cfg, &h, h.tos >> 2, h.carrier);
 	return pass();
 }
 

@@ -51,21 +51,17 @@ export class LabAgents {
     // forwards only some signals (not SIGUSR2, the handover).
     const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, process.execPath, '--import', 'tsx', AGENT, ...this.args(host),
       '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: ROOT });
-    let log = '';
     this.logs.set(host, '');
-    child.stderr!.on('data', (d) => {
-      log += d;
-      this.logs.set(host, log);
-    });
+    child.stderr!.on('data', (d) => this.logs.set(host, this.log(host) + d));
     this.procs.set(host, child);
     const deadline = Date.now() + this.startTimeoutMs;
     for (;;) {
-      if (child.exitCode !== null) throw new Error(`xmasq-agent on ${host} exited ${child.exitCode}:\n${log}`);
+      if (child.exitCode !== null) throw new Error(`xmasq-agent on ${host} exited ${child.exitCode}:\n${this.log(host)}`);
       try {
         await AgentClient.request(this.socket(host), { op: 'status' }, { timeoutMs: 500 });
         return;
       } catch {
-        if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within ${this.startTimeoutMs / 1000} s:\n${log}`);
+        if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within ${this.startTimeoutMs / 1000} s:\n${this.log(host)}`);
         await new Promise((r) => setTimeout(r, 100));
       }
     }
