@@ -2,13 +2,12 @@
  * The flow caches as the agent sees them: dumped, purged for a pod, and
  * expired, always through the layouts of dataplane/maps.ts.
  *
- * The simulator runs these functions on its model tables (sim/cluster/agent.ts),
- * whose lookupBatch reuses its value buffers: a batch's buffers are to read,
- * never to write (copy one to change it), and not to keep past the next
- * lookupBatch of the same map.
+ * They take any map of the MapOps contract (dataplane/map-ops.ts): the
+ * kernel's, or the cluster simulator's tables (sim/cluster/agent.ts), whose
+ * lookupBatch reuses its value buffers.
  */
 import type { FieldType, Struct } from '../layout.ts';
-import type { BpfMap, LibbpfError } from '../libbpf.ts';
+import type { MapError, MapOps } from '../map-ops.ts';
 import { egressKey, ingressKey, path, type EgressKey, type IngressKey, type Path } from '../maps.ts';
 import type { EgressDumpEntry, IngressDumpEntry, PathJson, Purged } from './protocol.ts';
 
@@ -19,11 +18,11 @@ export interface Entry<K> {
   value: Path;
 }
 
-export function readEgress(map: BpfMap): Entry<EgressKey>[] {
+export function readEgress(map: MapOps): Entry<EgressKey>[] {
   return map.lookupBatch().map(([k, v]) => ({ raw: k, key: egressKey.decode(k), value: path.decode(v) }));
 }
 
-export function readIngress(map: BpfMap): Entry<IngressKey>[] {
+export function readIngress(map: MapOps): Entry<IngressKey>[] {
   return map.lookupBatch().map(([k, v]) => ({ raw: k, key: ingressKey.decode(k), value: path.decode(v) }));
 }
 
@@ -36,13 +35,13 @@ function idleSeconds(now: bigint, lastSeen: bigint): number {
   return now > lastSeen ? Number(now - lastSeen) / 1e9 : 0;
 }
 
-export function dumpEgress(map: BpfMap, now: bigint): EgressDumpEntry[] {
+export function dumpEgress(map: MapOps, now: bigint): EgressDumpEntry[] {
   return readEgress(map)
     .map((e) => ({ key: e.key, value: pathJson(e.value), idleSeconds: idleSeconds(now, e.value.last_seen) }))
     .sort((a, b) => a.key.local_pod.localeCompare(b.key.local_pod) || a.key.remote_pod.localeCompare(b.key.remote_pod));
 }
 
-export function dumpIngress(map: BpfMap, now: bigint): IngressDumpEntry[] {
+export function dumpIngress(map: MapOps, now: bigint): IngressDumpEntry[] {
   return readIngress(map)
     .map((e) => ({ key: e.key, value: pathJson(e.value), idleSeconds: idleSeconds(now, e.value.last_seen) }))
     .sort((a, b) => a.key.remote_host.localeCompare(b.key.remote_host) || a.key.key - b.key.key);
@@ -63,7 +62,7 @@ export function dumpIngress(map: BpfMap, now: bigint): IngressDumpEntry[] {
  * removes it --ingress-idle later (config.ts requires that to outlast the
  * peer's --egress-idle and scan).
  */
-export function purgePod(egress: BpfMap, ingress: BpfMap, ip: string, now: bigint): Purged {
+export function purgePod(egress: MapOps, ingress: MapOps, ip: string, now: bigint): Purged {
   const want = u32Of(egressKey.encode({ local_pod: ip, remote_pod: ip }), EK.local);
   const e = egress.lookupBatch().filter(([k]) => u32Of(k, EK.local) === want).map(([k]) => k);
   let tombstoned = 0;
@@ -77,7 +76,7 @@ export function purgePod(egress: BpfMap, ingress: BpfMap, ip: string, now: bigin
       ingress.update(k, dead, 'exist');
       tombstoned++;
     } catch (e) {
-      if ((e as LibbpfError).code !== 'ENOENT') throw e;
+      if ((e as MapError).code !== 'ENOENT') throw e;
     }
   }
   return { egress: egress.deleteBatch(e), ingress: tombstoned };
@@ -210,7 +209,7 @@ function peerKey(v: Buffer): Buffer {
  * microseconds; losing it only sends that flow back through the overlay to
  * learn again.
  */
-export function expire(egress: BpfMap, ingress: BpfMap, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
+export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
   const egressIdle = stampBound(now, egressIdleNs), ingressIdle = stampBound(now, ingressIdleNs);
   const ingressEntries = ingress.lookupBatch();
   // The batch's ingress entries by remote host, then key: Map keys of 32 bits
@@ -257,6 +256,6 @@ export function expire(egress: BpfMap, ingress: BpfMap, now: bigint, egressIdleN
 }
 
 /** Entries in a hash map, without decoding them. */
-export function countEntries(map: BpfMap): number {
+export function countEntries(map: MapOps): number {
   return map.lookupBatch().length;
 }

@@ -5,7 +5,7 @@
  * the flow's packets may take the fast path. Until then they cross the host
  * stack, which is always correct, only slower.
  */
-import type { BpfMap } from '../libbpf.ts';
+import type { MapOps } from '../map-ops.ts';
 import { Conntrack } from '../conntrack.ts';
 import { CT_RECHECK_NS, ctAdmission, ctTuple } from '../maps.ts';
 import type { Log } from './log.ts';
@@ -43,8 +43,8 @@ export class ConntrackDrain {
 
   /** open and now: the host's conntrack and clock (the cluster simulator gives its own). */
   constructor(
-    private readonly pending: BpfMap,
-    private readonly admitted: BpfMap,
+    private readonly pending: MapOps,
+    private readonly admitted: MapOps,
     private readonly log: Log,
     private readonly open: () => LiberalTable = () => new Conntrack(),
     private readonly now: () => bigint = monotonicCoarseNs,

@@ -12,7 +12,7 @@
  *    OVS tunnel).
  * An address that is both ours and a peer's is ours.
  */
-import type { BpfMap } from '../libbpf.ts';
+import type { MapOps } from '../map-ops.ts';
 import { NodeFlag, nodeInfo, nodeIp } from '../maps.ts';
 import type { Log } from './log.ts';
 import { fdbDestinations, ipv4Addresses, tunnelDevices, type TunnelDevice } from './system.ts';
@@ -38,7 +38,7 @@ export class NodeSet {
    * undefined (every VXLAN/Geneve device bound to the NIC) or 'none' (peers
    * from --nodes only).
    */
-  constructor(private readonly map: BpfMap, private readonly nic: string, private readonly setting: string | undefined,
+  constructor(private readonly map: MapOps, private readonly nic: string, private readonly setting: string | undefined,
     private readonly configured: readonly string[], private readonly log: Log) {}
 
   /** Finds the overlay devices; an error names what is wrong with the setting. */

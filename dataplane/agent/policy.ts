@@ -3,7 +3,7 @@
  * in use kept beside them in policy_masks (see bpf/policy.h).
  */
 import { POLICY_MAX_MASKS, PolicyDir, policyKey, policyMasks, policyRule, ruleMask, arrayIndex, type PolicyKey } from '../maps.ts';
-import type { BpfMap } from '../libbpf.ts';
+import type { MapOps } from '../map-ops.ts';
 import type { PolicyRuleRecord } from './protocol.ts';
 
 export const PROTOCOLS: Record<string, number> = { icmp: 1, tcp: 6, udp: 17 };
@@ -93,7 +93,7 @@ const sameMatch = (a: PolicyRuleRecord, b: PolicyRuleRecord) =>
 export class PolicyTable {
   private rules: PolicyRuleRecord[];
 
-  constructor(private readonly rulesMap: BpfMap, private readonly masksMap: BpfMap, initial: readonly PolicyRuleRecord[]) {
+  constructor(private readonly rulesMap: MapOps, private readonly masksMap: MapOps, initial: readonly PolicyRuleRecord[]) {
     this.rules = [...initial];
   }
 
@@ -106,7 +106,7 @@ export class PolicyTable {
   }
 
   /** Rules found in policy_rules (when the state file was lost). */
-  static readMap(rulesMap: BpfMap): PolicyRuleRecord[] {
+  static readMap(rulesMap: MapOps): PolicyRuleRecord[] {
     return rulesMap.lookupBatch().map(([k, v]) => fromKey(policyKey.decode(k), policyRule.decode(v).id));
   }
 

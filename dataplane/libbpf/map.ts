@@ -3,6 +3,7 @@ import { closeSync, readFileSync, unlinkSync } from 'node:fs';
 import koffi from 'koffi';
 import { E, ENOTSUPP, LibbpfError, check } from './errors.ts';
 import { BpfMapInfo, native, STRUCT_SIZES, type Ptr } from './native.ts';
+import type { MapOps } from '../map-ops.ts';
 import type { BpfObject } from './object.ts';
 
 /** enum bpf_map_type values this project meets. */
@@ -37,7 +38,7 @@ interface FdSource {
   path: string;
 }
 
-export class BpfMap {
+export class BpfMap implements MapOps {
   private fdClosed = false;
   private lastPin: string | undefined;
 

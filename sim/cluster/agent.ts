@@ -2,12 +2,12 @@
  * The agent's control loops on a simulated host, run by the agent's own
  * functions: dataplane/agent/caches.ts expires and purges, and
  * dataplane/agent/policy.ts turns rules into policy_rules keys and the
- * policy_masks list. Those functions read the kernel's maps as raw bytes;
- * here they read the model's tables through ModelMapView, which gives each
+ * policy_masks list. Those functions take any map of the MapOps contract
+ * (dataplane/map-ops.ts: the kernel's maps as raw bytes); here they read the model's tables through ModelMapView, which gives each
  * entry's fields at the offsets of dataplane/maps.ts, so they see exactly the
  * bytes the kernel would hold.
  */
-import type { BpfMap } from '../../dataplane/libbpf.ts';
+import type { MapOps, UpdateFlag } from '../../dataplane/map-ops.ts';
 import { NO_HOST_NETNS, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
@@ -16,32 +16,33 @@ import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { E2BIG, EEXIST, ENOENT, type DatapathState, type HashTable } from '../model/index.ts';
 
-/** The part of BpfMap that caches.ts and conntrack.ts use, over a model table. */
-type MapOps = Pick<BpfMap, 'lookup' | 'lookupBatch' | 'deleteBatch' | 'update' | 'entries' | 'delete'>;
-
-/** The model's errnos by the names BpfMap reports them under (LibbpfError.code). */
+/** The model's errnos by the names a refused update reports (MapError.code). */
 const ERRNO_NAMES: Record<number, string> = { [ENOENT]: 'ENOENT', [EEXIST]: 'EEXIST', [E2BIG]: 'E2BIG' };
 
 /** A model table as the kernel's bytes, at the offsets of maps.ts (HashTable's byte boundary). */
-class ModelMapView implements MapOps {
+export class ModelMapView implements MapOps {
   constructor(private readonly table: HashTable<unknown, unknown>) {}
+
+  get maxEntries(): number {
+    return this.table.maxEntries;
+  }
 
   lookup(k: Buffer): Buffer | undefined {
     return this.table.lookupBytes(k);
   }
 
   /**
-   * Unlike BpfMap's, the buffers are the table's own, rewritten by the next
-   * lookupBatch (HashTable.entriesBytes): caches.ts reads a batch before it
-   * reads the map's batch again and copies a value before it changes one.
+   * The buffers are the table's own, rewritten by the next lookupBatch
+   * (HashTable.entriesBytes), as MapOps allows: caches.ts reads a batch
+   * before it reads the map's batch again and copies a value before it changes one.
    */
   lookupBatch(): Array<[Buffer, Buffer]> {
     return this.table.entriesBytes();
   }
 
-  update(k: Buffer, v: Buffer, flags: 'any' | 'noexist' | 'exist' = 'any'): void {
+  update(k: Buffer, v: Buffer, flags: UpdateFlag = 'any'): void {
     const rc = this.table.updateBytes(k, v, flags);
-    // The kernel's errors as BpfMap reports them (LibbpfError.code).
+    // The kernel's errors as the kernel's maps report them (MapError.code).
     if (rc < 0) throw Object.assign(new Error(`update (${flags}): errno ${-rc}`), { code: ERRNO_NAMES[rc] });
   }
 
@@ -60,10 +61,6 @@ class ModelMapView implements MapOps {
     return n;
   }
 }
-
-// caches.ts takes BpfMap, a class with a kernel fd behind it; it only calls the
-// MapOps methods, which ModelMapView implements with the same contract.
-const asBpfMap = (v: MapOps) => v as unknown as BpfMap;
 
 export interface AgentTiming {
   egressIdleNs: number;
@@ -92,8 +89,8 @@ export interface AgentFaults {
 }
 
 export class SimAgent {
-  private readonly egress: BpfMap;
-  private readonly ingress: BpfMap;
+  private readonly egress: MapOps;
+  private readonly ingress: MapOps;
   private rules: PolicyRuleRecord[] = [];
   readonly expired = { egress: 0, ingress: 0, unanswered: 0 };
   /** The agent's own drain of ct_pending, making the host's entries liberal (undefined: the host has no conntrack). */
@@ -101,10 +98,10 @@ export class SimAgent {
   readonly log = new MemoryLog();
 
   constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}, conntrack?: LiberalTable) {
-    this.egress = asBpfMap(new ModelMapView(s.egress_cache));
-    this.ingress = asBpfMap(new ModelMapView(s.ingress_cache));
+    this.egress = new ModelMapView(s.egress_cache);
+    this.ingress = new ModelMapView(s.ingress_cache);
     if (conntrack) {
-      this.ctDrain = new ConntrackDrain(asBpfMap(new ModelMapView(s.ct_pending)), asBpfMap(new ModelMapView(s.ct_admitted)), this.log, () => conntrack, () => this.drainNow);
+      this.ctDrain = new ConntrackDrain(new ModelMapView(s.ct_pending), new ModelMapView(s.ct_admitted), this.log, () => conntrack, () => this.drainNow);
     }
   }
 
