@@ -25,9 +25,9 @@ import { monotonicCoarseNs } from '../dataplane/agent/native.ts';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { egressKey, ingressKey, path, type Path } from '../dataplane/maps.ts';
-import { ROOT } from '../lab/agents.ts';
+import { ROOT } from '../testing/root.ts';
 import { cniAdd, cniDel, type CniInvocation, type CniResult } from '../lab/cni.ts';
-import { run } from '../lab/command.ts';
+import { run } from '../testing/command.ts';
 import { Lab, type LabPod } from '../lab/lab.ts';
 
 const AGENT = `${ROOT}dist/xmasq-agent.mjs`;

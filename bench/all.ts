@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
-import { ROOT } from '../lab/agents.ts';
+import { ROOT } from '../testing/root.ts';
 
 interface Part {
   name: string;
@@ -46,7 +46,7 @@ const PARTS: Part[] = [
   {
     name: 'sim',
     what: 'simulated packets per second of the cluster simulator (sim/cluster)',
-    argv: (_, quick) => [...TSX, `${ROOT}sim/cluster/bench.ts`, '--json', ...(quick ? ['--quick'] : [])],
+    argv: (_, quick) => [...TSX, `${ROOT}bench/sim.ts`, '--json', ...(quick ? ['--quick'] : [])],
     json: 'stdout',
     headline: (r: { allThreads: { median: number }; oneThread: { wide: { median: number } }; allCores: Array<{ threads: number }>; goal: number }) =>
       `${fmt(r.allThreads.median)} simulated packets/s on ${r.allCores[0]?.threads} threads, a cluster each (one thread: ${fmt(r.oneThread.wide.median)}; goal ${fmt(r.goal)})`,

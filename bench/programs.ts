@@ -20,9 +20,9 @@ import { FLANNEL_PORTS, NO_OVERLAY,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
   NO_HOST_NETNS, type CounterName, type PolicyKey,
 } from '../dataplane/maps.ts';
-import { buildFrame, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
-import { checksumProblems, decodeFrame, flattenFrame } from '../sim/packet/decode.ts';
-import { u32ToIp, ipToU32 } from '../sim/packet/addr.ts';
+import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
+import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/decode.ts';
+import { u32ToIp, ipToU32 } from '../testing/packet/addr.ts';
 
 export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.o', import.meta.url));
 

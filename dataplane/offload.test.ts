@@ -23,8 +23,8 @@ import { ConntrackDrain } from './agent/conntrack.ts';
 import { stderrLog } from './agent/log.ts';
 import { BpfObject, tcAttach, withNetns } from './libbpf.ts';
 import { NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, egressKey, path } from './maps.ts';
-import { readPcap } from '../fixtures/pcap.ts';
-import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
+import { readPcap } from '../testing/pcap.ts';
+import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
 
 if (process.getuid?.() !== 0) throw new Error('dataplane/offload.test.ts needs root (network namespaces, BPF): run it as root');
 

@@ -9,7 +9,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { ROOT } from '../lab/agents.ts';
+import { ROOT } from '../testing/root.ts';
 import { removeStaleLabs } from './demo.ts';
 import { parseArgs } from './main.ts';
 import { METRICS, MODES, PATHS, goals, median, renderSvg, renderTable, summarize, type DemoReport, type Sample } from './report.ts';

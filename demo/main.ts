@@ -5,7 +5,7 @@
  */
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { ROOT } from '../lab/agents.ts';
+import { ROOT } from '../testing/root.ts';
 import { DEFAULT_NICE, DemoError, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
 import { MODES, renderMachine, renderMarkdown, renderSvg, renderTable, type Mode } from './report.ts';
 

@@ -11,7 +11,7 @@ import { cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { btfHasFunc, kernelHasRpeer } from '../dataplane/agent/system.ts';
-import { pidAlive } from '../lab/command.ts';
+import { pidAlive } from '../testing/command.ts';
 
 const HERE = dirname(fileURLToPath(import.meta.url));
 export const PATCH = join(HERE, 'bpf_redirect_rpeer.patch');

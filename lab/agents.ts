@@ -4,15 +4,13 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, rmSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { egressKey, path, type Path } from '../dataplane/maps.ts';
-import { run } from './command.ts';
+import { run } from '../testing/command.ts';
+import { ROOT, TSX } from '../testing/root.ts';
 import { Lab } from './lab.ts';
 
-export const ROOT = fileURLToPath(new URL('..', import.meta.url));
-export const TSX = `${ROOT}node_modules/.bin/tsx`;
 const AGENT = `${ROOT}dataplane/agent/main.ts`;
 
 export class LabAgents {

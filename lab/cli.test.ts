@@ -4,15 +4,14 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
+import { ROOT } from '../testing/root.ts';
 import { afterAll, describe, expect, it } from 'vitest';
 import type { LabView } from './cli.ts';
-import { run } from './command.ts';
+import { run } from '../testing/command.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/cli.test.ts needs root (network namespaces, BPF): run it as root');
 
-const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const CLI = `${ROOT}dataplane/cli/main.ts`;
 const name = `xc${process.pid % 100000}`;
 

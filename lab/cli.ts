@@ -12,7 +12,8 @@ import { closeSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, 
 import { join } from 'node:path';
 import { unpinAll } from '../dataplane/agent/datapath.ts';
 import { AgentClient, type AgentStatus, type PodRecord } from '../dataplane/agent/protocol.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { LabAgents } from './agents.ts';
+import { ROOT } from '../testing/root.ts';
 import { Kube, SERVICE_CIDR, type PolicyRule, type ServiceSpec } from './k8s.ts';
 import { DEFAULT_LAB_NAME, Lab, type LabPod } from './lab.ts';
 

@@ -7,7 +7,7 @@
  */
 import { accessSync, constants } from 'node:fs';
 import { join } from 'node:path';
-import { netnsPath, run, type RunResult } from './command.ts';
+import { netnsPath, run, type RunResult } from '../testing/command.ts';
 
 export interface CniPluginConf {
   type: string;

@@ -11,9 +11,9 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, tcAttach, withNetns } from '../dataplane/libbpf.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, COUNTER_NAMES, NodeFlag, arrayIndex, config, counterValue, nodeInfo, nodeIp, podIp, podInfo, type CounterName } from '../dataplane/maps.ts';
-import { readPcap } from '../fixtures/pcap.ts';
-import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
-import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
+import { readPcap } from '../testing/pcap.ts';
+import { decodeFrame, findLayer } from '../testing/packet/decode.ts';
+import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
 import { Lab } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
 

@@ -8,7 +8,7 @@ import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { netnsPath, run } from './command.ts';
+import { netnsPath, run } from '../testing/command.ts';
 import {
   addContainerPod, containerExec, deleteContainerPod, DOCKER_PACKAGES, DockerDaemon, ensureBusyboxImage, LAB_LABEL,
   removeLabContainers, type ContainerPod,

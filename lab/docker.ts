@@ -25,7 +25,7 @@ import {
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from './command.ts';
+import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from '../testing/command.ts';
 import { cniAdd, cniDel, type CniConfList, type CniInvocation, type CniResult } from './cni.ts';
 import type { Lab, LabHost } from './lab.ts';
 

@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { verifyIpv4Header } from '../sim/packet/checksum.ts';
+import { verifyIpv4Header } from '../testing/packet/checksum.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, tcpRetransSegs, wireKind, wireChecksumValid } from './traffic.ts';

@@ -20,7 +20,7 @@
  */
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { mustRunIn } from './command.ts';
+import { mustRunIn } from '../testing/command.ts';
 import { CLUSTER_CIDR, stateDir, type Lab, type LabHost, type LabPod } from './lab.ts';
 import { savedChains, syncRestore, type PolicyRule, type Protocol, type ServicePort, type ServiceSpec } from './kubeproxy.ts';
 

@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { checksumProblems, decodeFrame, describeFrame, flattenFrame } from '../sim/packet/index.ts';
+import { checksumProblems, decodeFrame, describeFrame, flattenFrame } from '../testing/packet/index.ts';
 import { Lab, stateDir, type LabPod } from './lab.ts';
 
 const RUN = process.pid;

@@ -14,7 +14,7 @@
 import type { ChildProcess, SpawnOptions } from 'node:child_process';
 import { accessSync, constants, existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { delimiter, join } from 'node:path';
-import { mustRun, netnsPath, run, runIn, spawnIn, type RunOptions, type RunResult } from './command.ts';
+import { mustRun, netnsPath, run, runIn, spawnIn, type RunOptions, type RunResult } from '../testing/command.ts';
 import { checkPlugins, cniAdd, cniDel, type CniConfList, type CniInvocation, type CniPluginConf, type CniResult } from './cni.ts';
 import { baseRestore } from './kubeproxy.ts';
 

@@ -12,7 +12,7 @@ import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { NO_HOST_NETNS, podInfo, podIp } from '../dataplane/maps.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
-import { netnsPath } from './command.ts';
+import { netnsPath } from '../testing/command.ts';
 import { stateDir, type Lab } from './lab.ts';
 import { LabPodman, PODMAN_PACKAGES, requirePodman, type PodmanPod } from './podman.ts';
 import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, wireChecksumValid, wireKind } from './traffic.ts';

@@ -19,7 +19,7 @@
  */
 import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { mustRun, netnsPath, run, type RunOptions, type RunResult } from './command.ts';
+import { mustRun, netnsPath, run, type RunOptions, type RunResult } from '../testing/command.ts';
 import { busyboxRootfsTar } from './docker.ts';
 import type { Lab, LabHost } from './lab.ts';
 

@@ -19,8 +19,9 @@
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { buildFrame } from '../sim/packet/build.ts';
-import { LabAgents, ROOT } from './agents.ts';
+import { buildFrame } from '../testing/packet/build.ts';
+import { LabAgents } from './agents.ts';
+import { ROOT } from '../testing/root.ts';
 import { injectFrames } from './inject.ts';
 import { Lab, type LabHost, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';

@@ -11,7 +11,7 @@
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { readPcapFile, type PcapRecord } from '../fixtures/pcap.ts';
+import { readPcapFile, type PcapRecord } from '../testing/pcap.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server, snmp, wireKind } from './traffic.ts';

@@ -1,8 +1,8 @@
 /** Traffic and captures in the lab: small node servers and clients in pods, tcpdump on a host NIC. */
 import type { ChildProcess } from 'node:child_process';
-import { readPcap } from '../fixtures/pcap.ts';
-import { l4ChecksumInfo, onesComplementSum, pseudoHeaderSum } from '../sim/packet/checksum.ts';
-import { decodeFrame, findLayer } from '../sim/packet/decode.ts';
+import { readPcap } from '../testing/pcap.ts';
+import { l4ChecksumInfo, onesComplementSum, pseudoHeaderSum } from '../testing/packet/checksum.ts';
+import { decodeFrame, findLayer } from '../testing/packet/decode.ts';
 import type { Lab, LabPod } from './lab.ts';
 
 /** A node one-liner in a pod's (or host's) netns. */

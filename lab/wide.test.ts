@@ -10,7 +10,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { WIDE_KEY_MAX, WIDE_KEY_MIN } from '../dataplane/maps.ts';
-import { l4ChecksumInfo, verifyIpv4Header } from '../sim/packet/checksum.ts';
+import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireChecksumValid } from './traffic.ts';

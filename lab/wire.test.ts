@@ -9,12 +9,12 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { buildFrame, truncate, type FrameSpec, type Ipv4Spec } from '../sim/packet/build.ts';
+import { buildFrame, truncate, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
 import { LabAgents, upWithAgents } from './agents.ts';
 import { injectFrames } from './inject.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, capture, nodeIn, output, server } from './traffic.ts';
-import { describeFrame } from '../sim/packet/diff.ts';
+import { describeFrame } from '../testing/packet/diff.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/wire.test.ts needs root (network namespaces, BPF): run it as root');
 

@@ -43,7 +43,7 @@ export const bundlePath = (name: keyof typeof BUNDLES) => join(DIST, `${name}.mj
 /** Checkout tools the CLI may import for its lab and demo commands, kept as imports of their sources. */
 const CHECKOUT_TOOLS = /^(lab|demo)\//;
 /** Source that no bundle may hold. */
-const NOT_PRODUCT = /^(lab|demo|sim|fixtures|bench|vm-tests|kernel-patch)\/|\.test\.ts$/;
+const NOT_PRODUCT = /^(lab|demo|sim|fixtures|bench|testing|vm-tests|kernel-patch)\/|\.test\.ts$/;
 
 const checkoutToolsOutside: Plugin = {
   name: 'checkout-tools-outside',

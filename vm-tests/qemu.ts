@@ -6,10 +6,9 @@
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+// The guest sees the clone (ROOT) at the same path.
+import { ROOT } from '../testing/root.ts';
 
-/** The clone, with a trailing slash: the guest sees it at the same path. */
-export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const GUEST_INIT = join(ROOT, 'vm-tests/guest/init.sh');
 export const QEMU = 'qemu-system-x86_64';
 

@@ -6,8 +6,9 @@
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
-import { mustRun } from '../lab/command.ts';
-import { ROOT, runGuestSuites, type GuestRun } from './qemu.ts';
+import { mustRun } from '../testing/command.ts';
+import { runGuestSuites, type GuestRun } from './qemu.ts';
+import { ROOT } from '../testing/root.ts';
 
 if (process.getuid?.() !== 0) throw new Error('vm-tests need root: the kernel cache is in /var/cache and the guest runs the lab as root; run as root');
 

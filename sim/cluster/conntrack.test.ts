@@ -10,7 +10,7 @@ import { CT_RECHECK_NS, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, ipWord, newCtTo } from '../model/conntrack.ts';
 import { Hdrs } from '../model/packet.ts';
 import { emptyState, type Env } from '../model/state.ts';
-import { verifyL4 } from '../packet/index.ts';
+import { verifyL4 } from '../../testing/packet/index.ts';
 import { CT_ESTABLISHED, CT_INVALID, CT_NEW, HostConntrack, IPS_DST_NAT, IPS_SEEN_REPLY, LINUX_CT_TIMEOUTS, TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, scaledTimeouts } from './conntrack.ts';
 import { ipHeaderValid, natRewrite } from './frames.ts';
 import { ipToU32 } from './topology.ts';

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { buildFrame, decodeFrame, verifyIpv4Header, verifyL4 } from '../packet/index.ts';
+import { buildFrame, decodeFrame, verifyIpv4Header, verifyL4 } from '../../testing/packet/index.ts';
 import { decreaseTtl, ipHeaderValid, payloadOffset, readPacketId, vxlanDecap, vxlanEncap, writePacketId } from './frames.ts';
 import { buildTemplate } from './traffic.ts';
 import { ipToU32, macBytes } from './topology.ts';

@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { buildFrame, type L4Spec } from '../packet/index.ts';
+import { buildFrame, type L4Spec } from '../../testing/packet/index.ts';
 import { PAYLOAD_BYTES, buildTemplate } from './traffic.ts';
 import { macBytes, u32ToIp } from './topology.ts';
 

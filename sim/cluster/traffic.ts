@@ -4,7 +4,7 @@
  * (buildFrame, with valid checksums) and copied per packet with the packet's
  * id written into the payload.
  */
-import { buildFrame, type L4Spec } from '../packet/index.ts';
+import { buildFrame, type L4Spec } from '../../testing/packet/index.ts';
 import type { Sent } from './invariants.ts';
 import { ETH_HLEN, payloadOffset, put16, put32 } from './frames.ts';
 import type { Rng } from './rng.ts';

@@ -4,7 +4,7 @@
  * and every map entry (decoded, field by field).
  */
 import { COUNTER_NAMES, KEY_MAX, KEY_MIN, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { diffFrames } from '../packet/diff.ts';
+import { diffFrames } from '../../testing/packet/diff.ts';
 import { init } from '../model/init.ts';
 import { masq } from '../model/masq.ts';
 import { restore } from '../model/restore.ts';

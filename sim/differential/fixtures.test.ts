@@ -4,9 +4,9 @@
  */
 import { afterAll, describe, expect, it } from 'vitest';
 import { KEY_MAX, KEY_MIN, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { loadFixtures, type Fixture } from '../../fixtures/load.ts';
+import { loadFixtures, type Fixture } from './fixtures.ts';
 import { runCase } from './compare.ts';
-import { verifyL4 } from '../packet/index.ts';
+import { verifyL4 } from '../../testing/packet/index.ts';
 import { KernelDatapath } from './kernel.ts';
 
 const fixtures: Fixture[] = await loadFixtures();

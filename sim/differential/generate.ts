@@ -9,7 +9,7 @@
  * config, narrow and wide keys in the tables, urgent pointers and outer IDs
  * that carry a key or look like one, GSO overlay packets.
  */
-import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../packet/build.ts';
+import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../../testing/packet/build.ts';
 import {
   CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   NO_HOST_NETNS, type Path, type PolicyKey,

@@ -5,7 +5,7 @@
 import { KernelDatapath } from './kernel.ts';
 import { MODEL, runCase, type Case, type ModelProgram } from './compare.ts';
 import { generateCases } from './generate.ts';
-import { loadFixtures } from '../../fixtures/load.ts';
+import { loadFixtures } from './fixtures.ts';
 import type { ProgramName } from './statespec.ts';
 
 export const PROGRAMS: ProgramName[] = ['init', 'restore', 'masq'];

@@ -6,8 +6,8 @@
  */
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { buildFrame, type FrameSpec, type L4Spec } from '../packet/build.ts';
-import { l4ChecksumInfo, verifyIpv4Header } from '../packet/checksum.ts';
+import { buildFrame, type FrameSpec, type L4Spec } from '../../testing/packet/build.ts';
+import { l4ChecksumInfo, verifyIpv4Header } from '../../testing/packet/checksum.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './state.ts';
 import { masq } from './masq.ts';

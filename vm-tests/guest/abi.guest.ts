@@ -5,7 +5,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { BpfObject, skbCtx } from '../../dataplane/libbpf.ts';
-import { buildFrame } from '../../sim/packet/build.ts';
+import { buildFrame } from '../../testing/packet/build.ts';
 import { VM_BUILD } from './netns.ts';
 
 const R = ['LOOP_RET', 'LOOP_COUNT', 'STRNCMP_EQ', 'STRNCMP_GT', 'PEER_BAD_FLAGS', 'PEER_OK', 'TSTAMP_RET', 'TSTAMP',

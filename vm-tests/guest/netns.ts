@@ -3,7 +3,7 @@
  * lab: named namespaces, interface counters, and the objects built by vm-tests/bpf.
  */
 import { fileURLToPath } from 'node:url';
-import { mustRun, mustRunIn, run } from '../../lab/command.ts';
+import { mustRun, mustRunIn, run } from '../../testing/command.ts';
 
 /** vm-tests/build/, where vm-tests/bpf/Makefile puts abi.bpf.o and rpeer_probe.bpf.o. */
 export const VM_BUILD = fileURLToPath(new URL('../build/', import.meta.url));

@@ -18,9 +18,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
 import { BpfMap } from '../../dataplane/libbpf.ts';
 import { podInfo, podIp } from '../../dataplane/maps.ts';
-import { verifyIpv4Header } from '../../sim/packet/checksum.ts';
-import { run } from '../../lab/command.ts';
-import { LabAgents, ROOT, TSX, upWithAgents } from '../../lab/agents.ts';
+import { verifyIpv4Header } from '../../testing/packet/checksum.ts';
+import { run } from '../../testing/command.ts';
+import { LabAgents, upWithAgents } from '../../lab/agents.ts';
+import { ROOT, TSX } from '../../testing/root.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
 import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, csumErrors, nodeIn, output, server, wireKind, wireChecksumValid } from '../../lab/traffic.ts';
 

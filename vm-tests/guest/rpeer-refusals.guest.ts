@@ -10,7 +10,7 @@
  * veth peer, the target, the wire nor the destination's IP stack saw any of them.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { mustRunIn, runIn } from '../../lab/command.ts';
+import { mustRunIn, runIn } from '../../testing/command.ts';
 import { BpfObject, tcAttach, tcDestroyHook, withNetns, type TcHookPoint } from '../../dataplane/libbpf.ts';
 import { VM_BUILD, addNetns, counters, deleteNetns, gained, ifindex, ipBatch, link } from './netns.ts';
 

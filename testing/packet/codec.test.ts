@@ -10,7 +10,7 @@ import {
   udpChecksum, verifyIpv4Header, verifyL4,
   type DecodedFrame, type FieldValue, type FrameSpec,
 } from './index.ts';
-import { encodePcap, readPcap, readPcapFile, writePcap } from '../../fixtures/pcap.ts';
+import { encodePcap, readPcap, readPcapFile, writePcap } from '../pcap.ts';
 
 /**
  * Reference ones'-complement sum by a different route than the library's

@@ -12,11 +12,11 @@
  */
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
-import { buildFrame } from '../packet/index.ts';
-import { masqInPlace, newEffects, restoreInPlace } from '../model/index.ts';
-import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, type BenchJob, type MachineCheck, type Measured } from './bench-run.ts';
-import { Cluster } from './cluster.ts';
-import { mapInWorkers, threadsOption } from './workers.ts';
+import { buildFrame } from '../testing/packet/index.ts';
+import { masqInPlace, newEffects, restoreInPlace } from '../sim/model/index.ts';
+import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, type BenchJob, type MachineCheck, type Measured } from './sim-run.ts';
+import { Cluster } from '../sim/cluster/cluster.ts';
+import { mapInWorkers, threadsOption } from '../sim/cluster/workers.ts';
 
 const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds R] [--quick] [--json] [--help]
 
@@ -84,9 +84,9 @@ async function allCores(scheme: string, packets: number, threads: number): Promi
   return { threads, packetsPerSecond: Math.round(total / wall), wallSeconds: +wall.toFixed(3), runs };
 }
 
-const BENCH_RUN = new URL('./bench-run.ts', import.meta.url);
+const BENCH_RUN = new URL('./sim-run.ts', import.meta.url);
 
-/** The machine check (bench-run.ts) on this thread, then on every thread at once. */
+/** The machine check (sim-run.ts) on this thread, then on every thread at once. */
 async function machineChecks(threads: number): Promise<{ alone: MachineCheck; allThreads: MachineCheck[] }> {
   const alone = machineCheck();
   const allThreads = await mapInWorkers<BenchJob, MachineCheck>(BENCH_RUN, Array.from({ length: threads }, () => ({ machineCheck: true as const })), { threads });

@@ -1,16 +1,16 @@
 /**
  * One run of npm run bench:sim: microservice traffic (traffic.ts
  * MICROSERVICES) on 4 hosts × 20 pods until a number of packets were sent,
- * timed. bench.ts runs it on the main thread, and as a worker module on every
+ * timed. sim.ts runs it on the main thread, and as a worker module on every
  * core at once (workers.ts), each worker its own cluster and seed.
  */
 import { createHash } from 'node:crypto';
-import { DEFAULT_TIMING } from './agent.ts';
-import { Cluster, type RunStats } from './cluster.ts';
-import { Rng } from './rng.ts';
-import type { Scenario } from './scenario.ts';
-import { MICROSERVICES, TrafficGenerator } from './traffic.ts';
-import { serveJobs } from './workers.ts';
+import { DEFAULT_TIMING } from '../sim/cluster/agent.ts';
+import { Cluster, type RunStats } from '../sim/cluster/cluster.ts';
+import { Rng } from '../sim/cluster/rng.ts';
+import type { Scenario } from '../sim/cluster/scenario.ts';
+import { MICROSERVICES, TrafficGenerator } from '../sim/cluster/traffic.ts';
+import { serveJobs } from '../sim/cluster/workers.ts';
 
 export interface Measured {
   scheme: string;
