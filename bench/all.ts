@@ -11,6 +11,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
+import type { DemoReport } from '../demo/report.ts';
 import { ROOT } from '../testing/root.ts';
 
 interface Part {
@@ -53,9 +54,18 @@ const PARTS: Part[] = [
   },
   {
     name: 'demo',
-    what: 'host / route / overlay / xmasq: iperf3 and TCP_RR between pods on two lab hosts',
+    what: 'host / route / overlay / xmasq: iperf3, sockperf ping-pong and TCP_RR between pods on two lab hosts',
     argv: (out, quick) => [...TSX, `${ROOT}demo/main.ts`, '--json', `${out}-demo.json`, '--svg', `${out}-demo.svg`, '--md', `${out}-demo.md`, ...(quick ? ['--quick'] : [])],
     json: (out) => `${out}-demo.json`,
+    headline: (r: DemoReport) => {
+      const ratio = (m: 'throughput_gbps' | 'sockperf_rr_tps') => {
+        const x = r.paths.xmasq.pinned?.[m]?.median, h = r.paths.host.pinned?.[m]?.median;
+        return x !== undefined && h ? `${(x / h).toFixed(2)}× host` : '–';
+      };
+      const pct = (x: number | null | undefined) => (x === null || x === undefined ? '–' : `${(x * 100).toFixed(0)}%`);
+      const o = r.overhead_removed.pinned;
+      return `xmasq pinned: throughput ${ratio('throughput_gbps')}, sockperf RR ${ratio('sockperf_rr_tps')}; overlay overhead removed: RR ${pct(o?.rr)}, p50 ${pct(o?.p50)}, throughput ${pct(o?.throughput)}`;
+    },
   },
 ];
 

@@ -28,7 +28,7 @@ import { ROOT } from '../testing/root.ts';
 import { run } from '../testing/command.ts';
 import { Lab, STATE_ROOT, type LabHost, type LabPod } from '../lab/lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from '../lab/traffic.ts';
-import { MODES, PATHS, summarize, type DemoReport, type Mode, type PathName, type Sample } from './report.ts';
+import { MODES, PATHS, overheadRemovedByMode, summarize, type DemoReport, type Mode, type PathName, type Sample } from './report.ts';
 
 export interface DemoOptions {
   rounds: number;
@@ -75,6 +75,9 @@ export interface DemoRun {
 
 const IPERF_PORT = 5201;
 const RR_PORT = 5301;
+const SOCKPERF_PORT = 5351;
+/** sockperf's smallest message: its own header (sequence number, flags) takes 14 bytes. */
+const SOCKPERF_MSG = 14;
 /** The UDP echo that warms the pair onto the fast path. */
 const WARM_PORT = 5401;
 const LAB_PREFIX = 'xdemo';
@@ -88,6 +91,7 @@ export class DemoError extends Error {
 
 const TOOL_PACKAGES: Record<string, string> = {
   iperf3: 'iperf3',
+  sockperf: 'sockperf',
   taskset: 'util-linux',
   nice: 'coreutils',
   nsenter: 'util-linux',
@@ -575,8 +579,12 @@ class Demo {
     return { child, out: () => out, exited };
   }
 
-  /** Starts a server that prints `ready` once it listens, and waits for that. */
-  private async server(where: { netns: string }, cmd: string, args: string[], ready: RegExp): Promise<{ stop: () => Promise<void> }> {
+  /**
+   * Starts a server that prints `ready` once it listens, and waits for that. One-shot servers
+   * (iperf3 -1, rr) exit by themselves once the client is done; a `persistent` one (sockperf
+   * serves until killed) is sent SIGTERM at once.
+   */
+  private async server(where: { netns: string }, cmd: string, args: string[], ready: RegExp, persistent = false): Promise<{ stop: () => Promise<void> }> {
     const s = this.spawnTracked(where, cmd, args);
     const deadline = Date.now() + 10_000;
     while (!ready.test(s.out())) {
@@ -590,7 +598,7 @@ class Demo {
     }
     return {
       stop: async () => {
-        // One-shot servers exit by themselves once the client is done; give them a moment.
+        if (persistent) s.child.kill('SIGTERM');
         const t = setTimeout(() => s.child.kill('SIGKILL'), 3000);
         await s.exited;
         clearTimeout(t);
@@ -648,6 +656,26 @@ class Demo {
     return { tps: j.tps, p50: j.p50_us, p99: j.p99_us };
   }
 
+  /**
+   * sockperf ping-pong over TCP (Debian's sockperf, as users run it): one message in flight,
+   * the server echoes it. sockperf reports latency as half the round trip, which is what
+   * its users quote; the rate is its valid-duration message count over that duration (the
+   * warm-up it does first is not counted).
+   */
+  private async sockperfTest(path: PathName, mode: Mode): Promise<{ tps: number; p50: number; p99: number }> {
+    const { client, server, target } = this.endpoints(path);
+    const port = String(SOCKPERF_PORT);
+    // "to block on socket" is printed once the server sits in its receive loop, after listen().
+    const srv = await this.server(server, ...this.pin(mode, 'sockperf', ['server', '--tcp', '-i', target, '-p', port]), /to block on socket/, true);
+    let r: { code: number | null; out: string };
+    try {
+      r = await this.client(client, ...this.pin(mode, 'sockperf', ['ping-pong', '--tcp', '-i', target, '-p', port, '-m', String(SOCKPERF_MSG), '-t', String(this.opts.durationS)]));
+    } finally {
+      await srv.stop();
+    }
+    return parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`);
+  }
+
   // ---- the run -----------------------------------------------------------------------------
 
   private async measure(started: Date, warnings: string[]): Promise<DemoRun> {
@@ -670,9 +698,11 @@ class Demo {
             };
             const one = await step('iperf3 -P 1', () => this.iperf(path, mode, 1), (x) => `${x.gbps.toFixed(2)} Gbit/s, ${x.cpuPerGbps.toFixed(2)} % core per Gbit/s`);
             const four = await step('iperf3 -P 4', () => this.iperf(path, mode, 4), (x) => `${x.gbps.toFixed(2)} Gbit/s`);
+            const sp = await step('sockperf ping-pong', () => this.sockperfTest(path, mode), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(2)} µs, p99 ${x.p99.toFixed(2)} µs (half round trip)`);
             const rr = await step('TCP_RR 1 byte', () => this.rrTest(path, mode), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(1)} µs, p99 ${x.p99.toFixed(1)} µs`);
             (samples[path][mode] ??= []).push({
               throughput_gbps: one.gbps, throughput4_gbps: four.gbps, cpu_per_gbps: one.cpuPerGbps,
+              sockperf_rr_tps: sp.tps, sockperf_p50_us: sp.p50, sockperf_p99_us: sp.p99,
               rr_tps: rr.tps, rr_p50_us: rr.p50, rr_p99_us: rr.p99,
             });
           }
@@ -684,15 +714,34 @@ class Demo {
         await this.leave(path);
       }
     }
+    const paths = Object.fromEntries(PATHS.map((p) => [p, Object.fromEntries(Object.entries(samples[p]).map(([m, s]) => [m, summarize(s!)]))])) as DemoReport['paths'];
     const report: DemoReport = {
       machine: machine(),
       date: started.toISOString(),
       rounds,
       duration_s: this.opts.durationS,
-      paths: Object.fromEntries(PATHS.map((p) => [p, Object.fromEntries(Object.entries(samples[p]).map(([m, s]) => [m, summarize(s!)]))])) as DemoReport['paths'],
+      paths,
+      overhead_removed: overheadRemovedByMode({ paths }),
     };
     return { report, samples, checks, warnings };
   }
+}
+
+/**
+ * The figures of a `sockperf ping-pong` run from its output: the rate from the "[Valid
+ * Duration]" line (messages received over its run time), p50 and p99 from the percentile
+ * lines (µs, half round trip).
+ */
+export function parseSockperf(out: string, code: number | null, what: string): { tps: number; p50: number; p99: number } {
+  // sockperf colours some lines even into a pipe.
+  const text = out.replace(/\x1b\[[0-9;]*m/g, '');
+  const valid = /\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; ReceivedMessages=(\d+)/.exec(text);
+  const pct = (p: string) => Number(new RegExp(`percentile ${p} =\\s*([\\d.]+)`).exec(text)?.[1]);
+  const tps = valid ? Number(valid[2]) / Number(valid[1]) : NaN, p50 = pct('50\\.000'), p99 = pct('99\\.000');
+  if (code !== 0 || !(tps > 0) || !(p50 > 0) || !(p99 > 0)) {
+    throw new DemoError(`${what} exited ${code} without its figures: ${text.trim().split('\n').slice(-12).join('\n')}`);
+  }
+  return { tps, p50, p99 };
 }
 
 export async function runDemo(opts: DemoOptions): Promise<DemoRun> {

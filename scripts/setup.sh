@@ -23,6 +23,8 @@ fi
 
 packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 ethtool tcpdump
   containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev
+  # npm run demo: request/response measured with sockperf, the tool users compare with
+  sockperf
   # the host stack XMasq defers to: iptables (kube-proxy-style rules in the lab), conntrack (to look at
   # the table the programs consult: conntrack -L)
   conntrack iptables
