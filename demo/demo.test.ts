@@ -12,6 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { ROOT } from '../testing/root.ts';
 import { parseSockperf, removeStaleLabs } from './demo.ts';
 import { parseArgs } from './main.ts';
+import { hopSamples, renderProfile } from './profile.ts';
 import { METRICS, MODES, PATHS, goals, median, overheadRemovedByMode, renderSvg, renderTable, summarize, type DemoReport, type Sample } from './report.ts';
 
 const isRoot = process.getuid?.() === 0;
@@ -42,6 +43,8 @@ describe('demo arguments and rendering', () => {
   it('parses the defaults, --quick and explicit values; rejects bad ones', () => {
     expect(parseArgs([])).toMatchObject({ rounds: 3, durationS: 5, quick: false, modes: ['pinned', 'unpinned'], nice: -20 });
     expect(parseArgs(['--nice', '0'])).toMatchObject({ nice: 0 });
+    expect(parseArgs(['--profile', '/tmp/p'])).toMatchObject({ profile: '/tmp/p' });
+    expect(() => parseArgs(['--profile'])).toThrow(/needs a value/);
     expect(() => parseArgs(['--nice', '-21'])).toThrow(/-20\.\.19/);
     expect(parseArgs(['--quick'])).toMatchObject({ rounds: 1, durationS: 1, quick: true });
     expect(parseArgs(['--quick', '--rounds', '2', '--duration=3', '--pinned-only', '--json', 'x.json'])).toMatchObject({ rounds: 2, durationS: 3, modes: ['pinned'], json: 'x.json' });
@@ -120,6 +123,66 @@ describe('demo arguments and rendering', () => {
     expect(r.p99).toBe(27.912);
     expect(() => parseSockperf('sockperf: ERROR: Failed to connect', 255, 'sockperf to 10.244.2.2 (xmasq)')).toThrow(/sockperf to 10\.244\.2\.2 \(xmasq\) exited 255 without its figures: sockperf: ERROR/);
     expect(() => parseSockperf(out, 1, 'sockperf to x')).toThrow(/exited 1/);
+  });
+});
+
+describe('demo --profile: CPU per transaction by hop', () => {
+  // perf script -F comm,tid,ip,sym, shortened from a pinned xmasq run.
+  const script = [
+    'sockperf 4242 ',
+    '\tffffffff81c4c1a0 __nf_conntrack_find_get',
+    '\tffffffff81c52e10 bpf_skb_ct_lookup',
+    '\tffffffffc02a1b3c bpf_prog_6deef7357e7b4530_masq',
+    '\tffffffff81b99a10 tcf_classify',
+    '\tffffffff81b0f5e0 tc_run',
+    '\tffffffff81b10000 __netif_receive_skb_core.constprop.0',
+    '\tffffffff81b10500 process_backlog',
+    '',
+    'sockperf 4242 ',
+    '\tffffffff81b0f5e0 cls_bpf_classify',
+    '\tffffffff81b99a10 tcf_classify',
+    '\tffffffff81b0f5e0 tc_run',
+    '',
+    'sockperf 4243 ',
+    '\tffffffff81a00000 memcpy_orig',
+    '\tffffffff81c9aa00 veth_xmit',
+    '\tffffffff81b12000 dev_hard_start_xmit',
+    '\tffffffff81b12100 __dev_queue_xmit',
+    '\tffffffff81c4c1a0 skb_do_redirect',
+    '\tffffffff81b0f5e0 sch_handle_ingress',
+    '',
+    'sockperf 4243 ',
+    '\tffffffff81d00000 nf_conntrack_in',
+    '\tffffffff81d00100 nf_hook_slow',
+    '\tffffffff81d00200 ip_rcv',
+    '',
+    'ksoftirqd/0 15 ',
+    '\tffffffff81d00000 tcp_v4_rcv',
+    '',
+    'sockperf 4243 ',
+    '\t           3a1b2 [unknown]',
+    '',
+    'node 999 ',
+    '\tffffffff81d00000 tcp_v4_rcv',
+  ].join('\n');
+
+  it('gives each sample to the innermost hop of its chain, the program before the TC code and netfilter, only for the measured processes', () => {
+    expect(Object.fromEntries(hopSamples(script))).toEqual({
+      'program masq': 1,
+      'TC dispatch (clsact/tcx, cls_bpf)': 1,
+      'veth xmit': 1,
+      'netfilter, conntrack (nf_hook_slow)': 1,
+      TCP: 1,
+      'sockperf (user space)': 1,
+    });
+  });
+
+  it('turns samples into µs per transaction against host', () => {
+    // 6 samples at 4 kHz over 1,000 transactions: 1.5 µs each; one sample is 0.25 µs.
+    const md = renderProfile([{ path: 'host', script, transactions: 1000 }, { path: 'xmasq', script: script + '\n\n' + script, transactions: 1000 }], 4000);
+    expect(md).toContain('| hop (µs of CPU 0 per transaction) | host | xmasq | xmasq − host |');
+    expect(md).toContain('| program masq | 0.25 | 0.50 | +0.25 |');
+    expect(md).toContain('| **total** | **1.50** | **3.00** | **+1.50** |');
   });
 });
 

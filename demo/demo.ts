@@ -19,7 +19,7 @@
  */
 import { execFileSync, type ChildProcess } from 'node:child_process';
 import { accessSync, constants, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
-import { cpus, release } from 'node:os';
+import { cpus, release, setPriority } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
@@ -28,6 +28,7 @@ import { ROOT } from '../testing/root.ts';
 import { run } from '../testing/command.ts';
 import { Lab, STATE_ROOT, type LabHost, type LabPod } from '../lab/lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from '../lab/traffic.ts';
+import { PERF_FREQ, renderProfile, type ProfileRun } from './profile.ts';
 import { MODES, PATHS, overheadRemovedByMode, summarize, type DemoReport, type Mode, type PathName, type Sample } from './report.ts';
 
 export interface DemoOptions {
@@ -46,6 +47,11 @@ export interface DemoOptions {
   signal?: AbortSignal;
   /** The datapath object the agents load (their --object), to compare builds; default the agent's. */
   agentObject?: string;
+  /**
+   * A directory for a CPU profile of every pinned sockperf measurement (perf record on CPU 0,
+   * see profile.ts); the run's hop-by-hop table comes back in DemoRun.profile.
+   */
+  profile?: string;
 }
 
 export interface Progress {
@@ -71,6 +77,8 @@ export interface DemoRun {
   warnings: string[];
   samples: Record<PathName, Partial<Record<Mode, Sample[]>>>;
   checks: PathCheck[];
+  /** With DemoOptions.profile: CPU per transaction by hop and path, as a markdown table. */
+  profile?: string;
 }
 
 const IPERF_PORT = 5201;
@@ -112,10 +120,10 @@ function which(tool: string): string | undefined {
 }
 
 /** Every missing prerequisite in one message, so one apt-get fixes them all. */
-export function checkPrerequisites(): { cc: string } {
-  const missing = Object.keys(TOOL_PACKAGES).filter((t) => !which(t));
+export function checkPrerequisites(profile = false): { cc: string } {
+  const missing = [...Object.keys(TOOL_PACKAGES), ...(profile ? ['perf'] : [])].filter((t) => !which(t));
   const cc = ['gcc', 'cc', 'clang', 'clang-16'].map(which).find(Boolean);
-  const pkgs = [...new Set(missing.map((t) => TOOL_PACKAGES[t]))];
+  const pkgs = [...new Set(missing.map((t) => TOOL_PACKAGES[t] ?? (t === 'perf' ? 'linux-perf' : t)))];
   if (!cc) pkgs.push('gcc');
   const problems: string[] = [];
   if (pkgs.length) {
@@ -362,6 +370,7 @@ class Demo {
   private readonly name = `${LAB_PREFIX}${process.pid}`;
   private readonly runDir = `/run/xmasq-demo-${this.name}`;
   private readonly p: Progress;
+  private readonly profiled: { path: PathName; file: string; transactions: number }[] = [];
 
   constructor(private readonly opts: DemoOptions) {
     this.p = opts.progress ?? { begin() {}, end() {}, note() {} };
@@ -375,7 +384,7 @@ class Demo {
   }
 
   async run(): Promise<DemoRun> {
-    const { cc } = checkPrerequisites();
+    const { cc } = checkPrerequisites(!!this.opts.profile);
     await removeStaleLabs((s) => this.p.note(s));
     const warnings: string[] = [];
     const load = async (when: string) => {
@@ -404,6 +413,7 @@ class Demo {
     this.checkAbort();
     // Inside the run directory, so that a later run removes it if this one is killed.
     mkdirSync(`${this.runDir}/bin`, { recursive: true });
+    if (this.opts.profile) mkdirSync(this.opts.profile, { recursive: true });
     this.rr = `${this.runDir}/bin/rr`;
     const built = await run(cc, ['-O2', '-Wall', '-o', this.rr, `${ROOT}demo/rr.c`]);
     if (built.code !== 0) throw new DemoError(`compiling demo/rr.c with ${cc} failed:\n${built.stderr}`);
@@ -440,8 +450,21 @@ class Demo {
     rmSync(this.runDir, { recursive: true, force: true });
   }
 
+  /**
+   * The agents run at the measured programs' nice level: a new TCP connection takes the fast
+   * path only once its agent has made its conntrack entry liberal (a 10-ms timer), and on a
+   * busy machine an agent at nice 0 was seen to do that 1.5 s late, so that a quarter of an
+   * xmasq measurement crossed the overlay. The agent is part of what is measured either way.
+   */
   private async startAgents(): Promise<void> {
-    for (const h of ['h1', 'h2']) await this.agents!.start(h);
+    const nice = this.opts.nice ?? DEFAULT_NICE;
+    for (const h of ['h1', 'h2']) {
+      await this.agents!.start(h);
+      const pid = this.agents!.pid(h);
+      if (!nice || pid === undefined) continue;
+      // Nice is per thread on Linux: every thread the agent has by now (its timers run on the main one).
+      for (const tid of readdirSync(`/proc/${pid}/task`)) setPriority(Number(tid), nice);
+    }
   }
 
   /**
@@ -662,18 +685,38 @@ class Demo {
    * its users quote; the rate is its valid-duration message count over that duration (the
    * warm-up it does first is not counted).
    */
-  private async sockperfTest(path: PathName, mode: Mode): Promise<{ tps: number; p50: number; p99: number }> {
+  private async sockperfTest(path: PathName, mode: Mode, round: number): Promise<{ tps: number; p50: number; p99: number }> {
     const { client, server, target } = this.endpoints(path);
     const port = String(SOCKPERF_PORT);
     // "to block on socket" is printed once the server sits in its receive loop, after listen().
     const srv = await this.server(server, ...this.pin(mode, 'sockperf', ['server', '--tcp', '-i', target, '-p', port]), /to block on socket/, true);
+    let [cmd, args] = this.pin(mode, 'sockperf', ['ping-pong', '--tcp', '-i', target, '-p', port, '-m', String(SOCKPERF_MSG), '-t', String(this.opts.durationS)]);
+    const file = this.opts.profile && mode === 'pinned' ? join(this.opts.profile, `${path}-round${round}.perf.data`) : undefined;
+    if (file) [cmd, args] = ['perf', ['record', '-q', '-e', 'cpu-clock', '-F', String(PERF_FREQ), '-C', '0', '-g', '-o', file, '--', cmd, ...args]];
     let r: { code: number | null; out: string };
     try {
-      r = await this.client(client, ...this.pin(mode, 'sockperf', ['ping-pong', '--tcp', '-i', target, '-p', port, '-m', String(SOCKPERF_MSG), '-t', String(this.opts.durationS)]));
+      r = await this.client(client, cmd, args);
     } finally {
       await srv.stop();
     }
-    return parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`);
+    const x = parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`);
+    if (file) this.profiled.push({ path, file, transactions: x.total });
+    return x;
+  }
+
+  /** The hop-by-hop table of the profiled measurements (perf script reads each recording). */
+  private async profileTable(): Promise<string | undefined> {
+    if (!this.profiled.length) return undefined;
+    const runs: ProfileRun[] = [];
+    for (const p of this.profiled) {
+      this.checkAbort();
+      this.p.begin(`reading the profile ${p.file} …`);
+      const r = await run('perf', ['script', '-i', p.file, '-F', 'comm,tid,ip,sym'], { timeoutMs: 300_000 });
+      if (r.code !== 0) throw new DemoError(`perf script -i ${p.file} exited ${r.code}: ${r.stderr.trim().slice(0, 500)}`);
+      this.p.end('done');
+      runs.push({ path: p.path, script: r.stdout, transactions: p.transactions });
+    }
+    return renderProfile(runs);
   }
 
   // ---- the run -----------------------------------------------------------------------------
@@ -698,7 +741,7 @@ class Demo {
             };
             const one = await step('iperf3 -P 1', () => this.iperf(path, mode, 1), (x) => `${x.gbps.toFixed(2)} Gbit/s, ${x.cpuPerGbps.toFixed(2)} % core per Gbit/s`);
             const four = await step('iperf3 -P 4', () => this.iperf(path, mode, 4), (x) => `${x.gbps.toFixed(2)} Gbit/s`);
-            const sp = await step('sockperf ping-pong', () => this.sockperfTest(path, mode), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(2)} µs, p99 ${x.p99.toFixed(2)} µs (half round trip)`);
+            const sp = await step('sockperf ping-pong', () => this.sockperfTest(path, mode, round), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(2)} µs, p99 ${x.p99.toFixed(2)} µs (half round trip)`);
             const rr = await step('TCP_RR 1 byte', () => this.rrTest(path, mode), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(1)} µs, p99 ${x.p99.toFixed(1)} µs`);
             (samples[path][mode] ??= []).push({
               throughput_gbps: one.gbps, throughput4_gbps: four.gbps, cpu_per_gbps: one.cpuPerGbps,
@@ -723,25 +766,27 @@ class Demo {
       paths,
       overhead_removed: overheadRemovedByMode({ paths }),
     };
-    return { report, samples, checks, warnings };
+    return { report, samples, checks, warnings, profile: await this.profileTable() };
   }
 }
 
 /**
  * The figures of a `sockperf ping-pong` run from its output: the rate from the "[Valid
  * Duration]" line (messages received over its run time), p50 and p99 from the percentile
- * lines (µs, half round trip).
+ * lines (µs, half round trip), and the messages of the whole run.
  */
-export function parseSockperf(out: string, code: number | null, what: string): { tps: number; p50: number; p99: number } {
+export function parseSockperf(out: string, code: number | null, what: string): { tps: number; p50: number; p99: number; total: number } {
   // sockperf colours some lines even into a pipe.
   const text = out.replace(/\x1b\[[0-9;]*m/g, '');
   const valid = /\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; ReceivedMessages=(\d+)/.exec(text);
   const pct = (p: string) => Number(new RegExp(`percentile ${p} =\\s*([\\d.]+)`).exec(text)?.[1]);
   const tps = valid ? Number(valid[2]) / Number(valid[1]) : NaN, p50 = pct('50\\.000'), p99 = pct('99\\.000');
+  // The whole run, warm-up included: what a profile of the client's lifetime saw.
+  const total = Number(/\[Total Run\] RunTime=[\d.]+ sec;.*ReceivedMessages=(\d+)/.exec(text)?.[1]);
   if (code !== 0 || !(tps > 0) || !(p50 > 0) || !(p99 > 0)) {
     throw new DemoError(`${what} exited ${code} without its figures: ${text.trim().split('\n').slice(-12).join('\n')}`);
   }
-  return { tps, p50, p99 };
+  return { tps, p50, p99, total };
 }
 
 export async function runDemo(opts: DemoOptions): Promise<DemoRun> {

@@ -39,6 +39,9 @@ options:
                    to compare two builds' xmasq path against the same host and overlay
   --nice N         nice level of iperf3, sockperf and rr (default -20: other load on the machine
                    takes as little from them as possible; 0 to run them normally)
+  --profile DIR    profile every pinned sockperf measurement (perf record -C 0, needs
+                   linux-perf) into DIR, and write DIR/profile.md: CPU per transaction by
+                   hop and path (changes the numbers a little: use it apart from a record)
   --json FILE      write the results as JSON
   --svg FILE       write a bar chart of the pinned throughput, RR rates and overhead removed
   --md FILE        write the table as markdown, with the machine and the method
@@ -62,6 +65,7 @@ export interface CliOptions {
   svg?: string;
   md?: string;
   agentObject?: string;
+  profile?: string;
   help: boolean;
 }
 
@@ -96,6 +100,7 @@ export function parseArgs(argv: readonly string[]): CliOptions {
       case '--json': o.json = value(); break;
       case '--svg': o.svg = value(); break;
       case '--md': o.md = value(); break;
+      case '--profile': o.profile = value(); break;
       case '--agent-object': {
         const f = value();
         if (!existsSync(f)) throw new UsageError(`--agent-object ${f}: no such file (build objects with 'make -C bpf')`);
@@ -219,7 +224,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   let result: DemoRun;
   try {
-    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject });
+    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject, profile: opts.profile });
   } catch (e) {
     if (isAbort(e) || ac.signal.aborted) {
       process.stderr.write('xmasq demo: interrupted; the lab is down\n');
@@ -237,8 +242,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     : { json: `${ROOT}bench/results/demo-${day}.json`, svg: `${ROOT}bench/results/demo-${day}.svg`, md: `${ROOT}bench/results/demo-${day}.md` };
   if (files.json) write(files.json, JSON.stringify(report, null, 2) + '\n');
   if (files.svg) write(files.svg, renderSvg(report));
-  if (files.md) write(files.md, renderMarkdown(report, methodNotes(result, opts.nice)));
-  for (const f of [files.json, files.svg, files.md]) if (f) process.stderr.write(`wrote ${f}\n`);
+  const profile = result.profile ? `## Where the CPU time goes (pinned, sockperf)\n\n${result.profile}` : '';
+  if (files.md) write(files.md, renderMarkdown(report, methodNotes(result, opts.nice) + (profile ? `\n${profile}` : '')));
+  const profileMd = opts.profile && result.profile ? `${opts.profile}/profile.md` : undefined;
+  if (profileMd) write(profileMd, `# XMasq demo profile, ${report.date}\n\nMachine: ${renderMachine(report)}.\n\n${profile}`);
+  for (const f of [files.json, files.svg, files.md, profileMd]) if (f) process.stderr.write(`wrote ${f}\n`);
   return 0;
 }
 

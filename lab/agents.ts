@@ -65,6 +65,11 @@ export class LabAgents {
     }
   }
 
+  /** The pid of the host's running agent, if one runs. */
+  pid(host: string): number | undefined {
+    return this.procs.get(host)?.pid;
+  }
+
   /** What the host's last agent wrote on stderr so far. */
   log(host: string): string {
     return this.logs.get(host) ?? '';
