@@ -1,5 +1,5 @@
 /**
- * `xmasq demo`: is XMasq faster? Brings up a two-host lab, measures four paths between two
+ * `npm run demo`: is XMasq faster? Brings up a two-host lab, measures four paths between two
  * pods on different hosts (or between the hosts themselves), and tears everything down
  * again, whatever happens.
  *

@@ -1,6 +1,6 @@
 #!/usr/bin/env -S npx tsx
 /**
- * `xmasq demo`: is it faster? One command that measures host, route, overlay and XMasq in
+ * `npm run demo`: is it faster? One command that measures host, route, overlay and XMasq in
  * a lab and says so. See demo/demo.ts for what each path is.
  */
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
@@ -9,7 +9,7 @@ import { ROOT } from '../testing/root.ts';
 import { DEFAULT_NICE, DemoError, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
 import { MODES, renderMachine, renderMarkdown, renderSvg, renderTable, type Mode } from './report.ts';
 
-export const USAGE = `usage: xmasq demo [options]        (as root; npm run demo -- [options])
+export const USAGE = `usage: npm run demo -- [options]        (as root)
 
 Brings up a two-host lab (network namespaces, flannel-style VXLAN, pods from the real CNI
 plugins), measures four paths between a pod on h1 and a pod on h2, prints a table, writes
@@ -203,7 +203,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     opts = parseArgs(argv);
   } catch (e) {
     if (!(e instanceof UsageError)) throw e;
-    process.stderr.write(`xmasq demo: ${e.message}\n\n${USAGE}\n`);
+    process.stderr.write(`demo: ${e.message}\n\n${USAGE}\n`);
     return 2;
   }
   if (opts.help) {
@@ -227,10 +227,10 @@ export async function main(argv: readonly string[]): Promise<number> {
     result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject, profile: opts.profile });
   } catch (e) {
     if (isAbort(e) || ac.signal.aborted) {
-      process.stderr.write('xmasq demo: interrupted; the lab is down\n');
+      process.stderr.write('demo: interrupted; the lab is down\n');
       return 130;
     }
-    process.stderr.write(`xmasq demo: ${e instanceof DemoError ? e.message : (e as Error).stack ?? String(e)}\n`);
+    process.stderr.write(`demo: ${e instanceof DemoError ? e.message : (e as Error).stack ?? String(e)}\n`);
     return 1;
   }
   const { report } = result;
@@ -253,7 +253,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 // Imported by the tests for parseArgs; run only as the entry point.
 if (import.meta.url === `file://${process.argv[1]}`) {
   main(process.argv.slice(2)).then((code) => process.exit(code), (e: Error) => {
-    process.stderr.write(`xmasq demo: ${e.stack ?? e.message}\n`);
+    process.stderr.write(`demo: ${e.stack ?? e.message}\n`);
     process.exit(1);
   });
 }

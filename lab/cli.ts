@@ -1,5 +1,5 @@
 /**
- * `xmasq lab up|down|status`: the lab of lab.ts from the command line, and
+ * `npm run lab -- up|down|status` (lab/main.ts): the lab of lab.ts from the command line, and
  * optionally one xmasq-agent per host that outlives the command, the way
  * lab/e2e.test.ts runs them, so that a person can poke at XMasq by hand.
  *
@@ -155,7 +155,7 @@ export async function labUp(opts: UpOptions, progress: Progress): Promise<Lab> {
   const withAgents = !!opts.withAgents;
   if (withAgents) {
     const running = agentHosts(name).filter((h) => agentPid(name, h) !== undefined);
-    if (running.length) throw new Error(`agents of a lab "${name}" still run (${running.join(', ')}); take it down first: xmasq lab down --name ${name}`);
+    if (running.length) throw new Error(`agents of a lab "${name}" still run (${running.join(', ')}); take it down first: npm run lab -- down --name ${name}`);
     rmSync(agentsDir(name), { recursive: true, force: true });
   }
   progress(`creating lab ${name}: ${hosts} host(s), ${pods} pod(s) each${withAgents ? ', with agents' : ''}${opts.k8s ? ', Kubernetes nodes' : ''}, checksum offload ${opts.offload === false ? 'off' : 'on'}`);

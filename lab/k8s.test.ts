@@ -517,7 +517,7 @@ describe('without agents (the plain overlay): the same outcomes', () => {
   }
 });
 
-describe('xmasq lab up --k8s', () => {
+describe('npm run lab -- up --k8s', () => {
   it('brings up hosts with kube-proxy\'s chains and takes them down', async () => {
     const cli = `${ROOT}dataplane/cli/main.ts`;
     const lname = `xc${process.pid % 100000}`;

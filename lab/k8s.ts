@@ -5,7 +5,7 @@
  *
  * Services go to every host, as kube-proxy runs on every node; a policy goes to the host of
  * its pod. The declarations live in the lab's state directory (k8s.json), so another process
- * (`xmasq lab status`) sees them, and `down`, which deletes the hosts' namespaces with their
+ * (`npm run lab -- status`) sees them, and `down`, which deletes the hosts' namespaces with their
  * rules, deletes them too. `clear()` removes every Service and policy and leaves the node
  * chains as `up` made them.
  *
@@ -64,7 +64,7 @@ export class Kube {
 
   /** The lab's Services and policies (none yet on a fresh lab). The lab must be up with k8s. */
   static async open(lab: Lab): Promise<Kube> {
-    if (!lab.k8s) throw new Error(`lab ${lab.name} was not brought up as Kubernetes nodes (LabOptions.k8s, 'xmasq lab up --k8s')`);
+    if (!lab.k8s) throw new Error(`lab ${lab.name} was not brought up as Kubernetes nodes (LabOptions.k8s, 'npm run lab -- up --k8s')`);
     return new Kube(lab, Kube.read(lab) ?? empty());
   }
 

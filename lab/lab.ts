@@ -317,7 +317,7 @@ export class Lab {
     for (const t of ['ip', 'bridge', 'nsenter', 'sysctl', 'ping', ...(conntrack ? ['iptables'] : []), ...(k8s ? ['iptables-save', 'iptables-restore'] : []), ...(checksumOffload ? [] : ['ethtool'])]) requireTool(t);
 
     if (existsSync(stateFile(name))) {
-      throw new Error(`lab "${name}" already exists (${stateFile(name)}); take it down first (Lab.down('${name}'), or 'xmasq lab down')`);
+      throw new Error(`lab "${name}" already exists (${stateFile(name)}); take it down first (Lab.down('${name}'), or 'npm run lab -- down')`);
     }
     const lab = new Lab({
       version: 1,

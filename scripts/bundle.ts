@@ -13,10 +13,9 @@
  *   the bundle's directory). A copy of the package therefore needs dist/,
  *   node_modules/koffi, bpf/build/ (the datapath objects) and package.json (how
  *   dataplane/package.ts finds them). The version is built in.
- * - lab/ and demo/, which the CLI imports only for `xmasq lab` and `xmasq demo`: test
- *   tools of the source checkout. The bundle keeps the import, pointing at the .ts file,
- *   and says so when node cannot load it. Any other import of test, lab, simulator or
- *   benchmark code into a bundle fails the build.
+ * - test, lab, demo, simulator and benchmark code: the product imports none
+ *   (testing/imports.test.ts holds the sources to it); should a bundle hold any, the
+ *   build fails.
  *
  * A bundle is written whole to a temporary file and renamed into place, and only when it
  * changed: a plugin that a runtime (or another test run) starts meanwhile never reads
@@ -25,7 +24,7 @@
 import { chmodSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { build, type Plugin } from 'esbuild';
+import { build } from 'esbuild';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const DIST = join(ROOT, 'dist');
@@ -40,22 +39,8 @@ export const BUNDLES = {
 /** Path of a bundle by its name in BUNDLES. */
 export const bundlePath = (name: keyof typeof BUNDLES) => join(DIST, `${name}.mjs`);
 
-/** Checkout tools the CLI may import for its lab and demo commands, kept as imports of their sources. */
-const CHECKOUT_TOOLS = /^(lab|demo)\//;
 /** Source that no bundle may hold. */
 const NOT_PRODUCT = /^(lab|demo|sim|fixtures|bench|testing|vm-tests|kernel-patch)\/|\.test\.ts$/;
-
-const checkoutToolsOutside: Plugin = {
-  name: 'checkout-tools-outside',
-  setup(b) {
-    b.onResolve({ filter: /^\.\.?\// }, (args) => {
-      const target = relative(ROOT, resolve(args.resolveDir, args.path));
-      if (!CHECKOUT_TOOLS.test(target) || args.kind !== 'dynamic-import') return undefined;
-      const fromDist = relative(DIST, join(ROOT, target));
-      return { path: fromDist.startsWith('.') ? fromDist : `./${fromDist}`, external: true };
-    });
-  },
-};
 
 export interface BundleResult {
   file: string;
@@ -76,7 +61,6 @@ export async function bundle(): Promise<BundleResult[]> {
     target: 'node20',
     external: ['koffi'],
     define: { XMASQ_BUNDLE_VERSION: JSON.stringify(version) },
-    plugins: [checkoutToolsOutside],
     banner: { js: '#!/usr/bin/env node' },
     metafile: true,
     write: false,

@@ -1,11 +1,10 @@
 /**
  * xmasq: the operator's view of a running xmasq-agent, over its socket.
  * Exit status: 0 done, 1 the agent refused or failed, 2 bad usage, 3 no agent.
- * Built into dist/xmasq.mjs (npm run build), which runs with plain node; `lab` and
- * `demo` are tools of the source checkout and run only from the sources (npm run xmasq).
+ * Built into dist/xmasq.mjs (npm run build), which runs with plain node. The lab and the
+ * demo are tools of the source checkout with entry points of their own (npm run lab, npm
+ * run demo): the product imports none of their code.
  */
-import { execFileSync } from 'node:child_process';
-import { join } from 'node:path';
 import { dumpEgress, dumpIngress } from '../agent/caches.ts';
 import { openPinned } from '../agent/datapath.ts';
 import { monotonicCoarseNs } from '../agent/native.ts';
@@ -14,7 +13,7 @@ import {
   AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type AgentStatus, type EgressDumpEntry, type IngressDumpEntry,
   type PodRecord, type PolicyRuleRecord, type PolicyRuleSpec,
 } from '../agent/protocol.ts';
-import { packageRoot, packageVersion } from '../package.ts';
+import { packageVersion } from '../package.ts';
 
 class UsageError extends Error {}
 
@@ -32,9 +31,6 @@ commands:
   pods                            the pods the agent serves
   cache dump [--egress|--ingress] the flow caches, decoded
   policy add|del|list             deny rules
-  lab up|down|status              a lab of namespaced hosts to try XMasq in (root)
-  demo [options]                  is it faster? host, overlay and XMasq measured in a lab
-                                  (root; xmasq demo --help)
 
 ${GLOBAL}`,
   status: `usage: xmasq status [--json]
@@ -68,53 +64,6 @@ ingress: packets entering one. A new rule applies to new and masqueraded flows
 alike; a flow it denies loses its packets from the next one on.
 
 ${GLOBAL}`,
-  lab: `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--k8s]
-       xmasq lab down [--name N]
-       xmasq lab status [--name N] [--json]
-
-N hosts as network namespaces joined by a wire, with a Flannel-style VXLAN
-overlay and pods from the real CNI plugins (see lab/README.md). Needs root;
-everything it creates lives in its own namespaces. Progress goes to stderr.
-xmasq lab <command> --help for each command.`,
-  'lab up': `usage: xmasq lab up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--k8s] [--json]
-
-Creates the lab: hosts <N>-h1.., a wire, the overlay, and --pods pods per host
-(<N>-h1-p1..) through the CNI chain bridge + host-local.
-
-  --name N        the lab's name, the prefix of its namespaces (default xmq)
-  --hosts N       hosts, 1..254 (default 2)
-  --pods N        pods per host (default 2)
-  --no-offload    checksum offload off on the wire and pod veths, so a capture
-                  shows the checksums a receiver checks
-  --with-agents   one xmasq-agent per host, left running in the background
-                  (socket, pid file, log and state under
-                  /run/xmasq-lab-agents/<name>/<host>, pins under
-                  /sys/fs/bpf/xmasq-lab-<name>-<host>, /metrics on
-                  127.0.0.1:9477 inside each host's netns); pods are created
-                  after them, through the chain with the xmasq plugin last
-  --k8s           the hosts are Kubernetes nodes: kube-proxy's iptables-mode
-                  chains (KUBE-SERVICES, KUBE-MARK-MASQ, KUBE-POSTROUTING,
-                  KUBE-FORWARD with its INVALID drop) and a policy engine's
-                  LAB-POLICY chain on every host; declare Services and
-                  policies with lab/k8s.ts (see lab/README.md)
-  --json          print the lab's status as JSON when it is up
-
-Talk to a host's agent with: xmasq --socket /run/xmasq-lab-agents/<name>/h1/agent.sock status`,
-  'lab down': `usage: xmasq lab down [--name N]
-
-Stops the lab's agents (SIGTERM: they detach their filters), runs
-xmasq-agent cleanup for each (pins, state), then deletes every pod (CNI DEL)
-and namespace of the lab. Safe to repeat, and on a half-built lab.
-
-  --name N        the lab's name (default xmq)`,
-  'lab status': `usage: xmasq lab status [--name N] [--json]
-
-The lab's hosts and pods, whether their namespaces exist, and for a lab with
-agents: each agent's pid, mode, pods and counters, and whether each pod's masq
-is attached. Exit status 1 when the lab is not up.
-
-  --name N        the lab's name (default xmq)
-  --json          as JSON`,
 };
 
 interface Args {
@@ -122,8 +71,8 @@ interface Args {
   opts: Map<string, string | true>;
 }
 
-const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id', '--name', '--hosts', '--pods']);
-const BOOL_OPTS = new Set(['--json', '--help', '-h', '--version', '--egress', '--ingress', '--no-offload', '--with-agents', '--k8s']);
+const VALUE_OPTS = new Set(['--socket', '--pin-dir', '--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id']);
+const BOOL_OPTS = new Set(['--json', '--help', '-h', '--version', '--egress', '--ingress']);
 
 function parse(argv: string[]): Args {
   const positional: string[] = [];
@@ -251,45 +200,15 @@ async function withClient<T>(socket: string, fn: (c: AgentClient) => Promise<T>)
   }
 }
 
-/**
- * lab/ and demo/ are test tools of the source checkout: imported only for their commands,
- * and left out of the bundle (scripts/bundle.ts), where node cannot load their .ts.
- */
-async function checkoutTool<T>(command: string, load: () => Promise<T>): Promise<T> {
-  try {
-    return await load();
-  } catch (e) {
-    const code = (e as NodeJS.ErrnoException).code;
-    if (code !== 'ERR_UNKNOWN_FILE_EXTENSION' && code !== 'ERR_MODULE_NOT_FOUND') throw e;
-    throw new UsageError(`xmasq ${command} is a tool of the source checkout, not of this build: run it from a checkout with its dev dependencies (npm ci), as npm run xmasq -- ${command} … (${(e as Error).message.split('\n')[0]})`);
-  }
-}
-
-/**
- * `xmasq demo` takes the demo's own options, so it is handed over before
- * this CLI parses anything. It builds the BPF objects first (make does
- * nothing when they are current), so that it works from a fresh clone.
- */
-async function demo(argv: string[]): Promise<number> {
-  const { main: demoMain } = await checkoutTool('demo', () => import('../../demo/main.ts'));
-  if (!argv.includes('--help') && !argv.includes('-h')) {
-    const bpf = `${join(packageRoot(), 'bpf')}/`;
-    try {
-      execFileSync('make', ['-s', '--no-print-directory', '-C', bpf], { stdio: ['ignore', 'inherit', 'inherit'] });
-    } catch {
-      process.stderr.write(`xmasq demo: building the BPF objects in ${bpf} failed (see above); scripts/setup.sh installs what the build needs\n`);
-      return 1;
-    }
-  }
-  return demoMain(argv);
-}
-
 async function main(argv: string[]): Promise<number> {
   if (argv.includes('--version')) {
     process.stdout.write(`${packageVersion()}\n`);
     return 0;
   }
-  if (argv[0] === 'demo') return demo(argv.slice(1));
+  // Their options are not this CLI's, so before any parsing.
+  if (argv[0] === 'lab' || argv[0] === 'demo') {
+    throw new UsageError(`${argv[0]} is a tool of the source checkout, not a command of xmasq: run it from a checkout as npm run ${argv[0]} -- …`);
+  }
   const a = parse(argv);
   const [cmd, sub, ...rest] = a.positional;
   const json = a.opts.has('--json');
@@ -300,12 +219,11 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`${HELP[sub ?? 'main'] ?? HELP.main}\n`);
     return cmd ? 0 : a.opts.has('--help') ? 0 : 2;
   }
-  if (!HELP[cmd]) throw new UsageError(`unknown command "${cmd}"; the commands are status, pods, cache dump, policy add|del|list, lab up|down|status, demo`);
+  if (!HELP[cmd]) throw new UsageError(`unknown command "${cmd}"; the commands are status, pods, cache dump, policy add|del|list`);
   if (a.opts.has('--help')) {
-    process.stdout.write(`${(cmd === 'lab' && sub && HELP[`lab ${sub}`]) || HELP[cmd]}\n`);
+    process.stdout.write(`${HELP[cmd]}\n`);
     return 0;
   }
-  if (cmd === 'lab') return lab(a, sub, rest, out);
 
   switch (cmd) {
     case 'status': {
@@ -378,33 +296,6 @@ async function main(argv: string[]): Promise<number> {
     }
   }
   return 2;
-}
-
-/** lab/cli.ts is loaded only here: the other commands never need the lab's code. */
-async function lab(a: Args, sub: string | undefined, rest: string[], out: (human: string, raw: unknown) => void): Promise<number> {
-  if (sub !== 'up' && sub !== 'down' && sub !== 'status') throw new UsageError('usage: xmasq lab up|down|status (see xmasq lab --help)');
-  if (rest.length) throw new UsageError(`lab ${sub} takes options only, got "${rest[0]}"`);
-  allowOnly(a, sub === 'up' ? ['--name', '--hosts', '--pods', '--no-offload', '--with-agents', '--k8s'] : ['--name']);
-  if (a.opts.has('--socket')) throw new UsageError('--socket does not apply to lab commands');
-  const name = a.opts.get('--name') as string | undefined;
-  const { labUp, labDown, labStatus, printLabStatus } = await checkoutTool(`lab ${sub}`, () => import('../../lab/cli.ts'));
-  const progress = (line: string) => process.stderr.write(`xmasq lab: ${line}\n`);
-  if (sub === 'up') {
-    const hosts = intOpt(a.opts, '--hosts');
-    const pods = intOpt(a.opts, '--pods');
-    await labUp({ name, hosts, pods, offload: !a.opts.has('--no-offload'), withAgents: a.opts.has('--with-agents'), k8s: a.opts.has('--k8s') }, progress);
-    const v = await labStatus(name);
-    out(printLabStatus(v), v);
-    return 0;
-  }
-  if (sub === 'down') {
-    if (a.opts.has('--json')) throw new UsageError('--json does not apply to lab down');
-    await labDown(name, progress);
-    return 0;
-  }
-  const v = await labStatus(name);
-  out(printLabStatus(v), v);
-  return v.up ? 0 : 1;
 }
 
 main(process.argv.slice(2)).then(
