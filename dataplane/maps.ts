@@ -192,11 +192,6 @@ export const MAPS = {
 } as const;
 export type MapName = keyof typeof MAPS;
 
-/** Encoded key strings, so that model maps can be keyed like the kernel's. */
-export function keyString(struct: { encode(v: never): Buffer }, value: unknown): string {
-  return (struct.encode as (v: unknown) => Buffer)(value).toString('hex');
-}
-
 /** The mask a policy rule implies: the fields it does not leave as "any". */
 export function ruleMask(rule: PolicyKey): number {
   return (rule.src_ip !== '0.0.0.0' ? PolicyField.SRC_IP : 0)

@@ -62,13 +62,6 @@ export const METRIC_INFO: Record<Metric, { label: string; unit: string; higherIs
   cpu_per_gbps: { label: 'CPU per Gbit/s, 1 stream', unit: '% of a core', higherIsBetter: false, digits: 2 },
 };
 
-export const PATH_INFO: Record<PathName, string> = {
-  host: 'host netns to host netns over the wire (underlay IPs)',
-  route: 'pod to pod, plain routing via the other host\'s underlay IP (host-gw style, no encapsulation)',
-  overlay: 'pod to pod over the flannel VXLAN overlay, no XMasq attached',
-  xmasq: 'pod to pod with the XMasq agents running, flow warmed onto the fast path',
-};
-
 export function median(xs: readonly number[]): number {
   if (!xs.length) throw new Error('median of nothing');
   const s = [...xs].sort((a, b) => a - b);

@@ -65,10 +65,6 @@ export function pathFromJson(p: PathJson): Path {
   return { ...p, last_seen: BigInt(p.last_seen) };
 }
 
-export function pathToJson(p: Path): PathJson {
-  return { ...p, last_seen: p.last_seen.toString() };
-}
-
 export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
   const s = emptyState(sizes);
   for (const p of spec.pod_info ?? []) {
