@@ -1,17 +1,18 @@
 /**
- * npm run test:diff [-- --cases N --seed S]
+ * npm run test:diff [-- --cases N --seed S|random]
  * Prints progress on stderr and, as its last line on stdout,
  * `differential: init=<n> restore=<n> masq=<n> mismatches=<m>`.
  */
 import { parseArgs } from 'node:util';
-import { differentialRun, outcomeTable, summaryLine } from './run.ts';
+import { DEFAULT_SEED, differentialRun, outcomeTable, seedFrom, summaryLine } from './run.ts';
 
-const HELP = `usage: npm run test:diff -- [--cases N] [--seed S]
+const HELP = `usage: npm run test:diff -- [--cases N] [--seed S|random]
 
 Runs every fixture and N generated cases per program (default 20000) on the
 TypeScript model and on the compiled programs (BPF_PROG_TEST_RUN), and compares
 verdict, redirect, counters, output packet and every map entry. Needs root.
-Exit status 1 if anything differs.`;
+The cases come from seed ${DEFAULT_SEED} unless --seed gives another (random: a
+fresh one, printed). Exit status 1 if anything differs.`;
 
 async function main(): Promise<number> {
   let values;
@@ -26,13 +27,15 @@ async function main(): Promise<number> {
     return 0;
   }
   const perProgram = Number(values.cases ?? 20000);
-  const seed = Number(values.seed ?? Date.now() % 1_000_000);
   if (!Number.isInteger(perProgram) || perProgram < 0) {
     console.error(`test:diff: --cases wants a whole number, got "${values.cases}"`);
     return 2;
   }
-  if (!Number.isInteger(seed)) {
-    console.error(`test:diff: --seed wants a whole number, got "${values.seed}"`);
+  let seed: number;
+  try {
+    seed = seedFrom(values.seed);
+  } catch (e) {
+    console.error(`test:diff: --seed: ${(e as Error).message}`);
     return 2;
   }
   console.error(`test:diff: ${perProgram} generated cases per program, seed ${seed} (rerun with --seed ${seed})`);
