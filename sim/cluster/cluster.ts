@@ -59,11 +59,10 @@ export interface Pod {
 
 /**
  * What the kernel gives a host's programs: its clock and random draws. The
- * clock is a whole number of ns (the model's Stamp as a number: a run's
- * simulated time stays far below 2^53 ns), set before each program run.
+ * clock is the kernel's u64 of ns, a bigint (Env), set before each program run.
  */
 class HostEnv implements Env {
-  now = Number.NaN;
+  now = 0n;
   readonly vlanPresent = false;
   /** The host's table, which masq and restore consult; undefined runs the programs without the check (a planted bug, RunOptions.bypassAdmission). */
   conntrack: HostConntrack | undefined = undefined;
@@ -355,13 +354,15 @@ export class Cluster {
   }
 
   /** The host's clock, now: its programs' (HostEnv) and its conntrack's set to the simulated time, in whole ns. */
-  private setHostClock(h: Host): number {
-    return (h.ct.now = h.env.now = Math.round(this.now));
+  private setHostClock(h: Host): bigint {
+    const ns = Math.round(this.now);
+    h.ct.now = ns;
+    return (h.env.now = BigInt(ns));
   }
 
   /** The host's clock as the agent reads it: a u64 bigint. */
   private clock(h: Host): bigint {
-    return BigInt(this.setHostClock(h));
+    return this.setHostClock(h);
   }
 
   /** Nothing new starts after the run's end; packets already on the wire still arrive. */

@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { CT_RECHECK_NS, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, ipWord, newCtTo } from '../model/conntrack.ts';
 import { Hdrs } from '../model/packet.ts';
-import { emptyState, type Env } from '../model/state.ts';
+import { emptyState, type Env } from '../model/index.ts';
 import { verifyL4 } from '../../testing/packet/index.ts';
 import { CT_ESTABLISHED, CT_INVALID, CT_NEW, HostConntrack, IPS_DST_NAT, IPS_SEEN_REPLY, LINUX_CT_TIMEOUTS, TCP, TCP_ACK, TCP_FIN, TCP_PSH, TCP_SYN, scaledTimeouts } from './conntrack.ts';
 import { ipHeaderValid, natRewrite } from './frames.ts';
@@ -33,7 +33,7 @@ function hdrs(proto: number, sport: number, dport: number, flags = PA): Hdrs {
 
 /** What the programs get from the host: its clock and its table. */
 function envOf(ct: HostConntrack): Env {
-  return { now: ct.now, random: () => 0, conntrack: ct };
+  return { now: BigInt(Math.round(ct.now)), random: () => 0, conntrack: ct };
 }
 
 /** A packet crossing the stack: track, then confirm as FORWARD accepted it. */

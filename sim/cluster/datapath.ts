@@ -6,25 +6,39 @@
  * pair gets a 14-bit key); 'overlay' runs no XMasq at all (every program
  * passes), the baseline the fast path is measured against.
  */
-import { ConfigFlag, MAX_ENTRIES, type CtTupleKey } from '../../dataplane/maps.ts';
+import { ConfigFlag, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { emptyState, initInPlace, masqInPlace, restoreInPlace, TC_CONTINUE, type DatapathState, type Env, type RunEffects } from '../model/index.ts';
-import { NamedTable, type ModelCtTupleKey } from '../model/state.ts';
+import type { ModelCtTupleKey } from '../model/state.ts';
+import { NamedTable, PairTable, WordTable } from './tables.ts';
 
 /**
- * The model's state, its ct_pending named by a short string of char codes
- * rather than by the decimal text of its five numbers: the same table (a
- * NamedTable, the same codecs and size), whose per-packet updates (every
- * packet of a TCP flow waiting for the agent's drain) cost a third as much.
+ * The model's maps (s, empty) in the simulator's tables (tables.ts), each
+ * taking over the model table's codecs and size. ct_pending is named by a short string
+ * of char codes rather than by the decimal text of its five numbers: its
+ * per-packet updates (every packet of a TCP flow waiting for the agent's
+ * drain) cost a third as much.
  */
+export function simTables(s: DatapathState): DatapathState {
+  const ctTupleName = (k: ModelCtTupleKey) => `${k.saddr} ${k.daddr} ${k.sport} ${k.dport} ${k.protocol}`;
+  return {
+    ...s,
+    pod_info: new WordTable(s.pod_info.keys, s.pod_info.values, s.pod_info.maxEntries),
+    nodes: new WordTable(s.nodes.keys, s.nodes.values, s.nodes.maxEntries),
+    egress_cache: new PairTable({ first: (k) => k.local_pod, second: (k) => k.remote_pod, secondIsIndex: false },
+      s.egress_cache.keys, s.egress_cache.values, s.egress_cache.maxEntries),
+    // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
+    ingress_cache: new PairTable({ first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true },
+      s.ingress_cache.keys, s.ingress_cache.values, s.ingress_cache.maxEntries),
+    policy_rules: new NamedTable((k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
+      s.policy_rules.keys, s.policy_rules.values, s.policy_rules.maxEntries),
+    ct_pending: new NamedTable((k) => String.fromCharCode(k.saddr & 0xffff, k.saddr >>> 16, k.daddr & 0xffff, k.daddr >>> 16, k.sport, k.dport, k.protocol),
+      s.ct_pending.keys, s.ct_pending.values, s.ct_pending.maxEntries),
+    ct_admitted: new NamedTable(ctTupleName, s.ct_admitted.keys, s.ct_admitted.values, s.ct_admitted.maxEntries),
+  };
+}
+
 function simState(): DatapathState {
-  const s = emptyState(MAX_ENTRIES.production);
-  // The table's codecs are its own (protected): taken over as they are.
-  const old = s.ct_pending as unknown as { keys: never; values: never };
-  s.ct_pending = new NamedTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>(
-    (k) => String.fromCharCode(k.saddr & 0xffff, k.saddr >>> 16, k.daddr & 0xffff, k.daddr >>> 16, k.sport, k.dport, k.protocol),
-    old.keys, old.values, s.ct_pending.maxEntries,
-  );
-  return s;
+  return simTables(emptyState(MAX_ENTRIES.production));
 }
 
 /** A scheme's programs run on the simulator's frame in place, adding to the host's counters (masqInPlace). */
@@ -66,7 +80,7 @@ function passAll(): number {
 const overlayOnly: KeyScheme = {
   name: 'overlay',
   describe: 'no XMasq: every packet crosses the VXLAN overlay',
-  newState: () => emptyState(MAX_ENTRIES.production),
+  newState: simState,
   init: passAll,
   restore: passAll,
   masq: passAll,

@@ -8,7 +8,7 @@ import { diffFrames } from '../../testing/packet/diff.ts';
 import { init } from '../model/init.ts';
 import { masq } from '../model/masq.ts';
 import { restore } from '../model/restore.ts';
-import { cloneState, type DatapathState, type Env, type HashTable, type RunResult } from '../model/state.ts';
+import { cloneState, type DatapathState, type Env, type HashTable, type RunResult } from '../model/index.ts';
 import type { KernelDatapath, KernelRun } from './kernel.ts';
 import { modelConntrack, type ConntrackSpec, type ProgramName, type SkbContext } from './statespec.ts';
 

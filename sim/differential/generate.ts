@@ -14,7 +14,7 @@ import {
   CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
   NO_HOST_NETNS, type Path, type PolicyKey,
 } from '../../dataplane/maps.ts';
-import { emptyState, type DatapathState } from '../model/state.ts';
+import { emptyState, type DatapathState } from '../model/index.ts';
 import type { Case } from './compare.ts';
 import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import {
@@ -552,7 +552,10 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   // A masqueraded packet mostly carries a key that has an ingress entry for its
   // sender: a narrow one in DSCP, a wide one in its carrier.
   if (keyFrom === 'ingress' && frame.ipv4) {
-    const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key);
+    // In the order the generator's odds were set with (whatever order the table
+    // files them in): the narrow keys ascending, then the wide ones as they came.
+    const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key)
+      .sort((x, y) => Math.min(x, WIDE_KEY_MIN) - Math.min(y, WIDE_KEY_MIN));
     const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.chance(0.05) ? 0 : anyKey(rng);
     const l4 = frame.ipv4.l4;
     // Now and then a narrow key (or none) where a wide one goes: a forged or damaged carrier.

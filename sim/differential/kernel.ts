@@ -11,7 +11,7 @@ import {
   policyMasks, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
-import { emptyState, type DatapathState, type RunEffects } from '../model/state.ts';
+import { emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
 import { Conntrack, unshareNetns } from '../../dataplane/conntrack.ts';
 import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import type { ConntrackSpec, ProgramName, SkbContext } from './statespec.ts';

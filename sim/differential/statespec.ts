@@ -3,7 +3,7 @@
  * generators produce), and its conversion to the model's state.
  */
 import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
-import { emptyState, type DatapathState, type Sizes } from '../model/state.ts';
+import { emptyState, type DatapathState, type Sizes } from '../model/index.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
 import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
 import { CtBits, NO_HOST_NETNS } from '../../dataplane/maps.ts';

@@ -6,7 +6,8 @@
 import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts';
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
-import type { DatapathState, Env, Stamp } from './state.ts';
+import type { DatapathState } from './maps.ts';
+import type { Env } from './state.ts';
 
 const TCP_FLAG_FIN = 0x01;
 const TCP_FLAG_SYN = 0x02;
@@ -101,7 +102,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
   const now = env.now;
   const seen = s.ct_admitted.lookupElem(k);
-  if (seen && recent(now, seen.checked)) {
+  if (seen && now >= seen.checked && now - seen.checked < CT_RECHECK_NS) {
     to.saddr = seen.saddr;
     to.daddr = seen.daddr;
     to.sport = seen.sport;
@@ -160,10 +161,4 @@ function natAllowed(k: FlowKey, to: CtTo, side: number): boolean {
   if (side === NatSide.DST) return srcKept;
   if (side === NatSide.SRC) return dstKept;
   return srcKept && dstKept;
-}
-
-/** C: now >= checked && now - checked < XMASQ_CT_RECHECK_NS, in u64. */
-function recent(now: Stamp, checked: Stamp): boolean {
-  const n = BigInt(now), c = BigInt(checked);
-  return n >= c && n - c < CT_RECHECK_NS;
 }

@@ -7,7 +7,8 @@ import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, type TunnelPorts, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { TC_CONTINUE, egressLookupOrCreate, isPeerNode, isSelf, copyPacket, newEffects, type DatapathState, type Env, type ModelPath, type RunEffects, type RunResult, type Stamp } from './state.ts';
+import { egressLookupOrCreate, isPeerNode, isSelf, type DatapathState } from './maps.ts';
+import { TC_CONTINUE, copyPacket, newEffects, type Env, type ModelIngressKey, type ModelPath, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -20,8 +21,9 @@ export function fastPathEligible(cfg: TunnelPorts, h: Hdrs): boolean {
  * C: key_still_ours. An ingress entry is ours only if it still restores to this pod pair (a
  * tombstone, ifindex 0, never does); signalling the key again refreshes it.
  */
-function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: Stamp): boolean {
-  const r = s.ingress_cache.lookupPair(remoteHost, key);
+function keyStillOurs(s: DatapathState, remoteHost: number, key: number, localPod: number, remotePod: number, now: bigint): boolean {
+  const ik: ModelIngressKey = { remote_host: remoteHost, key };
+  const r = s.ingress_cache.lookupElem(ik);
   if (!r || r.ifindex === 0 || r.local_ip !== localPod || r.remote_ip !== remotePod) return false;
   r.last_seen = now;
   return true;
@@ -39,15 +41,14 @@ export function initInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return xmasqInit(pkt, s, env, fx);
 }
 
-/** The C's stack locals, reused per run (packet.ts: Hdrs). */
-const outer = new Hdrs();
-const t = new Tunnel();
-
 function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  const outer = new Hdrs();
+  const t = new Tunnel();
+
   // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
   if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
-  const pod = s.pod_info.lookupWord(src);
+  const pod = s.pod_info.lookupElem(src);
   if (!pod) return pass(fx);
 
   // 2. Only an overlay packet this host encapsulated itself (a tunnel device's transmit
@@ -70,7 +71,8 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (!fastPathEligible(s.config, t.inner)) return pass(fx);
 
   // 6. The egress entry for (our pod, remote pod), created empty if new.
-  const e = egressLookupOrCreate(s, src, dst);
+  const ek = { local_pod: src, remote_pod: dst };
+  const e = egressLookupOrCreate(s, ek);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_CONTINUE;
@@ -102,7 +104,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       remote_key: 0,
       remote_ready: 0,
     };
-    const ik = { remote_host: t.outer.daddr, key: 0 };
+    const ik: ModelIngressKey = { remote_host: t.outer.daddr, key: 0 };
     const wide = (s.config.flags & ConfigFlag.WIDE_KEYS) !== 0;
     const min = wide ? WIDE_KEY_MIN : KEY_MIN;
     const n = wide ? WIDE_KEY_COUNT : KEY_COUNT;

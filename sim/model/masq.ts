@@ -7,7 +7,8 @@ import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKe
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
-import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import type { DatapathState } from './maps.ts';
+import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /**
@@ -30,9 +31,6 @@ export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   return xmasqMasq(pkt, s, env, fx, kind);
 }
 
-/** The C's stack locals, reused per run (packet.ts: Hdrs). */
-const h = new Hdrs();
-const to = newCtTo();
 /** C: XMASQ_CT_UNCHECKED. */
 const CT_UNCHECKED = 'UNCHECKED';
 
@@ -48,6 +46,9 @@ function inServiceRange(net: string, mask: string, daddr: number): boolean {
 }
 
 function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
+  const h = new Hdrs();
+  const to = newCtTo();
+
   // 1. A pod's IPv4 packet that masq can carry.
   if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // RF is our marker, which no conforming stack sets: a pod that sets it forges a
@@ -64,7 +65,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   // that the entry found is the host's all the same.
   let netnsId = CT_CURRENT_NETNS, netnsIno = 0;
   if (kind === 'RPEER') {
-    const pod = s.pod_info.lookupWord(h.saddr);
+    const pod = s.pod_info.lookupElem(h.saddr);
     netnsId = pod && pod.host_netns_id >= 0 ? pod.host_netns_id : CT_NO_NETNS;
     netnsIno = pod ? pod.host_netns_ino : 0;
   }
@@ -83,7 +84,8 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   }
 
   // 3. A pair fully learned: path, both keys, and the peer knows ours.
-  const e = s.egress_cache.lookupPair(h.saddr, h.daddr);
+  const ek = { local_pod: h.saddr, remote_pod: h.daddr };
+  const e = s.egress_cache.lookupElem(ek);
   if (!e) return pass(fx);
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
     fx.counters.FELL_BACK++;
@@ -122,6 +124,6 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
 
   e.last_seen = now;
   fx.counters.MASQUERADED++;
-  fx.redirect = redirectTo(cfg.nic_ifindex, kind);
+  fx.redirect = { ifindex: cfg.nic_ifindex, kind };
   return TC_ACT_REDIRECT;
 }

@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../../testing/packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../../testing/packet/checksum.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './state.ts';
+import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './index.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
 import { init } from './init.ts';

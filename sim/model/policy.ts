@@ -4,7 +4,8 @@
  */
 import { POLICY_MAX_MASKS, PolicyField } from '../../dataplane/maps.ts';
 import type { Hdrs } from './packet.ts';
-import { TC_ACT_SHOT, type DatapathState, type ModelPolicyKey, type RunEffects } from './state.ts';
+import type { DatapathState } from './maps.ts';
+import { TC_ACT_SHOT, type ModelPolicyKey, type RunEffects } from './state.ts';
 
 /** The C's stack local key, reused per lookup (packet.ts: Hdrs); a lookup only reads it. */
 const k: ModelPolicyKey = { src_ip: 0, dst_ip: 0, src_port: 0, dst_port: 0, protocol: 0, dir: 0 };

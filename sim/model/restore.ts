@@ -10,7 +10,8 @@ import {
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
-import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, egressLookupOrCreate, isPeerNode, copyPacket, newEffects, redirectTo, type DatapathState, type Env, type RunEffects, type RunResult } from './state.ts';
+import { egressLookupOrCreate, isPeerNode, type DatapathState } from './maps.ts';
+import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** The program's own copy of the packet, as BPF_PROG_TEST_RUN runs it. */
@@ -34,7 +35,7 @@ function toHostStack(pkt: Buffer, s: DatapathState, fx: RunEffects): number {
   const cfg = s.config;
   if (cfg.overlay_ifindex === 0) return TC_CONTINUE;
   macToBytes(cfg.overlay_mac, pkt, 0);
-  fx.redirect = redirectTo(cfg.overlay_ifindex, 'INGRESS');
+  fx.redirect = { ifindex: cfg.overlay_ifindex, kind: 'INGRESS' };
   return TC_ACT_REDIRECT;
 }
 
@@ -51,7 +52,8 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
     fx.counters.MARKED_NOT_NODE++;
     return TC_ACT_SHOT;
   }
-  const r = s.ingress_cache.lookupPair(h.saddr, key);
+  const ik = { remote_host: h.saddr, key };
+  const r = s.ingress_cache.lookupElem(ik);
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
   if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
 
@@ -61,6 +63,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
   // 3. Whether the host's conntrack admits the flow, before the rewrite, which takes
   //    a Service's address from it: a backend's reply leaves with the Service's as its source.
   const now = env.now;
+  const to = newCtTo();
   const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to);
   const src = admit === CT_ADMIT ? to.saddr : r.remote_ip;
 
@@ -78,20 +81,17 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
 
   // 6. Into the pod's namespace.
   fx.counters.RESTORED++;
-  fx.redirect = redirectTo(r.ifindex, 'PEER');
+  fx.redirect = { ifindex: r.ifindex, kind: 'PEER' };
   return TC_ACT_REDIRECT;
 }
 
-/** The C's stack locals, reused per run (packet.ts: Hdrs). */
-const h = new Hdrs();
-const t = new Tunnel();
-const to = newCtTo();
-
 function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, outer: Hdrs): number {
+  const t = new Tunnel();
+
   // 1. An overlay packet for one of our pods.
   if (loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const local = t.inner.daddr, remote = t.inner.saddr;
-  if (!s.pod_info.lookupWord(local)) return pass(fx);
+  if (!s.pod_info.lookupElem(local)) return pass(fx);
 
   // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
   if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);
@@ -111,14 +111,15 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
     fx.counters.SIGNAL_NOT_NODE++;
     return TC_CONTINUE;
   }
-  let e = s.egress_cache.lookupPair(local, remote);
+  const ek = { local_pod: local, remote_pod: remote };
+  let e = s.egress_cache.lookupElem(ek);
   if (e && e.remote_ip && e.remote_ip !== from) {
     fx.counters.SIGNAL_WRONG_NODE++;
     return TC_CONTINUE;
   }
 
   // 5. The peer's key, into our egress entry for the reverse direction.
-  if (!e) e = egressLookupOrCreate(s, local, remote);
+  if (!e) e = egressLookupOrCreate(s, ek);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_CONTINUE;
@@ -133,6 +134,8 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
 }
 
 function xmasqRestore(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): number {
+  const h = new Hdrs();
+
   if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
   // Overlay packets carry signals, never masqueraded pod packets (masq skips them).
   if (isTunnel(s.config, h)) return learnFromOverlay(pkt, s, env, fx, h);

@@ -1,0 +1,113 @@
+/**
+ * Twin of bpf/maps.h: every map of the datapath, as the model holds them
+ * (state.ts HashTable for the hash maps; config and policy_masks, one-slot
+ * arrays, as their one value), and the helpers maps.h defines on them. The
+ * counters map is RunEffects.counters and redirect_trace (test build) is
+ * RunEffects.redirect (state.ts); maps.test.ts holds this list against the
+ * maps of the built objects.
+ */
+import type { Struct } from '../../dataplane/layout.ts';
+import {
+  NO_OVERLAY, NO_SERVICES, NodeFlag, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
+  policyKey, policyRule,
+  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyKey,
+  type PolicyMasks, type PolicyRule,
+} from '../../dataplane/maps.ts';
+import {
+  HashTable, ModelCodec, ipKeys, structKeys,
+  type ModelCtAdmission, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
+  type ModelPolicyKey,
+} from './state.ts';
+
+/** The maps, by their names in the C. */
+export interface DatapathState {
+  /** Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
+  pod_info: HashTable<string, PodInfo, number, ModelPodInfo>;
+  /** Written by init (outer headers, keys) and restore (peer key); read by masq. */
+  egress_cache: HashTable<EgressKey, Path, ModelEgressKey, ModelPath>;
+  /** Written by init (when it allocates a key); read and refreshed by restore. */
+  ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
+  /** Written by the agent; read by every program (config_get: its one slot). */
+  config: Config;
+  /** Deny rules, written by the agent; read by every program. */
+  policy_rules: HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
+  /** The masks in use by policy_rules, maintained by the agent beside them. */
+  policy_masks: PolicyMasks;
+  /** TCP flows to make liberal (conntrack.ts), written by masq and restore, drained by the agent. */
+  ct_pending: HashTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
+  /** Flows conntrack admitted a moment ago (conntrack.ts), written by masq and restore. */
+  ct_admitted: HashTable<CtTupleKey, CtAdmission, ModelCtTupleKey, ModelCtAdmission>;
+  /** The overlay's nodes by underlay address, written by the agent; flag SELF marks this host's own (bpf/xmasq.h). */
+  nodes: HashTable<string, NodeInfo, number, ModelNodeInfo>;
+}
+
+/** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number }
+
+const asStruct = (s: unknown) => s as Struct<never>;
+
+/** The maps as a freshly loaded object holds them: hash maps empty, arrays zeroed. */
+export function emptyState(sizes: Sizes): DatapathState {
+  const paths = new ModelCodec<ModelPath>(asStruct(path));
+  const tuples = structKeys<CtTupleKey, ModelCtTupleKey>(asStruct(ctTuple));
+  return {
+    pod_info: new HashTable(ipKeys(asStruct(podIp)), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
+    egress_cache: new HashTable(structKeys<EgressKey, ModelEgressKey>(asStruct(egressKey)), paths, sizes.paths),
+    ingress_cache: new HashTable(structKeys<IngressKey, ModelIngressKey>(asStruct(ingressKey)), paths, sizes.paths),
+    config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
+    policy_rules: new HashTable(structKeys<PolicyKey, ModelPolicyKey>(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
+    policy_masks: { count: 0, mask: new Array(32).fill(0) },
+    ct_pending: new HashTable(tuples, new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
+    ct_admitted: new HashTable(tuples, new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
+    nodes: new HashTable(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
+  };
+}
+
+/** A copy of every map, whose tables are of the same kind as s's. */
+export function cloneState(s: DatapathState): DatapathState {
+  return {
+    pod_info: s.pod_info.clone(),
+    egress_cache: s.egress_cache.clone(),
+    ingress_cache: s.ingress_cache.clone(),
+    config: { ...s.config },
+    policy_rules: s.policy_rules.clone(),
+    policy_masks: { count: s.policy_masks.count, mask: [...s.policy_masks.mask] },
+    ct_pending: s.ct_pending.clone(),
+    ct_admitted: s.ct_admitted.clone(),
+    nodes: s.nodes.clone(),
+  };
+}
+
+/** C: is_peer_node. Whether addr is a node of the overlay other than this host. */
+export function isPeerNode(s: DatapathState, addr: number): boolean {
+  const n = s.nodes.lookupElem(addr);
+  return n !== undefined && (n.flags & NodeFlag.SELF) === 0;
+}
+
+/** C: is_self. Whether addr is one of this host's own underlay addresses. */
+export function isSelf(s: DatapathState, addr: number): boolean {
+  const n = s.nodes.lookupElem(addr);
+  return n !== undefined && (n.flags & NodeFlag.SELF) !== 0;
+}
+
+/**
+ * C: egress_lookup_or_create. The egress entry for a pod pair, created empty
+ * if new; undefined when the table is full. (EEXIST from the insert: another
+ * CPU created it first, which is just as good.)
+ */
+export function egressLookupOrCreate(s: DatapathState, ek: ModelEgressKey): ModelPath | undefined {
+  const e = s.egress_cache.lookupElem(ek);
+  if (e) return e;
+  s.egress_cache.updateElem(ek, zeroPath(), 'noexist');
+  return s.egress_cache.lookupElem(ek);
+}
+
+/** A zeroed struct path, as the model holds it (C: struct path empty = {}). */
+export function zeroPath(): ModelPath {
+  return { last_seen: 0n, local_mac: 0, remote_mac: 0, local_ip: 0, remote_ip: 0, ifindex: 0, local_key: 0, remote_key: 0, remote_ready: 0 };
+}
+
+/** A zeroed struct path, as maps.ts types it (for callers at the boundary). */
+export function emptyPath(): Path {
+  return path.zero();
+}
