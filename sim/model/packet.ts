@@ -87,12 +87,9 @@ function setLe16(pkt: Buffer, at: number, v: number): void {
 }
 
 /**
- * What the programs know about one IPv4 datagram (C: struct hdrs). In the C
- * it is a stack local of each run; each model program keeps one of these per
- * local at module level and fills it anew on every run (loadIpv4 sets every
- * field), so that a run allocates nothing. The model's programs are therefore
- * not re-entrant: a run must finish before the next starts, as they do (the
- * model is synchronous and no program calls another).
+ * What the programs know about one IPv4 datagram (C: struct hdrs). As in the
+ * C, each run makes its own (a stack local there), so runs share nothing but
+ * the maps.
  */
 export class Hdrs {
   l3 = 0;
@@ -264,7 +261,7 @@ export function isTunnel(cfg: TunnelPorts, h: Hdrs): boolean {
   return h.proto === IPPROTO_UDP && h.l4_ok && !isFragment(h) && isTunnelPort(cfg, h.dport);
 }
 
-/** C: struct tunnel; a program's own, reused per run as Hdrs is. */
+/** C: struct tunnel; a run's own, as Hdrs is. */
 export class Tunnel {
   readonly outer = new Hdrs();
   readonly inner = new Hdrs();
