@@ -49,7 +49,7 @@ describe('the staged image content', () => {
     const bytes = koffi.reduce((n, f) => n + statSync(join(CTX, 'ctx', f)).size, 0);
     expect(bytes).toBeLessThan(4 << 20);
     expect(readFileSync(join(CTX, 'ctx/Dockerfile'), 'utf8')).toBe(readFileSync(join(IMAGE_DIR, 'Dockerfile'), 'utf8'));
-    expect(imagePackages()).toEqual(['iproute2', 'libbpf1', 'util-linux', 'libstdc++6', 'libgcc-s1']);
+    expect(imagePackages()).toEqual(['iproute2', 'libbpf1', 'util-linux', 'mount', 'libstdc++6', 'libgcc-s1']);
   });
 
   it('runs: each command prints the version with the staged node, from the staged package alone', () => {

@@ -37,6 +37,12 @@ export const PREFIX = '/opt/xmasq';
 const OBJECTS = ['xmasq.bpf.o', 'xmasq.rpeer.bpf.o'];
 /** The commands on the image's PATH, each a link to its bundle. */
 export const COMMANDS = ['xmasq-agent', 'xmasq', 'xmasq-cni-install'] as const;
+/**
+ * Programs the agent runs (ip, nsenter) and those the DaemonSet's shell commands name
+ * (deploy/kubernetes/xmasq.yaml: mount-bpffs, the agent's pid file, preStop): the image
+ * build fails without one of them.
+ */
+export const TOOLS = ['ip', 'nsenter', 'mount', 'stat', 'grep', 'cat', 'sleep'] as const;
 /** What of koffi and its linux-x64 binary a running node loads. */
 const RUNTIME_FILE = /\.(js|cjs|mjs|json|node)$|^LICENSE/;
 
@@ -188,7 +194,8 @@ async function main(argv: string[]): Promise<void> {
     const sources = join(work, 'debian.sources');
     writeFileSync(sources, o.sources ? readFileSync(o.sources, 'utf8') : debianSources());
     const tar = join(work, 'rootfs.tar');
-    const smoke = ['node --version', ...COMMANDS.map((c) => `${c} --version`)].join(' && ');
+    const smoke = ['node --version', ...COMMANDS.map((c) => `${c} --version`),
+      `for t in ${TOOLS.join(' ')}; do command -v $t >/dev/null || { echo "image: $t is missing"; exit 1; }; done`].join(' && ');
     must('mmdebstrap', [
       '--mode=root', '--variant=essential', `--include=${imagePackages().join(',')}`,
       // No documentation, manual pages or translations: nobody reads them in a container.
