@@ -39,14 +39,17 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
   await agent.start();
   return new Promise<number>((resolve) => {
     let stopping = false;
+    let handover = false;
     act = (sig) => {
       if (stopping) {
-        if (sig !== 'SIGUSR2') log.warn(`${sig} again while stopping: still detaching, please wait`);
+        // A kubelet's SIGTERM follows the preStop hook's SIGUSR2 (deploy/kubernetes): the hand-over goes on.
+        if (handover) log.info(`${sig} while handing over: the hand-over goes on`);
+        else if (sig !== 'SIGUSR2') log.warn(`${sig} again while stopping: still detaching, please wait`);
         return;
       }
       stopping = true;
       // SIGUSR2: stop for an upgrade or restart, leaving the datapath running.
-      const handover = sig === 'SIGUSR2';
+      handover = sig === 'SIGUSR2';
       log.info(handover ? 'SIGUSR2: handing over (filters stay attached)' : `${sig}: stopping`);
       agent.stop(handover ? { handover: true } : undefined).then(({ errors }) => resolve(errors.length ? 1 : 0), (e: Error) => {
         log.error(`${handover ? 'handover' : 'stopping'} failed: ${e.message}`);
@@ -87,7 +90,10 @@ async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
   }
   let pods: ReturnType<StateDir['readPods']>;
   try {
-    pods = state.readPods(cfg.pinDir);
+    // Whatever pin dir the agent recorded: cleanup may see the node's files under another
+    // root (a debug pod's /host/sys/fs/bpf/xmasq for the agent's /sys/fs/bpf/xmasq), and
+    // the pods' filters are to go all the same.
+    pods = state.readPods(undefined);
   } catch (e) {
     log.warn(`pods not checked: ${(e as Error).message}`);
   }
