@@ -34,7 +34,8 @@ export class StateDir {
     return join(this.dir, 'policy.json');
   }
 
-  private read<T extends { version: number; pinDir: string }>(file: string, pinDir: string, what: string): T | undefined {
+  /** pinDir undefined: whatever pin dir the file names (cleanup). */
+  private read<T extends { version: number; pinDir: string }>(file: string, pinDir: string | undefined, what: string): T | undefined {
     if (!existsSync(file)) return undefined;
     let v: T;
     try {
@@ -45,13 +46,13 @@ export class StateDir {
     if (!v || typeof v !== 'object' || v.version !== STATE_VERSION) {
       throw new Error(`state file ${file} has version ${JSON.stringify((v as { version?: unknown })?.version)}, this agent writes ${STATE_VERSION}: remove it to start without the ${what} it held`);
     }
-    if (v.pinDir !== pinDir) {
+    if (pinDir !== undefined && v.pinDir !== pinDir) {
       throw new Error(`state file ${file} belongs to the pins in ${v.pinDir}, not ${pinDir}: set --state-dir to a directory of its own for each pin dir`);
     }
     return v;
   }
 
-  readPods(pinDir: string): PodRecord[] | undefined {
+  readPods(pinDir: string | undefined): PodRecord[] | undefined {
     const f = this.read<PodsFile>(this.podsFile, pinDir, 'pods');
     if (f && !Array.isArray(f.pods)) throw new Error(`state file ${this.podsFile} has no "pods" array: remove it to start without pods`);
     return f?.pods;
