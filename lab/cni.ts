@@ -64,6 +64,11 @@ export interface CniInvocation {
    * host-side objects (bridge, host end of the veth) in whatever netns they are started in.
    */
   pluginNetns?: string;
+  /**
+   * A mount namespace (a path such as /proc/<pid>/ns/mnt) the plugins run in: a node's own
+   * view of the file system, where its /run/xmasq is (lab/kubelet-standin.ts).
+   */
+  pluginMountNs?: string;
   timeoutMs?: number;
 }
 
@@ -162,7 +167,8 @@ async function invoke(
     CNI_ARGS: cniArgs(inv.args),
     CNI_PATH: inv.path.join(':'),
   });
-  const [cmd, args] = inv.pluginNetns ? ['nsenter', [`--net=${netnsPath(inv.pluginNetns)}`, '--', bin]] : [bin, []];
+  const enter = [...(inv.pluginMountNs ? [`--mount=${inv.pluginMountNs}`] : []), ...(inv.pluginNetns ? [`--net=${netnsPath(inv.pluginNetns)}`] : [])];
+  const [cmd, args] = enter.length ? ['nsenter', [...enter, '--', bin]] : [bin, []];
   const r = await run(cmd, args, { input: JSON.stringify(conf), env, timeoutMs: inv.timeoutMs ?? 30_000 });
   const fail = (code: number | undefined, msg: string, details?: string) =>
     new CniError(command, plugin.type, code, msg, details, r, list.name, inv.containerId);

@@ -197,6 +197,16 @@ export class DockerDaemon {
     return new DockerDaemon(cli, hostArgs, 'started', child.pid, Date.now() - started);
   }
 
+  /**
+   * A daemon someone else started and stops (the kubelet stand-in's per-node runtimes), reached
+   * on its own socket; stop() leaves it alone.
+   */
+  static at(socket: string, pid: number | undefined): DockerDaemon {
+    const cli = existsSync(DEBIAN_DOCKER_CLI) ? DEBIAN_DOCKER_CLI : onPath('docker');
+    if (!cli) throw new Error(`no docker CLI found; install it with 'apt-get install -y docker.io'`);
+    return new DockerDaemon(cli, ['-H', `unix://${socket}`], 'system', pid, 0);
+  }
+
   /** Whether stop() stops it: a daemon started or adopted here. */
   get ownedByUs(): boolean {
     return this.origin !== 'system';
