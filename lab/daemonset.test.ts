@@ -16,8 +16,8 @@ import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from '
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { ROOT } from '../scripts/bundle.ts';
-import { netnsPath, run, spawnIn } from './command.ts';
+import { ROOT } from '../testing/root.ts';
+import { netnsPath, run, spawnIn } from '../testing/command.ts';
 import { DOCKER_PACKAGES, DockerDaemon } from './docker.ts';
 import { daemonSetTemplate, KubeletStandin, type PodTemplate, type RunningPod } from './kubelet-standin.ts';
 import { Lab, type LabPod } from './lab.ts';

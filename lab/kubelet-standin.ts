@@ -42,7 +42,7 @@ import { join } from 'node:path';
 import { spawn } from 'node:child_process';
 import { parse as parseYaml } from 'yaml';
 import { cniAdd, cniDel, type CniConfList, type CniInvocation, type CniResult } from './cni.ts';
-import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from './command.ts';
+import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from '../testing/command.ts';
 import { DockerDaemon } from './docker.ts';
 import type { Lab, LabHost, LabPod } from './lab.ts';
 
