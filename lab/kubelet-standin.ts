@@ -753,6 +753,7 @@ export class KubeletStandin {
     this.pods.clear();
     await this.removeAllContainers();
     await stopDaemon(this.dockerdPid).catch((e: Error) => problems.push(e.message));
+    killShims(join(STANDIN_RUN_DIR, this.lab.name, this.host.name));
     rmSync(join(STANDIN_RUN_DIR, this.lab.name, this.host.name), { recursive: true, force: true });
     rmSync(join(STANDIN_RUN_DIR, this.lab.name), { recursive: true, force: true });
     for (const d of this.createdMountpoints) await run('rmdir', [d]);
@@ -767,8 +768,32 @@ export class KubeletStandin {
       const pidFile = join(dir, host, 'dockerd.pid');
       const pid = existsSync(pidFile) ? Number(readFileSync(pidFile, 'utf8').trim()) : NaN;
       if (pid > 0) await stopDaemon(pid).catch(() => {});
+      killShims(join(dir, host));
     }
     rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/**
+ * The containerd shims of a node's runtime: a shim whose container was still running when
+ * the daemon stopped outlives it, its containerd gone. Found by the socket they name.
+ */
+function killShims(runDir: string): void {
+  const socket = `${runDir}/exec/containerd/containerd.sock`;
+  for (const pid of readdirSync('/proc').filter((d) => /^\d+$/.test(d))) {
+    let cmd: string;
+    try {
+      cmd = readFileSync(`/proc/${pid}/cmdline`, 'utf8');
+    } catch {
+      continue;
+    }
+    if (cmd.startsWith('/usr/bin/containerd-shim') && cmd.split('\0').includes(socket)) {
+      try {
+        process.kill(Number(pid), 'SIGKILL');
+      } catch {
+        // gone meanwhile
+      }
+    }
   }
 }
 
