@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The one header for everything the BPF programs share with each other and with
- * user space. dataplane/maps.ts mirrors every struct and enum here; a test holds
- * the two against this object's BTF, so change both or the build goes red.
+ * user space. `npm run build:bpf` reads the structs, enums and exported
+ * constants off the built objects' BTF into dataplane/generated/objects.ts,
+ * which dataplane/maps.ts imports: change both or tsc and the tests go red.
  */
 #ifndef XMASQ_H
 #define XMASQ_H
@@ -266,6 +267,44 @@ enum xmasq_redirect_kind {
 struct redirect_trace {
 	__u32 ifindex;
 	enum xmasq_redirect_kind kind;
+};
+
+/*
+ * The #define constants user space needs, as enum values: #defines leave no
+ * trace in BTF, enums do once a variable's type names them (xmasq.bpf.c,
+ * xmasq_btf_export). `npm run build:bpf` reads them off each built object into
+ * dataplane/generated/objects.ts; the programs keep using the #defines.
+ */
+enum xmasq_btf_consts {
+	XMASQ_BTF_IP_RF = XMASQ_IP_RF,
+	XMASQ_BTF_IP_DF = XMASQ_IP_DF,
+	XMASQ_BTF_IP_MF = XMASQ_IP_MF,
+	XMASQ_BTF_IP_OFFSET = XMASQ_IP_OFFSET,
+	XMASQ_BTF_KEY_MIN = XMASQ_KEY_MIN,
+	XMASQ_BTF_KEY_MAX = XMASQ_KEY_MAX,
+	XMASQ_BTF_KEY_COUNT = XMASQ_KEY_COUNT,
+	XMASQ_BTF_WIDE_KEY_MIN = XMASQ_WIDE_KEY_MIN,
+	XMASQ_BTF_WIDE_KEY_MAX = XMASQ_WIDE_KEY_MAX,
+	XMASQ_BTF_WIDE_KEY_COUNT = XMASQ_WIDE_KEY_COUNT,
+	XMASQ_BTF_KEY_TRIES = XMASQ_KEY_TRIES,
+	XMASQ_BTF_CFG_WIDE_KEYS = XMASQ_CFG_WIDE_KEYS,
+	XMASQ_BTF_POLICY_MAX_MASKS = XMASQ_POLICY_MAX_MASKS,
+	XMASQ_BTF_NODE_SELF = XMASQ_NODE_SELF,
+	XMASQ_BTF_IPS_SEEN_REPLY = XMASQ_IPS_SEEN_REPLY,
+	XMASQ_BTF_IPS_SRC_NAT = XMASQ_IPS_SRC_NAT,
+	XMASQ_BTF_IPS_DST_NAT = XMASQ_IPS_DST_NAT,
+	XMASQ_BTF_TCP_CONNTRACK_ESTABLISHED = XMASQ_TCP_CONNTRACK_ESTABLISHED,
+	XMASQ_BTF_CT_TCP_FLAG_BE_LIBERAL = XMASQ_CT_TCP_FLAG_BE_LIBERAL,
+	XMASQ_BTF_CT_RECHECK_NS = XMASQ_CT_RECHECK_NS,
+};
+
+/* Types only user space reads: one member per enum no map or program variable names. */
+struct xmasq_btf_export {
+	enum xmasq_btf_consts consts;
+	enum xmasq_counter counter;
+	enum xmasq_policy_dir policy_dir;
+	enum xmasq_policy_field policy_field;
+	enum xmasq_redirect_kind redirect_kind;
 };
 
 #endif /* XMASQ_H */

@@ -171,3 +171,56 @@ export function readEnum(objectPath: string, name: string): Record<string, numbe
   for (const v of e.values ?? []) out[v.name] = v.val;
   return out;
 }
+
+export interface MapDef {
+  name: string;
+  /** enum bpf_map_type value, from __uint(type, ...). */
+  type: number;
+  maxEntries: number;
+  /** The C type names of __type(key, ...) and __type(value, ...) ('__u32', 'pod_info', ...). */
+  key: string;
+  value: string;
+  keySize: number;
+  valueSize: number;
+}
+
+/**
+ * Every map the object declares in SEC(".maps"), as libbpf reads it: __uint()
+ * members are pointers to arrays whose length is the number, __type()
+ * members pointers to the type.
+ */
+export function readMaps(objectPath: string): MapDef[] {
+  const types = btfTypes(objectPath);
+  const sec = [...types.values()].find((t) => t.kind === 'DATASEC' && t.name === '.maps');
+  if (!sec) return [];
+  const vars = (sec as BtfType & { vars?: Array<{ type_id: number }> }).vars ?? [];
+  return vars.map(({ type_id }) => {
+    const v = types.get(type_id);
+    if (!v || v.kind !== 'VAR') throw new Error(`${objectPath}: .maps holds BTF id ${type_id}, not a variable`);
+    const def = strip(types, v.type_id ?? 0);
+    if (def?.kind !== 'STRUCT') throw new Error(`${objectPath}: map ${v.name} is not declared as a struct`);
+    const member = (name: string) => {
+      const m = def.members?.find((x) => x.name === name);
+      if (!m) throw new Error(`${objectPath}: map ${v.name} declares no ${name}`);
+      const ptr = strip(types, m.type_id);
+      if (ptr?.kind !== 'PTR') throw new Error(`${objectPath}: map ${v.name}'s ${name} is not __uint()/__type()`);
+      return ptr.type_id ?? 0;
+    };
+    const number = (name: string) => {
+      const arr = strip(types, member(name));
+      if (arr?.kind !== 'ARRAY') throw new Error(`${objectPath}: map ${v.name}'s ${name} is not __uint()`);
+      return arr.nr_elems ?? 0;
+    };
+    const typeName = (id: number) => {
+      const t = types.get(id);
+      return t ? anon(t.name) || t.kind.toLowerCase() : 'void';
+    };
+    const key = member('key');
+    const value = member('value');
+    return {
+      name: v.name, type: number('type'), maxEntries: number('max_entries'),
+      key: typeName(key), value: typeName(value),
+      keySize: sizeOf(types, key, `map ${v.name} key`), valueSize: sizeOf(types, value, `map ${v.name} value`),
+    };
+  });
+}

@@ -2,15 +2,16 @@
  * The TypeScript layouts in maps.ts against the BTF of the built objects:
  * every struct's size, every member's name, offset and size, every enum value.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { readEnum, readStructLayouts } from './btf.ts';
 import {
-  RedirectKind,
+  COUNTER_COUNT, Counter, PolicyDir, PolicyField, RedirectKind,
   config, ctAdmission, ctTuple, egressKey, ingressKey, nodeInfo, path, podInfo, policyKey, policyMasks, policyRule, redirectTrace,
 } from './maps.ts';
 import type { Struct } from './layout.ts';
+import { GENERATED, generate } from '../scripts/gen-objects.ts';
 
 const objects = ['xmasq.bpf.o', 'xmasq.test.bpf.o', 'xmasq.rpeer.bpf.o'].map((o) => fileURLToPath(new URL(`../bpf/build/${o}`, import.meta.url)));
 
@@ -33,13 +34,27 @@ describe.each(objects)('map layouts in %s', (obj) => {
   });
 });
 
-// Enums have BTF only when a C object has their type: xmasq_redirect_kind types the
-// test build's redirect_trace.kind. xmasq_counter (array keys must be plain u32)
-// and the policy enums type nothing; the fixtures, which name the counter each
-// behaviour bumps, and the differential policy cases pin those instead.
+// maps.ts takes its constants, enums, map names and sizes from this generated
+// module; a stale one (vitest run without npm run build:bpf after a C change)
+// would hold the TypeScript against yesterday's C.
+it('dataplane/generated/objects.ts is what the built objects say', () => {
+  const committed = readFileSync(GENERATED, 'utf8');
+  expect(generate(), `${GENERATED} is stale: run npm run build:bpf`).toBe(committed);
+});
+
+// Read straight from BTF here rather than through the generated module.
 it('the redirect kinds match the test build', () => {
   const obj = fileURLToPath(new URL('../bpf/build/xmasq.test.bpf.o', import.meta.url));
   const strip = (e: Record<string, number>, prefix: string) =>
     Object.fromEntries(Object.entries(e).filter(([k]) => k.startsWith(prefix)).map(([k, v]) => [k.slice(prefix.length), v]));
   expect(strip(readEnum(obj, 'xmasq_redirect_kind'), 'XMASQ_REDIRECT_')).toEqual(RedirectKind);
+});
+
+it('the counters and policy enums match the production build', () => {
+  const obj = fileURLToPath(new URL('../bpf/build/xmasq.bpf.o', import.meta.url));
+  const strip = (e: Record<string, number>, prefix: string) =>
+    Object.fromEntries(Object.entries(e).map(([k, v]) => [k.slice(prefix.length), v]));
+  expect({ ...Counter, MAX: COUNTER_COUNT }).toEqual(strip(readEnum(obj, 'xmasq_counter'), 'XMASQ_CNT_'));
+  expect(PolicyDir).toEqual(strip(readEnum(obj, 'xmasq_policy_dir'), 'XMASQ_DIR_'));
+  expect(PolicyField).toEqual(strip(readEnum(obj, 'xmasq_policy_field'), 'XMASQ_PF_'));
 });

@@ -25,7 +25,7 @@ type Decoded<T extends FieldType> =
 export interface FieldSpec { readonly name: string; readonly type: FieldType }
 export interface Field extends FieldSpec { readonly offset: number; readonly size: number }
 
-type Fields = readonly (readonly [string, FieldType])[];
+export type Fields = readonly (readonly [string, FieldType])[];
 export type StructValue<F extends Fields> = {
   [K in F[number] as K[1] extends { pad: number } ? never : K[0]]: Decoded<K[1]>;
 };

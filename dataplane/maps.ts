@@ -4,78 +4,95 @@
  * decode map entries through these; nobody packs a Buffer by hand elsewhere.
  * layout.test.ts checks each struct against the BTF of the built object.
  */
-import { Struct, type StructValue } from './layout.ts';
+import {
+  COUNTER, COUNTER_MAX, CONSTS, OBJECTS, POLICY_DIR, POLICY_FIELD, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
+} from './generated/objects.ts';
+import { Struct, type Fields, type StructValue } from './layout.ts';
 
-// ---- constants (bpf/xmasq.h) ----
-export const IP_RF = 0x8000;
-export const IP_DF = 0x4000;
-export const IP_MF = 0x2000;
-export const IP_OFFSET = 0x1fff;
+// ---- constants and enums (bpf/xmasq.h), read off the built objects' BTF by
+// scripts/gen-objects.ts: a constant renamed or removed in C fails tsc here ----
+export const IP_RF = CONSTS.IP_RF;
+export const IP_DF = CONSTS.IP_DF;
+export const IP_MF = CONSTS.IP_MF;
+export const IP_OFFSET = CONSTS.IP_OFFSET;
 /** Narrow keys ride in DSCP; wide keys in a carrier word of TCP, UDP or ICMP echo (bpf/packet.h). */
-export const KEY_MIN = 1;
-export const KEY_MAX = 63;
-export const KEY_COUNT = KEY_MAX - KEY_MIN + 1;
-export const WIDE_KEY_MIN = 64;
-export const WIDE_KEY_MAX = 16383;
-export const WIDE_KEY_COUNT = WIDE_KEY_MAX - WIDE_KEY_MIN + 1;
-export const KEY_TRIES = 9;
+export const KEY_MIN = CONSTS.KEY_MIN;
+export const KEY_MAX = CONSTS.KEY_MAX;
+export const KEY_COUNT = CONSTS.KEY_COUNT;
+export const WIDE_KEY_MIN = CONSTS.WIDE_KEY_MIN;
+export const WIDE_KEY_MAX = CONSTS.WIDE_KEY_MAX;
+export const WIDE_KEY_COUNT = CONSTS.WIDE_KEY_COUNT;
+export const KEY_TRIES = CONSTS.KEY_TRIES;
 /** config.flags (XMASQ_CFG_*). */
-export const ConfigFlag = { WIDE_KEYS: 0x1 } as const;
+export const ConfigFlag = { WIDE_KEYS: CONSTS.CFG_WIDE_KEYS } as const;
+/** The IANA and Linux VXLAN ports and Geneve's: defaults of the agent, not of the C (config carries the ports). */
 export const PORT_VXLAN = 4789;
 export const PORT_VXLAN_LINUX = 8472;
 export const PORT_GENEVE = 6081;
-export const POLICY_MAX_MASKS = 31;
+export const POLICY_MAX_MASKS = CONSTS.POLICY_MAX_MASKS;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
-  production: { pods: 1024, paths: 65536, rules: 65536, ctPending: 4096, ctAdmitted: 65536, nodes: 8192 },
-  test: { pods: 16, paths: 64, rules: 32, ctPending: 16, ctAdmitted: 16, nodes: 16 },
+  production: maxEntries('production'),
+  test: maxEntries('test'),
 } as const;
+function maxEntries<B extends 'production' | 'test'>(b: B) {
+  const m = OBJECTS[b].maps;
+  return {
+    pods: m.pod_info.maxEntries, paths: m.egress_cache.maxEntries, rules: m.policy_rules.maxEntries,
+    ctPending: m.ct_pending.maxEntries, ctAdmitted: m.ct_admitted.maxEntries, nodes: m.nodes.maxEntries,
+  } as const;
+}
 
-// ---- enums (bpf/xmasq.h); layout.test.ts holds them against the object's BTF ----
-export const Counter = {
-  MASQUERADED: 0,
-  RESTORED: 1,
-  LEARNED: 2,
-  FELL_BACK: 3,
-  KEY_EXHAUSTED: 4,
-  POLICY_DROP: 5,
-  PASSED: 6,
-  RESTORE_MISS: 7,
-  CT_REFUSED: 8,
-  CT_NAT: 9,
-  CT_PENDING: 10,
-  NOT_OURS: 11,
-  PEER_NOT_NODE: 12,
-  SIGNAL_NOT_NODE: 13,
-  SIGNAL_WRONG_NODE: 14,
-  MARKED_NOT_NODE: 15,
-  POD_MARKED: 16,
-  SERVICE_NAT: 17,
-} as const;
-export const COUNTER_COUNT = 18;
+export const Counter = COUNTER;
+export const COUNTER_COUNT = COUNTER_MAX;
 export type CounterName = keyof typeof Counter;
 export const COUNTER_NAMES = Object.keys(Counter) as CounterName[];
 
-export const RedirectKind = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3, INGRESS: 4 } as const;
+export const RedirectKind = REDIRECT_KIND;
 export type RedirectKindName = keyof typeof RedirectKind;
 
 /** What the programs read of a conntrack entry (bpf/xmasq.h, XMASQ_IPS_* and friends). */
 export const CtBits = {
-  IPS_SEEN_REPLY: 0x2, IPS_SRC_NAT: 0x10, IPS_DST_NAT: 0x20, TCP_CONNTRACK_ESTABLISHED: 3, TCP_FLAG_BE_LIBERAL: 0x08,
+  IPS_SEEN_REPLY: CONSTS.IPS_SEEN_REPLY, IPS_SRC_NAT: CONSTS.IPS_SRC_NAT, IPS_DST_NAT: CONSTS.IPS_DST_NAT,
+  TCP_CONNTRACK_ESTABLISHED: CONSTS.TCP_CONNTRACK_ESTABLISHED, TCP_FLAG_BE_LIBERAL: CONSTS.CT_TCP_FLAG_BE_LIBERAL,
 } as const;
 /** How long a flow conntrack admitted is admitted again without a lookup (XMASQ_CT_RECHECK_NS). */
-export const CT_RECHECK_NS = 200_000_000n;
+export const CT_RECHECK_NS = BigInt(CONSTS.CT_RECHECK_NS);
 
 /** node_info.flags (XMASQ_NODE_*): SELF marks one of this host's own addresses. */
-export const NodeFlag = { SELF: 0x1 } as const;
+export const NodeFlag = { SELF: CONSTS.NODE_SELF } as const;
 
-export const PolicyDir = { EGRESS: 0, INGRESS: 1 } as const;
-export const PolicyField = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
+export const PolicyDir = POLICY_DIR;
+export const PolicyField = POLICY_FIELD;
 
 // ---- structs ----
+
+type SpecNames<F extends Fields> = { -readonly [K in keyof F]: F[K] extends readonly [infer N, unknown] ? N : never };
+type MemberNames<M> = { -readonly [K in keyof M]: M[K] extends { name: infer X } ? X : never };
+type CNames<N extends StructName> = MemberNames<(typeof STRUCTS)[N]['members']>;
+/** unknown when spec's field names are the C struct's member names in order; never (a tsc error) otherwise. */
+type SameNames<N extends StructName, F extends Fields> =
+  [SpecNames<F>] extends [CNames<N>] ? ([CNames<N>] extends [SpecNames<F>] ? unknown : never) : never;
+
+/**
+ * A struct of xmasq.h: tsc refuses field names other than the C members in
+ * their order (generated/objects.ts), and importing this module throws if a
+ * field's offset or size differs from the C's, before any map entry is
+ * written with a wrong layout. layout.test.ts holds both against each build's BTF.
+ */
+function cStruct<N extends StructName, const F extends Fields>(name: N, spec: F & SameNames<N, F>): Struct<F> {
+  const s = new Struct<F>(name, spec);
+  const c = STRUCTS[name];
+  const got = JSON.stringify({ size: s.size, members: s.fields.map((f) => ({ name: f.name, offset: f.offset, size: f.size })) });
+  if (got !== JSON.stringify(c)) {
+    throw new Error(`dataplane/maps.ts lays out struct ${name} as ${got}, the built objects as ${JSON.stringify(c)}: change maps.ts with bpf/xmasq.h (and run npm run build:bpf)`);
+  }
+  return s;
+}
+
 export const podIp = new Struct('pod_ip', [['ip', 'ipv4']] as const);
-export const podInfo = new Struct('pod_info', [
+export const podInfo = cStruct('pod_info', [
   ['ifindex', 'u32'],
   ['mac', 'mac'],
   ['pad', { pad: 2 }],
@@ -84,16 +101,16 @@ export const podInfo = new Struct('pod_info', [
 ] as const);
 /** pod_info's host namespace fields when masq runs in the host's (veth mode): unread. */
 export const NO_HOST_NETNS = { host_netns_id: -1, host_netns_ino: 0 } as const;
-export const egressKey = new Struct('egress_key', [
+export const egressKey = cStruct('egress_key', [
   ['local_pod', 'ipv4'],
   ['remote_pod', 'ipv4'],
 ] as const);
-export const ingressKey = new Struct('ingress_key', [
+export const ingressKey = cStruct('ingress_key', [
   ['remote_host', 'ipv4'],
   ['key', 'u16'],
   ['pad', { pad: 2 }],
 ] as const);
-export const path = new Struct('path', [
+export const path = cStruct('path', [
   ['last_seen', 'u64'],
   ['local_mac', 'mac'],
   ['remote_mac', 'mac'],
@@ -105,7 +122,7 @@ export const path = new Struct('path', [
   ['remote_ready', 'u8'],
   ['pad', { pad: 3 }],
 ] as const);
-export const config = new Struct('config', [
+export const config = cStruct('config', [
   ['nic_ifindex', 'u32'],
   ['flags', 'u32'],
   ['overlay_ifindex', 'u32'],
@@ -122,7 +139,7 @@ export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00'
 export const FLANNEL_PORTS = { vxlan_port: 8472, geneve_port: 6081 } as const;
 /** config's Service range when none is configured (masq never looks a Service up). */
 export const NO_SERVICES = { service_net: '0.0.0.0', service_mask: '0.0.0.0' } as const;
-export const policyKey = new Struct('policy_key', [
+export const policyKey = cStruct('policy_key', [
   ['src_ip', 'ipv4'],
   ['dst_ip', 'ipv4'],
   ['src_port', 'be16'],
@@ -131,16 +148,16 @@ export const policyKey = new Struct('policy_key', [
   ['dir', 'u8'],
   ['pad', { pad: 2 }],
 ] as const);
-export const policyRule = new Struct('policy_rule', [['id', 'u32']] as const);
-export const policyMasks = new Struct('policy_masks', [
+export const policyRule = cStruct('policy_rule', [['id', 'u32']] as const);
+export const policyMasks = cStruct('policy_masks', [
   ['count', 'u32'],
   ['mask', { u8array: POLICY_MAX_MASKS + 1 }],
 ] as const);
-export const redirectTrace = new Struct('redirect_trace', [
+export const redirectTrace = cStruct('redirect_trace', [
   ['ifindex', 'u32'],
   ['kind', 'u32'],
 ] as const);
-export const ctTuple = new Struct('ct_tuple', [
+export const ctTuple = cStruct('ct_tuple', [
   ['saddr', 'ipv4'],
   ['daddr', 'ipv4'],
   ['sport', 'be16'],
@@ -149,7 +166,7 @@ export const ctTuple = new Struct('ct_tuple', [
   ['pad', { pad: 3 }],
 ] as const);
 export const ctPendingValue = new Struct('ct_pending_value', [['queued', 'u32']] as const);
-export const ctAdmission = new Struct('ct_admission', [
+export const ctAdmission = cStruct('ct_admission', [
   ['checked', 'u64'],
   ['saddr', 'ipv4'],
   ['daddr', 'ipv4'],
@@ -159,7 +176,7 @@ export const ctAdmission = new Struct('ct_admission', [
 ] as const);
 /** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
 export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
-export const nodeInfo = new Struct('node_info', [['flags', 'u32']] as const);
+export const nodeInfo = cStruct('node_info', [['flags', 'u32']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
 
@@ -176,7 +193,11 @@ export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F>
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 
-/** Every map of the object: its C name, kind, and key/value layouts. */
+/**
+ * Every map of the object: its C name, kind, and key/value layouts. tsc
+ * refuses a name the test build (which has every map) does not declare, or a
+ * map of it left out; importing this module throws if a kind or a size differs.
+ */
 export const MAPS = {
   pod_info: { kind: 'hash', key: podIp, value: podInfo },
   egress_cache: { kind: 'hash', key: egressKey, value: path },
@@ -189,7 +210,13 @@ export const MAPS = {
   nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
-} as const;
+} as const satisfies Record<ObjectMapName<'test'>, { kind: string; key: Struct<never>; value: Struct<never> }>;
+for (const [name, m] of Object.entries(MAPS)) {
+  const c = OBJECTS.test.maps[name as ObjectMapName<'test'>];
+  if (m.kind !== c.type || m.key.size !== c.keySize || m.value.size !== c.valueSize) {
+    throw new Error(`dataplane/maps.ts describes map ${name} as a ${m.kind} of ${m.key.size}-byte keys and ${m.value.size}-byte values, the built objects as a ${c.type} of ${c.keySize} and ${c.valueSize}: change maps.ts with bpf/maps.h`);
+  }
+}
 export type MapName = keyof typeof MAPS;
 
 /** The mask a policy rule implies: the fields it does not leave as "any". */

@@ -10,6 +10,7 @@ import {
   COUNTER_COUNT, COUNTER_NAMES, ConfigFlag, MAPS, MAX_ENTRIES, NO_OVERLAY, NO_SERVICES, WIDE_KEY_MIN, arrayIndex, config, counterValue, ingressKey,
   path, type CounterName,
 } from '../maps.ts';
+import type { ObjectMapName, ProgramName } from '../generated/objects.ts';
 import type { Log } from './log.ts';
 import type { Attachment, Mode } from './protocol.ts';
 
@@ -22,7 +23,9 @@ export const TC_HANDLE = 0x584d;
 export const TC_PRIORITY = 1;
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
-export const PINNED_MAPS = ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters'] as const;
+export const PINNED_MAPS = [
+  'pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
+] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 
 const ZERO = arrayIndex.encode({ index: 0 });
@@ -53,7 +56,7 @@ export class Datapath {
     try {
       obj = BpfObject.open(objectPath);
       const programs = obj.programs();
-      const need = ['init', 'restore', mode === 'rpeer' ? 'masq_rpeer' : 'masq'];
+      const need: ProgramName<'rpeer'>[] = ['init', 'restore', mode === 'rpeer' ? 'masq_rpeer' : 'masq'];
       const missing = need.filter((p) => !programs.includes(p));
       if (missing.length) throw new Error(`${objectPath} has no program ${missing.join(', ')} (it has ${programs.join(', ')}): ${mode === 'rpeer' ? 'point --rpeer-object at xmasq.rpeer.bpf.o' : 'point --object at xmasq.bpf.o'}`);
       const maps = obj.maps();
@@ -142,7 +145,7 @@ export class Datapath {
    * of ours left there by an earlier agent: a restart swaps programs without
    * a moment where packets pass unhandled.
    */
-  attach(program: string, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
+  attach(program: ProgramName<'rpeer'>, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
     const prog = this.obj.program(program);
     const doIt = () => tcAttach(ifindex, where, prog, { handle: TC_HANDLE, priority: TC_PRIORITY, replace: true });
     let r: ReturnType<typeof doIt>;

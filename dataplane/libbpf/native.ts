@@ -129,6 +129,7 @@ interface Native {
   bpf_object__next_program(obj: Ptr, prev: Ptr | null): Ptr | null;
   bpf_object__next_map(obj: Ptr, prev: Ptr | null): Ptr | null;
   bpf_program__name(prog: Ptr): string;
+  bpf_program__section_name(prog: Ptr): string;
   bpf_program__fd(prog: Ptr): number;
   bpf_program__set_autoload(prog: Ptr, on: boolean): number;
   bpf_map__name(map: Ptr): string;
@@ -187,6 +188,7 @@ export function native(): Native {
     bpf_object__next_program: lib.func('void *bpf_object__next_program(void *obj, void *prev)'),
     bpf_object__next_map: lib.func('void *bpf_object__next_map(void *obj, void *prev)'),
     bpf_program__name: lib.func('const char *bpf_program__name(void *prog)'),
+    bpf_program__section_name: lib.func('const char *bpf_program__section_name(void *prog)'),
     bpf_program__fd: lib.func('int bpf_program__fd(void *prog)'),
     bpf_program__set_autoload: lib.func('int bpf_program__set_autoload(void *prog, bool autoload)'),
     bpf_map__name: lib.func('const char *bpf_map__name(void *map)'),

@@ -85,6 +85,12 @@ export class BpfObject {
     return this.programPtrs().map(([name]) => name);
   }
 
+  /** Each program's ELF section (SEC("tc") gives 'tc'), by program name; needs no privilege. */
+  programSections(): Record<string, string> {
+    const n = native();
+    return Object.fromEntries(this.programPtrs().map(([name, p]) => [name, n.bpf_program__section_name(p)]));
+  }
+
   /** Includes libbpf's internal maps (.bss, .data, .rodata) when the object has globals. */
   maps(): string[] {
     return this.mapPtrs().map(([name]) => name);
