@@ -92,6 +92,10 @@ describe('demo arguments and rendering', () => {
     expect(table).toContain('| sockperf TCP ping-pong (14 bytes) (transactions/s) | 41,000 (40,000–42,000) | 30,000 | 25,000 | 39,000 | 0.95× | 1.56× |');
     expect(table).toContain('| pinned | 88% | 92% | 90% |');
     expect(table).toContain('| RR rate (sockperf) ≥ 0.95 × host | 0.95× | met |');
+    expect(table).not.toContain('‡');
+    // Host and overlay within each other's min–max: the share is flagged as noise.
+    const close: DemoReport = { ...report, paths: { ...paths, overlay: { pinned: summarize([s(7, 26000, 25000), s(7, 26000, 40500)]) } } };
+    expect(renderTable({ ...close, overhead_removed: overheadRemovedByMode(close) })).toMatch(/\| pinned \| -?\d+% ‡ \| -?\d+% ‡ \| 90% \|[\s\S]*‡ host's and overlay's min–max overlap/);
     expect(table).toContain('| throughput (1 stream) ≥ 0.97 × host | 0.96× | **not met** |');
     const svg = renderSvg(report);
     expect(svg.startsWith('<svg')).toBe(true);
@@ -173,13 +177,13 @@ describe('demo --profile: CPU per transaction by hop', () => {
       'veth xmit': 1,
       'netfilter, conntrack (nf_hook_slow)': 1,
       TCP: 1,
-      'sockperf (user space)': 1,
+      'the tool (user space)': 1,
     });
   });
 
   it('turns samples into µs per transaction against host', () => {
     // 6 samples at 4 kHz over 1,000 transactions: 1.5 µs each; one sample is 0.25 µs.
-    const md = renderProfile([{ path: 'host', script, transactions: 1000 }, { path: 'xmasq', script: script + '\n\n' + script, transactions: 1000 }], 4000);
+    const md = renderProfile([{ path: 'host', script, units: 1000 }, { path: 'xmasq', script: script + '\n\n' + script, units: 1000 }], 'transaction', 4000);
     expect(md).toContain('| hop (µs of CPU 0 per transaction) | host | xmasq | xmasq − host |');
     expect(md).toContain('| program masq | 0.25 | 0.50 | +0.25 |');
     expect(md).toContain('| **total** | **1.50** | **3.00** | **+1.50** |');

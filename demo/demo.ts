@@ -370,7 +370,7 @@ class Demo {
   private readonly name = `${LAB_PREFIX}${process.pid}`;
   private readonly runDir = `/run/xmasq-demo-${this.name}`;
   private readonly p: Progress;
-  private readonly profiled: { path: PathName; file: string; transactions: number }[] = [];
+  private readonly profiled: { path: PathName; tool: 'sockperf' | 'iperf3'; file: string; units: number }[] = [];
 
   constructor(private readonly opts: DemoOptions) {
     this.p = opts.progress ?? { begin() {}, end() {}, note() {} };
@@ -638,11 +638,14 @@ class Demo {
     return { code, out: c.out() };
   }
 
-  private async iperf(path: PathName, mode: Mode, streams: number): Promise<{ gbps: number; cpuPerGbps: number }> {
+  private async iperf(path: PathName, mode: Mode, streams: number, round: number): Promise<{ gbps: number; cpuPerGbps: number }> {
     const { client, server, target } = this.endpoints(path);
     const srv = await this.server(server, ...this.pin(mode, 'iperf3', ['-s', '-1', '-p', String(IPERF_PORT), '--forceflush']), /listening/i);
     const k0 = ksoftirqdTicks() + (irqTimeAccounted() ? irqTicks() : 0);
-    const r = await this.client(client, ...this.pin(mode, 'iperf3', ['-c', target, '-p', String(IPERF_PORT), '-t', String(this.opts.durationS), '-P', String(streams), '-J']));
+    let [cmd, args] = this.pin(mode, 'iperf3', ['-c', target, '-p', String(IPERF_PORT), '-t', String(this.opts.durationS), '-P', String(streams), '-J']);
+    const file = this.opts.profile && mode === 'pinned' && streams === 1 ? join(this.opts.profile, `${path}-round${round}-iperf3.perf.data`) : undefined;
+    if (file) [cmd, args] = ['perf', ['record', '-q', '-e', 'cpu-clock', '-F', String(PERF_FREQ), '-C', '0', '-g', '-o', file, '--', cmd, ...args]];
+    const r = await this.client(client, cmd, args);
     const k1 = ksoftirqdTicks() + (irqTimeAccounted() ? irqTicks() : 0);
     await srv.stop();
     let j: {
@@ -665,6 +668,7 @@ class Demo {
     const cores = cpu ? (cpu.host_total + cpu.remote_total) / 100 : NaN;
     const cpuSeconds = cores * sum.seconds + (k1 - k0) / clockTicksPerSecond();
     const gbits = (sum.bytes * 8) / 1e9;
+    if (file) this.profiled.push({ path, tool: 'iperf3', file, units: sum.bytes / 1e6 });
     return { gbps: sum.bits_per_second / 1e9, cpuPerGbps: (cpuSeconds / gbits) * 100 };
   }
 
@@ -700,23 +704,27 @@ class Demo {
       await srv.stop();
     }
     const x = parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`);
-    if (file) this.profiled.push({ path, file, transactions: x.total });
+    if (file) this.profiled.push({ path, tool: 'sockperf', file, units: x.total });
     return x;
   }
 
   /** The hop-by-hop table of the profiled measurements (perf script reads each recording). */
   private async profileTable(): Promise<string | undefined> {
     if (!this.profiled.length) return undefined;
-    const runs: ProfileRun[] = [];
+    const runs: (ProfileRun & { tool: string })[] = [];
     for (const p of this.profiled) {
       this.checkAbort();
       this.p.begin(`reading the profile ${p.file} …`);
       const r = await run('perf', ['script', '-i', p.file, '-F', 'comm,tid,ip,sym'], { timeoutMs: 300_000 });
       if (r.code !== 0) throw new DemoError(`perf script -i ${p.file} exited ${r.code}: ${r.stderr.trim().slice(0, 500)}`);
       this.p.end('done');
-      runs.push({ path: p.path, script: r.stdout, transactions: p.transactions });
+      runs.push({ path: p.path, tool: p.tool, script: r.stdout, units: p.units });
     }
-    return renderProfile(runs);
+    const rr = runs.filter((r) => r.tool === 'sockperf'), stream = runs.filter((r) => r.tool === 'iperf3');
+    return [
+      rr.length ? `Request/response (sockperf ping-pong):\n\n${renderProfile(rr, 'transaction')}` : '',
+      stream.length ? `Throughput (iperf3, 1 stream; per megabyte received):\n\n${renderProfile(stream, 'MB')}` : '',
+    ].filter(Boolean).join('\n');
   }
 
   // ---- the run -----------------------------------------------------------------------------
@@ -739,8 +747,8 @@ class Demo {
               this.p.end(show(x) + (c ? ` [${c.counter === 'masqueraded' ? 'h1 masqueraded' : `h1 ${this.host(1).vxlan} tx`} +${c.delta}]` : ''));
               return x;
             };
-            const one = await step('iperf3 -P 1', () => this.iperf(path, mode, 1), (x) => `${x.gbps.toFixed(2)} Gbit/s, ${x.cpuPerGbps.toFixed(2)} % core per Gbit/s`);
-            const four = await step('iperf3 -P 4', () => this.iperf(path, mode, 4), (x) => `${x.gbps.toFixed(2)} Gbit/s`);
+            const one = await step('iperf3 -P 1', () => this.iperf(path, mode, 1, round), (x) => `${x.gbps.toFixed(2)} Gbit/s, ${x.cpuPerGbps.toFixed(2)} % core per Gbit/s`);
+            const four = await step('iperf3 -P 4', () => this.iperf(path, mode, 4, round), (x) => `${x.gbps.toFixed(2)} Gbit/s`);
             const sp = await step('sockperf ping-pong', () => this.sockperfTest(path, mode, round), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(2)} µs, p99 ${x.p99.toFixed(2)} µs (half round trip)`);
             const rr = await step('TCP_RR 1 byte', () => this.rrTest(path, mode), (x) => `${Math.round(x.tps)} tps, p50 ${x.p50.toFixed(1)} µs, p99 ${x.p99.toFixed(1)} µs`);
             (samples[path][mode] ??= []).push({

@@ -6,7 +6,7 @@
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { ROOT } from '../testing/root.ts';
-import { DEFAULT_NICE, DemoError, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
+import { DEFAULT_NICE, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
 import { MODES, renderMachine, renderMarkdown, renderSvg, renderTable, type Mode } from './report.ts';
 
 export const USAGE = `usage: npm run demo -- [options]        (as root)
@@ -39,9 +39,10 @@ options:
                    to compare two builds' xmasq path against the same host and overlay
   --nice N         nice level of iperf3, sockperf and rr (default -20: other load on the machine
                    takes as little from them as possible; 0 to run them normally)
-  --profile DIR    profile every pinned sockperf measurement (perf record -C 0, needs
-                   linux-perf) into DIR, and write DIR/profile.md: CPU per transaction by
-                   hop and path (changes the numbers a little: use it apart from a record)
+  --profile DIR    profile every pinned sockperf and 1-stream iperf3 measurement (perf
+                   record -C 0, needs linux-perf) into DIR, and write DIR/profile.md: CPU
+                   per transaction and per megabyte by hop and path (changes the numbers
+                   a little: use it apart from a record)
   --json FILE      write the results as JSON
   --svg FILE       write a bar chart of the pinned throughput, RR rates and overhead removed
   --md FILE        write the table as markdown, with the machine and the method
@@ -230,7 +231,8 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stderr.write('demo: interrupted; the lab is down\n');
       return 130;
     }
-    process.stderr.write(`demo: ${e instanceof DemoError ? e.message : (e as Error).stack ?? String(e)}\n`);
+    // The lab's own errors (an agent that does not start) say what failed; a stack would not help a user.
+    process.stderr.write(`demo: ${(e as Error).message ?? String(e)}\n`);
     return 1;
   }
   const { report } = result;
@@ -242,7 +244,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     : { json: `${ROOT}bench/results/demo-${day}.json`, svg: `${ROOT}bench/results/demo-${day}.svg`, md: `${ROOT}bench/results/demo-${day}.md` };
   if (files.json) write(files.json, JSON.stringify(report, null, 2) + '\n');
   if (files.svg) write(files.svg, renderSvg(report));
-  const profile = result.profile ? `## Where the CPU time goes (pinned, sockperf)\n\n${result.profile}` : '';
+  const profile = result.profile ? `## Where the CPU time goes (pinned)\n\n${result.profile}` : '';
   if (files.md) write(files.md, renderMarkdown(report, methodNotes(result, opts.nice) + (profile ? `\n${profile}` : '')));
   const profileMd = opts.profile && result.profile ? `${opts.profile}/profile.md` : undefined;
   if (profileMd) write(profileMd, `# XMasq demo profile, ${report.date}\n\nMachine: ${renderMachine(report)}.\n\n${profile}`);

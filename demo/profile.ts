@@ -1,6 +1,7 @@
 /**
- * `xmasq demo --profile DIR`: where the CPU time of one request/response transaction goes,
- * hop by hop, per path. Each pinned sockperf measurement runs under
+ * `xmasq demo --profile DIR`: where the CPU time of one request/response transaction (and of
+ * one megabyte of a stream) goes, hop by hop, per path. Each pinned sockperf measurement and
+ * each pinned 1-stream iperf3 runs under
  * `perf record -e cpu-clock -C 0 -g` (this VM has no PMU: cpu-clock sampling); client,
  * server and the softirq work of the whole path (veths deliver on the sending CPU) all run on
  * CPU 0, so CPU 0's samples in the measured processes (and ksoftirqd/0) are the path's cost,
@@ -38,18 +39,18 @@ const HOPS: [hop: string, frame: RegExp][] = [
   ['syscalls, scheduler, wake-ups', /^(do_syscall_64|entry_SYSCALL_64\w*|__schedule|schedule|try_to_wake_up|finish_task_switch(\.isra\.\d+)?|sock_def_readable|__x64_sys_\w+|syscall_exit_to_user_mode|do_epoll_wait|ep_poll|__sys_recvfrom|__sys_sendto)$/],
 ];
 const OTHER_KERNEL = 'other kernel';
-const USER = 'sockperf (user space)';
+const USER = 'the tool (user space)';
 
 export interface ProfileRun {
   path: PathName;
   /** `perf script -F comm,tid,ip,sym` of the run. */
   script: string;
-  /** Transactions the client completed over the recorded run. */
-  transactions: number;
+  /** What the run did over the recording, in the table's unit: transactions, or megabytes received. */
+  units: number;
 }
 
-/** The processes whose CPU 0 time is the path's: client, server, deferred softirq. */
-const MEASURED = /^(sockperf|ksoftirqd\/0)$/;
+/** The processes whose CPU 0 time is the path's: client, server (sockperf or iperf3), deferred softirq. */
+const MEASURED = /^(sockperf|iperf3|ksoftirqd\/0)$/;
 
 /** Samples per hop of one perf script output, only of the measured processes. */
 export function hopSamples(script: string): Map<string, number> {
@@ -74,12 +75,12 @@ export function hopSamples(script: string): Map<string, number> {
   return out;
 }
 
-/** µs of CPU per transaction, per hop and path, from every run's samples. */
-export function perTransaction(runs: readonly ProfileRun[], freq = PERF_FREQ): Map<PathName, Map<string, number>> {
+/** µs of CPU per unit (transaction, megabyte), per hop and path, from every run's samples. */
+export function perUnit(runs: readonly ProfileRun[], freq = PERF_FREQ): Map<PathName, Map<string, number>> {
   const out = new Map<PathName, Map<string, number>>();
   for (const path of PATHS) {
     const mine = runs.filter((r) => r.path === path);
-    const tx = mine.reduce((n, r) => n + r.transactions, 0);
+    const tx = mine.reduce((n, r) => n + r.units, 0);
     if (!mine.length || !tx) continue;
     const sum = new Map<string, number>();
     for (const r of mine) for (const [hop, n] of hopSamples(r.script)) sum.set(hop, (sum.get(hop) ?? 0) + n);
@@ -89,8 +90,8 @@ export function perTransaction(runs: readonly ProfileRun[], freq = PERF_FREQ): M
 }
 
 /** The table: a row per hop, a column per path, then xmasq − host; the total last. */
-export function renderProfile(runs: readonly ProfileRun[], freq = PERF_FREQ): string {
-  const t = perTransaction(runs, freq);
+export function renderProfile(runs: readonly ProfileRun[], unit = 'transaction', freq = PERF_FREQ): string {
+  const t = perUnit(runs, freq);
   const paths = PATHS.filter((p) => t.has(p));
   const order = [...HOPS.map(([h]) => h), OTHER_KERNEL, USER];
   const hops = order.filter((h) => paths.some((p) => (t.get(p)!.get(h) ?? 0) > 0));
@@ -100,11 +101,11 @@ export function renderProfile(runs: readonly ProfileRun[], freq = PERF_FREQ): st
   const f = (x: number) => x.toFixed(2);
   const sd = (x: number) => `${x >= 0 ? '+' : '−'}${Math.abs(x).toFixed(2)}`;
   const lines = [
-    `| hop (µs of CPU 0 per transaction) | ${paths.join(' | ')}${diff ? ' | xmasq − host |' : ' |'}`,
+    `| hop (µs of CPU 0 per ${unit}) | ${paths.join(' | ')}${diff ? ' | xmasq − host |' : ' |'}`,
     `|---|${paths.map(() => '---:').join('|')}|${diff ? '---:|' : ''}`,
     ...hops.map((h) => `| ${h} | ${paths.map((p) => f(get(p, h))).join(' | ')} |${diff ? ` ${sd(get('xmasq', h) - get('host', h))} |` : ''}`),
     `| **total** | ${paths.map((p) => `**${f(total(p))}**`).join(' | ')} |${diff ? ` **${sd(total('xmasq') - total('host'))}** |` : ''}`,
   ];
-  const tx = paths.map((p) => `${p} ${runs.filter((r) => r.path === p).reduce((n, r) => n + r.transactions, 0).toLocaleString('en')}`).join(', ');
-  return `${lines.join('\n')}\n\nTransactions profiled: ${tx}; \`perf record -e cpu-clock -F ${freq} -C 0 -g\` around each pinned sockperf client, samples of sockperf and ksoftirqd/0 only.\n`;
+  const tx = paths.map((p) => `${p} ${Math.round(runs.filter((r) => r.path === p).reduce((n, r) => n + r.units, 0)).toLocaleString('en')}`).join(', ');
+  return `${lines.join('\n')}\n\nProfiled (${unit}s): ${tx}; \`perf record -e cpu-clock -F ${freq} -C 0 -g\` around each pinned client, samples of the tool (client and server) and ksoftirqd/0 only.\n`;
 }

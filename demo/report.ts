@@ -187,11 +187,19 @@ export function renderTable(r: DemoReport): string {
   if (removed.length) {
     out.push('**overlay overhead removed** by xmasq, (xmasq − overlay) / (host − overlay) of the medians: 100% is host speed, 0% the overlay\'s', '');
     out.push('| mode | RR rate (sockperf) | p50 latency (sockperf) | throughput (1 stream) |', '|---|---:|---:|---:|');
+    let noisy = false;
     for (const m of removed) {
       const o = r.overhead_removed[m]!;
-      out.push(`| ${m} | ${percent(o.rr)} | ${percent(o.p50)} | ${percent(o.throughput)} |`);
+      const cell = (x: number | null, metric: Metric) => {
+        const h = r.paths.host[m]?.[metric], ov = r.paths.overlay[m]?.[metric];
+        const overlap = h && ov && h.min <= ov.max && ov.min <= h.max;
+        noisy ||= !!overlap;
+        return `${percent(x)}${overlap ? ' ‡' : ''}`;
+      };
+      out.push(`| ${m} | ${cell(o.rr, 'sockperf_rr_tps')} | ${cell(o.p50, 'sockperf_p50_us')} | ${cell(o.throughput, 'throughput_gbps')} |`);
     }
     out.push('');
+    if (noisy) out.push('‡ host\'s and overlay\'s min–max overlap: the difference this is a share of is within the run\'s noise.', '');
   }
   const gs = goals(r);
   if (gs.length) {
