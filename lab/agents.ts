@@ -56,7 +56,8 @@ export class LabAgents {
     for (;;) {
       if (child.exitCode !== null) throw new Error(`xmasq-agent on ${host} exited ${child.exitCode}:\n${this.log(host)}`);
       try {
-        await AgentClient.request(this.socket(host), { op: 'status' }, { timeoutMs: 500 });
+        // Under emulation on a busy machine one answer can take seconds.
+        await AgentClient.request(this.socket(host), { op: 'status' }, { timeoutMs: this.startTimeoutMs > 60_000 ? 5000 : 500 });
         return;
       } catch {
         if (Date.now() > deadline) throw new Error(`xmasq-agent on ${host} did not answer within ${this.startTimeoutMs / 1000} s:\n${this.log(host)}`);

@@ -1,7 +1,8 @@
 /**
  * Boots a kernel under QEMU (TCG: this machine has no KVM) with the host's root shared
  * read-only over 9p and vm-tests/guest/init.sh as PID 1, which runs the guest suites
- * and leaves their vitest JSON report on a second, writable 9p share.
+ * and leaves their vitest JSON report on a second, writable 9p share (or, with
+ * `bench`, runs vm-tests/guest/rpeer-bench.ts and leaves its bench.json there).
  */
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
@@ -50,6 +51,8 @@ export interface GuestOptions {
   timeoutMs?: number;
   /** Each console line as it arrives. */
   log?: (line: string) => void;
+  /** Run the benchmark (vm-tests/guest/rpeer-bench.ts) instead of the suites. */
+  bench?: { rounds: number; seconds: number };
 }
 
 export function qemuArgs(o: GuestOptions, resultsDir: string): string[] {
@@ -60,6 +63,7 @@ export function qemuArgs(o: GuestOptions, resultsDir: string): string[] {
     // Parameters without a dot that the kernel does not know become init's environment.
     `XMASQ_ROOT=${ROOT}`,
     ...(o.filter ? [`XMASQ_FILTER=${o.filter}`] : []),
+    ...(o.bench ? ['XMASQ_RUN=bench', `XMASQ_BENCH_ROUNDS=${o.bench.rounds}`, `XMASQ_BENCH_SECONDS=${o.bench.seconds}`] : []),
   ];
   for (const p of append) if (/\s/.test(p)) throw new Error(`kernel parameter "${p}" contains white space (is the clone's path ${ROOT} unusual?)`);
   return [

@@ -9,6 +9,8 @@
 # Parameters arrive as environment variables from the kernel command line:
 #   XMASQ_ROOT     the clone, as a path on the host (= in the guest), ending in /
 #   XMASQ_FILTER   optional: only the guest test files whose path contains it
+#   XMASQ_RUN      optional: "bench" runs vm-tests/guest/rpeer-bench.ts (rounds and
+#                  seconds in XMASQ_BENCH_ROUNDS, XMASQ_BENCH_SECONDS) instead of the suites
 set -u
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/tmp LANG=C.UTF-8 TERM=dumb CI=1
@@ -66,10 +68,17 @@ uname -r > /run/results/uname
 cd "$root" || finish
 
 status "running"
-node node_modules/vitest/vitest.mjs run --config vm-tests/guest/vitest.config.ts \
-  --reporter=default --reporter=json --outputFile.json=/run/results/report.json ${XMASQ_FILTER:+"$XMASQ_FILTER"}
-code=$?
-say "vitest exited $code"
+if [ "${XMASQ_RUN:-}" = bench ]; then
+  node --import tsx vm-tests/guest/rpeer-bench.ts --out /run/results/bench.json \
+    --rounds "${XMASQ_BENCH_ROUNDS:-3}" --seconds "${XMASQ_BENCH_SECONDS:-5}"
+  code=$?
+  say "rpeer-bench exited $code"
+else
+  node node_modules/vitest/vitest.mjs run --config vm-tests/guest/vitest.config.ts \
+    --reporter=default --reporter=json --outputFile.json=/run/results/report.json ${XMASQ_FILTER:+"$XMASQ_FILTER"}
+  code=$?
+  say "vitest exited $code"
+fi
 echo "$code" > /run/results/exit-code
 dmesg > /run/results/dmesg.txt 2>&1
 status "done"

@@ -1,0 +1,170 @@
+/**
+ * npm run bench:vm [-- --rounds N --seconds S --json]
+ *
+ * The rpeer kernel in numbers: boots the kernel of kernel-patch/ (cached in
+ * /var/cache/xmasq-kernel) under QEMU and runs vm-tests/guest/rpeer-bench.ts in the
+ * guest: host, overlay, xmasq in veth (stock kernel) mode and xmasq in rpeer mode, side
+ * by side with sockperf ping-pong and iperf3, interleaved. Writes
+ * bench/results/vm-rpeer-<date>.{json,md}.
+ *
+ * QEMU runs with TCG here (no KVM): every figure is an emulated machine's, far below
+ * real hardware, and only ratios between paths of one run mean anything.
+ */
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus, release } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { ensureKernel } from '../kernel-patch/kernel.ts';
+import { ROOT, runGuestSuites } from '../vm-tests/qemu.ts';
+import type { BenchPath, BenchSample, GuestBenchResult } from '../vm-tests/guest/rpeer-bench.ts';
+
+const METRICS = ['sockperf_rr_tps', 'sockperf_p50_us', 'iperf3_gbps'] as const;
+type Metric = (typeof METRICS)[number];
+const LABEL: Record<Metric, string> = {
+  sockperf_rr_tps: 'sockperf ping-pong, TCP 64 B (round trips/s)',
+  sockperf_p50_us: 'sockperf p50 latency, half a round trip (µs)',
+  iperf3_gbps: 'iperf3, 1 TCP stream (Gbit/s)',
+};
+/** Higher is better, except latency. */
+const HIGHER_BETTER: Record<Metric, boolean> = { sockperf_rr_tps: true, sockperf_p50_us: false, iperf3_gbps: true };
+
+interface Stat { median: number; min: number; max: number; n: number }
+
+export interface VmBenchReport {
+  date: string;
+  host: { cpu: string; cores: number; kernel: string };
+  guest: { kernel: string; cpus: number; cpu: string; accel: 'tcg'; kernelKey: string };
+  rounds: number;
+  duration_s: number;
+  modes: GuestBenchResult['modes'];
+  paths: Partial<Record<BenchPath, Record<Metric, Stat>>>;
+  /** Ratios of the medians, within this one guest run. */
+  ratios: Record<string, Record<Metric, number>>;
+  /** (xmasq − overlay) / (host − overlay) of the medians: the share of the overlay's cost each mode removes. */
+  overhead_removed: Partial<Record<'xmasq-veth' | 'xmasq-rpeer', Record<Metric, number>>>;
+  samples: BenchSample[];
+}
+
+function stat(xs: number[]): Stat {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return { median: s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2, min: s[0], max: s[s.length - 1], n: s.length };
+}
+
+export function summarize(g: GuestBenchResult, kernelKey: string): VmBenchReport {
+  const paths: VmBenchReport['paths'] = {};
+  for (const p of g.paths) {
+    const mine = g.samples.filter((x) => x.path === p);
+    paths[p] = Object.fromEntries(METRICS.map((m) => [m, stat(mine.map((x) => x[m]))])) as Record<Metric, Stat>;
+  }
+  const med = (p: BenchPath, m: Metric) => paths[p]?.[m].median ?? NaN;
+  const ratio = (a: BenchPath, b: BenchPath) => Object.fromEntries(METRICS.map((m) => [m, med(a, m) / med(b, m)])) as Record<Metric, number>;
+  const ratios: VmBenchReport['ratios'] = {
+    'xmasq-rpeer / host': ratio('xmasq-rpeer', 'host'),
+    'xmasq-veth / host': ratio('xmasq-veth', 'host'),
+    'xmasq-rpeer / xmasq-veth': ratio('xmasq-rpeer', 'xmasq-veth'),
+    'xmasq-rpeer / overlay': ratio('xmasq-rpeer', 'overlay'),
+    'xmasq-veth / overlay': ratio('xmasq-veth', 'overlay'),
+  };
+  const removed = (x: BenchPath) => Object.fromEntries(METRICS.map((m) => [m, (med(x, m) - med('overlay', m)) / (med('host', m) - med('overlay', m))])) as Record<Metric, number>;
+  return {
+    date: g.date,
+    host: { cpu: (/^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpus()[0]?.model ?? 'unknown').trim(), cores: cpus().length, kernel: release() },
+    guest: { kernel: g.kernel, cpus: g.cpus, cpu: g.cpu, accel: 'tcg', kernelKey },
+    rounds: g.rounds, duration_s: g.duration_s, modes: g.modes,
+    paths, ratios,
+    overhead_removed: { 'xmasq-veth': removed('xmasq-veth'), 'xmasq-rpeer': removed('xmasq-rpeer') },
+    samples: g.samples,
+  };
+}
+
+const num = (x: number, digits: number) => (Number.isFinite(x) ? x.toLocaleString('en', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : '—');
+
+export function markdown(r: VmBenchReport): string {
+  const cols = Object.keys(r.paths) as BenchPath[];
+  const digits: Record<Metric, number> = { sockperf_rr_tps: 0, sockperf_p50_us: 1, iperf3_gbps: 3 };
+  const cell = (s: Stat | undefined, m: Metric) => (s ? `${num(s.median, digits[m])} (${num(s.min, digits[m])}–${num(s.max, digits[m])})` : '—');
+  const lines = [
+    `# The rpeer kernel in numbers (${r.date.slice(0, 10)}): a TCG guest`,
+    '',
+    `\`npm run bench:vm\`: the \`bpf_redirect_rpeer\` kernel (${r.guest.kernel}, cache key ${r.guest.kernelKey}) under QEMU **TCG** (no KVM),`,
+    `${r.guest.cpus} vCPUs, on ${r.host.cpu} (${r.host.cores} cores, host kernel ${r.host.kernel}). Median (min–max) of ${r.rounds} rounds × ${r.duration_s} s,`,
+    'paths interleaved (every other round in reverse). An emulated machine runs everything many times slower than',
+    'real hardware: **only the ratios between paths of this one run mean anything**, never the absolute figures.',
+    'sockperf ping-pong over TCP with 64-byte messages (its latency is half a round trip); iperf3 one TCP stream.',
+    '',
+    `| metric | ${cols.join(' | ')} |`,
+    `|---|${cols.map(() => '---:').join('|')}|`,
+    ...METRICS.map((m) => `| ${LABEL[m]} | ${cols.map((p) => cell(r.paths[p]?.[m], m)).join(' | ')} |`),
+    '',
+    '| ratio of medians (this run) | sockperf RR | sockperf p50 | iperf3 |',
+    '|---|---:|---:|---:|',
+    ...Object.entries(r.ratios).map(([k, v]) => `| ${k} | ${num(v.sockperf_rr_tps, 2)}× | ${num(v.sockperf_p50_us, 2)}× | ${num(v.iperf3_gbps, 2)}× |`),
+    ...Object.entries(r.overhead_removed).map(([k, v]) => `| ${k}: share of the overlay's cost removed, (xmasq − overlay) / (host − overlay) | ${num(v.sockperf_rr_tps * 100, 0)}% | ${num(v.sockperf_p50_us * 100, 0)}% | ${num(v.iperf3_gbps * 100, 0)}% |`),
+    '',
+    `Agents' mode as their status said: ${Object.entries(r.modes).map(([p, m]) => `${p} ${m}`).join(', ')}. Each xmasq measurement's`,
+    'masqueraded counter on h1 and each overlay measurement\'s VXLAN tx count grew by a measurement\'s worth (samples in the JSON).',
+    '',
+    '| round | path | sockperf RR | p50 µs | iperf3 Gbit/s | evidence on h1 |',
+    '|---:|---|---:|---:|---:|---|',
+    ...r.samples.map((s) => `| ${s.round} | ${s.path} | ${num(s.sockperf_rr_tps, 0)} | ${num(s.sockperf_p50_us, 1)} | ${num(s.iperf3_gbps, 3)} | ${s.evidence ? `${s.evidence.counter} +${s.evidence.delta}` : ''} |`),
+  ];
+  // Which direction is better, so that a reader does not invert a latency ratio.
+  lines.push('', `Higher is better for ${METRICS.filter((m) => HIGHER_BETTER[m]).map((m) => LABEL[m]).join(' and ')}; lower for latency.`);
+  return `${lines.join('\n')}\n`;
+}
+
+const USAGE = `usage: npm run bench:vm -- [--rounds N] [--seconds S] [--json] [--help]
+
+  --rounds N    interleaved rounds of the four paths (default 3)
+  --seconds S   each sockperf and iperf3 run (default 5)
+  --json        print the JSON report on stdout instead of the table
+
+Needs root and QEMU; builds the rpeer kernel first if it is not cached (20-35 min).
+Writes bench/results/vm-rpeer-<date>.json and .md. Takes ~30-50 min under TCG.`;
+
+async function main(): Promise<number> {
+  let v;
+  try {
+    v = parseArgs({ options: { rounds: { type: 'string' }, seconds: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
+  if (v.help) {
+    process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  const rounds = Number(v.rounds ?? 3), seconds = Number(v.seconds ?? 5);
+  if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`--rounds must be a positive integer, got ${v.rounds}`);
+  if (!Number.isInteger(seconds) || seconds < 2) throw new Error(`--seconds must be an integer >= 2, got ${v.seconds}`);
+  if (process.getuid?.() !== 0) throw new Error('bench:vm needs root: the kernel cache is in /var/cache and the guest runs the lab as root');
+  for (const tool of ['sockperf', 'iperf3']) {
+    if (!['/usr/bin', '/usr/sbin', '/bin'].some((d) => existsSync(join(d, tool)))) throw new Error(`${tool} is not installed (the guest runs the host's): apt-get install ${tool}`);
+  }
+  const err = (l: string) => process.stderr.write(`${l}\n`);
+  const kernel = await ensureKernel({ log: err });
+  err(`bench:vm: booting ${kernel.bzImage} (key ${kernel.key}) under QEMU TCG: ${rounds} rounds × 4 paths × (sockperf + iperf3) × ${seconds} s`);
+  const started = Date.now();
+  const vm = await runGuestSuites({ bzImage: kernel.bzImage, bench: { rounds, seconds }, timeoutMs: 120 * 60_000, log: (l) => err(`vm | ${l}`) });
+  err(`bench:vm: QEMU exited ${vm.qemuExit} after ${Math.round((Date.now() - started) / 1000)} s; console in ${vm.resultsDir}`);
+  const out = join(vm.resultsDir, 'bench.json');
+  if (vm.timedOut || vm.status !== 'done' || vm.guestExitCode !== 0 || !existsSync(out)) {
+    throw new Error(`the guest's benchmark did not finish (status ${vm.status ?? 'never started'}, exit ${vm.guestExitCode}${vm.timedOut ? ', QEMU timed out' : ''}); console in ${vm.resultsDir}/console.log`);
+  }
+  const report = summarize(JSON.parse(readFileSync(out, 'utf8')) as GuestBenchResult, kernel.key);
+  const dir = join(ROOT, 'bench/results');
+  mkdirSync(dir, { recursive: true });
+  const base = join(dir, `vm-rpeer-${report.date.slice(0, 10)}`);
+  writeFileSync(`${base}.json`, `${JSON.stringify(report, null, 2)}\n`);
+  const md = markdown(report);
+  writeFileSync(`${base}.md`, md);
+  err(`bench:vm: wrote ${base}.json and .md`);
+  process.stdout.write(v.json ? `${JSON.stringify(report, null, 2)}\n` : md);
+  return 0;
+}
+
+main().then((code) => process.exit(code), (e: Error) => {
+  process.stderr.write(`bench:vm: ${e.message}\n`);
+  process.exit(1);
+});
