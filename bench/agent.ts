@@ -177,10 +177,11 @@ function plant(egress: BpfMap, ingress: BpfMap, n: number): Buffer[] {
     const common: Omit<Path, 'local_ip' | 'remote_ip'> = {
       last_seen: now, local_mac: '02:00:ac:1f:fa:01', remote_mac: '02:00:ac:1f:fa:02', ifindex: 5, local_key: key, remote_key: 9, remote_ready: 1,
     };
-    egress.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode({ ...common, local_ip: '172.31.250.1', remote_ip: host }));
+    // The peer's answer first: an agent's scan between the two would find the egress entry unanswered and retire it.
     const ik = ingressKey.encode({ remote_host: host, key });
     ingress.update(ik, path.encode({ ...common, local_ip: local, remote_ip: remote }));
     ingressKeys.push(ik);
+    egress.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode({ ...common, local_ip: '172.31.250.1', remote_ip: host }));
   }
   return ingressKeys;
 }
