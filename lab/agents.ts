@@ -12,6 +12,7 @@ import { ROOT, TSX } from '../testing/root.ts';
 import { Lab } from './lab.ts';
 
 const AGENT = `${ROOT}dataplane/agent/main.ts`;
+const AGENT_BUNDLE = `${ROOT}dist/xmasq-agent.mjs`;
 
 export class LabAgents {
   private readonly procs = new Map<string, ChildProcess>();
@@ -20,9 +21,11 @@ export class LabAgents {
   /**
    * runDir holds <host>/agent.sock and <host>/ state; pins go to /sys/fs/bpf/<pinPrefix>-<host>.
    * startTimeoutMs: how long start() waits for the agent to answer (longer under emulation, e.g. vm-tests/).
+   * bundle: run dist/xmasq-agent.mjs (npm run build:js) instead of the sources through tsx, which
+   * under emulation spends minutes transforming them at every start.
    */
   constructor(private readonly lab: Lab, readonly runDir: string, private readonly pinPrefix: string, private readonly extraArgs: string[] = [],
-    private readonly startTimeoutMs = 20_000) {}
+    private readonly startTimeoutMs = 20_000, private readonly bundle = false) {}
 
   socket(host: string): string {
     return `${this.runDir}/${host}/agent.sock`;
@@ -47,7 +50,7 @@ export class LabAgents {
     mkdirSync(`${this.runDir}/${host}`, { recursive: true });
     // node --import tsx, not the tsx CLI: the CLI runs the script in a child and
     // forwards only some signals (not SIGUSR2, the handover).
-    const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, process.execPath, '--import', 'tsx', AGENT, ...this.args(host),
+    const child = spawn('nsenter', [`--net=/run/netns/${this.lab.host(host).netns}`, process.execPath, ...(this.bundle ? [AGENT_BUNDLE] : ['--import', 'tsx', AGENT]), ...this.args(host),
       '--metrics-listen', 'off', ...this.extraArgs, ...args], { stdio: ['ignore', 'ignore', 'pipe'], cwd: ROOT });
     this.logs.set(host, '');
     child.stderr!.on('data', (d) => this.logs.set(host, this.log(host) + d));

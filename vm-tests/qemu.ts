@@ -51,6 +51,8 @@ export interface GuestOptions {
   timeoutMs?: number;
   /** Each console line as it arrives. */
   log?: (line: string) => void;
+  /** QEMU's nice level (default 0): a benchmark's guest crawls when the host is busy. */
+  nice?: number;
   /** Run the benchmark (vm-tests/guest/rpeer-bench.ts) instead of the suites. */
   bench?: { rounds: number; seconds: number };
 }
@@ -92,7 +94,8 @@ export async function runGuestSuites(o: GuestOptions): Promise<GuestRun> {
   let consoleText = '';
   let timedOut = false;
   const qemuExit = await new Promise<number | null>((resolve, reject) => {
-    const child = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'], cwd: dirname(o.bzImage) });
+    const [cmd, argv] = o.nice ? ['nice', ['-n', String(o.nice), QEMU, ...args]] : [QEMU, args];
+    const child = spawn(cmd, argv, { stdio: ['ignore', 'pipe', 'pipe'], cwd: dirname(o.bzImage) });
     let partial = '';
     const take = (b: Buffer) => {
       const text = b.toString().replace(/\r/g, '');

@@ -93,8 +93,9 @@ class Bench {
       cniPlugins: [{ type: 'xmasq', agentSocket: `${this.runDir}/veth/{host}/agent.sock`, required: true }],
     });
     const agentArgs = (mode: string) => ['--mode', mode, '--scan-interval', '1'];
-    this.agents.veth = new LabAgents(this.lab, `${this.runDir}/veth`, `${this.name}v`, agentArgs('veth'), this.o.startTimeoutMs);
-    this.agents.rpeer = new LabAgents(this.lab, `${this.runDir}/rpeer`, `${this.name}r`, agentArgs('rpeer'), this.o.startTimeoutMs);
+    // The bundle (bench:vm builds it): tsx would transform the agent's sources at each of the run's dozen starts.
+    this.agents.veth = new LabAgents(this.lab, `${this.runDir}/veth`, `${this.name}v`, agentArgs('veth'), this.o.startTimeoutMs, true);
+    this.agents.rpeer = new LabAgents(this.lab, `${this.runDir}/rpeer`, `${this.name}r`, agentArgs('rpeer'), this.o.startTimeoutMs, true);
     await this.startAgents('veth');
     this.a = await this.lab.addPod('h1', 'a');
     this.b = await this.lab.addPod('h2', 'b');
