@@ -377,7 +377,8 @@ async function bench(opts: { pods: number; calls: number; cycles: number; entrie
       // Every peer falls silent at once: the next scan retires every egress entry as unanswered.
       const logged = agent.log.length;
       ingress.deleteBatch(ingressKeys);
-      const end = Date.now() + 15_000;
+      // A scan of full caches takes seconds on a busy machine; the next one may begin only after it.
+      const end = Date.now() + 60_000;
       let line: string | undefined;
       while (!(line = agent.log.slice(logged).find((l) => /expired \d+ egress/.test(l)))) {
         if (Date.now() > end) throw new Error(`no scan expired the unanswered entries:\n${agent.log.slice(logged).join('\n')}`);
