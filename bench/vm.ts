@@ -15,7 +15,8 @@ import { cpus, release } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
-import { ROOT, runGuestSuites } from '../vm-tests/qemu.ts';
+import { ROOT } from '../testing/root.ts';
+import { runGuestSuites } from '../vm-tests/qemu.ts';
 import type { BenchPath, BenchSample, GuestBenchResult } from '../vm-tests/guest/rpeer-bench.ts';
 
 const METRICS = ['sockperf_rr_tps', 'sockperf_p50_us', 'iperf3_gbps'] as const;

@@ -27,8 +27,9 @@ import { writeFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
-import { LabAgents, ROOT } from '../../lab/agents.ts';
+import { LabAgents } from '../../lab/agents.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
+import { ROOT } from '../../testing/root.ts';
 
 export const BENCH_PATHS = ['host', 'overlay', 'xmasq-veth', 'xmasq-rpeer'] as const;
 export type BenchPath = (typeof BENCH_PATHS)[number];
