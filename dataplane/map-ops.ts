@@ -18,6 +18,19 @@ export type MapError = Error & { code?: string };
  * the errno's name: 'EEXIST' (noexist, key present), 'ENOENT' (exist, key
  * absent), 'E2BIG' (the map is full).
  */
+/**
+ * A whole map as readAll() read it: entry i's key is keys[i * keySize, …),
+ * its value values[i * valueSize, …) (the whole value: every CPU's for a
+ * per-CPU map), for i < count.
+ */
+export interface MapSnapshot {
+  count: number;
+  keys: Buffer;
+  values: Buffer;
+  keySize: number;
+  valueSize: number;
+}
+
 export interface MapOps {
   readonly maxEntries: number;
   /** The value, or undefined if the key is absent: a copy, never the map's own. */
@@ -35,4 +48,14 @@ export interface MapOps {
   entries(): Array<[Buffer, Buffer]>;
   /** Deletes the keys; returns how many were present. */
   deleteBatch(keys: Buffer[]): number;
+  /**
+   * Every entry as of the call, packed into buffers the map keeps and reuses
+   * (no object per entry, for the scans of whole caches): to read, and valid
+   * until the next readAll of the same map.
+   */
+  readAll(): MapSnapshot;
+  /** The value into the caller's buffer (a readAll value's size): true if the key was there. */
+  lookupInto(key: Buffer, value: Buffer): boolean;
+  /** deleteBatch of the first count keys packed one after another in keys. */
+  deleteKeys(keys: Buffer, count: number): number;
 }

@@ -4,10 +4,11 @@
  *
  * They take any map of the MapOps contract (dataplane/map-ops.ts): the
  * kernel's, or the cluster simulator's tables (sim/cluster/agent.ts), whose
- * lookupBatch reuses its value buffers.
+ * lookupBatch reuses its value buffers. Expiry, purge and counts read whole
+ * caches through readAll, whose buffers are the map's own in both.
  */
 import type { FieldType, Struct } from '../layout.ts';
-import type { MapError, MapOps } from '../map-ops.ts';
+import type { MapError, MapOps, MapSnapshot } from '../map-ops.ts';
 import { egressKey, ingressKey, path, type EgressKey, type IngressKey, type Path } from '../maps.ts';
 import type { EgressDumpEntry, IngressDumpEntry, PathJson, Purged } from './protocol.ts';
 
@@ -64,27 +65,31 @@ export function dumpIngress(map: MapOps, now: bigint): IngressDumpEntry[] {
  */
 export function purgePod(egress: MapOps, ingress: MapOps, ip: string, now: bigint): Purged {
   const want = u32Of(egressKey.encode({ local_pod: ip, remote_pod: ip }), EK.local);
-  const e = egress.lookupBatch().filter(([k]) => u32Of(k, EK.local) === want).map(([k]) => k);
+  const eg = egress.readAll();
+  const doomed = new KeyList(eg.keySize);
+  for (let i = 0; i < eg.count; i++) if (u32Of(eg.keys, i * eg.keySize + EK.local) === want) doomed.push(eg.keys, i * eg.keySize);
+  const ing = ingress.readAll();
   let tombstoned = 0;
-  for (const [k, v] of ingress.lookupBatch()) {
-    if (u32Of(v, P.localIp) !== want || u32Of(v, P.ifindex) === 0) continue;
-    const dead = Buffer.from(v);
+  for (let i = 0; i < ing.count; i++) {
+    const vo = i * ing.valueSize;
+    if (u32Of(ing.values, vo + P.localIp) !== want || u32Of(ing.values, vo + P.ifindex) === 0) continue;
+    const dead = Buffer.from(ing.values.subarray(vo, vo + ing.valueSize));
     dead.writeUInt32LE(0, P.ifindex);
     dead.writeBigUInt64LE(now, P.lastSeen);
     // Only over the entry as it is: one the program meanwhile deleted stays deleted.
     try {
-      ingress.update(k, dead, 'exist');
+      ingress.update(Buffer.from(ing.keys.subarray(i * ing.keySize, (i + 1) * ing.keySize)), dead, 'exist');
       tombstoned++;
     } catch (e) {
       if ((e as MapError).code !== 'ENOENT') throw e;
     }
   }
-  return { egress: egress.deleteBatch(e), ingress: tombstoned };
+  return { egress: egress.deleteKeys(doomed.keys, doomed.count), ingress: tombstoned };
 }
 
 /** Whether an ingress entry (its raw value) is a deleted pod's tombstone. */
-export function isTombstone(v: Buffer): boolean {
-  return u32Of(v, P.ifindex) === 0;
+export function isTombstone(v: Buffer, at = 0): boolean {
+  return u32Of(v, at + P.ifindex) === 0;
 }
 
 /*
@@ -92,7 +97,10 @@ export function isTombstone(v: Buffer): boolean {
  * entry into strings costs ~10 µs, a second per cache, during which the agent
  * serves nothing. They read the few fields they need straight from the
  * kernel's bytes instead, at the offsets maps.ts defines; an address is
- * compared as the 32-bit number its four bytes make.
+ * compared as the 32-bit number its four bytes make. And they read them in
+ * place, in the map's snapshot buffers (MapOps.readAll): a Buffer view per
+ * entry made two heap objects per entry per scan, ~260,000 a scan of full
+ * caches, which kept the agent's heap (and RSS) large and its scans slow.
  */
 function offsetOf(s: Struct<never>, name: string, type: FieldType): number {
   const f = s.field(name);
@@ -138,15 +146,76 @@ export function stampBound(now: bigint, idleNs: bigint): StampBound {
   return { hi: Number(c >> 32n), lo: Number(c & 0xffffffffn) };
 }
 
-/** Whether the last_seen of a raw path value is below the bound: idle longer than its limit. */
-export function stampBelow(v: Buffer, bound: StampBound): boolean {
-  const hi = u32Of(v, P.lastSeen + 4);
-  return hi < bound.hi || (hi === bound.hi && u32Of(v, P.lastSeen) < bound.lo);
+/** Whether the last_seen of a raw path value (at byte `at` of v) is below the bound: idle longer than its limit. */
+export function stampBelow(v: Buffer, bound: StampBound, at = 0): boolean {
+  const hi = u32Of(v, at + P.lastSeen + 4);
+  return hi < bound.hi || (hi === bound.hi && u32Of(v, at + P.lastSeen) < bound.lo);
 }
 
-/** Whether two raw path values hold the same last_seen. */
-function sameStamp(a: Buffer, b: Buffer): boolean {
-  return u32Of(a, P.lastSeen) === u32Of(b, P.lastSeen) && u32Of(a, P.lastSeen + 4) === u32Of(b, P.lastSeen + 4);
+/** Whether two raw path values (at byte aAt of a, bAt of b) hold the same last_seen. */
+function sameStamp(a: Buffer, aAt: number, b: Buffer, bAt: number): boolean {
+  return u32Of(a, aAt + P.lastSeen) === u32Of(b, bAt + P.lastSeen) && u32Of(a, aAt + P.lastSeen + 4) === u32Of(b, bAt + P.lastSeen + 4);
+}
+
+/** Keys copied one after another into one growing buffer, for MapOps.deleteKeys. */
+class KeyList {
+  keys: Buffer;
+  count = 0;
+
+  constructor(private readonly keySize: number, capacity = 64) {
+    this.keys = Buffer.alloc(keySize * capacity);
+  }
+
+  push(from: Buffer, at: number): void {
+    if ((this.count + 1) * this.keySize > this.keys.length) {
+      const bigger = Buffer.alloc(this.keys.length * 2);
+      this.keys.copy(bigger);
+      this.keys = bigger;
+    }
+    from.copy(this.keys, this.count * this.keySize, at, at + this.keySize);
+    this.count++;
+  }
+}
+
+/**
+ * An ingress snapshot's entries by (remote host, key), in typed arrays:
+ * open addressing over entry numbers, keys compared in the snapshot's own
+ * bytes. A Map per host of Buffers per key made two objects per entry.
+ */
+class PeerIndex {
+  private readonly slots: Int32Array;
+  private readonly mask: number;
+
+  constructor(private readonly s: MapSnapshot) {
+    let size = 16;
+    while (size < s.count * 2) size *= 2;
+    this.slots = new Int32Array(size).fill(-1);
+    this.mask = size - 1;
+    for (let i = 0; i < s.count; i++) {
+      const at = i * s.keySize;
+      let slot = this.hash(u32Of(s.keys, at + IK.host), u16Of(s.keys, at + IK.key));
+      while (this.slots[slot] !== -1) slot = (slot + 1) & this.mask;
+      this.slots[slot] = i;
+    }
+  }
+
+  /** murmur3's finalizer: addresses differ in their high bytes (read little-endian), the slot takes the low bits. */
+  private hash(host: number, key: number): number {
+    let h = host ^ Math.imul(key, 0x9e3779b1);
+    h = Math.imul(h ^ (h >>> 16), 0x85ebca6b);
+    h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35);
+    return (h ^ (h >>> 16)) & this.mask;
+  }
+
+  /** The entry number of (host, key) in the snapshot, or -1. */
+  find(host: number, key: number): number {
+    const { keys, keySize } = this.s;
+    for (let slot = this.hash(host, key); ; slot = (slot + 1) & this.mask) {
+      const i = this.slots[slot];
+      if (i === -1) return -1;
+      if (u32Of(keys, i * keySize + IK.host) === host && u16Of(keys, i * keySize + IK.key) === key) return i;
+    }
+  }
 }
 
 export interface ExpiryResult {
@@ -184,21 +253,19 @@ type EgressVerdict = 'keep' | 'idle' | 'unanswered';
  * only make init draw a new key every idle period while the old key's ingress
  * entry lingers, eating into the 63 keys of the host pair.
  */
-function judgeEgress(k: Buffer, v: Buffer, peer: Buffer | undefined, idle: StampBound): EgressVerdict {
-  if (stampBelow(v, idle)) return 'idle';
-  if (u16Of(v, P.localKey) === 0 || u16Of(v, P.remoteKey) === 0) return 'keep';
-  const answered = peer !== undefined && !isTombstone(peer)
-    && u32Of(peer, P.localIp) === u32Of(k, EK.local) && u32Of(peer, P.remoteIp) === u32Of(k, EK.remote)
-    && !stampBelow(peer, idle);
+function judgeEgress(k: Buffer, ko: number, v: Buffer, vo: number, peer: Buffer | undefined, po: number, idle: StampBound): EgressVerdict {
+  if (stampBelow(v, idle, vo)) return 'idle';
+  if (u16Of(v, vo + P.localKey) === 0 || u16Of(v, vo + P.remoteKey) === 0) return 'keep';
+  const answered = peer !== undefined && !isTombstone(peer, po)
+    && u32Of(peer, po + P.localIp) === u32Of(k, ko + EK.local) && u32Of(peer, po + P.remoteIp) === u32Of(k, ko + EK.remote)
+    && !stampBelow(peer, idle, po);
   return answered ? 'keep' : 'unanswered';
 }
 
-/** The ingress key an egress entry's key for the peer lives under: (peer host, our key). */
-function peerKey(v: Buffer): Buffer {
-  const k = Buffer.alloc(ingressKey.size);
-  v.copy(k, IK.host, P.remoteIp, P.remoteIp + 4);
-  k.writeUInt16LE(u16Of(v, P.localKey), IK.key);
-  return k;
+/** Writes into k the ingress key an egress entry's key for the peer lives under: (peer host, our key). */
+function peerKeyInto(k: Buffer, v: Buffer, vo: number): void {
+  v.copy(k, IK.host, vo + P.remoteIp, vo + P.remoteIp + 4);
+  k.writeUInt16LE(u16Of(v, vo + P.localKey), IK.key);
 }
 
 /**
@@ -211,51 +278,50 @@ function peerKey(v: Buffer): Buffer {
  */
 export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
   const egressIdle = stampBound(now, egressIdleNs), ingressIdle = stampBound(now, ingressIdleNs);
-  const ingressEntries = ingress.lookupBatch();
-  // The batch's ingress entries by remote host, then key: Map keys of 32 bits
-  // at most (one number of both, 48 bits, is a heap number per entry; filing
-  // and finding 65,536 that way took ~2.5x as long in a micro-benchmark).
-  const byHost = new Map<number, Map<number, Buffer>>();
-  for (const [k, v] of ingressEntries) {
-    const host = u32Of(k, IK.host);
-    let keys = byHost.get(host);
-    if (keys === undefined) byHost.set(host, (keys = new Map()));
-    keys.set(u16Of(k, IK.key), v);
-  }
-  const snapshotPeer = (v: Buffer) => {
-    const key = u16Of(v, P.localKey);
-    return key ? byHost.get(u32Of(v, P.remoteIp))?.get(key) : undefined;
-  };
-  const currentPeer = (v: Buffer) => (u16Of(v, P.localKey) ? ingress.lookup(peerKey(v)) : undefined);
+  const ing = ingress.readAll();
+  const peers = new PeerIndex(ing);
+  const eg = egress.readAll();
+  // Candidates are read again one at a time into these, not into a Buffer each.
+  const key = Buffer.alloc(eg.keySize), again = Buffer.alloc(eg.valueSize);
+  const peerKey = Buffer.alloc(ing.keySize), peerNow = Buffer.alloc(ing.valueSize);
 
-  const egressEntries = egress.lookupBatch();
-  const doomed: Buffer[] = [];
+  const doomed = new KeyList(eg.keySize);
   let unanswered = 0;
-  for (const [k, v] of egressEntries) {
-    if (judgeEgress(k, v, snapshotPeer(v), egressIdle) === 'keep') continue;
-    const again = egress.lookup(k);
-    if (!again) continue;
-    const verdict = judgeEgress(k, again, currentPeer(again), egressIdle);
+  for (let i = 0; i < eg.count; i++) {
+    const ko = i * eg.keySize, vo = i * eg.valueSize;
+    const local = u16Of(eg.values, vo + P.localKey);
+    const p = local ? peers.find(u32Of(eg.values, vo + P.remoteIp), local) : -1;
+    if (judgeEgress(eg.keys, ko, eg.values, vo, p < 0 ? undefined : ing.values, p * ing.valueSize, egressIdle) === 'keep') continue;
+    eg.keys.copy(key, 0, ko, ko + eg.keySize);
+    if (!egress.lookupInto(key, again)) continue;
+    let peerFound = false;
+    if (u16Of(again, P.localKey)) {
+      peerKeyInto(peerKey, again, 0);
+      peerFound = ingress.lookupInto(peerKey, peerNow);
+    }
+    const verdict = judgeEgress(key, 0, again, 0, peerFound ? peerNow : undefined, 0, egressIdle);
     if (verdict === 'keep') continue;
-    doomed.push(k);
+    doomed.push(key, 0);
     if (verdict === 'unanswered') unanswered++;
   }
-  const egressDeleted = egress.deleteBatch(doomed);
+  const egressDeleted = egress.deleteKeys(doomed.keys, doomed.count);
 
-  const stale: Buffer[] = [];
-  for (const [k, v] of ingressEntries) {
-    if (!stampBelow(v, ingressIdle)) continue;
-    const again = ingress.lookup(k);
-    if (again && sameStamp(again, v)) stale.push(k);
+  const stale = new KeyList(ing.keySize);
+  const ingKey = Buffer.alloc(ing.keySize);
+  for (let i = 0; i < ing.count; i++) {
+    const vo = i * ing.valueSize;
+    if (!stampBelow(ing.values, ingressIdle, vo)) continue;
+    ing.keys.copy(ingKey, 0, i * ing.keySize, (i + 1) * ing.keySize);
+    if (ingress.lookupInto(ingKey, peerNow) && sameStamp(peerNow, 0, ing.values, vo)) stale.push(ingKey, 0);
   }
-  const ingressDeleted = ingress.deleteBatch(stale);
+  const ingressDeleted = ingress.deleteKeys(stale.keys, stale.count);
   return {
-    egress: { deleted: egressDeleted, remaining: egressEntries.length - egressDeleted, unanswered },
-    ingress: { deleted: ingressDeleted, remaining: ingressEntries.length - ingressDeleted },
+    egress: { deleted: egressDeleted, remaining: eg.count - egressDeleted, unanswered },
+    ingress: { deleted: ingressDeleted, remaining: ing.count - ingressDeleted },
   };
 }
 
 /** Entries in a hash map, without decoding them. */
 export function countEntries(map: MapOps): number {
-  return map.lookupBatch().length;
+  return map.readAll().count;
 }

@@ -3,7 +3,7 @@ import { closeSync, readFileSync, unlinkSync } from 'node:fs';
 import koffi from 'koffi';
 import { E, ENOTSUPP, LibbpfError, check } from './errors.ts';
 import { BpfMapInfo, native, STRUCT_SIZES, type Ptr } from './native.ts';
-import type { MapOps } from '../map-ops.ts';
+import type { MapOps, MapSnapshot } from '../map-ops.ts';
 import type { BpfObject } from './object.ts';
 
 /** enum bpf_map_type values this project meets. */
@@ -41,6 +41,8 @@ interface FdSource {
 export class BpfMap implements MapOps {
   private fdClosed = false;
   private lastPin: string | undefined;
+  /** readAll()'s buffers, kept for the next call: a scan of a full cache allocates nothing. */
+  private snapshotBuffers: { keys: Buffer; values: Buffer; capacity: number } | undefined;
 
   private constructor(
     private readonly src: MapSource | FdSource,
@@ -137,6 +139,19 @@ export class BpfMap implements MapOps {
     if (rc === -E.ENOENT) return undefined;
     if (rc < 0) throw new LibbpfError(`lookup in ${this.label}`, -rc, undefined);
     return value;
+  }
+
+  /**
+   * lookup() into the caller's buffer (fullValueSize bytes): true if the key
+   * was there. For loops that re-read many entries without a Buffer each.
+   */
+  lookupInto(key: Buffer, value: Buffer): boolean {
+    this.checkKey(key, 'lookup');
+    if (!Buffer.isBuffer(value) || value.length < this.fullValueSize) throw new Error(`lookup of ${this.label}: the value buffer must hold ${this.fullValueSize} bytes`);
+    const rc = native().bpf_map_lookup_elem(this.fd, key, value);
+    if (rc === -E.ENOENT) return false;
+    if (rc < 0) throw new LibbpfError(`lookup in ${this.label}`, -rc, undefined);
+    return true;
   }
 
   /** lookup() of a PERCPU map split into one Buffer of valueSize bytes per possible CPU. */
@@ -255,31 +270,98 @@ export class BpfMap implements MapOps {
   }
 
   /**
+   * Every entry through BPF_MAP_LOOKUP_BATCH, into two buffers the map keeps
+   * and reuses: one syscall for a hash map that fits them (max_entries at
+   * first), and no object per entry. The snapshot is valid until the next
+   * readAll() of this map object: read it, copy what must outlive that.
+   */
+  readAll(): MapSnapshot {
+    const n = native();
+    const fd = this.fd;
+    const ks = this.keySize, vs = this.fullValueSize;
+    let buf = this.snapshotBuffers;
+    if (!buf) {
+      const capacity = Math.max(1, this.maxEntries);
+      buf = { keys: Buffer.alloc(ks * capacity), values: Buffer.alloc(vs * capacity), capacity };
+    }
+    // Entries deleted and added while we read can make more than max_entries.
+    const grow = (b: NonNullable<typeof buf>) => {
+      const capacity = b.capacity * 2;
+      const keys = Buffer.alloc(ks * capacity), values = Buffer.alloc(vs * capacity);
+      b.keys.copy(keys);
+      b.values.copy(values);
+      return { keys, values, capacity };
+    };
+    // The batch cursor is a bucket index for hash maps and a key for arrays.
+    const outBatch = Buffer.alloc(Math.max(ks, 8));
+    const inBatch = Buffer.alloc(outBatch.length);
+    let started = false;
+    let count = 0;
+    const bopts = { sz: STRUCT_SIZES.bpf_map_batch_opts, elem_flags: 0, flags: 0 };
+    for (;;) {
+      if (count === buf.capacity) buf = grow(buf);
+      const got = [buf.capacity - count];
+      const rc = n.bpf_map_lookup_batch(fd, started ? inBatch : null, outBatch, buf.keys.subarray(count * ks), buf.values.subarray(count * vs), got, bopts);
+      if (rc < 0 && rc !== -E.ENOENT) {
+        if ((rc === -ENOTSUPP || rc === -E.EOPNOTSUPP) && !started) {
+          const all = this.entries();
+          while (buf.capacity < all.length) buf = grow(buf);
+          all.forEach(([k, v], i) => { k.copy(buf!.keys, i * ks); v.copy(buf!.values, i * vs); });
+          count = all.length;
+          break;
+        }
+        // One hash bucket holds more entries than the space left.
+        if (rc === -E.ENOSPC && got[0] === 0) {
+          buf = grow(buf);
+          continue;
+        }
+        throw new LibbpfError(`batch lookup in ${this.label}`, -rc, undefined);
+      }
+      count += got[0];
+      // ENOENT is how the kernel says the last batch reached the end.
+      if (rc === -E.ENOENT) break;
+      outBatch.copy(inBatch);
+      started = true;
+    }
+    this.snapshotBuffers = buf;
+    return { count, keys: buf.keys, values: buf.values, keySize: ks, valueSize: vs };
+  }
+
+  /**
    * Deletes the keys through BPF_MAP_DELETE_BATCH (one loop per key where the
    * map type lacks it); returns how many were present and deleted.
    */
   deleteBatch(keys: Buffer[]): number {
     for (const k of keys) this.checkKey(k, 'batch delete');
     if (keys.length === 0) return 0;
+    return this.deleteKeys(Buffer.concat(keys), keys.length);
+  }
+
+  /** deleteBatch() of count keys packed one after another in keys. */
+  deleteKeys(keys: Buffer, count: number): number {
+    if (!Buffer.isBuffer(keys) || !Number.isInteger(count) || count < 0 || keys.length < count * this.keySize) {
+      throw new Error(`batch delete from ${this.label}: keys must be a Buffer of at least ${count} × ${this.keySize} bytes`);
+    }
+    if (count === 0) return 0;
     const n = native();
     const fd = this.fd;
-    const all = Buffer.concat(keys);
+    const all = keys;
     const bopts = { sz: STRUCT_SIZES.bpf_map_batch_opts, elem_flags: 0, flags: 0 };
     let deleted = 0;
     let at = 0;
-    while (at < keys.length) {
-      const count = [keys.length - at];
-      const rc = n.bpf_map_delete_batch(fd, all.subarray(at * this.keySize), count, bopts);
-      if (rc === 0) return deleted + count[0];
+    while (at < count) {
+      const left = [count - at];
+      const rc = n.bpf_map_delete_batch(fd, all.subarray(at * this.keySize), left, bopts);
+      if (rc === 0) return deleted + left[0];
       if (rc === -ENOTSUPP || rc === -E.EOPNOTSUPP) {
-        for (const k of keys.slice(at)) if (this.delete(k)) deleted++;
+        for (let i = at; i < count; i++) if (this.delete(all.subarray(i * this.keySize, (i + 1) * this.keySize))) deleted++;
         return deleted;
       }
       // The kernel stops at the first absent key and reports how many it
       // deleted before it; skip that key and go on.
       if (rc === -E.ENOENT) {
-        deleted += count[0];
-        at += count[0] + 1;
+        deleted += left[0];
+        at += left[0] + 1;
         continue;
       }
       throw new LibbpfError(`batch delete from ${this.label}`, -rc, undefined);

@@ -7,7 +7,7 @@
  * entry's fields at the offsets of dataplane/maps.ts, so they see exactly the
  * bytes the kernel would hold.
  */
-import type { MapOps, UpdateFlag } from '../../dataplane/map-ops.ts';
+import type { MapOps, MapSnapshot, UpdateFlag } from '../../dataplane/map-ops.ts';
 import { NO_HOST_NETNS, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
@@ -21,6 +21,9 @@ const ERRNO_NAMES: Record<number, string> = { [ENOENT]: 'ENOENT', [EEXIST]: 'EEX
 
 /** A model table as the kernel's bytes, at the offsets of maps.ts (HashTable's byte boundary). */
 export class ModelMapView implements MapOps {
+  private snapshot = { keys: Buffer.alloc(0), values: Buffer.alloc(0) };
+  private keySize = 0;
+
   constructor(private readonly table: HashTable<unknown, unknown>) {}
 
   get maxEntries(): number {
@@ -58,6 +61,36 @@ export class ModelMapView implements MapOps {
   deleteBatch(keys: Buffer[]): number {
     let n = 0;
     for (const k of keys) if (this.table.deleteBytes(k)) n++;
+    return n;
+  }
+
+  /** The entries packed into buffers this view keeps and reuses, as the kernel's maps do. */
+  readAll(): MapSnapshot {
+    const all = this.table.entriesBytes();
+    const ks = all[0]?.[0].length ?? this.keySize, vs = all[0]?.[1].length ?? 0;
+    this.keySize = ks;
+    if (this.snapshot.keys.length < all.length * ks || this.snapshot.values.length < all.length * vs) {
+      this.snapshot = { keys: Buffer.alloc(all.length * 2 * ks), values: Buffer.alloc(all.length * 2 * vs) };
+    }
+    all.forEach(([k, v], i) => {
+      k.copy(this.snapshot.keys, i * ks);
+      v.copy(this.snapshot.values, i * vs);
+    });
+    return { count: all.length, keys: this.snapshot.keys, values: this.snapshot.values, keySize: ks, valueSize: vs };
+  }
+
+  lookupInto(k: Buffer, v: Buffer): boolean {
+    const got = this.table.lookupBytes(k);
+    got?.copy(v);
+    return got !== undefined;
+  }
+
+  /** The keys come from this map's readAll, which told us their size: the model's codecs have none. */
+  deleteKeys(keys: Buffer, count: number): number {
+    const ks = this.keySize;
+    if (count > 0 && ks === 0) throw new Error('deleteKeys on a model table before a readAll that saw an entry: the key size is unknown');
+    let n = 0;
+    for (let i = 0; i < count; i++) if (this.table.deleteBytes(keys.subarray(i * ks, (i + 1) * ks))) n++;
     return n;
   }
 }
