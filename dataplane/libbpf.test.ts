@@ -14,6 +14,7 @@ import {
   BpfMap, BpfObject, LibbpfError, MapType, SK_BUFF_OFFSETS, SK_BUFF_SIZE, STRUCT_SIZES, koffiLayout, possibleCpus,
   readSkbCtx, setLibbpfLogger, skbCtx, tcAttach, tcDestroyHook, tcDetach, tcQuery, withNetns,
 } from './libbpf.ts';
+import type { MapSnapshot } from './map-ops.ts';
 
 if (process.getuid?.() !== 0) {
   throw new Error('dataplane/libbpf.test.ts loads BPF programs and creates network namespaces: run it as root (CAP_BPF + CAP_NET_ADMIN)');
@@ -328,6 +329,45 @@ describe('maps', () => {
     expect(h.keys()).toEqual([]);
     expect(h.lookupBatch()).toEqual([]);
     expect(h.deleteBatch([])).toBe(0);
+  });
+
+  it('reads a whole hash map in place (readAll), looks up into a buffer, deletes packed keys', () => {
+    const h = loaded().map('probe_hash');
+    h.clear();
+    const entriesOf = (s: MapSnapshot) => new Map(Array.from({ length: s.count }, (_, i) =>
+      [s.keys.subarray(i * s.keySize, (i + 1) * s.keySize).toString('hex'), Buffer.from(s.values.subarray(i * s.valueSize, (i + 1) * s.valueSize))]));
+    expect(h.readAll().count).toBe(0);
+    // Full: max_entries entries, what one batch of the kept buffers holds.
+    const want = new Map<string, Buffer>();
+    for (let i = 0; i < h.maxEntries; i++) {
+      const v = Buffer.alloc(48, i + 1);
+      h.update(probeKey(i, i, 6), v);
+      want.set(probeKey(i, i, 6).toString('hex'), v);
+    }
+    const first = h.readAll();
+    expect(first).toMatchObject({ count: h.maxEntries, keySize: h.keySize, valueSize: 48 });
+    expect(entriesOf(first)).toEqual(want);
+    // The same buffers the next time, holding the map as it is then.
+    h.delete(probeKey(3, 3, 6));
+    want.delete(probeKey(3, 3, 6).toString('hex'));
+    const second = h.readAll();
+    expect(second.keys).toBe(first.keys);
+    expect(second.values).toBe(first.values);
+    expect(entriesOf(second)).toEqual(want);
+
+    const out = Buffer.alloc(48);
+    expect(h.lookupInto(probeKey(5, 5, 6), out)).toBe(true);
+    expect(out).toEqual(Buffer.alloc(48, 6));
+    expect(h.lookupInto(probeKey(3, 3, 6), out)).toBe(false);
+    expect(() => h.lookupInto(probeKey(5, 5, 6), Buffer.alloc(47))).toThrow(/must hold 48 bytes/);
+
+    // Absent keys are skipped: 2 of these 3 exist; bytes past count are not keys.
+    const packed = Buffer.concat([probeKey(5, 5, 6), probeKey(3, 3, 6), probeKey(7, 7, 6), probeKey(9, 9, 6)]);
+    expect(h.deleteKeys(packed, 3)).toBe(2);
+    expect(h.lookup(probeKey(9, 9, 6))).toBeDefined();
+    expect(h.readAll().count).toBe(h.maxEntries - 3);
+    expect(() => h.deleteKeys(packed, 5)).toThrow(/at least 5 × 8 bytes/);
+    h.clear();
   });
 
   it('batch-looks-up an array', () => {
