@@ -91,7 +91,8 @@ class Bench {
     this.lab = await Lab.up({
       name: this.name, hosts: 2, podsPerHost: 0,
       cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-      cniPlugins: [{ type: 'xmasq', agentSocket: `${this.runDir}/veth/{host}/agent.sock`, required: true }],
+      // An agent in an emulated guest on a busy host can take longer than the plugin's default 5 s to answer.
+      cniPlugins: [{ type: 'xmasq', agentSocket: `${this.runDir}/veth/{host}/agent.sock`, required: true, agentTimeoutMs: 60_000 }],
     });
     const agentArgs = (mode: string) => ['--mode', mode, '--scan-interval', '1'];
     // The bundle (bench:vm builds it): tsx would transform the agent's sources at each of the run's dozen starts.
