@@ -22,6 +22,7 @@ export const STRUCT_SIZES = {
   bpf_tc_hook: 24,
   bpf_tc_opts: 32,
   bpf_map_info: 88,
+  bpf_prog_query_opts: 40,
 } as const;
 
 const BpfObjectOpenOpts = koffi.struct('xmasq_bpf_object_open_opts', {
@@ -98,6 +99,24 @@ export const BpfMapInfo = koffi.struct('xmasq_bpf_map_info', {
   map_extra: 'uint64_t',
 });
 
+// Only sz and flags of bpf_link_create_opts: libbpf 1.1 passes flags to the
+// kernel for any attach type and wants the rest zero for tcx, which it does
+// not know. 16 bytes: sz, flags, padding; what libbpf does not read is zero.
+const BpfLinkCreateOpts = koffi.struct('xmasq_bpf_link_create_opts', {
+  sz: 'size_t',
+  flags: 'uint32_t',
+  pad: 'uint32_t',
+});
+
+const BpfProgQueryOpts = koffi.struct('xmasq_bpf_prog_query_opts', {
+  sz: 'size_t',
+  query_flags: 'uint32_t',
+  attach_flags: 'uint32_t',
+  prog_ids: 'void *',
+  prog_cnt: 'uint32_t',
+  prog_attach_flags: 'void *',
+});
+
 const KOFFI_STRUCTS = {
   bpf_object_open_opts: BpfObjectOpenOpts,
   bpf_test_run_opts: BpfTestRunOpts,
@@ -105,7 +124,11 @@ const KOFFI_STRUCTS = {
   bpf_tc_hook: BpfTcHook,
   bpf_tc_opts: BpfTcOpts,
   bpf_map_info: BpfMapInfo,
+  bpf_prog_query_opts: BpfProgQueryOpts,
 } as const;
+
+/** Ours is the prefix of libbpf's struct up to flags (what libbpf reads for tcx), not the whole struct. */
+export const LINK_CREATE_OPTS_SIZE = koffi.sizeof(BpfLinkCreateOpts);
 
 /** Member offsets as koffi lays them out, for the header check in the tests. */
 export function koffiLayout(struct: keyof typeof KOFFI_STRUCTS): { size: number; offsets: Record<string, number> } {
@@ -157,6 +180,8 @@ interface Native {
   bpf_tc_attach(hook: object, opts: Record<string, unknown>): number;
   bpf_tc_detach(hook: object, opts: object): number;
   bpf_tc_query(hook: object, opts: Record<string, unknown>): number;
+  bpf_link_create(progFd: number, target: number, attachType: number, opts: object): number;
+  bpf_prog_query_opts(target: number, attachType: number, opts: Record<string, unknown>): number;
   libbpf_num_possible_cpus(): number;
   libbpf_strerror(err: number, buf: Buffer, size: number): number;
   vsnprintf(buf: Buffer | null, n: number, fmt: Ptr, ap: Ptr | Buffer): number;
@@ -216,6 +241,8 @@ export function native(): Native {
     bpf_tc_attach: lib.func('int bpf_tc_attach(const xmasq_bpf_tc_hook *hook, _Inout_ xmasq_bpf_tc_opts *opts)'),
     bpf_tc_detach: lib.func('int bpf_tc_detach(const xmasq_bpf_tc_hook *hook, const xmasq_bpf_tc_opts *opts)'),
     bpf_tc_query: lib.func('int bpf_tc_query(const xmasq_bpf_tc_hook *hook, _Inout_ xmasq_bpf_tc_opts *opts)'),
+    bpf_link_create: lib.func('int bpf_link_create(int prog_fd, int target_fd, uint32_t attach_type, const xmasq_bpf_link_create_opts *opts)'),
+    bpf_prog_query_opts: lib.func('int bpf_prog_query_opts(int target, uint32_t type, _Inout_ xmasq_bpf_prog_query_opts *opts)'),
     libbpf_num_possible_cpus: lib.func('int libbpf_num_possible_cpus(void)'),
     libbpf_strerror: lib.func('int libbpf_strerror(int err, void *buf, size_t size)'),
     libbpf_set_print: lib.func('void *libbpf_set_print(void *fn)'),
