@@ -12,11 +12,13 @@
  * under a UDP stream that loses nothing, the uninstall's node clean-up script as written).
  * There is no API server here: the stand-in does what kubectl and kubelet would.
  */
+import { spawn } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { ROOT } from '../testing/root.ts';
+import { ROOT, TSX } from '../testing/root.ts';
+import { CONTENT_LABEL, checkoutDigest } from '../scripts/image.ts';
 import { netnsPath, run, spawnIn } from '../testing/command.ts';
 import { DOCKER_PACKAGES, DockerDaemon } from './docker.ts';
 import { daemonSetTemplate, KubeletStandin, type PodTemplate, type RunningPod } from './kubelet-standin.ts';
@@ -131,8 +133,21 @@ beforeAll(async () => {
   } catch (e) {
     throw new Error(`lab/daemonset.test.ts needs a Docker daemon (Debian packages: ${DOCKER_PACKAGES.join(', ')}): ${(e as Error).message}`);
   }
-  if ((await docker.run(['image', 'inspect', IMAGE])).code !== 0) {
-    throw new Error(`the image ${IMAGE} is not in the lab's Docker daemon (${docker.hostArgs.join(' ') || 'the system\'s'}): build it once with 'sudo npm run image' (README, "Kubernetes"; ~3 min, needs apt's network access)`);
+  // The image must hold this checkout's agent, plugin and objects: a missing or stale one
+  // (its content label differs from what stage() makes of the tree now) is built here.
+  const want = checkoutDigest();
+  const label = await docker.run(['image', 'inspect', '--format', `{{index .Config.Labels "${CONTENT_LABEL}"}}`, IMAGE]);
+  const have = label.code === 0 ? label.stdout.trim() : 'none';
+  if (have !== want) {
+    console.error(`daemonset.test: the image ${IMAGE} in the lab's dockerd is ${have === 'none' ? 'missing' : 'stale'}: building it (npm run image, a few minutes)`);
+    const t = Date.now();
+    const code = await new Promise<number | null>((resolve) => {
+      const c = spawn(TSX, [join(ROOT, 'scripts/image.ts'), '--tag', IMAGE], { stdio: ['ignore', 'inherit', 'inherit'] });
+      c.once('exit', resolve);
+      c.once('error', () => resolve(null));
+    });
+    if (code !== 0) throw new Error(`building the image ${IMAGE} failed (exit ${code}; output above): the suite runs the image of this checkout (README, "Kubernetes"; needs mmdebstrap and apt's network access)`);
+    timings.imageBuild = Date.now() - t;
   }
   lab = await Lab.up({ name, hosts: 2, podsPerHost: 0, checksumOffload: false });
   // Pods of the overlay alone, there before XMasq is installed.
@@ -154,7 +169,7 @@ beforeAll(async () => {
     pods[h] = await nodes[h].runPod(podName(h), ds.template);
     timings[`${h}.podReady`] = Date.now() - t;
   }));
-}, 600_000);
+}, 1_800_000);
 
 afterAll(async () => {
   const problems: string[] = [];

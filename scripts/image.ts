@@ -18,12 +18,15 @@
  *   4. --save FILE: `docker save` of the image, for `ctr -n k8s.io images import FILE` or
  *      `docker load` on the nodes.
  *
- * Needs root (mmdebstrap's root mode, dockerd) and apt's network access; not part of
- * npm test. Prints the time each step took and the image's size.
+ * Needs root (mmdebstrap's root mode, dockerd) and apt's network access. npm test runs it
+ * through lab/daemonset.test.ts when the lab's dockerd has no image of this checkout (the
+ * CONTENT_LABEL digest). Prints the time each step took and the image's size.
  */
 import { spawnSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import {
-  chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync,
+  chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, symlinkSync,
+  writeFileSync,
 } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
@@ -89,6 +92,41 @@ export function stage(dir: string, node: string = process.execPath): void {
   for (const f of [join(opt, 'dataplane/cni/xmasq'), join(bin, 'node'), ...COMMANDS.map((c) => join(opt, 'dist', `${c}.mjs`))]) chmodSync(f, 0o755);
   copyFileSync(join(IMAGE_DIR, 'Dockerfile'), join(dir, 'Dockerfile'));
   copyFileSync(join(IMAGE_DIR, 'packages.txt'), join(dir, 'packages.txt'));
+}
+
+/**
+ * The image's label holding stagedDigest(): a suite that runs the image (lab/daemonset.test.ts)
+ * compares it with the checkout's own digest and rebuilds a stale image rather than testing
+ * yesterday's agent.
+ */
+export const CONTENT_LABEL = 'xmasq.content';
+
+/** sha256 over what stage() wrote into dir's rootfs (paths, modes, link targets, bytes) and the package list. */
+export function stagedDigest(dir: string): string {
+  const h = createHash('sha256');
+  const root = join(dir, 'rootfs');
+  const paths = readdirSync(root, { recursive: true, encoding: 'utf8' }).sort();
+  for (const rel of paths) {
+    const p = join(root, rel);
+    const st = lstatSync(p);
+    h.update(`${rel}\0${st.mode}\0`);
+    if (st.isSymbolicLink()) h.update(readlinkSync(p));
+    else if (st.isFile()) h.update(readFileSync(p));
+    h.update('\0');
+  }
+  h.update(readFileSync(join(IMAGE_DIR, 'packages.txt')));
+  return h.digest('hex');
+}
+
+/** The digest an image built from this checkout (its bundles and objects as built now) carries. */
+export function checkoutDigest(node: string = process.execPath): string {
+  const dir = mkdtempSync(join(tmpdir(), 'xmasq-stage-'));
+  try {
+    stage(dir, node);
+    return stagedDigest(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /**
@@ -183,11 +221,12 @@ async function main(argv: string[]): Promise<void> {
     return;
   }
   if (process.getuid?.() !== 0) throw new Error('npm run image needs root (mmdebstrap in root mode, dockerd); --context-only does not');
-  if (spawnSync('mmdebstrap', ['--version']).error) throw new Error("mmdebstrap is not installed: apt-get install mmdebstrap (it is no part of scripts/setup.sh: the tests build no image)");
+  if (spawnSync('mmdebstrap', ['--version']).error) throw new Error("mmdebstrap is not installed: apt-get install mmdebstrap (scripts/setup.sh installs it: lab/daemonset.test.ts builds the image when it is missing or stale)");
   const work = mkdtempSync(join(tmpdir(), 'xmasq-image-'));
   try {
     const context = join(work, 'context');
     stage(context, o.node);
+    const digest = stagedDigest(context);
     step('staged /opt/xmasq, node and the commands', t0);
 
     const t1 = Date.now();
@@ -217,7 +256,7 @@ async function main(argv: string[]): Promise<void> {
       '--change', 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin',
       '--change', `WORKDIR ${PREFIX}`,
       '--change', 'CMD ["xmasq-agent"]',
-      '--change', `LABEL org.opencontainers.image.title=xmasq org.opencontainers.image.version=${version} nodejs=${must(o.node, ['--version'], 'node --version').trim()}`,
+      '--change', `LABEL org.opencontainers.image.title=xmasq org.opencontainers.image.version=${version} nodejs=${must(o.node, ['--version'], 'node --version').trim()} ${CONTENT_LABEL}=${digest}`,
       '--message', `xmasq ${version}: Debian 12 (mmdebstrap) and the bundles`,
       tar, o.tag], { what: 'importing the rootfs', timeoutMs: 600_000 });
     step(`imported as ${o.tag} into ${docker.origin === 'system' ? 'the system\'s dockerd' : `the lab's dockerd (${docker.hostArgs.join(' ')})`}`, t2);

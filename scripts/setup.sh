@@ -31,6 +31,8 @@ packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 e
   # lab/podman.test.ts: a container runtime nobody here wrote (podman 4.3; the test selects its CNI
   # network backend and gives it roots of its own; apt does not start its units: policy-rc.d below)
   podman
+  # lab/daemonset.test.ts builds the container image (npm run image) when the lab's dockerd has none of this checkout
+  mmdebstrap
   # systemd-analyze, which checks deploy/systemd/xmasq-agent.service
   systemd
   # npm run test:vm: the kernel source, what building it needs (pahole for BTF), QEMU
