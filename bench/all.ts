@@ -10,7 +10,7 @@
 import { spawn } from 'node:child_process';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
-import { parseArgs } from 'node:util';
+import { commandLine } from '../testing/args.ts';
 import type { DemoReport } from '../demo/report.ts';
 import { ROOT } from '../testing/root.ts';
 
@@ -92,17 +92,9 @@ function runPart(argv: string[]): Promise<{ code: number; stdout: string }> {
 }
 
 async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({ args: argv, options: { quick: { type: 'boolean' }, only: { type: 'string' }, out: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
-  } catch (e) {
-    process.stderr.write(`bench: ${(e as Error).message}\n\n${USAGE}\n`);
-    return 2;
-  }
-  if (args.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
+  const line = commandLine('bench', USAGE, argv, { quick: { type: 'boolean' }, only: { type: 'string' }, out: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  const args = line.values;
   const only = args.only?.split(',').map((s) => s.trim()).filter(Boolean);
   const unknown = only?.filter((n) => !PARTS.some((p) => p.name === n)) ?? [];
   if (unknown.length) {

@@ -12,7 +12,6 @@ import { existsSync, readFileSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
 import { FLANNEL_PORTS, NO_OVERLAY,
@@ -23,6 +22,7 @@ import { FLANNEL_PORTS, NO_OVERLAY,
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
 import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/decode.ts';
 import { u32ToIp, ipToU32 } from '../testing/packet/addr.ts';
+import { commandLine } from '../testing/args.ts';
 
 export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.o', import.meta.url));
 
@@ -604,22 +604,9 @@ function positiveInt(flag: string, v: string | undefined, dflt: number): number 
 }
 
 export function main(argv: string[]): number {
-  let args;
-  try {
-    args = parseArgs({
-      args: argv,
-      options: { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
-      strict: true,
-      allowPositionals: false,
-    }).values;
-  } catch (e) {
-    process.stderr.write(`bench:prog: ${(e as Error).message}\n\n${USAGE}\n`);
-    return 2;
-  }
-  if (args.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
+  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  const args = line.values;
   try {
     const report = runBench({ repeat: positiveInt('--repeat', args.repeat, DEFAULTS.repeat), runs: positiveInt('--runs', args.runs, DEFAULTS.runs) });
     process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report)}\n`);

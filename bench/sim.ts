@@ -11,7 +11,7 @@
  * packet, to show what a packet's model calls cost.
  */
 import { cpus, release } from 'node:os';
-import { parseArgs } from 'node:util';
+import { commandLine } from '../testing/args.ts';
 import { buildFrame } from '../testing/packet/index.ts';
 import { masqInPlace, newEffects, restoreInPlace } from '../sim/model/index.ts';
 import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, type BenchJob, type MachineCheck, type Measured } from './sim-run.ts';
@@ -106,17 +106,11 @@ function spread(xs: number[]): Spread {
 }
 
 async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({ args: argv, options: { packets: { type: 'string' }, threads: { type: 'string' }, rounds: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
-  } catch (e) {
-    process.stderr.write(`bench:sim: ${(e as Error).message}\n\n${USAGE}\n`);
-    return 2;
-  }
-  if (args.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
+  const line = commandLine('bench:sim', USAGE, argv, {
+    packets: { type: 'string' }, threads: { type: 'string' }, rounds: { type: 'string' }, quick: { type: 'boolean' }, json: { type: 'boolean' },
+  });
+  if (typeof line === 'number') return line;
+  const args = line.values;
   // Long enough that the JIT's warm-up is a small part of the run at a million packets a second.
   const packets = args.packets !== undefined ? Number(args.packets) : args.quick ? 300_000 : 2_000_000;
   if (!Number.isInteger(packets) || packets < 1000) {

@@ -1,5 +1,5 @@
 /**
- * `xmasq demo --profile DIR`: where the CPU time of one request/response transaction (and of
+ * `npm run demo -- --profile DIR`: where the CPU time of one request/response transaction (and of
  * one megabyte of a stream) goes, hop by hop, per path. Each pinned sockperf measurement and
  * each pinned 1-stream iperf3 runs under
  * `perf record -e cpu-clock -C 0 -g` (this VM has no PMU: cpu-clock sampling); client,

@@ -11,7 +11,7 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join, relative } from 'node:path';
-import { parseArgs } from 'node:util';
+import { commandLine } from '../../testing/args.ts';
 import { KEY_SCHEMES } from './datapath.ts';
 import { sweeps, type Point, type PointJob, type Sweep } from './study-points.ts';
 import { lineChart, type Series } from './svg.ts';
@@ -39,17 +39,9 @@ Takes 20-35 s on 2 cores (--quick: about 10 s).`;
 const pct = (v: number) => v.toFixed(1);
 
 async function main(argv: string[]): Promise<number> {
-  let args;
-  try {
-    args = parseArgs({ args: argv, options: { quick: { type: 'boolean' }, out: { type: 'string' }, schemes: { type: 'string' }, threads: { type: 'string' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
-  } catch (e) {
-    process.stderr.write(`sim:study: ${(e as Error).message}\n\n${USAGE}\n`);
-    return 2;
-  }
-  if (args.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
+  const line = commandLine('sim:study', USAGE, argv, { quick: { type: 'boolean' }, out: { type: 'string' }, schemes: { type: 'string' }, threads: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  const args = line.values;
   const schemes = args.schemes?.split(',').map((x) => x.trim()).filter(Boolean) ?? Object.keys(KEY_SCHEMES).filter((n) => n !== 'overlay');
   const unknown = schemes.filter((n) => !KEY_SCHEMES[n]);
   if (unknown.length || !schemes.length) {
