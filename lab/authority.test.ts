@@ -12,7 +12,8 @@
  * carried. The hosts filter reverse paths strictly (rp_filter=1).
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
 import type { ChildProcess } from 'node:child_process';
@@ -75,11 +76,9 @@ async function scenario(): Promise<Outcome> {
   return { serviceTcp, serviceUdp, deniedIngress, deniedEgress, allowed };
 }
 
+labWithAgents({ name, runDir: `/run/xmasq-authority-${name}`, pods: [['h1', 'a'], ['h2', 'b']] }, (f) => ({ lab, agents, pods: [a, b] } = f));
+
 beforeAll(async () => {
-  const runDir = `/run/xmasq-authority-${name}`;
-  ({ lab, agents } = await upWithAgents({ name, runDir }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
   for (const [script] of [[TCP_ECHO(8080)], [TCP_ECHO(2222)], [UDP_ECHO(5353)], [UDP_ECHO(5354)]]) servers.push(await server(lab, b, script));
   // Strict reverse-path filtering, as many distributions set it: a restored packet handed to the
   // stack at the NIC (source: a remote pod, whose route is the overlay's) would be dropped, so
@@ -97,10 +96,8 @@ beforeAll(async () => {
   await iptables('h1', ['-I', 'FORWARD', '-s', a.ip, '-d', b.ip, '-p', 'udp', '--dport', '5354', '-j', 'DROP']);
 }, 180_000);
 
-afterAll(async () => {
+afterAll(() => {
   for (const s of servers) s.kill();
-  await agents?.teardown();
-  await lab?.down();
 });
 
 describe("the hosts' Services and policies hold on the fast path", () => {

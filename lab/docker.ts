@@ -27,7 +27,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { CommandError, mustRun, netnsPath, pidAlive, run, type RunOptions, type RunResult } from '../testing/command.ts';
 import { cniAdd, cniDel, type CniConfList, type CniInvocation, type CniResult } from './cni.ts';
-import type { Lab, LabHost } from './lab.ts';
+import type { Lab, LabHost, LabPod } from './lab.ts';
 
 /** Socket, pidfile, exec root and log of a daemon started here. */
 export const DOCKER_RUN_DIR = '/run/xmasq-docker';
@@ -284,27 +284,15 @@ export async function busyboxRootfsTar(work: string): Promise<string> {
   return tar;
 }
 
-export interface ContainerPod {
-  name: string;
-  /** Name of the lab host (LabHost.name) whose CNI chain attached it. */
-  host: string;
+/**
+ * A pod that is a container: a lab pod (its netns pinned as /run/netns/<netns>, as CRI
+ * runtimes pin a sandbox's, so DEL finds it even when the container's process is gone)
+ * with what docker and DEL need besides.
+ */
+export interface ContainerPod extends LabPod {
   containerName: string;
-  containerId: string;
   /** PID of the container's init (sleep) in the caller's PID namespace. */
   pid: number;
-  /**
-   * The container's netns pinned as /run/netns/<netns> (`ip netns attach`), as CRI runtimes
-   * pin a sandbox's netns: CNI_NETNS points there, so DEL finds the netns even if the
-   * container's process is gone, and `ip -n` works on it.
-   */
-  netns: string;
-  ip: string;
-  mac: string;
-  /** The host end of the veth, in the lab host's netns. */
-  hostVeth: string;
-  hostVethIfindex: number;
-  ifname: 'eth0';
-  ifindex: number;
   /** What DEL needs. */
   cni: { list: CniConfList; invocation: CniInvocation; result: CniResult };
 }

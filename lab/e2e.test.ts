@@ -6,10 +6,11 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { verifyIpv4Header } from '../testing/packet/checksum.ts';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, tcpRetransSegs, wireKind, wireChecksumValid } from './traffic.ts';
 
@@ -23,17 +24,7 @@ const sock = (host: string) => agents.socket(host);
 const counters = (host: string) => agents.counters(host);
 const nodeInPod = (pod: LabPod, script: string) => nodeIn(lab, pod, script);
 
-beforeAll(async () => {
-  const runDir = `/run/xmasq-e2e-${name}`;
-  ({ lab, agents } = await upWithAgents({ name, runDir }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
-}, 120_000);
-
-afterAll(async () => {
-  await agents?.teardown();
-  await lab?.down();
-});
+labWithAgents({ name, runDir: `/run/xmasq-e2e-${name}`, pods: [['h1', 'a'], ['h2', 'b']] }, (f) => ({ lab, agents, pods: [a, b] } = f));
 
 describe('XMasq with xmasq-agent in a two-host lab', () => {
   it('the CNI chain told each agent about its pod; the agents run in veth mode', async () => {

@@ -6,9 +6,10 @@
  * datagrams to 4789 stay on the overlay (they would look like ours); to 8472,
  * no tunnel port here, they take the fast path like any other flow.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, capture, nodeIn, output, server, wireKind } from './traffic.ts';
 
@@ -19,16 +20,7 @@ let lab: Lab;
 let agents: LabAgents;
 let a: LabPod, b: LabPod;
 
-beforeAll(async () => {
-  ({ lab, agents } = await upWithAgents({ name, runDir: `/run/xmasq-ports-${name}`, vxlanPort: 4789 }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
-}, 120_000);
-
-afterAll(async () => {
-  await agents?.teardown();
-  await lab?.down();
-});
+labWithAgents({ name, runDir: `/run/xmasq-ports-${name}`, vxlanPort: 4789, pods: [['h1', 'a'], ['h2', 'b']] }, (f) => ({ lab, agents, pods: [a, b] } = f));
 
 describe('an overlay on VXLAN port 4789', () => {
   it('the agents take the port off the VXLAN device', async () => {

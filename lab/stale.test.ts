@@ -12,7 +12,8 @@ import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { readPcapFile, type PcapRecord } from '../testing/pcap.ts';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server, snmp, wireKind } from './traffic.ts';
 
@@ -100,20 +101,17 @@ async function stop(child: ChildProcess): Promise<void> {
   await exited;
 }
 
-beforeAll(async () => {
-  ({ lab, agents } = await upWithAgents({
-    name, runDir, checksumOffload: true,
-    agentArgs: ['--egress-idle', String(EGRESS_IDLE), '--ingress-idle', String(INGRESS_IDLE), '--scan-interval', String(SCAN), '--verbose'],
-  }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
-  echoes.push(await server(lab, b, UDP_ECHO(PORT)));
-}, 120_000);
+labWithAgents({
+  name, runDir, checksumOffload: true, pods: [['h1', 'a'], ['h2', 'b']],
+  agentArgs: ['--egress-idle', String(EGRESS_IDLE), '--ingress-idle', String(INGRESS_IDLE), '--scan-interval', String(SCAN), '--verbose'],
+}, (f) => ({ lab, agents, pods: [a, b] } = f));
 
-afterAll(async () => {
+beforeAll(async () => {
+  echoes.push(await server(lab, b, UDP_ECHO(PORT)));
+});
+
+afterAll(() => {
   for (const e of echoes) e.kill();
-  await agents?.teardown();
-  await lab?.down();
 });
 
 describe(`stale state, agents with --egress-idle ${EGRESS_IDLE} --ingress-idle ${INGRESS_IDLE} --scan-interval ${SCAN}`, () => {

@@ -7,11 +7,12 @@
  * packets again, checksums valid (offload off, so the capture shows what a
  * receiver checks).
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { WIDE_KEY_MAX, WIDE_KEY_MIN } from '../dataplane/maps.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireChecksumValid } from './traffic.ts';
 
@@ -22,21 +23,8 @@ let lab: Lab;
 let agents: LabAgents;
 let a: LabPod, b: LabPod, c: LabPod, d: LabPod, e: LabPod, f: LabPod;
 
-beforeAll(async () => {
-  const runDir = `/run/xmasq-wide-${name}`;
-  ({ lab, agents } = await upWithAgents({ name, runDir }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
-  c = await lab.addPod('h1', 'c');
-  d = await lab.addPod('h2', 'd');
-  e = await lab.addPod('h1', 'e');
-  f = await lab.addPod('h2', 'f');
-}, 120_000);
-
-afterAll(async () => {
-  await agents?.teardown();
-  await lab?.down();
-});
+labWithAgents({ name, runDir: `/run/xmasq-wide-${name}`, pods: [['h1', 'a'], ['h2', 'b'], ['h1', 'c'], ['h2', 'd'], ['h1', 'e'], ['h2', 'f']] },
+  (up) => ({ lab, agents, pods: [a, b, c, d, e, f] } = up));
 
 /** The IPv4 header at 14, the L4 header after its options. */
 const l4At = (f: Uint8Array) => 14 + (f[14] & 0x0f) * 4;

@@ -7,10 +7,11 @@
  * flaw was about; host packets whose carrier equals a live wide key are
  * fixtures (restore-host-tcp-urgent-equal-live-wide-key-passes).
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
-import { LabAgents, upWithAgents } from './agents.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
 import { injectFrames } from './inject.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, capture, nodeIn, output, server } from './traffic.ts';
@@ -26,11 +27,10 @@ let a: LabPod, b: LabPod;
 /** A key h1 gave h2 for the pair (b -> a): h2 writes it into the DSCP of what it masquerades to h1. */
 let liveKey: number;
 
+labWithAgents({ name, runDir: `/run/xmasq-wire-${name}`, agentArgs: ['--wide-keys', 'off'], pods: [['h1', 'a'], ['h2', 'b']] },
+  (f) => ({ lab, agents, pods: [a, b] } = f));
+
 beforeAll(async () => {
-  const runDir = `/run/xmasq-wire-${name}`;
-  ({ lab, agents } = await upWithAgents({ name, runDir, agentArgs: ['--wide-keys', 'off'] }));
-  a = await lab.addPod('h1', 'a');
-  b = await lab.addPod('h2', 'b');
   const ping = await lab.exec(a, 'ping', ['-c', '3', '-i', '0.2', '-W', '2', b.ip]);
   if (!/3 received/.test(ping.stdout)) throw new Error(`pods cannot talk: ${ping.stdout}${ping.stderr}`);
   const dump = await AgentClient.request(agents.socket('h1'), { op: 'cache-dump', cache: 'ingress' });
@@ -38,11 +38,6 @@ beforeAll(async () => {
   if (!entry) throw new Error(`h1 has no ingress entry for b -> a after a ping: ${JSON.stringify(dump.ingress)}`);
   liveKey = entry.key.key;
 }, 120_000);
-
-afterAll(async () => {
-  await agents?.teardown();
-  await lab?.down();
-});
 
 describe('the wire while XMasq is on', () => {
   it('host-to-host packets with ECN-CE and DSCP = a live key pass unaltered', async () => {
