@@ -21,7 +21,7 @@
  * changed: a plugin that a runtime (or another test run) starts meanwhile never reads
  * half a file. vitest runs this first (globalSetup), so the tests run what they build.
  */
-import { chmodSync, mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
@@ -84,7 +84,8 @@ export async function bundle(): Promise<BundleResult[]> {
       writeFileSync(tmp, f.contents, { mode: 0o755 });
       renameSync(tmp, f.path);
     }
-    chmodSync(f.path, 0o755);
+    // Only when needed: a run that writes nothing (npm run test:unit as nobody) may own nothing.
+    if ((statSync(f.path).mode & 0o777) !== 0o755) chmodSync(f.path, 0o755);
     return { file: relative(ROOT, f.path), bytes: f.contents.length, written };
   });
 }

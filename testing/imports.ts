@@ -52,7 +52,8 @@ export function importsOf(file: string, text: string): FileImports {
 
 /** Every tracked .ts file of the checkout and its imports. */
 export function checkoutGraph(): Map<string, FileImports> {
-  const files = execFileSync('git', ['ls-files', '--cached', '--others', '--exclude-standard', '*.ts'], { cwd: ROOT, encoding: 'utf8' })
+  // safe.directory: the checkout may belong to another user (test:unit runs as nobody).
+  const files = execFileSync('git', ['-c', 'safe.directory=*', 'ls-files', '--cached', '--others', '--exclude-standard', '*.ts'], { cwd: ROOT, encoding: 'utf8' })
     .split('\n').filter((f) => f && !f.endsWith('.d.ts'));
   return new Map(files.map((f) => [f, importsOf(f, readFileSync(join(ROOT, f), 'utf8'))]));
 }
