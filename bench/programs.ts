@@ -40,7 +40,9 @@ export const DEFAULTS = { repeat: 1_000_000, runs: 5 } as const;
 
 const HERE = { ip: '192.0.2.1', mac: '02:00:c0:00:02:01' };
 const PEER = { ip: '192.0.2.2', mac: '02:00:c0:00:02:02' };
-const POD = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 42 };
+// ifindex 1, lo: BPF_PROG_TEST_RUN runs a packet on lo, and masq holds a packet's
+// source to the pod of the device it runs on.
+const POD = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 1 };
 const REMOTE_POD = '10.244.2.7';
 /** A remote pod our pod has not talked to: no egress entry. */
 const UNKNOWN_POD = '10.244.3.9';

@@ -44,7 +44,7 @@ function programsAlone(n: number): { masqPerSecond: number; restorePerSecond: nu
   c.run();
   const [a, b] = c.hosts;
   const pod = buildFrame({ eth: { src: '0a:58:00:00:00:01', dst: a.addr.cniMac }, ipv4: { src: a.slots[0]!.ipStr, dst: b.slots[0]!.ipStr, l4: { tcp: { sport: 1, dport: 2, payload: { len: 64 } } } } });
-  const env = { now: 2n, random: () => 1 };
+  const env = { now: 2n, random: () => 1, ifindex: a.slots[0]!.ifindex };
   const fx = newEffects();
   const sent = Buffer.from(pod);
   if (masqInPlace(sent, a.state, env, fx) !== 7) throw new Error('bench: the pair did not reach the fast path; the simulator is broken');

@@ -52,8 +52,9 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 */
 	__s32 netns_id = XMASQ_CT_CURRENT_NETNS;
 	__u32 netns_ino = 0;
+	struct pod_info *pod = NULL;
 	if (in_pod_netns) {
-		struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &h.saddr);
+		pod = bpf_map_lookup_elem(&pod_info, &h.saddr);
 		netns_id = pod && pod->host_netns_id >= 0 ? pod->host_netns_id : XMASQ_CT_NO_NETNS;
 		netns_ino = pod ? pod->host_netns_ino : 0;
 	}
@@ -83,6 +84,25 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
 	if (!e)
 		return pass();
+	/*
+	 * The source address must be the pod the packet came from: a pod that
+	 * sends as its neighbour (a raw socket, an address it added) would
+	 * otherwise ride the neighbour's pair past the host, wherever the
+	 * host's conntrack admitted the neighbour's flow. Left on the overlay,
+	 * not dropped: the host stack then sees it as it would without XMasq
+	 * (rp_filter, the CNI's anti-spoofing, policy decide), so XMasq never
+	 * changes what is delivered. Only packets of a learned pair pay the
+	 * lookup. veth mode runs on the pod's host-side veth, which no pod
+	 * chooses; masq_rpeer runs on the pod's own eth0, whose index may
+	 * repeat in every pod's namespace, so it can only hold the frame's
+	 * source to the pod's MAC (README "Threat model").
+	 */
+	if (!in_pod_netns)
+		pod = bpf_map_lookup_elem(&pod_info, &h.saddr);
+	if (!pod || (in_pod_netns ? !eth_src_is(skb, pod->mac) : pod->ifindex != skb->ifindex)) {
+		count(XMASQ_CNT_SRC_NOT_POD);
+		return XMASQ_CONTINUE;
+	}
 	if (!e->local_key || !e->remote_key || !e->remote_ready) {
 		count(XMASQ_CNT_FELL_BACK);
 		return XMASQ_CONTINUE;

@@ -291,6 +291,18 @@ static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
 	return load_ipv4(skb, ETH_HLEN, skb->len, h);
 }
 
+/* The frame's Ethernet source is mac (a frame too short for it is not). */
+static __always_inline int eth_src_is(struct __sk_buff *skb, const __u8 mac[6])
+{
+	__u8 src[6];
+	if (bpf_skb_load_bytes(skb, 6, src, 6))
+		return 0;
+	for (int i = 0; i < 6; i++)
+		if (src[i] != mac[i])
+			return 0;
+	return 1;
+}
+
 /* One of the overlay's UDP ports (config.vxlan_port, geneve_port). */
 static __always_inline int is_tunnel_port(const struct config *cfg, __u16 dport_be)
 {

@@ -208,6 +208,7 @@ enum xmasq_counter {
 	XMASQ_CNT_MARKED_NOT_NODE, /* restore: a masqueraded packet from an address that is no node: dropped */
 	XMASQ_CNT_POD_MARKED,      /* masq: a pod packet carrying our marker (RF): dropped */
 	XMASQ_CNT_SERVICE_NAT,     /* masqueraded to a Service's backend, or restored from it with the Service's address (also MASQUERADED/RESTORED) */
+	XMASQ_CNT_SRC_NOT_POD,     /* masq: a packet of a learned pair whose source is not the pod it came from (a pod sending as its neighbour): left on the overlay */
 	XMASQ_CNT_MAX,
 };
 

@@ -26,7 +26,7 @@ export const CONSTS = {
 } as const;
 
 /** enum xmasq_counter (bpf/xmasq.h), XMASQ_CNT_ dropped. */
-export const COUNTER_MAX = 18;
+export const COUNTER_MAX = 19;
 export const COUNTER = {
   MASQUERADED: 0,
   RESTORED: 1,
@@ -46,6 +46,7 @@ export const COUNTER = {
   MARKED_NOT_NODE: 15,
   POD_MARKED: 16,
   SERVICE_NAT: 17,
+  SRC_NOT_POD: 18,
 } as const;
 
 /** enum xmasq_redirect_kind (bpf/xmasq.h), XMASQ_REDIRECT_ dropped. */
@@ -158,7 +159,7 @@ export const OBJECTS = {
     programs: { init: 'tc', masq: 'tc', restore: 'tc' },
     maps: {
       config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 18 },
+      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
       ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
       ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
       egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
@@ -174,7 +175,7 @@ export const OBJECTS = {
     programs: { init: 'tc', masq: 'tc', restore: 'tc' },
     maps: {
       config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 18 },
+      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
       ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 16 },
       ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 16 },
       egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 64 },
@@ -191,7 +192,7 @@ export const OBJECTS = {
     programs: { init: 'tc', masq: 'tc', masq_rpeer: 'tc', restore: 'tc' },
     maps: {
       config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 18 },
+      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
       ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
       ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
       egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
@@ -218,7 +219,7 @@ export const OBJECTS = {
     maps: {
       bench_packet: { type: 'array', key: '__u32', value: 'bench_packet', keySize: 4, valueSize: 128, maxEntries: 1 },
       config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 18 },
+      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
       ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
       ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
       egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },

@@ -66,6 +66,8 @@ class HostEnv implements Env {
   readonly vlanPresent = false;
   /** The host's table, which masq and restore consult; undefined runs the programs without the check (a planted bug, RunOptions.bypassAdmission). */
   conntrack: HostConntrack | undefined = undefined;
+  /** The device the program runs on: masq's pod veth (set before each masq run). */
+  ifindex = 0;
 
   constructor(private readonly rng: Rng) {}
 
@@ -685,6 +687,7 @@ export class Cluster {
 
   /** masq at the TC ingress of the pod's host-side veth. */
   private podEgress(h: Host, pod: Pod, rec: PacketRecord, flow: Flow): void {
+    h.env.ifindex = pod.ifindex;
     const verdict = this.runProgram(h, 'masq', this.scheme.masq, rec);
     if (verdict === TC_ACT_SHOT) return this.drop(rec, this.shotReason);
     if (verdict === TC_ACT_REDIRECT) {

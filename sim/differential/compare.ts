@@ -75,6 +75,7 @@ export function oracleEnv(c: Case, after: DatapathState, now: bigint): Env {
     gsoSize: c.ctx?.gso_size,
     conntrack: modelConntrack(c.conntrack ?? []),
     ingressIfindex: c.ctx?.ingress_ifindex,
+    ifindex: c.ctx?.ifindex,
   };
 }
 

@@ -26,7 +26,7 @@ it(`model and kernel agree on fixtures + ${PER_PROGRAM} generated cases per prog
       'RESTORED wide tcp', 'RESTORED wide udp', 'CT_REFUSED wide icmp', 'RESTORE_MISS wide udp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING',
       'SIGNAL_NOT_NODE', 'SIGNAL_WRONG_NODE', 'MARKED_NOT_NODE', 'MARKED_NOT_NODE wide'],
     masq: ['MASQUERADED', 'PASSED', 'POLICY_DROP', 'FELL_BACK', 'MASQUERADED wide', 'FELL_BACK wide',
-      'MASQUERADED wide tcp', 'MASQUERADED wide udp', 'FELL_BACK wide udp', 'FELL_BACK wide icmp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING', 'POD_MARKED'],
+      'MASQUERADED wide tcp', 'MASQUERADED wide udp', 'FELL_BACK wide udp', 'FELL_BACK wide icmp', 'CT_REFUSED', 'CT_NAT', 'CT_PENDING', 'POD_MARKED', 'SRC_NOT_POD'],
   };
   for (const [program, counters] of Object.entries(everyPath)) {
     for (const c of counters) {

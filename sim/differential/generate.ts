@@ -538,6 +538,11 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   else ({ frame, focus, dir } = masqCase(rng, tags));
 
   const state = genState(rng, focus, dir);
+  // masq holds a packet's source to the pod of its device: the focus pod mostly has its
+  // entry (its absence ends every masq case at SRC_NOT_POD, before the paths behind it).
+  if (program === 'masq' && !state.pod_info.lookup(focus.local.ip) && rng.chance(0.7)) {
+    state.pod_info.update(focus.local.ip, { ifindex: focus.local.ifindex, mac: focus.local.mac, ...NO_HOST_NETNS });
+  }
   // An overlay frame mostly meets an overlay configured with its port (the random ports
   // above alone would leave most overlay frames no overlay packet at all).
   const udp = frame.ipv4?.l4 && 'udp' in frame.ipv4.l4 ? frame.ipv4.l4.udp : undefined;
@@ -573,8 +578,16 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     }
   }
   // Overlay packets of a TSO stream are GSO packets: init sends no wide signal on them.
-  const ctx: SkbContext | undefined = rng.chance(0.15) ? { gso_size: rng.pick([1398, 1448, 8948]) } : undefined;
+  let ctx: SkbContext | undefined = rng.chance(0.15) ? { gso_size: rng.pick([1398, 1448, 8948]) } : undefined;
   if (ctx) tags.push('gso');
+  // masq runs on a pod's host-side veth: mostly the sending pod's own; now and then a
+  // neighbour's (a pod sending as the focus pod), or lo (test_run's default device).
+  if (program === 'masq') {
+    const r = rng.int(16);
+    const ifindex = r === 0 ? 1 : r === 1 ? rng.pick(LOCAL_PODS).ifindex : focus.local.ifindex;
+    ctx = { ...ctx, ifindex };
+    if (ifindex !== focus.local.ifindex) tags.push('spoofed');
+  }
   // A forwarded packet keeps the device it came in on (a pod's datagram to a tunnel
   // port); our own encapsulation has none. Mostly for init, which reads it.
   let ctxOut = ctx;

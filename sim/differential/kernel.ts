@@ -3,6 +3,7 @@
  * maps loaded from and read back into the model's state shape. Everything
  * is encoded and decoded through dataplane/maps.ts.
  */
+import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
@@ -45,6 +46,7 @@ export class KernelDatapath {
   private readonly obj: BpfObject;
   private readonly maps: Record<string, BpfMap>;
   private readonly ct: Conntrack;
+  private readonly devices = new Set<number>();
 
   constructor(objectPath = TEST_OBJECT) {
     if (process.getuid?.() !== 0) {
@@ -140,6 +142,7 @@ export class KernelDatapath {
       throw new Error(`a ${packet.length}-byte frame is shorter than BPF_PROG_TEST_RUN accepts (${minTestRunLength(packet)} for its ethertype)`);
     }
     this.conntrack(conntrack);
+    if (ctx.ifindex !== undefined && ctx.ifindex > 1) this.device(ctx.ifindex);
     const skb = skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark });
     skb.writeUInt32LE(ctx.gso_size ?? 0, SK_BUFF_GSO_SIZE);
     // The programs read the coarse clock (ticks of a few ms); a run between two equal
@@ -158,6 +161,22 @@ export class KernelDatapath {
       for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
       return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state: this.read(), now: t0 };
     }
+  }
+
+  /**
+   * A device with this index in the case's namespace: test_run runs a packet
+   * on the device ctx.ifindex names (masq holds the packet's source to the pod
+   * of that device), and refuses one that does not exist. A bridge, because
+   * it needs no module beyond what the lab loads.
+   */
+  private device(ifindex: number): void {
+    if (this.devices.has(ifindex)) return;
+    try {
+      execFileSync('ip', ['link', 'add', `xmdiff${ifindex}`, 'index', String(ifindex), 'type', 'bridge'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    } catch (e) {
+      throw new Error(`cannot create device index ${ifindex} for a case's ctx.ifindex: ${(e as { stderr?: Buffer }).stderr?.toString().trim() || (e as Error).message}`);
+    }
+    this.devices.add(ifindex);
   }
 
   /** The programs by name, for benchmarks. */

@@ -157,6 +157,10 @@ export const MUTANTS: Mutant[] = [
     from: 'if (!isPeerNode(s, h.saddr)) {', to: 'if (false) {' },
   { name: "a pod's marker passed on by masq", file: 'masq.ts',
     from: '    fx.counters.POD_MARKED++;\n    return TC_ACT_SHOT;', to: '    return pass(fx);' },
+  { name: 'masq carries a pod sending as its neighbour (source not held to the veth)', file: 'masq.ts',
+    from: 'pod.ifindex !== (env.ifindex || 1)', to: 'false' },
+  { name: "masq carries a packet whose source is no pod of this host's", file: 'masq.ts',
+    from: 'if (!pod || (kind', to: 'if (pod && (kind' },
 ];
 
 const MODEL_DIR = fileURLToPath(new URL('../model/', import.meta.url));

@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
+import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, readMac, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
@@ -64,8 +64,8 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   // named by the id the agent recorded for the source pod; conntrack.ts checks
   // that the entry found is the host's all the same.
   let netnsId = CT_CURRENT_NETNS, netnsIno = 0;
+  let pod = kind === 'RPEER' ? s.pod_info.lookupElem(h.saddr) : undefined;
   if (kind === 'RPEER') {
-    const pod = s.pod_info.lookupElem(h.saddr);
     netnsId = pod && pod.host_netns_id >= 0 ? pod.host_netns_id : CT_NO_NETNS;
     netnsIno = pod ? pod.host_netns_ino : 0;
   }
@@ -87,6 +87,14 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   const ek = { local_pod: h.saddr, remote_pod: h.daddr };
   const e = s.egress_cache.lookupElem(ek);
   if (!e) return pass(fx);
+  // The source must be the pod the packet came from (a pod sending as its neighbour
+  // is left on the overlay, where the host sees it as without XMasq): veth mode
+  // holds it to the device it runs on, masq_rpeer to the pod's MAC.
+  if (kind !== 'RPEER') pod = s.pod_info.lookupElem(h.saddr);
+  if (!pod || (kind === 'RPEER' ? readMac(pkt, 6) !== pod.mac : pod.ifindex !== (env.ifindex || 1))) {
+    fx.counters.SRC_NOT_POD++;
+    return TC_CONTINUE;
+  }
   if (!e.local_key || !e.remote_key || !e.remote_ready) {
     fx.counters.FELL_BACK++;
     return TC_CONTINUE;

@@ -18,7 +18,8 @@ const A = { host: '192.0.2.1', mac: '02:00:00:00:00:0a' };
 const B = { host: '192.0.2.2', mac: '02:00:00:00:00:0b' };
 const SRC = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 7 };
 const DST = { ip: '10.244.2.9', mac: '0a:58:0a:f4:02:09', ifindex: 12 };
-const env: Env = { now: 5n, random: () => 0 };
+/** masq runs on SRC's host-side veth (it holds the packet's source to that pod). */
+const env: Env = { now: 5n, random: () => 0, ifindex: SRC.ifindex };
 const SIZES = { pods: 16, paths: 64, rules: 32 };
 
 /** The node set the agent writes: both hosts, self flagged SELF. */
@@ -31,6 +32,7 @@ function nodes(s: DatapathState, self: string): DatapathState {
 function hosts(): { a: DatapathState; b: DatapathState } {
   const a = nodes(emptyState(SIZES), A.host);
   a.config = { nic_ifindex: 3, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS };
+  a.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac, ...NO_HOST_NETNS });
   a.egress_cache.update({ local_pod: SRC.ip, remote_pod: DST.ip }, {
     last_seen: 1n, local_mac: A.mac, remote_mac: B.mac, local_ip: A.host, remote_ip: B.host,
     ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,

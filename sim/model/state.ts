@@ -498,6 +498,12 @@ export interface Env {
    * included (init learns only from those). BPF_PROG_TEST_RUN sets it from the ctx.
    */
   ingressIfindex?: number;
+  /**
+   * skb->ifindex: the device the program runs on (masq: the pod's host-side
+   * veth, whose pod it holds the packet's source to). 0 or absent: 1, lo,
+   * where BPF_PROG_TEST_RUN runs a packet whose ctx names no device.
+   */
+  ifindex?: number;
 }
 
 export interface RunResult {
