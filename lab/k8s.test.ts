@@ -519,9 +519,10 @@ describe('without agents (the plain overlay): the same outcomes', () => {
 
 describe('npm run lab -- up --k8s', () => {
   it('brings up hosts with kube-proxy\'s chains and takes them down', async () => {
-    const cli = `${ROOT}dataplane/cli/main.ts`;
+    // The lab's own entry point (npm run lab), as a user runs it.
+    const cli = `${ROOT}lab/main.ts`;
     const lname = `xc${process.pid % 100000}`;
-    const up = await run(`${ROOT}node_modules/.bin/tsx`, [cli, 'lab', 'up', '--k8s', '--name', lname, '--hosts', '1', '--pods', '0']);
+    const up = await run(`${ROOT}node_modules/.bin/tsx`, [cli, 'up', '--k8s', '--name', lname, '--hosts', '1', '--pods', '0']);
     try {
       expect(up.code, up.stderr).toBe(0);
       const l = (await Lab.load(lname))!;
@@ -532,7 +533,7 @@ describe('npm run lab -- up --k8s', () => {
       // The bare INVALID drop of a non-k8s lab is folded into KUBE-FORWARD, not added twice.
       expect(save.match(/--ctstate INVALID -j DROP/g)).toHaveLength(1);
     } finally {
-      const down = await run(`${ROOT}node_modules/.bin/tsx`, [cli, 'lab', 'down', '--name', lname]);
+      const down = await run(`${ROOT}node_modules/.bin/tsx`, [cli, 'down', '--name', lname]);
       expect(down.code, down.stderr).toBe(0);
     }
     expect(await Lab.load(lname)).toBeUndefined();
