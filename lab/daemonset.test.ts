@@ -24,6 +24,7 @@ import { DOCKER_PACKAGES, DockerDaemon } from './docker.ts';
 import { daemonSetTemplate, KubeletStandin, type PodTemplate, type RunningPod } from './kubelet-standin.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { capture, UDP_ECHO, wireKind } from './traffic.ts';
+import { until } from '../testing/until.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/daemonset.test.ts needs root (dockerd, network and mount namespaces, BPF): run it as root');
 
@@ -52,15 +53,6 @@ const podName = (host: string, gen = 1) => `${ds.name}-${host}-${gen}`;
 const container = (pod: RunningPod, c: string) => pod.containers.find((x) => x.name === c)!;
 const spec = (c: string) => [...(ds.template.spec.initContainers ?? []), ...ds.template.spec.containers].find((x) => x.name === c)!;
 
-async function until<T>(what: string, f: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 20_000): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await f();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
 
 /** CAP_* numbers (linux/capability.h) of the names the manifest uses. */
 const CAP_BITS: Record<string, number> = { NET_ADMIN: 12, SYS_PTRACE: 19, SYS_ADMIN: 21, PERFMON: 38, BPF: 39 };
@@ -264,13 +256,13 @@ describe('the DaemonSet of deploy/kubernetes/xmasq.yaml on two lab nodes (kubele
       expect(status.stdout).toMatch(new RegExp(`nic\\s*:?\\s*${lab!.host(h).nic}|${lab!.host(h).nic}`));
       // kubectl -n kube-system logs ds/xmasq-agent -c install-cni and -c cni-chain: the README quotes these lines.
       expect(pods[h].init.find((i) => i.name === 'install-cni')!.logs).toMatch(/chained xmasq last into \/host\/etc\/cni\/net\.d\/10-flannel\.conflist/);
-      await until(`cni-chain's first look on ${h}`, async () => /\/host\/etc\/cni\/net\.d\/10-flannel\.conflist has xmasq last/.test(await nodes[h].logs(pods[h], 'cni-chain')));
+      await until(`cni-chain's first look on ${h}`, async () => /\/host\/etc\/cni\/net\.d\/10-flannel\.conflist has xmasq last/.test(await nodes[h].logs(pods[h], 'cni-chain')), 20_000, 200);
     }
   });
 
   it('a pod that existed before is discovered; a pod created through the node\'s chain is added by the plugin; both masqueraded to h2 and restored', async () => {
     const h1 = nodes.h1;
-    const listed = await until('old1 discovered on h1', async () => (await agentList('h1')).find((p) => p.ip === old1.ip && p.attached));
+    const listed = await until('old1 discovered on h1', async () => (await agentList('h1')).find((p) => p.ip === old1.ip && p.attached), 20_000, 200);
     expect(listed.hostVethIfindex).toBe(old1.hostVethIfindex);
     expect((await agentList('h2')).some((p) => p.ip === old2.ip && p.attached)).toBe(true);
 
@@ -308,7 +300,7 @@ describe('the DaemonSet of deploy/kubernetes/xmasq.yaml on two lab nodes (kubele
     // As flannel's install-cni does when its pod restarts: its own conflist, written whole.
     writeFileSync(file, `${JSON.stringify(lab!.confList(lab!.host('h1')), null, 2)}\n`);
     expect(n.nodeConfList().list.plugins.map((p) => p.type)).toEqual(['bridge']);
-    await until('xmasq chained again', () => n.nodeConfList().list.plugins.at(-1)?.type === 'xmasq', 20_000);
+    await until('xmasq chained again', () => n.nodeConfList().list.plugins.at(-1)?.type === 'xmasq', 20_000, 200);
     const p = await n.addSandbox('new2');
     expect((await agentList('h1')).find((x) => x.ip === p.ip)?.attached).toBe(true);
   }, 60_000);

@@ -14,6 +14,7 @@ import { NO_HOST_NETNS, egressKey, path, podInfo, podIp } from '../dataplane/map
 import { LabAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
+import { until } from '../testing/until.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/discovery.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -33,15 +34,6 @@ const list = async (host: string): Promise<PodRecord[]> => (await AgentClient.re
 const status = async (host: string) => (await AgentClient.request(agents.socket(host), { op: 'status' })).status;
 const counters = (host: string) => agents.counters(host);
 
-async function until<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, ms: number): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 function withPinned<T>(host: string, map: string, fn: (m: BpfMap) => T): T {
   const m = BpfMap.fromPinned(`${agents.pinDir(host)}/${map}`);

@@ -16,6 +16,7 @@ import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server, snmp, wireKind } from './traffic.ts';
+import { until } from '../testing/until.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/stale.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -39,15 +40,6 @@ const counters = (host: string) => agents.counters(host);
 const dump = async (host: string) => AgentClient.request(agents.socket(host), { op: 'cache-dump', cache: 'both' });
 
 
-async function until<T>(what: string, fn: () => Promise<T | undefined | false> | T | undefined | false, ms: number, every = 50): Promise<T> {
-  const end = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(every);
-  }
-}
 
 /** tcpdump into a pcap file until stop(); records keep their capture timestamps. */
 async function startCapture(where: { netns: string }, dev: string, filter: string, file: string): Promise<() => Promise<PcapRecord[]>> {
