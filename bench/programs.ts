@@ -15,10 +15,12 @@ import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
 import { FLANNEL_PORTS, NO_OVERLAY,
-  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, counterValue,
-  egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
-  NO_HOST_NETNS, type CounterName, type PolicyKey,
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, arrayIndex, config, counterValue,
+  egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
+  NO_HOST_NETNS, type CounterName,
 } from '../dataplane/maps.ts';
+import { PolicyTable, describeRule, normaliseRule } from '../dataplane/agent/policy.ts';
+import type { PolicyRuleSpec } from '../dataplane/agent/protocol.ts';
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
 import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/decode.ts';
 import { u32ToIp, ipToU32 } from '../testing/packet/addr.ts';
@@ -113,7 +115,7 @@ const noPath = {
 
 interface Maps {
   pod_info: BpfMap; egress_cache: BpfMap; ingress_cache: BpfMap; config: BpfMap;
-  policy_rules: BpfMap; policy_masks: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
+  policy_trie: BpfMap; policy_root: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
 }
 
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
@@ -137,68 +139,83 @@ function learnedPair(m: Maps): void {
 }
 
 // ---- policy states ----
+//
+// Rule sets as the agent stores them, compiled and written by the agent's own
+// PolicyTable. The "N masks" rows keep the rule sets (and names) of the hash
+// design they were measured on: rules naming N distinct sets of fields.
 
-const F = PolicyField;
+const F = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
 /** "deny tcp to ip:port", the commonest shape of rule, and the one the 1-mask rows use. */
 const DST_SERVICE = F.DST_IP | F.DST_PORT | F.PROTOCOL;
 
 const ip = (base: string, i: number) => u32ToIp(ipToU32(base) + i);
 
 /**
- * Rule i under mask m. Every field the mask names is set to a value that is
- * injective in i, never 0 (which would mean "any"), and never the bench
- * packet's own, so no rule matches and every mask costs a full failed lookup.
+ * Rule i naming the fields of mask m. Every field named is set to a value
+ * injective in i, never "any", and never the bench packet's own, so no rule
+ * matches the packet.
  */
-function missRule(mask: number, i: number): PolicyKey {
+function missRule(mask: number, i: number): PolicyRuleSpec {
   if (mask === F.PROTOCOL && i >= 249) throw new Error(`missRule: ${i + 1} protocol-only rules: there are not that many protocols besides TCP`);
+  const proto = !(mask & F.PROTOCOL) ? undefined : mask !== F.PROTOCOL ? 17 : i < 5 ? 1 + i : 2 + i;
   return {
-    src_ip: mask & F.SRC_IP ? ip('10.96.0.1', i) : '0.0.0.0',
-    dst_ip: mask & F.DST_IP ? ip('10.97.0.1', i) : '0.0.0.0',
-    src_port: mask & F.SRC_PORT ? 1024 + i : 0,
-    dst_port: mask & F.DST_PORT ? 20000 + i : 0,
-    // UDP wherever another field makes the rule unique; alone, any protocol but TCP (6).
-    protocol: !(mask & F.PROTOCOL) ? 0 : mask !== F.PROTOCOL ? 17 : i < 5 ? 1 + i : 2 + i,
-    dir: PolicyDir.EGRESS,
+    dir: 'egress',
+    src: mask & F.SRC_IP ? ip('10.96.0.1', i) : undefined,
+    dst: mask & F.DST_IP ? ip('10.97.0.1', i) : undefined,
+    sport: mask & F.SRC_PORT ? 1024 + i : undefined,
+    dport: mask & F.DST_PORT ? 20000 + i : undefined,
+    proto,
   };
 }
 
-/** Many services, one mask: distinct dst IPs, so the table really holds n entries. */
-function serviceRules(n: number): PolicyKey[] {
-  return Array.from({ length: n }, (_, i) => ({
-    src_ip: '0.0.0.0', dst_ip: ip('10.97.0.1', i), src_port: 0, dst_port: 443, protocol: 6, dir: PolicyDir.EGRESS,
-  }));
+/** Many services: distinct dst IPs, tcp:443. */
+function serviceRules(n: number): PolicyRuleSpec[] {
+  return Array.from({ length: n }, (_, i) => ({ dir: 'egress', dst: ip('10.97.0.1', i), dport: 443, proto: 'tcp' }));
 }
 
-interface PolicySetup { masks: number[]; rules: PolicyKey[] }
-
-function perMask(masks: number[], each: number): PolicySetup {
-  return { masks, rules: masks.flatMap((m) => Array.from({ length: each }, (_, i) => missRule(m, i))) };
+function perMask(masks: number[], each: number): PolicyRuleSpec[] {
+  return masks.flatMap((m) => Array.from({ length: each }, (_, i) => missRule(m, i)));
 }
 
-/** The rule that does match the pod packet under mask m: the positive control. */
-function hitRule(mask: number): PolicyKey {
-  return {
-    src_ip: mask & F.SRC_IP ? POD.ip : '0.0.0.0',
-    dst_ip: mask & F.DST_IP ? REMOTE_POD : '0.0.0.0',
-    src_port: mask & F.SRC_PORT ? POD_SPORT : 0,
-    dst_port: mask & F.DST_PORT ? POD_DPORT : 0,
-    protocol: mask & F.PROTOCOL ? 6 : 0,
-    dir: PolicyDir.EGRESS,
-  };
+/**
+ * 1,000 rules as NetworkPolicies make them: for each of 100 local pods (the
+ * bench pod among them), egress denied to 10 peer blocks of prefix lengths
+ * 8 to 28, each with an exception, on a TCP port range. The bench packet's
+ * walk matches its pod and a peer block, and misses on the port range: three
+ * lookups, the longest walk these rules make.
+ */
+function kubernetesRules(): PolicyRuleSpec[] {
+  const out: PolicyRuleSpec[] = [];
+  for (let pod = 0; pod < 100; pod++) {
+    const src = pod === 0 ? POD.ip : ip('10.244.1.100', pod);
+    for (let peer = 0; peer < 10; peer++) {
+      const len = 8 + 2 * peer;
+      const net = ipToU32(REMOTE_POD) & (0xffffffff << (32 - len));
+      const block = `${u32ToIp(net >>> 0)}/${len}`;
+      out.push({ dir: 'egress', src, dst: block, dstExcept: [`${u32ToIp((net | (1 << (31 - len))) >>> 0)}/${len + 1}`], dport: 3000 + 100 * peer, dportEnd: 3050 + 100 * peer, proto: 'tcp' });
+    }
+  }
+  return out;
 }
 
-const ALL_MASKS = Array.from({ length: 31 }, (_, i) => i + 1);
+/**
+ * The longest walk there is: the packet matches its source, destination,
+ * protocol and port, and the walk ends at the source port (a range beside it).
+ */
+const DEEPEST: PolicyRuleSpec[] = [{ dir: 'egress', src: POD.ip, dst: REMOTE_POD, dport: POD_DPORT, sport: POD_SPORT + 1, sportEnd: POD_SPORT + 100, proto: 'tcp' }];
 
 /** One BPF object per map state, so rows can be interleaved without refilling tables between runs. */
 const STATES = {
   base: undefined,
-  rules1: { masks: [DST_SERVICE], rules: serviceRules(1) },
-  rules1000: { masks: [DST_SERVICE], rules: serviceRules(1000) },
-  rules60000: { masks: [DST_SERVICE], rules: serviceRules(60000) },
+  rules1: serviceRules(1),
+  rules1000: serviceRules(1000),
+  rules60000: serviceRules(60000),
   masks5: perMask([DST_SERVICE, F.DST_IP, F.SRC_IP, F.SRC_IP | F.DST_IP, F.DST_PORT | F.PROTOCOL], 200),
-  masks31: perMask(ALL_MASKS, 32),
+  masks31: perMask(Array.from({ length: 31 }, (_, i) => i + 1), 32),
+  k8s1000: kubernetesRules(),
+  deepest: DEEPEST,
   masq2masks: perMask([DST_SERVICE, F.SRC_IP], 500),
-} satisfies Record<string, PolicySetup | undefined>;
+} satisfies Record<string, PolicyRuleSpec[] | undefined>;
 type StateName = keyof typeof STATES;
 
 // ---- rows ----
@@ -294,6 +311,8 @@ const ROWS: RowDef[] = [
     ['policy: 1 mask, 60000 rules', 'rules60000'],
     ['policy: 5 masks, 1000 rules', 'masks5'],
     ['policy: 31 masks, 992 rules', 'masks31'],
+    ['policy: 1000 Kubernetes-style rules', 'k8s1000'],
+    ['policy: deepest walk (4 lookups)', 'deepest'],
   ] as const).map(([name, state]): RowDef => ({ name, kind: 'policy', state, program: 'bench_policy', packet: PACKETS.pod, resets: false, check: untouched })),
   {
     name: 'masq + 1000 rules / 2 masks', kind: 'full', state: 'masq2masks', program: 'bench_masq', packet: PACKETS.pod, resets: true, counter: 'MASQUERADED',
@@ -310,19 +329,19 @@ export const ROW_NAMES = ROWS.map((r) => r.name);
 
 export class BenchError extends Error {}
 
-interface Loaded { obj: BpfObject; maps: Maps; programs: Map<string, BpfProgram> }
+interface Loaded { obj: BpfObject; maps: Maps; programs: Map<string, BpfProgram>; policy?: PolicyTable }
 
 function loadState(objectPath: string, name: StateName, log: (s: string) => void): Loaded {
   const obj = BpfObject.open(objectPath);
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters', 'bench_packet', 'nodes'] as const) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters', 'bench_packet', 'nodes'] as const) {
       maps[m] = obj.map(m);
     }
     // The point of the bench object is production-sized tables (hash buckets, cache footprint).
     const want = MAX_ENTRIES.production;
-    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, rules: maps.policy_rules.maxEntries };
+    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, rules: maps.policy_trie.maxEntries };
     if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules) {
       throw new BenchError(`${objectPath} has map sizes ${JSON.stringify(got)}, want the production ${JSON.stringify(want)}`);
     }
@@ -331,12 +350,13 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
     }
     learnedPair(maps);
     const setup = STATES[name];
+    let policy: PolicyTable | undefined;
     if (setup) {
-      if (setup.rules.length > 5000) log(`bench:prog: filling ${setup.rules.length} policy rules…`);
-      setup.rules.forEach((k, i) => maps.policy_rules.update(policyKey.encode(k), policyRule.encode({ id: i + 1 }), 'noexist'));
-      maps.policy_masks.update(ZERO, policyMasks.encode({ count: setup.masks.length, mask: setup.masks }));
+      if (setup.length > 5000) log(`bench:prog: compiling ${setup.length} policy rules…`);
+      policy = new PolicyTable(maps.policy_trie, maps.policy_root, setup.map((r, i) => normaliseRule(r, () => i + 1)));
+      policy.sync();
     }
-    return { obj, maps, programs: new Map() };
+    return { obj, maps, programs: new Map(), policy };
   } catch (e) {
     obj.close();
     throw e;
@@ -399,22 +419,19 @@ function guard(row: RowDef, what: string, problems: string[]): void {
 }
 
 /**
- * A policy row measures nothing if the rules never get looked up (a wrong
- * mask list, a mis-encoded key): a rule matching the packet under the LAST
- * mask in use must drop it, which proves every mask is tried.
+ * A policy row measures nothing if the walk never reaches the rules (a
+ * mis-encoded key, a wrong root): a rule matching the packet, added through
+ * the same PolicyTable, must drop it.
  */
 function positiveControl(runner: Runner, row: RowDef): void {
-  const setup = STATES[row.state];
-  if (!setup) return;
-  const m = runner.state(row.state).maps;
-  const last = setup.masks[setup.masks.length - 1];
-  const k = policyKey.encode(hitRule(last));
-  m.policy_rules.update(k, policyRule.encode({ id: 999_999 }), 'noexist');
+  const policy = runner.state(row.state).policy;
+  if (!policy) return;
+  const hit = policy.add({ dir: 'egress', src: POD.ip, dst: REMOTE_POD, sport: POD_SPORT, dport: POD_DPORT, proto: 'tcp' });
   try {
     const r = runner.run(row, 1);
-    guard(row, `a rule matching the packet under its last mask (${last}) did not drop it`, expectRetval(r.retval, TC_ACT_SHOT));
+    guard(row, `a rule matching the packet (${describeRule(hit)}) did not drop it`, expectRetval(r.retval, TC_ACT_SHOT));
   } finally {
-    m.policy_rules.delete(k);
+    policy.remove(hit.id);
   }
 }
 

@@ -74,7 +74,7 @@ int bench_masq(struct __sk_buff *skb)
 	return bpf_redirect(nic, 0);
 }
 
-/* A new flow's policy verdict alone: parse, then every mask in use. */
+/* A new flow's policy verdict alone: parse, then the walk (up to one trie lookup a field). */
 SEC("tc")
 int bench_policy(struct __sk_buff *skb)
 {

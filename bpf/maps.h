@@ -14,14 +14,14 @@
 #ifdef XMASQ_TEST
 #define XMASQ_MAX_PODS 16
 #define XMASQ_MAX_PATHS 64
-#define XMASQ_MAX_RULES 32
+#define XMASQ_MAX_POLICY_ENTRIES 256
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
 #define XMASQ_MAX_NODES 16
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
-#define XMASQ_MAX_RULES 65536
+#define XMASQ_MAX_POLICY_ENTRIES 262144
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
 #define XMASQ_MAX_NODES 8192
@@ -59,21 +59,26 @@ struct {
 	__type(value, struct config);
 } config SEC(".maps");
 
-/* Deny rules, written by the agent (xmasq policy add/del); read by every program. */
+/*
+ * Deny rules compiled by the agent (dataplane/agent/policy.ts, xmasq policy
+ * add/del) into a classifier, one longest-prefix match per field (policy.h);
+ * read by every program. Entries are allocated as they are written.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, XMASQ_MAX_RULES);
-	__type(key, struct policy_key);
-	__type(value, struct policy_rule);
-} policy_rules SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, XMASQ_MAX_POLICY_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_lpm_key);
+	__type(value, struct policy_next);
+} policy_trie SEC(".maps");
 
-/* The masks in use by policy_rules, maintained by the agent beside them. */
+/* Where each direction's walk starts, switched by the agent once a new classifier is whole. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct policy_masks);
-} policy_masks SEC(".maps");
+	__type(value, struct policy_root);
+} policy_root SEC(".maps");
 
 /*
  * TCP flows to make liberal (conntrack.h), written by masq and restore, drained

@@ -1,10 +1,13 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
- * Deny rules. Every installed rule denies; no match allows. A rule is a 5-tuple
- * with 0 for "any", so the fields it names form its mask. Since any match
- * denies, the masks can be tried in any order; policy_masks lists only the ones
- * in use, so a packet costs one lookup per distinct mask and nothing without
- * rules. There is no verdict cache to fill up or to purge.
+ * Deny rules. Every installed rule denies; no match allows. The agent compiles
+ * the rules (CIDR blocks with exceptions, port ranges, protocols, per
+ * direction) into a classifier in policy_trie: from the direction's root
+ * node, each field of the packet in turn (src, dst, protocol and dport,
+ * sport) is matched by longest prefix under the current node, which gives the
+ * verdict or the node for the next field. So a verdict costs at most
+ * XMASQ_POLICY_FIELDS trie lookups whatever the rules, and none without
+ * rules in that direction. There is no verdict cache to fill or to purge.
  */
 #ifndef XMASQ_POLICY_H
 #define XMASQ_POLICY_H
@@ -13,52 +16,50 @@
 #include "packet.h"
 #include "verdict.h"
 
-static __always_inline struct policy_masks *policy_masks_in_use(void)
+static __always_inline __u32 policy_root_node(__u8 dir)
 {
 	__u32 zero = 0;
-	struct policy_masks *pm = bpf_map_lookup_elem(&policy_masks, &zero);
-	return pm && pm->count ? pm : 0;
+	struct policy_root *r = bpf_map_lookup_elem(&policy_root, &zero);
+	if (!r)
+		return XMASQ_POLICY_ALLOW;
+	return dir == XMASQ_DIR_INGRESS ? r->ingress : r->egress;
+}
+
+/* One field: true when the walk is over, *node then holding its verdict. */
+static __always_inline int policy_step(__u32 *node, __u32 field)
+{
+	struct policy_lpm_key k = { .prefixlen = 64, .node = *node, .field = field };
+	struct policy_next *n = bpf_map_lookup_elem(&policy_trie, &k);
+	*node = n ? n->next : XMASQ_POLICY_ALLOW;
+	return *node == XMASQ_POLICY_ALLOW || *node == XMASQ_POLICY_DENY;
 }
 
 /*
- * The mask loop is a global function: the verifier checks it once, on its
- * own, instead of once per path that reaches it (each program forks into a
- * path per protocol and kind of key; walking the loop on every one of them
- * exceeds the verifier's budget). Hence scalars only: ports packs
- * sport | dport << 16 (network order, as the rules hold them).
+ * The walk is a global function: the verifier checks it once, on its own,
+ * instead of once per path that reaches it (each program forks into a path
+ * per protocol and kind of key). Hence scalars only: ports packs
+ * sport | dport << 16, each in network order as the header holds it, so that
+ * on this little-endian target dport << 16 puts dport's bytes last in the
+ * field, where the key wants them (xmasq.h, struct policy_lpm_key).
  */
-__noinline int policy_denied_tuple(__u32 src, __u32 dst, __u32 ports, __u8 proto, __u8 dir)
+__noinline int policy_walk(__u32 node, __u32 src, __u32 dst, __u32 ports, __u8 proto)
 {
-	struct policy_masks *pm = policy_masks_in_use();
-	if (!pm)
-		return 0;
-	__u32 n = pm->count;
-
-	for (__u32 i = 0; i < XMASQ_POLICY_MAX_MASKS; i++) {
-		if (i >= n)
-			break;
-		__u8 m = pm->mask[i];
-		struct policy_key k = {
-			.src_ip = (m & XMASQ_PF_SRC_IP) ? src : 0,
-			.dst_ip = (m & XMASQ_PF_DST_IP) ? dst : 0,
-			.src_port = (m & XMASQ_PF_SRC_PORT) ? (__u16)ports : 0,
-			.dst_port = (m & XMASQ_PF_DST_PORT) ? (__u16)(ports >> 16) : 0,
-			.protocol = (m & XMASQ_PF_PROTOCOL) ? proto : 0,
-			.dir = dir,
-		};
-		if (bpf_map_lookup_elem(&policy_rules, &k))
-			return 1;
-	}
+	if (policy_step(&node, src) || policy_step(&node, dst) ||
+	    policy_step(&node, (__u32)proto << 8 | (ports & 0xffff0000)) ||
+	    policy_step(&node, ports << 16))
+		return node == XMASQ_POLICY_DENY;
+	/* The agent ends every walk by the last field; a node past it counts as a miss. */
 	return 0;
 }
 
-/* Without rules, the usual case, no call at all. */
+/* Without rules in this direction, the usual case, no call at all. */
 static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
 					 __u8 dir)
 {
-	if (!policy_masks_in_use())
+	__u32 root = policy_root_node(dir);
+	if (root == XMASQ_POLICY_ALLOW)
 		return 0;
-	return policy_denied_tuple(src, dst, h->sport | ((__u32)h->dport << 16), h->proto, dir);
+	return policy_walk(root, src, dst, h->sport | ((__u32)h->dport << 16), h->proto);
 }
 
 static __always_inline int policy_drop(void)

@@ -48,7 +48,14 @@
 /* config.flags: init gives pairs wide keys (off: the 6-bit design, narrow keys only). */
 #define XMASQ_CFG_WIDE_KEYS 0x1
 
-#define XMASQ_POLICY_MAX_MASKS 31
+/*
+ * Policy walk (policy.h): a verdict, or a node of the classifier to look the
+ * next field up under. 0 is also what a miss means.
+ */
+#define XMASQ_POLICY_ALLOW 0
+#define XMASQ_POLICY_DENY 0xffffffff
+/* The fields a walk looks up, one trie lookup each: src, dst, proto + dport, sport. */
+#define XMASQ_POLICY_FIELDS 4
 
 /* pod_info: pod IPv4 (network order) -> the pod as the host sees it. */
 struct pod_info {
@@ -147,37 +154,27 @@ enum xmasq_policy_dir {
 	XMASQ_DIR_INGRESS = 1, /* entering a local pod */
 };
 
-/* A deny rule, and the masked 5-tuple looked up against it. 0 = any. */
-struct policy_key {
-	__u32 src_ip;
-	__u32 dst_ip;
-	__u16 src_port; /* network order */
-	__u16 dst_port; /* network order */
-	__u8 protocol;
-	__u8 dir;       /* enum xmasq_policy_dir */
-	__u8 pad[2];
-};
-
-enum xmasq_policy_field {
-	XMASQ_PF_SRC_IP = 1,
-	XMASQ_PF_DST_IP = 2,
-	XMASQ_PF_SRC_PORT = 4,
-	XMASQ_PF_DST_PORT = 8,
-	XMASQ_PF_PROTOCOL = 16,
-};
-
-struct policy_rule {
-	__u32 id; /* the agent's rule id, so drops can be traced back */
-};
-
 /*
- * policy_masks (one slot): the distinct field masks the installed rules use.
- * A new flow costs one lookup per mask in use (zero with no rules), instead of
- * the 31 masks the original tried on every cache miss.
+ * policy_trie's key: a classifier node and one 32-bit field of the packet,
+ * matched by longest prefix. prefixlen covers the node (always whole: 32) and
+ * then the field's leading bits. The field's bytes are as on the wire: an
+ * address; 0, protocol, dport; 0, 0, sport.
  */
-struct policy_masks {
-	__u32 count;
-	__u8 mask[XMASQ_POLICY_MAX_MASKS + 1];
+struct policy_lpm_key {
+	__u32 prefixlen;
+	__u32 node;
+	__u32 field; /* network order */
+};
+
+/* What a matched prefix leads to: XMASQ_POLICY_ALLOW, _DENY, or the node for the next field. */
+struct policy_next {
+	__u32 next;
+};
+
+/* policy_root (one slot): the node each direction's walk starts at; ALLOW: no rules. */
+struct policy_root {
+	__u32 egress;
+	__u32 ingress;
 };
 
 enum xmasq_counter {
@@ -289,7 +286,9 @@ enum xmasq_btf_consts {
 	XMASQ_BTF_WIDE_KEY_COUNT = XMASQ_WIDE_KEY_COUNT,
 	XMASQ_BTF_KEY_TRIES = XMASQ_KEY_TRIES,
 	XMASQ_BTF_CFG_WIDE_KEYS = XMASQ_CFG_WIDE_KEYS,
-	XMASQ_BTF_POLICY_MAX_MASKS = XMASQ_POLICY_MAX_MASKS,
+	XMASQ_BTF_POLICY_ALLOW = XMASQ_POLICY_ALLOW,
+	XMASQ_BTF_POLICY_DENY = XMASQ_POLICY_DENY,
+	XMASQ_BTF_POLICY_FIELDS = XMASQ_POLICY_FIELDS,
 	XMASQ_BTF_NODE_SELF = XMASQ_NODE_SELF,
 	XMASQ_BTF_IPS_SEEN_REPLY = XMASQ_IPS_SEEN_REPLY,
 	XMASQ_BTF_IPS_SRC_NAT = XMASQ_IPS_SRC_NAT,
@@ -304,7 +303,6 @@ struct xmasq_btf_export {
 	enum xmasq_btf_consts consts;
 	enum xmasq_counter counter;
 	enum xmasq_policy_dir policy_dir;
-	enum xmasq_policy_field policy_field;
 	enum xmasq_redirect_kind redirect_kind;
 };
 

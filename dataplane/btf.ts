@@ -35,7 +35,9 @@ interface BtfType {
   nr_bits?: number;
   bits_offset?: number;
   members?: BtfMember[];
-  values?: Array<{ name: string; val: number }>;
+  encoding?: string;
+  /** A string when the number has more digits than a double holds exactly (see btfTypes). */
+  values?: Array<{ name: string; val: number | string }>;
 }
 
 const cache = new Map<string, { stamp: string; types: Map<number, BtfType> }>();
@@ -58,7 +60,9 @@ function btfTypes(objectPath: string): Map<number, BtfType> {
     if (err.code === 'ENOENT') throw new Error(`cannot read BTF of ${objectPath}: bpftool is not installed (apt-get install bpftool)`);
     throw new Error(`cannot read BTF of ${objectPath}: bpftool failed: ${(err.stderr || err.message).trim()} (was it compiled with -g?)`);
   }
-  const parsed = JSON.parse(out) as { types?: BtfType[] };
+  // bpftool prints a 32-bit unsigned enum's 0xffffffff sign-extended, as
+  // 18446744073709551615, which JSON.parse would round; keep such values as text.
+  const parsed = JSON.parse(out.replace(/"val":\s*(-?\d{16,})/g, '"val":"$1"')) as { types?: BtfType[] };
   if (!Array.isArray(parsed.types)) throw new Error(`cannot read BTF of ${objectPath}: bpftool's JSON has no "types" array`);
   const types = new Map(parsed.types.map((t) => [t.id, t]));
   cache.set(objectPath, { stamp, types });
@@ -168,7 +172,15 @@ export function readEnum(objectPath: string, name: string): Record<string, numbe
     throw new Error(`enum ${name} is not in ${objectPath}'s BTF (an enum is there only if some type uses it); it has: ${names.join(', ') || '(none)'}`);
   }
   const out: Record<string, number> = {};
-  for (const v of e.values ?? []) out[v.name] = v.val;
+  const bits = (e.size ?? 4) * 8;
+  for (const v of e.values ?? []) {
+    const big = BigInt(v.val);
+    const val = e.encoding === 'SIGNED' ? BigInt.asIntN(bits, big) : BigInt.asUintN(bits, big);
+    if (val > BigInt(Number.MAX_SAFE_INTEGER) || val < BigInt(Number.MIN_SAFE_INTEGER)) {
+      throw new Error(`enum ${name}: ${v.name} = ${val} does not fit a JavaScript number`);
+    }
+    out[v.name] = Number(val);
+  }
   return out;
 }
 

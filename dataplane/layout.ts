@@ -10,6 +10,7 @@ export type FieldType =
   | 'u8' | 'u16' | 'u32' | 'u64'   // host order (little-endian) numbers; u64 as bigint
   | 's32'                           // host order signed 32-bit
   | 'be16'                          // network-order 16-bit (ports): a number
+  | 'be32'                          // network-order 32-bit: a number
   | 'ipv4'                          // network-order IPv4 address: dotted string
   | 'mac'                           // 6 bytes: 'aa:bb:cc:dd:ee:ff'
   | { pad: number }                 // zero bytes
@@ -32,12 +33,12 @@ export type StructValue<F extends Fields> = {
 
 function sizeOf(t: FieldType): number {
   if (typeof t === 'object') return 'pad' in t ? t.pad : t.u8array;
-  return { u8: 1, u16: 2, u32: 4, s32: 4, u64: 8, be16: 2, ipv4: 4, mac: 6 }[t];
+  return { u8: 1, u16: 2, u32: 4, s32: 4, u64: 8, be16: 2, be32: 4, ipv4: 4, mac: 6 }[t];
 }
 
 function alignOf(t: FieldType): number {
   if (typeof t === 'object' || t === 'mac') return 1;
-  return t === 'ipv4' ? 4 : t === 'be16' ? 2 : sizeOf(t);
+  return t === 'ipv4' || t === 'be32' ? 4 : t === 'be16' ? 2 : sizeOf(t);
 }
 
 export function macToBytes(mac: string, into: Buffer, at: number): void {
@@ -140,6 +141,7 @@ function writeField(buf: Buffer, f: Field, x: unknown): void {
     case 's32': buf.writeInt32LE(x as number, f.offset); break;
     case 'u64': buf.writeBigUInt64LE(x as bigint, f.offset); break;
     case 'be16': buf.writeUInt16BE(x as number, f.offset); break;
+    case 'be32': buf.writeUInt32BE(x as number, f.offset); break;
     case 'ipv4': ipv4ToBytes(x as string, buf, f.offset); break;
     case 'mac': macToBytes(x as string, buf, f.offset); break;
   }
@@ -155,6 +157,7 @@ function readField(buf: Buffer, f: Field): unknown {
     case 's32': return buf.readInt32LE(f.offset);
     case 'u64': return buf.readBigUInt64LE(f.offset);
     case 'be16': return buf.readUInt16BE(f.offset);
+    case 'be32': return buf.readUInt32BE(f.offset);
     case 'ipv4': return bytesToIpv4(buf, f.offset);
     case 'mac': return bytesToMac(buf, f.offset);
   }

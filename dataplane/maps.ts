@@ -5,7 +5,7 @@
  * layout.test.ts checks each struct against the BTF of the built object.
  */
 import {
-  COUNTER, COUNTER_MAX, CONSTS, OBJECTS, POLICY_DIR, POLICY_FIELD, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
+  COUNTER, COUNTER_MAX, CONSTS, OBJECTS, POLICY_DIR, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
 } from './generated/objects.ts';
 import { Struct, type Fields, type StructValue } from './layout.ts';
 
@@ -29,7 +29,11 @@ export const ConfigFlag = { WIDE_KEYS: CONSTS.CFG_WIDE_KEYS } as const;
 export const PORT_VXLAN = 4789;
 export const PORT_VXLAN_LINUX = 8472;
 export const PORT_GENEVE = 6081;
-export const POLICY_MAX_MASKS = CONSTS.POLICY_MAX_MASKS;
+/** The policy walk's verdicts (XMASQ_POLICY_*); any other value is a node of the classifier. */
+export const POLICY_ALLOW = CONSTS.POLICY_ALLOW;
+export const POLICY_DENY = CONSTS.POLICY_DENY;
+/** Fields a walk matches, in order (bpf/policy.h): src, dst, protocol + dport, sport. */
+export const POLICY_FIELDS = CONSTS.POLICY_FIELDS;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
@@ -39,7 +43,7 @@ export const MAX_ENTRIES = {
 function maxEntries<B extends 'production' | 'test'>(b: B) {
   const m = OBJECTS[b].maps;
   return {
-    pods: m.pod_info.maxEntries, paths: m.egress_cache.maxEntries, rules: m.policy_rules.maxEntries,
+    pods: m.pod_info.maxEntries, paths: m.egress_cache.maxEntries, rules: m.policy_trie.maxEntries,
     ctPending: m.ct_pending.maxEntries, ctAdmitted: m.ct_admitted.maxEntries, nodes: m.nodes.maxEntries,
   } as const;
 }
@@ -64,7 +68,6 @@ export const CT_RECHECK_NS = BigInt(CONSTS.CT_RECHECK_NS);
 export const NodeFlag = { SELF: CONSTS.NODE_SELF } as const;
 
 export const PolicyDir = POLICY_DIR;
-export const PolicyField = POLICY_FIELD;
 
 // ---- structs ----
 
@@ -139,20 +142,15 @@ export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00'
 export const FLANNEL_PORTS = { vxlan_port: 8472, geneve_port: 6081 } as const;
 /** config's Service range when none is configured (masq never looks a Service up). */
 export const NO_SERVICES = { service_net: '0.0.0.0', service_mask: '0.0.0.0' } as const;
-export const policyKey = cStruct('policy_key', [
-  ['src_ip', 'ipv4'],
-  ['dst_ip', 'ipv4'],
-  ['src_port', 'be16'],
-  ['dst_port', 'be16'],
-  ['protocol', 'u8'],
-  ['dir', 'u8'],
-  ['pad', { pad: 2 }],
+/** policy_trie's key: a classifier node and one field of the packet, by longest prefix (bpf/xmasq.h). */
+export const policyLpmKey = cStruct('policy_lpm_key', [
+  ['prefixlen', 'u32'],
+  ['node', 'u32'],
+  ['field', 'be32'],
 ] as const);
-export const policyRule = cStruct('policy_rule', [['id', 'u32']] as const);
-export const policyMasks = cStruct('policy_masks', [
-  ['count', 'u32'],
-  ['mask', { u8array: POLICY_MAX_MASKS + 1 }],
-] as const);
+export const policyNext = cStruct('policy_next', [['next', 'u32']] as const);
+export const policyRoot = cStruct('policy_root', [['egress', 'u32'], ['ingress', 'u32']] as const);
+export type PolicyRoot = StructValue<typeof policyRoot extends Struct<infer F> ? F : never>;
 export const redirectTrace = cStruct('redirect_trace', [
   ['ifindex', 'u32'],
   ['kind', 'u32'],
@@ -185,9 +183,8 @@ export type EgressKey = StructValue<typeof egressKey extends Struct<infer F> ? F
 export type IngressKey = StructValue<typeof ingressKey extends Struct<infer F> ? F : never>;
 export type Path = StructValue<typeof path extends Struct<infer F> ? F : never>;
 export type Config = StructValue<typeof config extends Struct<infer F> ? F : never>;
-export type PolicyKey = StructValue<typeof policyKey extends Struct<infer F> ? F : never>;
-export type PolicyRule = StructValue<typeof policyRule extends Struct<infer F> ? F : never>;
-export type PolicyMasks = StructValue<typeof policyMasks extends Struct<infer F> ? F : never>;
+export type PolicyLpmKey = StructValue<typeof policyLpmKey extends Struct<infer F> ? F : never>;
+export type PolicyNext = StructValue<typeof policyNext extends Struct<infer F> ? F : never>;
 export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
 export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F> ? F : never>;
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
@@ -203,8 +200,8 @@ export const MAPS = {
   egress_cache: { kind: 'hash', key: egressKey, value: path },
   ingress_cache: { kind: 'hash', key: ingressKey, value: path },
   config: { kind: 'array', key: arrayIndex, value: config },
-  policy_rules: { kind: 'hash', key: policyKey, value: policyRule },
-  policy_masks: { kind: 'array', key: arrayIndex, value: policyMasks },
+  policy_trie: { kind: 'lpm_trie', key: policyLpmKey, value: policyNext },
+  policy_root: { kind: 'array', key: arrayIndex, value: policyRoot },
   ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
   ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
   nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },
@@ -218,12 +215,3 @@ for (const [name, m] of Object.entries(MAPS)) {
   }
 }
 export type MapName = keyof typeof MAPS;
-
-/** The mask a policy rule implies: the fields it does not leave as "any". */
-export function ruleMask(rule: PolicyKey): number {
-  return (rule.src_ip !== '0.0.0.0' ? PolicyField.SRC_IP : 0)
-    | (rule.dst_ip !== '0.0.0.0' ? PolicyField.DST_IP : 0)
-    | (rule.src_port !== 0 ? PolicyField.SRC_PORT : 0)
-    | (rule.dst_port !== 0 ? PolicyField.DST_PORT : 0)
-    | (rule.protocol !== 0 ? PolicyField.PROTOCOL : 0);
-}

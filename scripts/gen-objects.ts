@@ -28,7 +28,6 @@ const ENUMS = [
   { c: 'xmasq_counter', prefix: 'XMASQ_CNT_', ts: 'COUNTER' },
   { c: 'xmasq_redirect_kind', prefix: 'XMASQ_REDIRECT_', ts: 'REDIRECT_KIND' },
   { c: 'xmasq_policy_dir', prefix: 'XMASQ_DIR_', ts: 'POLICY_DIR' },
-  { c: 'xmasq_policy_field', prefix: 'XMASQ_PF_', ts: 'POLICY_FIELD' },
 ] as const;
 
 const MAP_TYPE_NAMES = new Map<number, string>(Object.entries(MapType).map(([k, v]) => [v, k.toLowerCase()]));

@@ -12,13 +12,13 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap } from '../libbpf.ts';
 import {
-  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, NodeFlag, PolicyDir, PolicyField, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyKey, policyMasks, policyRule,
+  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
 import { unpinAll } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
-import { normaliseRule, masksOf } from './policy.ts';
+import { classify, compile, normaliseRule, protoDportField, type Classifier, type TrieEntry } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
 import { btfHasFunc } from './system.ts';
 
@@ -314,7 +314,7 @@ describe('xmasq-agent', () => {
     agent = await startAgent();
     expect(filters('nic0', 'egress')).toEqual(['init']);
     expect(filters('nic0', 'ingress')).toEqual(['restore']);
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'counters']) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters']) {
       expect(existsSync(`${PIN}/${m}`), m).toBe(true);
     }
     expect((statSync(SOCK).mode & 0o777).toString(8)).toBe('600');
@@ -396,30 +396,45 @@ describe('xmasq-agent', () => {
     }
   });
 
-  it('policy add/del maintains policy_rules and policy_masks', async () => {
-    const masks = () => withMap('policy_masks', (m) => policyMasks.decode(m.lookup(ZERO)!));
-    const rules = () => withMap('policy_rules', (m) => m.entries().map(([k, v]) => ({ ...policyKey.decode(k), id: policyRule.decode(v).id })));
-    const a = await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.7', dport: 80, proto: 'tcp' }));
-    const m1 = PolicyField.DST_IP | PolicyField.DST_PORT | PolicyField.PROTOCOL;
-    expect(a.rule).toMatchObject({ id: 1, mask: m1 });
-    expect(rules()).toEqual([{ src_ip: '0.0.0.0', dst_ip: '10.244.2.7', src_port: 0, dst_port: 80, protocol: 6, dir: PolicyDir.EGRESS, id: 1 }]);
-    expect(masks().count).toBe(1);
-    expect(masks().mask[0]).toBe(m1);
-    // same mask: still one
+  it('policy add/del compiles the rules into policy_trie and policy_root', async () => {
+    // The pinned classifier as the kernel holds it, walked as bpf/policy.h walks it.
+    const pinned = (): Classifier => {
+      const root = withMap('policy_root', (m) => policyRoot.decode(m.lookup(ZERO)!));
+      const nodes = new Map<number, TrieEntry[]>();
+      for (const [k, v] of withMap('policy_trie', (m) => m.entries())) {
+        const key = policyLpmKey.decode(k);
+        const e = { node: key.node, prefix: { value: key.field, len: key.prefixlen - 32 }, next: policyNext.decode(v).next };
+        nodes.set(key.node, [...(nodes.get(key.node) ?? []), e]);
+      }
+      return { root, nodes, names: new Map(), entries: [...nodes.values()].flat().length };
+    };
+    const ip = (a: string) => a.split('.').reduce((n, p) => n * 256 + Number(p), 0);
+    const denies = (dir: 'egress' | 'ingress', src: string, dst: string, sport: number, dport: number, proto: number) =>
+      classify(pinned(), dir, [ip(src), ip(dst), protoDportField(proto, dport), sport]);
+    const a = await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.0/24', dstExcept: ['10.244.2.128/25'], dport: 80, dportEnd: 90, proto: 'tcp' }));
+    expect(a.rule).toEqual({ id: 1, dir: 'egress', dst: '10.244.2.0/24', dstExcept: ['10.244.2.128/25'], dport: 80, dportEnd: 90, proto: 6 });
+    expect(a.entries).toBe(pinned().entries);
+    expect(denies('egress', POD.ip, '10.244.2.7', 40000, 85, 6)).toBe(true);
+    expect(denies('egress', POD.ip, '10.244.2.200', 40000, 85, 6)).toBe(false); // the exception
+    expect(denies('egress', POD.ip, '10.244.2.7', 40000, 91, 6)).toBe(false);
+    expect(denies('egress', POD.ip, '10.244.2.7', 40000, 85, 17)).toBe(false);
+    expect(denies('ingress', '10.244.2.7', POD.ip, 85, 40000, 6)).toBe(false);
     await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.8', dport: 443, proto: 'tcp', id: 7 }));
-    expect(masks().count).toBe(1);
-    // another mask; the id is the lowest free one
+    // the id is the lowest free one
     expect((await call((c) => c.policyAdd({ dir: 'ingress', src: '10.244.3.3' }))).rule.id).toBe(2);
-    expect(masks().count).toBe(2);
-    expect(masks().mask.slice(0, 2).sort()).toEqual([PolicyField.SRC_IP, m1].sort());
+    expect(denies('ingress', '10.244.3.3', POD.ip, 1, 2, 1)).toBe(true);
+    expect(denies('egress', POD.ip, '10.244.2.8', 40000, 443, 6)).toBe(true);
     // a duplicate match is refused, naming the rule it collides with
-    await expect(call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.7', dport: 80, proto: 6 }))).rejects.toThrow(/#1 deny egress/);
+    await expect(call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.0/24', dstExcept: ['10.244.2.128/25'], dport: 80, dportEnd: 90, proto: 6 }))).rejects.toThrow(/#1 deny egress 10\.244\.2\.0\/24 except 10\.244\.2\.128\/25:\* -> /);
     await expect(call((c) => c.policyAdd({ dir: 'egress', dport: 99999 }))).rejects.toBeInstanceOf(AgentError);
+    await expect(call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.7/24' }))).rejects.toThrow(/host bits set/);
     await call((c) => c.policyDel(1));
     await call((c) => c.policyDel(7));
-    expect(masks().count).toBe(1);
-    expect(masks().mask[0]).toBe(PolicyField.SRC_IP);
-    expect(rules().map((r) => r.id)).toEqual([2]);
+    expect(denies('egress', POD.ip, '10.244.2.7', 40000, 85, 6)).toBe(false);
+    expect(pinned().root.egress).toBe(0);
+    expect(denies('ingress', '10.244.3.3', POD.ip, 1, 2, 1)).toBe(true);
+    // only the remaining rule's entries are left
+    expect(pinned().entries).toBe(compile((await call((c) => c.policyList())).rules).entries);
     await expect(call((c) => c.policyDel(1))).rejects.toThrow(/no rule with id 1/);
     expect((await call((c) => c.policyList())).rules.map((r) => r.id)).toEqual([2]);
   });
@@ -996,14 +1011,12 @@ describe('xmasq-agent pieces that need no kernel state', () => {
     }
   });
 
-  it('normalises rules: 0 and absent both mean any; masks are the distinct field sets', () => {
-    const r = normaliseRule({ dir: 'egress', src: '0.0.0.0', dst: '10.0.0.1', sport: 0, dport: 80, proto: 'TCP' }, () => 3);
-    expect(r).toEqual({ id: 3, dir: 'egress', dst: '10.0.0.1', dport: 80, proto: 6, mask: PolicyField.DST_IP | PolicyField.DST_PORT | PolicyField.PROTOCOL });
+  it('normalises rules: 0 and absent both mean any; a rule of an earlier version (with "mask") is read alike', () => {
+    const r = normaliseRule({ dir: 'egress', src: '0.0.0.0', dst: '10.0.0.1', sport: 0, dport: 80, proto: 'TCP', mask: 26 }, () => 3);
+    expect(r).toEqual({ id: 3, dir: 'egress', dst: '10.0.0.1', dport: 80, proto: 6 });
     expect(() => normaliseRule({ dir: 'egress', dport: 80, proto: 'icmp' }, () => 1)).toThrow(/could never match/);
     expect(() => normaliseRule({ dir: 'out' }, () => 1)).toThrow(/rule.dir = "out"/);
-    expect(() => normaliseRule({ dir: 'egress', dst: '10.0.0.0/8' }, () => 1)).toThrow(/prefixes are not supported/);
-    const all = normaliseRule({ dir: 'ingress' }, () => 1);
-    expect(all.mask).toBe(0);
-    expect(masksOf([r, all, { ...r, id: 4 }])).toEqual([r.mask, 0]);
+    expect(normaliseRule({ dir: 'egress', dst: '10.0.0.0/8' }, () => 1)).toEqual({ id: 1, dir: 'egress', dst: '10.0.0.0/8' });
+    expect(normaliseRule({ dir: 'ingress' }, () => 1)).toEqual({ id: 1, dir: 'ingress' });
   });
 });

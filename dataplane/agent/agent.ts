@@ -234,14 +234,14 @@ export class Agent {
         if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);
       }
 
-      let rules = storedRules;
-      if (rules === undefined) {
-        rules = PolicyTable.readMap(dp.maps.policy_rules);
-        if (rules.length) this.log.warn(`${this.state.policyFile} is missing: adopted the ${rules.length} rule(s) found in the pinned policy_rules`);
+      // The classifier cannot be read back into rules: without the state file,
+      // starting would drop deny rules that the pins still enforce.
+      if (storedRules === undefined && PolicyTable.holdsRules(dp.maps.policy_root)) {
+        throw new Error(`${this.state.policyFile} is missing but the pinned policy_trie holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
       }
-      this.policy = new PolicyTable(dp.maps.policy_rules, dp.maps.policy_masks, rules);
+      this.policy = new PolicyTable(dp.maps.policy_trie, dp.maps.policy_root, storedRules ?? []);
       const synced = this.policy.sync();
-      if (synced.removed) this.log.info(`removed ${synced.removed} pinned rule(s) the state file does not hold`);
+      if (synced.removed) this.log.info(`policy: removed ${synced.removed} pinned policy_trie entries the rules of the state file do not make`);
       this.state.writePolicy(cfg.pinDir, this.policy.list());
 
       // restore before init: once init signals keys, the replies must be restorable.
@@ -747,15 +747,15 @@ export class Agent {
       case 'policy-add': {
         const rule = this.policyChange(() => this.policy!.add(req.rule));
         this.log.info(`policy: added ${describeRule(rule)}`);
-        return { rule, masks: this.policy!.masks() } satisfies ReplyMap['policy-add'];
+        return { rule, entries: this.policy!.entries() } satisfies ReplyMap['policy-add'];
       }
       case 'policy-del': {
         if (!Number.isInteger(req.id)) throw new RequestError(`"id" = ${JSON.stringify(req.id)}: must be the id of a rule (see policy-list)`);
         const rule = this.policyChange(() => this.policy!.remove(req.id as number));
         this.log.info(`policy: deleted ${describeRule(rule)}`);
-        return { rule, masks: this.policy!.masks() } satisfies ReplyMap['policy-del'];
+        return { rule, entries: this.policy!.entries() } satisfies ReplyMap['policy-del'];
       }
-      case 'policy-list': return { rules: this.policy!.list(), masks: this.policy!.masks() } satisfies ReplyMap['policy-list'];
+      case 'policy-list': return { rules: this.policy!.list(), entries: this.policy!.entries() } satisfies ReplyMap['policy-list'];
       case 'cache-dump': {
         const which = req.cache ?? 'both';
         if (which !== 'egress' && which !== 'ingress' && which !== 'both') throw new RequestError(`"cache" = ${JSON.stringify(which)}: must be egress, ingress or both`);
@@ -809,7 +809,7 @@ export class Agent {
         egress: { entries: countEntries(dp.maps.egress_cache), capacity: dp.maps.egress_cache.maxEntries },
         ingress: { entries: countEntries(dp.maps.ingress_cache), capacity: dp.maps.ingress_cache.maxEntries },
       },
-      policy: { rules: this.policy!.list().length, masks: this.policy!.masks() },
+      policy: { rules: this.policy!.list().length, entries: this.policy!.entries() },
       counters: dp.counters(),
       expiry: {
         egressIdleSeconds: cfg.egressIdleSeconds,
@@ -844,7 +844,7 @@ export class Agent {
       podsAttached: [...this.pods.values()].filter((p) => p.masq).length,
       nodes: { self: s.nodes.self.length, peers: s.nodes.peers.length },
       policyRules: s.policy.rules,
-      policyMasks: s.policy.masks.length,
+      policyTrieEntries: s.policy.entries,
       expired: s.expiry.expired,
       lastScanSeconds: this.stats.lastScanSeconds,
       scans: this.stats.scans,

@@ -24,7 +24,7 @@ export const TC_PRIORITY = 1;
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
 export const PINNED_MAPS = [
-  'pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
+  'pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 

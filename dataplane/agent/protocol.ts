@@ -23,10 +23,10 @@
  *      entries are purged all the same.
  *   {"op":"list"}                       -> {"ok":true,"pods":[...]}
  *   {"op":"status"}                     -> {"ok":true,"status":{...}}
- *   {"op":"policy-add","rule":{"dir":"egress","dst":"10.244.2.7","dport":80,"proto":"tcp"}}
- *      -> {"ok":true,"rule":{"id":1,...,"mask":26},"masks":[26]}
- *   {"op":"policy-del","id":1}          -> {"ok":true,"rule":{...},"masks":[]}
- *   {"op":"policy-list"}                -> {"ok":true,"rules":[...],"masks":[...]}
+ *   {"op":"policy-add","rule":{"dir":"egress","dst":"10.244.2.0/24","dport":80,"dportEnd":90,"proto":"tcp"}}
+ *      -> {"ok":true,"rule":{"id":1,...},"entries":3}
+ *   {"op":"policy-del","id":1}          -> {"ok":true,"rule":{...},"entries":0}
+ *   {"op":"policy-list"}                -> {"ok":true,"rules":[...],"entries":0}
  *   {"op":"cache-dump","cache":"egress"|"ingress"|"both"}
  *      -> {"ok":true,"now":"<ns>","egress":[{"key":{...},"value":{...},"idleSeconds":1.2}],"ingress":[...]}
  *
@@ -71,26 +71,34 @@ export interface PolicyRuleSpec {
   /** Default: the lowest free id (>= 1). */
   id?: number;
   dir: Direction;
-  /** Exact IPv4 addresses; absent or 0.0.0.0 = any. */
+  /** An IPv4 address or CIDR block (10.244.0.0/16); absent, 0.0.0.0 or 0.0.0.0/0 = any. */
   src?: string;
   dst?: string;
-  /** 0 or absent = any. */
+  /** Blocks inside src/dst (or inside any) the rule leaves out, as Kubernetes' ipBlock.except. */
+  srcExcept?: string[];
+  dstExcept?: string[];
+  /** 0 or absent = any; with sportEnd/dportEnd the first port of a range (Kubernetes' port/endPort). */
   sport?: number;
+  sportEnd?: number;
   dport?: number;
+  dportEnd?: number;
   /** A protocol number or tcp/udp/icmp; 0 or absent = any. */
   proto?: number | 'tcp' | 'udp' | 'icmp';
 }
 
+/** A rule as stored and listed: fields that are "any" absent, a /32 block as its address. */
 export interface PolicyRuleRecord {
   id: number;
   dir: Direction;
   src?: string;
   dst?: string;
+  srcExcept?: string[];
+  dstExcept?: string[];
   sport?: number;
+  sportEnd?: number;
   dport?: number;
+  dportEnd?: number;
   proto?: number;
-  /** The PolicyField bits the rule matches on (dataplane/maps.ts ruleMask). */
-  mask: number;
 }
 
 /** A path (dataplane/maps.ts `path`) with its 64-bit clock as a decimal string. */
@@ -148,7 +156,8 @@ export interface AgentStatus {
   pinsReused: boolean;
   pods: number;
   caches: Record<'egress' | 'ingress', { entries: number; capacity: number }>;
-  policy: { rules: number; masks: number[] };
+  /** Rules, and the policy_trie entries they compile to. */
+  policy: { rules: number; entries: number };
   /** Datapath counters summed over CPUs, by lower-case name (masqueraded, restored, ...). */
   counters: Record<string, number>;
   expiry: {
@@ -199,9 +208,9 @@ export interface ReplyMap {
   del: { known: boolean; detached: boolean; purged: Purged };
   list: { pods: PodRecord[] };
   status: { status: AgentStatus };
-  'policy-add': { rule: PolicyRuleRecord; masks: number[] };
-  'policy-del': { rule: PolicyRuleRecord; masks: number[] };
-  'policy-list': { rules: PolicyRuleRecord[]; masks: number[] };
+  'policy-add': { rule: PolicyRuleRecord; entries: number };
+  'policy-del': { rule: PolicyRuleRecord; entries: number };
+  'policy-list': { rules: PolicyRuleRecord[]; entries: number };
   'cache-dump': { now: string; egress?: EgressDumpEntry[]; ingress?: IngressDumpEntry[] };
 }
 

@@ -8,7 +8,7 @@
 import { dumpEgress, dumpIngress } from '../agent/caches.ts';
 import { openPinned } from '../agent/datapath.ts';
 import { monotonicCoarseNs } from '../agent/native.ts';
-import { PROTOCOLS } from '../agent/policy.ts';
+import { PROTOCOLS, describeRule } from '../agent/policy.ts';
 import {
   AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type AgentStatus, type EgressDumpEntry, type IngressDumpEntry,
   type PodRecord, type PolicyRuleRecord, type PolicyRuleSpec,
@@ -55,13 +55,19 @@ delivers to. IDLE is the time since the datapath last used the entry.
                   (e.g. /sys/fs/bpf/xmasq while the agent is stopped)
 
 ${GLOBAL}`,
-  policy: `usage: xmasq policy add --dir egress|ingress [--src IP] [--dst IP] [--sport PORT] [--dport PORT] [--proto tcp|udp|icmp|N] [--id N]
+  policy: `usage: xmasq policy add --dir egress|ingress [--src BLOCK] [--src-except BLOCK,…] [--dst BLOCK]
+                         [--dst-except BLOCK,…] [--sport PORT[-END]] [--dport PORT[-END]]
+                         [--proto tcp|udp|icmp|N] [--id N]
        xmasq policy del ID
        xmasq policy list [--json]
 
-Deny rules. Fields left out match anything. egress: packets leaving a local pod;
-ingress: packets entering one. A new rule applies to new and masqueraded flows
-alike; a flow it denies loses its packets from the next one on.
+Deny rules, shaped as Kubernetes NetworkPolicy rules are. Fields left out match
+anything. egress: packets leaving a local pod; ingress: packets entering one.
+BLOCK is an address (10.244.1.5) or a CIDR block (10.244.0.0/16); --src-except
+and --dst-except leave blocks inside it out (ipBlock's except). A port range
+(8000-8080) is port/endPort. A new rule applies to new and masqueraded flows
+alike; a flow it denies loses its packets from the next one on. Any rule set
+costs a packet at most four trie lookups (README "Policy").
 
 ${GLOBAL}`,
 };
@@ -118,7 +124,7 @@ function printStatus(s: AgentStatus): string {
     `nodes     ${s.nodes ? `${s.nodes.peers.length} peer(s) (from ${s.nodes.overlayDevices.join(', ') || 'no overlay device'}${s.nodes.peers.length ? `: ${s.nodes.peers.slice(0, 8).join(', ')}${s.nodes.peers.length > 8 ? ', …' : ''}` : ''}); this host ${s.nodes.self.join(', ') || 'unknown'}` : 'not reported by this agent'}`,
     `pods      ${s.pods}`,
     `caches    egress ${s.caches.egress.entries}/${s.caches.egress.capacity}, ingress ${s.caches.ingress.entries}/${s.caches.ingress.capacity}`,
-    `policy    ${s.policy.rules} rule(s), ${s.policy.masks.length} mask(s)${s.policy.masks.length ? `: ${s.policy.masks.map((m) => `0x${m.toString(16).padStart(2, '0')}`).join(' ')}` : ''}`,
+    `policy    ${s.policy.rules} rule(s), ${s.policy.entries} policy_trie entries`,
     `expiry    egress idle > ${s.expiry.egressIdleSeconds}s, ingress idle > ${s.expiry.ingressIdleSeconds}s, every ${s.expiry.scanIntervalSeconds}s; expired so far: ${s.expiry.expired.egress} egress, ${s.expiry.expired.ingress} ingress`,
     'counters',
     ...counters.map(([k, v]) => `  ${k.padEnd(cw)}  ${v}`),
@@ -149,15 +155,16 @@ function printIngress(e: IngressDumpEntry[]): string {
       String(v.ifindex), idle(idleSeconds)]))}`;
 }
 
-function printRules(rules: PolicyRuleRecord[], masks: number[]): string {
+function printRules(rules: PolicyRuleRecord[], entries: number): string {
   if (rules.length === 0) return 'no rules (everything is allowed)';
+  const block = (b?: string, ex?: string[]) => `${b ?? '*'}${ex?.length ? ` except ${ex.join(',')}` : ''}`;
+  const port = (p?: number, end?: number) => (p === undefined ? '*' : end === undefined ? String(p) : `${p}-${end}`);
   return `${table(['ID', 'DIR', 'SRC', 'SPORT', 'DST', 'DPORT', 'PROTO'],
-    rules.map((r) => [String(r.id), r.dir, r.src ?? '*', r.sport ? String(r.sport) : '*', r.dst ?? '*', r.dport ? String(r.dport) : '*', protoName(r.proto)]))}
-masks in use: ${masks.map((m) => `0x${m.toString(16).padStart(2, '0')}`).join(' ')}`;
+    rules.map((r) => [String(r.id), r.dir, block(r.src, r.srcExcept), port(r.sport, r.sportEnd), block(r.dst, r.dstExcept), port(r.dport, r.dportEnd), protoName(r.proto)]))}
+policy_trie entries: ${entries}`;
 }
 
-const ruleLine = (r: PolicyRuleRecord) =>
-  `#${r.id} deny ${r.dir} ${r.src ?? '*'}:${r.sport ?? '*'} -> ${r.dst ?? '*'}:${r.dport ?? '*'} proto ${protoName(r.proto)}`;
+const ruleLine = (r: PolicyRuleRecord) => describeRule(r);
 
 function intOpt(opts: Args['opts'], name: string): number | undefined {
   const v = opts.get(name);
@@ -174,11 +181,19 @@ function ruleFromOpts(opts: Args['opts']): PolicyRuleSpec {
   const dst = opts.get('--dst');
   if (typeof src === 'string') rule.src = src;
   if (typeof dst === 'string') rule.dst = dst;
-  const sport = intOpt(opts, '--sport');
-  const dport = intOpt(opts, '--dport');
+  for (const [flag, key] of [['--src-except', 'srcExcept'], ['--dst-except', 'dstExcept']] as const) {
+    const v = opts.get(flag);
+    if (typeof v === 'string') rule[key] = v.split(',').filter((b) => b !== '');
+  }
+  for (const [flag, key, endKey] of [['--sport', 'sport', 'sportEnd'], ['--dport', 'dport', 'dportEnd']] as const) {
+    const v = opts.get(flag);
+    if (v === undefined) continue;
+    const m = typeof v === 'string' ? /^(\d+)(?:-(\d+))?$/.exec(v) : null;
+    if (!m) throw new UsageError(`${flag} wants a port or a range like 8000-8080, got ${String(v)}`);
+    rule[key] = Number(m[1]);
+    if (m[2] !== undefined) rule[endKey] = Number(m[2]);
+  }
   const id = intOpt(opts, '--id');
-  if (sport !== undefined) rule.sport = sport;
-  if (dport !== undefined) rule.dport = dport;
   if (id !== undefined) rule.id = id;
   const proto = opts.get('--proto');
   if (typeof proto === 'string') rule.proto = /^\d+$/.test(proto) ? Number(proto) : (proto.toLowerCase() as PolicyRuleSpec['proto']);
@@ -271,7 +286,7 @@ async function main(argv: string[]): Promise<number> {
     }
     case 'policy': {
       if (sub === 'add') {
-        allowOnly(a, ['--dir', '--src', '--dst', '--sport', '--dport', '--proto', '--id']);
+        allowOnly(a, ['--dir', '--src', '--src-except', '--dst', '--dst-except', '--sport', '--dport', '--proto', '--id']);
         if (rest.length) throw new UsageError(`policy add takes options only, got "${rest[0]}"`);
         const rule = ruleFromOpts(a.opts); // usage errors before any connection
         const r = await withClient(socket, (c) => c.policyAdd(rule));
@@ -289,7 +304,7 @@ async function main(argv: string[]): Promise<number> {
       if (sub === 'list') {
         allowOnly(a, []);
         const r = await withClient(socket, (c) => c.policyList());
-        out(printRules(r.rules, r.masks), { rules: r.rules, masks: r.masks });
+        out(printRules(r.rules, r.entries), { rules: r.rules, entries: r.entries });
         return 0;
       }
       throw new UsageError('usage: xmasq policy add|del|list (see xmasq policy --help)');

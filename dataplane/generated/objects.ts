@@ -15,7 +15,9 @@ export const CONSTS = {
   WIDE_KEY_COUNT: 16320,
   KEY_TRIES: 9,
   CFG_WIDE_KEYS: 1,
-  POLICY_MAX_MASKS: 31,
+  POLICY_ALLOW: 0,
+  POLICY_DENY: 4294967295,
+  POLICY_FIELDS: 4,
   NODE_SELF: 1,
   IPS_SEEN_REPLY: 2,
   IPS_SRC_NAT: 16,
@@ -54,9 +56,6 @@ export const REDIRECT_KIND = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3, INGRESS: 4
 
 /** enum xmasq_policy_dir (bpf/xmasq.h), XMASQ_DIR_ dropped. */
 export const POLICY_DIR = { EGRESS: 0, INGRESS: 1 } as const;
-
-/** enum xmasq_policy_field (bpf/xmasq.h), XMASQ_PF_ dropped. */
-export const POLICY_FIELD = { SRC_IP: 1, DST_IP: 2, SRC_PORT: 4, DST_PORT: 8, PROTOCOL: 16 } as const;
 
 /** The layout of every struct a map holds: size, and each member's name, offset and size in bytes. */
 export const STRUCTS = {
@@ -135,20 +134,16 @@ export const STRUCTS = {
       { name: 'host_netns_ino', offset: 16, size: 4 },
     ],
   },
-  policy_key: {
-    size: 16,
+  policy_lpm_key: {
+    size: 12,
     members: [
-      { name: 'src_ip', offset: 0, size: 4 },
-      { name: 'dst_ip', offset: 4, size: 4 },
-      { name: 'src_port', offset: 8, size: 2 },
-      { name: 'dst_port', offset: 10, size: 2 },
-      { name: 'protocol', offset: 12, size: 1 },
-      { name: 'dir', offset: 13, size: 1 },
-      { name: 'pad', offset: 14, size: 2 },
+      { name: 'prefixlen', offset: 0, size: 4 },
+      { name: 'node', offset: 4, size: 4 },
+      { name: 'field', offset: 8, size: 4 },
     ],
   },
-  policy_masks: { size: 36, members: [ { name: 'count', offset: 0, size: 4 }, { name: 'mask', offset: 4, size: 32 } ] },
-  policy_rule: { size: 4, members: [ { name: 'id', offset: 0, size: 4 } ] },
+  policy_next: { size: 4, members: [ { name: 'next', offset: 0, size: 4 } ] },
+  policy_root: { size: 8, members: [ { name: 'egress', offset: 0, size: 4 }, { name: 'ingress', offset: 4, size: 4 } ] },
   redirect_trace: { size: 8, members: [ { name: 'ifindex', offset: 0, size: 4 }, { name: 'kind', offset: 4, size: 4 } ] },
 } as const;
 
@@ -166,8 +161,15 @@ export const OBJECTS = {
       ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
       nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
       pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_masks: { type: 'array', key: '__u32', value: 'policy_masks', keySize: 4, valueSize: 36, maxEntries: 1 },
-      policy_rules: { type: 'hash', key: 'policy_key', value: 'policy_rule', keySize: 16, valueSize: 4, maxEntries: 65536 },
+      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
+      policy_trie: {
+        type: 'lpm_trie',
+        key: 'policy_lpm_key',
+        value: 'policy_next',
+        keySize: 12,
+        valueSize: 4,
+        maxEntries: 262144,
+      },
     },
   },
   test: {
@@ -182,8 +184,15 @@ export const OBJECTS = {
       ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 64 },
       nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 16 },
       pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 16 },
-      policy_masks: { type: 'array', key: '__u32', value: 'policy_masks', keySize: 4, valueSize: 36, maxEntries: 1 },
-      policy_rules: { type: 'hash', key: 'policy_key', value: 'policy_rule', keySize: 16, valueSize: 4, maxEntries: 32 },
+      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
+      policy_trie: {
+        type: 'lpm_trie',
+        key: 'policy_lpm_key',
+        value: 'policy_next',
+        keySize: 12,
+        valueSize: 4,
+        maxEntries: 256,
+      },
       redirect_trace: { type: 'array', key: '__u32', value: 'redirect_trace', keySize: 4, valueSize: 8, maxEntries: 1 },
     },
   },
@@ -199,8 +208,15 @@ export const OBJECTS = {
       ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
       nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
       pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_masks: { type: 'array', key: '__u32', value: 'policy_masks', keySize: 4, valueSize: 36, maxEntries: 1 },
-      policy_rules: { type: 'hash', key: 'policy_key', value: 'policy_rule', keySize: 16, valueSize: 4, maxEntries: 65536 },
+      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
+      policy_trie: {
+        type: 'lpm_trie',
+        key: 'policy_lpm_key',
+        value: 'policy_next',
+        keySize: 12,
+        valueSize: 4,
+        maxEntries: 262144,
+      },
     },
   },
   bench: {
@@ -226,8 +242,15 @@ export const OBJECTS = {
       ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
       nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
       pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_masks: { type: 'array', key: '__u32', value: 'policy_masks', keySize: 4, valueSize: 36, maxEntries: 1 },
-      policy_rules: { type: 'hash', key: 'policy_key', value: 'policy_rule', keySize: 16, valueSize: 4, maxEntries: 65536 },
+      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
+      policy_trie: {
+        type: 'lpm_trie',
+        key: 'policy_lpm_key',
+        value: 'policy_next',
+        keySize: 12,
+        valueSize: 4,
+        maxEntries: 262144,
+      },
     },
   },
 } as const;

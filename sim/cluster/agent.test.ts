@@ -95,16 +95,20 @@ describe('sim/cluster agent on model maps', () => {
     expect(held.readBigUInt64LE(path.field('last_seen').offset)).toBe(0x1_0000_0001n);
   });
 
-  it('policy rules become policy_rules keys and the list of masks in use', () => {
+  it("policy rules go through the agent's PolicyTable into policy_trie and policy_root", () => {
     const s = state();
     const a = new SimAgent(s, T);
-    const id = a.addRule({ dir: 'egress', dst: '10.244.2.2', dport: 80, proto: 'tcp' });
+    const id = a.addRule({ dir: 'egress', dst: '10.244.2.0/24', dport: 80, dportEnd: 90, proto: 'tcp' });
     a.addRule({ dir: 'ingress', src: '10.244.2.9' });
-    expect(s.policy_masks.count).toBe(2);
-    expect(s.policy_rules.size).toBe(2);
+    expect(s.policy_root.egress).not.toBe(0);
+    expect(s.policy_root.ingress).not.toBe(0);
+    const before = s.policy_trie.size;
+    expect(before).toBeGreaterThan(0);
     expect(a.removeRule(id)).toBe(true);
-    expect(s.policy_masks.count).toBe(1);
-    expect(s.policy_rules.size).toBe(1);
+    expect(s.policy_root.egress).toBe(0);
+    expect(s.policy_trie.size).toBeLessThan(before);
+    expect(a.removeRule(id)).toBe(false);
+    expect(a.policy.map((r) => r.src)).toEqual(['10.244.2.9']);
     expect(() => a.addRule({ dir: 'sideways' })).toThrow(/egress/);
   });
 });

@@ -1,18 +1,18 @@
 /**
  * The agent's control loops on a simulated host, run by the agent's own
  * functions: dataplane/agent/caches.ts expires and purges, and
- * dataplane/agent/policy.ts turns rules into policy_rules keys and the
- * policy_masks list. Those functions take any map of the MapOps contract
+ * dataplane/agent/policy.ts (PolicyTable) compiles rules into policy_trie and
+ * policy_root. Those functions take any map of the MapOps contract
  * (dataplane/map-ops.ts: the kernel's maps as raw bytes); here they read the model's tables through ModelMapView, which gives each
  * entry's fields at the offsets of dataplane/maps.ts, so they see exactly the
  * bytes the kernel would hold.
  */
 import type { MapOps, MapSnapshot, UpdateFlag } from '../../dataplane/map-ops.ts';
-import { NO_HOST_NETNS, POLICY_MAX_MASKS, type PolicyRule } from '../../dataplane/maps.ts';
+import { NO_HOST_NETNS, policyLpmKey, policyNext, policyRoot } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
 import type { Log } from '../../dataplane/agent/log.ts';
-import { masksOf, normaliseRule, toKey } from '../../dataplane/agent/policy.ts';
+import { PolicyTable, type PolicyMap } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { E2BIG, EEXIST, ENOENT, type DatapathState, type HashTable } from '../model/index.ts';
 
@@ -124,7 +124,7 @@ export interface AgentFaults {
 export class SimAgent {
   private readonly egress: MapOps;
   private readonly ingress: MapOps;
-  private rules: PolicyRuleRecord[] = [];
+  private readonly policyTable: PolicyTable;
   readonly expired = { egress: 0, ingress: 0, unanswered: 0 };
   /** The agent's own drain of ct_pending, making the host's entries liberal (undefined: the host has no conntrack). */
   readonly ctDrain: ConntrackDrain | undefined;
@@ -133,6 +133,8 @@ export class SimAgent {
   constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}, conntrack?: LiberalTable) {
     this.egress = new ModelMapView(s.egress_cache);
     this.ingress = new ModelMapView(s.ingress_cache);
+    this.policyTable = new PolicyTable(trieView(s), rootView(s), []);
+    this.policyTable.sync();
     if (conntrack) {
       this.ctDrain = new ConntrackDrain(new ModelMapView(s.ct_pending), new ModelMapView(s.ct_admitted), this.log, () => conntrack, () => this.drainNow);
     }
@@ -172,36 +174,50 @@ export class SimAgent {
     return r;
   }
 
-  /** Adds a deny rule (the agent's validation applies); returns its id. */
+  /** Adds a deny rule (the agent's own PolicyTable: validation, compile, writes); returns its id. */
   addRule(spec: unknown): number {
-    const r = normaliseRule(spec, () => Math.max(0, ...this.rules.map((x) => x.id)) + 1);
-    const masks = masksOf([...this.rules, r]);
-    if (masks.length > POLICY_MAX_MASKS) throw new Error(`rule would need ${masks.length} masks`);
-    // As PolicyTable does: the rule first, then its mask, so a packet in between sees the old rules.
-    this.s.policy_rules.update(toKey(r), { id: r.id } satisfies PolicyRule);
-    this.rules.push(r);
-    this.writeMasks();
-    return r.id;
+    return this.policyTable.add(spec).id;
   }
 
   removeRule(id: number): boolean {
-    const r = this.rules.find((x) => x.id === id);
-    if (!r) return false;
-    this.s.policy_rules.delete(toKey(r));
-    this.rules = this.rules.filter((x) => x !== r);
-    this.writeMasks();
+    if (!this.policyTable.list().some((r) => r.id === id)) return false;
+    this.policyTable.remove(id);
     return true;
   }
 
   /** The rules in force, for the invariant checker. */
   get policy(): readonly PolicyRuleRecord[] {
-    return this.rules;
+    return this.policyTable.list();
   }
+}
 
-  private writeMasks(): void {
-    const masks = masksOf(this.rules);
-    const mask = new Array<number>(POLICY_MAX_MASKS + 1).fill(0);
-    masks.forEach((m, i) => (mask[i] = m));
-    this.s.policy_masks = { count: masks.length, mask };
-  }
+/** The model's policy_trie as the kernel's bytes: entries by exact key, as the agent writes and deletes them. */
+function trieView(s: DatapathState): PolicyMap {
+  const t = s.policy_trie;
+  return {
+    maxEntries: t.maxEntries,
+    lookup: () => {
+      throw new Error('policy_trie: the agent never looks an entry up');
+    },
+    update: (k, v, flags) => {
+      const key = policyLpmKey.decode(k);
+      if (flags === 'noexist' && t.has(key)) throw Object.assign(new Error('policy_trie: entry exists'), { code: 'EEXIST' });
+      if (!t.update(key, policyNext.decode(v).next)) throw Object.assign(new Error('policy_trie is full'), { code: 'E2BIG' });
+    },
+    delete: (k) => t.delete(policyLpmKey.decode(k)),
+    lookupBatch: () => t.entriesBytes(),
+  };
+}
+
+/** The model's policy_root slot as the kernel's bytes. */
+function rootView(s: DatapathState): PolicyMap {
+  return {
+    maxEntries: 1,
+    lookup: () => policyRoot.encode(s.policy_root),
+    update: (_k, v) => {
+      s.policy_root = policyRoot.decode(v);
+    },
+    delete: () => false,
+    lookupBatch: () => [],
+  };
 }

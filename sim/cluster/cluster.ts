@@ -492,7 +492,7 @@ export class Cluster {
     const id = this.nextHostRule++;
     const rule: PolicyRuleRecord = {
       id, dir: p.dir ?? 'ingress', src: src === undefined ? undefined : u32ToIp(src), dst: dst === undefined ? undefined : u32ToIp(dst),
-      dport: p.dport, proto: p.proto === undefined ? undefined : PROTO_NUMBER[p.proto], mask: 0,
+      dport: p.dport, proto: p.proto === undefined ? undefined : PROTO_NUMBER[p.proto],
     };
     // A new array: a packet's pass reads the list it started with.
     h.forwardRules = [...h.forwardRules, { id, rule, src: src === undefined ? undefined : wordOf(src), dst: dst === undefined ? undefined : wordOf(dst), addedAt: this.now }];

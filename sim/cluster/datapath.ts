@@ -29,8 +29,6 @@ export function simTables(s: DatapathState): DatapathState {
     // The remote host, then the key as an array index: init draws up to KEY_TRIES keys a packet.
     ingress_cache: new PairTable({ first: (k) => k.remote_host, second: (k) => k.key, secondIsIndex: true },
       s.ingress_cache.keys, s.ingress_cache.values, s.ingress_cache.maxEntries),
-    policy_rules: new NamedTable((k) => `${k.src_ip} ${k.dst_ip} ${k.src_port} ${k.dst_port} ${k.protocol} ${k.dir}`,
-      s.policy_rules.keys, s.policy_rules.values, s.policy_rules.maxEntries),
     ct_pending: new NamedTable((k) => String.fromCharCode(k.saddr & 0xffff, k.saddr >>> 16, k.daddr & 0xffff, k.daddr >>> 16, k.sport, k.dport, k.protocol),
       s.ct_pending.keys, s.ct_pending.values, s.ct_pending.maxEntries),
     ct_admitted: new NamedTable(ctTupleName, s.ct_admitted.keys, s.ct_admitted.values, s.ct_admitted.maxEntries),

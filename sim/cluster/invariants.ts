@@ -102,10 +102,27 @@ export interface Violation {
   hops: string[];
 }
 
-/** Whether a deny rule matches, read straight from the rule (absent = any), independent of the datapath's masks. */
+/** Whether an address is in a block ("10.0.0.0/8", or an address alone), read from the text. */
+function inBlock(block: string, addr: string): boolean {
+  const word = (a: string) => a.split('.').reduce((n, p) => n * 256 + Number(p), 0);
+  const [net, len] = block.split('/');
+  const bits = len === undefined ? 32 : Number(len);
+  const size = 2 ** (32 - bits);
+  return Math.floor(word(net) / size) === Math.floor(word(addr) / size);
+}
+
+const inRange = (p: number | undefined, end: number | undefined, x: number) => p === undefined || (x >= p && x <= (end ?? p));
+
+/**
+ * Whether a deny rule matches, read straight from the rule (absent = any; a
+ * block less its exceptions; a port range), independent of the datapath's
+ * classifier. Packets without ports (ICMP) carry port 0, which no port names.
+ */
 export function ruleMatches(r: PolicyRuleRecord, dir: 'egress' | 'ingress', t: Tuple): boolean {
-  return r.dir === dir && (r.src === undefined || r.src === t.src) && (r.dst === undefined || r.dst === t.dst)
-    && (r.sport === undefined || r.sport === t.sport) && (r.dport === undefined || r.dport === t.dport)
+  const addr = (block: string | undefined, except: string[] | undefined, a: string) =>
+    (block === undefined || inBlock(block, a)) && !(except ?? []).some((e) => inBlock(e, a));
+  return r.dir === dir && addr(r.src, r.srcExcept, t.src) && addr(r.dst, r.dstExcept, t.dst)
+    && inRange(r.sport, r.sportEnd, t.sport) && inRange(r.dport, r.dportEnd, t.dport)
     && (r.proto === undefined || r.proto === t.proto);
 }
 

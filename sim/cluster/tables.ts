@@ -268,8 +268,8 @@ export class PairTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {
 }
 
 /**
- * A table whose key does not fit numbers (policy_rules: a 5-tuple and a
- * direction): entries by a text name that is equal for two keys exactly when
+ * A table whose key does not fit numbers (ct_pending, ct_admitted: a
+ * 5-tuple): entries by a text name that is equal for two keys exactly when
  * their bytes are.
  */
 export class NamedTable<K, V, MK, MV> extends HashTable<K, V, MK, MV> {

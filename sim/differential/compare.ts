@@ -122,12 +122,15 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   table('pod_info', a.pod_info, b.pod_info);
   table('egress_cache', a.egress_cache, b.egress_cache);
   table('ingress_cache', a.ingress_cache, b.ingress_cache);
-  table('policy_rules', a.policy_rules, b.policy_rules);
+  const trie = (t: DatapathState['policy_trie']) => new Map(t.entries().map(([k, next]) => [JSON.stringify(k), next]));
+  const [ta, tb] = [trie(a.policy_trie), trie(b.policy_trie)];
+  for (const [k, next] of ta) if (tb.get(k) !== next) out.push(`policy_trie[${k}]: ${names[0]} ${next} ${names[1]} ${tb.get(k) ?? 'absent'}`);
+  for (const [k, next] of tb) if (!ta.has(k)) out.push(`policy_trie[${k}]: only in ${names[1]}: ${next}`);
   table('ct_pending', a.ct_pending, b.ct_pending);
   table('ct_admitted', a.ct_admitted, b.ct_admitted);
   table('nodes', a.nodes, b.nodes);
   out.push(...fieldDiff('config', a.config, b.config, names));
-  out.push(...fieldDiff('policy_masks', a.policy_masks, b.policy_masks, names));
+  out.push(...fieldDiff('policy_root', a.policy_root, b.policy_root, names));
   return out;
 }
 

@@ -11,8 +11,8 @@
  */
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../../testing/packet/build.ts';
 import {
-  CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir, PolicyField,
-  NO_HOST_NETNS, type Path, type PolicyKey,
+  CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir,
+  NO_HOST_NETNS, type Path,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/index.ts';
 import type { Case } from './compare.ts';
@@ -22,7 +22,9 @@ import {
   type CtEntrySpec, type CtTuple,
 } from '../../dataplane/conntrack.ts';
 import { minTestRunLength } from './kernel.ts';
-import { masksFromList, type ProgramName, type SkbContext } from './statespec.ts';
+import { installPolicy, type ProgramName, type SkbContext } from './statespec.ts';
+import { normaliseRule } from '../../dataplane/agent/policy.ts';
+import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 
 /** xorshift32: small, fast, and the same sequence for the same seed everywhere. */
 export class Rng {
@@ -114,6 +116,62 @@ function macOf(rng: Rng): string {
   return Array.from(rng.bytes(6), (b, i) => (i === 0 ? b & 0xfe : b).toString(16).padStart(2, '0')).join(':');
 }
 
+const ipNum = (a: string) => a.split('.').reduce((n, p) => n * 256 + Number(p), 0);
+const ipStr = (n: number) => [n >>> 24, (n >>> 16) & 255, (n >>> 8) & 255, n & 255].join('.');
+const blockOf = (a: number, len: number) => `${ipStr(len === 0 ? 0 : (a & ((0xffffffff << (32 - len)) >>> 0)) >>> 0)}/${len}`;
+
+/**
+ * A block (and exceptions) around an address: holding it, holding it but
+ * excepting it, or one bit off; prefixes of every length, nested ones too.
+ */
+function genBlock(rng: Rng, addr: string): { block?: string; except?: string[] } {
+  if (rng.chance(0.35)) return rng.chance(0.2) ? { except: [blockOf(ipNum(addr), rng.range(8, 32))] } : {};
+  const a = ipNum(addr);
+  const len = rng.chance(0.3) ? 32 : rng.range(1, 31);
+  // one bit off inside the prefix: the block is the neighbour's
+  const off = rng.chance(0.25) ? (a ^ (1 << (32 - rng.range(1, len)))) >>> 0 : a;
+  const out: { block?: string; except?: string[] } = { block: blockOf(off, len) };
+  if (len < 32 && rng.chance(0.4)) {
+    // an exception holding the address, or one beside it
+    const elen = rng.range(len + 1, 32);
+    const e = rng.chance(0.6) ? off : (off ^ (1 << (32 - elen))) >>> 0;
+    out.except = [blockOf(e, elen)];
+    if (elen < 32 && rng.chance(0.3)) out.except.push(blockOf((e ^ (1 << (32 - rng.range(elen + 1, 32)))) >>> 0, 32));
+  }
+  return out;
+}
+
+/** A port, or a range holding the port, or ending or starting right beside it. */
+function genPorts(rng: Rng, port: number): { port?: number; end?: number } {
+  if (rng.chance(0.4)) return {};
+  const p = port || 1;
+  switch (rng.int(5)) {
+    case 0: return { port: p };
+    case 1: return { port: p === 65535 ? 1 : p + 1 };
+    case 2: return { port: Math.max(1, p - rng.int(300)), end: Math.min(65535, p + rng.int(300)) };
+    case 3: return p > 1 ? { port: Math.max(1, p - 1 - rng.int(1000)), end: p - 1 } : { port: 2, end: 9 };
+    default: return p < 65535 ? { port: p + 1, end: Math.min(65535, p + 1 + rng.int(40000)) } : { port: 1, end: 1000 };
+  }
+}
+
+/** A deny rule of the focus tuple's direction mostly, each field from any to just off. */
+function genRule(rng: Rng, f: Focus, dir: number, id: number): PolicyRuleRecord {
+  const egress = dir === PolicyDir.EGRESS;
+  const src = genBlock(rng, egress ? f.local.ip : f.remote);
+  const dst = genBlock(rng, egress ? f.remote : f.local.ip);
+  const sport = rng.chance(0.8) ? {} : genPorts(rng, egress ? f.sport : f.dport);
+  const dport = genPorts(rng, egress ? f.dport : f.sport);
+  const ports = sport.port !== undefined || dport.port !== undefined;
+  const proto = ports ? rng.pick([undefined, 6, 17, f.proto === 6 || f.proto === 17 ? f.proto : 6])
+    : rng.pick([undefined, f.proto, f.proto, 1, 6, 17]);
+  const spec = {
+    id, dir: (rng.chance(0.85) ? dir : 1 - dir) === PolicyDir.EGRESS ? 'egress' : 'ingress',
+    src: src.block, srcExcept: src.except, dst: dst.block, dstExcept: dst.except,
+    sport: sport.port, sportEnd: sport.end, dport: dport.port, dportEnd: dport.end, proto,
+  };
+  return normaliseRule(spec, () => id);
+}
+
 /** A map state drawn around the focus pair; dir is the direction policy rules should target. */
 function genState(rng: Rng, f: Focus, dir: number): DatapathState {
   const s = emptyState(SIZES);
@@ -186,33 +244,13 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
       { vxlan_port: PORT_VXLAN_LINUX, geneve_port: 0 }, { vxlan_port: 0, geneve_port: PORT_GENEVE }, { vxlan_port: 4790, geneve_port: 6082 }, { vxlan_port: 0, geneve_port: 0 }]),
   };
 
-  // policy: rules around the focus tuple, some matching, some one field off.
+  // policy: rule sets of Kubernetes' shapes around the focus tuple, some matching, some just off.
   if (rng.chance(0.3)) {
-    const masks = new Set<number>();
-    const nRules = rng.range(1, 6);
-    for (let i = 0; i < nRules; i++) {
-      const m = rng.range(1, 31);
-      const near = rng.chance(0.5);
-      const k: PolicyKey = {
-        src_ip: m & PolicyField.SRC_IP ? (dir === PolicyDir.EGRESS ? f.local.ip : f.remote) : '0.0.0.0',
-        dst_ip: m & PolicyField.DST_IP ? (dir === PolicyDir.EGRESS ? f.remote : f.local.ip) : '0.0.0.0',
-        src_port: m & PolicyField.SRC_PORT ? (dir === PolicyDir.EGRESS ? f.sport : f.dport) || 1 : 0,
-        dst_port: m & PolicyField.DST_PORT ? (dir === PolicyDir.EGRESS ? f.dport : f.sport) || 1 : 0,
-        protocol: m & PolicyField.PROTOCOL ? f.proto : 0,
-        dir: rng.chance(0.85) ? dir : 1 - dir,
-      };
-      if (near) {
-        if (m & PolicyField.DST_PORT) k.dst_port = (k.dst_port + 1) & 0xffff || 1;
-        else if (m & PolicyField.PROTOCOL) k.protocol = (k.protocol + 1) & 0xff || 1;
-        else if (m & PolicyField.SRC_IP) k.src_ip = '10.1.2.3';
-        else if (m & PolicyField.DST_IP) k.dst_ip = '10.1.2.4';
-      }
-      s.policy_rules.update(k, { id: i + 1 });
-      if (rng.chance(0.9)) masks.add(m);
-    }
-    if (rng.chance(0.2)) masks.add(rng.range(1, 31));
-    const list = [...masks].slice(0, 31);
-    s.policy_masks = masksFromList(list.length, list);
+    const rules: PolicyRuleRecord[] = [];
+    const nRules = rng.chance(0.2) ? rng.range(6, 14) : rng.range(1, 5);
+    for (let i = 0; i < nRules; i++) rules.push(genRule(rng, f, dir, i + 1));
+    // Drop rules until the classifier fits the test build's trie.
+    while (!installPolicy(s, rules)) rules.pop();
   }
   return s;
 }

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
-  policyMasks, redirectTrace,
+  policyRoot, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
@@ -63,11 +63,11 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_rules', 'policy_masks', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
-    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_rules.maxEntries,
+    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_trie.maxEntries,
       ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
       nodes: this.maps.nodes.maxEntries };
     if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending || got.ctAdmitted !== want.ctAdmitted || got.nodes !== want.nodes) {
@@ -82,17 +82,17 @@ export class KernelDatapath {
 
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_rules', 'ct_pending', 'ct_admitted', 'nodes']) this.maps[m].clear();
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_trie', 'ct_pending', 'ct_admitted', 'nodes']) this.maps[m].clear();
     // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
     for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
     for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.ingress_cache.entriesBytes()) this.maps.ingress_cache.update(k, v, 'noexist');
-    for (const [k, v] of s.policy_rules.entriesBytes()) this.maps.policy_rules.update(k, v, 'noexist');
+    for (const [k, v] of s.policy_trie.entriesBytes()) this.maps.policy_trie.update(k, v, 'noexist');
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
     for (const [k, v] of s.nodes.entriesBytes()) this.maps.nodes.update(k, v, 'noexist');
     this.maps.config.update(ZERO, config.encode(s.config));
-    this.maps.policy_masks.update(ZERO, policyMasks.encode(s.policy_masks));
+    this.maps.policy_root.update(ZERO, policyRoot.encode(s.policy_root));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
   }
 
@@ -102,12 +102,12 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.updateBytes(k, v);
     for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.updateBytes(k, v);
     for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.updateBytes(k, v);
-    for (const [k, v] of this.maps.policy_rules.entries()) s.policy_rules.updateBytes(k, v);
+    for (const [k, v] of this.maps.policy_trie.entries()) s.policy_trie.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
     for (const [k, v] of this.maps.nodes.entries()) s.nodes.updateBytes(k, v);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
-    s.policy_masks = policyMasks.decode(this.maps.policy_masks.lookup(ZERO)!);
+    s.policy_root = policyRoot.decode(this.maps.policy_root.lookup(ZERO)!);
     return s;
   }
 

@@ -2,7 +2,9 @@
  * A map state as plain JSON (what a fixture's .json holds and what the
  * generators produce), and its conversion to the model's state.
  */
-import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo, PolicyKey, PolicyMasks } from '../../dataplane/maps.ts';
+import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo } from '../../dataplane/maps.ts';
+import { compile } from '../../dataplane/agent/policy.ts';
+import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { emptyState, type DatapathState, type Sizes } from '../model/index.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
 import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
@@ -16,8 +18,8 @@ export interface StateSpec {
   egress_cache?: Array<{ key: EgressKey; value: PathJson }>;
   ingress_cache?: Array<{ key: IngressKey; value: PathJson }>;
   config?: Config;
-  policy_rules?: Array<{ key: PolicyKey; id: number }>;
-  policy_masks?: { count: number; masks: number[] };
+  /** Deny rules as the agent stores them; the state holds what the agent compiles them to. */
+  policy?: PolicyRuleRecord[];
   /** The overlay's nodes by underlay address (flags: NodeFlag.SELF for this host's own). */
   nodes?: Array<{ ip: string } & NodeInfo>;
 }
@@ -73,16 +75,24 @@ export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
   for (const e of spec.egress_cache ?? []) must(s.egress_cache.update(e.key, pathFromJson(e.value)), 'egress_cache');
   for (const e of spec.ingress_cache ?? []) must(s.ingress_cache.update(e.key, pathFromJson(e.value)), 'ingress_cache');
   if (spec.config) s.config = { ...spec.config };
-  for (const r of spec.policy_rules ?? []) must(s.policy_rules.update(r.key, { id: r.id }), 'policy_rules');
-  if (spec.policy_masks) s.policy_masks = masksFromList(spec.policy_masks.count, spec.policy_masks.masks);
+  if (spec.policy) installPolicy(s, spec.policy);
   for (const n of spec.nodes ?? []) must(s.nodes.update(n.ip, { flags: n.flags }), `nodes ${n.ip}`);
   return s;
 }
 
-export function masksFromList(count: number, masks: number[]): PolicyMasks {
-  const mask = new Array(32).fill(0);
-  masks.forEach((m, i) => { mask[i] = m; });
-  return { count, mask };
+/**
+ * The classifier the agent's compiler (dataplane/agent/policy.ts) makes of
+ * rules, written into the state's policy_trie and policy_root. False when it
+ * does not fit the trie (the state is then left without it).
+ */
+export function installPolicy(s: DatapathState, rules: readonly PolicyRuleRecord[]): boolean {
+  const c = compile(rules);
+  if (c.entries > s.policy_trie.maxEntries) return false;
+  for (const es of c.nodes.values()) {
+    for (const e of es) s.policy_trie.update({ prefixlen: 32 + e.prefix.len, node: e.node, field: e.prefix.value }, e.next);
+  }
+  s.policy_root = { ...c.root };
+  return true;
 }
 
 function must(rc: number, what: string): void {

@@ -1,7 +1,7 @@
 /**
  * Twin of bpf/maps.h: every map of the datapath, as the model holds them
- * (state.ts HashTable for the hash maps; config and policy_masks, one-slot
- * arrays, as their one value), and the helpers maps.h defines on them. The
+ * (state.ts HashTable for the hash maps, lpm.ts LpmTrie for policy_trie;
+ * config and policy_root, one-slot arrays, as their one value), and the helpers maps.h defines on them. The
  * counters map is RunEffects.counters and redirect_trace (test build) is
  * RunEffects.redirect (state.ts); maps.test.ts holds this list against the
  * maps of the built objects.
@@ -9,14 +9,12 @@
 import type { Struct } from '../../dataplane/layout.ts';
 import {
   NO_OVERLAY, NO_SERVICES, NodeFlag, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
-  policyKey, policyRule,
-  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyKey,
-  type PolicyMasks, type PolicyRule,
+  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyRoot,
 } from '../../dataplane/maps.ts';
+import { LpmTrie } from './lpm.ts';
 import {
   HashTable, ModelCodec, ipKeys, structKeys,
   type ModelCtAdmission, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
-  type ModelPolicyKey,
 } from './state.ts';
 
 /** The maps, by their names in the C. */
@@ -29,10 +27,10 @@ export interface DatapathState {
   ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
   /** Written by the agent; read by every program (config_get: its one slot). */
   config: Config;
-  /** Deny rules, written by the agent; read by every program. */
-  policy_rules: HashTable<PolicyKey, PolicyRule, ModelPolicyKey, PolicyRule>;
-  /** The masks in use by policy_rules, maintained by the agent beside them. */
-  policy_masks: PolicyMasks;
+  /** Deny rules compiled by the agent into a classifier (policy.ts); read by every program. */
+  policy_trie: LpmTrie;
+  /** Where each direction's walk starts, switched by the agent once a new classifier is whole. */
+  policy_root: PolicyRoot;
   /** TCP flows to make liberal (conntrack.ts), written by masq and restore, drained by the agent. */
   ct_pending: HashTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
   /** Flows conntrack admitted a moment ago (conntrack.ts), written by masq and restore. */
@@ -55,8 +53,8 @@ export function emptyState(sizes: Sizes): DatapathState {
     egress_cache: new HashTable(structKeys<EgressKey, ModelEgressKey>(asStruct(egressKey)), paths, sizes.paths),
     ingress_cache: new HashTable(structKeys<IngressKey, ModelIngressKey>(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
-    policy_rules: new HashTable(structKeys<PolicyKey, ModelPolicyKey>(asStruct(policyKey)), new ModelCodec<PolicyRule>(asStruct(policyRule)), sizes.rules),
-    policy_masks: { count: 0, mask: new Array(32).fill(0) },
+    policy_trie: new LpmTrie(sizes.rules),
+    policy_root: { egress: 0, ingress: 0 },
     ct_pending: new HashTable(tuples, new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
     ct_admitted: new HashTable(tuples, new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
     nodes: new HashTable(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
@@ -70,8 +68,8 @@ export function cloneState(s: DatapathState): DatapathState {
     egress_cache: s.egress_cache.clone(),
     ingress_cache: s.ingress_cache.clone(),
     config: { ...s.config },
-    policy_rules: s.policy_rules.clone(),
-    policy_masks: { count: s.policy_masks.count, mask: [...s.policy_masks.mask] },
+    policy_trie: s.policy_trie.clone(),
+    policy_root: { ...s.policy_root },
     ct_pending: s.ct_pending.clone(),
     ct_admitted: s.ct_admitted.clone(),
     nodes: s.nodes.clone(),

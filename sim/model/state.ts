@@ -40,7 +40,6 @@ export interface ModelIngressKey { remote_host: number; key: number }
 export interface ModelCtTupleKey { saddr: number; daddr: number; sport: number; dport: number; protocol: number }
 /** ct_admitted's value: when admitted, and the flow as the host sends it on. */
 export interface ModelCtAdmission { checked: bigint; saddr: number; daddr: number; sport: number; dport: number }
-export interface ModelPolicyKey { src_ip: number; dst_ip: number; src_port: number; dst_port: number; protocol: number; dir: number }
 
 /**
  * A struct's values as the model holds them, to and from the C bytes: each
