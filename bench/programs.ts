@@ -180,19 +180,22 @@ function perMask(masks: number[], each: number): PolicyRuleSpec[] {
 /**
  * 1,000 rules as NetworkPolicies make them: for each of 100 local pods (the
  * bench pod among them), egress denied to 10 peer blocks of prefix lengths
- * 8 to 28, each with an exception, on a TCP port range. The bench packet's
- * walk matches its pod and a peer block, and misses on the port range: three
- * lookups, the longest walk these rules make.
+ * 8 to 26, each with an exception, on a TCP port range. nested: the blocks all
+ * hold the bench packet's destination (the deepest path an LPM walk can take
+ * through them); else they are apart, one of them holding it. Either way the
+ * packet's walk matches its pod and a block, and misses on the port range.
  */
-function kubernetesRules(): PolicyRuleSpec[] {
+function kubernetesRules(nested: boolean): PolicyRuleSpec[] {
   const out: PolicyRuleSpec[] = [];
   for (let pod = 0; pod < 100; pod++) {
     const src = pod === 0 ? POD.ip : ip('10.244.1.100', pod);
     for (let peer = 0; peer < 10; peer++) {
       const len = 8 + 2 * peer;
-      const net = ipToU32(REMOTE_POD) & (0xffffffff << (32 - len));
-      const block = `${u32ToIp(net >>> 0)}/${len}`;
-      out.push({ dir: 'egress', src, dst: block, dstExcept: [`${u32ToIp((net | (1 << (31 - len))) >>> 0)}/${len + 1}`], dport: 3000 + 100 * peer, dportEnd: 3050 + 100 * peer, proto: 'tcp' });
+      const at = nested || peer === 9 ? ipToU32(REMOTE_POD) : ipToU32(`${20 + 10 * peer}.0.0.0`);
+      const net = (at & (0xffffffff << (32 - len))) >>> 0;
+      // the half of the block the destination is not in
+      const half = ((net | (~at & (1 << (31 - len)))) >>> 0) & (0xffffffff << (31 - len));
+      out.push({ dir: 'egress', src, dst: `${u32ToIp(net)}/${len}`, dstExcept: [`${u32ToIp(half >>> 0)}/${len + 1}`], dport: 3000 + 100 * peer, dportEnd: 3050 + 100 * peer, proto: 'tcp' });
     }
   }
   return out;
@@ -212,7 +215,8 @@ const STATES = {
   rules60000: serviceRules(60000),
   masks5: perMask([DST_SERVICE, F.DST_IP, F.SRC_IP, F.SRC_IP | F.DST_IP, F.DST_PORT | F.PROTOCOL], 200),
   masks31: perMask(Array.from({ length: 31 }, (_, i) => i + 1), 32),
-  k8s1000: kubernetesRules(),
+  k8s1000: kubernetesRules(false),
+  k8sNested: kubernetesRules(true),
   deepest: DEEPEST,
   masq2masks: perMask([DST_SERVICE, F.SRC_IP], 500),
 } satisfies Record<string, PolicyRuleSpec[] | undefined>;
@@ -312,6 +316,7 @@ const ROWS: RowDef[] = [
     ['policy: 5 masks, 1000 rules', 'masks5'],
     ['policy: 31 masks, 992 rules', 'masks31'],
     ['policy: 1000 Kubernetes-style rules', 'k8s1000'],
+    ['policy: 1000 Kubernetes-style rules, nested blocks', 'k8sNested'],
     ['policy: deepest walk (4 lookups)', 'deepest'],
   ] as const).map(([name, state]): RowDef => ({ name, kind: 'policy', state, program: 'bench_policy', packet: PACKETS.pod, resets: false, check: untouched })),
   {

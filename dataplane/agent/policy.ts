@@ -103,7 +103,8 @@ export function normaliseRule(spec: unknown, defaultId: () => number): PolicyRul
   const r: PolicyRuleRecord = { id: 0, dir: s.dir };
   for (const f of ['src', 'dst'] as const) {
     const v = s[f];
-    const block = v === undefined || v === null || v === '' ? ANY : parseBlock(v, `rule.${f}`);
+    // 0.0.0.0 alone meant any before blocks, and still does
+    const block = v === undefined || v === null || v === '' || v === '0.0.0.0' ? ANY : parseBlock(v, `rule.${f}`);
     if (block.len > 0) r[f] = blockText(block);
     const ex = s[`${f}Except`];
     if (ex === undefined || ex === null) continue;

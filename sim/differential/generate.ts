@@ -249,6 +249,16 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     const rules: PolicyRuleRecord[] = [];
     const nRules = rng.chance(0.2) ? rng.range(6, 14) : rng.range(1, 5);
     for (let i = 0; i < nRules; i++) rules.push(genRule(rng, f, dir, i + 1));
+    // Often an exception carved out of a denied block right where the flow is:
+    // only the longest prefix of the two gives the verdict.
+    if (rng.chance(0.4)) {
+      const a = ipNum(dir === PolicyDir.EGRESS ? f.remote : f.local.ip);
+      const len = rng.range(8, 30);
+      const elen = rng.range(len + 1, 32);
+      const field = rng.chance(0.5) ? 'dst' : 'src';
+      const addr = field === 'dst' ? a : ipNum(dir === PolicyDir.EGRESS ? f.local.ip : f.remote);
+      rules.unshift(normaliseRule({ id: nRules + 1, dir: dir === PolicyDir.EGRESS ? 'egress' : 'ingress', [field]: blockOf(addr, len), [`${field}Except`]: [blockOf(addr, elen)] }, () => nRules + 1));
+    }
     // Drop rules until the classifier fits the test build's trie.
     while (!installPolicy(s, rules)) rules.pop();
   }
