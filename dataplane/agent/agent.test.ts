@@ -16,7 +16,7 @@ import {
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
-import { unpinAll } from './datapath.ts';
+import { RETIRED_MAPS, unpinAll } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { classify, compile, normaliseRule, protoDportField, type Classifier, type TrieEntry } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
@@ -805,8 +805,14 @@ describe('xmasq-agent', () => {
     plantIngress('192.168.77.6', 41, { local_ip: POD2.ip });
     // pod 2 goes away while no agent runs
     ip('-n', NS.host, 'link', 'del', 'vpod2');
+    // and the pins of the policy maps an earlier version had (hash per mask) are still there
+    for (const r of RETIRED_MAPS) execFileSync('bpftool', ['map', 'create', `${PIN}/${r}`, 'type', 'hash', 'key', '4', 'value', '4', 'entries', '1', 'name', r]);
     agent = await startAgent();
     expect(agent.stderr()).toContain('reused the maps pinned');
+    for (const r of RETIRED_MAPS) {
+      expect(existsSync(`${PIN}/${r}`), r).toBe(false);
+      expect(agent.stderr()).toContain(`removed ${PIN}/${r}, pinned by an earlier version`);
+    }
     expect(agent.stderr()).toMatch(/dropped pod 10\.244\.1\.6: its veth vpod2 .* is gone/);
     expect(hasEgress(POD.ip, '10.244.6.1')).toBe(true);
     expect(ingressKeys().some((k) => k.key === 40)).toBe(true);
@@ -958,6 +964,8 @@ describe('xmasq-agent', () => {
   });
 
   it('cleanup removes the pins and state after the agent stops', async () => {
+    // a retired map's pin (an earlier version's) is XMasq's too: cleanup leaves nothing behind
+    execFileSync('bpftool', ['map', 'create', `${PIN}/${RETIRED_MAPS[0]}`, 'type', 'hash', 'key', '4', 'value', '4', 'entries', '1', 'name', 'retired']);
     const r = await startAgent(['cleanup'], false);
     expect(await r.exited, r.stderr()).toBe(0);
     expect(existsSync(PIN)).toBe(false);

@@ -27,6 +27,12 @@ export const PINNED_MAPS = [
   'pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
+/**
+ * Maps earlier versions pinned and this one no longer has (the policy's hash
+ * per mask before the classifier): removed once this version's datapath is
+ * loaded, and by cleanup, so an upgraded node keeps no orphan pins.
+ */
+export const RETIRED_MAPS = ['policy_rules', 'policy_masks'] as const;
 
 const ZERO = arrayIndex.encode({ index: 0 });
 
@@ -76,6 +82,13 @@ export class Datapath {
       const m = Object.fromEntries(PINNED_MAPS.map((n) => [n, obj!.map(n)])) as Record<PinnedMap, BpfMap>;
       for (const n of PINNED_MAPS) {
         if (!m[n].isPinned) throw new Error(`libbpf did not pin map ${n} at ${join(pinDir, n)}`);
+      }
+      for (const r of RETIRED_MAPS) {
+        const p = join(pinDir, r);
+        if (!existsSync(p)) continue;
+        // the programs of the earlier version still hold it until they are replaced; the pin is all we drop
+        unlinkSync(p);
+        log.info(`removed ${p}, pinned by an earlier version (its rules are in the state file and now in policy_trie)`);
       }
       if (m.pod_info.maxEntries === MAX_ENTRIES.test.pods) {
         log.warn(`${objectPath} is the test build (pod_info holds ${MAX_ENTRIES.test.pods} pods): use bpf/build/xmasq.bpf.o in production`);
@@ -266,7 +279,7 @@ export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string):
 export function unpinAll(pinDir: string): { removed: string[]; leftover: string[] } {
   const removed: string[] = [];
   if (!existsSync(pinDir)) return { removed, leftover: [] };
-  for (const name of Object.keys(MAPS)) {
+  for (const name of [...Object.keys(MAPS), ...RETIRED_MAPS]) {
     const p = join(pinDir, name);
     if (existsSync(p)) {
       unlinkSync(p);
