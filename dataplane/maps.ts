@@ -5,7 +5,7 @@
  * layout.test.ts checks each struct against the BTF of the built object.
  */
 import {
-  COUNTER, COUNTER_MAX, CONSTS, OBJECTS, POLICY_DIR, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
+  COUNTER, COUNTER_MAX, CONSTS, MAP_MAX_ENTRIES, OBJECT_MAPS, POLICY_DIR, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
 } from './generated/objects.ts';
 import { Struct, type Fields, type StructValue } from './layout.ts';
 
@@ -41,10 +41,10 @@ export const MAX_ENTRIES = {
   test: maxEntries('test'),
 } as const;
 function maxEntries<B extends 'production' | 'test'>(b: B) {
-  const m = OBJECTS[b].maps;
+  const m = MAP_MAX_ENTRIES;
   return {
-    pods: m.pod_info.maxEntries, paths: m.egress_cache.maxEntries, rules: m.policy_trie.maxEntries,
-    ctPending: m.ct_pending.maxEntries, ctAdmitted: m.ct_admitted.maxEntries, nodes: m.nodes.maxEntries,
+    pods: m.pod_info[b], paths: m.egress_cache[b], rules: m.policy_trie[b],
+    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b],
   } as const;
 }
 
@@ -72,7 +72,7 @@ export const PolicyDir = POLICY_DIR;
 // ---- structs ----
 
 type SpecNames<F extends Fields> = { -readonly [K in keyof F]: F[K] extends readonly [infer N, unknown] ? N : never };
-type MemberNames<M> = { -readonly [K in keyof M]: M[K] extends { name: infer X } ? X : never };
+type MemberNames<M> = { -readonly [K in keyof M]: M[K] extends readonly [infer X, number, number] ? X : never };
 type CNames<N extends StructName> = MemberNames<(typeof STRUCTS)[N]['members']>;
 /** unknown when spec's field names are the C struct's member names in order; never (a tsc error) otherwise. */
 type SameNames<N extends StructName, F extends Fields> =
@@ -87,7 +87,7 @@ type SameNames<N extends StructName, F extends Fields> =
 function cStruct<N extends StructName, const F extends Fields>(name: N, spec: F & SameNames<N, F>): Struct<F> {
   const s = new Struct<F>(name, spec);
   const c = STRUCTS[name];
-  const got = JSON.stringify({ size: s.size, members: s.fields.map((f) => ({ name: f.name, offset: f.offset, size: f.size })) });
+  const got = JSON.stringify({ size: s.size, members: s.fields.map((f) => [f.name, f.offset, f.size]) });
   if (got !== JSON.stringify(c)) {
     throw new Error(`dataplane/maps.ts lays out struct ${name} as ${got}, the built objects as ${JSON.stringify(c)}: change maps.ts with bpf/xmasq.h (and run npm run build:bpf)`);
   }
@@ -209,7 +209,7 @@ export const MAPS = {
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
 } as const satisfies Record<ObjectMapName<'test'>, { kind: string; key: Struct<never>; value: Struct<never> }>;
 for (const [name, m] of Object.entries(MAPS)) {
-  const c = OBJECTS.test.maps[name as ObjectMapName<'test'>];
+  const c = OBJECT_MAPS[name as ObjectMapName<'test'>];
   if (m.kind !== c.type || m.key.size !== c.keySize || m.value.size !== c.valueSize) {
     throw new Error(`dataplane/maps.ts describes map ${name} as a ${m.kind} of ${m.key.size}-byte keys and ${m.value.size}-byte values, the built objects as a ${c.type} of ${c.keySize} and ${c.valueSize}: change maps.ts with bpf/maps.h`);
   }

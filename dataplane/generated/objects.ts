@@ -57,168 +57,83 @@ export const REDIRECT_KIND = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3, INGRESS: 4
 /** enum xmasq_policy_dir (bpf/xmasq.h), XMASQ_DIR_ dropped. */
 export const POLICY_DIR = { EGRESS: 0, INGRESS: 1 } as const;
 
-/** The layout of every struct a map holds: size, and each member's name, offset and size in bytes. */
+/** The layout of every struct a map holds: its size, and each member as [name, offset, size] in bytes. */
 export const STRUCTS = {
-  bench_packet: { size: 128, members: [ { name: 'bytes', offset: 0, size: 128 } ] },
+  bench_packet: { size: 128, members: [['bytes', 0, 128]] },
   config: {
     size: 32,
     members: [
-      { name: 'nic_ifindex', offset: 0, size: 4 },
-      { name: 'flags', offset: 4, size: 4 },
-      { name: 'overlay_ifindex', offset: 8, size: 4 },
-      { name: 'overlay_mac', offset: 12, size: 6 },
-      { name: 'pad', offset: 18, size: 2 },
-      { name: 'service_net', offset: 20, size: 4 },
-      { name: 'service_mask', offset: 24, size: 4 },
-      { name: 'vxlan_port', offset: 28, size: 2 },
-      { name: 'geneve_port', offset: 30, size: 2 },
+      ['nic_ifindex', 0, 4], ['flags', 4, 4], ['overlay_ifindex', 8, 4], ['overlay_mac', 12, 6],
+      ['pad', 18, 2], ['service_net', 20, 4], ['service_mask', 24, 4], ['vxlan_port', 28, 2],
+      ['geneve_port', 30, 2],
     ],
   },
   ct_admission: {
     size: 24,
-    members: [
-      { name: 'checked', offset: 0, size: 8 },
-      { name: 'saddr', offset: 8, size: 4 },
-      { name: 'daddr', offset: 12, size: 4 },
-      { name: 'sport', offset: 16, size: 2 },
-      { name: 'dport', offset: 18, size: 2 },
-      { name: 'pad', offset: 20, size: 4 },
-    ],
+    members: [['checked', 0, 8], ['saddr', 8, 4], ['daddr', 12, 4], ['sport', 16, 2], ['dport', 18, 2], ['pad', 20, 4]],
   },
   ct_tuple: {
     size: 16,
-    members: [
-      { name: 'saddr', offset: 0, size: 4 },
-      { name: 'daddr', offset: 4, size: 4 },
-      { name: 'sport', offset: 8, size: 2 },
-      { name: 'dport', offset: 10, size: 2 },
-      { name: 'protocol', offset: 12, size: 1 },
-      { name: 'pad', offset: 13, size: 3 },
-    ],
+    members: [['saddr', 0, 4], ['daddr', 4, 4], ['sport', 8, 2], ['dport', 10, 2], ['protocol', 12, 1], ['pad', 13, 3]],
   },
-  egress_key: {
-    size: 8,
-    members: [ { name: 'local_pod', offset: 0, size: 4 }, { name: 'remote_pod', offset: 4, size: 4 } ],
-  },
-  ingress_key: {
-    size: 8,
-    members: [
-      { name: 'remote_host', offset: 0, size: 4 },
-      { name: 'key', offset: 4, size: 2 },
-      { name: 'pad', offset: 6, size: 2 },
-    ],
-  },
-  node_info: { size: 4, members: [ { name: 'flags', offset: 0, size: 4 } ] },
+  egress_key: { size: 8, members: [['local_pod', 0, 4], ['remote_pod', 4, 4]] },
+  ingress_key: { size: 8, members: [['remote_host', 0, 4], ['key', 4, 2], ['pad', 6, 2]] },
+  node_info: { size: 4, members: [['flags', 0, 4]] },
   path: {
     size: 40,
     members: [
-      { name: 'last_seen', offset: 0, size: 8 },
-      { name: 'local_mac', offset: 8, size: 6 },
-      { name: 'remote_mac', offset: 14, size: 6 },
-      { name: 'local_ip', offset: 20, size: 4 },
-      { name: 'remote_ip', offset: 24, size: 4 },
-      { name: 'ifindex', offset: 28, size: 4 },
-      { name: 'local_key', offset: 32, size: 2 },
-      { name: 'remote_key', offset: 34, size: 2 },
-      { name: 'remote_ready', offset: 36, size: 1 },
-      { name: 'pad', offset: 37, size: 3 },
+      ['last_seen', 0, 8], ['local_mac', 8, 6], ['remote_mac', 14, 6], ['local_ip', 20, 4],
+      ['remote_ip', 24, 4], ['ifindex', 28, 4], ['local_key', 32, 2], ['remote_key', 34, 2],
+      ['remote_ready', 36, 1], ['pad', 37, 3],
     ],
   },
   pod_info: {
     size: 20,
-    members: [
-      { name: 'ifindex', offset: 0, size: 4 },
-      { name: 'mac', offset: 4, size: 6 },
-      { name: 'pad', offset: 10, size: 2 },
-      { name: 'host_netns_id', offset: 12, size: 4 },
-      { name: 'host_netns_ino', offset: 16, size: 4 },
-    ],
+    members: [['ifindex', 0, 4], ['mac', 4, 6], ['pad', 10, 2], ['host_netns_id', 12, 4], ['host_netns_ino', 16, 4]],
   },
-  policy_lpm_key: {
-    size: 12,
-    members: [
-      { name: 'prefixlen', offset: 0, size: 4 },
-      { name: 'node', offset: 4, size: 4 },
-      { name: 'field', offset: 8, size: 4 },
-    ],
-  },
-  policy_next: { size: 4, members: [ { name: 'next', offset: 0, size: 4 } ] },
-  policy_root: { size: 8, members: [ { name: 'egress', offset: 0, size: 4 }, { name: 'ingress', offset: 4, size: 4 } ] },
-  redirect_trace: { size: 8, members: [ { name: 'ifindex', offset: 0, size: 4 }, { name: 'kind', offset: 4, size: 4 } ] },
+  policy_lpm_key: { size: 12, members: [['prefixlen', 0, 4], ['node', 4, 4], ['field', 8, 4]] },
+  policy_next: { size: 4, members: [['next', 0, 4]] },
+  policy_root: { size: 8, members: [['egress', 0, 4], ['ingress', 4, 4]] },
+  redirect_trace: { size: 8, members: [['ifindex', 0, 4], ['kind', 4, 4]] },
 } as const;
 
-/** Each build of bpf/Makefile: its programs (name: ELF section) and maps. */
-export const OBJECTS = {
-  production: {
-    file: 'xmasq.bpf.o',
-    programs: { init: 'tc', masq: 'tc', restore: 'tc' },
-    maps: {
-      config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
-      ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
-      ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
-      egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
-      pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
-      policy_trie: {
-        type: 'lpm_trie',
-        key: 'policy_lpm_key',
-        value: 'policy_next',
-        keySize: 12,
-        valueSize: 4,
-        maxEntries: 262144,
-      },
-    },
-  },
-  test: {
-    file: 'xmasq.test.bpf.o',
-    programs: { init: 'tc', masq: 'tc', restore: 'tc' },
-    maps: {
-      config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
-      ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 16 },
-      ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 16 },
-      egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 64 },
-      ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 64 },
-      nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 16 },
-      pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 16 },
-      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
-      policy_trie: {
-        type: 'lpm_trie',
-        key: 'policy_lpm_key',
-        value: 'policy_next',
-        keySize: 12,
-        valueSize: 4,
-        maxEntries: 256,
-      },
-      redirect_trace: { type: 'array', key: '__u32', value: 'redirect_trace', keySize: 4, valueSize: 8, maxEntries: 1 },
-    },
-  },
-  rpeer: {
-    file: 'xmasq.rpeer.bpf.o',
-    programs: { init: 'tc', masq: 'tc', masq_rpeer: 'tc', restore: 'tc' },
-    maps: {
-      config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
-      ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
-      ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
-      egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
-      pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
-      policy_trie: {
-        type: 'lpm_trie',
-        key: 'policy_lpm_key',
-        value: 'policy_next',
-        keySize: 12,
-        valueSize: 4,
-        maxEntries: 262144,
-      },
-    },
-  },
+/** Every map of the builds: its type, key and value (a struct above or a C integer type) and their sizes, the same in each build. */
+export const OBJECT_MAPS = {
+  bench_packet: { type: 'array', key: '__u32', value: 'bench_packet', keySize: 4, valueSize: 128 },
+  config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32 },
+  counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8 },
+  ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24 },
+  ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4 },
+  egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40 },
+  ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40 },
+  nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4 },
+  pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20 },
+  policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8 },
+  policy_trie: { type: 'lpm_trie', key: 'policy_lpm_key', value: 'policy_next', keySize: 12, valueSize: 4 },
+  redirect_trace: { type: 'array', key: '__u32', value: 'redirect_trace', keySize: 4, valueSize: 8 },
+} as const;
+
+/** Each map's max_entries in each build that has it. */
+export const MAP_MAX_ENTRIES = {
+  bench_packet: { bench: 1 },
+  config: { production: 1, test: 1, rpeer: 1, bench: 1 },
+  counters: { production: 19, test: 19, rpeer: 19, bench: 19 },
+  ct_admitted: { production: 65536, test: 16, rpeer: 65536, bench: 65536 },
+  ct_pending: { production: 4096, test: 16, rpeer: 4096, bench: 4096 },
+  egress_cache: { production: 65536, test: 64, rpeer: 65536, bench: 65536 },
+  ingress_cache: { production: 65536, test: 64, rpeer: 65536, bench: 65536 },
+  nodes: { production: 8192, test: 16, rpeer: 8192, bench: 8192 },
+  pod_info: { production: 1024, test: 16, rpeer: 1024, bench: 1024 },
+  policy_root: { production: 1, test: 1, rpeer: 1, bench: 1 },
+  policy_trie: { production: 262144, test: 256, rpeer: 262144, bench: 262144 },
+  redirect_trace: { test: 1 },
+} as const;
+
+/** Each build of bpf/Makefile: its object and its programs (name: ELF section). */
+export const BUILDS = {
+  production: { file: 'xmasq.bpf.o', programs: { init: 'tc', masq: 'tc', restore: 'tc' } },
+  test: { file: 'xmasq.test.bpf.o', programs: { init: 'tc', masq: 'tc', restore: 'tc' } },
+  rpeer: { file: 'xmasq.rpeer.bpf.o', programs: { init: 'tc', masq: 'tc', masq_rpeer: 'tc', restore: 'tc' } },
   bench: {
     file: 'xmasq.bench.bpf.o',
     programs: {
@@ -232,30 +147,12 @@ export const OBJECTS = {
       masq: 'tc',
       restore: 'tc',
     },
-    maps: {
-      bench_packet: { type: 'array', key: '__u32', value: 'bench_packet', keySize: 4, valueSize: 128, maxEntries: 1 },
-      config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32, maxEntries: 1 },
-      counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8, maxEntries: 19 },
-      ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24, maxEntries: 65536 },
-      ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4, maxEntries: 4096 },
-      egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40, maxEntries: 65536 },
-      nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4, maxEntries: 8192 },
-      pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20, maxEntries: 1024 },
-      policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8, maxEntries: 1 },
-      policy_trie: {
-        type: 'lpm_trie',
-        key: 'policy_lpm_key',
-        value: 'policy_next',
-        keySize: 12,
-        valueSize: 4,
-        maxEntries: 262144,
-      },
-    },
   },
 } as const;
 
-export type BuildName = keyof typeof OBJECTS;
-export type ProgramName<B extends BuildName = 'production'> = keyof (typeof OBJECTS)[B]['programs'];
-export type ObjectMapName<B extends BuildName = 'production'> = keyof (typeof OBJECTS)[B]['maps'];
+export type BuildName = keyof typeof BUILDS;
+export type ProgramName<B extends BuildName = 'production'> = keyof (typeof BUILDS)[B]['programs'];
+type MapNames = keyof typeof MAP_MAX_ENTRIES;
+/** The maps build B has. */
+export type ObjectMapName<B extends BuildName = 'production'> = { [M in MapNames]: B extends keyof (typeof MAP_MAX_ENTRIES)[M] ? M : never }[MapNames];
 export type StructName = keyof typeof STRUCTS;
