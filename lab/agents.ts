@@ -42,7 +42,8 @@ export class LabAgents {
 
   private args(host: string): string[] {
     const h = this.lab.host(host);
-    return ['--nic', h.nic, '--pin-dir', this.pinDir(host), '--socket', this.socket(host), '--state-dir', `${this.runDir}/${host}`];
+    return ['--nic', h.nic, '--pin-dir', this.pinDir(host), '--socket', this.socket(host), '--state-dir', `${this.runDir}/${host}`,
+      ...this.lab.agentOverlayArgs()];
   }
 
   /** Starts the host's agent and waits until it answers on its socket. */
@@ -134,6 +135,8 @@ export interface AgentLabOptions {
   k8s?: boolean;
   /** LabOptions.vxlanPort. */
   vxlanPort?: number;
+  /** LabOptions.overlay. */
+  overlay?: 'vxlan' | 'geneve';
   startTimeoutMs?: number;
 }
 
@@ -144,7 +147,7 @@ export interface AgentLabOptions {
  */
 export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
   const lab = await Lab.up({
-    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s, vxlanPort: o.vxlanPort,
+    name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s, vxlanPort: o.vxlanPort, overlay: o.overlay,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
     cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
   });

@@ -33,6 +33,15 @@ const VXLAN_DEV = 'flannel.1';
 const VXLAN_VNI = 1;
 /** Flannel's default: the Linux kernel's historical VXLAN port, not IANA's 4789 (LabOptions.vxlanPort). */
 const VXLAN_PORT = 8472;
+/**
+ * Geneve mode (LabOptions.overlay): one collect_md ("external") Geneve device per host on
+ * IANA's port, each peer's pod CIDR routed through it with a lightweight-tunnel route naming
+ * the peer's underlay address, as Antrea's OVS sets each packet's tunnel destination. It has
+ * no FDB and no fixed remote: the agents get the peers from --nodes.
+ */
+const GENEVE_DEV = 'gnv0';
+const GENEVE_PORT = 6081;
+const GENEVE_VNI = 1;
 const UNDERLAY_MTU = 1500;
 /** The underlay MTU minus VXLAN's 50 bytes of outer headers, as flannel computes it. */
 const POD_MTU = UNDERLAY_MTU - 50;
@@ -56,6 +65,12 @@ export interface LabOptions {
   checksumOffload?: boolean;
   /** The VXLAN devices' UDP port: default 8472 (Flannel's); 4789 as Calico's and Antrea's VXLAN. */
   vxlanPort?: number;
+  /**
+   * The overlay: 'vxlan' (default; Flannel's vxlan backend) or 'geneve' (a collect_md Geneve
+   * device on 6081 with a tunnel route per peer, as Antrea's default; needs a kernel with
+   * CONFIG_GENEVE and CONFIG_LWTUNNEL, such as the VM tests' guest).
+   */
+  overlay?: 'vxlan' | 'geneve';
   /** Plugins appended to the CNI chain after `bridge` (e.g. our own `xmasq` plugin), on every host; "{host}" in a string field becomes the host name. */
   cniPlugins?: CniPluginConf[];
   /** Directories searched for CNI plugin binaries (CNI_PATH). Default ['/usr/lib/cni']. */
@@ -98,6 +113,7 @@ export interface LabHost {
   /** The wire-side end of the host's underlay veth, in the wire netns. */
   wirePort: string;
   podCidr: string;
+  /** The overlay's tunnel device: flannel.1 (VXLAN), or gnv0 in Geneve mode. */
   vxlan: string;
   vxlanIfindex: number;
   /** The VXLAN device's own address (the pod CIDR's network address, /32) and MAC, as flannel assigns them. */
@@ -168,6 +184,8 @@ interface LabState {
   k8s?: boolean;
   /** The VXLAN devices' UDP port (LabOptions.vxlanPort); absent in older state files: 8472. */
   vxlanPort?: number;
+  /** LabOptions.overlay; absent in older state files: 'vxlan'. */
+  overlay?: 'vxlan' | 'geneve';
   /** Clients outside the cluster attached to the wire (addExternal); absent in older state files. */
   externals?: LabExternal[];
   cniPath: string[];
@@ -249,7 +267,7 @@ function requireRoot(): void {
 /** Adds the fix to the kernel's terse message when a link type is missing. */
 function explain(e: unknown): never {
   if (e instanceof Error && /Unknown device type/.test(e.message)) {
-    e.message += '\n  (the kernel lacks one of the link types the lab needs: veth, bridge, vxlan; try \'modprobe veth bridge vxlan\')';
+    e.message += '\n  (the kernel lacks one of the link types the lab needs: veth, bridge, vxlan, or geneve for the Geneve overlay; try \'modprobe veth bridge vxlan geneve\')';
   }
   throw e;
 }
@@ -274,6 +292,21 @@ export class Lab {
   }
   get hosts(): LabHost[] {
     return this.state.hosts;
+  }
+  /** The overlay's kind (LabOptions.overlay). */
+  get overlay(): 'vxlan' | 'geneve' {
+    return this.state.overlay ?? 'vxlan';
+  }
+  private get geneve(): boolean {
+    return this.overlay === 'geneve';
+  }
+  /**
+   * What an xmasq-agent on a host of this lab needs told about the overlay: nothing for
+   * VXLAN (it reads flannel.1's FDB); for Geneve the device (bound to no NIC, it is not
+   * found by itself) and the nodes (no FDB, no fixed remote), as on an Antrea node.
+   */
+  agentOverlayArgs(): string[] {
+    return this.geneve ? ['--overlay-dev', GENEVE_DEV, '--nodes', this.state.hosts.map((h) => h.ip).join(',')] : [];
   }
   get pods(): LabPod[] {
     return this.state.pods;
@@ -311,6 +344,9 @@ export class Lab {
     const conntrack = opts.conntrack ?? true;
     const k8s = opts.k8s ?? false;
     const vxlanPort = opts.vxlanPort ?? VXLAN_PORT;
+    const overlay = opts.overlay ?? 'vxlan';
+    if (overlay !== 'vxlan' && overlay !== 'geneve') throw new Error(`overlay must be 'vxlan' or 'geneve', got ${JSON.stringify(overlay)}`);
+    if (overlay === 'geneve' && opts.vxlanPort !== undefined) throw new Error('vxlanPort is for the VXLAN overlay; the Geneve overlay uses 6081');
     if (!Number.isInteger(vxlanPort) || vxlanPort < 1 || vxlanPort > 65535) throw new Error(`vxlanPort must be a UDP port in 1..65535, got ${vxlanPort}`);
     // kube-proxy's rules are conntrack's users: without it there is no NAT and no INVALID drop.
     if (k8s && !conntrack) throw new Error('k8s needs conntrack: a Kubernetes node\'s Services and policies are conntrack rules');
@@ -327,6 +363,7 @@ export class Lab {
       conntrack,
       k8s,
       vxlanPort,
+      overlay,
       externals: [],
       cniPath: opts.cniPath ?? [...DEFAULT_CNI_PATH],
       cniPlugins: opts.cniPlugins ?? [],
@@ -735,11 +772,19 @@ export class Lab {
     await ipBatch(p.netns, [
       `link set ${NIC} address ${p.mac} mtu ${UNDERLAY_MTU} up`,
       `addr add ${p.ip}/24 dev ${NIC}`,
-      // flannel's vxlan backend: learning off (it programs the FDB itself), its own port, the
-      // underlay address as source, bound to the underlay interface.
-      `link add ${VXLAN_DEV} address ${p.vtepMac} type vxlan id ${VXLAN_VNI} local ${p.ip} dev ${NIC} dstport ${this.state.vxlanPort ?? VXLAN_PORT} nolearning`,
-      `link set ${VXLAN_DEV} mtu ${POD_MTU} up`,
-      `addr add ${p.vtepIp}/32 dev ${VXLAN_DEV}`,
+      ...(this.geneve ? [
+        // Geneve, as Antrea's tunnel: collect_md, the destination per packet from the route
+        // (programOverlay); no options, so the same 50 bytes of outer headers as VXLAN.
+        `link add ${GENEVE_DEV} address ${p.vtepMac} type geneve external dstport ${GENEVE_PORT}`,
+        `link set ${GENEVE_DEV} mtu ${POD_MTU} up`,
+        `addr add ${p.vtepIp}/32 dev ${GENEVE_DEV}`,
+      ] : [
+        // flannel's vxlan backend: learning off (it programs the FDB itself), its own port, the
+        // underlay address as source, bound to the underlay interface.
+        `link add ${VXLAN_DEV} address ${p.vtepMac} type vxlan id ${VXLAN_VNI} local ${p.ip} dev ${NIC} dstport ${this.state.vxlanPort ?? VXLAN_PORT} nolearning`,
+        `link set ${VXLAN_DEV} mtu ${POD_MTU} up`,
+        `addr add ${p.vtepIp}/32 dev ${VXLAN_DEV}`,
+      ]),
     ], `setting up host ${p.name}`);
     // Every Kubernetes node has kube-proxy's KUBE-FORWARD rule dropping what conntrack finds
     // INVALID. It also makes conntrack track in the host's netns, which XMasq's admission
@@ -763,8 +808,9 @@ export class Lab {
       await this.offloadOff(this.state.wire, p.wirePort);
     }
     const nic = await linkInfo(p.netns, NIC);
-    const vx = await linkInfo(p.netns, VXLAN_DEV);
-    this.state.hosts.push({ ...p, nic: NIC, nicIfindex: nic.ifindex, vxlan: VXLAN_DEV, vxlanIfindex: vx.ifindex });
+    const tunnel = this.geneve ? GENEVE_DEV : VXLAN_DEV;
+    const vx = await linkInfo(p.netns, tunnel);
+    this.state.hosts.push({ ...p, nic: NIC, nicIfindex: nic.ifindex, vxlan: tunnel, vxlanIfindex: vx.ifindex });
     this.save();
   }
 
@@ -777,6 +823,15 @@ export class Lab {
   private async programOverlay(h: LabHost): Promise<void> {
     const others = this.state.hosts.filter((o) => o.index !== h.index);
     if (!others.length) return;
+    if (this.geneve) {
+      // The same routes and ARP entries, the peer's underlay address carried by the route
+      // (a lightweight tunnel) instead of an FDB entry.
+      await ipBatch(h.netns, others.flatMap((o) => [
+        `neigh replace ${o.vtepIp} lladdr ${o.vtepMac} dev ${GENEVE_DEV} nud permanent`,
+        `route replace ${o.podCidr} via ${o.vtepIp} dev ${GENEVE_DEV} onlink encap ip id ${GENEVE_VNI} dst ${o.ip}`,
+      ]), `overlay routes of ${h.name}`);
+      return;
+    }
     await ipBatch(h.netns, others.flatMap((o) => [
       `neigh replace ${o.vtepIp} lladdr ${o.vtepMac} dev ${VXLAN_DEV} nud permanent`,
       `route replace ${o.podCidr} via ${o.vtepIp} dev ${VXLAN_DEV} onlink`,

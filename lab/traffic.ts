@@ -60,10 +60,11 @@ export async function capture<T>(lab: Lab, where: { netns: string }, dev: string
   return { frames: await readPcap(file), result };
 }
 
-/** What a frame on the wire is: overlay, masqueraded (host to host, RF: a key in DSCP or a carrier), or anything else. */
-export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'masq' | 'other' {
+/** What a frame on the wire is: overlay (VXLAN, Geneve on 6081), masqueraded (host to host, RF: a key in DSCP or a carrier), or anything else. */
+export function wireKind(f: Uint8Array, hostIps: Set<string>): 'vxlan' | 'geneve' | 'masq' | 'other' {
   const d = decodeFrame(f);
   if (findLayer(d, 'vxlan')) return 'vxlan';
+  if (findLayer(d, 'geneve')) return 'geneve';
   const ip = findLayer(d, 'ipv4');
   const hostToHost = ip && hostIps.has(String(ip.fields.src)) && hostIps.has(String(ip.fields.dst));
   return hostToHost && (f[20] & 0x80) !== 0 ? 'masq' : 'other';

@@ -55,6 +55,10 @@ describe('the rpeer kernel under QEMU', () => {
     expectAllPassed('rpeer-e2e');
   });
 
+  it('Geneve on 6081 end to end: learned from Geneve frames, masqueraded and restored, a pod\'s datagram to 6081 not learned from, the same answers without agents', () => {
+    expectAllPassed('geneve');
+  });
+
   it('helper numbering is unchanged: a program built against stock headers with late helper ids loads and works', () => {
     expectAllPassed('abi');
   });
