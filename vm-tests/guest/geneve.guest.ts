@@ -13,8 +13,8 @@
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
-import { verifyIpv4Header } from '../../sim/packet/checksum.ts';
-import { buildFrame } from '../../sim/packet/build.ts';
+import { verifyIpv4Header } from '../../testing/packet/checksum.ts';
+import { buildFrame } from '../../testing/packet/build.ts';
 import { LabAgents, upWithAgents } from '../../lab/agents.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
 import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, csumErrors, nodeIn, output, server, wireChecksumValid, wireKind } from '../../lab/traffic.ts';
