@@ -7,7 +7,7 @@
  *   map.ts      BpfMap: lookups, updates, batches, pins
  *   program.ts  BpfProgram: fd, id, pins, BPF_PROG_TEST_RUN and its __sk_buff
  *   tc.ts       cls_bpf filters on a clsact qdisc
- *   tcx.ts      tcx links (Linux 6.6+): attach, query
+ *   tcx.ts      tcx links (Linux 6.6+): attach, query, pin, update in place, detach
  *   netns.ts    withNetns: libbpf calls inside another network namespace
  * Callers import from here.
  */
@@ -18,4 +18,4 @@ export { BpfMap, MapType, possibleCpus } from './libbpf/map.ts';
 export { BpfProgram, readSkbCtx, SK_BUFF_OFFSETS, SK_BUFF_SIZE, skbCtx, type SkbFields, type TestRunResult } from './libbpf/program.ts';
 export { tcAttach, tcDestroyHook, tcDetach, tcQuery, type TcHookPoint } from './libbpf/tc.ts';
 export { withNetns } from './libbpf/netns.ts';
-export { closeLink, haveTcx, tcxAttach, tcxQuery } from './libbpf/tcx.ts';
+export { closeLink, haveTcx, openPinnedLink, pinLink, tcxAttach, tcxLinkDetach, tcxLinkInfo, tcxLinkUpdate, tcxQuery, type TcxLinkInfo } from './libbpf/tcx.ts';

@@ -181,6 +181,8 @@ interface Native {
   bpf_tc_detach(hook: object, opts: object): number;
   bpf_tc_query(hook: object, opts: Record<string, unknown>): number;
   bpf_link_create(progFd: number, target: number, attachType: number, opts: object): number;
+  bpf_link_update(linkFd: number, progFd: number, opts: null): number;
+  bpf_link_detach(linkFd: number): number;
   bpf_prog_query_opts(target: number, attachType: number, opts: Record<string, unknown>): number;
   libbpf_num_possible_cpus(): number;
   libbpf_strerror(err: number, buf: Buffer, size: number): number;
@@ -242,6 +244,8 @@ export function native(): Native {
     bpf_tc_detach: lib.func('int bpf_tc_detach(const xmasq_bpf_tc_hook *hook, const xmasq_bpf_tc_opts *opts)'),
     bpf_tc_query: lib.func('int bpf_tc_query(const xmasq_bpf_tc_hook *hook, _Inout_ xmasq_bpf_tc_opts *opts)'),
     bpf_link_create: lib.func('int bpf_link_create(int prog_fd, int target_fd, uint32_t attach_type, const xmasq_bpf_link_create_opts *opts)'),
+    bpf_link_update: lib.func('int bpf_link_update(int link_fd, int new_prog_fd, const void *opts)'),
+    bpf_link_detach: lib.func('int bpf_link_detach(int link_fd)'),
     bpf_prog_query_opts: lib.func('int bpf_prog_query_opts(int target, uint32_t type, _Inout_ xmasq_bpf_prog_query_opts *opts)'),
     libbpf_num_possible_cpus: lib.func('int libbpf_num_possible_cpus(void)'),
     libbpf_strerror: lib.func('int libbpf_strerror(int err, void *buf, size_t size)'),
