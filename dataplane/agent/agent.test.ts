@@ -3,14 +3,14 @@
  * netns whose nic0 is a veth to a "wire" netns, and pod netns whose veth
  * host ends sit in the host netns. The agent runs as a child process inside
  * the host netns; the test reaches its maps through their pins and its
- * filters through tc in that netns.
+ * programs on their hooks through tcx queries and tc in that netns.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BpfMap } from '../libbpf.ts';
+import { BpfMap, BpfObject, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
   COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
   type Path,
@@ -21,12 +21,15 @@ import { monotonicCoarseNs } from './native.ts';
 import { classify, compile, normaliseRule, protoDportField, type Classifier, type TrieEntry } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
 import { btfHasFunc } from './system.ts';
+import { hookNames, hookPrograms } from '../../testing/hooks.ts';
+import type { AttachKind } from './protocol.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const AGENT = fileURLToPath(new URL('./main.ts', import.meta.url));
 const CLI = fileURLToPath(new URL('../cli/main.ts', import.meta.url));
 const OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.bpf.o', import.meta.url));
 const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
+const BEHIND = fileURLToPath(new URL('../testdata/behind.bpf.c', import.meta.url));
 
 const ID = `xmt${process.pid}`;
 const NS = { host: `${ID}-host`, wire: `${ID}-wire`, pod: `${ID}-pod`, pod2: `${ID}-pod2`, pod3: `${ID}-pod3`, pod4: `${ID}-pod4` };
@@ -50,16 +53,14 @@ function ifindex(ns: string, dev: string): number {
   return (JSON.parse(ip('-n', ns, '-j', 'link', 'show', dev)) as Array<{ ifindex: number }>)[0].ifindex;
 }
 
-/** Names of the BPF programs filtering dev (in the host netns) in one direction. */
-function filters(dev: string, where: 'ingress' | 'egress'): string[] {
-  let out: string;
-  try {
-    out = inHost('tc', '-j', 'filter', 'show', 'dev', dev, where);
-  } catch {
-    return []; // no clsact qdisc (or no device): no filters
-  }
-  const list = (out.trim() ? JSON.parse(out) : []) as Array<{ options?: { prog?: { name?: string } } }>;
-  return list.map((f) => f.options?.prog?.name).filter((n): n is string => !!n);
+/** Names of the BPF programs on dev's hook (in the host netns), tcx links and cls_bpf filters alike, in the order they run. */
+function hooked(dev: string, where: 'ingress' | 'egress'): string[] {
+  return hookNames(NS.host, dev, where);
+}
+
+/** The same as name/kind. */
+function hookedAs(dev: string, where: 'ingress' | 'egress'): string[] {
+  return hookPrograms(NS.host, dev, where).map((p) => `${p.name}/${p.kind}`);
 }
 
 interface Running {
@@ -270,8 +271,8 @@ describe('xmasq-agent', () => {
     const r = await startAgent(['--nic', 'eth9'], false);
     expect(await r.exited).not.toBe(0);
     expect(r.stderr()).toContain('nic "eth9" not found in this network namespace; set --nic or check \'ip link\'');
-    expect(filters('nic0', 'egress')).toEqual([]);
-    expect(filters('nic0', 'ingress')).toEqual([]);
+    expect(hooked('nic0', 'egress')).toEqual([]);
+    expect(hooked('nic0', 'ingress')).toEqual([]);
     expect(existsSync(PIN)).toBe(false);
     expect(existsSync(SOCK)).toBe(false);
   });
@@ -294,15 +295,16 @@ describe('xmasq-agent', () => {
   });
 
   it('never leaves a half-attached datapath: a failed attach undoes the others and the new pins', async () => {
-    // A classifier of another kind at our priority makes the egress attach fail after the ingress one succeeded.
+    // A classifier of another kind at our priority makes the egress attach fail after the ingress one
+    // succeeded (cls_bpf: a tcx link does not share priorities with filters).
     inHost('tc', 'qdisc', 'add', 'dev', 'nic0', 'clsact');
     inHost('tc', 'filter', 'add', 'dev', 'nic0', 'egress', 'pref', '1', 'protocol', 'all', 'u32', 'match', 'u32', '0', '0');
     try {
-      const r = await startAgent([], false);
+      const r = await startAgent(['--attach', 'cls_bpf'], false);
       expect(await r.exited).toBe(1);
       expect(r.stderr()).toContain('cannot attach init at nic0');
       expect(r.stderr()).toContain('tc filter show dev nic0 egress');
-      expect(filters('nic0', 'ingress')).toEqual([]);
+      expect(hooked('nic0', 'ingress')).toEqual([]);
       expect(existsSync(PIN)).toBe(false);
       expect(existsSync(SOCK)).toBe(false);
     } finally {
@@ -312,8 +314,8 @@ describe('xmasq-agent', () => {
 
   it('starts: pins every map, attaches init and restore at the default-route NIC', async () => {
     agent = await startAgent();
-    expect(filters('nic0', 'egress')).toEqual(['init']);
-    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(hooked('nic0', 'egress')).toEqual(['init']);
+    expect(hooked('nic0', 'ingress')).toEqual(['restore']);
     for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters']) {
       expect(existsSync(`${PIN}/${m}`), m).toBe(true);
     }
@@ -324,6 +326,10 @@ describe('xmasq-agent', () => {
     expect(s.nicIfindex).toBe(ifindex(NS.host, 'nic0'));
     expect(s.pinsReused).toBe(false);
     expect(s.attachments.map((a) => `${a.program}@${a.dev}/${a.where}`).sort()).toEqual(['init@nic0/egress', 'restore@nic0/ingress']);
+    // auto: tcx links where the kernel has them (this suite's kernel does: see the --attach cases below).
+    expect(s.attach).toBe('tcx');
+    expect(s.attachReason).toBe('auto: the kernel has tcx links');
+    expect(hookedAs('nic0', 'ingress')).toEqual(['restore/tcx']);
   });
 
   it('pod add writes pod_info and attaches masq at the host veth ingress', async () => {
@@ -332,12 +338,12 @@ describe('xmasq-agent', () => {
     expect(r.pod).toMatchObject({ ip: POD.ip, mac: POD.mac, hostVeth: 'vpod1', attached: true });
     const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
     expect(info && podInfo.decode(info)).toEqual({ ifindex: veth, mac: POD.mac, ...NO_HOST_NETNS });
-    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    expect(hooked('vpod1', 'ingress')).toEqual(['masq']);
     // idempotent: CNI may repeat an ADD
     const again = await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth }));
     expect(again.pod.netns).toBe(`/run/netns/${NS.pod}`);
     expect(again.replaced).toBe(false);
-    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    expect(hooked('vpod1', 'ingress')).toEqual(['masq']);
     const bad = await call((c) => c.raw({ op: 'add', pod: { ip: POD2.ip, mac: POD2.mac, hostVethIfindex: ifindex(NS.host, 'nic0') } }));
     expect(bad).toMatchObject({ ok: false });
     expect((bad as { error: string }).error).toContain('is the NIC nic0');
@@ -358,14 +364,14 @@ describe('xmasq-agent', () => {
     // The deleted pod's keys stay taken, as tombstones, until --ingress-idle.
     expect(ingressEntries().filter((e) => e.dead).map((e) => `${e.remote_host}/${e.key}`).sort()).toEqual(['192.168.77.2/7', '192.168.77.3/7']);
     expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })))).toBeUndefined();
-    expect(filters('vpod1', 'ingress')).toEqual([]);
+    expect(hooked('vpod1', 'ingress')).toEqual([]);
     // an unknown IP is fine too (CNI DEL is idempotent), and still purged
     expect(await call((c) => c.delPod('10.244.1.99'))).toMatchObject({ known: false, purged: { egress: 1, ingress: 1 } });
 
     // back for the rest of the suite, with a second pod
     await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: ifindex(NS.host, 'vpod1') }));
     await call((c) => c.addPod({ ip: POD2.ip, mac: POD2.mac, hostVethIfindex: ifindex(NS.host, 'vpod2') }));
-    expect(filters('vpod2', 'ingress')).toEqual(['masq']);
+    expect(hooked('vpod2', 'ingress')).toEqual(['masq']);
   });
 
   it('a new pod taking over an IP gets none of the old pod\'s entries', async () => {
@@ -551,10 +557,10 @@ describe('xmasq-agent', () => {
     expect(agent!.child.exitCode, agent!.stderr()).toBeNull();
     const s = (await call((c) => c.status())).status;
     expect(s.pid).toBe(agent!.child.pid);
-    expect(filters('nic0', 'egress')).toEqual(['init']);
-    expect(filters('nic0', 'ingress')).toEqual(['restore']);
-    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
-    expect(filters('vpod2', 'ingress')).toEqual(['masq']);
+    expect(hooked('nic0', 'egress')).toEqual(['init']);
+    expect(hooked('nic0', 'ingress')).toEqual(['restore']);
+    expect(hooked('vpod1', 'ingress')).toEqual(['masq']);
+    expect(hooked('vpod2', 'ingress')).toEqual(['masq']);
   }
 
   it('a request nested 10,000 deep gets an error reply, and the same connection serves on', async () => {
@@ -628,7 +634,7 @@ describe('xmasq-agent', () => {
     expect((r as { error: string }).error).toBe(`pod.hostVethIfindex = ${veth1}: vpod1 already belongs to pod ${POD.ip}, and a veth serves one pod; if ${POD.ip} is gone, delete it first ({"op":"del","ip":"${POD.ip}"})`);
     expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: other.ip })))).toBeUndefined();
     expect(await call((c) => c.delPod(other.ip))).toMatchObject({ known: false, detached: false });
-    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    expect(hooked('vpod1', 'ingress')).toEqual(['masq']);
     const info = withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip })));
     expect(info && podInfo.decode(info)).toEqual({ ifindex: veth1, mac: POD.mac, ...NO_HOST_NETNS });
     expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).toEqual([POD.ip, POD2.ip]);
@@ -756,7 +762,7 @@ describe('xmasq-agent', () => {
       const r = await call((c) => c.raw({ op: 'add', pod: { ...pod4, hostVethIfindex: ifindex(NS.host, 'vpod4') } }));
       expect(r).toMatchObject({ ok: false });
       expect((r as { error: string }).error).toMatch(/EEXIST/);
-      expect(filters('vpod4', 'ingress')).toEqual([]);
+      expect(hooked('vpod4', 'ingress')).toEqual([]);
       expect(agent!.stderr()).toMatch(/error: add failed: EEXIST/);
       await alive();
     } finally {
@@ -774,11 +780,11 @@ describe('xmasq-agent', () => {
   it('SIGTERM detaches masq and init, leaves restore at the NIC (marked packets peers still send never reach the stack) and keeps the pins', async () => {
     const { code, stderr } = await stopAgent('SIGTERM');
     expect(code, stderr).toBe(0);
-    expect(filters('nic0', 'egress')).toEqual([]);
-    expect(filters('nic0', 'ingress')).toEqual(['restore']);
+    expect(hooked('nic0', 'egress')).toEqual([]);
+    expect(hooked('nic0', 'ingress')).toEqual(['restore']);
     expect(stderr).toContain('left restore attached at nic0 ingress');
-    expect(filters('vpod1', 'ingress')).toEqual([]);
-    expect(filters('vpod2', 'ingress')).toEqual([]);
+    expect(hooked('vpod1', 'ingress')).toEqual([]);
+    expect(hooked('vpod2', 'ingress')).toEqual([]);
     expect(existsSync(`${PIN}/egress_cache`)).toBe(true);
     expect(existsSync(SOCK)).toBe(false);
   });
@@ -792,9 +798,9 @@ describe('xmasq-agent', () => {
     expect(await r.exited, r.stderr()).toBe(0);
     expect(r.stderr()).toContain('SIGTERM while starting: acting on it once started');
     expect(r.stderr()).toContain('left restore attached at nic0 ingress');
-    expect(filters('nic0', 'egress')).toEqual([]);
-    expect(filters('nic0', 'ingress')).toEqual(['restore']);
-    expect(filters('vpod1', 'ingress')).toEqual([]);
+    expect(hooked('nic0', 'egress')).toEqual([]);
+    expect(hooked('nic0', 'ingress')).toEqual(['restore']);
+    expect(hooked('vpod1', 'ingress')).toEqual([]);
     expect(existsSync(SOCK)).toBe(false);
   });
 
@@ -819,9 +825,9 @@ describe('xmasq-agent', () => {
     expect(hasEgress(POD2.ip, '10.244.6.2')).toBe(false);
     expect(liveIngressKeys().some((k) => k.key === 41)).toBe(false);
     expect(ingressEntries().some((k) => k.key === 41 && k.dead)).toBe(true);
-    expect(filters('nic0', 'egress')).toEqual(['init']);
-    expect(filters('nic0', 'ingress')).toEqual(['restore']);
-    expect(filters('vpod1', 'ingress')).toEqual(['masq']);
+    expect(hooked('nic0', 'egress')).toEqual(['init']);
+    expect(hooked('nic0', 'ingress')).toEqual(['restore']);
+    expect(hooked('vpod1', 'ingress')).toEqual(['masq']);
     const s = (await call((c) => c.status())).status;
     expect(s.pinsReused).toBe(true);
     expect(s.pods).toBe(1);
@@ -865,7 +871,7 @@ describe('xmasq-agent', () => {
     const r = await startAgent([], false);
     expect(await r.exited).toBe(1);
     expect(r.stderr()).toContain('another xmasq-agent already serves');
-    expect(filters('nic0', 'egress')).toEqual(['init']);
+    expect(hooked('nic0', 'egress')).toEqual(['init']);
     expect((await call((c) => c.status())).status.pods).toBe(1);
   });
 
@@ -959,7 +965,7 @@ describe('xmasq-agent', () => {
     expect(await r.exited).toBe(1);
     expect(r.stderr()).toContain('does not match');
     expect(r.stderr()).toContain('xmasq-agent cleanup');
-    expect(filters('nic0', 'egress')).toEqual([]);
+    expect(hooked('nic0', 'egress')).toEqual([]);
     expect(hasEgress(POD.ip, '10.244.6.1')).toBe(true);
   });
 
@@ -970,9 +976,166 @@ describe('xmasq-agent', () => {
     expect(await r.exited, r.stderr()).toBe(0);
     expect(existsSync(PIN)).toBe(false);
     expect(existsSync(`${STATE}/pods.json`)).toBe(false);
-    expect(filters('vpod1', 'ingress')).toEqual([]);
+    expect(hooked('vpod1', 'ingress')).toEqual([]);
     // ...and the restore a stopped agent left at the NIC.
-    expect(filters('nic0', 'ingress')).toEqual([]);
+    expect(hooked('nic0', 'ingress')).toEqual([]);
+  });
+
+  /*
+   * --attach, both kinds on this suite's kernel (tcx needs Linux 6.6+; the VM tests' 6.1
+   * guest runs auto, which picks cls_bpf there). Each hook of ours gets a program behind
+   * it, attached after ours as another project's would be (tcx: linked last; cls_bpf:
+   * priority 2): it must see what ours pass on (TC_ACT_UNSPEC = TCX_NEXT), for host
+   * pings across nic0 both ways and a pod's packets into vpod1.
+   */
+  describe('--attach', () => {
+    const behind: Record<'nicIn' | 'nicOut' | 'veth', BpfObject | undefined> = { nicIn: undefined, nicOut: undefined, veth: undefined };
+    const HOOKS = [['nicIn', 'nic0', 'ingress'], ['nicOut', 'nic0', 'egress'], ['veth', 'vpod1', 'ingress']] as const;
+    const WIRE_IP = '192.168.77.254';
+    const NOBODY = { ip: '10.244.1.99', mac: '02:00:00:00:00:99' };
+
+    beforeAll(() => {
+      const obj = `${TMP}/behind.bpf.o`;
+      sh('clang-16', ['-O2', '-g', '-target', 'bpf', '-I/usr/include/x86_64-linux-gnu', '-c', BEHIND, '-o', obj]);
+      for (const [k] of HOOKS) {
+        behind[k] = BpfObject.open(obj);
+        behind[k]!.load();
+      }
+      // Something to answer the host's pings on the wire, and a neighbour for the pod's to go to unanswered.
+      ip('-n', NS.wire, 'addr', 'add', `${WIRE_IP}/24`, 'dev', 'wire0');
+      ip('-n', NS.pod, 'neigh', 'replace', NOBODY.ip, 'lladdr', NOBODY.mac, 'dev', 'eth0');
+    });
+
+    afterAll(() => {
+      for (const o of Object.values(behind)) o?.close();
+      try {
+        ip('-n', NS.wire, 'addr', 'del', `${WIRE_IP}/24`, 'dev', 'wire0');
+      } catch {
+        // the namespace went first
+      }
+    });
+
+    /** Attaches a "behind" program after ours on each hook; returns what takes them off again. */
+    function attachBehind(kind: AttachKind): () => void {
+      const undo: Array<() => void> = [];
+      withNetns(`/run/netns/${NS.host}`, () => {
+        for (const [k, dev, where] of HOOKS) {
+          const idx = ifindex(NS.host, dev);
+          const prog = behind[k]!.program('behind');
+          if (kind === 'tcx') {
+            const fd = tcxAttach(idx, where, prog, { last: true });
+            undo.push(() => closeLink(fd));
+          } else {
+            tcAttach(idx, where, prog, { handle: 1, priority: 2 });
+            undo.push(() => withNetns(`/run/netns/${NS.host}`, () => tcDetach(idx, where, 1, 2)));
+          }
+        }
+      });
+      return () => { for (const u of undo) u(); };
+    }
+
+    const seen = (): Record<'nicIn' | 'nicOut' | 'veth', bigint> => Object.fromEntries(HOOKS.map(([k]) =>
+      [k, behind[k]!.map('seen').lookup(arrayIndex.encode({ index: 0 }))!.readBigUInt64LE(0)])) as Record<'nicIn' | 'nicOut' | 'veth', bigint>;
+
+    /** Pings dst n times from ns, 10 ms apart; returns how many were answered. */
+    function pings(ns: string, dst: string, n: number): number {
+      let out: string;
+      try {
+        out = sh('nsenter', [`--net=/run/netns/${ns}`, 'ping', '-n', '-q', '-c', String(n), '-i', '0.01', '-W', '1', dst]);
+      } catch (e) {
+        out = String((e as { stdout?: string }).stdout ?? ''); // exit 1: some went unanswered
+      }
+      return Number(/(\d+) received/.exec(out)?.[1] ?? -1);
+    }
+
+    const linkPins = () => (existsSync(PIN) ? readdirSync(PIN).filter((n) => n.startsWith('tcx_')) : []);
+
+    it.each(['cls_bpf', 'tcx'] as const)('--attach %s: every program on its hook as that kind, status and pods say so; a program behind ours on each hook sees what ours pass on; SIGTERM leaves restore (and the other program) there', async (kind) => {
+      if (kind === 'tcx' && !haveTcx()) throw new Error('this kernel has no tcx (Linux 6.6+): the tcx case cannot run here');
+      agent = await startAgent(['--attach', kind]);
+      await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: ifindex(NS.host, 'vpod1') }));
+      const s = (await call((c) => c.status())).status;
+      expect(s.attach).toBe(kind);
+      expect(s.attachReason).toBe('set by --attach');
+      expect(s.attachments.map((a) => `${a.program}/${a.kind}`).sort()).toEqual([`init/${kind}`, `masq/${kind}`, `restore/${kind}`]);
+      expect((await call((c) => c.listPods())).pods.map((p) => p.attachKind)).toEqual([kind]);
+      expect(linkPins().length).toBe(kind === 'tcx' ? 3 : 0);
+      const undo = attachBehind(kind);
+      try {
+        expect(hookedAs('nic0', 'ingress')).toEqual([`restore/${kind}`, `behind/${kind}`]);
+        expect(hookedAs('nic0', 'egress')).toEqual([`init/${kind}`, `behind/${kind}`]);
+        expect(hookedAs('vpod1', 'ingress')).toEqual([`masq/${kind}`, `behind/${kind}`]);
+        const before = seen();
+        expect(pings(NS.host, WIRE_IP, 20), 'host pings answered: restore passed the replies on').toBe(20);
+        expect(pings(NS.pod, NOBODY.ip, 20), 'nobody answers the pod').toBe(0);
+        const after = seen();
+        expect(after.nicOut - before.nicOut, 'echo requests past init').toBeGreaterThanOrEqual(20n);
+        expect(after.nicIn - before.nicIn, 'echo replies past restore').toBeGreaterThanOrEqual(20n);
+        expect(after.veth - before.veth, "the pod's echo requests past masq").toBeGreaterThanOrEqual(20n);
+        const { code, stderr } = await stopAgent('SIGTERM');
+        expect(code, stderr).toBe(0);
+        expect(hookedAs('nic0', 'ingress')).toEqual([`restore/${kind}`, `behind/${kind}`]);
+        expect(hookedAs('nic0', 'egress')).toEqual([`behind/${kind}`]);
+        expect(hookedAs('vpod1', 'ingress')).toEqual([`behind/${kind}`]);
+        expect(linkPins().length).toBe(kind === 'tcx' ? 1 : 0);
+      } finally {
+        undo();
+      }
+    });
+
+    it('switching kinds between runs: the new kind is attached, then what the last agent attached as the other kind is taken off', async () => {
+      // tcx -> cls_bpf: the SIGTERMed tcx agent above left restore on a pinned link.
+      agent = await startAgent(['--attach', 'cls_bpf']);
+      expect(agent.stderr()).toContain('took off the tcx link an earlier agent left there, now that restore runs there as cls_bpf filter');
+      expect(hookedAs('nic0', 'ingress')).toEqual(['restore/cls_bpf']);
+      expect(hookedAs('nic0', 'egress')).toEqual(['init/cls_bpf']);
+      expect(hookedAs('vpod1', 'ingress')).toEqual(['masq/cls_bpf']);
+      expect(linkPins()).toEqual([]);
+      // cls_bpf -> tcx across a hand-over: every filter stays until its link is there.
+      expect((await stopAgent('SIGUSR2')).code).toBe(0);
+      expect(hookedAs('vpod1', 'ingress')).toEqual(['masq/cls_bpf']);
+      agent = await startAgent(['--attach', 'tcx']);
+      expect(agent.stderr()).toContain('took off the cls_bpf filter an earlier agent left there, now that masq runs there as tcx link');
+      expect(hookedAs('nic0', 'ingress')).toEqual(['restore/tcx']);
+      expect(hookedAs('nic0', 'egress')).toEqual(['init/tcx']);
+      expect(hookedAs('vpod1', 'ingress')).toEqual(['masq/tcx']);
+      expect(linkPins().length).toBe(3);
+    });
+
+    it('a hand-over (SIGUSR2) on tcx: the links stay pinned with the old programs, and the next agent swaps each program in its link (BPF_LINK_UPDATE: same link ids, new program ids)', async () => {
+      const old = (await call((c) => c.status())).status.attachments;
+      expect(old.every((a) => a.kind === 'tcx' && a.linkId! > 0)).toBe(true);
+      expect((await stopAgent('SIGUSR2')).code).toBe(0);
+      const nic = ifindex(NS.host, 'nic0'), veth = ifindex(NS.host, 'vpod1');
+      const ids = () => withNetns(`/run/netns/${NS.host}`, () => ({ in: tcxQuery(nic, 'ingress'), out: tcxQuery(nic, 'egress'), veth: tcxQuery(veth, 'ingress') }));
+      const byProgram = (list: typeof old, p: string) => list.find((a) => a.program === p)!;
+      expect(ids()).toEqual({ in: [byProgram(old, 'restore').progId], out: [byProgram(old, 'init').progId], veth: [byProgram(old, 'masq').progId] });
+      agent = await startAgent(['--attach', 'tcx']);
+      const now = (await call((c) => c.status())).status.attachments;
+      for (const p of ['restore', 'init', 'masq']) {
+        expect(byProgram(now, p).linkId, `${p}'s link`).toBe(byProgram(old, p).linkId);
+        expect(byProgram(now, p).progId, `${p}'s program`).not.toBe(byProgram(old, p).progId);
+      }
+      expect(ids()).toEqual({ in: [byProgram(now, 'restore').progId], out: [byProgram(now, 'init').progId], veth: [byProgram(now, 'masq').progId] });
+      const st = runCli(['status']);
+      expect(st.out).toMatch(/^attach\s+tcx \(set by --attach\)$/m);
+      expect(st.out).toMatch(new RegExp(`^  masq\\s+vpod1 \\(ifindex ${veth}\\) ingress, tcx link ${byProgram(now, 'masq').linkId}, prog id ${byProgram(now, 'masq').progId}$`, 'm'));
+      expect(runCli(['pods']).out).toMatch(new RegExp(`^${POD.ip.replace(/\./g, '\\.')}\\s.*\\stcx\\s`, 'm'));
+    });
+
+    it('cleanup after a SIGTERM on tcx: no link, pin or filter of ours is left', async () => {
+      const restore = (await call((c) => c.status())).status.attachments.find((a) => a.program === 'restore')!;
+      expect((await stopAgent('SIGTERM')).code).toBe(0);
+      expect(linkPins()).toEqual([`tcx_ingress_${ifindex(NS.host, 'nic0')}`]);
+      const links = () => JSON.parse(sh('bpftool', ['-j', 'link', 'show'])) as Array<{ id: number; prog_id: number }>;
+      expect(links().filter((l) => l.id === restore.linkId).map((l) => l.prog_id), "restore's link, as bpftool lists it").toEqual([restore.progId]);
+      const r = await startAgent(['cleanup'], false);
+      expect(await r.exited, r.stderr()).toBe(0);
+      expect(r.stderr()).toContain('and 1 tcx link(s)');
+      expect(existsSync(PIN)).toBe(false);
+      for (const [dev, where] of [['nic0', 'ingress'], ['nic0', 'egress'], ['vpod1', 'ingress']] as const) expect(hooked(dev, where), `${dev} ${where}`).toEqual([]);
+      expect(links().filter((l) => l.id === restore.linkId || l.prog_id === restore.progId)).toEqual([]);
+    });
   });
 
 });

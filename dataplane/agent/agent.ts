@@ -17,10 +17,10 @@ import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
 import { NodeSet } from './nodes.ts';
 import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
-import { withNetns } from '../libbpf.ts';
+import { haveTcx, withNetns } from '../libbpf.ts';
 import { PolicyTable, describeRule } from './policy.ts';
 import {
-  OPS, PROTOCOL_VERSION, type AgentStatus, type Attachment, type DiscoveryStatus, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
+  OPS, PROTOCOL_VERSION, type AgentStatus, type AttachKind, type Attachment, type DiscoveryStatus, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
   type ReplyMap,
 } from './protocol.ts';
 import { planDiscovery, survey, type FoundPod } from './discovery.ts';
@@ -58,6 +58,8 @@ export class Agent {
   private overlay: OverlayDevice | undefined;
   private mode: Mode = 'veth';
   private modeReason = '';
+  private attachKind: AttachKind = 'cls_bpf';
+  private attachReason = '';
   private objectPath = '';
   private nicFilters: Attachment[] = [];
   private sock: SocketServer | undefined;
@@ -111,12 +113,11 @@ export class Agent {
     this.overlay = this.resolveOverlay();
     const fsProblem = bpffsProblem(cfg.pinDir);
     if (fsProblem) throw new ConfigError(fsProblem);
-    const tc = clsactProblem();
-    if (tc) throw new ConfigError(tc);
+    this.decideAttach();
     this.decideMode();
     const storedPods = this.state.readPods(cfg.pinDir);
     const storedRules = this.state.readPolicy(cfg.pinDir);
-    this.log.info(`nic ${this.nic.name} (ifindex ${this.nic.ifindex}), mode ${this.mode} (${this.modeReason}), pins ${cfg.pinDir}`);
+    this.log.info(`nic ${this.nic.name} (ifindex ${this.nic.ifindex}), mode ${this.mode} (${this.modeReason}), attach ${this.attachKind} (${this.attachReason}), pins ${cfg.pinDir}`);
 
     try {
       this.sock = await SocketServer.listen(cfg.socket, (line) => this.handleLine(line), this.log, {
@@ -162,6 +163,25 @@ export class Agent {
     return found.dev;
   }
 
+  /**
+   * tcx links where the kernel has them (a probe of lo's tcx hook, not the
+   * version string: a backport counts, a kernel built without it does not),
+   * else cls_bpf filters. Decided before anything is attached.
+   */
+  private decideAttach(): void {
+    const setting = this.cfg.attach;
+    const tcx = haveTcx();
+    if (setting === 'tcx' && !tcx) {
+      throw new ConfigError('--attach (attach) = "tcx": this kernel has no tcx links (Linux 6.6+; querying lo\'s tcx ingress failed): use --attach cls_bpf, or auto');
+    }
+    this.attachKind = setting === 'auto' ? (tcx ? 'tcx' : 'cls_bpf') : setting;
+    this.attachReason = setting !== 'auto' ? 'set by --attach' : tcx ? 'auto: the kernel has tcx links' : 'auto: the kernel has no tcx links';
+    if (this.attachKind === 'cls_bpf') {
+      const tc = clsactProblem();
+      if (tc) throw new ConfigError(tc);
+    }
+  }
+
   private decideMode(): void {
     const cfg = this.cfg;
     if (cfg.mode === 'veth') {
@@ -187,7 +207,7 @@ export class Agent {
 
   private loadDatapath(): Datapath {
     try {
-      return Datapath.load(this.objectPath, this.mode, this.cfg.pinDir, this.log);
+      return Datapath.load(this.objectPath, this.mode, this.attachKind, this.cfg.pinDir, this.log);
     } catch (e) {
       if (this.mode !== 'rpeer' || this.cfg.mode === 'rpeer') throw e;
       // auto: a kernel that names the kfunc but refuses the program is a stock kernel for us.
@@ -196,7 +216,7 @@ export class Agent {
       this.modeReason = 'auto: the rpeer object failed to load';
       this.objectPath = this.cfg.object;
       checkObject('object', this.objectPath);
-      return Datapath.load(this.objectPath, this.mode, this.cfg.pinDir, this.log);
+      return Datapath.load(this.objectPath, this.mode, this.attachKind, this.cfg.pinDir, this.log);
     }
   }
 
@@ -247,10 +267,12 @@ export class Agent {
       // restore before init: once init signals keys, the replies must be restorable.
       this.nicFilters.push(dp.attach('restore', this.nic.name, this.nic.ifindex, 'ingress'));
       this.nicFilters.push(dp.attach('init', this.nic.name, this.nic.ifindex, 'egress'));
-      this.log.info(`attached restore at ${this.nic.name} ingress and init at ${this.nic.name} egress`);
+      this.log.info(`attached restore at ${this.nic.name} ingress and init at ${this.nic.name} egress as ${this.attachKind === 'tcx' ? 'tcx links' : 'cls_bpf filters'}`);
 
       this.reconcilePods(storedPods);
       this.savePods();
+      const swept = dp.sweepLinks();
+      if (swept) this.log.info(`removed ${swept} pinned tcx link(s) no pod of this agent holds (pods gone while no agent ran, or their veths)`);
     } catch (e) {
       const errors = dp.detachAll();
       for (const err of errors) this.log.error(`while undoing the start: ${err}`);
@@ -392,6 +414,7 @@ export class Agent {
       pod.masq = dp.attach('masq_rpeer', ifname, idx, 'egress', r.netns);
     }
     r.attached = true;
+    r.attachKind = pod.masq.kind;
   }
 
   /**
@@ -794,6 +817,8 @@ export class Agent {
       pid: process.pid,
       mode: this.mode,
       modeReason: this.modeReason,
+      attach: this.attachKind,
+      attachReason: this.attachReason,
       wideKeys: cfg.wideKeys,
       nic: this.nic.name,
       nicIfindex: this.nic.ifindex,

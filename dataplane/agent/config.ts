@@ -9,6 +9,7 @@ import { LOG_FORMATS, type LogFormat } from './log.ts';
 import { DEFAULT_SOCKET } from './protocol.ts';
 
 export type ModeSetting = 'auto' | 'veth' | 'rpeer';
+export type AttachSetting = 'auto' | 'tcx' | 'cls_bpf';
 
 export interface AgentConfig {
   /** undefined: the default route's device, or the only non-lo device with IPv4. */
@@ -17,6 +18,8 @@ export interface AgentConfig {
   object: string;
   rpeerObject: string;
   mode: ModeSetting;
+  /** How the programs sit on their TC hooks: tcx links or cls_bpf filters; auto: tcx where the kernel has it. */
+  attach: AttachSetting;
   socket: string;
   stateDir: string;
   /** host:port, or 'off'. */
@@ -87,6 +90,7 @@ export const FIELDS: readonly FieldDef[] = [
   { key: 'object', flag: '--object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.bpf.o`, help: 'the datapath object (veth mode)' },
   { key: 'rpeerObject', flag: '--rpeer-object', kind: 'path', arg: 'FILE', def: `${BUILD}xmasq.rpeer.bpf.o`, help: 'the datapath object for kernels with bpf_redirect_rpeer' },
   { key: 'mode', flag: '--mode', kind: 'choice', choices: ['auto', 'veth', 'rpeer'], arg: 'auto|veth|rpeer', def: 'auto', help: 'where masq runs: rpeer (pod eth0 egress, needs the kfunc) or veth (host veth ingress); auto picks rpeer when the kernel has it' },
+  { key: 'attach', flag: '--attach', kind: 'choice', choices: ['auto', 'tcx', 'cls_bpf'], arg: 'auto|tcx|cls_bpf', def: 'auto', help: 'how the programs sit on their TC hooks: tcx links (Linux 6.6+; pinned in --pin-dir) or cls_bpf filters on a clsact qdisc; auto picks tcx where the kernel has it. What an earlier agent attached as the other kind is taken off once the new kind is attached' },
   { key: 'socket', flag: '--socket', kind: 'path', arg: 'PATH', def: DEFAULT_SOCKET, help: 'the unix socket of the pod/policy protocol' },
   { key: 'stateDir', flag: '--state-dir', kind: 'path', arg: 'DIR', def: '/run/xmasq', help: 'where pods.json and policy.json are kept' },
   { key: 'metricsListen', flag: '--metrics-listen', kind: 'string', arg: 'HOST:PORT|off', def: '127.0.0.1:9477', help: 'the /metrics and /healthz HTTP endpoint, in the agent\'s network namespace' },
@@ -175,6 +179,9 @@ attached at the NIC ingress and exit, keeping the pinned maps: peers may go on
 masquerading to this host for a while (until they retire the pairs), and restore still
 delivers those packets, or drops them, so none reaches the host stack. The next agent
 replaces restore in place; 'xmasq-agent cleanup' (or --cleanup) removes it too.
+With --attach tcx the programs sit on tcx links pinned in --pin-dir (tcx_<dir>_<ifindex>),
+which hold them on their hooks once the agent is gone; the next agent swaps each
+program in place (BPF_LINK_UPDATE), cleanup detaches the links and removes the pins.
 SIGUSR2 exits for an upgrade: every filter stays attached and keeps working on the
 pinned maps until the next agent replaces them in place, so a restart that way loses
 no packet.`;

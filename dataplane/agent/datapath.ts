@@ -1,18 +1,22 @@
 /**
  * The kernel side of the agent: the object loaded with its maps pinned (or
- * reused from their pins), and the TC filters it attached, so that every one
- * of them can be taken off again.
+ * reused from their pins), and the programs it attached to TC hooks, as
+ * cls_bpf filters or tcx links, so that every one of them can be taken off
+ * again.
  */
-import { existsSync, mkdirSync, readdirSync, rmdirSync, unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmdirSync, statSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
-import { BpfMap, BpfObject, LibbpfError, tcAttach, tcDetach, tcQuery, withNetns, type TcHookPoint } from '../libbpf.ts';
+import {
+  BpfMap, BpfObject, LibbpfError, closeLink, openPinnedLink, pinLink, tcAttach, tcDetach, tcQuery, tcxAttach, tcxLinkDetach, tcxLinkInfo, tcxLinkUpdate, withNetns,
+  type BpfProgram, type TcHookPoint,
+} from '../libbpf.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, ConfigFlag, MAPS, MAX_ENTRIES, NO_OVERLAY, NO_SERVICES, WIDE_KEY_MIN, arrayIndex, config, counterValue, ingressKey,
   path, type CounterName,
 } from '../maps.ts';
 import type { ObjectMapName, ProgramName } from '../generated/objects.ts';
 import type { Log } from './log.ts';
-import type { Attachment, Mode } from './protocol.ts';
+import type { AttachKind, Attachment, Mode } from './protocol.ts';
 
 /**
  * Every filter of ours sits at this handle ('XM') and priority, so the agent
@@ -21,6 +25,20 @@ import type { Attachment, Mode } from './protocol.ts';
  */
 export const TC_HANDLE = 0x584d;
 export const TC_PRIORITY = 1;
+
+/**
+ * A tcx link lives while an fd or a pin holds it, so each of ours is pinned
+ * beside the maps, named after its hook: the next agent (after a hand-over,
+ * a crash, or a SIGTERM that left restore) finds it there and swaps the
+ * program in place (BPF_LINK_UPDATE), and `cleanup` finds every one. No map
+ * name starts with this.
+ */
+export const LINK_PIN_PREFIX = 'tcx_';
+
+/** The pin of our link at ifindex/where (of netns's device when given: ifindexes repeat across namespaces). */
+export function linkPinName(ifindex: number, where: TcHookPoint, netns?: string): string {
+  return `${LINK_PIN_PREFIX}${where}_${ifindex}${netns ? `_ns${statSync(netns).ino}` : ''}`;
+}
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
 export const PINNED_MAPS = [
@@ -38,10 +56,13 @@ const ZERO = arrayIndex.encode({ index: 0 });
 
 export class Datapath {
   private readonly attachments: Attachment[] = [];
+  /** The fds of the tcx links this agent holds, by pin path. */
+  private readonly links = new Map<string, number>();
 
   private constructor(
     private readonly obj: BpfObject,
     readonly mode: Mode,
+    readonly attachKind: AttachKind,
     readonly pinDir: string,
     readonly maps: Record<PinnedMap, BpfMap>,
     /** Maps found pinned and reused; the rest were created and pinned now. */
@@ -54,7 +75,7 @@ export class Datapath {
    * each map already pinned there, keeping its entries, and creates and pins
    * the others. A failed load unpins what it pinned, so nothing is left half made.
    */
-  static load(objectPath: string, mode: Mode, pinDir: string, log: Log): Datapath {
+  static load(objectPath: string, mode: Mode, attachKind: AttachKind, pinDir: string, log: Log): Datapath {
     const existed = PINNED_MAPS.filter((m) => existsSync(join(pinDir, m)));
     const madeDir = !existsSync(pinDir);
     mkdirSync(pinDir, { recursive: true, mode: 0o700 });
@@ -93,7 +114,7 @@ export class Datapath {
       if (m.pod_info.maxEntries === MAX_ENTRIES.test.pods) {
         log.warn(`${objectPath} is the test build (pod_info holds ${MAX_ENTRIES.test.pods} pods): use bpf/build/xmasq.bpf.o in production`);
       }
-      return new Datapath(obj, mode, pinDir, m, existed, log);
+      return new Datapath(obj, mode, attachKind, pinDir, m, existed, log);
     } catch (e) {
       obj?.close();
       if (madeDir) {
@@ -154,39 +175,95 @@ export class Datapath {
   }
 
   /**
-   * Attaches program at ifindex (inside netns when given), replacing a filter
-   * of ours left there by an earlier agent: a restart swaps programs without
-   * a moment where packets pass unhandled.
+   * Attaches program at ifindex (inside netns when given) as this datapath's
+   * kind, replacing ours left there by an earlier agent without a moment
+   * where packets pass unhandled: a cls_bpf filter with BPF_TC_F_REPLACE, a
+   * pinned tcx link with BPF_LINK_UPDATE. What an earlier agent left there
+   * as the other kind goes once ours is attached (switching kinds between
+   * runs), so the hook is never without one of the two.
    */
   attach(program: ProgramName<'rpeer'>, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
     const prog = this.obj.program(program);
-    const doIt = () => tcAttach(ifindex, where, prog, { handle: TC_HANDLE, priority: TC_PRIORITY, replace: true });
-    let r: ReturnType<typeof doIt>;
+    let a: Attachment;
     try {
-      r = netns ? withNetns(netns, doIt) : doIt();
+      a = this.attachKind === 'tcx' ? this.attachLink(program, prog, dev, ifindex, where, netns) : this.attachFilter(program, prog, dev, ifindex, where, netns);
     } catch (e) {
       const at = describe({ dev, ifindex, where, netns });
       // The kernel keeps one classifier kind per priority: EINVAL here is
       // nearly always someone else's non-BPF filter at our priority.
-      const hint = e instanceof LibbpfError && e.code === 'EINVAL'
+      const hint = this.attachKind === 'cls_bpf' && e instanceof LibbpfError && e.code === 'EINVAL'
         ? `\nanother kind of filter may hold priority ${TC_PRIORITY} there: see '${netns ? `nsenter --net=${netns} ` : ''}tc filter show dev ${dev} ${where}'`
         : '';
       throw new Error(`cannot attach ${program} at ${at}: ${(e as Error).message}${hint}`);
     }
-    const a: Attachment = { program, dev, ifindex, where, progId: r.progId, ...(netns ? { netns } : {}) };
     this.attachments.push(a);
-    this.log.debug(`attached ${program} at ${describe(a)} (prog id ${r.progId})`);
+    this.log.debug(`attached ${program} at ${describe(a)} as ${describeKind(a)} (prog id ${a.progId})`);
+    try {
+      const other = this.attachKind === 'tcx' ? detachOurs(ifindex, where, netns) : removeLink(join(this.pinDir, linkPinName(ifindex, where, netns)));
+      if (other) this.log.info(`${describe(a)}: took off the ${this.attachKind === 'tcx' ? 'cls_bpf filter' : 'tcx link'} an earlier agent left there, now that ${program} runs there as ${describeKind(a)}`);
+    } catch (e) {
+      this.log.warn(`${describe(a)}: could not take off what an earlier agent attached there as ${this.attachKind === 'tcx' ? 'a cls_bpf filter' : 'a tcx link'}: ${(e as Error).message}`);
+    }
     return a;
   }
 
+  private attachFilter(program: string, prog: BpfProgram, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
+    const doIt = () => tcAttach(ifindex, where, prog, { handle: TC_HANDLE, priority: TC_PRIORITY, replace: true });
+    const r = netns ? withNetns(netns, doIt) : doIt();
+    return { program, dev, ifindex, where, kind: 'cls_bpf', progId: r.progId, ...(netns ? { netns } : {}) };
+  }
+
   /**
-   * Takes a filter off, if it is still the one we attached: a device that
-   * disappeared took its filters along, and a filter some other agent put in
-   * our place is not ours to remove. Returns whether a filter was removed.
+   * The link pinned for this hook gets the program in place if it still
+   * holds the hook; else (none, or defunct: its device went, and an ifindex
+   * may come back on another device) a new link goes in front of the hook's
+   * programs and is pinned.
+   */
+  private attachLink(program: string, prog: BpfProgram, dev: string, ifindex: number, where: TcHookPoint, netns?: string): Attachment {
+    const pin = join(this.pinDir, linkPinName(ifindex, where, netns));
+    const held = this.links.get(pin) ?? openPinnedLink(pin);
+    if (held !== undefined) {
+      this.links.set(pin, held);
+      let info: ReturnType<typeof tcxLinkInfo> | undefined;
+      try {
+        info = tcxLinkInfo(held, pin);
+      } catch {
+        // not a tcx link: the pin goes below
+      }
+      if (info && info.ifindex === ifindex && info.where === where) {
+        tcxLinkUpdate(held, prog, pin);
+        return { program, dev, ifindex, where, kind: 'tcx', progId: prog.id, linkId: info.id, pin, ...(netns ? { netns } : {}) };
+      }
+      this.links.delete(pin);
+      removeLink(pin, held);
+    }
+    const doIt = () => tcxAttach(ifindex, where, prog);
+    const fd = netns ? withNetns(netns, doIt) : doIt();
+    try {
+      pinLink(fd, pin);
+    } catch (e) {
+      closeLink(fd);
+      throw e;
+    }
+    this.links.set(pin, fd);
+    return { program, dev, ifindex, where, kind: 'tcx', progId: prog.id, linkId: tcxLinkInfo(fd, pin).id, pin, ...(netns ? { netns } : {}) };
+  }
+
+  /**
+   * Takes a program off, if it is still the one we attached: a device that
+   * disappeared took its filters along (a tcx link stays, defunct, until
+   * its pin goes), and a program some other agent put in our place is not
+   * ours to remove. Returns whether a program was taken off a hook.
    */
   detach(a: Attachment): boolean {
     const i = this.attachments.indexOf(a);
     if (i >= 0) this.attachments.splice(i, 1);
+    const removed = a.kind === 'tcx' ? this.detachLink(a) : this.detachFilter(a);
+    if (removed) this.log.debug(`detached ${a.program} from ${describe(a)}`);
+    return removed;
+  }
+
+  private detachFilter(a: Attachment): boolean {
     const doIt = (): boolean => {
       let id: number | undefined;
       try {
@@ -204,12 +281,30 @@ export class Datapath {
       return true;
     };
     if (a.netns && !existsSync(a.netns)) return false; // the pod's namespace is gone, and its filters with it
-    const removed = a.netns ? withNetns(a.netns, doIt) : doIt();
-    if (removed) this.log.debug(`detached ${a.program} from ${describe(a)}`);
-    return removed;
+    return a.netns ? withNetns(a.netns, doIt) : doIt();
   }
 
-  /** Drops a record without touching the kernel: a replacing attach() took the filter over. */
+  /** A link's fd works from any namespace: no need to enter the pod's. */
+  private detachLink(a: Attachment): boolean {
+    const pin = a.pin!;
+    const fd = this.links.get(pin) ?? openPinnedLink(pin);
+    this.links.delete(pin);
+    if (fd === undefined) return false;
+    let info: ReturnType<typeof tcxLinkInfo> | undefined;
+    try {
+      info = tcxLinkInfo(fd, pin);
+    } catch {
+      // not a link of ours: its pin goes all the same, below
+    }
+    if (info && info.ifindex !== 0 && info.progId !== a.progId) {
+      this.log.warn(`${describe(a)}: the link pinned at ${pin} holds program id ${info.progId}, not our ${a.progId}: left alone`);
+      closeLink(fd);
+      return false;
+    }
+    return removeLink(pin, fd);
+  }
+
+  /** Drops a record without touching the kernel: a replacing attach() took the hook over. */
   forget(a: Attachment): void {
     const i = this.attachments.indexOf(a);
     if (i >= 0) this.attachments.splice(i, 1);
@@ -232,17 +327,45 @@ export class Datapath {
     return errors;
   }
 
-  /** Whether the filter at a is still the program we attached. */
+  /**
+   * Removes the links pinned in pinDir that no attachment of this agent
+   * holds: those of pods dropped at start, and defunct ones whose device is
+   * gone (a link outlives its device while pinned). Returns how many went.
+   */
+  sweepLinks(): number {
+    const ours = new Set(this.attachments.map((a) => a.pin).filter((p): p is string => p !== undefined));
+    let n = 0;
+    for (const name of existsSync(this.pinDir) ? readdirSync(this.pinDir) : []) {
+      const pin = join(this.pinDir, name);
+      if (!name.startsWith(LINK_PIN_PREFIX) || ours.has(pin)) continue;
+      const fd = this.links.get(pin);
+      this.links.delete(pin);
+      removeLink(pin, fd);
+      n++;
+    }
+    return n;
+  }
+
+  /** Whether the hook at a still runs the program we attached. */
   isAttached(a: Attachment): boolean {
-    const q = () => tcQuery(a.ifindex, a.where, TC_HANDLE, TC_PRIORITY);
     try {
+      if (a.kind === 'tcx') {
+        const fd = this.links.get(a.pin!);
+        if (fd === undefined) return false;
+        const info = tcxLinkInfo(fd, a.pin);
+        return info.ifindex === a.ifindex && info.progId === a.progId;
+      }
+      const q = () => tcQuery(a.ifindex, a.where, TC_HANDLE, TC_PRIORITY);
       return (a.netns ? withNetns(a.netns, q) : q()) === a.progId;
     } catch {
       return false;
     }
   }
 
+  /** Closes the object and our fds of the links: their pins keep the links, and the programs on the hooks. */
   close(): void {
+    for (const fd of this.links.values()) closeLink(fd);
+    this.links.clear();
     this.obj.close();
   }
 }
@@ -251,9 +374,47 @@ export function describe(a: Pick<Attachment, 'dev' | 'ifindex' | 'where' | 'netn
   return `${a.dev} (ifindex ${a.ifindex}) ${a.where}${a.netns ? ` in ${a.netns}` : ''}`;
 }
 
+function describeKind(a: Attachment): string {
+  return a.kind === 'tcx' ? `tcx link ${a.linkId}` : 'cls_bpf filter';
+}
+
 /**
- * Detaches whatever filter of ours sits at ifindex/where, without knowing
- * which program it runs: for `cleanup` after an agent died without detaching.
+ * Takes the link pinned at pin off its hook (BPF_LINK_DETACH: at once,
+ * whoever else holds it) and removes the pin; fd, when given, is an open fd
+ * of that link, closed here. Returns whether a program left a hook (false
+ * when nothing was pinned, or the link was defunct already).
+ */
+export function removeLink(pin: string, fd?: number): boolean {
+  const f = fd ?? openPinnedLink(pin);
+  if (f === undefined) return false;
+  try {
+    let live = false;
+    try {
+      live = tcxLinkInfo(f, pin).ifindex !== 0;
+    } catch {
+      // not a tcx link (a file of another kind under our name): only unpinned
+    }
+    if (live) tcxLinkDetach(f, pin);
+    unlinkSync(pin);
+    return live;
+  } finally {
+    closeLink(f);
+  }
+}
+
+/** Every link pinned in pinDir taken off its hook and unpinned (`cleanup`); returns how many were on a hook. */
+export function removeLinks(pinDir: string): number {
+  let n = 0;
+  for (const name of existsSync(pinDir) ? readdirSync(pinDir) : []) {
+    if (name.startsWith(LINK_PIN_PREFIX) && removeLink(join(pinDir, name))) n++;
+  }
+  return n;
+}
+
+/**
+ * Detaches whatever cls_bpf filter of ours sits at ifindex/where, without
+ * knowing which program it runs: for `cleanup` after an agent died without
+ * detaching, and for an agent on tcx replacing an earlier agent's filters.
  */
 export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string): boolean {
   const doIt = () => {
@@ -271,14 +432,19 @@ export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string):
 }
 
 /**
- * Removes the pins of every XMasq map in pinDir, and pinDir when that
- * empties it. Only names XMasq declares are touched, so a mistyped
- * --pin-dir cannot wipe another tool's pins. The maps live on while a
- * program still holds them.
+ * Removes the pins of every XMasq map and link in pinDir, and pinDir when
+ * that empties it; a pinned link is taken off its hook first. Only names
+ * XMasq declares are touched, so a mistyped --pin-dir cannot wipe another
+ * tool's pins. The maps live on while a program still holds them.
  */
 export function unpinAll(pinDir: string): { removed: string[]; leftover: string[] } {
   const removed: string[] = [];
   if (!existsSync(pinDir)) return { removed, leftover: [] };
+  for (const name of readdirSync(pinDir)) {
+    if (!name.startsWith(LINK_PIN_PREFIX)) continue;
+    removeLink(join(pinDir, name));
+    removed.push(join(pinDir, name));
+  }
   for (const name of [...Object.keys(MAPS), ...RETIRED_MAPS]) {
     const p = join(pinDir, name);
     if (existsSync(p)) {

@@ -8,7 +8,7 @@ import { withNetns } from '../libbpf.ts';
 import { packageVersion } from '../package.ts';
 import { Agent, resolveNic } from './agent.ts';
 import { ConfigError, USAGE, loadConfig, parseArgs, type AgentConfig } from './config.ts';
-import { detachOurs, unpinAll } from './datapath.ts';
+import { detachOurs, removeLinks, unpinAll } from './datapath.ts';
 import { LOG_FORMATS, stderrLog, type Log, type LogFormat } from './log.ts';
 import { ifIndexToName, ifNameToIndex } from './native.ts';
 import { socketInUse } from './server.ts';
@@ -72,8 +72,9 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
 
 /**
  * Offline teardown: detaches any filter of ours at the NIC and the pods of
- * the state file, unpins the maps and removes the state files. Refuses while
- * an agent runs, which would only put everything back.
+ * the state file and every tcx link pinned in the pin dir, unpins the maps
+ * and removes the state files. Refuses while an agent runs, which would only
+ * put everything back.
  */
 async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
   if (await socketInUse(cfg.socket)) {
@@ -111,9 +112,16 @@ async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
       log.warn(`pod ${p.ip}: ${(e as Error).message}`);
     }
   }
+  let links = 0;
+  try {
+    // The links sit beside the maps, whatever device or namespace they hold (a gone device's too).
+    links = removeLinks(cfg.pinDir);
+  } catch (e) {
+    log.warn(`tcx links in ${cfg.pinDir} not all removed: ${(e as Error).message}`);
+  }
   const { removed, leftover } = unpinAll(cfg.pinDir);
   const files = state.remove();
-  log.info(`cleanup: detached ${detached} filter(s), removed ${removed.length} pin(s) from ${cfg.pinDir} and ${files.length} state file(s) from ${cfg.stateDir}`);
+  log.info(`cleanup: detached ${detached} filter(s) and ${links} tcx link(s), removed ${removed.length} pin(s) from ${cfg.pinDir} and ${files.length} state file(s) from ${cfg.stateDir}`);
   if (leftover.length) log.warn(`${cfg.pinDir} still holds ${leftover.join(', ')} (not XMasq map names): left alone`);
   return 0;
 }

@@ -38,6 +38,8 @@ export const DEFAULT_SOCKET = '/run/xmasq/agent.sock';
 export const PROTOCOL_VERSION = 1;
 
 export type Mode = 'veth' | 'rpeer';
+/** How a program sits on its TC hook: a tcx link (Linux 6.6+) or a cls_bpf filter on a clsact qdisc. */
+export type AttachKind = 'tcx' | 'cls_bpf';
 export type Direction = 'egress' | 'ingress';
 
 export interface PodSpec {
@@ -59,6 +61,8 @@ export interface PodRecord extends PodSpec {
   addedAt: string;
   /** Whether masq is attached for this pod now. */
   attached: boolean;
+  /** How masq sits on its hook, once attached. */
+  attachKind?: AttachKind;
   /**
    * Served because the agent found it on the host (pod discovery), not
    * because an `add` gave it; absent for added pods. Discovery keeps a
@@ -135,6 +139,10 @@ export interface Attachment {
   /** The pod's netns when attached inside it (rpeer mode). */
   netns?: string;
   progId: number;
+  kind: AttachKind;
+  /** tcx: the link's id (bpftool link show), and where it is pinned. */
+  linkId?: number;
+  pin?: string;
 }
 
 export interface AgentStatus {
@@ -142,6 +150,9 @@ export interface AgentStatus {
   pid: number;
   mode: Mode;
   modeReason: string;
+  /** How the programs sit on their TC hooks (--attach), and why. */
+  attach: AttachKind;
+  attachReason: string;
   /** Whether init draws wide keys (--wide-keys). */
   wideKeys: boolean;
   nic: string;

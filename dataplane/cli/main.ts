@@ -27,7 +27,7 @@ const HELP: Record<string, string> = {
   main: `usage: xmasq <command> [options]
 
 commands:
-  status                          mode, NIC, pods, cache sizes, counters, filters
+  status                          mode, NIC, pods, cache sizes, counters, attached programs
   pods                            the pods the agent serves
   cache dump [--egress|--ingress] the flow caches, decoded
   policy add|del|list             deny rules
@@ -36,13 +36,15 @@ ${GLOBAL}`,
   status: `usage: xmasq status [--json]
 
 The agent's mode and NIC, its pods, the fill of both flow caches, the policy,
-expiry settings and the datapath counters (summed over CPUs), and every TC
-filter it attached.
+expiry settings and the datapath counters (summed over CPUs), how its programs
+sit on their TC hooks (tcx links or cls_bpf filters, --attach), and every program
+it attached, with its kind.
 
 ${GLOBAL}`,
   pods: `usage: xmasq pods [--json]
 
-The pods the agent serves: IP, MAC, host-side veth, and whether masq is attached.
+The pods the agent serves: IP, MAC, host-side veth, and whether masq is attached
+(MASQ: tcx or cls_bpf, how it sits on its hook).
 
 ${GLOBAL}`,
   cache: `usage: xmasq cache dump [--egress|--ingress] [--pin-dir DIR] [--json]
@@ -117,6 +119,7 @@ function printStatus(s: AgentStatus): string {
   return [
     `agent     pid ${s.pid}, up since ${s.startedAt}, protocol ${s.version}`,
     `mode      ${s.mode} (${s.modeReason})`,
+    `attach    ${s.attach} (${s.attachReason})`,
     `keys      ${s.wideKeys ? 'wide (14-bit, in the TCP urgent pointer, UDP length or ICMP echo code)' : 'narrow only (6-bit, DSCP): --wide-keys off'}`,
     `nic       ${s.nic} (ifindex ${s.nicIfindex})`,
     `pins      ${s.pinDir} (${s.pinsReused ? 'reused from an earlier agent' : 'created by this agent'})`,
@@ -128,15 +131,15 @@ function printStatus(s: AgentStatus): string {
     `expiry    egress idle > ${s.expiry.egressIdleSeconds}s, ingress idle > ${s.expiry.ingressIdleSeconds}s, every ${s.expiry.scanIntervalSeconds}s; expired so far: ${s.expiry.expired.egress} egress, ${s.expiry.expired.ingress} ingress`,
     'counters',
     ...counters.map(([k, v]) => `  ${k.padEnd(cw)}  ${v}`),
-    'filters',
-    ...s.attachments.map((a) => `  ${a.program.padEnd(10)} ${a.dev} (ifindex ${a.ifindex}) ${a.where}${a.netns ? ` in ${a.netns}` : ''}, prog id ${a.progId}`),
+    'attached',
+    ...s.attachments.map((a) => `  ${a.program.padEnd(10)} ${a.dev} (ifindex ${a.ifindex}) ${a.where}${a.netns ? ` in ${a.netns}` : ''}, ${a.kind === 'tcx' ? `tcx link ${a.linkId}` : 'cls_bpf filter'}, prog id ${a.progId}`),
   ].join('\n');
 }
 
 function printPods(pods: PodRecord[]): string {
   if (pods.length === 0) return 'no pods';
   return table(['IP', 'MAC', 'HOST VETH', 'IFINDEX', 'NETNS', 'MASQ', 'ADDED'],
-    pods.map((p) => [p.ip, p.mac, p.hostVeth, String(p.hostVethIfindex), p.netns ?? '-', p.attached ? 'attached' : 'detached', p.addedAt]));
+    pods.map((p) => [p.ip, p.mac, p.hostVeth, String(p.hostVethIfindex), p.netns ?? '-', p.attached ? (p.attachKind ?? 'attached') : 'detached', p.addedAt]));
 }
 
 function printEgress(e: EgressDumpEntry[]): string {
