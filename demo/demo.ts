@@ -22,6 +22,7 @@ import { accessSync, constants, existsSync, mkdirSync, readdirSync, readFileSync
 import { cpus, release, setPriority } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { gunzipSync } from 'node:zlib';
+import { removeLinks } from '../dataplane/agent/datapath.ts';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { LabAgents } from '../lab/agents.ts';
 import { ROOT } from '../testing/root.ts';
@@ -478,7 +479,8 @@ class Demo {
       const code = await this.agents!.stop(h);
       if (code !== 0 && code !== null) throw new DemoError(`xmasq-agent on ${h} exited ${code} while stopping`);
       const host = this.host(h === 'h1' ? 1 : 2);
-      await this.mustExec(host, 'tc', ['filter', 'del', 'dev', host.nic, 'ingress']);
+      // A tcx link (the agents' default where the kernel has tcx) goes with its pin, a cls_bpf filter with tc.
+      if (removeLinks(this.agents!.pinDir(h)) === 0) await this.mustExec(host, 'tc', ['filter', 'del', 'dev', host.nic, 'ingress']);
     }
   }
 

@@ -7,7 +7,8 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { AgentClient } from '../dataplane/agent/protocol.ts';
+import { AgentClient, type Attachment } from '../dataplane/agent/protocol.ts';
+import { hookNames } from '../testing/hooks.ts';
 import { verifyIpv4Header } from '../testing/packet/checksum.ts';
 import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
@@ -120,7 +121,15 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
     }
   }, 60_000);
 
-  it('a handover restart (SIGUSR2) under a TCP stream loses no packet: zero retransmissions', async () => {
+  // cls_bpf: the next agent replaces each filter in place (BPF_TC_F_REPLACE); tcx: the program of
+  // each pinned link (BPF_LINK_UPDATE), the links themselves staying. Each case first hands h1's
+  // agent over to one of that kind (switching kinds between runs).
+  it.each(['cls_bpf', 'tcx'] as const)('a handover restart (SIGUSR2) on %s under a TCP stream loses no packet: zero retransmissions', async (kind) => {
+    expect(await agents.stop('h1', 'SIGUSR2')).toBe(0);
+    await agents.start('h1', ['--attach', kind]);
+    const attached = async () => (await AgentClient.request(sock('h1'), { op: 'status' })).status.attachments;
+    const attachedBefore: Attachment[] = await attached();
+    expect(attachedBefore.map((x) => x.kind)).toEqual([kind, kind, kind]);
     const srv = await server(lab, b, TCP_ECHO(7171));
     try {
       const retrans = async () => {
@@ -137,7 +146,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       const done = output(client, 30_000);
       await new Promise((r) => setTimeout(r, 800));
       expect(await agents.stop('h1', 'SIGUSR2')).toBe(0);
-      await agents.start('h1');
+      await agents.start('h1', ['--attach', kind]);
       const { out } = await done;
       const m = /done (\d+) (\d+)/.exec(out);
       expect(m, out).not.toBeNull();
@@ -145,6 +154,14 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       expect(await retrans(), 'TCP retransmissions in the two pods').toBe(before);
       expect((await counters('h1')).restore_miss + (await counters('h2')).restore_miss).toBe(missesBefore);
       expect((await counters('h1')).masqueraded).toBeGreaterThan(0);
+      const attachedAfter = await attached();
+      for (const x of attachedBefore) {
+        const y = attachedAfter.find((z) => z.program === x.program && z.ifindex === x.ifindex && z.where === x.where);
+        expect(y?.kind, `${x.program} on ${x.dev}`).toBe(kind);
+        expect(y?.progId, `${x.program} on ${x.dev}: the new agent's program`).not.toBe(x.progId);
+        // The same link, its program swapped: the hook never went without one.
+        if (kind === 'tcx') expect(y?.linkId, `${x.program} on ${x.dev}: its link`).toBe(x.linkId);
+      }
     } finally {
       srv.kill();
     }
@@ -156,8 +173,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       const r = await agents.cleanup(host);
       expect(r.code, r.out).toBe(0);
       expect(existsSync(agents.pinDir(host))).toBe(false);
-      const filters = await lab.exec(lab.host(host), 'tc', ['filter', 'show', 'dev', lab.host(host).nic, 'ingress']);
-      expect(filters.stdout).not.toMatch(/bpf/);
+      for (const where of ['ingress', 'egress'] as const) expect(hookNames(lab.host(host).netns, lab.host(host).nic, where), `${host} ${where}`).toEqual([]);
     }
     await lab.down();
     const netns = execFileSync('ip', ['netns', 'list'], { encoding: 'utf8' });

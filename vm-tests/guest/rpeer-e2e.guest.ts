@@ -12,7 +12,7 @@
  * the host's (pod_info). A DROP rule in the sending host's FORWARD chain (egress
  * policy) holds for a learned pair's denied port, with the agents as without them.
  */
-import { statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import type { ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
@@ -58,8 +58,24 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
       expect(masq[0]).toMatchObject({ dev: 'eth0', where: 'egress' });
       expect(masq[0].netns).toContain(pod.netns);
       expect(s.attachments.some((x) => x.program === 'masq')).toBe(false);
+      // 6.1 has no tcx links: auto attaches cls_bpf filters.
+      expect(s.attach).toBe('cls_bpf');
+      expect(s.attachReason).toBe('auto: the kernel has no tcx links');
+      expect(s.attachments.map((x) => x.kind)).toEqual(['cls_bpf', 'cls_bpf', 'cls_bpf']);
     }
   });
+
+  it('--attach tcx on this kernel (no tcx) is refused with the fix in the message, before anything is pinned or attached', async () => {
+    const h = lab.host('h1');
+    const pins = `/sys/fs/bpf/${name}-tcx-refused`;
+    const r = await run('nsenter', [`--net=/run/netns/${h.netns}`, TSX, `${ROOT}dataplane/agent/main.ts`, '--attach', 'tcx', '--nic', h.nic,
+      '--pin-dir', pins, '--socket', `${runDir}/tcx-refused.sock`, '--state-dir', `${runDir}/tcx-refused`, '--metrics-listen', 'off']);
+    expect(r.code, r.stderr).toBe(1);
+    expect(r.stderr).toContain('--attach (attach) = "tcx": this kernel has no tcx links');
+    expect(r.stderr).toContain('use --attach cls_bpf, or auto');
+    expect(existsSync(pins)).toBe(false);
+    expect(existsSync(`${runDir}/tcx-refused.sock`)).toBe(false);
+  }, 180_000);
 
   it('`xmasq status` says mode rpeer', async () => {
     const r = await run('nsenter', [`--net=/run/netns/${lab.host('h1').netns}`, TSX, `${ROOT}dataplane/cli/main.ts`, 'status', '--socket', sock('h1')]);
