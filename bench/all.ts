@@ -37,6 +37,14 @@ const PARTS: Part[] = [
     json: 'stdout',
   },
   {
+    name: 'tc',
+    what: 'ns per packet of a TC hook, tcx links against cls_bpf filters, real frames through a veth pair',
+    argv: (_, quick) => [...TSX, `${ROOT}bench/tc.ts`, '--json', ...(quick ? ['--rounds', '3', '--frames', '200000'] : [])],
+    json: 'stdout',
+    headline: (r: { tcxMinusClsBpfPerHook: { xmasq: number; empty: number } }) =>
+      `tcx − cls_bpf per hook: ${r.tcxMinusClsBpfPerHook.xmasq.toFixed(1)} ns with init/restore, ${r.tcxMinusClsBpfPerHook.empty.toFixed(1)} ns with an empty program`,
+  },
+  {
     name: 'agent',
     what: 'agent RSS, CNI ADD → masq attached, expiry scan at 65,536 entries',
     argv: (_, quick) => [...TSX, `${ROOT}bench/agent.ts`, '--json', ...(quick ? ['--cycles', '100', '--entries', '8192'] : [])],
@@ -74,7 +82,7 @@ const USAGE = `usage: npm run bench -- [--quick] [--only a,b] [--out DIR] [--hel
 Runs, one after the other: ${PARTS.map((p) => p.name).join(', ')}.
 ${PARTS.map((p) => `  ${p.name.padEnd(10)}${p.what}`).join('\n')}
 and writes DIR/bench-<date>.json (every part's JSON report, with the machine) plus the
-demo's .json/.svg/.md beside it. Needs root. Takes about 16 minutes (--quick: 3).
+demo's .json/.svg/.md beside it. Needs root. Takes about 17 minutes (--quick: 3).
 
   --quick        short runs (smoke test; numbers are rough)
   --only LIST    only these parts, comma-separated
