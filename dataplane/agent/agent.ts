@@ -370,7 +370,7 @@ export class Agent {
     const errors: string[] = [];
     const dp = this.dp;
     if (dp && opts.handover) {
-      this.log.info(`handover: left ${dp.list().length} filter(s) attached for the next agent, which replaces them in place`);
+      this.log.info(`handover: left ${dp.list().length} program(s) attached (${this.attachKind === 'tcx' ? 'on tcx links, pinned' : 'as cls_bpf filters'}) for the next agent, which replaces them in place`);
       dp.close();
       this.dp = undefined;
     } else if (dp) {
@@ -383,7 +383,7 @@ export class Agent {
       const keep = uninstall ? [] : this.nicFilters.filter((a) => a.program === 'restore');
       const n = dp.list().length - keep.length;
       errors.push(...dp.detachAll(keep));
-      this.log.info(`detached ${n - errors.length} filter(s)${errors.length ? `; ${errors.length} failed` : ''}${keep.length ? `; left restore attached at ${this.nic.name} ingress, so that what peers still masquerade to this host never reaches its stack (the next agent replaces it; 'xmasq-agent cleanup' removes it)` : ''}`);
+      this.log.info(`detached ${n - errors.length} program(s)${errors.length ? `; ${errors.length} failed` : ''}${keep.length ? `; left restore attached at ${this.nic.name} ingress, so that what peers still masquerade to this host never reaches its stack (the next agent replaces it; 'xmasq-agent cleanup' removes it)` : ''}`);
       dp.close();
       this.dp = undefined;
     }
