@@ -179,9 +179,10 @@ attached at the NIC ingress and exit, keeping the pinned maps: peers may go on
 masquerading to this host for a while (until they retire the pairs), and restore still
 delivers those packets, or drops them, so none reaches the host stack. The next agent
 replaces restore in place; 'xmasq-agent cleanup' (or --cleanup) removes it too.
-With --attach tcx the programs sit on tcx links pinned in --pin-dir (tcx_<dir>_<ifindex>),
-which hold them on their hooks once the agent is gone; the next agent swaps each
-program in place (BPF_LINK_UPDATE), cleanup detaches the links and removes the pins.
+On tcx links (--attach tcx, or auto on a kernel with tcx) each program stays on its
+hook through its link's pin in --pin-dir (tcx_<dir>_<ifindex>) once the agent is gone;
+the next agent swaps the program in the link (BPF_LINK_UPDATE), cleanup detaches the
+links and removes their pins.
 SIGUSR2 exits for an upgrade: every filter stays attached and keeps working on the
 pinned maps until the next agent replaces them in place, so a restart that way loses
 no packet.`;
