@@ -11,7 +11,7 @@
  * real hardware, and only ratios between paths of one run mean anything.
  */
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { cpus, release } from 'node:os';
+import { cpus, loadavg, release } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
@@ -33,7 +33,8 @@ interface Stat { median: number; min: number; max: number; n: number }
 
 export interface VmBenchReport {
   date: string;
-  host: { cpu: string; cores: number; kernel: string };
+  /** The host's 1-minute load average before the guest booted and after it powered off (other work than QEMU slows the guest unevenly). */
+  host: { cpu: string; cores: number; kernel: string; load?: { before: number; after: number } };
   guest: { kernel: string; cpus: number; cpu: string; accel: 'tcg'; kernelKey: string };
   rounds: number;
   duration_s: number;
@@ -81,6 +82,21 @@ export function summarize(g: GuestBenchResult, kernelKey: string): VmBenchReport
 
 const num = (x: number, digits: number) => (Number.isFinite(x) ? x.toLocaleString('en', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : '—');
 
+/**
+ * What a reader may conclude: the host's load around the run, and where a path's
+ * rounds differ by more than 2×, that its ratios say nothing (under TCG the guest's
+ * speed follows the host CPU it is given, so a loaded host scatters the rounds).
+ */
+function trust(r: VmBenchReport): string[] {
+  const out: string[] = [];
+  if (r.host.load) out.push(`Host load average (1 min): ${r.host.load.before.toFixed(1)} before the guest booted, ${r.host.load.after.toFixed(1)} after it powered off (${r.host.cores} cores).`);
+  const wide = Object.entries(r.paths).flatMap(([p, ms]) => METRICS.filter((m) => ms && ms[m].min > 0 && ms[m].max / ms[m].min > 2).map((m) => `${p} ${m}`));
+  if (wide.length) {
+    out.push(`**Rounds disagree by more than 2× for ${wide.join(', ')}**: a ratio involving these is noise, not a finding; run again on an idle host with more rounds (\`--rounds 5\`).`);
+  }
+  return out.length ? [...out, ''] : [];
+}
+
 export function markdown(r: VmBenchReport): string {
   const cols = Object.keys(r.paths) as BenchPath[];
   const digits: Record<Metric, number> = { sockperf_rr_tps: 0, sockperf_p50_us: 1, iperf3_gbps: 3 };
@@ -98,6 +114,7 @@ export function markdown(r: VmBenchReport): string {
     `|---|${cols.map(() => '---:').join('|')}|`,
     ...METRICS.map((m) => `| ${LABEL[m]} | ${cols.map((p) => cell(r.paths[p]?.[m], m)).join(' | ')} |`),
     '',
+    ...trust(r),
     '| ratio of medians (this run) | sockperf RR | sockperf p50 | iperf3 |',
     '|---|---:|---:|---:|',
     ...Object.entries(r.ratios).map(([k, v]) => `| ${k} | ${num(v.sockperf_rr_tps, 2)}× | ${num(v.sockperf_p50_us, 2)}× | ${num(v.iperf3_gbps, 2)}× |`),
@@ -150,6 +167,7 @@ async function main(): Promise<number> {
   const kernel = await ensureKernel({ log: err });
   err(`bench:vm: booting ${kernel.bzImage} (key ${kernel.key}) under QEMU TCG: ${rounds} rounds × 4 paths × (sockperf + iperf3) × ${seconds} s`);
   const started = Date.now();
+  const loadBefore = loadavg()[0];
   // At nice -10: on a busy 2-core host the guest otherwise gets so little CPU that its CNI
   // plugins time out; the ratios between its paths are what counts, not its share of the host.
   const vm = await runGuestSuites({ bzImage: kernel.bzImage, bench: { rounds, seconds }, nice: Number(v.nice ?? -10), timeoutMs: 120 * 60_000, log: (l) => err(`vm | ${l}`) });
@@ -159,6 +177,7 @@ async function main(): Promise<number> {
     throw new Error(`the guest's benchmark did not finish (status ${vm.status ?? 'never started'}, exit ${vm.guestExitCode}${vm.timedOut ? ', QEMU timed out' : ''}); console in ${vm.resultsDir}/console.log`);
   }
   const report = summarize(JSON.parse(readFileSync(out, 'utf8')) as GuestBenchResult, kernel.key);
+  report.host.load = { before: loadBefore, after: loadavg()[0] };
   const dir = join(ROOT, 'bench/results');
   mkdirSync(dir, { recursive: true });
   const base = join(dir, `vm-rpeer-${report.date.slice(0, 10)}`);
@@ -170,7 +189,8 @@ async function main(): Promise<number> {
   return 0;
 }
 
-main().then((code) => process.exit(code), (e: Error) => {
+// Run only as a script: its markdown() also renders a saved record (bench/results/vm-rpeer-*.json).
+if (import.meta.url === `file://${process.argv[1]}`) main().then((code) => process.exit(code), (e: Error) => {
   process.stderr.write(`bench:vm: ${e.message}\n`);
   process.exit(1);
 });
