@@ -18,7 +18,12 @@
  * A host frame is what init and restore pass on (pass-through), so the xmasq
  * rows are the hooks plus our pass-through paths, and the empty rows the
  * hooks alone. The report gives each row's median, min and max ns per frame,
- * and per hook: (row - none) / 2, and tcx - cls_bpf of the same programs.
+ * and per hook: (row - none) / 2 of the medians and of the minimums; and
+ * tcx - cls_bpf per hook of the same programs, paired round by round (the two
+ * ran within seconds of each other): the median of the rounds' differences,
+ * with their quartiles. On a shared VM a run's spread is wide (other tasks'
+ * cache use, the hypervisor's steal time inside the CPU time), which the
+ * pairing and the minimums are there to see through; the quartiles say how far.
  * The time is the sender thread's CPU time (other tasks' turns on the CPU
  * left out), which holds the receive softirq run in its context unless the
  * kernel accounts IRQ time apart (CONFIG_IRQ_TIME_ACCOUNTING): then the wall
@@ -40,8 +45,8 @@ ns per frame through a veth's TC egress and its peer's TC ingress, with our prog
 (init, restore) and an empty one attached as cls_bpf filters and as tcx links, and
 with nothing attached; the configurations interleaved round by round. As root.
 
-  --rounds N   rounds, each running every configuration once (default 7)
-  --frames N   frames per configuration and round (default 1000000)
+  --rounds N   rounds, each running every configuration once (default 40)
+  --frames N   frames per configuration and round (default 250000)
   --cpu C      the CPU the sender runs on (default: the last one)
   --json       the report as JSON
   --md FILE    also write the report as a markdown table`;
@@ -75,8 +80,12 @@ export interface TcBenchReport {
   nsPerFrame: Record<string, Stat>;
   /** (configuration - none) / 2 of the medians: ns per hook. */
   nsPerHook: Record<string, number>;
-  /** tcx - cls_bpf per hook, of the same programs (negative: tcx is cheaper). */
+  /** The same of the minimums. */
+  nsPerHookMin: Record<string, number>;
+  /** tcx - cls_bpf per hook of the same programs, the median of each round's difference (negative: tcx is cheaper). */
   tcxMinusClsBpfPerHook: { xmasq: number; empty: number };
+  /** The quartiles of those rounds' differences. */
+  tcxMinusClsBpfQuartiles: { xmasq: [number, number]; empty: [number, number] };
   /** The other clock's ns per frame, for reference (wall: other tasks' turns included). */
   otherClockNsPerFrame: Record<string, Stat>;
 }
@@ -181,6 +190,14 @@ export function runTcBench(opts: { rounds: number; frames: number; cpu: number; 
     const nsPerFrame = Object.fromEntries(CONFIGS.map((c) => [c.name, stat(main.get(c.name)!)]));
     const none = nsPerFrame.none.median;
     const nsPerHook = Object.fromEntries(CONFIGS.filter((c) => c.programs).map((c) => [c.name, (nsPerFrame[c.name].median - none) / 2]));
+    const nsPerHookMin = Object.fromEntries(CONFIGS.filter((c) => c.programs).map((c) => [c.name, (nsPerFrame[c.name].min - nsPerFrame.none.min) / 2]));
+    const paired = (programs: string) => {
+      const t = nsPerFrame[`${programs} tcx`].samples, c = nsPerFrame[`${programs} cls_bpf`].samples;
+      const d = t.map((x, i) => (x - c[i]) / 2).sort((x, y) => x - y);
+      const q = (f: number) => d[Math.min(d.length - 1, Math.floor(f * d.length))];
+      return { median: q(0.5), quartiles: [q(0.25), q(0.75)] as [number, number] };
+    };
+    const px = paired('xmasq'), pe = paired('empty');
     return {
       date: new Date().toISOString(),
       kernel: release(),
@@ -191,10 +208,9 @@ export function runTcBench(opts: { rounds: number; frames: number; cpu: number; 
       clock,
       nsPerFrame,
       nsPerHook,
-      tcxMinusClsBpfPerHook: {
-        xmasq: nsPerHook['xmasq tcx'] - nsPerHook['xmasq cls_bpf'],
-        empty: nsPerHook['empty tcx'] - nsPerHook['empty cls_bpf'],
-      },
+      nsPerHookMin,
+      tcxMinusClsBpfPerHook: { xmasq: px.median, empty: pe.median },
+      tcxMinusClsBpfQuartiles: { xmasq: px.quartiles, empty: pe.quartiles },
       otherClockNsPerFrame: Object.fromEntries(CONFIGS.map((c) => [c.name, stat(other.get(c.name)!)])),
     };
   } finally {
@@ -214,16 +230,16 @@ export function formatTcReport(r: TcBenchReport): string {
   const f = (n: number) => n.toFixed(1);
   const rows = CONFIGS.map((c) => {
     const s = r.nsPerFrame[c.name];
-    return `| ${c.name} | ${f(s.median)} (${f(s.min)}–${f(s.max)}) | ${c.programs ? f(r.nsPerHook[c.name]) : '—'} |`;
+    return `| ${c.name} | ${f(s.median)} (${f(s.min)}–${f(s.max)}) | ${c.programs ? `${f(r.nsPerHook[c.name])} / ${f(r.nsPerHookMin[c.name])}` : '—'} |`;
   });
   return [
     `${r.rounds} rounds × ${r.frames.toLocaleString('en')} frames of 64 bytes, sender on CPU ${r.senderCpu}, Linux ${r.kernel}, ${r.cpu}, ${r.date}; ${r.clock === 'thread-cpu' ? 'the sender thread\'s CPU time' : 'wall clock'}`,
     '',
-    '| configuration | ns per frame, median (min–max) | ns per hook over none |',
+    '| configuration | ns per frame, median (min–max) | ns per hook over none: of the medians / of the minimums |',
     '|---|---:|---:|',
     ...rows,
     '',
-    `tcx − cls_bpf per hook: ${f(r.tcxMinusClsBpfPerHook.xmasq)} ns with init/restore, ${f(r.tcxMinusClsBpfPerHook.empty)} ns with the empty program`,
+    `tcx − cls_bpf per hook, paired round by round (median, quartiles): ${f(r.tcxMinusClsBpfPerHook.xmasq)} ns (${f(r.tcxMinusClsBpfQuartiles.xmasq[0])} to ${f(r.tcxMinusClsBpfQuartiles.xmasq[1])}) with init/restore, ${f(r.tcxMinusClsBpfPerHook.empty)} ns (${f(r.tcxMinusClsBpfQuartiles.empty[0])} to ${f(r.tcxMinusClsBpfQuartiles.empty[1])}) with the empty program`,
   ].join('\n');
 }
 
@@ -234,8 +250,8 @@ function main(argv: string[]): number {
   let opts: { rounds: number; frames: number; cpu: number };
   try {
     opts = {
-      rounds: intOption('--rounds', v.rounds, 7, 1),
-      frames: intOption('--frames', v.frames, 1_000_000, 1000),
+      rounds: intOption('--rounds', v.rounds, 40, 1),
+      frames: intOption('--frames', v.frames, 250_000, 1000),
       cpu: intOption('--cpu', v.cpu, cpus().length - 1, 0),
     };
     if (opts.cpu >= cpus().length) throw new UsageError(`--cpu ${opts.cpu}: this machine has CPUs 0 to ${cpus().length - 1}`);
