@@ -8,8 +8,7 @@
  * packet and counters), so a number is never reported for a path the packets
  * did not take.
  */
-import { existsSync, readFileSync } from 'node:fs';
-import { cpus, release } from 'node:os';
+import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
@@ -25,6 +24,7 @@ import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/bui
 import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/decode.ts';
 import { u32ToIp, ipToU32 } from '../testing/packet/addr.ts';
 import { commandLine } from '../testing/args.ts';
+import { machine, median, type Machine } from '../testing/measure.ts';
 
 export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.o', import.meta.url));
 
@@ -440,7 +440,6 @@ function positiveControl(runner: Runner, row: RowDef): void {
   }
 }
 
-export interface Machine { cpu: string; cores: number; kernel: string }
 
 export interface RowResult {
   name: string;
@@ -456,22 +455,6 @@ export interface RowResult {
 }
 
 export interface BenchReport { machine: Machine; date: string; repeat: number; runs: number; rows: RowResult[] }
-
-export function machine(): Machine {
-  let cpu = cpus()[0]?.model ?? 'unknown CPU';
-  try {
-    cpu = /^model name\s*:\s*(.+)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1]?.trim() ?? cpu;
-  } catch {
-    // Not Linux's procfs: os.cpus() is the best there is.
-  }
-  return { cpu, cores: cpus().length, kernel: release() };
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = s.length >> 1;
-  return s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
-}
 
 export interface BenchOptions {
   repeat?: number;

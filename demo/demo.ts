@@ -17,7 +17,7 @@
  * Rounds interleave the paths (host route overlay xmasq host route …) so that a slow minute
  * of the VM spreads over all of them instead of sinking one.
  */
-import { execFileSync, type ChildProcess } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { accessSync, constants, existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync } from 'node:fs';
 import { cpus, release, setPriority } from 'node:os';
 import { delimiter, join } from 'node:path';
@@ -26,6 +26,7 @@ import { removeLinks } from '../dataplane/agent/datapath.ts';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { LabAgents } from '../lab/agents.ts';
 import { ROOT } from '../testing/root.ts';
+import { ToolProcesses, machine, parseSockperf } from '../testing/measure.ts';
 import { run } from '../testing/command.ts';
 import { Lab, STATE_ROOT, type LabHost, type LabPod } from '../lab/lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from '../lab/traffic.ts';
@@ -89,6 +90,8 @@ const SOCKPERF_PORT = 5351;
 const SOCKPERF_MSG = 14;
 /** The UDP echo that warms the pair onto the fast path. */
 const WARM_PORT = 5401;
+/** How long a server stopped after its measurement may take to exit before it is killed. */
+const STOP_MS = 3000;
 const LAB_PREFIX = 'xdemo';
 /** Cores busy before the demo starts above which its numbers are flagged. */
 const FOREIGN_LOAD_LIMIT = 0.15;
@@ -134,16 +137,6 @@ export function checkPrerequisites(profile = false): { cc: string } {
   if (!existsSync(`${ROOT}bpf/build/xmasq.bpf.o`)) problems.push('bpf/build/xmasq.bpf.o is missing: run npm run build:bpf first');
   if (problems.length) throw new DemoError(problems.join('\n'));
   return { cc: cc! };
-}
-
-export function machine(): DemoReport['machine'] {
-  let cpu = cpus()[0]?.model?.trim() ?? '';
-  try {
-    cpu = /^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1]?.trim() || cpu;
-  } catch {
-    // keep os.cpus()'s
-  }
-  return { cpu: cpu || 'unknown', cores: cpus().length, kernel: release() };
 }
 
 /** Busy and all CPU time of the whole machine, in clock ticks (/proc/stat is not per netns). */
@@ -361,7 +354,6 @@ export function isAbort(e: unknown): boolean {
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 class Demo {
-  private readonly children = new Set<ChildProcess>();
   private lab?: Lab;
   private agents?: LabAgents;
   private routed = false;
@@ -375,10 +367,13 @@ class Demo {
 
   constructor(private readonly opts: DemoOptions) {
     this.p = opts.progress ?? { begin() {}, end() {}, note() {} };
-    opts.signal?.addEventListener('abort', () => {
-      for (const c of this.children) c.kill('SIGKILL');
-    });
+    opts.signal?.addEventListener('abort', () => void this.tools.killAll());
   }
+
+  private readonly tools = new ToolProcesses({
+    spawn: (where, cmd, args) => this.lab!.spawn(where, cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] }),
+    listenTimeoutMs: 10_000, pollMs: 20, error: (m) => new DemoError(m), check: () => this.checkAbort(),
+  });
 
   private checkAbort(): void {
     if (this.opts.signal?.aborted) throw new Aborted();
@@ -441,8 +436,7 @@ class Demo {
   }
 
   private async tearDown(): Promise<void> {
-    for (const c of this.children) c.kill('SIGKILL');
-    await Promise.all([...this.children].map((c) => new Promise((r) => (c.exitCode !== null || c.signalCode !== null ? r(null) : c.once('exit', r)))));
+    await this.tools.killAll(true);
     if (this.lab) this.p.note(`tearing down lab ${this.name}`);
     // Only matters when down fails below: the lab is then left as flannel programmed it.
     if (this.routed) await this.unroute().catch(() => {});
@@ -591,65 +585,21 @@ class Demo {
     return nice ? ['nice', ['-n', String(nice), c, ...a]] : [c, a];
   }
 
-  private spawnTracked(where: { netns: string }, cmd: string, args: string[]): { child: ChildProcess; out: () => string; exited: Promise<number | null> } {
-    const child = this.lab!.spawn(where, cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.children.add(child);
-    let out = '';
-    child.stdout!.on('data', (d) => { out += d; });
-    child.stderr!.on('data', (d) => { out += d; });
-    const exited = new Promise<number | null>((r) => child.once('close', (code) => {
-      this.children.delete(child);
-      r(code);
-    }));
-    return { child, out: () => out, exited };
-  }
-
-  /**
-   * Starts a server that prints `ready` once it listens, and waits for that. One-shot servers
-   * (iperf3 -1, rr) exit by themselves once the client is done; a `persistent` one (sockperf
-   * serves until killed) is sent SIGTERM at once.
-   */
-  private async server(where: { netns: string }, cmd: string, args: string[], ready: RegExp, persistent = false): Promise<{ stop: () => Promise<void> }> {
-    const s = this.spawnTracked(where, cmd, args);
-    const deadline = Date.now() + 10_000;
-    while (!ready.test(s.out())) {
-      if (s.child.exitCode !== null || s.child.signalCode !== null) throw new DemoError(`${cmd} ${args.join(' ')} exited before listening: ${s.out().trim()}`);
-      if (Date.now() > deadline) {
-        s.child.kill('SIGKILL');
-        throw new DemoError(`${cmd} ${args.join(' ')} did not listen within 10 s: ${s.out().trim()}`);
-      }
-      this.checkAbort();
-      await sleep(20);
-    }
-    return {
-      stop: async () => {
-        if (persistent) s.child.kill('SIGTERM');
-        const t = setTimeout(() => s.child.kill('SIGKILL'), 3000);
-        await s.exited;
-        clearTimeout(t);
-      },
-    };
-  }
-
-  private async client(where: { netns: string }, cmd: string, args: string[]): Promise<{ code: number | null; out: string }> {
-    const c = this.spawnTracked(where, cmd, args);
-    const t = setTimeout(() => c.child.kill('SIGKILL'), (this.opts.durationS + 30) * 1000);
-    const code = await c.exited;
-    clearTimeout(t);
-    this.checkAbort();
-    return { code, out: c.out() };
+  /** A client runs for the measurement's duration; it is killed if it takes 30 s more. */
+  private client(where: { netns: string }, cmd: string, args: string[]): Promise<{ code: number | null; out: string }> {
+    return this.tools.client(where, cmd, args, (this.opts.durationS + 30) * 1000);
   }
 
   private async iperf(path: PathName, mode: Mode, streams: number, round: number): Promise<{ gbps: number; cpuPerGbps: number }> {
     const { client, server, target } = this.endpoints(path);
-    const srv = await this.server(server, ...this.pin(mode, 'iperf3', ['-s', '-1', '-p', String(IPERF_PORT), '--forceflush']), /listening/i);
+    const srv = await this.tools.server(server, ...this.pin(mode, 'iperf3', ['-s', '-1', '-p', String(IPERF_PORT), '--forceflush']), /listening/i);
     const k0 = ksoftirqdTicks() + (irqTimeAccounted() ? irqTicks() : 0);
     let [cmd, args] = this.pin(mode, 'iperf3', ['-c', target, '-p', String(IPERF_PORT), '-t', String(this.opts.durationS), '-P', String(streams), '-J']);
     const file = this.opts.profile && mode === 'pinned' && streams === 1 ? join(this.opts.profile, `${path}-round${round}-iperf3.perf.data`) : undefined;
     if (file) [cmd, args] = ['perf', ['record', '-q', '-e', 'cpu-clock', '-F', String(PERF_FREQ), '-C', '0', '-g', '-o', file, '--', cmd, ...args]];
     const r = await this.client(client, cmd, args);
     const k1 = ksoftirqdTicks() + (irqTimeAccounted() ? irqTicks() : 0);
-    await srv.stop();
+    await srv.stop(STOP_MS);
     let j: {
       error?: string;
       end?: { sum_received?: { bits_per_second: number; bytes: number; seconds: number }; cpu_utilization_percent?: { host_total: number; remote_total: number } };
@@ -676,9 +626,9 @@ class Demo {
 
   private async rrTest(path: PathName, mode: Mode): Promise<{ tps: number; p50: number; p99: number }> {
     const { client, server, target } = this.endpoints(path);
-    const srv = await this.server(server, ...this.pin(mode, this.rr, ['-s', '-p', String(RR_PORT)]), /listening/);
+    const srv = await this.tools.server(server, ...this.pin(mode, this.rr, ['-s', '-p', String(RR_PORT)]), /listening/);
     const r = await this.client(client, ...this.pin(mode, this.rr, ['-c', target, '-p', String(RR_PORT), '-t', String(this.opts.durationS)]));
-    await srv.stop();
+    await srv.stop(STOP_MS);
     const m = /\{.*\}/.exec(r.out);
     if (r.code !== 0 || !m) throw new DemoError(`rr to ${target} (${path}) exited ${r.code}: ${r.out.trim()}`);
     const j = JSON.parse(m[0]) as { tps: number; p50_us: number; p99_us: number };
@@ -695,7 +645,7 @@ class Demo {
     const { client, server, target } = this.endpoints(path);
     const port = String(SOCKPERF_PORT);
     // "to block on socket" is printed once the server sits in its receive loop, after listen().
-    const srv = await this.server(server, ...this.pin(mode, 'sockperf', ['server', '--tcp', '-i', target, '-p', port]), /to block on socket/, true);
+    const srv = await this.tools.server(server, ...this.pin(mode, 'sockperf', ['server', '--tcp', '-i', target, '-p', port]), /to block on socket/);
     let [cmd, args] = this.pin(mode, 'sockperf', ['ping-pong', '--tcp', '-i', target, '-p', port, '-m', String(SOCKPERF_MSG), '-t', String(this.opts.durationS)]);
     const file = this.opts.profile && mode === 'pinned' ? join(this.opts.profile, `${path}-round${round}.perf.data`) : undefined;
     if (file) [cmd, args] = ['perf', ['record', '-q', '-e', 'cpu-clock', '-F', String(PERF_FREQ), '-C', '0', '-g', '-o', file, '--', cmd, ...args]];
@@ -703,9 +653,10 @@ class Demo {
     try {
       r = await this.client(client, cmd, args);
     } finally {
-      await srv.stop();
+      // sockperf serves until killed.
+      await srv.stop(STOP_MS, true);
     }
-    const x = parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`);
+    const x = parseSockperf(r.out, r.code, `sockperf to ${target} (${path})`, (m) => new DemoError(m));
     if (file) this.profiled.push({ path, tool: 'sockperf', file, units: x.total });
     return x;
   }
@@ -778,25 +729,6 @@ class Demo {
     };
     return { report, samples, checks, warnings, profile: await this.profileTable() };
   }
-}
-
-/**
- * The figures of a `sockperf ping-pong` run from its output: the rate from the "[Valid
- * Duration]" line (messages received over its run time), p50 and p99 from the percentile
- * lines (µs, half round trip), and the messages of the whole run.
- */
-export function parseSockperf(out: string, code: number | null, what: string): { tps: number; p50: number; p99: number; total: number } {
-  // sockperf colours some lines even into a pipe.
-  const text = out.replace(/\x1b\[[0-9;]*m/g, '');
-  const valid = /\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=\d+; ReceivedMessages=(\d+)/.exec(text);
-  const pct = (p: string) => Number(new RegExp(`percentile ${p} =\\s*([\\d.]+)`).exec(text)?.[1]);
-  const tps = valid ? Number(valid[2]) / Number(valid[1]) : NaN, p50 = pct('50\\.000'), p99 = pct('99\\.000');
-  // The whole run, warm-up included: what a profile of the client's lifetime saw.
-  const total = Number(/\[Total Run\] RunTime=[\d.]+ sec;.*ReceivedMessages=(\d+)/.exec(text)?.[1]);
-  if (code !== 0 || !(tps > 0) || !(p50 > 0) || !(p99 > 0)) {
-    throw new DemoError(`${what} exited ${code} without its figures: ${text.trim().split('\n').slice(-12).join('\n')}`);
-  }
-  return { tps, p50, p99, total };
 }
 
 export async function runDemo(opts: DemoOptions): Promise<DemoRun> {

@@ -2,6 +2,7 @@
  * What the demo reports, kept free of any I/O so it can be tested and re-rendered from a
  * saved JSON: the report shape, medians, the goals, the markdown table and the SVG chart.
  */
+import { median, type Machine } from '../testing/measure.ts';
 
 export const PATHS = ['host', 'route', 'overlay', 'xmasq'] as const;
 export type PathName = (typeof PATHS)[number];
@@ -39,7 +40,7 @@ export interface OverheadRemoved {
 }
 
 export interface DemoReport {
-  machine: { cpu: string; cores: number; kernel: string };
+  machine: Machine;
   date: string;
   rounds: number;
   duration_s: number;
@@ -62,12 +63,6 @@ export const METRIC_INFO: Record<Metric, { label: string; unit: string; higherIs
   cpu_per_gbps: { label: 'CPU per Gbit/s, 1 stream', unit: '% of a core', higherIsBetter: false, digits: 2 },
 };
 
-export function median(xs: readonly number[]): number {
-  if (!xs.length) throw new Error('median of nothing');
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 export function stat(xs: readonly number[]): Stat {
   return { median: median(xs), min: Math.min(...xs), max: Math.max(...xs) };

@@ -22,13 +22,12 @@
  * them by discovery. A stopped agent leaves restore at the NIC; it is taken off so that
  * the host and overlay paths run with no program attached at all.
  */
-import type { ChildProcess } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
 import { LabAgents } from '../../lab/agents.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
+import { ToolProcesses, machine, parseSockperf } from '../../testing/measure.ts';
 import { ROOT } from '../../testing/root.ts';
 
 export const BENCH_PATHS = ['host', 'overlay', 'xmasq-veth', 'xmasq-rpeer'] as const;
@@ -67,7 +66,6 @@ export interface GuestBenchResult {
 const SOCKPERF_PORT = 11111;
 const WARM_PORT = 11112;
 const IPERF_PORT = 5201;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 class Bench {
   private lab!: Lab;
@@ -75,7 +73,10 @@ class Bench {
   private running: 'veth' | 'rpeer' | undefined;
   private a!: LabPod;
   private b!: LabPod;
-  private readonly children = new Set<ChildProcess>();
+  // Under TCG a server can take tens of seconds to start listening.
+  private readonly tools = new ToolProcesses({
+    spawn: (where, cmd, args) => this.lab.spawn(where, cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] }), listenTimeoutMs: 60_000, pollMs: 50,
+  });
   private readonly name = `xb${process.pid % 100000}`;
   private readonly runDir = `/run/xmasq-bench-${this.name}`;
 
@@ -110,7 +111,7 @@ class Bench {
   }
 
   private async tearDown(): Promise<void> {
-    for (const c of this.children) c.kill('SIGKILL');
+    await this.tools.killAll();
     for (const a of Object.values(this.agents)) await a?.teardown().catch((e: Error) => this.o.log(`stopping agents: ${e.message}`));
     await this.lab?.down().catch((e: Error) => this.o.log(`lab down: ${e.message}`));
   }
@@ -153,46 +154,9 @@ class Bench {
 
   // ---- the tools -------------------------------------------------------------------------
 
-  private spawn(where: { netns: string }, cmd: string, args: string[]): { child: ChildProcess; out: () => string; exited: Promise<number | null> } {
-    const child = this.lab.spawn(where, cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    this.children.add(child);
-    let out = '';
-    child.stdout!.on('data', (d) => { out += d; });
-    child.stderr!.on('data', (d) => { out += d; });
-    const exited = new Promise<number | null>((r) => child.once('close', (code) => {
-      this.children.delete(child);
-      r(code);
-    }));
-    return { child, out: () => out, exited };
-  }
-
-  /** Starts a server, waits until it says it listens; stop() kills it (or lets a one-shot server finish). */
-  private async server(where: { netns: string }, cmd: string, args: string[], ready: RegExp): Promise<{ stop: (wait?: boolean) => Promise<void> }> {
-    const s = this.spawn(where, cmd, args);
-    const deadline = Date.now() + 60_000;
-    while (!ready.test(s.out())) {
-      if (s.child.exitCode !== null || s.child.signalCode !== null) throw new Error(`${cmd} ${args.join(' ')} exited before listening: ${s.out().trim()}`);
-      if (Date.now() > deadline) {
-        s.child.kill('SIGKILL');
-        throw new Error(`${cmd} ${args.join(' ')} did not listen within 60 s: ${s.out().trim()}`);
-      }
-      await sleep(50);
-    }
-    return {
-      stop: async (wait = false) => {
-        const t = setTimeout(() => s.child.kill('SIGKILL'), wait ? 5000 : 0);
-        await s.exited;
-        clearTimeout(t);
-      },
-    };
-  }
-
-  private async client(where: { netns: string }, cmd: string, args: string[]): Promise<{ code: number | null; out: string }> {
-    const c = this.spawn(where, cmd, args);
-    const t = setTimeout(() => c.child.kill('SIGKILL'), (this.o.seconds + 120) * 1000);
-    const code = await c.exited;
-    clearTimeout(t);
-    return { code, out: c.out() };
+  /** A client runs for the measurement's duration; it is killed if it takes two minutes more. */
+  private client(where: { netns: string }, cmd: string, args: string[]): Promise<{ code: number | null; out: string }> {
+    return this.tools.client(where, cmd, args, (this.o.seconds + 120) * 1000);
   }
 
   private endpoints(path: BenchPath): { client: { netns: string }; server: { netns: string }; target: string } {
@@ -204,20 +168,20 @@ class Bench {
   /** sockperf ping-pong over TCP; its latency figures are half round trips. */
   private async sockperf(path: BenchPath): Promise<{ tps: number; p50: number }> {
     const { client, server, target } = this.endpoints(path);
-    const srv = await this.server(server, 'sockperf', ['sr', '--tcp', '-i', '0.0.0.0', '-p', String(SOCKPERF_PORT)], /using \S+ to block/);
+    const srv = await this.tools.server(server, 'sockperf', ['sr', '--tcp', '-i', '0.0.0.0', '-p', String(SOCKPERF_PORT)], /using \S+ to block/);
     try {
       const r = await this.client(client, 'sockperf', ['pp', '--tcp', '-i', target, '-p', String(SOCKPERF_PORT), '-t', String(this.o.seconds), '-m', '64']);
-      return parseSockperf(r.out, r.code, `${path} to ${target}`);
+      return parseSockperf(r.out, r.code, `sockperf ${path} to ${target}`);
     } finally {
-      await srv.stop();
+      await srv.stop(0);
     }
   }
 
   private async iperf(path: BenchPath): Promise<number> {
     const { client, server, target } = this.endpoints(path);
-    const srv = await this.server(server, 'iperf3', ['-s', '-1', '-p', String(IPERF_PORT), '--forceflush'], /listening/i);
+    const srv = await this.tools.server(server, 'iperf3', ['-s', '-1', '-p', String(IPERF_PORT), '--forceflush'], /listening/i);
     const r = await this.client(client, 'iperf3', ['-c', target, '-p', String(IPERF_PORT), '-t', String(this.o.seconds), '-J']);
-    await srv.stop(true);
+    await srv.stop(5000);
     return parseIperf3(r.out, r.code, `${path} to ${target}`);
   }
 
@@ -228,7 +192,7 @@ class Bench {
    */
   private async warm(): Promise<void> {
     const m0 = [(await this.status('h1')).counters.masqueraded ?? 0, (await this.status('h2')).counters.masqueraded ?? 0];
-    const srv = await this.server(this.b, 'sockperf', ['sr', '-i', '0.0.0.0', '-p', String(WARM_PORT)], /using \S+ to block/);
+    const srv = await this.tools.server(this.b, 'sockperf', ['sr', '-i', '0.0.0.0', '-p', String(WARM_PORT)], /using \S+ to block/);
     try {
       for (let i = 0; i < 10; i++) {
         await this.client(this.a, 'sockperf', ['pp', '-i', this.b.ip, '-p', String(WARM_PORT), '-t', '1', '--mps', '50']);
@@ -236,7 +200,7 @@ class Bench {
         if (m[0] > m0[0] && m[1] > m0[1]) return;
       }
     } finally {
-      await srv.stop();
+      await srv.stop(0);
     }
     throw new Error(`${this.running}: the a-b pair never reached the fast path (masqueraded counters did not grow after 10 s of UDP ping-pong)`);
   }
@@ -281,22 +245,12 @@ class Bench {
         await this.stopAgents();
       }
     }
-    const cpu = cpus()[0]?.model?.trim() || 'unknown';
+    const m = machine();
     return {
-      kernel: release(), cpus: cpus().length, cpu, date: new Date().toISOString(),
+      kernel: m.kernel, cpus: m.cores, cpu: m.cpu, date: new Date().toISOString(),
       rounds: this.o.rounds, duration_s: this.o.seconds, paths: this.o.paths, samples, modes,
     };
   }
-}
-
-/** Round trips per second and p50 (µs) from sockperf ping-pong's summary. */
-export function parseSockperf(out: string, code: number | null, what: string): { tps: number; p50: number } {
-  const valid = /\[Valid Duration\] RunTime=([\d.]+) sec; SentMessages=(\d+); ReceivedMessages=(\d+)/.exec(out);
-  const p50 = /percentile 50\.000 =\s*([\d.]+)/.exec(out);
-  if (code !== 0 || !valid || !p50) throw new Error(`sockperf ${what} exited ${code} without its summary: ${out.trim().slice(-800)}`);
-  const seconds = Number(valid[1]), received = Number(valid[3]);
-  if (!(seconds > 0) || received === 0) throw new Error(`sockperf ${what}: no round trip in ${seconds} s: ${out.trim().slice(-800)}`);
-  return { tps: received / seconds, p50: Number(p50[1]) };
 }
 
 /** Gbit/s received from iperf3 -J. */
