@@ -16,13 +16,14 @@ import {
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
-import { RETIRED_MAPS, unpinAll } from './datapath.ts';
+import { RETIRED_MAPS } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { classify, compile, normaliseRule, protoDportField, type Classifier, type TrieEntry } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
 import { btfHasFunc } from './system.ts';
 import { hookNames, hookPrograms } from '../../testing/hooks.ts';
 import type { AttachKind } from './protocol.ts';
+import { deleteNetns, removePins } from '../../testing/teardown.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const AGENT = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -224,19 +225,8 @@ function makePod(ns: string, hostEnd: string, pod: { ip: string; mac: string }):
 }
 
 function teardown(): void {
-  for (const ns of Object.values(NS)) {
-    try {
-      ip('netns', 'del', ns);
-    } catch {
-      // never created, or gone already
-    }
-  }
-  try {
-    unpinAll(PIN);
-  } catch {
-    // nothing pinned
-  }
-  rmSync(PIN, { recursive: true, force: true });
+  deleteNetns(Object.values(NS));
+  removePins(PIN);
 }
 
 describe('xmasq-agent', () => {

@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { cniAdd, cniCheck, cniDel, type CniConfList, type CniInvocation, type CniResult } from '../../lab/cni.ts';
-import { unpinAll } from '../agent/datapath.ts';
+import { deleteNetns, removePins } from '../../testing/teardown.ts';
 import { AgentClient, type PodRecord } from '../agent/protocol.ts';
 import { runCni, SUPPORTED_VERSIONS } from './plugin.ts';
 
@@ -186,19 +186,8 @@ function startAgent(): Promise<void> {
 }
 
 function teardown(): void {
-  for (const ns of [...made, NODE, WIRE]) {
-    try {
-      ip('netns', 'del', ns);
-    } catch {
-      // never made, or gone already
-    }
-  }
-  try {
-    unpinAll(PIN);
-  } catch {
-    // nothing pinned
-  }
-  rmSync(PIN, { recursive: true, force: true });
+  deleteNetns([...made, NODE, WIRE]);
+  removePins(PIN);
 }
 
 beforeAll(async () => {
