@@ -90,20 +90,8 @@ export interface PolicyRuleSpec {
   proto?: number | 'tcp' | 'udp' | 'icmp';
 }
 
-/** A rule as stored and listed: fields that are "any" absent, a /32 block as its address. */
-export interface PolicyRuleRecord {
-  id: number;
-  dir: Direction;
-  src?: string;
-  dst?: string;
-  srcExcept?: string[];
-  dstExcept?: string[];
-  sport?: number;
-  sportEnd?: number;
-  dport?: number;
-  dportEnd?: number;
-  proto?: number;
-}
+/** A rule as stored and listed: its id given, fields that are "any" absent, a /32 block as its address, the protocol as its number. */
+export type PolicyRuleRecord = Omit<PolicyRuleSpec, 'id' | 'proto'> & { id: number; proto?: number };
 
 /** A path (dataplane/maps.ts `path`) with its 64-bit clock as a decimal string. */
 export interface PathJson {
