@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
-import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
+import { TCP_CONNECT, TCP_ECHO, TCP_ROUND_TRIPS, UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, rulePackets, server } from './traffic.ts';
 import type { ChildProcess } from 'node:child_process';
 
 if (process.getuid?.() !== 0) throw new Error('lab/authority.test.ts needs root (network namespaces, BPF, iptables): run it as root');
@@ -33,34 +33,11 @@ async function iptables(host: string, args: string[]): Promise<string> {
   return r.stdout;
 }
 
-/** Packets counted by the first rule of a chain whose text has all the words. */
-async function rulePackets(host: string, table: string, chain: string, words: string[]): Promise<number> {
-  const out = await iptables(host, ['-t', table, '-L', chain, '-v', '-x', '-n']);
-  const line = out.split('\n').find((l) => words.every((w) => l.includes(w)));
-  if (!line) throw new Error(`no rule with ${words.join(' ')} in ${table}/${chain} on ${host}:\n${out}`);
-  return Number(line.trim().split(/\s+/)[0]);
-}
-
-/** n round trips on ONE TCP connection, 1 byte each; prints 'tcp-rt <k>'. */
-const tcpRoundTrips = (ip: string, port: number, n: number) => `const s = require('net').connect(${port}, '${ip}'); let k = 0;
-  s.setNoDelay(true);
-  s.on('connect', () => s.write('x'));
-  s.on('data', (d) => { k += d.length; if (k >= ${n}) { console.log('tcp-rt', k); process.exit(0); } else s.write('x'); });
-  s.on('error', (e) => { console.log('tcp-error', e.code); process.exit(1); });
-  setTimeout(() => { console.log('tcp-rt', k); process.exit(1); }, 15000);`;
-
 /** UDP round trips to ip:port, checking that every answer comes FROM ip:port; prints 'udp-from-ok <k>'. */
 const udpFrom = (ip: string, port: number, n: number, timeoutMs = 8000) => `const d = require('dgram').createSocket('udp4'); let k = 0, wrong = 0;
   const send = () => d.send('q' + k, ${port}, '${ip}');
   d.on('message', (m, r) => { if (r.address !== '${ip}' || r.port !== ${port}) wrong++; if (++k === ${n}) { console.log('udp-from-ok', k - wrong, 'wrong', wrong); process.exit(0); } else setTimeout(send, 50); });
   send(); setTimeout(() => { console.log('udp-from-ok', k - wrong, 'wrong', wrong); process.exit(1); }, ${timeoutMs});`;
-
-/** A TCP connect that must fail within 3 s; prints 'connected' or 'refused-or-timeout'. */
-const tcpConnect = (ip: string, port: number) => `const s = require('net').connect(${port}, '${ip}');
-  s.on('connect', () => { s.write('x'); });
-  s.on('data', () => { console.log('connected'); process.exit(0); });
-  s.on('error', () => { console.log('refused-or-timeout'); process.exit(0); });
-  setTimeout(() => { console.log('refused-or-timeout'); process.exit(0); }, 3000);`;
 
 interface Outcome { serviceTcp: string; serviceUdp: string; deniedIngress: string; deniedEgress: string; allowed: string }
 
@@ -68,11 +45,11 @@ interface Outcome { serviceTcp: string; serviceUdp: string; deniedIngress: strin
 async function scenario(): Promise<Outcome> {
   const learn = await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5353, 6, 100)));
   expect(learn.out).toContain('udp-echoed 6');
-  const serviceTcp = (await output(nodeIn(lab, a, tcpRoundTrips(CLUSTER_IP, 80, 200)))).out.trim();
+  const serviceTcp = (await output(nodeIn(lab, a, TCP_ROUND_TRIPS(CLUSTER_IP, 80, 200, 15_000)))).out.trim();
   const serviceUdp = (await output(nodeIn(lab, a, udpFrom(CLUSTER_IP, 53, 20)))).out.trim();
-  const deniedIngress = (await output(nodeIn(lab, a, tcpConnect(b.ip, 2222)))).out.trim();
+  const deniedIngress = (await output(nodeIn(lab, a, TCP_CONNECT(b.ip, 2222)))).out.trim();
   const deniedEgress = (await output(nodeIn(lab, a, udpFrom(b.ip, 5354, 3, 3000)))).out.trim().startsWith('udp-from-ok 0') ? 'no answer' : 'answered';
-  const allowed = (await output(nodeIn(lab, a, tcpRoundTrips(b.ip, 8080, 200)))).out.trim();
+  const allowed = (await output(nodeIn(lab, a, TCP_ROUND_TRIPS(b.ip, 8080, 200, 15_000)))).out.trim();
   return { serviceTcp, serviceUdp, deniedIngress, deniedEgress, allowed };
 }
 
@@ -105,16 +82,16 @@ describe("the hosts' Services and policies hold on the fast path", () => {
 
   it('with agents: Service connections through the DNAT keep working, denied flows never arrive, allowed ones are accelerated', async () => {
     const before = { h1: await agents.counters('h1'), h2: await agents.counters('h2') };
-    const dropsIngress = await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222']);
-    const dropsEgress = await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354']);
+    const dropsIngress = await rulePackets(lab, 'h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222']);
+    const dropsEgress = await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354']);
     withAgents = await scenario();
     expect(withAgents).toEqual({
       serviceTcp: 'tcp-rt 200', serviceUdp: 'udp-from-ok 20 wrong 0',
       deniedIngress: 'refused-or-timeout', deniedEgress: 'no answer', allowed: 'tcp-rt 200',
     });
     // The DROP rules saw the denied packets: nothing went around them.
-    expect(await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222'])).toBeGreaterThan(dropsIngress);
-    expect(await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354'])).toBeGreaterThan(dropsEgress);
+    expect(await rulePackets(lab, 'h2', 'filter', 'FORWARD', ['DROP', 'dpt:2222'])).toBeGreaterThan(dropsIngress);
+    expect(await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354'])).toBeGreaterThan(dropsEgress);
 
     const after = { h1: await agents.counters('h1'), h2: await agents.counters('h2') };
     const d = (h: 'h1' | 'h2', c: string) => after[h][c] - before[h][c];
@@ -133,7 +110,7 @@ describe("the hosts' Services and policies hold on the fast path", () => {
   }, 120_000);
 
   it('a TCP connection that leaves the fast path mid-stream (both agents stopped) goes on over the overlay; conntrack finds nothing INVALID', async () => {
-    const invalid = async () => (await rulePackets('h1', 'filter', 'FORWARD', ['DROP', 'INVALID'])) + (await rulePackets('h2', 'filter', 'FORWARD', ['DROP', 'INVALID']));
+    const invalid = async () => (await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'INVALID'])) + (await rulePackets(lab, 'h2', 'filter', 'FORWARD', ['DROP', 'INVALID']));
     const invalidBefore = await invalid();
     const m0 = (await agents.counters('h1')).masqueraded;
     // Round trips of 100 bytes every 10 ms for 4 s on one connection, every echo checked.

@@ -9,11 +9,10 @@ import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { AgentClient, type Attachment } from '../dataplane/agent/protocol.ts';
 import { hookNames } from '../testing/hooks.ts';
-import { verifyIpv4Header } from '../testing/packet/checksum.ts';
 import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
-import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, tcpRetransSegs, wireKind, wireChecksumValid } from './traffic.ts';
+import { TCP_ECHO, TCP_ECHOED_STREAM, csumErrors, mixedTraffic, nodeIn, output, tcpRetransSegs, wireFacts, withServer } from './traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('lab/e2e.test.ts needs root (network namespaces, BPF): run it as root');
 
@@ -38,49 +37,23 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
   });
 
   it('ICMP, TCP and UDP work across hosts: TCP and UDP first as VXLAN, then masqueraded, checksums valid; ICMP stays on the overlay', async () => {
-    const tcp = await server(lab, b, TCP_ECHO(8080));
-    const udp = await server(lab, b, UDP_ECHO(5353));
-    try {
-      const hostIps = new Set(lab.hosts.map((h) => h.ip));
-      const h1 = lab.host('h1');
-      const { frames, result } = await capture(lab, h1, h1.nic, 'ip and not igmp', `${agents.runDir}/wire.pcap`, async () => {
-        const ping = await lab.exec(a, 'ping', ['-c', '4', '-i', '0.2', '-W', '2', b.ip]);
-        const t = await output(nodeInPod(a, `const s = require('net').connect(8080, '${b.ip}'); let got = ''; let n = 0;
-          s.on('connect', () => { const tick = () => { s.write('x'.repeat(1000)); if (++n < 20) setTimeout(tick, 20); else s.end(); }; tick(); });
-          s.on('data', (d) => { got += d; }); s.on('end', () => console.log('tcp-echoed', got.length));`));
-        const u = await output(nodeInPod(a, `const d = require('dgram').createSocket('udp4'); let n = 0;
-          d.on('message', () => { if (++n === 5) { console.log('udp-echoed', n); d.close(); } });
-          for (let i = 0; i < 5; i++) setTimeout(() => d.send('ping-' + i, 5353, '${b.ip}'), i * 100);
-          setTimeout(() => { console.log('udp-echoed', n); process.exit(1); }, 5000);`));
-        return { ping, t, u };
-      });
-      expect(result.ping.stdout, result.ping.stderr).toMatch(/4 packets transmitted, 4 received/);
-      expect(result.t.out).toContain('tcp-echoed 20000');
-      expect(result.u.out).toContain('udp-echoed 5');
-
-      const kinds = frames.map((f) => wireKind(f, hostIps));
-      const protoOf = (k: string) => new Set(frames.filter((_, i) => kinds[i] === k).map((f) => f[23]));
-      // The hosts' conntrack admits TCP and UDP flows only (bpf/conntrack.h): echoes stay VXLAN.
-      expect([...protoOf('masq')].sort((x, y) => x - y)).toEqual([6, 17]);
-      expect(kinds[0]).toBe('vxlan');
-      for (const f of frames.filter((_, i) => kinds[i] === 'masq')) {
-        expect(verifyIpv4Header(f, 14)).toBe(true);
-        expect(wireChecksumValid(f)).toBe(true);
-      }
-      for (const pod of [a, b]) expect(await csumErrors(lab, pod), `checksum errors in ${pod.name}`).toBe(0);
-      const c1 = await counters('h1'), c2 = await counters('h2');
-      expect(c1.masqueraded).toBeGreaterThan(0);
-      expect(c2.restored).toBeGreaterThan(0);
-      expect(c1.restore_miss + c2.restore_miss).toBe(0);
-    } finally {
-      tcp.kill();
-      udp.kill();
-    }
+    const t = await mixedTraffic(lab, a, b, {
+      file: `${agents.runDir}/wire.pcap`, tcpPort: 8080, udpPort: 5353, writes: 20, gapMs: 20, datagrams: 5, udpTimeoutMs: 5000,
+    });
+    expect(t.ping.stdout, t.ping.stderr).toMatch(/4 packets transmitted, 4 received/);
+    expect(t.tcp.out).toContain('tcp-echoed 20000');
+    expect(t.udp.out).toContain('udp-echoed 5');
+    // The hosts' conntrack admits TCP and UDP flows only (bpf/conntrack.h): echoes stay VXLAN.
+    expect(wireFacts(t.frames, new Set(lab.hosts.map((h) => h.ip)))).toMatchObject({ first: 'vxlan', masqProtocols: [6, 17], masqBadChecksums: 0 });
+    for (const pod of [a, b]) expect(await csumErrors(lab, pod), `checksum errors in ${pod.name}`).toBe(0);
+    const c1 = await counters('h1'), c2 = await counters('h2');
+    expect(c1.masqueraded).toBeGreaterThan(0);
+    expect(c2.restored).toBeGreaterThan(0);
+    expect(c1.restore_miss + c2.restore_miss).toBe(0);
   }, 60_000);
 
   it('a denied flow gets no packet through, from its first packet; deleting the rule lets it through', async () => {
-    const srv = await server(lab, b, TCP_ECHO(9090));
-    try {
+    await withServer(lab, b, TCP_ECHO(9090), async () => {
       const added = await AgentClient.request(sock('h2'), { op: 'policy-add', rule: { dir: 'ingress', dst: b.ip, dport: 9090, proto: 'tcp' } });
       const before = (await counters('h2')).policy_drop;
       const denied = await output(nodeInPod(a, `const s = require('net').connect(9090, '${b.ip}');
@@ -91,19 +64,13 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       const allowed = await output(nodeInPod(a, `const s = require('net').connect(9090, '${b.ip}');
         s.on('connect', () => { console.log('connected'); process.exit(0); }); setTimeout(() => { console.log('timeout'); process.exit(1); }, 5000);`));
       expect(allowed.out).toContain('connected');
-    } finally {
-      srv.kill();
-    }
+    });
   }, 30_000);
 
   it('an agent restart under a running TCP stream loses no connection, and the flow stays masqueraded', async () => {
-    const srv = await server(lab, b, TCP_ECHO(7070));
-    try {
+    await withServer(lab, b, TCP_ECHO(7070), async () => {
       // 4 s of 1 KB writes every 20 ms; the client checks every byte comes back.
-      const client = nodeInPod(a, `const s = require('net').connect(7070, '${b.ip}'); let got = 0, sent = 0;
-        s.on('connect', () => { const t = setInterval(() => { s.write(Buffer.alloc(1024, 7)); sent += 1024; }, 20); setTimeout(() => { clearInterval(t); setTimeout(() => s.end(), 1500); }, 4000); });
-        s.on('data', (d) => { got += d.length; }); s.on('error', (e) => { console.log('error', e.code); process.exit(1); });
-        s.on('close', () => console.log('done', sent, got));`);
+      const client = nodeInPod(a, TCP_ECHOED_STREAM(b.ip, 7070, 20, 4000, 1500));
       const done = output(client, 30_000);
       await new Promise((r) => setTimeout(r, 1000));
       await agents.stop('h1');
@@ -116,9 +83,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       const s = (await AgentClient.request(sock('h1'), { op: 'status' })).status;
       expect(s.pinsReused).toBe(true);
       expect((await AgentClient.request(sock('h1'), { op: 'list' })).pods.map((p) => p.attached)).toEqual([true]);
-    } finally {
-      srv.kill();
-    }
+    });
   }, 60_000);
 
   // cls_bpf: the next agent replaces each filter in place (BPF_TC_F_REPLACE); tcx: the program of
@@ -130,8 +95,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
     const attached = async () => (await AgentClient.request(sock('h1'), { op: 'status' })).status.attachments;
     const attachedBefore: Attachment[] = await attached();
     expect(attachedBefore.map((x) => x.kind)).toEqual([kind, kind, kind]);
-    const srv = await server(lab, b, TCP_ECHO(7171));
-    try {
+    await withServer(lab, b, TCP_ECHO(7171), async () => {
       const retrans = async () => {
         let n = 0;
         for (const pod of [a, b]) n += await tcpRetransSegs(lab, pod);
@@ -139,10 +103,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
       };
       const before = await retrans();
       const missesBefore = (await counters('h1')).restore_miss + (await counters('h2')).restore_miss;
-      const client = nodeInPod(a, `const s = require('net').connect(7171, '${b.ip}'); let got = 0, sent = 0;
-        s.on('connect', () => { const t = setInterval(() => { s.write(Buffer.alloc(1024, 7)); sent += 1024; }, 10); setTimeout(() => { clearInterval(t); setTimeout(() => s.end(), 500); }, 3000); });
-        s.on('data', (d) => { got += d.length; }); s.on('error', (e) => { console.log('error', e.code); process.exit(1); });
-        s.on('close', () => console.log('done', sent, got));`);
+      const client = nodeInPod(a, TCP_ECHOED_STREAM(b.ip, 7171, 10, 3000, 500));
       const done = output(client, 30_000);
       await new Promise((r) => setTimeout(r, 800));
       expect(await agents.stop('h1', 'SIGUSR2')).toBe(0);
@@ -162,9 +123,7 @@ describe('XMasq with xmasq-agent in a two-host lab', () => {
         // The same link, its program swapped: the hook never went without one.
         if (kind === 'tcx') expect(y?.linkId, `${x.program} on ${x.dev}: its link`).toBe(x.linkId);
       }
-    } finally {
-      srv.kill();
-    }
+    });
   }, 60_000);
 
   it('stopping the agents and taking the lab down leaves no netns, filter or pin behind', async () => {
