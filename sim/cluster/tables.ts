@@ -11,7 +11,8 @@
  * with: pod_info and nodes as the keys came; the caches by first key part as
  * they came, under each the narrow keys ascending, then the others as they came.
  */
-import { EEXIST, Entry, HashTable, type KeyCodec, type ModelCodec } from '../model/state.ts';
+import type { KeyCodec, ModelCodec } from '../model/codec.ts';
+import { EEXIST, Entry, HashTable } from '../model/state.ts';
 
 /** A map from non-negative integers to entries. */
 interface Inner<E> {

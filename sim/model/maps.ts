@@ -12,8 +12,9 @@ import {
   type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyRoot,
 } from '../../dataplane/maps.ts';
 import { LpmTrie } from './lpm.ts';
+import { ModelCodec, ipKeys, structKeys } from './codec.ts';
 import {
-  HashTable, ModelCodec, ipKeys, structKeys,
+  HashTable,
   type ModelCtAdmission, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
 } from './state.ts';
 

@@ -2,7 +2,7 @@
  * Twin of bpf/masq.h — a pod's packets on their way out. A packet of a fully
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
-import { IP_RF, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
+import { IP_RF, NO_SERVICES, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
 import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, readMac, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
@@ -34,15 +34,15 @@ export function masqInPlace(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
 /** C: XMASQ_CT_UNCHECKED. */
 const CT_UNCHECKED = 'UNCHECKED';
 
-/** config's Service range as words, converted once per distinct text. */
-let rangeText = '', rangeNet = 0, rangeMask = 0;
+/**
+ * C: cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net. The
+ * model's config holds the range as text (maps.ts Config): its words are read here,
+ * at each packet, rather than kept between runs.
+ */
 function inServiceRange(net: string, mask: string, daddr: number): boolean {
-  if (rangeText !== `${net}/${mask}`) {
-    rangeText = `${net}/${mask}`;
-    rangeNet = ipWord(net);
-    rangeMask = ipWord(mask);
-  }
-  return rangeMask !== 0 && ((daddr & rangeMask) >>> 0) === rangeNet;
+  if (mask === NO_SERVICES.service_mask) return false;
+  const m = ipWord(mask);
+  return m !== 0 && ((daddr & m) >>> 0) === ipWord(net);
 }
 
 function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind: RedirectKindName): number {
