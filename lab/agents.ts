@@ -138,20 +138,26 @@ export interface AgentLabOptions {
   /** LabOptions.overlay. */
   overlay?: 'vxlan' | 'geneve';
   startTimeoutMs?: number;
+  /** Default true; false: pods come from bridge + host-local alone, and no agent hears of them but by discovery. */
+  xmasqPlugin?: boolean;
+  /** Default true; false: the agents are made but left for the suite to start. */
+  startAgents?: boolean;
 }
 
 /**
  * The setup of the lab's end-to-end tests: two hosts whose pods come through
  * the CNI chain with our xmasq plugin last (required), and one agent per host
- * started before any pod. Half-built, it is torn down before the error goes on.
+ * started before any pod (unless the options say otherwise). Half-built, it is
+ * torn down before the error goes on.
  */
 export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agents: LabAgents }> {
   const lab = await Lab.up({
     name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s, vxlanPort: o.vxlanPort, overlay: o.overlay,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
+    cniPlugins: o.xmasqPlugin === false ? [] : [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
   });
   const agents = new LabAgents(lab, o.runDir, o.name, o.agentArgs ?? ['--scan-interval', '0.5'], o.startTimeoutMs);
+  if (o.startAgents === false) return { lab, agents };
   try {
     await agents.start('h1');
     await agents.start('h2');

@@ -11,8 +11,9 @@ import { AgentClient, type PodRecord } from '../dataplane/agent/protocol.ts';
 import { monotonicCoarseNs } from '../dataplane/agent/native.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
 import { NO_HOST_NETNS, egressKey, path, podInfo, podIp } from '../dataplane/maps.ts';
-import { LabAgents } from './agents.ts';
-import { Lab, type LabPod } from './lab.ts';
+import type { LabAgents } from './agents.ts';
+import { labWithAgents } from './fixture.ts';
+import type { Lab, LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
 import { until } from '../testing/until.ts';
 
@@ -69,20 +70,17 @@ function found(pod: LabPod): Partial<PodRecord> {
 
 const byIp = <T extends Partial<PodRecord>>(pods: T[]) => [...pods].sort((x, y) => String(x.ip).localeCompare(String(y.ip)));
 
-beforeAll(async () => {
-  // No xmasq plugin in the chain: no agent is ever told about a pod.
-  lab = await Lab.up({ name, hosts: 2, podsPerHost: 0 });
-  agents = new LabAgents(lab, runDir, name, AGENT_ARGS);
-  a = await lab.addPod('h1', 'a');
-  e = await lab.addPod('h1', 'e');
-  b = await lab.addPod('h2', 'b');
-  echoes.push(await server(lab, b, UDP_ECHO(PORT)));
-}, 120_000);
+// No xmasq plugin in the chain: no agent is ever told about a pod. The agents start in the tests.
+labWithAgents({
+  name, runDir, agentArgs: AGENT_ARGS, checksumOffload: true, xmasqPlugin: false, startAgents: false, pods: [['h1', 'a'], ['h1', 'e'], ['h2', 'b']],
+}, (f) => ({ lab, agents, pods: [a, e, b] } = f));
 
-afterAll(async () => {
+beforeAll(async () => {
+  echoes.push(await server(lab, b, UDP_ECHO(PORT)));
+});
+
+afterAll(() => {
   for (const x of echoes) x.kill();
-  await agents?.teardown();
-  await lab?.down();
 });
 
 describe('pod discovery: pods the CNI plugin never reported', () => {
