@@ -18,12 +18,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { AgentClient } from '../../dataplane/agent/protocol.ts';
 import { BpfMap } from '../../dataplane/libbpf.ts';
 import { podInfo, podIp } from '../../dataplane/maps.ts';
-import { verifyIpv4Header } from '../../testing/packet/checksum.ts';
 import { run } from '../../testing/command.ts';
 import { LabAgents, upWithAgents } from '../../lab/agents.ts';
 import { ROOT, TSX } from '../../testing/root.ts';
 import { Lab, type LabPod } from '../../lab/lab.ts';
-import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, csumErrors, nodeIn, output, server, wireKind, wireChecksumValid } from '../../lab/traffic.ts';
+import {
+  TCP_CONNECT, TCP_ECHO, TCP_ROUND_TRIPS, UDP_ECHO, UDP_ROUND_TRIPS, capture, csumErrors, mixedTraffic, nodeIn, output, rulePackets, server, wireFacts, wireKind,
+} from '../../lab/traffic.ts';
 
 if (process.getuid?.() !== 0) throw new Error('rpeer-e2e.guest.ts needs root (network namespaces, BPF): it runs as PID 1 of the test VM');
 
@@ -99,46 +100,22 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
   });
 
   it('ICMP, TCP and UDP across hosts: VXLAN first, then TCP and UDP masqueraded (ICMP on the overlay), checksums valid', async () => {
-    const tcp = await server(lab, b, TCP_ECHO(8080));
-    const udp = await server(lab, b, UDP_ECHO(5353));
-    try {
-      const hostIps = new Set(lab.hosts.map((h) => h.ip));
-      const h1 = lab.host('h1');
-      const { frames, result } = await capture(lab, h1, h1.nic, 'ip and not igmp', `${runDir}/wire.pcap`, async () => {
-        const ping = await lab.exec(a, 'ping', ['-c', '4', '-i', '0.2', '-W', '2', b.ip]);
-        const t = await output(nodeIn(lab, a, `const s = require('net').connect(8080, '${b.ip}'); let got = ''; let n = 0;
-          s.on('connect', () => { const tick = () => { s.write('x'.repeat(1000)); if (++n < 40) setTimeout(tick, 25); else s.end(); }; tick(); });
-          s.on('data', (d) => { got += d; }); s.on('end', () => console.log('tcp-echoed', got.length));`), 60_000);
-        const u = await output(nodeIn(lab, a, `const d = require('dgram').createSocket('udp4'); let n = 0;
-          d.on('message', () => { if (++n === 10) { console.log('udp-echoed', n); d.close(); } });
-          for (let i = 0; i < 10; i++) setTimeout(() => d.send('ping-' + i, 5353, '${b.ip}'), i * 100);
-          setTimeout(() => { console.log('udp-echoed', n); process.exit(1); }, 20000);`), 60_000);
-        return { ping, t, u };
-      });
-      expect(result.ping.stdout, result.ping.stderr).toMatch(/4 packets transmitted, 4 received/);
-      expect(result.t.out).toContain('tcp-echoed 40000');
-      expect(result.u.out).toContain('udp-echoed 10');
-
-      const kinds = frames.map((f) => wireKind(f, hostIps));
-      expect(kinds[0]).toBe('vxlan');
-      const protoOf = (k: string) => new Set(frames.filter((_, i) => kinds[i] === k).map((f) => f[23]));
-      // TCP and UDP once the host's conntrack admits their flows (the agent made TCP's
-      // entry liberal); ICMP never: it crosses the host stack, on the overlay.
-      expect([...protoOf('masq')].sort((x, y) => x - y)).toEqual([6, 17]);
-      expect(frames.filter((f, i) => kinds[i] === 'vxlan' && f[14 + 20 + 8 + 8 + 14 + 9] === 1).length, 'ICMP in VXLAN').toBeGreaterThanOrEqual(8);
-      for (const f of frames.filter((_, i) => kinds[i] === 'masq')) {
-        expect(verifyIpv4Header(f, 14)).toBe(true);
-        expect(wireChecksumValid(f)).toBe(true);
-      }
-      for (const pod of [a, b]) expect(await csumErrors(lab, pod), `checksum errors in ${pod.name}`).toBe(0);
-      const c1 = await agents.counters('h1'), c2 = await agents.counters('h2');
-      expect(c1.masqueraded).toBeGreaterThan(0);
-      expect(c2.restored).toBeGreaterThan(0);
-      expect(c1.restore_miss + c2.restore_miss).toBe(0);
-    } finally {
-      tcp.kill();
-      udp.kill();
-    }
+    const t = await mixedTraffic(lab, a, b, {
+      file: `${runDir}/wire.pcap`, tcpPort: 8080, udpPort: 5353, writes: 40, gapMs: 25, datagrams: 10, udpTimeoutMs: 20_000, clientTimeoutMs: 60_000,
+    });
+    expect(t.ping.stdout, t.ping.stderr).toMatch(/4 packets transmitted, 4 received/);
+    expect(t.tcp.out).toContain('tcp-echoed 40000');
+    expect(t.udp.out).toContain('udp-echoed 10');
+    // TCP and UDP once the host's conntrack admits their flows (the agent made TCP's
+    // entry liberal); ICMP never: it crosses the host stack, on the overlay.
+    const wire = wireFacts(t.frames, new Set(lab.hosts.map((h) => h.ip)));
+    expect(wire).toMatchObject({ first: 'vxlan', masqProtocols: [6, 17], masqBadChecksums: 0 });
+    expect(wire.icmpInVxlan, 'ICMP in VXLAN').toBeGreaterThanOrEqual(8);
+    for (const pod of [a, b]) expect(await csumErrors(lab, pod), `checksum errors in ${pod.name}`).toBe(0);
+    const c1 = await agents.counters('h1'), c2 = await agents.counters('h2');
+    expect(c1.masqueraded).toBeGreaterThan(0);
+    expect(c2.restored).toBeGreaterThan(0);
+    expect(c1.restore_miss + c2.restore_miss).toBe(0);
   });
 
   // Each test has servers of its own on ports of its own: a killed server's port may
@@ -177,35 +154,11 @@ describe('XMasq on the rpeer kernel, agents in auto mode', () => {
   });
 });
 
-/** Packets counted by the first rule of a host's FORWARD chain whose text has all the words. */
-async function forwardDrops(host: string, words: string[]): Promise<number> {
-  const r = await lab.exec(lab.host(host), 'iptables', ['-w', '-L', 'FORWARD', '-v', '-x', '-n']);
-  if (r.code !== 0) throw new Error(`iptables -L FORWARD on ${host}: ${r.stderr}`);
-  const line = r.stdout.split('\n').find((l) => words.every((w) => l.includes(w)));
-  if (!line) throw new Error(`no rule with ${words.join(' ')} in FORWARD on ${host}:\n${r.stdout}`);
-  return Number(line.trim().split(/\s+/)[0]);
-}
-
-/** A TCP connect that must fail within 3 s; prints 'connected' or 'refused-or-timeout'. */
-const tcpConnect = (ip: string, port: number) => `const s = require('net').connect(${port}, '${ip}');
-  s.on('connect', () => { s.write('x'); });
-  s.on('data', () => { console.log('connected'); process.exit(0); });
-  s.on('error', () => { console.log('refused-or-timeout'); process.exit(0); });
-  setTimeout(() => { console.log('refused-or-timeout'); process.exit(0); }, 3000);`;
-
 /** n datagrams from one socket, gapMs apart, whatever comes back; prints 'udp-answers <k>' 3 s after the last. */
 const udpBurst = (ip: string, port: number, n: number, gapMs: number) => `const d = require('dgram').createSocket('udp4'); let k = 0;
   d.on('message', () => { k++; });
   for (let i = 0; i < ${n}; i++) setTimeout(() => d.send('q' + i, ${port}, '${ip}'), i * ${gapMs});
   setTimeout(() => { console.log('udp-answers', k); process.exit(0); }, ${n} * ${gapMs} + 3000);`;
-
-/** n round trips on ONE TCP connection, 1 byte each; prints 'tcp-rt <k>'. */
-const tcpRoundTrips = (ip: string, port: number, n: number) => `const s = require('net').connect(${port}, '${ip}'); let k = 0;
-  s.setNoDelay(true);
-  s.on('connect', () => s.write('x'));
-  s.on('data', (d) => { k += d.length; if (k >= ${n}) { console.log('tcp-rt', k); process.exit(0); } else s.write('x'); });
-  s.on('error', (e) => { console.log('tcp-error', e.code); process.exit(1); });
-  setTimeout(() => { console.log('tcp-rt', k); process.exit(1); }, 30000);`;
 
 describe('the sending host\'s policy holds in rpeer mode: masq_rpeer consults the host\'s conntrack', () => {
   const servers: ChildProcess[] = [];
@@ -220,8 +173,8 @@ describe('the sending host\'s policy holds in rpeer mode: masq_rpeer consults th
     const learned = (await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5356, 6, 100)), 60_000)).out.trim();
     // b's echo would answer anything that arrived: no answer, nothing arrived.
     const deniedUdp = await around(async () => (await output(nodeIn(lab, a, udpBurst(b.ip, 5354, 5, 200)), 60_000)).out.trim());
-    const deniedTcp = (await output(nodeIn(lab, a, tcpConnect(b.ip, 2222)), 60_000)).out.trim();
-    const allowedTcp = (await output(nodeIn(lab, a, tcpRoundTrips(b.ip, 8081, 200)), 60_000)).out.trim();
+    const deniedTcp = (await output(nodeIn(lab, a, TCP_CONNECT(b.ip, 2222)), 60_000)).out.trim();
+    const allowedTcp = (await output(nodeIn(lab, a, TCP_ROUND_TRIPS(b.ip, 8081, 200, 30_000)), 60_000)).out.trim();
     const allowedUdp = (await output(nodeIn(lab, a, UDP_ROUND_TRIPS(b.ip, 5356, 20, 50)), 60_000)).out.trim();
     return { learned, deniedUdp, deniedTcp, allowedTcp, allowedUdp };
   }
@@ -242,7 +195,7 @@ describe('the sending host\'s policy holds in rpeer mode: masq_rpeer consults th
 
   it('with agents: the denied flows of a learned pair never arrive and the rules count them; the allowed ones are masqueraded', async () => {
     const before = await agents.counters('h1');
-    const drops = { udp: await forwardDrops('h1', ['DROP', 'dpt:5354']), tcp: await forwardDrops('h1', ['DROP', 'dpt:2222']) };
+    const drops = { udp: await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354']), tcp: await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:2222']) };
     let denied: Record<string, number> = {};
     withAgents = await scenario(async (step) => {
       const c0 = await agents.counters('h1');
@@ -254,8 +207,8 @@ describe('the sending host\'s policy holds in rpeer mode: masq_rpeer consults th
     expect(withAgents).toEqual({
       learned: 'udp-echoed 6', deniedUdp: 'udp-answers 0', deniedTcp: 'refused-or-timeout', allowedTcp: 'tcp-rt 200', allowedUdp: 'udp-echoed 20',
     });
-    expect(await forwardDrops('h1', ['DROP', 'dpt:5354'])).toBeGreaterThan(drops.udp);
-    expect(await forwardDrops('h1', ['DROP', 'dpt:2222'])).toBeGreaterThan(drops.tcp);
+    expect(await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:5354'])).toBeGreaterThan(drops.udp);
+    expect(await rulePackets(lab, 'h1', 'filter', 'FORWARD', ['DROP', 'dpt:2222'])).toBeGreaterThan(drops.tcp);
     // The denied datagram of the learned pair reached masq_rpeer, which found no entry
     // in the host's conntrack (the DROP let none be confirmed) and left it to h1's stack:
     // refused, not masqueraded (a build without the check would have sent it to the NIC).
