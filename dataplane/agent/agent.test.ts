@@ -6,7 +6,7 @@
  * programs on their hooks through tcx queries and tc in that netns.
  */
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createConnection, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -756,8 +756,17 @@ describe('xmasq-agent', () => {
       expect(agent!.stderr()).toMatch(/error: add failed: EEXIST/);
       await alive();
     } finally {
-      rmSync(STATE, { force: true });
-      execFileSync('mv', [`${STATE}.away`, STATE]);
+      // A scan may make STATE again, as a directory, between the rm and the rename (mv would then
+      // put the real one inside it and policy.json would seem gone): rename(2), retried until it lands.
+      for (let i = 0; ; i++) {
+        rmSync(STATE, { recursive: true, force: true });
+        try {
+          renameSync(`${STATE}.away`, STATE);
+          break;
+        } catch (e) {
+          if (i >= 50) throw e;
+        }
+      }
     }
     await until('/healthz to recover', () => health().code === 200);
     expect(health().body).toBe('ok');
@@ -781,7 +790,7 @@ describe('xmasq-agent', () => {
 
   it('a SIGTERM while the agent starts is held until it has started, then acted on as any SIGTERM: nothing half attached', async () => {
     const r = spawnAgent();
-    // Its first line comes just before the handlers are in place, and long before it is ready.
+    // Its first line comes once the handlers are in place (dataplane/agent/main.ts), long before it is ready.
     // (A generous wait: tsx compiles the agent first, seconds on a loaded machine.)
     await until('the agent\'s first line', () => /pid \d+/.test(r.stderr()), 60_000);
     r.child.kill('SIGTERM');

@@ -15,9 +15,6 @@ import { socketInUse } from './server.ts';
 import { StateDir } from './state.ts';
 
 async function run(cfg: AgentConfig, log: Log): Promise<number> {
-  // The pid is the one to signal (SIGUSR2 for a hand-over): a supervisor such as npm may stand between.
-  log.info(`xmasq-agent ${packageVersion()}, pid ${process.pid}, node ${process.version}`);
-  const agent = new Agent(cfg, log);
   /*
    * The stop signals' listeners are installed once, before start, and never
    * removed. A stop signal while starting must not kill the process by default
@@ -36,6 +33,10 @@ async function run(cfg: AgentConfig, log: Log): Promise<number> {
     log.info(`${sig} while starting: acting on it once started`);
   };
   for (const sig of ['SIGTERM', 'SIGINT', 'SIGUSR2'] as const) process.on(sig, onStopSignal);
+  // The pid is the one to signal (SIGUSR2 for a hand-over): a supervisor such as npm may stand
+  // between. Logged once the listeners are in place, so a signal sent on seeing it is never fatal.
+  log.info(`xmasq-agent ${packageVersion()}, pid ${process.pid}, node ${process.version}`);
+  const agent = new Agent(cfg, log);
   await agent.start();
   return new Promise<number>((resolve) => {
     let stopping = false;

@@ -51,8 +51,13 @@ async function onTheWire(file: string) {
 let withAgents: { udp: string; tcp: string };
 
 beforeAll(async () => {
-  // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier).
-  ({ lab, agents } = await upWithAgents({ name, runDir, overlay: 'geneve', startTimeoutMs: 180_000 }));
+  // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier), and a case can
+  // take longer than the default --egress-idle (20 s) on a busy host: the pair's entry, which the
+  // not_ours case checks is kept, would idle out between the cases, so entries live 5 minutes here.
+  ({ lab, agents } = await upWithAgents({
+    name, runDir, overlay: 'geneve', startTimeoutMs: 180_000,
+    agentArgs: ['--scan-interval', '0.5', '--egress-idle', '300', '--ingress-idle', '330'],
+  }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
   servers.push(await server(lab, b, UDP_ECHO(UDP_PORT)), await server(lab, b, TCP_ECHO(TCP_PORT)));
