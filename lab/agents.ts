@@ -138,6 +138,11 @@ export interface AgentLabOptions {
   /** LabOptions.overlay. */
   overlay?: 'vxlan' | 'geneve';
   startTimeoutMs?: number;
+  /**
+   * The xmasq CNI plugin's agentTimeoutMs (its default: 5 s). A guest under TCG on a busy
+   * host can take longer to answer an add than that; the plugin is required, so the pod fails.
+   */
+  cniAgentTimeoutMs?: number;
   /** Default true; false: pods come from bridge + host-local alone, and no agent hears of them but by discovery. */
   xmasqPlugin?: boolean;
   /** Default true; false: the agents are made but left for the suite to start. */
@@ -154,7 +159,10 @@ export async function upWithAgents(o: AgentLabOptions): Promise<{ lab: Lab; agen
   const lab = await Lab.up({
     name: o.name, hosts: 2, podsPerHost: 0, checksumOffload: o.checksumOffload ?? false, conntrack: o.conntrack, k8s: o.k8s, vxlanPort: o.vxlanPort, overlay: o.overlay,
     cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
-    cniPlugins: o.xmasqPlugin === false ? [] : [{ type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true }],
+    cniPlugins: o.xmasqPlugin === false ? [] : [{
+      type: 'xmasq', agentSocket: `${o.runDir}/{host}/agent.sock`, required: true,
+      ...(o.cniAgentTimeoutMs === undefined ? {} : { agentTimeoutMs: o.cniAgentTimeoutMs }),
+    }],
   });
   const agents = new LabAgents(lab, o.runDir, o.name, o.agentArgs ?? ['--scan-interval', '0.5'], o.startTimeoutMs);
   if (o.startAgents === false) return { lab, agents };

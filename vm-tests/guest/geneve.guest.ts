@@ -55,7 +55,7 @@ beforeAll(async () => {
   // take longer than the default --egress-idle (20 s) on a busy host: the pair's entry, which the
   // not_ours case checks is kept, would idle out between the cases, so entries live 5 minutes here.
   ({ lab, agents } = await upWithAgents({
-    name, runDir, overlay: 'geneve', startTimeoutMs: 180_000,
+    name, runDir, overlay: 'geneve', startTimeoutMs: 180_000, cniAgentTimeoutMs: 60_000,
     agentArgs: ['--scan-interval', '0.5', '--egress-idle', '300', '--ingress-idle', '330'],
   }));
   a = await lab.addPod('h1', 'a');

@@ -39,7 +39,7 @@ beforeAll(async () => {
   // Under TCG an agent takes tens of seconds to start (Node, tsx, the verifier).
   // conntrack (the default): every host carries kube-proxy's INVALID drop, which makes
   // its conntrack track the pods' flows, as on a Kubernetes node.
-  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000 }));
+  ({ lab, agents } = await upWithAgents({ name, runDir, startTimeoutMs: 180_000, cniAgentTimeoutMs: 60_000 }));
   a = await lab.addPod('h1', 'a');
   b = await lab.addPod('h2', 'b');
 });
