@@ -49,6 +49,8 @@ export interface DemoOptions {
   signal?: AbortSignal;
   /** The datapath object the agents load (their --object), to compare builds; default the agent's. */
   agentObject?: string;
+  /** The agents' --attach (default theirs: auto). */
+  attach?: 'auto' | 'tcx' | 'cls_bpf';
   /**
    * A directory for a CPU profile of every pinned sockperf measurement (perf record on CPU 0,
    * see profile.ts); the run's hop-by-hop table comes back in DemoRun.profile.
@@ -422,7 +424,10 @@ class Demo {
       cniPath: ['/usr/lib/cni', `${ROOT}dataplane/cni`],
       cniPlugins: [{ type: 'xmasq', agentSocket: `${runDir}/{host}/agent.sock`, required: true }],
     });
-    this.agents = new LabAgents(this.lab, runDir, this.name, this.opts.agentObject ? ['--object', this.opts.agentObject] : []);
+    this.agents = new LabAgents(this.lab, runDir, this.name, [
+      ...(this.opts.agentObject ? ['--object', this.opts.agentObject] : []),
+      ...(this.opts.attach ? ['--attach', this.opts.attach] : []),
+    ]);
     this.checkAbort();
     await this.startAgents();
     this.a = await this.lab.addPod('h1', 'a');

@@ -37,6 +37,8 @@ options:
   --pinned-only    skip the unpinned measurements
   --agent-object FILE  the datapath object the agents load (default bpf/build/xmasq.bpf.o),
                    to compare two builds' xmasq path against the same host and overlay
+  --attach KIND    how the agents put their programs on the hooks: auto (default: tcx
+                   links where the kernel has them), tcx or cls_bpf, to compare the two
   --nice N         nice level of iperf3, sockperf and rr (default -20: other load on the machine
                    takes as little from them as possible; 0 to run them normally)
   --profile DIR    profile every pinned sockperf and 1-stream iperf3 measurement (perf
@@ -66,6 +68,7 @@ export interface CliOptions {
   svg?: string;
   md?: string;
   agentObject?: string;
+  attach?: 'auto' | 'tcx' | 'cls_bpf';
   profile?: string;
   help: boolean;
 }
@@ -102,6 +105,12 @@ export function parseArgs(argv: readonly string[]): CliOptions {
       case '--svg': o.svg = value(); break;
       case '--md': o.md = value(); break;
       case '--profile': o.profile = value(); break;
+      case '--attach': {
+        const k = value();
+        if (!['auto', 'tcx', 'cls_bpf'].includes(k)) throw new UsageError(`--attach ${JSON.stringify(k)}: one of auto, tcx, cls_bpf`);
+        o.attach = k as 'auto' | 'tcx' | 'cls_bpf';
+        break;
+      }
       case '--agent-object': {
         const f = value();
         if (!existsSync(f)) throw new UsageError(`--agent-object ${f}: no such file (build objects with 'make -C bpf')`);
@@ -225,7 +234,7 @@ export async function main(argv: readonly string[]): Promise<number> {
 
   let result: DemoRun;
   try {
-    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject, profile: opts.profile });
+    result = await runDemo({ rounds: opts.rounds, durationS: opts.durationS, modes: opts.modes, nice: opts.nice, progress, signal: ac.signal, agentObject: opts.agentObject, attach: opts.attach, profile: opts.profile });
   } catch (e) {
     if (isAbort(e) || ac.signal.aborted) {
       process.stderr.write('demo: interrupted; the lab is down\n');
