@@ -440,11 +440,9 @@ export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string):
 export function unpinAll(pinDir: string): { removed: string[]; leftover: string[] } {
   const removed: string[] = [];
   if (!existsSync(pinDir)) return { removed, leftover: [] };
-  for (const name of readdirSync(pinDir)) {
-    if (!name.startsWith(LINK_PIN_PREFIX)) continue;
-    removeLink(join(pinDir, name));
-    removed.push(join(pinDir, name));
-  }
+  const links = readdirSync(pinDir).filter((n) => n.startsWith(LINK_PIN_PREFIX)).map((n) => join(pinDir, n));
+  removeLinks(pinDir);
+  removed.push(...links);
   for (const name of [...Object.keys(MAPS), ...RETIRED_MAPS]) {
     const p = join(pinDir, name);
     if (existsSync(p)) {
