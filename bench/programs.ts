@@ -1,5 +1,5 @@
 /**
- * npm run bench:prog [-- --json] [-- --repeat N --runs K]
+ * npm run bench:prog [-- --json] [-- --repeat N --runs K] [-- --profile]
  *
  * ns/packet of every program path with BPF_PROG_TEST_RUN on the bench build
  * (production map sizes plus the bench_* wrappers of bpf/bench.bpf.c), next to
@@ -25,6 +25,7 @@ import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/d
 import { u32ToIp, ipToU32 } from '../testing/packet/addr.ts';
 import { commandLine } from '../testing/args.ts';
 import { machine, median, type Machine } from '../testing/measure.ts';
+import { PROFILE_FREQ, Recording, breakdown, renderBreakdown } from './prog-profile.ts';
 
 export const BENCH_OBJECT = fileURLToPath(new URL('../bpf/build/xmasq.bench.bpf.o', import.meta.url));
 
@@ -462,7 +463,16 @@ export interface BenchOptions {
   objectPath?: string;
   /** Progress lines; stderr by default. */
   log?: (line: string) => void;
+  /**
+   * After the timed runs, each row once more with this many packets, its start and end
+   * (CLOCK_MONOTONIC, as `perf record -k CLOCK_MONOTONIC` stamps samples) pushed to
+   * `windows`: what --profile attributes a recording's samples by (bench/prog-profile.ts).
+   */
+  profile?: { repeat: number; windows: RowWindow[] };
 }
+
+/** One row's profiling run: when it ran and how many packets it ran. */
+export interface RowWindow { name: string; kind: Kind; startNs: bigint; endNs: bigint; packets: number }
 
 export function runBench(opts: BenchOptions = {}): BenchReport {
   const repeat = opts.repeat ?? DEFAULTS.repeat;
@@ -557,6 +567,17 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
         ratio, goal, met: goal === null ? null : ratio <= goal,
       };
     });
+    if (opts.profile) {
+      const { repeat: n, windows } = opts.profile;
+      log(`bench:prog: profiling run (${n} packets per row)`);
+      for (const row of ROWS) {
+        const startNs = process.hrtime.bigint();
+        const r = runner.run(row, n);
+        const endNs = process.hrtime.bigint();
+        guard(row, 'the profiling run did not take the single run\'s path', r.retval === single.get(row)!.retval ? [] : [`returned ${r.retval}`]);
+        windows.push({ name: row.name, kind: row.kind, startNs, endNs, packets: n });
+      }
+    }
     return { machine: machine(), date: new Date().toISOString(), repeat, runs, rows };
   } finally {
     runner.close();
@@ -594,7 +615,7 @@ export function formatTable(r: BenchReport): string {
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--help]
+const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--help]
 
 ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.bench.bpf.o
 (production map sizes), next to an empty program. Run as root.
@@ -602,6 +623,9 @@ ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.b
   --json        print only the JSON report on stdout (progress still goes to stderr)
   --repeat N    packets per test run (default ${DEFAULTS.repeat})
   --runs K      interleaved runs per row; the median is reported (default ${DEFAULTS.runs})
+  --profile     then run every row once more under \`perf record\` and print where its
+                nanoseconds go: the program's own instructions, each kind of helper or
+                map operation it calls, the test-run loop (bench/prog-profile.ts; needs perf)
   --help        this text`;
 
 function positiveInt(flag: string, v: string | undefined, dflt: number): number {
@@ -610,13 +634,40 @@ function positiveInt(flag: string, v: string | undefined, dflt: number): number 
   return Number(v);
 }
 
-export function main(argv: string[]): number {
-  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' } });
+export async function main(argv: string[]): Promise<number> {
+  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, profile: { type: 'boolean' } });
   if (typeof line === 'number') return line;
   const args = line.values;
+  let recording: Recording | undefined;
   try {
-    const report = runBench({ repeat: positiveInt('--repeat', args.repeat, DEFAULTS.repeat), runs: positiveInt('--runs', args.runs, DEFAULTS.runs) });
-    process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report)}\n`);
+    const repeat = positiveInt('--repeat', args.repeat, DEFAULTS.repeat);
+    const runs = positiveInt('--runs', args.runs, DEFAULTS.runs);
+    const windows: RowWindow[] = [];
+    if (args.profile) {
+      try {
+        recording = await Recording.start();
+      } catch (e) {
+        throw new BenchError((e as Error).message);
+      }
+    }
+    const report = runBench({ repeat, runs, ...(recording ? { profile: { repeat, windows } } : {}) });
+    let where: ReturnType<typeof breakdown> | undefined;
+    if (recording) {
+      const samples = await recording.stop();
+      recording = undefined;
+      where = breakdown(samples, windows);
+    }
+    if (args.json) {
+      // One document: the profile, if any, as ns per packet by place, per row.
+      const profile = where && { freq: PROFILE_FREQ, repeat, rows: Object.fromEntries([...where].map(([row, m]) => [row, Object.fromEntries(m)])) };
+      process.stdout.write(`${JSON.stringify({ ...report, ...(profile ? { profile } : {}) }, null, 2)}\n`);
+    } else {
+      process.stdout.write(`${formatTable(report)}\n`);
+      if (where) {
+        process.stdout.write(`\nWhere the time goes (perf, cpu-clock at ${PROFILE_FREQ} Hz, ns per packet of one more run of ${repeat} packets per row;\n` +
+          `wrapped rows include the reset row's work):\n\n${renderBreakdown(where, windows)}\n`);
+      }
+    }
     return 0;
   } catch (e) {
     if (e instanceof BenchError) {
@@ -624,9 +675,11 @@ export function main(argv: string[]): number {
       return 1;
     }
     throw e;
+  } finally {
+    await recording?.stop().catch(() => undefined);
   }
 }
 
 if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  process.exitCode = main(process.argv.slice(2));
+  process.exitCode = await main(process.argv.slice(2));
 }

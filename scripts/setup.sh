@@ -25,6 +25,8 @@ packages=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libelf-dev make iproute2 e
   containernetworking-plugins iputils-ping util-linux procps docker.io busybox-static iperf3 gcc libc6-dev
   # npm run demo: request/response measured with sockperf, the tool users compare with
   sockperf
+  # perf: where the time goes (npm run demo -- --profile, npm run bench:prog -- --profile)
+  linux-perf
   # the host stack XMasq defers to: iptables (kube-proxy-style rules in the lab), conntrack (to look at
   # the table the programs consult: conntrack -L)
   conntrack iptables
