@@ -8,7 +8,7 @@
  * caches through readAll, whose buffers are the map's own in both.
  */
 import type { FieldType, Struct } from '../layout.ts';
-import type { MapError, MapOps, MapSnapshot } from '../map-ops.ts';
+import type { MapError, MapOps } from '../map-ops.ts';
 import { egressKey, ingressKey, path, type EgressKey, type IngressKey, type Path } from '../maps.ts';
 import type { EgressDumpEntry, IngressDumpEntry, PathJson, Purged } from './protocol.ts';
 
@@ -64,21 +64,25 @@ export function dumpIngress(map: MapOps, now: bigint): IngressDumpEntry[] {
  * peer's --egress-idle and scan).
  */
 export function purgePod(egress: MapOps, ingress: MapOps, ip: string, now: bigint): Purged {
-  const want = u32Of(egressKey.encode({ local_pod: ip, remote_pod: ip }), EK.local);
+  const want = wordsOf(egressKey.encode({ local_pod: ip, remote_pod: ip }))[EK.local];
   const eg = egress.readAll();
+  const egKeys = wordsOf(eg.keys), egStride = strideOf(eg.keySize, 'egress key');
   const doomed = new KeyList(eg.keySize);
-  for (let i = 0; i < eg.count; i++) if (u32Of(eg.keys, i * eg.keySize + EK.local) === want) doomed.push(eg.keys, i * eg.keySize);
+  for (let i = 0; i < eg.count; i++) if (egKeys[i * egStride + EK.local] === want) doomed.push(eg.keys, i * eg.keySize);
   const ing = ingress.readAll();
+  const ingValues = wordsOf(ing.values), vStride = strideOf(ing.valueSize, 'path');
   let tombstoned = 0;
   for (let i = 0; i < ing.count; i++) {
-    const vo = i * ing.valueSize;
-    if (u32Of(ing.values, vo + P.localIp) !== want || u32Of(ing.values, vo + P.ifindex) === 0) continue;
-    const dead = Buffer.from(ing.values.subarray(vo, vo + ing.valueSize));
-    dead.writeUInt32LE(0, P.ifindex);
-    dead.writeBigUInt64LE(now, P.lastSeen);
+    const vo = i * vStride;
+    if (ingValues[vo + P.localIp] !== want || ingValues[vo + P.ifindex] === 0) continue;
+    const dead = scratch(path.size);
+    dead.words.set(ingValues.subarray(vo, vo + vStride));
+    dead.words[P.ifindex] = 0;
+    dead.words[P.lastSeenLo] = Number(now & 0xffffffffn);
+    dead.words[P.lastSeenHi] = Number((now >> 32n) & 0xffffffffn);
     // Only over the entry as it is: one the program meanwhile deleted stays deleted.
     try {
-      ingress.update(Buffer.from(ing.keys.subarray(i * ing.keySize, (i + 1) * ing.keySize)), dead, 'exist');
+      ingress.update(Buffer.from(ing.keys.subarray(i * ing.keySize, (i + 1) * ing.keySize)), dead.bytes, 'exist');
       tombstoned++;
     } catch (e) {
       if ((e as MapError).code !== 'ENOENT') throw e;
@@ -87,46 +91,79 @@ export function purgePod(egress: MapOps, ingress: MapOps, ip: string, now: bigin
   return { egress: egress.deleteKeys(doomed.keys, doomed.count), ingress: tombstoned };
 }
 
-/** Whether an ingress entry (its raw value) is a deleted pod's tombstone. */
-export function isTombstone(v: Buffer, at = 0): boolean {
-  return u32Of(v, at + P.ifindex) === 0;
-}
-
 /*
  * Purge and expiry read whole caches, 65,536 entries each: decoding every
  * entry into strings costs ~10 µs, a second per cache, during which the agent
  * serves nothing. They read the few fields they need straight from the
  * kernel's bytes instead, at the offsets maps.ts defines; an address is
- * compared as the 32-bit number its four bytes make. And they read them in
- * place, in the map's snapshot buffers (MapOps.readAll): a Buffer view per
- * entry made two heap objects per entry per scan, ~260,000 a scan of full
- * caches, which kept the agent's heap (and RSS) large and its scans slow.
+ * compared as the 32-bit number its four bytes make. They read them in place,
+ * in the map's snapshot buffers (MapOps.readAll): a Buffer view per entry made
+ * two heap objects per entry per scan. And they read them through typed
+ * arrays over those buffers, a plain load per field: Buffer's readUInt32LE
+ * validates its offset at every call, which made the JavaScript of a scan of
+ * full caches take as long as the kernel's two batch reads (~50 ms here);
+ * with typed arrays it takes ~15 ms.
+ *
+ * Typed arrays read in the host's order, as layout.ts takes it: little-endian
+ * (x86_64, arm64), where a 32-bit word reads as readUInt32LE would.
  */
-function offsetOf(s: Struct<never>, name: string, type: FieldType): number {
+function offsetOf(s: Struct<never>, name: string, type: FieldType, align: 2 | 4): number {
   const f = s.field(name);
   // A layout change must fail here, not read the wrong bytes.
   if (f.type !== type) throw new Error(`struct ${s.name}: field ${name} is ${JSON.stringify(f.type)}, expected ${type}`);
-  return f.offset;
+  if (f.offset % align !== 0) throw new Error(`struct ${s.name}: field ${name} at byte ${f.offset} is not ${align}-aligned, as the scans read it`);
+  return f.offset / align;
 }
 const asStruct = (s: unknown) => s as Struct<never>;
+/** path's fields as indexes of 32-bit words, the u16 ones (…16) as indexes of 16-bit halves. */
 const P = {
-  lastSeen: offsetOf(asStruct(path), 'last_seen', 'u64'),
-  localIp: offsetOf(asStruct(path), 'local_ip', 'ipv4'),
-  remoteIp: offsetOf(asStruct(path), 'remote_ip', 'ipv4'),
-  localKey: offsetOf(asStruct(path), 'local_key', 'u16'),
-  remoteKey: offsetOf(asStruct(path), 'remote_key', 'u16'),
-  ifindex: offsetOf(asStruct(path), 'ifindex', 'u32'),
+  lastSeenLo: offsetOf(asStruct(path), 'last_seen', 'u64', 4),
+  lastSeenHi: offsetOf(asStruct(path), 'last_seen', 'u64', 4) + 1,
+  localIp: offsetOf(asStruct(path), 'local_ip', 'ipv4', 4),
+  remoteIp: offsetOf(asStruct(path), 'remote_ip', 'ipv4', 4),
+  ifindex: offsetOf(asStruct(path), 'ifindex', 'u32', 4),
+  localKey16: offsetOf(asStruct(path), 'local_key', 'u16', 2),
+  remoteKey16: offsetOf(asStruct(path), 'remote_key', 'u16', 2),
 };
 const EK = {
-  local: offsetOf(asStruct(egressKey), 'local_pod', 'ipv4'),
-  remote: offsetOf(asStruct(egressKey), 'remote_pod', 'ipv4'),
+  local: offsetOf(asStruct(egressKey), 'local_pod', 'ipv4', 4),
+  remote: offsetOf(asStruct(egressKey), 'remote_pod', 'ipv4', 4),
 };
 const IK = {
-  host: offsetOf(asStruct(ingressKey), 'remote_host', 'ipv4'),
-  key: offsetOf(asStruct(ingressKey), 'key', 'u16'),
+  host: offsetOf(asStruct(ingressKey), 'remote_host', 'ipv4', 4),
+  key16: offsetOf(asStruct(ingressKey), 'key', 'u16', 2),
 };
-const u32Of = (b: Buffer, at: number) => b.readUInt32LE(at);
-const u16Of = (b: Buffer, at: number) => b.readUInt16LE(at);
+
+/** A struct's size in 32-bit words: entries are read at a multiple of it. */
+function strideOf(size: number, what: string): number {
+  if (size % 4 !== 0) throw new Error(`${what} entries of ${size} bytes are not a whole number of 32-bit words, as the scans read them`);
+  return size / 4;
+}
+
+/** b's bytes as 32-bit words, in place; a copy only where b does not start at a word boundary. */
+function wordsOf(b: Buffer): Uint32Array {
+  if (b.byteOffset % 4 === 0) return new Uint32Array(b.buffer, b.byteOffset, b.length >>> 2);
+  const copy = new Uint32Array(b.length >>> 2);
+  new Uint8Array(copy.buffer).set(b.subarray(0, copy.length * 4));
+  return copy;
+}
+
+/** The same memory as 16-bit halves: word w's are halves 2w and 2w + 1 (low, high: little-endian). */
+function halvesOf(words: Uint32Array): Uint16Array {
+  return new Uint16Array(words.buffer, words.byteOffset, words.length * 2);
+}
+
+/** A zeroed buffer of size bytes for lookupInto, with its words and halves: one entry read again. */
+function scratch(size: number): { bytes: Buffer; words: Uint32Array; halves: Uint16Array } {
+  const words = new Uint32Array(Math.ceil(size / 4));
+  return { bytes: Buffer.from(words.buffer, 0, size), words, halves: halvesOf(words) };
+}
+
+/** Whether an ingress entry (its value at word vo of v) is a deleted pod's tombstone. */
+function isTombstone(v: Uint32Array, vo: number): boolean {
+  return v[vo + P.ifindex] === 0;
+}
+
 /**
  * Expiry judges every entry's last_seen: reading each as a BigInt and
  * subtracting it from now made two heap objects per entry per scan. So a
@@ -146,15 +183,15 @@ export function stampBound(now: bigint, idleNs: bigint): StampBound {
   return { hi: Number(c >> 32n), lo: Number(c & 0xffffffffn) };
 }
 
-/** Whether the last_seen of a raw path value (at byte `at` of v) is below the bound: idle longer than its limit. */
-export function stampBelow(v: Buffer, bound: StampBound, at = 0): boolean {
-  const hi = u32Of(v, at + P.lastSeen + 4);
-  return hi < bound.hi || (hi === bound.hi && u32Of(v, at + P.lastSeen) < bound.lo);
+/** Whether the last_seen of a path value (at word vo of v) is below the bound: idle longer than its limit. */
+export function stampBelow(v: Uint32Array, vo: number, bound: StampBound): boolean {
+  const hi = v[vo + P.lastSeenHi];
+  return hi < bound.hi || (hi === bound.hi && v[vo + P.lastSeenLo] < bound.lo);
 }
 
-/** Whether two raw path values (at byte aAt of a, bAt of b) hold the same last_seen. */
-function sameStamp(a: Buffer, aAt: number, b: Buffer, bAt: number): boolean {
-  return u32Of(a, aAt + P.lastSeen) === u32Of(b, bAt + P.lastSeen) && u32Of(a, aAt + P.lastSeen + 4) === u32Of(b, bAt + P.lastSeen + 4);
+/** Whether two path values (at word aAt of a, bAt of b) hold the same last_seen. */
+function sameStamp(a: Uint32Array, aAt: number, b: Uint32Array, bAt: number): boolean {
+  return a[aAt + P.lastSeenLo] === b[bAt + P.lastSeenLo] && a[aAt + P.lastSeenHi] === b[bAt + P.lastSeenHi];
 }
 
 /** Keys copied one after another into one growing buffer, for MapOps.deleteKeys. */
@@ -180,20 +217,20 @@ class KeyList {
 /**
  * An ingress snapshot's entries by (remote host, key), in typed arrays:
  * open addressing over entry numbers, keys compared in the snapshot's own
- * bytes. A Map per host of Buffers per key made two objects per entry.
+ * words. A Map per host of Buffers per key made two objects per entry.
  */
 class PeerIndex {
   private readonly slots: Int32Array;
   private readonly mask: number;
 
-  constructor(private readonly s: MapSnapshot) {
+  constructor(private readonly keys: Uint32Array, private readonly halves: Uint16Array, private readonly stride: number, count: number) {
     let size = 16;
-    while (size < s.count * 2) size *= 2;
+    while (size < count * 2) size *= 2;
     this.slots = new Int32Array(size).fill(-1);
     this.mask = size - 1;
-    for (let i = 0; i < s.count; i++) {
-      const at = i * s.keySize;
-      let slot = this.hash(u32Of(s.keys, at + IK.host), u16Of(s.keys, at + IK.key));
+    for (let i = 0; i < count; i++) {
+      const at = i * stride;
+      let slot = this.hash(keys[at + IK.host], halves[at * 2 + IK.key16]);
       while (this.slots[slot] !== -1) slot = (slot + 1) & this.mask;
       this.slots[slot] = i;
     }
@@ -209,11 +246,11 @@ class PeerIndex {
 
   /** The entry number of (host, key) in the snapshot, or -1. */
   find(host: number, key: number): number {
-    const { keys, keySize } = this.s;
+    const { keys, halves, stride } = this;
     for (let slot = this.hash(host, key); ; slot = (slot + 1) & this.mask) {
       const i = this.slots[slot];
       if (i === -1) return -1;
-      if (u32Of(keys, i * keySize + IK.host) === host && u16Of(keys, i * keySize + IK.key) === key) return i;
+      if (keys[i * stride + IK.host] === host && halves[i * stride * 2 + IK.key16] === key) return i;
     }
   }
 }
@@ -227,8 +264,9 @@ export interface ExpiryResult {
 type EgressVerdict = 'keep' | 'idle' | 'unanswered';
 
 /**
- * Whether an egress entry (k, v: its raw key and value) still serves a live
- * pair; peer is the raw ingress entry under (v.remote_ip, v.local_key).
+ * Whether an egress entry still serves a live pair: its key at word ko of k,
+ * its value at word vo of v (v16: the same memory as halves), and peer the
+ * ingress entry under (value's remote_ip, local_key), at word po of peer.
  *
  * Idleness alone cannot retire an entry masq uses: masq refreshes last_seen
  * on every packet the local pod sends, whether or not anything at the other
@@ -253,19 +291,14 @@ type EgressVerdict = 'keep' | 'idle' | 'unanswered';
  * only make init draw a new key every idle period while the old key's ingress
  * entry lingers, eating into the 63 keys of the host pair.
  */
-function judgeEgress(k: Buffer, ko: number, v: Buffer, vo: number, peer: Buffer | undefined, po: number, idle: StampBound): EgressVerdict {
-  if (stampBelow(v, idle, vo)) return 'idle';
-  if (u16Of(v, vo + P.localKey) === 0 || u16Of(v, vo + P.remoteKey) === 0) return 'keep';
+function judgeEgress(k: Uint32Array, ko: number, v: Uint32Array, v16: Uint16Array, vo: number,
+  peer: Uint32Array | undefined, po: number, idle: StampBound): EgressVerdict {
+  if (stampBelow(v, vo, idle)) return 'idle';
+  if (v16[vo * 2 + P.localKey16] === 0 || v16[vo * 2 + P.remoteKey16] === 0) return 'keep';
   const answered = peer !== undefined && !isTombstone(peer, po)
-    && u32Of(peer, po + P.localIp) === u32Of(k, ko + EK.local) && u32Of(peer, po + P.remoteIp) === u32Of(k, ko + EK.remote)
-    && !stampBelow(peer, idle, po);
+    && peer[po + P.localIp] === k[ko + EK.local] && peer[po + P.remoteIp] === k[ko + EK.remote]
+    && !stampBelow(peer, po, idle);
   return answered ? 'keep' : 'unanswered';
-}
-
-/** Writes into k the ingress key an egress entry's key for the peer lives under: (peer host, our key). */
-function peerKeyInto(k: Buffer, v: Buffer, vo: number): void {
-  v.copy(k, IK.host, vo + P.remoteIp, vo + P.remoteIp + 4);
-  k.writeUInt16LE(u16Of(v, vo + P.localKey), IK.key);
 }
 
 /**
@@ -279,40 +312,46 @@ function peerKeyInto(k: Buffer, v: Buffer, vo: number): void {
 export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
   const egressIdle = stampBound(now, egressIdleNs), ingressIdle = stampBound(now, ingressIdleNs);
   const ing = ingress.readAll();
-  const peers = new PeerIndex(ing);
+  const ingKeys = wordsOf(ing.keys), ingValues = wordsOf(ing.values);
+  const ikStride = strideOf(ing.keySize, 'ingress key'), ivStride = strideOf(ing.valueSize, 'ingress path');
+  const peers = new PeerIndex(ingKeys, halvesOf(ingKeys), ikStride, ing.count);
   const eg = egress.readAll();
+  const egKeys = wordsOf(eg.keys), egValues = wordsOf(eg.values), egHalves = halvesOf(egValues);
+  const ekStride = strideOf(eg.keySize, 'egress key'), evStride = strideOf(eg.valueSize, 'egress path');
   // Candidates are read again one at a time into these, not into a Buffer each.
-  const key = Buffer.alloc(eg.keySize), again = Buffer.alloc(eg.valueSize);
-  const peerKey = Buffer.alloc(ing.keySize), peerNow = Buffer.alloc(ing.valueSize);
+  const key = scratch(egressKey.size), again = scratch(path.size);
+  const peerKey = scratch(ingressKey.size), peerNow = scratch(path.size);
 
   const doomed = new KeyList(eg.keySize);
   let unanswered = 0;
   for (let i = 0; i < eg.count; i++) {
-    const ko = i * eg.keySize, vo = i * eg.valueSize;
-    const local = u16Of(eg.values, vo + P.localKey);
-    const p = local ? peers.find(u32Of(eg.values, vo + P.remoteIp), local) : -1;
-    if (judgeEgress(eg.keys, ko, eg.values, vo, p < 0 ? undefined : ing.values, p * ing.valueSize, egressIdle) === 'keep') continue;
-    eg.keys.copy(key, 0, ko, ko + eg.keySize);
-    if (!egress.lookupInto(key, again)) continue;
+    const ko = i * ekStride, vo = i * evStride;
+    const local = egHalves[vo * 2 + P.localKey16];
+    const p = local ? peers.find(egValues[vo + P.remoteIp], local) : -1;
+    if (judgeEgress(egKeys, ko, egValues, egHalves, vo, p < 0 ? undefined : ingValues, p * ivStride, egressIdle) === 'keep') continue;
+    eg.keys.copy(key.bytes, 0, i * eg.keySize, (i + 1) * eg.keySize);
+    if (!egress.lookupInto(key.bytes, again.bytes)) continue;
     let peerFound = false;
-    if (u16Of(again, P.localKey)) {
-      peerKeyInto(peerKey, again, 0);
-      peerFound = ingress.lookupInto(peerKey, peerNow);
+    if (again.halves[P.localKey16]) {
+      // The ingress key our key for the peer lives under: (peer host, our key).
+      peerKey.words[IK.host] = again.words[P.remoteIp];
+      peerKey.halves[IK.key16] = again.halves[P.localKey16];
+      peerFound = ingress.lookupInto(peerKey.bytes, peerNow.bytes);
     }
-    const verdict = judgeEgress(key, 0, again, 0, peerFound ? peerNow : undefined, 0, egressIdle);
+    const verdict = judgeEgress(key.words, 0, again.words, again.halves, 0, peerFound ? peerNow.words : undefined, 0, egressIdle);
     if (verdict === 'keep') continue;
-    doomed.push(key, 0);
+    doomed.push(key.bytes, 0);
     if (verdict === 'unanswered') unanswered++;
   }
   const egressDeleted = egress.deleteKeys(doomed.keys, doomed.count);
 
   const stale = new KeyList(ing.keySize);
-  const ingKey = Buffer.alloc(ing.keySize);
+  const ingKey = scratch(ingressKey.size);
   for (let i = 0; i < ing.count; i++) {
-    const vo = i * ing.valueSize;
-    if (!stampBelow(ing.values, ingressIdle, vo)) continue;
-    ing.keys.copy(ingKey, 0, i * ing.keySize, (i + 1) * ing.keySize);
-    if (ingress.lookupInto(ingKey, peerNow) && sameStamp(peerNow, 0, ing.values, vo)) stale.push(ingKey, 0);
+    const vo = i * ivStride;
+    if (!stampBelow(ingValues, vo, ingressIdle)) continue;
+    ing.keys.copy(ingKey.bytes, 0, i * ing.keySize, (i + 1) * ing.keySize);
+    if (ingress.lookupInto(ingKey.bytes, peerNow.bytes) && sameStamp(peerNow.words, 0, ingValues, vo)) stale.push(ingKey.bytes, 0);
   }
   const ingressDeleted = ingress.deleteKeys(stale.keys, stale.count);
   return {
