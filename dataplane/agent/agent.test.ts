@@ -974,8 +974,11 @@ describe('xmasq-agent', () => {
   it('cleanup removes the pins and state after the agent stops', async () => {
     // a retired map's pin (an earlier version's) is XMasq's too: cleanup leaves nothing behind
     execFileSync('bpftool', ['map', 'create', `${PIN}/${RETIRED_MAPS[0]}`, 'type', 'hash', 'key', '4', 'value', '4', 'entries', '1', 'name', 'retired']);
+    const pins = readdirSync(PIN);
+    const links = pins.filter((n) => n.startsWith('tcx_')).length;
     const r = await startAgent(['cleanup'], false);
     expect(await r.exited, r.stderr()).toBe(0);
+    expect(r.stderr()).toContain(`removed ${pins.length} pin(s) (${pins.length - links} of maps, ${links} of tcx links) from ${PIN}`);
     expect(existsSync(PIN)).toBe(false);
     expect(existsSync(`${STATE}/pods.json`)).toBe(false);
     expect(hooked('vpod1', 'ingress')).toEqual([]);
@@ -1131,9 +1134,11 @@ describe('xmasq-agent', () => {
       expect(linkPins()).toEqual([`tcx_ingress_${ifindex(NS.host, 'nic0')}`]);
       const links = () => JSON.parse(sh('bpftool', ['-j', 'link', 'show'])) as Array<{ id: number; prog_id: number }>;
       expect(links().filter((l) => l.id === restore.linkId).map((l) => l.prog_id), "restore's link, as bpftool lists it").toEqual([restore.progId]);
+      const pins = readdirSync(PIN);
       const r = await startAgent(['cleanup'], false);
       expect(await r.exited, r.stderr()).toBe(0);
-      expect(r.stderr()).toContain('and 1 tcx link(s)');
+      // The link's pin is counted with the maps' (it went with the link, before the maps' pins).
+      expect(r.stderr()).toContain(`detached 0 filter(s) and 1 tcx link(s), removed ${pins.length} pin(s) (${pins.length - 1} of maps, 1 of tcx links) from ${PIN}`);
       expect(existsSync(PIN)).toBe(false);
       for (const [dev, where] of [['nic0', 'ingress'], ['nic0', 'egress'], ['vpod1', 'ingress']] as const) expect(hooked(dev, where), `${dev} ${where}`).toEqual([]);
       expect(links().filter((l) => l.id === restore.linkId || l.prog_id === restore.progId)).toEqual([]);

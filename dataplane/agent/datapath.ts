@@ -436,12 +436,14 @@ export function detachOurs(ifindex: number, where: TcHookPoint, netns?: string):
  * that empties it; a pinned link is taken off its hook first. Only names
  * XMasq declares are touched, so a mistyped --pin-dir cannot wipe another
  * tool's pins. The maps live on while a program still holds them.
+ * removed lists every pin removed, the links' included; linksDetached counts
+ * the links that were still on a hook.
  */
-export function unpinAll(pinDir: string): { removed: string[]; leftover: string[] } {
+export function unpinAll(pinDir: string): { removed: string[]; leftover: string[]; linksDetached: number } {
   const removed: string[] = [];
-  if (!existsSync(pinDir)) return { removed, leftover: [] };
+  if (!existsSync(pinDir)) return { removed, leftover: [], linksDetached: 0 };
   const links = readdirSync(pinDir).filter((n) => n.startsWith(LINK_PIN_PREFIX)).map((n) => join(pinDir, n));
-  removeLinks(pinDir);
+  const linksDetached = removeLinks(pinDir);
   removed.push(...links);
   for (const name of [...Object.keys(MAPS), ...RETIRED_MAPS]) {
     const p = join(pinDir, name);
@@ -452,7 +454,7 @@ export function unpinAll(pinDir: string): { removed: string[]; leftover: string[
   }
   const leftover = readdirSync(pinDir);
   if (leftover.length === 0) rmdirSync(pinDir);
-  return { removed, leftover };
+  return { removed, leftover, linksDetached };
 }
 
 /** Opens pinned maps without loading anything (the CLI's offline dump). Close them when done. */

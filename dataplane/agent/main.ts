@@ -4,11 +4,12 @@
  * Built into dist/xmasq-agent.mjs (npm run build), which runs with plain node.
  */
 import { existsSync } from 'node:fs';
+import { basename } from 'node:path';
 import { withNetns } from '../libbpf.ts';
 import { packageVersion } from '../package.ts';
 import { Agent, resolveNic } from './agent.ts';
 import { ConfigError, USAGE, loadConfig, parseArgs, type AgentConfig } from './config.ts';
-import { detachOurs, removeLinks, unpinAll } from './datapath.ts';
+import { detachOurs, LINK_PIN_PREFIX, unpinAll } from './datapath.ts';
 import { LOG_FORMATS, stderrLog, type Log, type LogFormat } from './log.ts';
 import { ifIndexToName, ifNameToIndex } from './native.ts';
 import { socketInUse } from './server.ts';
@@ -113,16 +114,19 @@ async function cleanup(cfg: AgentConfig, log: Log): Promise<number> {
       log.warn(`pod ${p.ip}: ${(e as Error).message}`);
     }
   }
-  let links = 0;
+  // The links are pinned beside the maps, whatever device or namespace they hold (a gone
+  // device's too): unpinAll takes each off its hook before it removes the pin.
+  let unpinned: ReturnType<typeof unpinAll>;
   try {
-    // The links sit beside the maps, whatever device or namespace they hold (a gone device's too).
-    links = removeLinks(cfg.pinDir);
+    unpinned = unpinAll(cfg.pinDir);
   } catch (e) {
-    log.warn(`tcx links in ${cfg.pinDir} not all removed: ${(e as Error).message}`);
+    log.error(`cleanup: the pins in ${cfg.pinDir} not all removed (${(e as Error).message}); the state files in ${cfg.stateDir} are kept: run cleanup again once that is fixed`);
+    return 1;
   }
-  const { removed, leftover } = unpinAll(cfg.pinDir);
+  const { removed, leftover, linksDetached } = unpinned;
+  const linkPins = removed.filter((p) => basename(p).startsWith(LINK_PIN_PREFIX)).length;
   const files = state.remove();
-  log.info(`cleanup: detached ${detached} filter(s) and ${links} tcx link(s), removed ${removed.length} pin(s) from ${cfg.pinDir} and ${files.length} state file(s) from ${cfg.stateDir}`);
+  log.info(`cleanup: detached ${detached} filter(s) and ${linksDetached} tcx link(s), removed ${removed.length} pin(s) (${removed.length - linkPins} of maps, ${linkPins} of tcx links) from ${cfg.pinDir} and ${files.length} state file(s) from ${cfg.stateDir}`);
   if (leftover.length) log.warn(`${cfg.pinDir} still holds ${leftover.join(', ')} (not XMasq map names): left alone`);
   return 0;
 }
