@@ -604,14 +604,19 @@ describe('xmasq-agent', () => {
 
   it('a 10 MB line without a newline is refused at the line limit: error reply, connection closed, the rest not read', async () => {
     const c = await rawConnect();
-    const wrote = new Promise<Error | null | undefined>((resolve) => c.sock.write(Buffer.alloc(10 << 20, 0x61), resolve));
+    // Node calls a write back without an error when the socket went down first, whichever side
+    // saw it (here often the read: ECONNRESET, the agent having closed with our bytes unread):
+    // a write cut off that way is told from one completed by the socket's state at the callback.
+    const wrote = new Promise<string>((resolve) => c.sock.write(Buffer.alloc(10 << 20, 0x61), (e) => {
+      resolve(e ? `failed: ${e.message}` : c.sock.destroyed ? 'cut off' : 'completed');
+    }));
     await c.closed;
     const replies = c.replies();
     expect(replies).toHaveLength(1);
     expect(replies[0]).toMatchObject({ ok: false });
     expect(replies[0].error).toMatch(/^request line longer than \d+ bytes/);
     // The agent stopped reading and closed: the client could not hand over all 10 MB.
-    expect(await wrote).toBeInstanceOf(Error);
+    expect(await wrote).not.toBe('completed');
     expect(agent!.stderr()).toMatch(/closed a connection whose request line passed \d+ bytes/);
     await alive();
   });
