@@ -241,13 +241,28 @@ const MAX_REPLY_BYTES = 64 << 20; // a full cache dump is ~20 MB of JSON
 export class AgentClient {
   private buf = '';
   private closed = false;
+  /**
+   * An error line the agent sent unasked: why it closes the connection (it
+   * refuses connections past --socket-max-conns before reading anything, and
+   * says so to an idle one). Requests this connection could not carry fail with it.
+   */
+  private farewell: string | undefined;
+  /** Why the connection ended, once it has: what later requests fail with. */
+  private ended: ((op: Op) => Error) | undefined;
   private readonly pending: Array<{ op: Op; resolve: (r: Reply) => void; reject: (e: Error) => void; timer: NodeJS.Timeout }> = [];
 
   private constructor(private readonly sock: Socket, readonly socketPath: string, private readonly timeoutMs: number) {
     sock.setEncoding('utf8');
     sock.on('data', (chunk: string) => this.onData(chunk));
-    sock.on('error', (e) => this.failAll(new Error(`agent connection ${socketPath}: ${e.message}`)));
-    sock.on('close', () => this.failAll(new Error(`the agent at ${socketPath} closed the connection before answering`)));
+    sock.on('error', (e: NodeJS.ErrnoException) => this.end((op) => {
+      // The agent closed as we wrote (EPIPE) or with our request unread (ECONNRESET): say why, if it said.
+      if (this.farewell !== undefined) return new AgentError(op, this.farewell);
+      if (e.code === 'EPIPE' || e.code === 'ECONNRESET') return new Error(`the agent at ${socketPath} closed the connection before answering '${op}' (${e.message})`);
+      return new Error(`agent connection ${socketPath}: ${e.message}`);
+    }));
+    sock.on('close', () => this.end((op) => (this.farewell !== undefined
+      ? new AgentError(op, this.farewell)
+      : new Error(`the agent at ${socketPath} closed the connection before answering '${op}'`))));
   }
 
   static connect(socketPath = DEFAULT_SOCKET, opts: { timeoutMs?: number } = {}): Promise<AgentClient> {
@@ -292,6 +307,7 @@ export class AgentClient {
   /** Sends req; resolves with whatever the agent answered. */
   raw(req: Request): Promise<Reply> {
     if (this.closed) return Promise.reject(new Error(`connection to ${this.socketPath} is closed`));
+    if (this.ended) return Promise.reject(this.ended(req.op));
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         reject(new Error(`the agent at ${this.socketPath} did not answer '${req.op}' within ${this.timeoutMs} ms`));
@@ -317,13 +333,13 @@ export class AgentClient {
     this.closed = true;
     this.sock.end();
     this.sock.destroy();
-    this.failAll(new Error(`connection to ${this.socketPath} closed`));
+    this.failAll(() => new Error(`connection to ${this.socketPath} closed`));
   }
 
   private onData(chunk: string): void {
     this.buf += chunk;
     if (this.buf.length > MAX_REPLY_BYTES) {
-      this.failAll(new Error(`the agent at ${this.socketPath} sent a reply over ${MAX_REPLY_BYTES} bytes`));
+      this.failAll(() => new Error(`the agent at ${this.socketPath} sent a reply over ${MAX_REPLY_BYTES} bytes`));
       this.close();
       return;
     }
@@ -331,7 +347,10 @@ export class AgentClient {
       const line = this.buf.slice(0, nl);
       this.buf = this.buf.slice(nl + 1);
       const p = this.pending.shift();
-      if (!p) continue; // nothing asked: ignore
+      if (!p) {
+        this.farewell ??= unaskedError(line);
+        continue;
+      }
       clearTimeout(p.timer);
       try {
         p.resolve(JSON.parse(line) as Reply);
@@ -341,10 +360,26 @@ export class AgentClient {
     }
   }
 
-  private failAll(e: Error): void {
+  /** The connection is over: pending and later requests fail with why(op). */
+  private end(why: (op: Op) => Error): void {
+    this.ended ??= why;
+    this.failAll(this.ended);
+  }
+
+  private failAll(why: (op: Op) => Error): void {
     for (const p of this.pending.splice(0)) {
       clearTimeout(p.timer);
-      p.reject(e);
+      p.reject(why(p.op));
     }
+  }
+}
+
+/** The error of a line the agent sent unasked ({"ok":false,"error":…}), or undefined for anything else. */
+function unaskedError(line: string): string | undefined {
+  try {
+    const r = JSON.parse(line) as { ok?: unknown; error?: unknown };
+    return r?.ok === false && typeof r.error === 'string' ? r.error : undefined;
+  } catch {
+    return undefined;
   }
 }

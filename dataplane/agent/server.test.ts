@@ -6,7 +6,9 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { afterAll, describe, expect, it } from 'vitest';
+import { until } from '../../testing/until.ts';
 import type { Log } from './log.ts';
+import { AgentClient, AgentError } from './protocol.ts';
 import { SocketServer, nestedDeeperThan } from './server.ts';
 
 /** Nesting of a parsed value, counted by walking it: a measure that shares no code with the scan. */
@@ -90,6 +92,46 @@ describe('SocketServer', () => {
       expect(logged.join('\n')).toContain('a request failed unexpectedly');
       expect(srv.stats().refused).toMatchObject({ handler: 1, depth: 1 });
     } finally {
+      await srv.close();
+    }
+  });
+
+  /*
+   * A connection past --socket-max-conns is refused before the agent reads
+   * anything: the refusal line may reach the client before or after it
+   * writes its request. Either way AgentClient (the CLI, the CNI plugin) must
+   * report the refusal, never "write EPIPE".
+   */
+  it('a connection past the bound: the client reports the refusal, whether it wrote its request before or after the refusal came', async () => {
+    const path = `${dir}/max.sock`;
+    const srv = await SocketServer.listen(path, () => JSON.stringify({ ok: true }), log, { maxLineBytes: 64, maxDepth: 4, maxConnections: 1, idleSeconds: 30 });
+    const held = createConnection(path);
+    const refusal = 'the agent serves at most 1 connections at once (--socket-max-conns): close idle ones, or retry in a moment';
+    const refusals = () => srv.stats().refused.connections;
+    try {
+      await new Promise((r) => held.once('connect', r));
+      await until('the held connection to be served', () => srv.stats().connections === 1);
+      // Written at once, as the CLI and the plugin do: the request races the refusal.
+      for (let i = 0; i < 20; i++) {
+        const err = await AgentClient.request(path, { op: 'status' }, { timeoutMs: 5000 }).then(() => undefined, (e: Error) => e);
+        expect(err, `request ${i}`).toBeInstanceOf(AgentError);
+        expect(err!.message).toBe(refusal);
+      }
+      // Written after the refusal came: an agent that closed at once made this write fail (EPIPE).
+      const c = await AgentClient.connect(path, { timeoutMs: 5000 });
+      try {
+        await until('the refusal', () => refusals() === 21);
+        // Time for the refusal to reach the client (and, closing at once, for an agent to close).
+        await new Promise((r) => setTimeout(r, 300));
+        const err = await c.status().then(() => undefined, (e: Error) => e);
+        expect(err).toBeInstanceOf(AgentError);
+        expect(err!.message).toBe(refusal);
+      } finally {
+        c.close();
+      }
+      expect(refusals()).toBe(21);
+    } finally {
+      held.destroy();
       await srv.close();
     }
   });

@@ -85,8 +85,10 @@ export function socketInUse(path: string): Promise<boolean> {
   });
 }
 
-/** How long a refused client gets to take its error reply before the connection goes anyway. */
+/** How long a refused client gets to take its error reply and close before the connection goes anyway. */
 const FAREWELL_MS = 2000;
+/** What a refused client may still send, read and dropped, before the connection goes anyway. */
+const FAREWELL_BYTES = 64 << 10;
 /** One log line per kind of refusal per this long: a flood of bad clients must not flood the log too. */
 const LOG_EVERY_MS = 10_000;
 
@@ -161,15 +163,33 @@ export class SocketServer {
     else this.log.warn(`${msg}${more}`);
   }
 
-  /** Sends a last reply (if any) and closes; a client that does not take it is cut off soon after. */
+  /**
+   * Sends a last reply (if any) and ends our side; the connection goes when
+   * the client closes its own, or after FAREWELL_MS or FAREWELL_BYTES more
+   * from it, whatever the client does.
+   *
+   * Why not close at once: a client writing its request as we refuse it
+   * (--socket-max-conns refuses before reading anything) would meet a closed
+   * socket. Its write fails with EPIPE, and Node drops a socket whose write
+   * failed before reading what is left in it: the reply saying why would be
+   * lost, and the client could only report "write EPIPE". So until the
+   * client closes, what it still sends is read and dropped.
+   */
   private farewell(c: Socket, reply?: string): void {
     this.closing.add(c);
-    c.pause();
     if (reply === undefined || c.destroyed || !c.writable) {
       c.destroy();
       return;
     }
-    c.end(reply, () => c.destroy());
+    c.setTimeout(0); // the idle timer's work is done: the timer below ends the farewell
+    let dropped = 0;
+    c.on('data', (chunk: Buffer) => {
+      dropped += chunk.length;
+      if (dropped > FAREWELL_BYTES) c.destroy();
+    });
+    c.on('end', () => c.destroy());
+    c.resume();
+    c.end(reply);
     setTimeout(() => c.destroy(), FAREWELL_MS).unref();
   }
 

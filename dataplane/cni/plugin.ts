@@ -31,7 +31,7 @@
  * no node), 999 (a bug in this plugin).
  */
 import { execFileSync } from 'node:child_process';
-import { AgentClient, AgentNotRunningError, DEFAULT_SOCKET, type Reply, type Request } from '../agent/protocol.ts';
+import { AgentClient, AgentError, AgentNotRunningError, DEFAULT_SOCKET, type Reply, type Request } from '../agent/protocol.ts';
 
 export const SUPPORTED_VERSIONS = ['0.3.0', '0.3.1', '0.4.0', '1.0.0', '1.1.0'] as const;
 const LATEST = '1.1.0';
@@ -304,6 +304,8 @@ export async function askAgent(socket: string, req: Request, timeoutMs: number):
   } catch (e) {
     if (e instanceof AgentTrouble) throw e;
     if (e instanceof AgentNotRunningError) throw new AgentTrouble('absent', `no agent listens at ${socket} (${e.code})`);
+    // Why the agent closed the connection, which it said before closing (a refusal past --socket-max-conns): a refusal like any.
+    if (e instanceof AgentError) throw new AgentTrouble('refused', `the agent refused '${req.op}': ${e.message}`);
     const msg = (e as Error)?.message ?? String(e);
     if (/did not answer/.test(msg)) throw new AgentTrouble('timeout', msg);
     // A socket we may not open, or a connect that failed otherwise: there may be an agent
