@@ -70,6 +70,8 @@ export interface AgentReport {
     plantSeconds: number;
     liveAgentMs: Stats;
     liveInProcessMs: Stats;
+    /** The same runs' CPU time, split: JavaScript (user) and the kernel's batch reads and lookups (system). */
+    liveInProcessCpuMs: { user: Stats; system: Stats };
     unansweredAgentMs: number;
     unansweredDeleted: number;
     /** Requests that read whole caches, at full caches: a pod DEL (purge) and status (entry counts). */
@@ -352,15 +354,21 @@ async function bench(opts: { pods: number; calls: number; cycles: number; entrie
       const liveAgent: number[] = [];
       for (let i = 0; i < 3; i++) liveAgent.push(await nextScanMs(lab));
       const liveHere: number[] = [];
+      const cpuUser: number[] = [];
+      const cpuSystem: number[] = [];
       for (let i = 0; i < 3; i++) {
+        const cpu = process.cpuUsage();
         t = process.hrtime.bigint();
         const r = expire(egress, ingress, monotonicCoarseNs(), BigInt(EGRESS_IDLE * 1e9), BigInt(INGRESS_IDLE * 1e9));
         liveHere.push(ms(t));
+        const used = process.cpuUsage(cpu);
+        cpuUser.push(used.user / 1000);
+        cpuSystem.push(used.system / 1000);
         if (r.egress.deleted || r.ingress.deleted) throw new Error(`a scan of live entries deleted ${r.egress.deleted} egress / ${r.ingress.deleted} ingress`);
       }
       if (egress.keys().length !== n) throw new Error('the agent expired live entries');
       const rssScans = rssMiB(agent.pid);
-      progress(`scan of ${n} + ${n} live entries: agent ${stats(liveAgent).p50.toFixed(0)} ms, in-process ${stats(liveHere).p50.toFixed(0)} ms; RSS ${rssScans.toFixed(1)} MiB`);
+      progress(`scan of ${n} + ${n} live entries: agent ${stats(liveAgent).p50.toFixed(0)} ms, in-process ${stats(liveHere).p50.toFixed(0)} ms (CPU: user ${stats(cpuUser).p50.toFixed(0)}, system ${stats(cpuSystem).p50.toFixed(0)} ms); RSS ${rssScans.toFixed(1)} MiB`);
 
       // What a full cache costs the requests that read it whole: a pod's DEL (purge), status (entry counts).
       const fullDel: number[] = [];
@@ -415,6 +423,7 @@ async function bench(opts: { pods: number; calls: number; cycles: number; entrie
           plantSeconds,
           liveAgentMs: stats(liveAgent),
           liveInProcessMs: stats(liveHere),
+          liveInProcessCpuMs: { user: stats(cpuUser), system: stats(cpuSystem) },
           unansweredAgentMs,
           unansweredDeleted: deleted,
           fullCacheDelMs: stats(fullDel),
@@ -470,6 +479,7 @@ export function formatTable(r: AgentReport): string {
     '|---|---|',
     `| nothing to delete, the agent's own scan (/metrics, median of ${r.scan.liveAgentMs.n}) | ${f(r.scan.liveAgentMs.p50, 0)} |`,
     `| nothing to delete, caches.ts expire() in this process (median of ${r.scan.liveInProcessMs.n}) | ${f(r.scan.liveInProcessMs.p50, 0)} |`,
+    `| … its CPU time: JavaScript (user) / the kernel's batch reads (system), medians | ${f(r.scan.liveInProcessCpuMs.user.p50, 0)} / ${f(r.scan.liveInProcessCpuMs.system.p50, 0)} |`,
     `| every peer silent: the agent's scan deleting ${r.scan.unansweredDeleted} egress entries (its log line) | ${f(r.scan.unansweredAgentMs, 0)} |`,
     `| socket \`del\` of a pod (purge reads both caches), median of ${r.scan.fullCacheDelMs.n} | ${f(r.scan.fullCacheDelMs.p50, 0)} |`,
     `| socket \`status\` (counts both caches), median of ${r.scan.fullCacheStatusMs.n} | ${f(r.scan.fullCacheStatusMs.p50, 0)} |`,
