@@ -18,6 +18,7 @@
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
 #define XMASQ_MAX_NODES 16
+#define XMASQ_FILTER_HALF_WORDS 4 /* 256 bits a half: pairs collide, as they must in some cases */
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
@@ -25,6 +26,7 @@
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
 #define XMASQ_MAX_NODES 8192
+#define XMASQ_FILTER_HALF_WORDS 16384 /* 2^20 bits a half: ~6% of them set at a full egress_cache */
 #endif
 
 /* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
@@ -42,6 +44,25 @@ struct {
 	__type(key, struct egress_key);
 	__type(value, struct path);
 } egress_cache SEC(".maps");
+
+/*
+ * The egress entries' presence filter: a bit per slot of a hash of the pod
+ * pair (egress_filter_slot), in two halves of XMASQ_FILTER_HALF_WORDS words.
+ * Set in both halves by egress_lookup_or_create, the only place an egress
+ * entry is created, and never cleared by a program; masq reads the half
+ * config.flags names (XMASQ_CFG_FILTER_HALF1) and passes a packet whose bit
+ * is clear without looking egress_cache up, a helper call and a hash: most of
+ * what a pod sends has no entry. The agent rebuilds the half masq does not
+ * read from the live entries and then switches halves (dataplane/agent/
+ * filter.ts), so that bits of gone pairs do not pile up. An array: its
+ * lookups are inlined by the verifier, no helper call.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * XMASQ_FILTER_HALF_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} egress_filter SEC(".maps");
 
 /* Written by init (when it allocates a key); read and refreshed by restore. */
 struct {
@@ -151,9 +172,56 @@ struct {
 #endif
 
 /*
+ * A pod pair's slot in each half of egress_filter: murmur3's 32-bit finalizer
+ * over the two addresses as the programs hold them (network order words), so
+ * that the pairs of one pod (its address in every key) spread over the half.
+ * The agent computes the same (dataplane/maps.ts egressFilterSlot).
+ */
+static __always_inline __u32 egress_filter_slot(__u32 local_pod, __u32 remote_pod)
+{
+	__u32 x = local_pod ^ (remote_pod * 0x9e3779b1);
+
+	x ^= x >> 16;
+	x *= 0x85ebca6b;
+	x ^= x >> 13;
+	x *= 0xc2b2ae35;
+	x ^= x >> 16;
+	return x & (XMASQ_FILTER_HALF_WORDS * 64 - 1);
+}
+
+/* Whether the pair's bit is set in the half masq reads: clear means no egress entry. */
+static __always_inline int egress_filter_has(const struct config *cfg, __u32 local_pod, __u32 remote_pod)
+{
+	__u32 slot = egress_filter_slot(local_pod, remote_pod);
+	__u32 i = (cfg->flags & XMASQ_CFG_FILTER_HALF1 ? XMASQ_FILTER_HALF_WORDS : 0) + (slot >> 6);
+	__u64 *w = bpf_map_lookup_elem(&egress_filter, &i);
+	return w && (*w & (1ULL << (slot & 63)));
+}
+
+/*
+ * Sets the pair's bit in both halves: the agent may switch halves at any
+ * moment. An atomic OR, against another CPU setting another bit of the word,
+ * and only where the bit is clear, so that CPUs creating entries do not take
+ * a word's cache line from each other for nothing.
+ */
+static __always_inline void egress_filter_add(__u32 local_pod, __u32 remote_pod)
+{
+	__u32 slot = egress_filter_slot(local_pod, remote_pod);
+	__u64 bit = 1ULL << (slot & 63);
+
+	for (__u32 half = 0; half < 2; half++) {
+		__u32 i = half * XMASQ_FILTER_HALF_WORDS + (slot >> 6);
+		__u64 *w = bpf_map_lookup_elem(&egress_filter, &i);
+		if (w && !(*w & bit))
+			__sync_fetch_and_or(w, bit);
+	}
+}
+
+/*
  * The egress entry for a pod pair, created empty if new. NULL when the table
- * is full. EEXIST from the insert means another CPU created it first, which
- * is just as good.
+ * is full. EEXIST from the insert means another CPU created it first (and
+ * sets the bit), which is just as good. The bit is set after the insert, never
+ * before: the agent's rebuild relies on it (dataplane/agent/filter.ts).
  */
 static __always_inline struct path *egress_lookup_or_create(struct egress_key *ek)
 {
@@ -161,7 +229,8 @@ static __always_inline struct path *egress_lookup_or_create(struct egress_key *e
 	if (e)
 		return e;
 	struct path empty = {};
-	bpf_map_update_elem(&egress_cache, ek, &empty, BPF_NOEXIST);
+	if (bpf_map_update_elem(&egress_cache, ek, &empty, BPF_NOEXIST) == 0)
+		egress_filter_add(ek->local_pod, ek->remote_pod);
 	return bpf_map_lookup_elem(&egress_cache, ek);
 }
 

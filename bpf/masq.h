@@ -66,12 +66,17 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * the port it carries written at step 5. Anything else to a Service
 	 * stays on the overlay (through the stack, which NATs it).
 	 */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	/*
+	 * The clock is a helper call: taken only by what needs it (admission,
+	 * last_seen), never on the way to a pass.
+	 */
+	__u64 now = 0;
 	struct ct_tuple to;
 	int admit = XMASQ_CT_UNCHECKED;
 	__u32 wire_daddr = h.daddr;
 	__be16 wire_dport = h.dport;
 	if (cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net) {
+		now = bpf_ktime_get_coarse_ns();
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_DST, &to);
 		if (admit != XMASQ_CT_ADMIT)
 			return pass();
@@ -79,7 +84,15 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 		h.dport = to.dport;
 	}
 
-	/* 3. A pair fully learned: path, both keys, and the peer knows ours. */
+	/*
+	 * 3. A pair fully learned: path, both keys, and the peer knows ours. A
+	 * clear bit in the presence filter means no entry (maps.h): most of what
+	 * a pod sends (to the internet, DNS, pods of this host) passes here,
+	 * without the hash lookup. A set bit may be another pair's, or an entry
+	 * gone since: the lookup decides.
+	 */
+	if (!egress_filter_has(cfg, h.saddr, h.daddr))
+		return pass();
 	struct egress_key ek = { .local_pod = h.saddr, .remote_pod = h.daddr };
 	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
 	if (!e)
@@ -132,6 +145,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
 	 */
 	if (admit == XMASQ_CT_UNCHECKED) {
+		now = bpf_ktime_get_coarse_ns();
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_NONE,
 				 &to);
 		if (admit != XMASQ_CT_ADMIT) {

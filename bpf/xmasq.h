@@ -47,6 +47,8 @@
 
 /* config.flags: init gives pairs wide keys (off: the 6-bit design, narrow keys only). */
 #define XMASQ_CFG_WIDE_KEYS 0x1
+/* config.flags: masq reads egress_filter's second half (maps.h); the agent switches it. */
+#define XMASQ_CFG_FILTER_HALF1 0x2
 
 /*
  * Policy walk (policy.h): a verdict, or a node of the classifier to look the
@@ -286,6 +288,7 @@ enum xmasq_btf_consts {
 	XMASQ_BTF_WIDE_KEY_COUNT = XMASQ_WIDE_KEY_COUNT,
 	XMASQ_BTF_KEY_TRIES = XMASQ_KEY_TRIES,
 	XMASQ_BTF_CFG_WIDE_KEYS = XMASQ_CFG_WIDE_KEYS,
+	XMASQ_BTF_CFG_FILTER_HALF1 = XMASQ_CFG_FILTER_HALF1,
 	XMASQ_BTF_POLICY_ALLOW = XMASQ_POLICY_ALLOW,
 	XMASQ_BTF_POLICY_DENY = XMASQ_POLICY_DENY,
 	XMASQ_BTF_POLICY_FIELDS = XMASQ_POLICY_FIELDS,

@@ -24,7 +24,7 @@ export const WIDE_KEY_MAX = CONSTS.WIDE_KEY_MAX;
 export const WIDE_KEY_COUNT = CONSTS.WIDE_KEY_COUNT;
 export const KEY_TRIES = CONSTS.KEY_TRIES;
 /** config.flags (XMASQ_CFG_*). */
-export const ConfigFlag = { WIDE_KEYS: CONSTS.CFG_WIDE_KEYS } as const;
+export const ConfigFlag = { WIDE_KEYS: CONSTS.CFG_WIDE_KEYS, FILTER_HALF1: CONSTS.CFG_FILTER_HALF1 } as const;
 /** The IANA and Linux VXLAN ports and Geneve's: defaults of the agent, not of the C (config carries the ports). */
 export const PORT_VXLAN = 4789;
 export const PORT_VXLAN_LINUX = 8472;
@@ -44,8 +44,25 @@ function maxEntries<B extends 'production' | 'test'>(b: B) {
   const m = MAP_MAX_ENTRIES;
   return {
     pods: m.pod_info[b], paths: m.egress_cache[b], rules: m.policy_trie[b],
-    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b],
+    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b], filterWords: m.egress_filter[b],
   } as const;
+}
+
+/**
+ * egress_filter (bpf/maps.h): two halves of filterWords / 2 u64 words, a bit
+ * per slot. A pod pair's slot, as egress_filter_slot computes it from the
+ * addresses as the programs hold them (the key's words, network order read
+ * as a little-endian u32: what readUInt32LE gives of the key's bytes), and
+ * where it lies: the u64 word of a half and the bit in it.
+ */
+export function egressFilterSlot(localPod: number, remotePod: number, filterWords: number): number {
+  let x = (localPod ^ Math.imul(remotePod, 0x9e3779b1)) >>> 0;
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b) >>> 0;
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35) >>> 0;
+  x ^= x >>> 16;
+  return (x & ((filterWords / 2) * 64 - 1)) >>> 0;
 }
 
 export const Counter = COUNTER;
@@ -177,6 +194,8 @@ export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
 export const nodeInfo = cStruct('node_info', [['flags', 'u32']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
+/** egress_filter's value: 64 slots' bits (a plain __u64 in C). */
+export const filterWord = new Struct('filter_word', [['bits', 'u64']] as const);
 
 export type PodInfo = StructValue<typeof podInfo extends Struct<infer F> ? F : never>;
 export type EgressKey = StructValue<typeof egressKey extends Struct<infer F> ? F : never>;
@@ -198,6 +217,7 @@ export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infe
 export const MAPS = {
   pod_info: { kind: 'hash', key: podIp, value: podInfo },
   egress_cache: { kind: 'hash', key: egressKey, value: path },
+  egress_filter: { kind: 'array', key: arrayIndex, value: filterWord },
   ingress_cache: { kind: 'hash', key: ingressKey, value: path },
   config: { kind: 'array', key: arrayIndex, value: config },
   policy_trie: { kind: 'lpm_trie', key: policyLpmKey, value: policyNext },

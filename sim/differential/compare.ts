@@ -121,6 +121,10 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   };
   table('pod_info', a.pod_info, b.pod_info);
   table('egress_cache', a.egress_cache, b.egress_cache);
+  for (let i = 0; i < Math.max(a.egress_filter.length, b.egress_filter.length); i += 2) {
+    const [x, y] = [filterWord(a.egress_filter, i), filterWord(b.egress_filter, i)];
+    if (x !== y) out.push(`egress_filter[${i / 2}]: ${names[0]} ${x} ${names[1]} ${y}`);
+  }
   table('ingress_cache', a.ingress_cache, b.ingress_cache);
   const trie = (t: DatapathState['policy_trie']) => new Map(t.entries().map(([k, next]) => [JSON.stringify(k), next]));
   const [ta, tb] = [trie(a.policy_trie), trie(b.policy_trie)];
@@ -132,6 +136,11 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_root', a.policy_root, b.policy_root, names));
   return out;
+}
+
+/** The C's u64 word of the filter at u32 index i (its low half), in hex. */
+function filterWord(w: Uint32Array, i: number): string {
+  return i + 1 < w.length ? `0x${((BigInt(w[i + 1]) << 32n) | BigInt(w[i])).toString(16).padStart(16, '0')}` : 'absent';
 }
 
 function fieldDiff(where: string, x: unknown, y: unknown, names: string[]): string[] {

@@ -3,7 +3,7 @@
  * shows the behaviour the fixture was written to pin down.
  */
 import { afterAll, describe, expect, it } from 'vitest';
-import { KEY_MAX, KEY_MIN, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
+import { ConfigFlag, KEY_MAX, KEY_MIN, WIDE_KEY_MAX, WIDE_KEY_MIN, egressFilterSlot } from '../../dataplane/maps.ts';
 import { loadFixtures, type Fixture } from './fixtures.ts';
 import { runCase } from './compare.ts';
 import { verifyL4 } from '../../testing/packet/index.ts';
@@ -69,6 +69,20 @@ describe('fixtures', () => {
     if (want.udpLength !== undefined) expect(out.readUInt16BE(l4 + 4), 'UDP length').toBe(want.udpLength);
     if (want.udpChecksum !== undefined) expect(out.readUInt16BE(l4 + 6), 'UDP checksum').toBe(want.udpChecksum);
     if (want.icmpCode !== undefined) expect(out[l4 + 1], 'ICMP code').toBe(want.icmpCode);
+    if (want.filter) {
+      const w = o.kernel.state.egress_filter;
+      const half = w.length / 2;
+      const bits = (from: number) => w.subarray(from, from + half).reduce((n, x) => n + popcount(x), 0);
+      expect([bits(0), bits(half)], 'bits set in each half of egress_filter').toEqual([want.filter.bitsPerHalf, want.filter.bitsPerHalf]);
+      const reads = o.kernel.state.config.flags & ConfigFlag.FILTER_HALF1 ? half : 0;
+      for (const p of want.filter.pairs) {
+        const k = o.kernel.state.egress_cache.keys.fromLayout(p.key);
+        const slot = egressFilterSlot(k.local_pod, k.remote_pod, half);
+        const at = (from: number) => (w[from + (slot >>> 5)] >>> (slot & 31)) & 1;
+        if (p.set) expect([at(0), at(half)], `bit of ${JSON.stringify(p.key)} in both halves`).toEqual([1, 1]);
+        else expect(at(reads), `bit of ${JSON.stringify(p.key)} in the half masq reads`).toBe(0);
+      }
+    }
     for (const st of want.stamps ?? []) {
       const before = st.cache === 'egress' ? f.state.egress_cache.lookup(st.key) : f.state.ingress_cache.lookup(st.key);
       const after = st.cache === 'egress' ? o.kernel.state.egress_cache.lookup(st.key) : o.kernel.state.ingress_cache.lookup(st.key);
@@ -77,3 +91,9 @@ describe('fixtures', () => {
     }
   });
 });
+
+function popcount(x: number): number {
+  let n = 0;
+  for (; x; x >>>= 1) n += x & 1;
+  return n;
+}

@@ -12,7 +12,7 @@
 import { buildFrame, truncate, type FrameSpec, type Ipv4Spec, type L4Spec, type UdpSpec } from '../../testing/packet/build.ts';
 import {
   CT_RECHECK_NS, ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, KEY_MAX, KEY_MIN, MAX_ENTRIES, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN, PORT_GENEVE, PORT_VXLAN, PORT_VXLAN_LINUX, PolicyDir,
-  NO_HOST_NETNS, type Path,
+  NO_HOST_NETNS, egressFilterSlot, type Path,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/index.ts';
 import type { Case } from './compare.ts';
@@ -22,7 +22,7 @@ import {
   type CtEntrySpec, type CtTuple,
 } from '../../dataplane/conntrack.ts';
 import { minTestRunLength } from './kernel.ts';
-import { installPolicy, type ProgramName, type SkbContext } from './statespec.ts';
+import { installPolicy, putEgress, type ProgramName, type SkbContext } from './statespec.ts';
 import { normaliseRule } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 
@@ -189,14 +189,14 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     // Sometimes without a recorded peer (an entry a first signal made before we
     // knew the path), or with another node recorded.
     const recorded = rng.chance(0.8) ? PEERS[f.peer] : rng.chance(0.6) ? '0.0.0.0' : PEERS[(f.peer + 1) % 3];
-    s.egress_cache.update({ local_pod: f.local.ip, remote_pod: f.remote }, randomPath(rng, {
+    putEgress(s, { local_pod: f.local.ip, remote_pod: f.remote }, randomPath(rng, {
       remote_ip: recorded, remote_mac: peerMac(f.peer),
     }));
   }
   // Full more often for restore (ingress), whose learning path needs a full table to fall back.
   const nEgress = rng.chance(dir === PolicyDir.INGRESS ? 0.2 : 0.08) ? SIZES.paths : rng.int(5);
   for (let i = 0; s.egress_cache.size < SIZES.paths && i < nEgress; i++) {
-    s.egress_cache.update({ local_pod: rng.pick(LOCAL_PODS).ip, remote_pod: remotePod(rng.int(3), rng.int(40)) }, randomPath(rng));
+    putEgress(s, { local_pod: rng.pick(LOCAL_PODS).ip, remote_pod: remotePod(rng.int(3), rng.int(40)) }, randomPath(rng));
   }
 
   // ingress_cache: a record for the focus pair (or a stale one under its key),
@@ -262,7 +262,25 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     // Drop rules until the classifier fits the test build's trie.
     while (!installPolicy(s, rules)) rules.pop();
   }
+  genFilter(rng, s, f);
   return s;
+}
+
+/**
+ * egress_filter beyond its entries' bits (putEgress sets those): either half
+ * the one masq reads; sometimes the focus pair's bit clear in one half or both
+ * (an entry pinned by a version without the filter, or the half the agent is
+ * rebuilding), sometimes bits of no entry (gone pairs, collisions).
+ */
+function genFilter(rng: Rng, s: DatapathState, f: Focus): void {
+  if (rng.chance(0.5)) s.config.flags |= ConfigFlag.FILTER_HALF1;
+  const w = s.egress_filter;
+  if (rng.chance(0.2)) for (let i = rng.int(4); i > 0; i--) w[rng.int(w.length)] |= 1 << rng.int(32);
+  if (rng.chance(0.12)) {
+    const focus = s.egress_cache.keys.fromLayout({ local_pod: f.local.ip, remote_pod: f.remote });
+    const slot = egressFilterSlot(focus.local_pod, focus.remote_pod, w.length / 2);
+    for (const half of rng.pick([[0], [1], [0, 1]])) w[half * (w.length / 2) + (slot >>> 5)] &= ~(1 << (slot & 31));
+  }
 }
 
 /**

@@ -63,14 +63,14 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
     const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_trie.maxEntries,
       ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
-      nodes: this.maps.nodes.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules || got.ctPending !== want.ctPending || got.ctAdmitted !== want.ctAdmitted || got.nodes !== want.nodes) {
+      nodes: this.maps.nodes.maxEntries, filterWords: this.maps.egress_filter.maxEntries };
+    if ((Object.keys(want) as Array<keyof typeof want>).some((k) => got[k] !== want[k])) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
   }
@@ -91,6 +91,9 @@ export class KernelDatapath {
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
     for (const [k, v] of s.nodes.entriesBytes()) this.maps.nodes.update(k, v, 'noexist');
+    // The filter's u64 words are the model's u32 pairs, byte for byte.
+    const words = Buffer.from(s.egress_filter.buffer, s.egress_filter.byteOffset, s.egress_filter.byteLength);
+    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.update(arrayIndex.encode({ index: i }), words.subarray(i * 8, i * 8 + 8));
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_root.update(ZERO, policyRoot.encode(s.policy_root));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -106,6 +109,8 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
     for (const [k, v] of this.maps.nodes.entries()) s.nodes.updateBytes(k, v);
+    const words = Buffer.from(s.egress_filter.buffer, s.egress_filter.byteOffset, s.egress_filter.byteLength);
+    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * 8);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_root = policyRoot.decode(this.maps.policy_root.lookup(ZERO)!);
     return s;

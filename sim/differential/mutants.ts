@@ -173,6 +173,18 @@ export const MUTANTS: Mutant[] = [
     from: 'pod.ifindex !== (env.ifindex || 1)', to: 'false' },
   { name: "masq carries a packet whose source is no pod of this host's", file: 'masq.ts',
     from: 'if (!pod || (kind', to: 'if (pod && (kind' },
+  // The egress entries' presence filter (bpf/maps.h egress_filter).
+  { name: "a new egress entry's filter bit not set (init, restore)", file: 'maps.ts',
+    from: "if (s.egress_cache.updateElem(ek, zeroPath(), 'noexist') === 0) egressFilterAdd(s, ek.local_pod, ek.remote_pod);",
+    to: "s.egress_cache.updateElem(ek, zeroPath(), 'noexist');" },
+  { name: "masq checks the reverse pair's filter bit", file: 'masq.ts',
+    from: 'if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);', to: 'if (!egressFilterHas(s, h.daddr, h.saddr)) return pass(fx);' },
+  { name: 'masq looks the entry up whatever the filter says', file: 'masq.ts',
+    from: 'if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);', to: '' },
+  { name: 'masq reads the half of the filter config does not name', file: 'maps.ts',
+    from: 'ConfigFlag.FILTER_HALF1 ? words64(s) : 0)', to: 'ConfigFlag.FILTER_HALF1 ? 0 : words64(s))' },
+  { name: "a new egress entry's bit set in the first half only", file: 'maps.ts',
+    from: 'for (let half = 0; half < 2; half++)', to: 'for (let half = 0; half < 1; half++)' },
 ];
 
 const MODEL_DIR = fileURLToPath(new URL('../model/', import.meta.url));

@@ -5,7 +5,7 @@
 import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo } from '../../dataplane/maps.ts';
 import { compile } from '../../dataplane/agent/policy.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
-import { emptyState, type DatapathState, type Sizes } from '../model/index.ts';
+import { egressFilterAdd, emptyState, type DatapathState, type Sizes } from '../model/index.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
 import { inverse, type CtEntrySpec, type CtTuple } from '../../dataplane/conntrack.ts';
 import { CtBits, NO_HOST_NETNS } from '../../dataplane/maps.ts';
@@ -22,6 +22,12 @@ export interface StateSpec {
   policy?: PolicyRuleRecord[];
   /** The overlay's nodes by underlay address (flags: NodeFlag.SELF for this host's own). */
   nodes?: Array<{ ip: string } & NodeInfo>;
+  /**
+   * true: egress_filter as a version without it leaves it, empty, whatever the
+   * entries (an upgrade before the agent filled it). Otherwise every egress
+   * entry's bit is set, as the programs and the agent keep it.
+   */
+  egress_filter_empty?: boolean;
 }
 
 export type ProgramName = 'init' | 'restore' | 'masq';
@@ -72,12 +78,27 @@ export function stateFromSpec(spec: StateSpec, sizes: Sizes): DatapathState {
   for (const p of spec.pod_info ?? []) {
     must(s.pod_info.update(p.ip, { ifindex: p.ifindex, mac: p.mac, ...NO_HOST_NETNS }), `pod_info ${p.ip}`);
   }
-  for (const e of spec.egress_cache ?? []) must(s.egress_cache.update(e.key, pathFromJson(e.value)), 'egress_cache');
+  for (const e of spec.egress_cache ?? []) must(putEgress(s, e.key, pathFromJson(e.value), { filter: !spec.egress_filter_empty }), 'egress_cache');
   for (const e of spec.ingress_cache ?? []) must(s.ingress_cache.update(e.key, pathFromJson(e.value)), 'ingress_cache');
   if (spec.config) s.config = { ...spec.config };
   if (spec.policy) installPolicy(s, spec.policy);
   for (const n of spec.nodes ?? []) must(s.nodes.update(n.ip, { flags: n.flags }), `nodes ${n.ip}`);
   return s;
+}
+
+/**
+ * An egress entry written into a state as a program or the agent leaves it:
+ * with the pair's bit in both halves of egress_filter (model maps.ts
+ * egressFilterAdd), unless filter is false (a state a version without the
+ * filter left). Every state the harness makes writes its egress entries here.
+ */
+export function putEgress(s: DatapathState, key: EgressKey, value: Path, opts: { flag?: 'any' | 'noexist' | 'exist'; filter?: boolean } = {}): number {
+  const rc = s.egress_cache.update(key, value, opts.flag);
+  if (rc === 0 && opts.filter !== false) {
+    const k = s.egress_cache.keys.fromLayout(key);
+    egressFilterAdd(s, k.local_pod, k.remote_pod);
+  }
+  return rc;
 }
 
 /**

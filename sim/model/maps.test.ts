@@ -48,4 +48,8 @@ describe.each(OBJECTS)('the model holds every map of $file', ({ file, sizes, eff
       if (t && typeof t === 'object' && 'maxEntries' in t) expect({ name, max: t.maxEntries }).toEqual({ name, max });
     }
   });
+
+  it("egress_filter of the same words (each of the C's u64 words two u32 in the model)", () => {
+    expect(s.egress_filter.length).toBe(2 * built.get('egress_filter')!);
+  });
 });

@@ -8,7 +8,7 @@
  */
 import type { Struct } from '../../dataplane/layout.ts';
 import {
-  NO_OVERLAY, NO_SERVICES, NodeFlag, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
+  ConfigFlag, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
   type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyRoot,
 } from '../../dataplane/maps.ts';
 import { LpmTrie } from './lpm.ts';
@@ -24,6 +24,13 @@ export interface DatapathState {
   pod_info: HashTable<string, PodInfo, number, ModelPodInfo>;
   /** Written by init (outer headers, keys) and restore (peer key); read by masq. */
   egress_cache: HashTable<EgressKey, Path, ModelEgressKey, ModelPath>;
+  /**
+   * The egress entries' presence filter (bpf/maps.h): its u64 words as pairs
+   * of u32 in the kernel's (little-endian) order, so slot i of a half is bit
+   * i % 32 of u32 word i / 32 from the half's start. Set in both halves by
+   * egressLookupOrCreate; masq reads the half config.flags names.
+   */
+  egress_filter: Uint32Array;
   /** Written by init (when it allocates a key); read and refreshed by restore. */
   ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
   /** Written by the agent; read by every program (config_get: its one slot). */
@@ -41,7 +48,7 @@ export interface DatapathState {
 }
 
 /** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
-export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number }
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterWords?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -52,6 +59,7 @@ export function emptyState(sizes: Sizes): DatapathState {
   return {
     pod_info: new HashTable(ipKeys(asStruct(podIp)), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
     egress_cache: new HashTable(structKeys<EgressKey, ModelEgressKey>(asStruct(egressKey)), paths, sizes.paths),
+    egress_filter: new Uint32Array(2 * (sizes.filterWords ?? 8)),
     ingress_cache: new HashTable(structKeys<IngressKey, ModelIngressKey>(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
     policy_trie: new LpmTrie(sizes.rules),
@@ -67,6 +75,7 @@ export function cloneState(s: DatapathState): DatapathState {
   return {
     pod_info: s.pod_info.clone(),
     egress_cache: s.egress_cache.clone(),
+    egress_filter: s.egress_filter.slice(),
     ingress_cache: s.ingress_cache.clone(),
     config: { ...s.config },
     policy_trie: s.policy_trie.clone(),
@@ -90,14 +99,36 @@ export function isSelf(s: DatapathState, addr: number): boolean {
 }
 
 /**
+ * The C's u64 words of both halves (each two u32 here), which is also where
+ * the second half starts in u32 words.
+ */
+const words64 = (s: DatapathState) => s.egress_filter.length / 2;
+
+/** C: egress_filter_has. Whether the pair's bit is set in the half masq reads (config.flags). */
+export function egressFilterHas(s: DatapathState, localPod: number, remotePod: number): boolean {
+  const slot = egressFilterSlot(localPod, remotePod, words64(s));
+  const i = (s.config.flags & ConfigFlag.FILTER_HALF1 ? words64(s) : 0) + (slot >>> 5);
+  return (s.egress_filter[i] & (1 << (slot & 31))) !== 0;
+}
+
+/**
+ * C: egress_filter_add. Sets the pair's bit in both halves (the C's atomic OR,
+ * only where the bit is clear, sets the same bits).
+ */
+export function egressFilterAdd(s: DatapathState, localPod: number, remotePod: number): void {
+  const slot = egressFilterSlot(localPod, remotePod, words64(s));
+  for (let half = 0; half < 2; half++) s.egress_filter[half * words64(s) + (slot >>> 5)] |= 1 << (slot & 31);
+}
+
+/**
  * C: egress_lookup_or_create. The egress entry for a pod pair, created empty
- * if new; undefined when the table is full. (EEXIST from the insert: another
- * CPU created it first, which is just as good.)
+ * if new, its filter bit set once created; undefined when the table is full.
+ * (EEXIST from the insert: another CPU created it first and sets the bit.)
  */
 export function egressLookupOrCreate(s: DatapathState, ek: ModelEgressKey): ModelPath | undefined {
   const e = s.egress_cache.lookupElem(ek);
   if (e) return e;
-  s.egress_cache.updateElem(ek, zeroPath(), 'noexist');
+  if (s.egress_cache.updateElem(ek, zeroPath(), 'noexist') === 0) egressFilterAdd(s, ek.local_pod, ek.remote_pod);
   return s.egress_cache.lookupElem(ek);
 }
 

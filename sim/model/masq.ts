@@ -7,7 +7,7 @@ import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKe
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
-import type { DatapathState } from './maps.ts';
+import { egressFilterHas, type DatapathState } from './maps.ts';
 import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -83,7 +83,9 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
     h.dport = to.dport;
   }
 
-  // 3. A pair fully learned: path, both keys, and the peer knows ours.
+  // 3. A pair fully learned: path, both keys, and the peer knows ours. A clear bit
+  //    in the presence filter means no entry: pass without the lookup.
+  if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);
   const ek = { local_pod: h.saddr, remote_pod: h.daddr };
   const e = s.egress_cache.lookupElem(ek);
   if (!e) return pass(fx);

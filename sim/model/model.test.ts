@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest';
 import { buildFrame, type FrameSpec, type L4Spec } from '../../testing/packet/build.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../../testing/packet/checksum.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
-import { TC_CONTINUE, emptyState, type DatapathState, type Env } from './index.ts';
+import { TC_CONTINUE, egressFilterAdd, emptyState, type DatapathState, type Env } from './index.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
 import { init } from './init.ts';
@@ -37,6 +37,8 @@ function hosts(): { a: DatapathState; b: DatapathState } {
     last_seen: 1n, local_mac: A.mac, remote_mac: B.mac, local_ip: A.host, remote_ip: B.host,
     ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,
   });
+  const ek = a.egress_cache.keys.fromLayout({ local_pod: SRC.ip, remote_pod: DST.ip });
+  egressFilterAdd(a, ek.local_pod, ek.remote_pod);
   const b = nodes(emptyState(SIZES), B.host);
   b.pod_info.update(DST.ip, { ifindex: DST.ifindex, mac: DST.mac, ...NO_HOST_NETNS });
   b.ingress_cache.update({ remote_host: A.host, key: 33 }, {
