@@ -19,6 +19,7 @@ import { FLANNEL_PORTS, NO_OVERLAY,
   NO_HOST_NETNS, type CounterName,
 } from '../dataplane/maps.ts';
 import { PolicyTable, describeRule, normaliseRule } from '../dataplane/agent/policy.ts';
+import { fillEgressFilter } from '../dataplane/agent/filter.ts';
 import type { PolicyRuleSpec } from '../dataplane/agent/protocol.ts';
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
 import { checksumProblems, decodeFrame, flattenFrame } from '../testing/packet/decode.ts';
@@ -115,7 +116,7 @@ const noPath = {
 };
 
 interface Maps {
-  pod_info: BpfMap; egress_cache: BpfMap; ingress_cache: BpfMap; config: BpfMap;
+  pod_info: BpfMap; egress_cache: BpfMap; egress_filter: BpfMap; ingress_cache: BpfMap; config: BpfMap;
   policy_trie: BpfMap; policy_root: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
 }
 
@@ -132,6 +133,8 @@ function learnedPair(m: Maps): void {
     path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),
     'noexist',
   );
+  // The pair's bit in egress_filter, as init sets it when it creates the entry.
+  fillEgressFilter(m.egress_cache, m.egress_filter);
   m.ingress_cache.update(
     ingressKey.encode({ remote_host: PEER.ip, key: OUR_KEY }),
     path.encode({ ...noPath, local_mac: POD.mac, remote_mac: VTEP_MAC, local_ip: POD.ip, remote_ip: REMOTE_POD, ifindex: POD.ifindex, local_key: OUR_KEY }),
@@ -220,6 +223,8 @@ const STATES = {
   k8sNested: kubernetesRules(true),
   deepest: DEEPEST,
   masq2masks: perMask([DST_SERVICE, F.SRC_IP], 500),
+  /** The unknown pair's bit set in egress_filter, with no entry: a gone pair's bit, or a colliding pair's. */
+  staleBit: undefined,
 } satisfies Record<string, PolicyRuleSpec[] | undefined>;
 type StateName = keyof typeof STATES;
 
@@ -308,6 +313,10 @@ const ROWS: RowDef[] = [
   { name: 'init pass (host packet)', kind: 'pass', state: 'base', program: 'init', packet: PACKETS.hostOut, resets: false, counter: 'PASSED', check: untouched },
   { name: 'restore pass (host TCP, no RF)', kind: 'pass', state: 'base', program: 'restore', packet: PACKETS.hostIn, resets: false, counter: 'PASSED', check: untouched },
   { name: 'masq pass (no egress entry)', kind: 'pass', state: 'base', program: 'masq', packet: PACKETS.podUnknownPair, resets: false, counter: 'PASSED', check: untouched },
+  {
+    name: 'masq pass (no entry, its filter bit set: one hash miss)', kind: 'pass', state: 'staleBit', program: 'masq', packet: PACKETS.podUnknownPair, resets: false,
+    counter: 'PASSED', check: untouched,
+  },
   { name: 'masq, flow unknown to conntrack (overlay)', kind: 'pass', state: 'base', program: 'masq', packet: PACKETS.podUnknownFlow, resets: false, counter: 'CT_REFUSED', check: untouched },
   ...([
     ['policy: 0 rules', 'base'],
@@ -342,7 +351,7 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters', 'bench_packet', 'nodes'] as const) {
+    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters', 'bench_packet', 'nodes'] as const) {
       maps[m] = obj.map(m);
     }
     // The point of the bench object is production-sized tables (hash buckets, cache footprint).
@@ -355,6 +364,13 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
       throw new BenchError(`bench_packet holds ${maps.bench_packet.valueSize} bytes, bench/programs.ts assumes ${RESET_LEN} (BENCH_RESET_LEN)`);
     }
     learnedPair(maps);
+    if (name === 'staleBit') {
+      // An entry for the unknown pair, its bit set, then the entry gone (expired, purged).
+      const k = egressKey.encode({ local_pod: POD.ip, remote_pod: UNKNOWN_POD });
+      maps.egress_cache.update(k, path.encode(noPath), 'noexist');
+      fillEgressFilter(maps.egress_cache, maps.egress_filter);
+      maps.egress_cache.delete(k);
+    }
     const setup = STATES[name];
     let policy: PolicyTable | undefined;
     if (setup) {

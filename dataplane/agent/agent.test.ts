@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap, BpfObject, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
-  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
+  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
@@ -849,8 +849,48 @@ describe('xmasq-agent', () => {
     expect(withMap('pod_info', (m) => m.keys().map((k) => podIp.decode(k).ip))).toEqual([POD.ip]);
   });
 
+  it('an upgrade from a version without egress_filter: the pinned entries\' bits are filled in, and each start and rebuild leaves exactly the live entries\' bits in the half masq reads', async () => {
+    const bitsOf = (local: string, remote: string) => withMap('egress_filter', (f) => {
+      const k = egressKey.encode({ local_pod: local, remote_pod: remote });
+      const slot = egressFilterSlot(k.readUInt32LE(0), k.readUInt32LE(4), f.maxEntries);
+      const at = (half: number) => {
+        const w = f.lookup(arrayIndex.encode({ index: half * (f.maxEntries / 2) + Math.floor(slot / 64) }))!.readBigUInt64LE(0);
+        return Number((w >> BigInt(slot % 64)) & 1n);
+      };
+      return [at(0), at(1)];
+    });
+    const activeBits = () => withMap('egress_filter', (f) => {
+      const half = withMap('config', (m) => config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!).flags) & ConfigFlag.FILTER_HALF1 ? 1 : 0;
+      let n = 0;
+      for (const [k, v] of f.lookupBatch()) {
+        if (Math.floor(k.readUInt32LE(0) / (f.maxEntries / 2)) !== half) continue;
+        for (let w = v.readBigUInt64LE(0); w; w >>= 1n) n += Number(w & 1n);
+      }
+      return n;
+    });
+    await stopAgent();
+    // The pins as a version without the filter leaves them: entries, and no egress_filter.
+    // (without the peer's key: expiry then goes by idle time alone, and these are fresh)
+    plantEgress(POD.ip, '10.244.6.7', { local_key: 7, remote_key: 0 });
+    plantEgress(POD.ip, '10.244.6.8', { local_key: 9, remote_key: 0 });
+    rmSync(`${PIN}/egress_filter`);
+    agent = await startAgent();
+    expect(agent.stderr()).toMatch(/filled egress_filter \(new in this version\) from the pinned egress entries: 2 bit\(s\)/);
+    expect(bitsOf(POD.ip, '10.244.6.7')).toEqual([1, 1]);
+    expect(bitsOf(POD.ip, '10.244.6.8')).toEqual([1, 1]);
+    expect(activeBits()).toBe(egressKeys().length);
+    // One entry goes while no agent runs: the next start's rebuild leaves its bit out of the half masq reads.
+    await stopAgent();
+    withMap('egress_cache', (m) => m.delete(egressKey.encode({ local_pod: POD.ip, remote_pod: '10.244.6.8' })));
+    agent = await startAgent();
+    expect(agent.stderr()).not.toMatch(/filled egress_filter/);
+    expect(activeBits()).toBe(egressKeys().length);
+    expect(bitsOf(POD.ip, '10.244.6.7')).toEqual([1, 1]);
+  });
+
   it('--wide-keys off clears the flag and drops the entries holding a wide key; on sets it again', async () => {
-    const configFlags = () => withMap('config', (m) => config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!).flags);
+    // Which half of egress_filter masq reads is the agent's to switch (filter.ts): not what this test is about.
+    const configFlags = () => withMap('config', (m) => config.decode(m.lookup(arrayIndex.encode({ index: 0 }))!).flags) & ~ConfigFlag.FILTER_HALF1;
     expect(configFlags()).toBe(ConfigFlag.WIDE_KEYS); // the default
     await stopAgent();
     plantEgress(POD.ip, '10.244.6.3', { local_key: 0x1234 });

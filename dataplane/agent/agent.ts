@@ -13,6 +13,7 @@ import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './cache
 import { ConfigError, checkObject, parseCidr, type AgentConfig } from './config.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
+import { rebuildEgressFilter } from './filter.ts';
 import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
 import { NodeSet } from './nodes.ts';
@@ -69,6 +70,10 @@ export class Agent {
   private ctDrain: ConntrackDrain | undefined;
   private nodes: NodeSet | undefined;
   private lastNodeSync = 0;
+  /** Egress entries deleted since egress_filter was last rebuilt: each may have left a bit of no entry. */
+  private egressGone = 0;
+  /** A rebuild failed at start: the next scan rebuilds whatever went. */
+  private filterDue = false;
   private discoveryTimer: NodeJS.Timeout | undefined;
   private discovering = false;
   /** Pods a DEL removed, by IP: when, and the veth they were on (discovery leaves them alone). */
@@ -135,6 +140,14 @@ export class Agent {
     } catch (e) {
       await this.closeEndpoints();
       throw e;
+    }
+    // Now that our init and restore are attached, every new entry sets its bit:
+    // the entries pinned before (an earlier version's among them) get theirs here.
+    try {
+      this.rebuildFilter();
+    } catch (e) {
+      this.log.warn(`egress_filter not rebuilt at start (${(e as Error).message}): the first expiry scan tries again`);
+      this.filterDue = true;
     }
     this.timer = setInterval(() => this.scan(), cfg.scanIntervalSeconds * 1000);
     // Flows masq and restore queued for a liberal conntrack entry (bpf/conntrack.h).
@@ -251,6 +264,7 @@ export class Agent {
       this.log.info(`nodes: ${ns.peers.length} peer(s) from ${ns.overlayDevices.join(', ') || 'no overlay device'}${cfg.nodes.length ? ` and --nodes` : ''}; this host is ${ns.self.join(', ')}`);
       if (!cfg.wideKeys) {
         const dropped = dp.dropWideKeys();
+        this.egressGone += dropped;
         if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);
       }
 
@@ -435,7 +449,9 @@ export class Agent {
   private forgetPod(ip: string): Purged {
     const m = this.dp!.maps;
     m.pod_info.delete(podIp.encode({ ip }));
-    return purgePod(m.egress_cache, m.ingress_cache, ip, monotonicCoarseNs());
+    const purged = purgePod(m.egress_cache, m.ingress_cache, ip, monotonicCoarseNs());
+    this.egressGone += purged.egress;
+    return purged;
   }
 
   private savePods(): void {
@@ -614,10 +630,13 @@ export class Agent {
         BigInt(Math.round(this.cfg.egressIdleSeconds * 1e9)), BigInt(Math.round(this.cfg.ingressIdleSeconds * 1e9)));
       this.stats.expired.egress += r.egress.deleted;
       this.stats.expired.ingress += r.ingress.deleted;
+      this.egressGone += r.egress.deleted;
       if (r.egress.deleted || r.ingress.deleted) {
         this.log.debug(`expired ${r.egress.deleted} egress${r.egress.unanswered ? ` (${r.egress.unanswered} unanswered by the peer)` : ''} and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left) in ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
       }
       this.collectGonePods();
+      // Once a quarter of the entries' worth went (at least one), the bits they left.
+      if (this.filterDue || (this.egressGone > 0 && this.egressGone * 4 >= r.egress.remaining)) this.rebuildFilter();
       // Nodes come and go with the overlay device's FDB: at most once a second.
       if (this.nodes && Date.now() - this.lastNodeSync >= NODE_SYNC_MS) {
         this.lastNodeSync = Date.now();
@@ -635,6 +654,22 @@ export class Agent {
     this.stats.scans++;
     this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     this.stats.lastScanAt = new Date().toISOString();
+  }
+
+  /**
+   * egress_filter's half masq does not read, rebuilt from the live entries,
+   * and masq switched to it (filter.ts). Throws only what a map access
+   * throws; the half masq reads is whole either way.
+   */
+  private rebuildFilter(): void {
+    const m = this.dp!.maps;
+    const gone = this.egressGone;
+    const r = rebuildEgressFilter(m.egress_cache, m.egress_filter, m.config);
+    this.log.debug(r.switched
+      ? `egress_filter: masq reads half ${r.half} now, ${r.bits} bit(s) for the live entries (the other half had ${r.bitsBefore}; ${gone} entries went since the last rebuild${r.retries ? `; ${r.retries} scan(s) found a bit of an entry created meanwhile` : ''})`
+      : `egress_filter: kept half ${r.half} (entries were created during each of ${r.retries} scans); the next rebuild tries again`);
+    if (r.switched) this.egressGone = 0;
+    this.filterDue = false;
   }
 
   // -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import {
   path, type CounterName,
 } from '../maps.ts';
 import type { ObjectMapName, ProgramName } from '../generated/objects.ts';
+import { activeHalf, fillEgressFilter } from './filter.ts';
 import type { Log } from './log.ts';
 import type { AttachKind, Attachment, Mode } from './protocol.ts';
 
@@ -42,7 +43,7 @@ export function linkPinName(ifindex: number, where: TcHookPoint, netns?: string)
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
 export const PINNED_MAPS = [
-  'pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
+  'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 /**
@@ -111,6 +112,12 @@ export class Datapath {
         unlinkSync(p);
         log.info(`removed ${p}, pinned by an earlier version (its rules are in the state file and now in policy_trie)`);
       }
+      if (!existed.includes('egress_filter') && existed.includes('egress_cache')) {
+        // An upgrade from a version without the filter: its programs, still
+        // attached, never touch the new map, so both halves are written plainly.
+        const bits = fillEgressFilter(m.egress_cache, m.egress_filter);
+        log.info(`filled egress_filter (new in this version) from the pinned egress entries: ${bits} bit(s)`);
+      }
       if (m.pod_info.maxEntries === MAX_ENTRIES.test.pods) {
         log.warn(`${objectPath} is the test build (pod_info holds ${MAX_ENTRIES.test.pods} pods): use bpf/build/xmasq.bpf.o in production`);
       }
@@ -131,11 +138,14 @@ export class Datapath {
   /**
    * Points masq at the NIC and the Service range (if any), tells init whether
    * to draw wide keys, all three the overlay's UDP ports, and restore where to
-   * hand what the host stack must see (the overlay device, if any).
+   * hand what the host stack must see (the overlay device, if any). The half
+   * of egress_filter masq reads stays the one the pinned config names: the
+   * other may be stale (filter.ts).
    */
   writeConfig(nicIfindex: number, wideKeys: boolean, ports: { vxlan: number; geneve: number }, overlay?: { ifindex: number; mac: string }, services?: { net: string; mask: string }): void {
+    const half = activeHalf(this.maps.config) ? ConfigFlag.FILTER_HALF1 : 0;
     this.maps.config.update(ZERO, config.encode({
-      nic_ifindex: nicIfindex, flags: wideKeys ? ConfigFlag.WIDE_KEYS : 0,
+      nic_ifindex: nicIfindex, flags: (wideKeys ? ConfigFlag.WIDE_KEYS : 0) | half,
       ...(overlay ? { overlay_ifindex: overlay.ifindex, overlay_mac: overlay.mac } : NO_OVERLAY),
       ...(services ? { service_net: services.net, service_mask: services.mask } : NO_SERVICES),
       vxlan_port: ports.vxlan, geneve_port: ports.geneve,
