@@ -93,5 +93,10 @@ describe('bench:prog --profile, recorded', () => {
     expect(none.get('hash map lookup')).toBeUndefined();
     expect(row('masq, flow unknown to conntrack (overlay)').get('conntrack kfuncs') ?? 0).toBeGreaterThan(0);
     expect(masq.get('conntrack kfuncs')).toBeUndefined();
+    // A pod packet of no pair passes on egress_filter's clear bit: no hash lookup, no clock.
+    const pass = row('masq pass (no egress entry)');
+    expect(pass.get('hash map lookup')).toBeUndefined();
+    expect(pass.get('clock (ktime coarse)')).toBeUndefined();
+    expect(row('masq pass (no entry, its filter bit set: one hash miss)').get('hash map lookup') ?? 0).toBeGreaterThan(0);
   });
 });

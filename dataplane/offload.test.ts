@@ -22,6 +22,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ConntrackDrain } from './agent/conntrack.ts';
 import { stderrLog } from './agent/log.ts';
 import { BpfObject, tcAttach, withNetns } from './libbpf.ts';
+import { fillEgressFilter } from './agent/filter.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, egressKey, path, podInfo, podIp } from './maps.ts';
 import { readPcap } from '../testing/pcap.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
@@ -90,6 +91,8 @@ beforeAll(async () => {
     last_seen: 1n, local_mac: mac(NS.host, 'nic0'), remote_mac: mac(NS.wire, 'w0'), local_ip: HOST_IP, remote_ip: PEER_IP,
     ifindex: 0, local_key: 9, remote_key: 23, remote_ready: 1,
   }));
+  // and its bit in egress_filter, as init sets it when it creates the entry (masq passes a pair without one)
+  fillEgressFilter(obj.map('egress_cache'), obj.map('egress_filter'));
   // The pod, as the agent records it: masq carries only packets whose source is the pod of
   // the veth they arrived on (h0).
   obj.map('pod_info').update(podIp.encode({ ip: POD_IP }), podInfo.encode({ ifindex: ifindex(NS.host, 'h0'), mac: mac(NS.pod, 'p0'), ...NO_HOST_NETNS }));
