@@ -18,7 +18,7 @@
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
 #define XMASQ_MAX_NODES 16
-#define XMASQ_FILTER_HALF_WORDS 4 /* 256 bits a half: pairs collide, as they must in some cases */
+#define XMASQ_FILTER_HALF_BLOCKS 1 /* 4096 slots a half */
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
@@ -26,7 +26,7 @@
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
 #define XMASQ_MAX_NODES 8192
-#define XMASQ_FILTER_HALF_WORDS 16384 /* 2^20 bits a half: ~6% of them set at a full egress_cache */
+#define XMASQ_FILTER_HALF_BLOCKS 256 /* 2^20 slots a half: ~6% of them set at a full egress_cache */
 #endif
 
 /* Written by the agent (CNI ADD/DEL); read by init, restore (learning) and masq. */
@@ -47,7 +47,7 @@ struct {
 
 /*
  * The egress entries' presence filter: a bit per slot of a hash of the pod
- * pair (egress_filter_slot), in two halves of XMASQ_FILTER_HALF_WORDS words.
+ * pair (egress_filter_slot), in two halves of XMASQ_FILTER_HALF_BLOCKS blocks.
  * Set in both halves by egress_lookup_or_create, the only place an egress
  * entry is created, and never cleared by a program; masq reads the half
  * config.flags names (XMASQ_CFG_FILTER_HALF1) and passes a packet whose bit
@@ -59,9 +59,9 @@ struct {
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 2 * XMASQ_FILTER_HALF_WORDS);
+	__uint(max_entries, 2 * XMASQ_FILTER_HALF_BLOCKS);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct egress_filter_block);
 } egress_filter SEC(".maps");
 
 /* Written by init (when it allocates a key); read and refreshed by restore. */
@@ -186,16 +186,25 @@ static __always_inline __u32 egress_filter_slot(__u32 local_pod, __u32 remote_po
 	x ^= x >> 13;
 	x *= 0xc2b2ae35;
 	x ^= x >> 16;
-	return x & (XMASQ_FILTER_HALF_WORDS * 64 - 1);
+	return x & (XMASQ_FILTER_HALF_BLOCKS * XMASQ_FILTER_BLOCK_WORDS * 64 - 1);
+}
+
+/* The word of a half holding a slot's bit (the block, then the word in it). */
+static __always_inline __u64 *egress_filter_word(__u32 half, __u32 slot)
+{
+	__u32 i = half * XMASQ_FILTER_HALF_BLOCKS + slot / (XMASQ_FILTER_BLOCK_WORDS * 64);
+	struct egress_filter_block *b = bpf_map_lookup_elem(&egress_filter, &i);
+
+	return b ? &b->words[(slot / 64) % XMASQ_FILTER_BLOCK_WORDS] : NULL;
 }
 
 /* Whether the pair's bit is set in the half masq reads: clear means no egress entry. */
 static __always_inline int egress_filter_has(const struct config *cfg, __u32 local_pod, __u32 remote_pod)
 {
 	__u32 slot = egress_filter_slot(local_pod, remote_pod);
-	__u32 i = (cfg->flags & XMASQ_CFG_FILTER_HALF1 ? XMASQ_FILTER_HALF_WORDS : 0) + (slot >> 6);
-	__u64 *w = bpf_map_lookup_elem(&egress_filter, &i);
-	return w && (*w & (1ULL << (slot & 63)));
+	__u64 *w = egress_filter_word(cfg->flags & XMASQ_CFG_FILTER_HALF1 ? 1 : 0, slot);
+
+	return w && (*w & (1ULL << (slot % 64)));
 }
 
 /*
@@ -207,11 +216,10 @@ static __always_inline int egress_filter_has(const struct config *cfg, __u32 loc
 static __always_inline void egress_filter_add(__u32 local_pod, __u32 remote_pod)
 {
 	__u32 slot = egress_filter_slot(local_pod, remote_pod);
-	__u64 bit = 1ULL << (slot & 63);
+	__u64 bit = 1ULL << (slot % 64);
 
 	for (__u32 half = 0; half < 2; half++) {
-		__u32 i = half * XMASQ_FILTER_HALF_WORDS + (slot >> 6);
-		__u64 *w = bpf_map_lookup_elem(&egress_filter, &i);
+		__u64 *w = egress_filter_word(half, slot);
 		if (w && !(*w & bit))
 			__sync_fetch_and_or(w, bit);
 	}

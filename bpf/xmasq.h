@@ -151,6 +151,16 @@ struct config {
 	__u16 geneve_port;
 };
 
+/*
+ * egress_filter's value (maps.h): the bits of 4096 slots in u64 words. Blocks
+ * this large, not a word per element, because the agent reads and writes the
+ * filter through the syscall, which copies an array element at a time.
+ */
+#define XMASQ_FILTER_BLOCK_WORDS 64
+struct egress_filter_block {
+	__u64 words[XMASQ_FILTER_BLOCK_WORDS];
+};
+
 enum xmasq_policy_dir {
 	XMASQ_DIR_EGRESS = 0,  /* leaving a local pod */
 	XMASQ_DIR_INGRESS = 1, /* entering a local pod */

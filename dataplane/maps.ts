@@ -44,25 +44,26 @@ function maxEntries<B extends 'production' | 'test'>(b: B) {
   const m = MAP_MAX_ENTRIES;
   return {
     pods: m.pod_info[b], paths: m.egress_cache[b], rules: m.policy_trie[b],
-    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b], filterWords: m.egress_filter[b],
+    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b], filterBlocks: m.egress_filter[b],
   } as const;
 }
 
 /**
- * egress_filter (bpf/maps.h): two halves of filterWords / 2 u64 words, a bit
- * per slot. A pod pair's slot, as egress_filter_slot computes it from the
- * addresses as the programs hold them (the key's words, network order read
- * as a little-endian u32: what readUInt32LE gives of the key's bytes), and
- * where it lies: the u64 word of a half and the bit in it.
+ * egress_filter (bpf/maps.h): two halves of blocks, a bit per slot; slot i of
+ * a half is bit i % 64 of the half's u64 word i / 64, counting words across
+ * its blocks (FILTER_BLOCK_BYTES each). A pod pair's slot in a half of
+ * halfSlots slots, as egress_filter_slot computes it from the addresses as the
+ * programs hold them (the key's words, network order read as a little-endian
+ * u32: what readUInt32LE gives of the key's bytes).
  */
-export function egressFilterSlot(localPod: number, remotePod: number, filterWords: number): number {
+export function egressFilterSlot(localPod: number, remotePod: number, halfSlots: number): number {
   let x = (localPod ^ Math.imul(remotePod, 0x9e3779b1)) >>> 0;
   x ^= x >>> 16;
   x = Math.imul(x, 0x85ebca6b) >>> 0;
   x ^= x >>> 13;
   x = Math.imul(x, 0xc2b2ae35) >>> 0;
   x ^= x >>> 16;
-  return (x & ((filterWords / 2) * 64 - 1)) >>> 0;
+  return (x & (halfSlots - 1)) >>> 0;
 }
 
 export const Counter = COUNTER;
@@ -194,8 +195,10 @@ export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
 export const nodeInfo = cStruct('node_info', [['flags', 'u32']] as const);
 export const arrayIndex = new Struct('array_index', [['index', 'u32']] as const);
 export const counterValue = new Struct('counter_value', [['value', 'u64']] as const);
-/** egress_filter's value: 64 slots' bits (a plain __u64 in C). */
-export const filterWord = new Struct('filter_word', [['bits', 'u64']] as const);
+/** egress_filter's value: 4096 slots' bits, its u64 words' bytes (little-endian) as they lie. */
+export const filterBlock = cStruct('egress_filter_block', [['words', { u8array: 512 }]] as const);
+/** Bytes of an egress_filter block. */
+export const FILTER_BLOCK_BYTES = filterBlock.size;
 
 export type PodInfo = StructValue<typeof podInfo extends Struct<infer F> ? F : never>;
 export type EgressKey = StructValue<typeof egressKey extends Struct<infer F> ? F : never>;
@@ -217,7 +220,7 @@ export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infe
 export const MAPS = {
   pod_info: { kind: 'hash', key: podIp, value: podInfo },
   egress_cache: { kind: 'hash', key: egressKey, value: path },
-  egress_filter: { kind: 'array', key: arrayIndex, value: filterWord },
+  egress_filter: { kind: 'array', key: arrayIndex, value: filterBlock },
   ingress_cache: { kind: 'hash', key: ingressKey, value: path },
   config: { kind: 'array', key: arrayIndex, value: config },
   policy_trie: { kind: 'lpm_trie', key: policyLpmKey, value: policyNext },

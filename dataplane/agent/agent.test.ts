@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap, BpfObject, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
-  COUNTER_NAMES, ConfigFlag, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
+  COUNTER_NAMES, ConfigFlag, FILTER_BLOCK_BYTES, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
@@ -852,9 +852,12 @@ describe('xmasq-agent', () => {
   it('an upgrade from a version without egress_filter: the pinned entries\' bits are filled in, and each start and rebuild leaves exactly the live entries\' bits in the half masq reads', async () => {
     const bitsOf = (local: string, remote: string) => withMap('egress_filter', (f) => {
       const k = egressKey.encode({ local_pod: local, remote_pod: remote });
-      const slot = egressFilterSlot(k.readUInt32LE(0), k.readUInt32LE(4), f.maxEntries);
+      // slot i of a half: bit i % 64 of u64 word i / 64, counting across the half's 512-byte blocks
+      const halfSlots = (f.maxEntries / 2) * FILTER_BLOCK_BYTES * 8;
+      const slot = egressFilterSlot(k.readUInt32LE(0), k.readUInt32LE(4), halfSlots);
       const at = (half: number) => {
-        const w = f.lookup(arrayIndex.encode({ index: half * (f.maxEntries / 2) + Math.floor(slot / 64) }))!.readBigUInt64LE(0);
+        const block = f.lookup(arrayIndex.encode({ index: half * (f.maxEntries / 2) + Math.floor(slot / (FILTER_BLOCK_BYTES * 8)) }))!;
+        const w = block.readBigUInt64LE((Math.floor(slot / 64) % (FILTER_BLOCK_BYTES / 8)) * 8);
         return Number((w >> BigInt(slot % 64)) & 1n);
       };
       return [at(0), at(1)];
@@ -864,7 +867,7 @@ describe('xmasq-agent', () => {
       let n = 0;
       for (const [k, v] of f.lookupBatch()) {
         if (Math.floor(k.readUInt32LE(0) / (f.maxEntries / 2)) !== half) continue;
-        for (let w = v.readBigUInt64LE(0); w; w >>= 1n) n += Number(w & 1n);
+        for (const byte of v) for (let x = byte; x; x >>= 1) n += x & 1;
       }
       return n;
     });

@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeEach, describe, expect, it } from 'vitest';
 import { BpfObject } from '../libbpf.ts';
 import type { MapOps, MapSnapshot } from '../map-ops.ts';
-import { ConfigFlag, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, arrayIndex, config, egressFilterSlot, egressKey, path } from '../maps.ts';
+import { ConfigFlag, FILTER_BLOCK_BYTES, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, arrayIndex, config, egressFilterSlot, egressKey, path } from '../maps.ts';
 import { activeHalf, fillEgressFilter, rebuildEgressFilter } from './filter.ts';
 
 const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
@@ -23,15 +23,17 @@ afterAll(() => obj.close());
 const egress = obj.map('egress_cache');
 const filter = obj.map('egress_filter');
 const cfg = obj.map('config');
-const HALF_WORDS = filter.maxEntries / 2;
+/** u64 words of a half, across its blocks. */
+const HALF_WORDS = (filter.maxEntries / 2) * (FILTER_BLOCK_BYTES / 8);
+const blockOf = (half: number, w: number) => arrayIndex.encode({ index: half * (filter.maxEntries / 2) + Math.floor(w / (FILTER_BLOCK_BYTES / 8)) });
 
 const key = (remote: string, local = '10.244.1.5') => egressKey.encode({ local_pod: local, remote_pod: remote });
-const slotOf = (k: Buffer) => egressFilterSlot(k.readUInt32LE(0), k.readUInt32LE(4), filter.maxEntries);
-const word = (half: number, w: number) => filter.lookup(arrayIndex.encode({ index: half * HALF_WORDS + w }))!.readBigUInt64LE(0);
+const slotOf = (k: Buffer) => egressFilterSlot(k.readUInt32LE(0), k.readUInt32LE(4), HALF_WORDS * 64);
+const word = (half: number, w: number) => filter.lookup(blockOf(half, w))!.readBigUInt64LE((w % (FILTER_BLOCK_BYTES / 8)) * 8);
 const setWord = (half: number, w: number, v: bigint) => {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64LE(v);
-  filter.update(arrayIndex.encode({ index: half * HALF_WORDS + w }), b);
+  const b = filter.lookup(blockOf(half, w))!;
+  b.writeBigUInt64LE(v, (w % (FILTER_BLOCK_BYTES / 8)) * 8);
+  filter.update(blockOf(half, w), b);
 };
 const bit = (half: number, k: Buffer) => Number((word(half, Math.floor(slotOf(k) / 64)) >> BigInt(slotOf(k) % 64)) & 1n);
 /** What a program's egress_lookup_or_create does: the entry, then its bit in both halves. */
@@ -51,7 +53,7 @@ const slots = (ks: Buffer[]) => new Set(ks.map(slotOf)).size;
 
 beforeEach(() => {
   egress.clear();
-  for (let i = 0; i < filter.maxEntries; i++) filter.update(arrayIndex.encode({ index: i }), Buffer.alloc(8));
+  for (let i = 0; i < filter.maxEntries; i++) filter.update(arrayIndex.encode({ index: i }), Buffer.alloc(FILTER_BLOCK_BYTES));
   cfg.update(ZERO, config.encode(CONFIG));
 });
 

@@ -17,13 +17,17 @@
  * to holds the bit of every entry, and of no pair gone before the rebuild began.
  */
 import type { MapOps, MapSnapshot } from '../map-ops.ts';
-import { ConfigFlag, arrayIndex, config, egressFilterSlot, egressKey } from '../maps.ts';
+import { ConfigFlag, FILTER_BLOCK_BYTES, arrayIndex, config, egressFilterSlot, egressKey } from '../maps.ts';
 
 const ZERO = arrayIndex.encode({ index: 0 });
 /** Where a key's addresses lie: read in place as the programs hold them (network-order words). */
 const EK = { local: egressKey.field('local_pod').offset, remote: egressKey.field('remote_pod').offset };
 
-/** The filter's u64 words as u32 pairs (little-endian, as the kernel lays them out). */
+/**
+ * The filter as u32 words: its blocks one after another, each block's u64
+ * words as u32 pairs (little-endian, as the kernel lays them out), so slot i
+ * of a half is bit i % 32 of word i / 32 from the half's start.
+ */
 type Words = Uint32Array;
 
 export interface RebuildResult {
@@ -51,39 +55,43 @@ function setActiveHalf(cfg: MapOps, half: 0 | 1): void {
   cfg.update(ZERO, config.encode(c));
 }
 
-/** Every word of the filter, both halves. */
+/** Every block of the filter, both halves: one batch read (a syscall copies a block at a time). */
 export function readWords(filter: MapOps): Words {
-  const words = new Uint32Array(2 * filter.maxEntries);
+  const words = new Uint32Array((filter.maxEntries * FILTER_BLOCK_BYTES) / 4);
   const all = filter.readAll();
   const bytes = Buffer.from(words.buffer);
   for (let i = 0; i < all.count; i++) {
     const index = all.keys.readUInt32LE(i * all.keySize);
-    all.values.copy(bytes, index * 8, i * all.valueSize, i * all.valueSize + 8);
+    all.values.copy(bytes, index * FILTER_BLOCK_BYTES, i * all.valueSize, i * all.valueSize + FILTER_BLOCK_BYTES);
   }
   return words;
 }
 
-/** The bits of every egress entry in snap, laid out as one half of a filter of filterWords u64 words. */
-export function entryBits(snap: MapSnapshot, filterWords: number): Words {
-  const half = new Uint32Array(filterWords);
+/** u32 words of a half of this filter. */
+const halfWords = (filter: MapOps) => (filter.maxEntries / 2) * (FILTER_BLOCK_BYTES / 4);
+
+/** The bits of every egress entry in snap, laid out as one half of a filter of halfU32 u32 words. */
+export function entryBits(snap: MapSnapshot, halfU32: number): Words {
+  const half = new Uint32Array(halfU32);
   for (let i = 0; i < snap.count; i++) {
     const at = i * snap.keySize;
-    const slot = egressFilterSlot(snap.keys.readUInt32LE(at + EK.local), snap.keys.readUInt32LE(at + EK.remote), filterWords);
+    const slot = egressFilterSlot(snap.keys.readUInt32LE(at + EK.local), snap.keys.readUInt32LE(at + EK.remote), halfU32 * 32);
     half[slot >>> 5] |= 1 << (slot & 31);
   }
   return half;
 }
 
-/** Writes the u64 words of half (a half's u32 pairs) that differ from what cur holds there. */
+/** Writes the blocks of half (a half's words) that differ from what cur holds there; returns how many. */
 function writeHalf(filter: MapOps, which: 0 | 1, half: Words, cur: Words): number {
+  const per = FILTER_BLOCK_BYTES / 4;
   const base = which * half.length;
-  const value = Buffer.alloc(8);
   let written = 0;
-  for (let w = 0; w < half.length; w += 2) {
-    if (half[w] === cur[base + w] && half[w + 1] === cur[base + w + 1]) continue;
-    value.writeUInt32LE(half[w], 0);
-    value.writeUInt32LE(half[w + 1], 4);
-    filter.update(arrayIndex.encode({ index: (base + w) / 2 }), value);
+  for (let b = 0; b < half.length / per; b++) {
+    let same = true;
+    for (let w = b * per; w < (b + 1) * per && same; w++) same = half[w] === cur[base + w];
+    if (same) continue;
+    const block = Buffer.from(half.buffer, half.byteOffset + b * FILTER_BLOCK_BYTES, FILTER_BLOCK_BYTES);
+    filter.update(arrayIndex.encode({ index: base / per + b }), block);
     written++;
   }
   return written;
@@ -109,7 +117,7 @@ function bitsIn(words: Words, which: 0 | 1): number {
  * overlay until they learn again. Returns the bits set.
  */
 export function fillEgressFilter(egress: MapOps, filter: MapOps): number {
-  const want = entryBits(egress.readAll(), filter.maxEntries);
+  const want = entryBits(egress.readAll(), halfWords(filter));
   const cur = readWords(filter);
   writeHalf(filter, 0, want, cur);
   writeHalf(filter, 1, want, cur);
@@ -126,7 +134,7 @@ export function fillEgressFilter(egress: MapOps, filter: MapOps): number {
 export function rebuildEgressFilter(egress: MapOps, filter: MapOps, cfg: MapOps, tries = 3): RebuildResult {
   const active = activeHalf(cfg);
   const next = (1 - active) as 0 | 1;
-  const n = filter.maxEntries;
+  const n = halfWords(filter);
   let cur = readWords(filter);
   const bitsBefore = bitsIn(cur, active);
   const want = entryBits(egress.readAll(), n);

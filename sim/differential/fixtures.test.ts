@@ -77,7 +77,7 @@ describe('fixtures', () => {
       const reads = o.kernel.state.config.flags & ConfigFlag.FILTER_HALF1 ? half : 0;
       for (const p of want.filter.pairs) {
         const k = o.kernel.state.egress_cache.keys.fromLayout(p.key);
-        const slot = egressFilterSlot(k.local_pod, k.remote_pod, half);
+        const slot = egressFilterSlot(k.local_pod, k.remote_pod, half * 32);
         const at = (from: number) => (w[from + (slot >>> 5)] >>> (slot & 31)) & 1;
         if (p.set) expect([at(0), at(half)], `bit of ${JSON.stringify(p.key)} in both halves`).toEqual([1, 1]);
         else expect(at(reads), `bit of ${JSON.stringify(p.key)} in the half masq reads`).toBe(0);

@@ -276,9 +276,11 @@ function genFilter(rng: Rng, s: DatapathState, f: Focus): void {
   if (rng.chance(0.5)) s.config.flags |= ConfigFlag.FILTER_HALF1;
   const w = s.egress_filter;
   if (rng.chance(0.2)) for (let i = rng.int(4); i > 0; i--) w[rng.int(w.length)] |= 1 << rng.int(32);
+  const focus = s.egress_cache.keys.fromLayout({ local_pod: f.local.ip, remote_pod: f.remote });
+  const slot = egressFilterSlot(focus.local_pod, focus.remote_pod, (w.length / 2) * 32);
+  // the focus pair's bit set without its entry, or clear with it
+  if (rng.chance(0.15)) for (const half of [0, 1]) w[half * (w.length / 2) + (slot >>> 5)] |= 1 << (slot & 31);
   if (rng.chance(0.12)) {
-    const focus = s.egress_cache.keys.fromLayout({ local_pod: f.local.ip, remote_pod: f.remote });
-    const slot = egressFilterSlot(focus.local_pod, focus.remote_pod, w.length / 2);
     for (const half of rng.pick([[0], [1], [0, 1]])) w[half * (w.length / 2) + (slot >>> 5)] &= ~(1 << (slot & 31));
   }
 }

@@ -69,7 +69,7 @@ export class KernelDatapath {
     const want = MAX_ENTRIES.test;
     const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_trie.maxEntries,
       ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
-      nodes: this.maps.nodes.maxEntries, filterWords: this.maps.egress_filter.maxEntries };
+      nodes: this.maps.nodes.maxEntries, filterBlocks: this.maps.egress_filter.maxEntries };
     if ((Object.keys(want) as Array<keyof typeof want>).some((k) => got[k] !== want[k])) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
@@ -91,9 +91,10 @@ export class KernelDatapath {
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
     for (const [k, v] of s.nodes.entriesBytes()) this.maps.nodes.update(k, v, 'noexist');
-    // The filter's u64 words are the model's u32 pairs, byte for byte.
+    // The filter's blocks are the model's u32 words, byte for byte.
     const words = Buffer.from(s.egress_filter.buffer, s.egress_filter.byteOffset, s.egress_filter.byteLength);
-    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.update(arrayIndex.encode({ index: i }), words.subarray(i * 8, i * 8 + 8));
+    const bs = this.maps.egress_filter.valueSize;
+    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.update(arrayIndex.encode({ index: i }), words.subarray(i * bs, (i + 1) * bs));
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_root.update(ZERO, policyRoot.encode(s.policy_root));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
@@ -110,7 +111,8 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
     for (const [k, v] of this.maps.nodes.entries()) s.nodes.updateBytes(k, v);
     const words = Buffer.from(s.egress_filter.buffer, s.egress_filter.byteOffset, s.egress_filter.byteLength);
-    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * 8);
+    const bs = this.maps.egress_filter.valueSize;
+    for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * bs);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_root = policyRoot.decode(this.maps.policy_root.lookup(ZERO)!);
     return s;

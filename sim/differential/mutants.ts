@@ -182,7 +182,7 @@ export const MUTANTS: Mutant[] = [
   { name: 'masq looks the entry up whatever the filter says', file: 'masq.ts',
     from: 'if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);', to: '' },
   { name: 'masq reads the half of the filter config does not name', file: 'maps.ts',
-    from: 'ConfigFlag.FILTER_HALF1 ? words64(s) : 0)', to: 'ConfigFlag.FILTER_HALF1 ? 0 : words64(s))' },
+    from: 'ConfigFlag.FILTER_HALF1 ? halfU32(s) : 0)', to: 'ConfigFlag.FILTER_HALF1 ? 0 : halfU32(s))' },
   { name: "a new egress entry's bit set in the first half only", file: 'maps.ts',
     from: 'for (let half = 0; half < 2; half++)', to: 'for (let half = 0; half < 1; half++)' },
 ];

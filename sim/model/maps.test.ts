@@ -8,7 +8,7 @@ import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { BpfObject } from '../../dataplane/libbpf.ts';
-import { MAX_ENTRIES } from '../../dataplane/maps.ts';
+import { FILTER_BLOCK_BYTES, MAX_ENTRIES } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from './maps.ts';
 
 /** Maps the model holds outside DatapathState: what a run reports (state.ts RunEffects). */
@@ -49,7 +49,7 @@ describe.each(OBJECTS)('the model holds every map of $file', ({ file, sizes, eff
     }
   });
 
-  it("egress_filter of the same words (each of the C's u64 words two u32 in the model)", () => {
-    expect(s.egress_filter.length).toBe(2 * built.get('egress_filter')!);
+  it("egress_filter of the same blocks (each block's bytes u32 words in the model)", () => {
+    expect(s.egress_filter.length * 4).toBe(FILTER_BLOCK_BYTES * built.get('egress_filter')!);
   });
 });

@@ -8,7 +8,7 @@
  */
 import type { Struct } from '../../dataplane/layout.ts';
 import {
-  ConfigFlag, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
+  ConfigFlag, FILTER_BLOCK_BYTES, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
   type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyRoot,
 } from '../../dataplane/maps.ts';
 import { LpmTrie } from './lpm.ts';
@@ -25,10 +25,11 @@ export interface DatapathState {
   /** Written by init (outer headers, keys) and restore (peer key); read by masq. */
   egress_cache: HashTable<EgressKey, Path, ModelEgressKey, ModelPath>;
   /**
-   * The egress entries' presence filter (bpf/maps.h): its u64 words as pairs
-   * of u32 in the kernel's (little-endian) order, so slot i of a half is bit
-   * i % 32 of u32 word i / 32 from the half's start. Set in both halves by
-   * egressLookupOrCreate; masq reads the half config.flags names.
+   * The egress entries' presence filter (bpf/maps.h): its blocks one after
+   * another, their u64 words as pairs of u32 in the kernel's (little-endian)
+   * order, so slot i of a half is bit i % 32 of u32 word i / 32 from the
+   * half's start. Set in both halves by egressLookupOrCreate; masq reads the
+   * half config.flags names.
    */
   egress_filter: Uint32Array;
   /** Written by init (when it allocates a key); read and refreshed by restore. */
@@ -48,7 +49,7 @@ export interface DatapathState {
 }
 
 /** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
-export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterWords?: number }
+export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterBlocks?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -59,7 +60,7 @@ export function emptyState(sizes: Sizes): DatapathState {
   return {
     pod_info: new HashTable(ipKeys(asStruct(podIp)), new ModelCodec<ModelPodInfo>(asStruct(podInfo)), sizes.pods),
     egress_cache: new HashTable(structKeys<EgressKey, ModelEgressKey>(asStruct(egressKey)), paths, sizes.paths),
-    egress_filter: new Uint32Array(2 * (sizes.filterWords ?? 8)),
+    egress_filter: new Uint32Array((sizes.filterBlocks ?? 2) * (FILTER_BLOCK_BYTES / 4)),
     ingress_cache: new HashTable(structKeys<IngressKey, ModelIngressKey>(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
     policy_trie: new LpmTrie(sizes.rules),
@@ -98,16 +99,13 @@ export function isSelf(s: DatapathState, addr: number): boolean {
   return n !== undefined && (n.flags & NodeFlag.SELF) !== 0;
 }
 
-/**
- * The C's u64 words of both halves (each two u32 here), which is also where
- * the second half starts in u32 words.
- */
-const words64 = (s: DatapathState) => s.egress_filter.length / 2;
+/** u32 words of a half: where the second half starts. */
+const halfU32 = (s: DatapathState) => s.egress_filter.length / 2;
 
 /** C: egress_filter_has. Whether the pair's bit is set in the half masq reads (config.flags). */
 export function egressFilterHas(s: DatapathState, localPod: number, remotePod: number): boolean {
-  const slot = egressFilterSlot(localPod, remotePod, words64(s));
-  const i = (s.config.flags & ConfigFlag.FILTER_HALF1 ? words64(s) : 0) + (slot >>> 5);
+  const slot = egressFilterSlot(localPod, remotePod, halfU32(s) * 32);
+  const i = (s.config.flags & ConfigFlag.FILTER_HALF1 ? halfU32(s) : 0) + (slot >>> 5);
   return (s.egress_filter[i] & (1 << (slot & 31))) !== 0;
 }
 
@@ -116,8 +114,8 @@ export function egressFilterHas(s: DatapathState, localPod: number, remotePod: n
  * only where the bit is clear, sets the same bits).
  */
 export function egressFilterAdd(s: DatapathState, localPod: number, remotePod: number): void {
-  const slot = egressFilterSlot(localPod, remotePod, words64(s));
-  for (let half = 0; half < 2; half++) s.egress_filter[half * words64(s) + (slot >>> 5)] |= 1 << (slot & 31);
+  const slot = egressFilterSlot(localPod, remotePod, halfU32(s) * 32);
+  for (let half = 0; half < 2; half++) s.egress_filter[half * halfU32(s) + (slot >>> 5)] |= 1 << (slot & 31);
 }
 
 /**
