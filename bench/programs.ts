@@ -16,9 +16,9 @@ import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unsh
 import { FLANNEL_PORTS, NO_OVERLAY,
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, arrayIndex, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
-  NO_HOST_NETNS, type CounterName,
+  NO_HOST_NETNS, POLICY_KEY_BYTES, type CounterName,
 } from '../dataplane/maps.ts';
-import { PolicyTable, describeRule, normaliseRule } from '../dataplane/agent/policy.ts';
+import { PolicyTable, compile, describeRule, normaliseRule, policyKey, walkTables } from '../dataplane/agent/policy.ts';
 import { fillEgressFilter } from '../dataplane/agent/filter.ts';
 import type { PolicyRuleSpec } from '../dataplane/agent/protocol.ts';
 import { buildFrame, type FrameSpec, type Ipv4Spec } from '../testing/packet/build.ts';
@@ -117,7 +117,7 @@ const noPath = {
 
 interface Maps {
   pod_info: BpfMap; egress_cache: BpfMap; egress_filter: BpfMap; ingress_cache: BpfMap; config: BpfMap;
-  policy_trie: BpfMap; policy_root: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
+  policy_table: BpfMap; policy_start: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
 }
 
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
@@ -206,8 +206,10 @@ function kubernetesRules(nested: boolean): PolicyRuleSpec[] {
 }
 
 /**
- * The longest walk there is: the packet matches its source, destination,
- * protocol and port, and the walk ends at the source port (a range beside it).
+ * The longest walk there is, whatever the rules: all 13 bytes of the key
+ * (bpf/policy.h reads each at most once). The packet matches the rule's source,
+ * destination, protocol and destination port, and misses its source port range
+ * on the last byte (40001-40100 shares 40000's first byte).
  */
 const DEEPEST: PolicyRuleSpec[] = [{ dir: 'egress', src: POD.ip, dst: REMOTE_POD, dport: POD_DPORT, sport: POD_SPORT + 1, sportEnd: POD_SPORT + 100, proto: 'tcp' }];
 
@@ -327,7 +329,7 @@ const ROWS: RowDef[] = [
     ['policy: 31 masks, 992 rules', 'masks31'],
     ['policy: 1000 Kubernetes-style rules', 'k8s1000'],
     ['policy: 1000 Kubernetes-style rules, nested blocks', 'k8sNested'],
-    ['policy: deepest walk (4 lookups)', 'deepest'],
+    ['policy: deepest walk (13 lookups, every byte of the key)', 'deepest'],
   ] as const).map(([name, state]): RowDef => ({ name, kind: 'policy', state, program: 'bench_policy', packet: PACKETS.pod, resets: false, check: untouched })),
   {
     name: 'masq + 1000 rules / 2 masks', kind: 'full', state: 'masq2masks', program: 'bench_masq', packet: PACKETS.pod, resets: true, counter: 'MASQUERADED',
@@ -351,13 +353,13 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters', 'bench_packet', 'nodes'] as const) {
+    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'bench_packet', 'nodes'] as const) {
       maps[m] = obj.map(m);
     }
     // The point of the bench object is production-sized tables (hash buckets, cache footprint).
     const want = MAX_ENTRIES.production;
-    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, rules: maps.policy_trie.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.rules !== want.rules) {
+    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, policySlots: maps.policy_table.maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.policySlots !== want.policySlots) {
       throw new BenchError(`${objectPath} has map sizes ${JSON.stringify(got)}, want the production ${JSON.stringify(want)}`);
     }
     if (maps.bench_packet.valueSize !== RESET_LEN) {
@@ -375,7 +377,7 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
     let policy: PolicyTable | undefined;
     if (setup) {
       if (setup.length > 5000) log(`bench:prog: compiling ${setup.length} policy rules…`);
-      policy = new PolicyTable(maps.policy_trie, maps.policy_root, setup.map((r, i) => normaliseRule(r, () => i + 1)));
+      policy = new PolicyTable(maps.policy_table, maps.policy_start, setup.map((r, i) => normaliseRule(r, () => i + 1)));
       policy.sync();
     }
     return { obj, maps, programs: new Map(), policy };
@@ -448,6 +450,11 @@ function guard(row: RowDef, what: string, problems: string[]): void {
 function positiveControl(runner: Runner, row: RowDef): void {
   const policy = runner.state(row.state).policy;
   if (!policy) return;
+  if (row.state === 'deepest') {
+    const rules = STATES.deepest.map((r, i) => normaliseRule(r, () => i + 1));
+    const { read } = walkTables(compile(rules), 'egress', policyKey(ipToU32(POD.ip), ipToU32(REMOTE_POD), 6, POD_DPORT, POD_SPORT));
+    guard(row, `the walk reads ${read.length} bytes of the key, want all ${POLICY_KEY_BYTES}`, read.length === POLICY_KEY_BYTES ? [] : ['not the deepest walk']);
+  }
   const hit = policy.add({ dir: 'egress', src: POD.ip, dst: REMOTE_POD, sport: POD_SPORT, dport: POD_DPORT, proto: 'tcp' });
   try {
     const r = runner.run(row, 1);

@@ -14,7 +14,8 @@
 #ifdef XMASQ_TEST
 #define XMASQ_MAX_PODS 16
 #define XMASQ_MAX_PATHS 64
-#define XMASQ_MAX_POLICY_ENTRIES 256
+/* 32 tables: rule sets of a few rules, as the differential draws them */
+#define XMASQ_MAX_POLICY_SLOTS (32 * XMASQ_POLICY_TABLE_SLOTS)
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
 #define XMASQ_MAX_NODES 16
@@ -22,7 +23,8 @@
 #else
 #define XMASQ_MAX_PODS 1024
 #define XMASQ_MAX_PATHS 65536
-#define XMASQ_MAX_POLICY_ENTRIES 262144
+/* 16,384 tables (table 0 unused), 16 MiB */
+#define XMASQ_MAX_POLICY_SLOTS (16384 * XMASQ_POLICY_TABLE_SLOTS)
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
 #define XMASQ_MAX_NODES 8192
@@ -82,24 +84,24 @@ struct {
 
 /*
  * Deny rules compiled by the agent (dataplane/agent/policy.ts, xmasq policy
- * add/del) into a classifier, one longest-prefix match per field (policy.h);
- * read by every program. Entries are allocated as they are written.
+ * add/del) into tables of 256 slots, one per value of a byte of the packet's
+ * key (policy.h); read by every program. An array, so that a step of the walk
+ * is an inlined lookup; unwritten slots (0) allow.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, XMASQ_MAX_POLICY_ENTRIES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct policy_lpm_key);
-	__type(value, struct policy_next);
-} policy_trie SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XMASQ_MAX_POLICY_SLOTS);
+	__type(key, __u32);
+	__type(value, struct policy_slot);
+} policy_table SEC(".maps");
 
-/* Where each direction's walk starts, switched by the agent once a new classifier is whole. */
+/* Where each direction's walk starts, switched by the agent once new tables are whole. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct policy_root);
-} policy_root SEC(".maps");
+	__type(value, struct policy_start);
+} policy_start SEC(".maps");
 
 /*
  * TCP flows to make liberal (conntrack.h), written by masq and restore, drained

@@ -2,12 +2,15 @@
 /*
  * Deny rules. Every installed rule denies; no match allows. The agent compiles
  * the rules (CIDR blocks with exceptions, port ranges, protocols, per
- * direction) into a classifier in policy_trie: from the direction's root
- * node, each field of the packet in turn (src, dst, protocol and dport,
- * sport) is matched by longest prefix under the current node, which gives the
- * verdict or the node for the next field. So a verdict costs at most
- * XMASQ_POLICY_FIELDS trie lookups whatever the rules, and none without
- * rules in that direction. There is no verdict cache to fill or to purge.
+ * direction) into tables in policy_table: a walk reads the packet's key
+ * (src, dst, protocol, dport, sport: 13 bytes) one byte a step, each step an
+ * array lookup in the table the previous one named, which gives the verdict or
+ * the next byte and table. The agent skips the bytes no remaining rule looks
+ * at (a field no rule names, an address's bytes past its longest block), so a
+ * step never reads a byte before the one it read last: a verdict costs at most
+ * XMASQ_POLICY_KEY_BYTES inlined lookups whatever the rules (an LPM trie
+ * lookup costs a helper call and a node per nested prefix on the key's path),
+ * and none without rules in that direction. No verdict cache to fill or purge.
  */
 #ifndef XMASQ_POLICY_H
 #define XMASQ_POLICY_H
@@ -16,50 +19,49 @@
 #include "packet.h"
 #include "verdict.h"
 
-static __always_inline __u32 policy_root_node(__u8 dir)
+static __always_inline __u32 policy_start_of(__u8 dir)
 {
 	__u32 zero = 0;
-	struct policy_root *r = bpf_map_lookup_elem(&policy_root, &zero);
+	struct policy_start *r = bpf_map_lookup_elem(&policy_start, &zero);
 	if (!r)
 		return XMASQ_POLICY_ALLOW;
 	return dir == XMASQ_DIR_INGRESS ? r->ingress : r->egress;
-}
-
-/* One field: true when the walk is over, *node then holding its verdict. */
-static __always_inline int policy_step(__u32 *node, __u32 field)
-{
-	struct policy_lpm_key k = { .prefixlen = 64, .node = *node, .field = field };
-	struct policy_next *n = bpf_map_lookup_elem(&policy_trie, &k);
-	*node = n ? n->next : XMASQ_POLICY_ALLOW;
-	return *node == XMASQ_POLICY_ALLOW || *node == XMASQ_POLICY_DENY;
 }
 
 /*
  * The walk is a global function: the verifier checks it once, on its own,
  * instead of once per path that reaches it (each program forks into a path
  * per protocol and kind of key). Hence scalars only: ports packs
- * sport | dport << 16, each in network order as the header holds it, so that
- * on this little-endian target dport << 16 puts dport's bytes last in the
- * field, where the key wants them (xmasq.h, struct policy_lpm_key).
+ * sport | dport << 16, each in network order as the header holds it.
  */
-__noinline int policy_walk(__u32 node, __u32 src, __u32 dst, __u32 ports, __u8 proto)
+__noinline int policy_walk(__u32 next, __u32 src, __u32 dst, __u32 ports, __u8 proto)
 {
-	if (policy_step(&node, src) || policy_step(&node, dst) ||
-	    policy_step(&node, (__u32)proto << 8 | (ports & 0xffff0000)) ||
-	    policy_step(&node, ports << 16))
-		return node == XMASQ_POLICY_DENY;
-	/* The agent ends every walk by the last field; a node past it counts as a miss. */
-	return 0;
+	/* The key's bytes 0-7 and 8-12, first byte highest, so byte p is one shift away. */
+	__u64 hi = (__u64)bpf_ntohl(src) << 32 | bpf_ntohl(dst);
+	__u64 lo = (__u64)proto << 56 | (__u64)bpf_ntohs((__u16)(ports >> 16)) << 40 |
+		   (__u64)bpf_ntohs((__u16)ports) << 24;
+
+	for (int i = 0; i < XMASQ_POLICY_KEY_BYTES; i++) {
+		if (next == XMASQ_POLICY_ALLOW || next == XMASQ_POLICY_DENY)
+			break;
+		__u32 pos = next >> XMASQ_POLICY_POS_SHIFT;
+		__u32 byte = ((pos < 8 ? hi : lo) >> (56 - 8 * (pos & 7))) & 0xff;
+		__u32 slot = (next & XMASQ_POLICY_TABLE_MASK) * XMASQ_POLICY_TABLE_SLOTS + byte;
+		struct policy_slot *s = bpf_map_lookup_elem(&policy_table, &slot);
+		next = s ? s->next : XMASQ_POLICY_ALLOW;
+	}
+	/* The agent ends every walk by the key's last byte; a walk going on past it counts as a miss. */
+	return next == XMASQ_POLICY_DENY;
 }
 
 /* Without rules in this direction, the usual case, no call at all. */
 static __always_inline int policy_denied(__u32 src, __u32 dst, const struct hdrs *h,
 					 __u8 dir)
 {
-	__u32 root = policy_root_node(dir);
-	if (root == XMASQ_POLICY_ALLOW)
+	__u32 start = policy_start_of(dir);
+	if (start == XMASQ_POLICY_ALLOW)
 		return 0;
-	return policy_walk(root, src, dst, h->sport | ((__u32)h->dport << 16), h->proto);
+	return policy_walk(start, src, dst, h->sport | ((__u32)h->dport << 16), h->proto);
 }
 
 static __always_inline int policy_drop(void)

@@ -51,13 +51,23 @@
 #define XMASQ_CFG_FILTER_HALF1 0x2
 
 /*
- * Policy walk (policy.h): a verdict, or a node of the classifier to look the
- * next field up under. 0 is also what a miss means.
+ * Policy walk (policy.h): a verdict, or where the walk goes on: the byte of
+ * the packet's key to read next (bits 24-31) and the table of policy_table to
+ * read it in (bits 0-23; table 0 is never used, so no "go on" is 0). ALLOW is
+ * also what an unwritten slot holds.
  */
 #define XMASQ_POLICY_ALLOW 0
 #define XMASQ_POLICY_DENY 0xffffffff
-/* The fields a walk looks up, one trie lookup each: src, dst, proto + dport, sport. */
-#define XMASQ_POLICY_FIELDS 4
+#define XMASQ_POLICY_POS_SHIFT 24
+#define XMASQ_POLICY_TABLE_MASK 0xffffff
+/* A table: one slot per value of a byte. */
+#define XMASQ_POLICY_TABLE_SLOTS 256
+/*
+ * The key a walk reads, one byte a step, each byte at most once and in order:
+ * src (0-3), dst (4-7), protocol (8), dport (9-10), sport (11-12), addresses
+ * and ports in network order. So a walk is at most 13 array lookups.
+ */
+#define XMASQ_POLICY_KEY_BYTES 13
 
 /* pod_info: pod IPv4 (network order) -> the pod as the host sees it. */
 struct pod_info {
@@ -167,24 +177,15 @@ enum xmasq_policy_dir {
 };
 
 /*
- * policy_trie's key: a classifier node and one 32-bit field of the packet,
- * matched by longest prefix. prefixlen covers the node (always whole: 32) and
- * then the field's leading bits. The field's bytes are as on the wire: an
- * address; 0, protocol, dport; 0, 0, sport.
+ * A slot of policy_table, at table * XMASQ_POLICY_TABLE_SLOTS + the key's
+ * byte: XMASQ_POLICY_ALLOW, _DENY, or where the walk goes on (byte and table).
  */
-struct policy_lpm_key {
-	__u32 prefixlen;
-	__u32 node;
-	__u32 field; /* network order */
-};
-
-/* What a matched prefix leads to: XMASQ_POLICY_ALLOW, _DENY, or the node for the next field. */
-struct policy_next {
+struct policy_slot {
 	__u32 next;
 };
 
-/* policy_root (one slot): the node each direction's walk starts at; ALLOW: no rules. */
-struct policy_root {
+/* policy_start (one slot): where each direction's walk starts; ALLOW: no rules, DENY: deny all. */
+struct policy_start {
 	__u32 egress;
 	__u32 ingress;
 };
@@ -301,7 +302,10 @@ enum xmasq_btf_consts {
 	XMASQ_BTF_CFG_FILTER_HALF1 = XMASQ_CFG_FILTER_HALF1,
 	XMASQ_BTF_POLICY_ALLOW = XMASQ_POLICY_ALLOW,
 	XMASQ_BTF_POLICY_DENY = XMASQ_POLICY_DENY,
-	XMASQ_BTF_POLICY_FIELDS = XMASQ_POLICY_FIELDS,
+	XMASQ_BTF_POLICY_POS_SHIFT = XMASQ_POLICY_POS_SHIFT,
+	XMASQ_BTF_POLICY_TABLE_MASK = XMASQ_POLICY_TABLE_MASK,
+	XMASQ_BTF_POLICY_TABLE_SLOTS = XMASQ_POLICY_TABLE_SLOTS,
+	XMASQ_BTF_POLICY_KEY_BYTES = XMASQ_POLICY_KEY_BYTES,
 	XMASQ_BTF_NODE_SELF = XMASQ_NODE_SELF,
 	XMASQ_BTF_IPS_SEEN_REPLY = XMASQ_IPS_SEEN_REPLY,
 	XMASQ_BTF_IPS_SRC_NAT = XMASQ_IPS_SRC_NAT,

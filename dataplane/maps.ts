@@ -29,11 +29,18 @@ export const ConfigFlag = { WIDE_KEYS: CONSTS.CFG_WIDE_KEYS, FILTER_HALF1: CONST
 export const PORT_VXLAN = 4789;
 export const PORT_VXLAN_LINUX = 8472;
 export const PORT_GENEVE = 6081;
-/** The policy walk's verdicts (XMASQ_POLICY_*); any other value is a node of the classifier. */
+/**
+ * The policy walk's verdicts (XMASQ_POLICY_*); any other value says where the
+ * walk goes on: the key's byte (bits POLICY_POS_SHIFT and up) and the table.
+ */
 export const POLICY_ALLOW = CONSTS.POLICY_ALLOW;
 export const POLICY_DENY = CONSTS.POLICY_DENY;
-/** Fields a walk matches, in order (bpf/policy.h): src, dst, protocol + dport, sport. */
-export const POLICY_FIELDS = CONSTS.POLICY_FIELDS;
+export const POLICY_POS_SHIFT = CONSTS.POLICY_POS_SHIFT;
+export const POLICY_TABLE_MASK = CONSTS.POLICY_TABLE_MASK;
+/** Slots of a table of policy_table: one per value of a byte. */
+export const POLICY_TABLE_SLOTS = CONSTS.POLICY_TABLE_SLOTS;
+/** The bytes of the key a walk reads (bpf/policy.h): src 0-3, dst 4-7, protocol 8, dport 9-10, sport 11-12. */
+export const POLICY_KEY_BYTES = CONSTS.POLICY_KEY_BYTES;
 
 /** Map sizes of the two builds (bpf/maps.h). */
 export const MAX_ENTRIES = {
@@ -43,7 +50,7 @@ export const MAX_ENTRIES = {
 function maxEntries<B extends 'production' | 'test'>(b: B) {
   const m = MAP_MAX_ENTRIES;
   return {
-    pods: m.pod_info[b], paths: m.egress_cache[b], rules: m.policy_trie[b],
+    pods: m.pod_info[b], paths: m.egress_cache[b], policySlots: m.policy_table[b],
     ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b], filterBlocks: m.egress_filter[b],
   } as const;
 }
@@ -160,15 +167,10 @@ export const NO_OVERLAY = { overlay_ifindex: 0, overlay_mac: '00:00:00:00:00:00'
 export const FLANNEL_PORTS = { vxlan_port: 8472, geneve_port: 6081 } as const;
 /** config's Service range when none is configured (masq never looks a Service up). */
 export const NO_SERVICES = { service_net: '0.0.0.0', service_mask: '0.0.0.0' } as const;
-/** policy_trie's key: a classifier node and one field of the packet, by longest prefix (bpf/xmasq.h). */
-export const policyLpmKey = cStruct('policy_lpm_key', [
-  ['prefixlen', 'u32'],
-  ['node', 'u32'],
-  ['field', 'be32'],
-] as const);
-export const policyNext = cStruct('policy_next', [['next', 'u32']] as const);
-export const policyRoot = cStruct('policy_root', [['egress', 'u32'], ['ingress', 'u32']] as const);
-export type PolicyRoot = StructValue<typeof policyRoot extends Struct<infer F> ? F : never>;
+/** A slot of policy_table (bpf/xmasq.h): a verdict, or the key's byte and the table the walk goes on with. */
+export const policySlot = cStruct('policy_slot', [['next', 'u32']] as const);
+export const policyStart = cStruct('policy_start', [['egress', 'u32'], ['ingress', 'u32']] as const);
+export type PolicyStart = StructValue<typeof policyStart extends Struct<infer F> ? F : never>;
 export const redirectTrace = cStruct('redirect_trace', [
   ['ifindex', 'u32'],
   ['kind', 'u32'],
@@ -205,8 +207,6 @@ export type EgressKey = StructValue<typeof egressKey extends Struct<infer F> ? F
 export type IngressKey = StructValue<typeof ingressKey extends Struct<infer F> ? F : never>;
 export type Path = StructValue<typeof path extends Struct<infer F> ? F : never>;
 export type Config = StructValue<typeof config extends Struct<infer F> ? F : never>;
-export type PolicyLpmKey = StructValue<typeof policyLpmKey extends Struct<infer F> ? F : never>;
-export type PolicyNext = StructValue<typeof policyNext extends Struct<infer F> ? F : never>;
 export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
 export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F> ? F : never>;
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
@@ -223,8 +223,8 @@ export const MAPS = {
   egress_filter: { kind: 'array', key: arrayIndex, value: filterBlock },
   ingress_cache: { kind: 'hash', key: ingressKey, value: path },
   config: { kind: 'array', key: arrayIndex, value: config },
-  policy_trie: { kind: 'lpm_trie', key: policyLpmKey, value: policyNext },
-  policy_root: { kind: 'array', key: arrayIndex, value: policyRoot },
+  policy_table: { kind: 'array', key: arrayIndex, value: policySlot },
+  policy_start: { kind: 'array', key: arrayIndex, value: policyStart },
   ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
   ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
   nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },

@@ -12,13 +12,13 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap, BpfObject, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
-  COUNTER_NAMES, ConfigFlag, FILTER_BLOCK_BYTES, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, policyLpmKey, policyNext, policyRoot,
+  COUNTER_NAMES, ConfigFlag, FILTER_BLOCK_BYTES, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, POLICY_TABLE_SLOTS, policySlot, policyStart,
   type Path,
 } from '../maps.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
 import { RETIRED_MAPS } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
-import { classify, compile, normaliseRule, protoDportField, type Classifier, type TrieEntry } from './policy.ts';
+import { compile, normaliseRule, policyKey, walkTables, type Tables } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
 import { btfHasFunc } from './system.ts';
 import { hookNames, hookPrograms } from '../../testing/hooks.ts';
@@ -306,7 +306,7 @@ describe('xmasq-agent', () => {
     agent = await startAgent();
     expect(hooked('nic0', 'egress')).toEqual(['init']);
     expect(hooked('nic0', 'ingress')).toEqual(['restore']);
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'counters']) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters']) {
       expect(existsSync(`${PIN}/${m}`), m).toBe(true);
     }
     expect((statSync(SOCK).mode & 0o777).toString(8)).toBe('600');
@@ -392,21 +392,29 @@ describe('xmasq-agent', () => {
     }
   });
 
-  it('policy add/del compiles the rules into policy_trie and policy_root', async () => {
-    // The pinned classifier as the kernel holds it, walked as bpf/policy.h walks it.
-    const pinned = (): Classifier => {
-      const root = withMap('policy_root', (m) => policyRoot.decode(m.lookup(ZERO)!));
-      const nodes = new Map<number, TrieEntry[]>();
-      for (const [k, v] of withMap('policy_trie', (m) => m.entries())) {
-        const key = policyLpmKey.decode(k);
-        const e = { node: key.node, prefix: { value: key.field, len: key.prefixlen - 32 }, next: policyNext.decode(v).next };
-        nodes.set(key.node, [...(nodes.get(key.node) ?? []), e]);
-      }
-      return { root, nodes, names: new Map(), entries: [...nodes.values()].flat().length };
+  it('policy add/del compiles the rules into policy_table and policy_start', async () => {
+    // The pinned tables as the kernel holds them, walked as bpf/policy.h walks them.
+    const pinned = (): Tables => {
+      const start = withMap('policy_start', (m) => policyStart.decode(m.lookup(ZERO)!));
+      const tables = new Map<number, Uint32Array>();
+      let entries = 0;
+      withMap('policy_table', (m) => {
+        const all = m.readAll();
+        for (let i = 0; i < all.count; i++) {
+          const next = policySlot.decode(all.values.subarray(i * all.valueSize, (i + 1) * all.valueSize)).next;
+          if (next === 0) continue;
+          const index = arrayIndex.decode(all.keys.subarray(i * all.keySize, (i + 1) * all.keySize)).index;
+          const id = Math.floor(index / POLICY_TABLE_SLOTS);
+          if (!tables.has(id)) tables.set(id, new Uint32Array(POLICY_TABLE_SLOTS));
+          tables.get(id)![index % POLICY_TABLE_SLOTS] = next;
+          entries++;
+        }
+      });
+      return { start, tables, names: new Map(), entries };
     };
     const ip = (a: string) => a.split('.').reduce((n, p) => n * 256 + Number(p), 0);
     const denies = (dir: 'egress' | 'ingress', src: string, dst: string, sport: number, dport: number, proto: number) =>
-      classify(pinned(), dir, [ip(src), ip(dst), protoDportField(proto, dport), sport]);
+      walkTables(pinned(), dir, policyKey(ip(src), ip(dst), proto, dport, sport)).denied;
     const a = await call((c) => c.policyAdd({ dir: 'egress', dst: '10.244.2.0/24', dstExcept: ['10.244.2.128/25'], dport: 80, dportEnd: 90, proto: 'tcp' }));
     expect(a.rule).toEqual({ id: 1, dir: 'egress', dst: '10.244.2.0/24', dstExcept: ['10.244.2.128/25'], dport: 80, dportEnd: 90, proto: 6 });
     expect(a.entries).toBe(pinned().entries);
@@ -427,9 +435,9 @@ describe('xmasq-agent', () => {
     await call((c) => c.policyDel(1));
     await call((c) => c.policyDel(7));
     expect(denies('egress', POD.ip, '10.244.2.7', 40000, 85, 6)).toBe(false);
-    expect(pinned().root.egress).toBe(0);
+    expect(pinned().start.egress).toBe(0);
     expect(denies('ingress', '10.244.3.3', POD.ip, 1, 2, 1)).toBe(true);
-    // only the remaining rule's entries are left
+    // only the remaining rule's slots are left
     expect(pinned().entries).toBe(compile((await call((c) => c.policyList())).rules).entries);
     await expect(call((c) => c.policyDel(1))).rejects.toThrow(/no rule with id 1/);
     expect((await call((c) => c.policyList())).rules.map((r) => r.id)).toEqual([2]);
@@ -825,8 +833,20 @@ describe('xmasq-agent', () => {
     plantIngress('192.168.77.6', 41, { local_ip: POD2.ip });
     // pod 2 goes away while no agent runs
     ip('-n', NS.host, 'link', 'del', 'vpod2');
-    // and the pins of the policy maps an earlier version had (hash per mask) are still there
-    for (const r of RETIRED_MAPS) execFileSync('bpftool', ['map', 'create', `${PIN}/${r}`, 'type', 'hash', 'key', '4', 'value', '4', 'entries', '1', 'name', r]);
+    // and the pins of the policy maps earlier versions had are still there: the hash per mask's,
+    // and the LPM classifier's in their own shapes, its policy_root holding rules (node 1 for egress)
+    for (const r of ['policy_rules', 'policy_masks']) execFileSync('bpftool', ['map', 'create', `${PIN}/${r}`, 'type', 'hash', 'key', '4', 'value', '4', 'entries', '1', 'name', r]);
+    execFileSync('bpftool', ['map', 'create', `${PIN}/policy_trie`, 'type', 'lpm_trie', 'key', '12', 'value', '4', 'entries', '16', 'name', 'policy_trie', 'flags', '1']);
+    execFileSync('bpftool', ['map', 'create', `${PIN}/policy_root`, 'type', 'array', 'key', '4', 'value', '8', 'entries', '1', 'name', 'policy_root']);
+    execFileSync('bpftool', ['map', 'update', 'pinned', `${PIN}/policy_root`, 'key', '0', '0', '0', '0', 'value', '1', '0', '0', '0', '0', '0', '0', '0']);
+    expect([...RETIRED_MAPS].sort()).toEqual(['policy_masks', 'policy_root', 'policy_rules', 'policy_trie']);
+    // Without the state file those rules cannot be had back: the agent refuses before it loads anything.
+    renameSync(`${STATE}/policy.json`, `${STATE}/policy.json.away`);
+    const refused = await startAgent([], false);
+    expect(await refused.exited, refused.stderr()).toBe(1);
+    expect(refused.stderr()).toContain(`policy.json is missing but the pinned ${PIN}/policy_root of an earlier version holds deny rules`);
+    expect(existsSync(`${PIN}/policy_root`)).toBe(true);
+    renameSync(`${STATE}/policy.json.away`, `${STATE}/policy.json`);
     agent = await startAgent();
     expect(agent.stderr()).toContain('reused the maps pinned');
     for (const r of RETIRED_MAPS) {
@@ -846,6 +866,9 @@ describe('xmasq-agent', () => {
     expect(s.pinsReused).toBe(true);
     expect(s.pods).toBe(1);
     expect(s.policy.rules).toBe(1); // rule 2 came back from policy.json
+    // ...into this version's maps
+    const start = withMap('policy_start', (m) => policyStart.decode(m.lookup(ZERO)!));
+    expect(start.egress === 0 && start.ingress === 0).toBe(false);
     expect(withMap('pod_info', (m) => m.keys().map((k) => podIp.decode(k).ip))).toEqual([POD.ip]);
   });
 

@@ -6,6 +6,7 @@
  */
 import type { Server } from 'node:http';
 import { existsSync } from 'node:fs';
+import { join } from 'node:path';
 import { macToBytes } from '../layout.ts';
 import { NO_HOST_NETNS, podInfo, podIp } from '../maps.ts';
 import { hostNetnsSeenFrom, type HostNetns } from '../netlink.ts';
@@ -18,7 +19,7 @@ import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
 import { NodeSet } from './nodes.ts';
 import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
-import { haveTcx, withNetns } from '../libbpf.ts';
+import { BpfMap, haveTcx, withNetns } from '../libbpf.ts';
 import { PolicyTable, describeRule } from './policy.ts';
 import {
   OPS, PROTOCOL_VERSION, type AgentStatus, type AttachKind, type Attachment, type DiscoveryStatus, type Mode, type Op, type PodRecord, type PodSpec, type Purged,
@@ -235,6 +236,19 @@ export class Agent {
 
   private startDatapath(storedPods: PodRecord[] | undefined, storedRules: ReturnType<StateDir['readPolicy']>): void {
     const cfg = this.cfg;
+    // The rules cannot be read back from the pins: without the state file,
+    // starting would drop deny rules that they still enforce. The version
+    // before the tables kept its starts in policy_root (the same two words),
+    // which loading this version's datapath unpins: look first.
+    const retiredStart = join(cfg.pinDir, 'policy_root');
+    if (storedRules === undefined && existsSync(retiredStart)) {
+      const m = BpfMap.fromPinned(retiredStart);
+      try {
+        if (PolicyTable.holdsRules(m)) throw new Error(`${this.state.policyFile} is missing but the pinned ${retiredStart} of an earlier version holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
+      } finally {
+        m.close();
+      }
+    }
     const dp = this.loadDatapath();
     this.dp = dp;
     const created = dp.reused.length === 0;
@@ -268,14 +282,12 @@ export class Agent {
         if (dropped) this.log.info(`wide keys off: dropped ${dropped} cache entries holding a wide key; their pairs learn narrow keys over the overlay`);
       }
 
-      // The classifier cannot be read back into rules: without the state file,
-      // starting would drop deny rules that the pins still enforce.
-      if (storedRules === undefined && PolicyTable.holdsRules(dp.maps.policy_root)) {
-        throw new Error(`${this.state.policyFile} is missing but the pinned policy_trie holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
+      if (storedRules === undefined && PolicyTable.holdsRules(dp.maps.policy_start)) {
+        throw new Error(`${this.state.policyFile} is missing but the pinned policy_table holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
       }
-      this.policy = new PolicyTable(dp.maps.policy_trie, dp.maps.policy_root, storedRules ?? []);
+      this.policy = new PolicyTable(dp.maps.policy_table, dp.maps.policy_start, storedRules ?? []);
       const synced = this.policy.sync();
-      if (synced.removed) this.log.info(`policy: removed ${synced.removed} pinned policy_trie entries the rules of the state file do not make`);
+      if (synced.removed) this.log.info(`policy: wrote the rules' ${synced.written} table(s) anew and zeroed the ${synced.removed} an earlier agent's walks reached`);
       this.state.writePolicy(cfg.pinDir, this.policy.list());
 
       // restore before init: once init signals keys, the replies must be restorable.
@@ -904,7 +916,7 @@ export class Agent {
       podsAttached: [...this.pods.values()].filter((p) => p.masq).length,
       nodes: { self: s.nodes.self.length, peers: s.nodes.peers.length },
       policyRules: s.policy.rules,
-      policyTrieEntries: s.policy.entries,
+      policyTableEntries: s.policy.entries,
       expired: s.expiry.expired,
       lastScanSeconds: this.stats.lastScanSeconds,
       scans: this.stats.scans,

@@ -43,15 +43,17 @@ export function linkPinName(ifindex: number, where: TcHookPoint, netns?: string)
 
 /** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
 export const PINNED_MAPS = [
-  'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
+  'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 /**
  * Maps earlier versions pinned and this one no longer has (the policy's hash
- * per mask before the classifier): removed once this version's datapath is
- * loaded, and by cleanup, so an upgraded node keeps no orphan pins.
+ * per mask, then its LPM classifier, before the tables): removed once this
+ * version's datapath is loaded, and by cleanup, so an upgraded node keeps no
+ * orphan pins. The earlier programs, attached until this version's replace
+ * them, keep their own maps whole meanwhile: new names, not new contents.
  */
-export const RETIRED_MAPS = ['policy_rules', 'policy_masks'] as const;
+export const RETIRED_MAPS = ['policy_rules', 'policy_masks', 'policy_trie', 'policy_root'] as const;
 
 const ZERO = arrayIndex.encode({ index: 0 });
 
@@ -110,7 +112,7 @@ export class Datapath {
         if (!existsSync(p)) continue;
         // the programs of the earlier version still hold it until they are replaced; the pin is all we drop
         unlinkSync(p);
-        log.info(`removed ${p}, pinned by an earlier version (its rules are in the state file and now in policy_trie)`);
+        log.info(`removed ${p}, pinned by an earlier version (its rules are in the state file and now in policy_table)`);
       }
       if (!existed.includes('egress_filter') && existed.includes('egress_cache')) {
         // An upgrade from a version without the filter: its programs, still

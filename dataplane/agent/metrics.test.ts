@@ -59,7 +59,7 @@ function snapshot(): MetricsSnapshot {
     podsAttached: 3,
     nodes: { self: 1, peers: 2 },
     policyRules: 1,
-    policyTrieEntries: 1,
+    policyTableEntries: 1,
     expired: { egress: 5, ingress: 6 },
     lastScanSeconds: 0.012,
     scans: 7,

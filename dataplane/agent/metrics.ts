@@ -20,7 +20,7 @@ export interface MetricsSnapshot {
   /** The datapath's node set: this host's addresses and the peers'. */
   nodes: { self: number; peers: number };
   policyRules: number;
-  policyTrieEntries: number;
+  policyTableEntries: number;
   expired: { egress: number; ingress: number };
   lastScanSeconds: number;
   scans: number;
@@ -108,7 +108,7 @@ export function renderMetrics(s: MetricsSnapshot, proc: ProcessSample = processS
   metric('xmasq_nodes', 'gauge', 'Addresses in the datapath\'s node set: this host\'s own (self) and the overlay\'s other nodes (peer).',
     (['self', 'peer'] as const).map((k) => [{ kind: k }, k === 'self' ? s.nodes.self : s.nodes.peers]));
   metric('xmasq_policy_rules', 'gauge', 'Installed deny rules.', [[{}, s.policyRules]]);
-  metric('xmasq_policy_trie_entries', 'gauge', 'Entries of the classifier the rules compile to (a verdict costs at most 4 lookups in it).', [[{}, s.policyTrieEntries]]);
+  metric('xmasq_policy_table_entries', 'gauge', 'Slots of policy_table the rules compile to (a verdict costs at most 13 array lookups in it).', [[{}, s.policyTableEntries]]);
   metric('xmasq_mode', 'gauge', 'Where masq runs: 1 for the active mode.',
     (['veth', 'rpeer'] as const).map((m) => [{ mode: m }, m === s.mode ? 1 : 0]));
   metric('xmasq_info', 'gauge', 'The agent\'s NIC and mode.', [[{ nic: s.nic, mode: s.mode }, 1]]);

@@ -2,13 +2,15 @@
  * The policy compiler against the rules read plainly: for rule sets of
  * Kubernetes' shapes (blocks of every length, exceptions, port ranges,
  * protocols, both directions) and packets at and beside every edge, the
- * classifier's walk denies exactly what some rule matches. Also: a port range's
- * prefixes cover it exactly, shared shapes share nodes, and the rule checks.
+ * classifier and the walk over its tables (as bpf/policy.h walks them) deny
+ * exactly what some rule matches. Also: every walk reads the key's bytes in
+ * order, each at most once; a port range's prefixes cover it exactly; shared
+ * shapes share tables; the rule checks.
  */
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { POLICY_DENY, POLICY_FIELDS } from '../maps.ts';
-import { classify, compile, normaliseRule, protoDportField, rangePrefixes, type Classifier } from './policy.ts';
+import { POLICY_ALLOW, POLICY_DENY, POLICY_KEY_BYTES, POLICY_POS_SHIFT, POLICY_TABLE_MASK } from '../maps.ts';
+import { classifier, classify, compile, normaliseRule, policyKey, protoDportField, rangePrefixes, walkTables, type Tables } from './policy.ts';
 import type { PolicyRuleRecord } from './protocol.ts';
 
 interface Packet { dir: 'egress' | 'ingress'; src: number; dst: number; sport: number; dport: number; proto: number }
@@ -31,9 +33,9 @@ function matches(r: PolicyRuleRecord, p: Packet): boolean {
     && (r.proto === undefined || r.proto === p.proto);
 }
 
-const walk = (c: Classifier, p: Packet) => {
+const walk = (t: Tables, p: Packet) => {
   const ported = p.proto === 6 || p.proto === 17;
-  return classify(c, p.dir, [p.src, p.dst, protoDportField(p.proto, ported ? p.dport : 0), ported ? p.sport : 0]);
+  return walkTables(t, p.dir, policyKey(p.src, p.dst, p.proto, ported ? p.dport : 0, ported ? p.sport : 0));
 };
 
 // ---- rule sets around a few addresses and ports, so that rules and packets meet ----
@@ -61,27 +63,47 @@ const packet = fc.record({
 });
 
 describe('policy compiler', () => {
-  it('the walk denies exactly what some rule matches', () => {
+  it('the classifier and the walk over its tables deny exactly what some rule matches', () => {
     fc.assert(fc.property(rules, fc.array(packet, { minLength: 20, maxLength: 20 }), (rs, ps) => {
-      const c = compile(rs);
-      for (const p of ps) expect(walk(c, p), `${JSON.stringify(p)} under ${JSON.stringify(rs)}`).toBe(rs.some((r) => matches(r, p)));
+      const c = classifier(rs);
+      const t = compile(rs);
+      for (const p of ps) {
+        const want = rs.some((r) => matches(r, p));
+        const ported = p.proto === 6 || p.proto === 17;
+        const fields = [p.src, p.dst, protoDportField(p.proto, ported ? p.dport : 0), ported ? p.sport : 0];
+        expect(classify(c, p.dir, fields), `classifier: ${JSON.stringify(p)} under ${JSON.stringify(rs)}`).toBe(want);
+        expect(walk(t, p).denied, `tables: ${JSON.stringify(p)} under ${JSON.stringify(rs)}`).toBe(want);
+      }
     }), { numRuns: 400, seed: 17 });
   });
 
-  it('a walk is at most one lookup a field, whatever the rules', () => {
-    fc.assert(fc.property(rules, (rs) => {
-      const c = compile(rs);
-      // every node's entries lead to a verdict or a node of a later field: no cycle, no walk past the last field
-      const field = new Map<number, number>([[c.root.egress, 0], [c.root.ingress, 0]]);
-      for (let f = 0; f < POLICY_FIELDS; f++) {
-        for (const [node, nf] of [...field]) {
-          if (nf !== f) continue;
-          for (const e of c.nodes.get(node) ?? []) {
-            if (e.next === 0 || e.next === POLICY_DENY) continue;
-            expect(f + 1).toBeLessThan(POLICY_FIELDS);
-            field.set(e.next, f + 1);
-          }
+  it("a walk reads the key's bytes in order, each at most once, whatever the rules", () => {
+    fc.assert(fc.property(rules, fc.array(packet, { minLength: 20, maxLength: 20 }), (rs, ps) => {
+      const t = compile(rs);
+      // every slot leads to a verdict or to a table of a later byte: no cycle, no step past the key's last byte
+      const posOf = (next: number) => next >>> POLICY_POS_SHIFT;
+      for (const start of [t.start.egress, t.start.ingress]) {
+        if (start !== POLICY_ALLOW && start !== POLICY_DENY) expect(t.tables.has(start & POLICY_TABLE_MASK)).toBe(true);
+      }
+      const posOfTable = new Map<number, number>();
+      const steps = [t.start.egress, t.start.ingress];
+      for (const slots of t.tables.values()) steps.push(...slots);
+      for (const next of steps) if (next !== POLICY_ALLOW && next !== POLICY_DENY) posOfTable.set(next & POLICY_TABLE_MASK, posOf(next));
+      const problems: string[] = [];
+      for (const [id, slots] of t.tables) {
+        const pos = posOfTable.get(id);
+        if (pos === undefined || pos >= POLICY_KEY_BYTES) problems.push(`table ${id} reads byte ${pos}`);
+        for (const next of slots) {
+          if (next === POLICY_ALLOW || next === POLICY_DENY) continue;
+          if (pos === undefined || posOf(next) <= pos) problems.push(`table ${id} (byte ${pos}) leads to byte ${posOf(next)}`);
+          if (!t.tables.has(next & POLICY_TABLE_MASK)) problems.push(`table ${id} leads to table ${next & POLICY_TABLE_MASK}, which is not there`);
         }
+      }
+      expect(problems).toEqual([]);
+      for (const p of ps) {
+        const { read } = walk(t, p);
+        expect(read.length).toBeLessThanOrEqual(POLICY_KEY_BYTES);
+        for (let i = 1; i < read.length; i++) expect(read[i]).toBeGreaterThan(read[i - 1]);
       }
     }), { numRuns: 200, seed: 18 });
   });
@@ -100,7 +122,7 @@ describe('policy compiler', () => {
     }), { seed: 19 });
   });
 
-  it('1,000 Kubernetes-style rules take a few entries each, and rules of one shape share their nodes', () => {
+  it('1,000 Kubernetes-style rules take a few tables, and rules of one shape share them', () => {
     // per pod (100), ten peer blocks with one port range each
     const rs: PolicyRuleRecord[] = [];
     for (let pod = 0; pod < 100; pod++) {
@@ -109,11 +131,11 @@ describe('policy compiler', () => {
       }
     }
     const c = compile(rs);
-    expect(c.entries).toBeLessThan(3 * rs.length);
+    expect(c.tables.size).toBeLessThan(100);
     const p: Packet = { dir: 'ingress', src: word('10.103.9.9'), dst: word('10.244.0.7'), sport: 40000, dport: 8050, proto: 6 };
-    expect(walk(c, p)).toBe(true);
-    expect(walk(c, { ...p, src: word('10.103.7.9') })).toBe(false);
-    expect(walk(c, { ...p, dport: 8100 })).toBe(false);
+    expect(walk(c, p)).toEqual({ denied: true, read: [0, 1, 2, 4, 5, 6, 7, 8, 9, 10] });
+    expect(walk(c, { ...p, src: word('10.103.7.9') }).denied).toBe(false);
+    expect(walk(c, { ...p, dport: 8100 }).denied).toBe(false);
   });
 
   it('checks rules: blocks, exceptions, ranges', () => {

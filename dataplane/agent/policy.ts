@@ -1,30 +1,40 @@
 /**
- * Deny rules: validated, compiled into the classifier that bpf/policy.h walks
- * (policy_trie, policy_root), and kept in step with it.
+ * Deny rules: validated, compiled into the tables that bpf/policy.h walks
+ * (policy_table, policy_start), and kept in step with them.
  *
  * A rule is shaped as Kubernetes NetworkPolicy rules are: per direction, a
  * CIDR block of source and of destination (each with exceptions, ipBlock's
  * except), a protocol, and port ranges (port/endPort). Every rule denies.
  *
- * The classifier matches one field at a time, src, dst, protocol + dport,
- * sport, each by longest prefix under a node; a node stands for the set of
- * rules still possible after the fields before it, with only their remaining
- * fields (so rules that differ only in fields already matched share nodes). A
- * node's entries are its rules' prefixes for its field; an address's longest
- * matching prefix determines which rules hold, as the prefixes containing an
- * address form a chain. Hence a verdict costs at most POLICY_FIELDS lookups for
- * any rule set; the memory is what grows (bounded by policy_trie's size, which
- * the compile checks).
+ * Two stages. First a classifier over the four fields (src, dst, protocol +
+ * dport, sport): a node stands for the set of rules still possible after the
+ * fields before it, with only their remaining fields (so rules that differ
+ * only in fields already matched share nodes), and holds its rules' prefixes
+ * for its field; an address's longest matching prefix determines which rules
+ * hold, as the prefixes containing an address form a chain. Then each node is
+ * lowered into tables of 256 slots, one per value of a byte of the packet's
+ * key, each prefix spread over the slots it covers: a table reads one byte
+ * and leads to the table of a later byte, or to a verdict. A byte no
+ * remaining rule looks at gets no table (a field no rule names, an address's
+ * bytes past its longest prefix), so the walk reads each of the key's 13
+ * bytes at most once, in order, whatever the rules: at most 13 array lookups.
+ * What grows with the rules is the number of tables (bounded by
+ * policy_table's size, which the compile checks).
  *
- * Nodes are named by their content: a change writes the nodes that are new,
- * then switches policy_root, then deletes the nodes no longer reached, so a
- * packet racing a change walks the old classifier or the new one, both whole.
+ * Tables are named by their content: a change writes the tables that are new,
+ * then switches policy_start, then zeroes the tables no longer reached, so a
+ * packet racing a change walks the old tables or the new ones, both whole.
  */
-import { POLICY_ALLOW, POLICY_DENY, POLICY_FIELDS, arrayIndex, policyLpmKey, policyNext, policyRoot } from '../maps.ts';
+import {
+  POLICY_ALLOW, POLICY_DENY, POLICY_KEY_BYTES, POLICY_POS_SHIFT, POLICY_TABLE_MASK, POLICY_TABLE_SLOTS, arrayIndex, policySlot, policyStart,
+} from '../maps.ts';
 import type { MapOps } from '../map-ops.ts';
 
 /** What PolicyTable uses of a map (dataplane/map-ops.ts): the kernel's or the cluster simulator's. */
-export type PolicyMap = Pick<MapOps, 'maxEntries' | 'lookup' | 'update' | 'delete' | 'lookupBatch'>;
+export type PolicyMap = Pick<MapOps, 'maxEntries' | 'lookup' | 'update'> & {
+  /** count keys and values packed one after another, written in one go (BpfMap.updateBatch). */
+  updateBatch(keys: Buffer, values: Buffer, count: number): void;
+};
 import type { PolicyRuleRecord } from './protocol.ts';
 
 export const PROTOCOLS: Record<string, number> = { icmp: 1, tcp: 6, udp: 17 };
@@ -165,6 +175,9 @@ function matchKey(r: PolicyRuleRecord): string {
 
 // ---- the classifier ----
 
+/** The classifier's fields, in walk order: src, dst, protocol + dport, sport. */
+export const POLICY_FIELDS = 4;
+
 /**
  * One field of a rule: it holds for a value inside some include prefix and
  * inside no exclude prefix (an exclude always lies within an include).
@@ -177,7 +190,7 @@ interface Cond { fields: FieldMatch[]; rest: string[] }
 const fieldMatch = (inc: Prefix[], exc: Prefix[] = []): FieldMatch =>
   ({ inc, exc, key: `${inc.map((p) => `${p.value}/${p.len}`).join(',')}-${exc.map((p) => `${p.value}/${p.len}`).join(',')}` });
 
-/** The field values of the key (bpf/xmasq.h policy_lpm_key): proto + dport is 0, proto, dport; sport is 0, 0, sport. */
+/** A field's 32-bit value: an address; proto + dport is 0, proto, dport; sport is 0, 0, sport. */
 export const protoDportField = (proto: number, dport: number) => ((proto << 16) | dport) >>> 0;
 
 function condOf(r: PolicyRuleRecord): Cond {
@@ -197,27 +210,20 @@ function condOf(r: PolicyRuleRecord): Cond {
 
 const trivial = (m: FieldMatch) => m.exc.length === 0 && m.inc.length === 1 && m.inc[0].len === 0;
 
-/** An entry of policy_trie: under node, field's prefix leads to next. */
-export interface TrieEntry { node: number; prefix: Prefix; next: number }
+/** An entry of a classifier node: field's prefix leads to next (a verdict, or a node of a later field). */
+export interface NodeEntry { prefix: Prefix; next: number }
 
-/** A compiled rule set: each direction's root and every node's entries. */
+/** The rules as a classifier over the four fields: each direction's root (a verdict or a node) and every node. */
 export interface Classifier {
   root: { egress: number; ingress: number };
-  /** Entries by node, for the nodes the roots reach. */
-  nodes: Map<number, TrieEntry[]>;
-  /** Node ids by content, to name the same nodes alike in the next compile. */
-  names: Map<string, number>;
-  entries: number;
+  nodes: Map<number, { field: number; entries: NodeEntry[] }>;
 }
 
-/**
- * Compiles rules into a classifier. Nodes whose content the previous compile
- * had keep its ids; new ones get ids neither uses (allocate).
- */
-export function compile(rules: readonly PolicyRuleRecord[], previous: Map<string, number> = new Map(), allocate: () => number = counter()): Classifier {
-  const nodes = new Map<number, TrieEntry[]>();
+/** The classifier of rules; its node ids (1, 2, …) are its own, the tables below are what the map holds. */
+export function classifier(rules: readonly PolicyRuleRecord[]): Classifier {
+  const nodes = new Map<number, { field: number; entries: NodeEntry[] }>();
   const names = new Map<string, number>();
-  let entries = 0;
+  const allocate = counter();
 
   const build = (f: number, conds: Cond[]): number => {
     if (conds.length === 0) return POLICY_ALLOW;
@@ -230,7 +236,7 @@ export function compile(rules: readonly PolicyRuleRecord[], previous: Map<string
     const name = `${f}|${[...unique.keys()].sort().join('|')}`;
     const known = names.get(name);
     if (known !== undefined) return known;
-    const id = previous.get(name) ?? allocate();
+    const id = allocate();
     names.set(name, id);
     const list = [...unique.values()];
 
@@ -255,7 +261,7 @@ export function compile(rules: readonly PolicyRuleRecord[], previous: Map<string
     // that hold at a prefix are those at its parent, plus those it includes,
     // less those it excepts.
     const stack: Array<{ p: Prefix; active: Set<Cond>; next: number }> = [];
-    const out: TrieEntry[] = [];
+    const out: NodeEntry[] = [];
     for (const p of order) {
       while (stack.length && !contains(stack[stack.length - 1].p, p)) stack.pop();
       const parent = stack[stack.length - 1];
@@ -264,73 +270,192 @@ export function compile(rules: readonly PolicyRuleRecord[], previous: Map<string
       for (const c of adds.get(k) ?? []) active.add(c);
       for (const c of drops.get(k) ?? []) active.delete(c);
       const next = build(f + 1, [...active]);
-      // A prefix leading where its parent does adds nothing; the root's miss already allows.
-      if (next !== (parent ? parent.next : POLICY_ALLOW)) out.push({ node: id, prefix: p, next });
+      // A prefix leading where its parent does adds nothing; a miss allows.
+      if (next !== (parent ? parent.next : POLICY_ALLOW)) out.push({ prefix: p, next });
       stack.push({ p, active, next });
     }
-    nodes.set(id, out);
-    entries += out.length;
+    nodes.set(id, { field: f, entries: out });
     return id;
   };
 
-  const root: { egress: number; ingress: number } = { egress: POLICY_ALLOW, ingress: POLICY_ALLOW };
-  for (const dir of ['egress', 'ingress'] as const) {
-    root[dir] = build(0, rules.filter((r) => r.dir === dir).map(condOf));
-    // a root that is a verdict (a rule with every field "any" denies all) is a node all the same
-    if (root[dir] === POLICY_DENY) {
-      const id = previous.get(`deny-all ${dir}`) ?? allocate();
-      names.set(`deny-all ${dir}`, id);
-      nodes.set(id, [{ node: id, prefix: ANY, next: POLICY_DENY }]);
-      entries++;
-      root[dir] = id;
-    }
-  }
-  return { root, nodes, names, entries };
+  return {
+    root: {
+      egress: build(0, rules.filter((r) => r.dir === 'egress').map(condOf)),
+      ingress: build(0, rules.filter((r) => r.dir === 'ingress').map(condOf)),
+    },
+    nodes,
+  };
 }
 
-/** Node ids 1, 2, …: for a compile whose ids need not avoid any in use. */
+/** Node and table ids 1, 2, …: for a compile whose ids need not avoid any in use. */
 export function counter(): () => number {
   let n = 0;
   return () => ++n;
 }
 
-/** The verdict the classifier gives, walked as bpf/policy.h walks policy_trie (for tests and tools). */
+/** The classifier's verdict: each field's longest matching prefix in turn (for tests and tools). */
 export function classify(c: Classifier, dir: 'egress' | 'ingress', fields: readonly number[]): boolean {
   let node = c.root[dir];
-  if (node === POLICY_ALLOW) return false;
-  for (let f = 0; f < POLICY_FIELDS; f++) {
-    let best: TrieEntry | undefined;
-    for (const e of c.nodes.get(node) ?? []) {
+  for (let f = 0; node !== POLICY_ALLOW && node !== POLICY_DENY && f < POLICY_FIELDS; f++) {
+    let best: NodeEntry | undefined;
+    for (const e of c.nodes.get(node)?.entries ?? []) {
       if (contains(e.prefix, { value: fields[f], len: 32 }) && (!best || e.prefix.len > best.prefix.len)) best = e;
     }
     node = best ? best.next : POLICY_ALLOW;
-    if (node === POLICY_ALLOW) return false;
-    if (node === POLICY_DENY) return true;
   }
-  return false;
+  return node === POLICY_DENY;
 }
 
-/** The key and value bytes of an entry: the node's 32 bits, then the field's prefix. */
-export function entryBytes(e: TrieEntry): [Buffer, Buffer] {
-  return [policyLpmKey.encode({ prefixlen: 32 + e.prefix.len, node: e.node, field: e.prefix.value }), policyNext.encode({ next: e.next })];
+// ---- the tables ----
+
+// The lowering's hot loops read these: module locals, not imported bindings (a getter each under tsx).
+const SLOTS = POLICY_TABLE_SLOTS;
+const ALLOW = POLICY_ALLOW;
+const DENY = POLICY_DENY;
+const POS_SHIFT = POLICY_POS_SHIFT;
+
+/**
+ * Where byte b (0-3, first highest) of field f's 32-bit value is in the key
+ * the walk reads (bpf/xmasq.h, XMASQ_POLICY_KEY_BYTES); -1: a byte always 0,
+ * which needs no table (proto + dport's first, sport's first two).
+ */
+const KEY_POS = [[0, 1, 2, 3], [4, 5, 6, 7], [-1, 8, 9, 10], [-1, -1, 11, 12]];
+
+/** A walk's next step: the key's byte and table (bpf/xmasq.h), or a verdict. */
+export const goOn = (pos: number, table: number) => ((pos << POS_SHIFT) | table) >>> 0;
+
+/** Rules lowered into tables of policy_table: where each direction starts, and every table's slots. */
+export interface Tables {
+  start: { egress: number; ingress: number };
+  /** Table id -> its SLOTS slots. */
+  tables: Map<number, Uint32Array>;
+  /** Table ids by content, to name the same tables alike in the next compile. */
+  names: Map<string, number>;
+  /** Slots holding something other than ALLOW (0), the entries written. */
+  entries: number;
 }
 
-/** The bytes of policy_root's slot for a classifier. */
-export function rootBytes(c: Classifier): Buffer {
-  return policyRoot.encode(c.root);
+/** A table's content as text: the key's byte it reads and its slots in runs. */
+function tableName(pos: number, slots: Uint32Array): string {
+  let out = `${pos}:`;
+  for (let v = 0; v < slots.length;) {
+    let n = 1;
+    while (v + n < slots.length && slots[v + n] === slots[v]) n++;
+    out += `${slots[v]}*${n},`;
+    v += n;
+  }
+  return out;
 }
 
 /**
- * The rules, compiled into policy_trie and policy_root. Every change compiles
- * the whole rule set again (the nodes it already has keep their ids and
- * entries) and writes only what differs.
+ * Compiles rules into tables. Tables whose content the previous compile had
+ * keep its ids; new ones get ids neither uses (allocate).
+ */
+export function compile(rules: readonly PolicyRuleRecord[], previous: Map<string, number> = new Map(), allocate: () => number = counter()): Tables {
+  const c = classifier(rules);
+  const tables = new Map<number, Uint32Array>();
+  const names = new Map<string, number>();
+  const lowered = new Map<number, number>();
+  let entries = 0;
+
+  /** Where the walk goes for a classifier's next: a verdict, or the first table of the node. */
+  const target = (next: number): number => {
+    if (next === ALLOW || next === DENY) return next;
+    let v = lowered.get(next);
+    if (v === undefined) {
+      const node = c.nodes.get(next)!;
+      const any = node.entries.find((e) => e.prefix.len === 0);
+      v = under(node.field, 0, node.entries.filter((e) => e.prefix.len > 0), any ? any.next : ALLOW);
+      lowered.set(next, v);
+    }
+    return v;
+  };
+
+  /**
+   * The values of field f under a prefix of b whole bytes: inner, the node's
+   * longer prefixes within it; d, where its longest prefix of b bytes or fewer
+   * containing it leads. Byte b gets a table unless every value of it leads alike.
+   */
+  const under = (f: number, b: number, inner: NodeEntry[], d: number): number => {
+    if (inner.length === 0) return target(d);
+    const shift = 24 - 8 * b;
+    const end = 8 * (b + 1);
+    // each slot's longest prefix ending within this byte: shorter ones first, longer ones over them
+    const dv = new Uint32Array(SLOTS).fill(d);
+    const deeper = new Map<number, NodeEntry[]>();
+    for (const e of inner.filter((x) => x.prefix.len <= end).sort((x, y) => x.prefix.len - y.prefix.len)) {
+      const lo = (e.prefix.value >>> shift) & 255;
+      dv.fill(e.next, lo, lo + 2 ** (end - e.prefix.len));
+    }
+    for (const e of inner) {
+      if (e.prefix.len <= end) continue;
+      const v = (e.prefix.value >>> shift) & 255;
+      const l = deeper.get(v);
+      if (l) l.push(e);
+      else deeper.set(v, [e]);
+    }
+    const pos = KEY_POS[f][b];
+    if (pos < 0) return under(f, b + 1, deeper.get(0) ?? [], dv[0]);
+    const slots = new Uint32Array(SLOTS);
+    for (let v = 0, lastD = -1, lastT = 0; v < SLOTS; v++) {
+      const dl = deeper.get(v);
+      if (dl) slots[v] = under(f, b + 1, dl, dv[v]);
+      else if (dv[v] === lastD) slots[v] = lastT;
+      else slots[v] = lastT = target((lastD = dv[v]));
+    }
+    // a table whose slots all lead alike would read its byte for nothing
+    if (slots.every((x) => x === slots[0])) return slots[0];
+    const name = tableName(pos, slots);
+    let id = names.get(name);
+    if (id === undefined) {
+      id = previous.get(name) ?? allocate();
+      names.set(name, id);
+      tables.set(id, slots);
+      entries += slots.filter((x) => x !== ALLOW).length;
+    }
+    return goOn(pos, id);
+  };
+
+  return { start: { egress: target(c.root.egress), ingress: target(c.root.ingress) }, tables, names, entries };
+}
+
+/** The walk over tables as bpf/policy.h makes it, over the key's 13 bytes: the verdict and the bytes read (for tests and tools). */
+export function walkTables(t: Tables, dir: 'egress' | 'ingress', key: readonly number[]): { denied: boolean; read: number[] } {
+  let next = t.start[dir];
+  const read: number[] = [];
+  for (let i = 0; i < POLICY_KEY_BYTES && next !== POLICY_ALLOW && next !== POLICY_DENY; i++) {
+    const pos = next >>> POLICY_POS_SHIFT;
+    read.push(pos);
+    next = t.tables.get(next & POLICY_TABLE_MASK)?.[key[pos]] ?? POLICY_ALLOW;
+  }
+  return { denied: next === POLICY_DENY, read };
+}
+
+/** The key a walk reads (bpf/policy.h): src, dst, protocol, dport, sport, as bytes. */
+export function policyKey(src: number, dst: number, proto: number, dport: number, sport: number): number[] {
+  const be = (x: number, n: number) => Array.from({ length: n }, (_, i) => (x >>> (8 * (n - 1 - i))) & 255);
+  return [...be(src, 4), ...be(dst, 4), proto, ...be(dport, 2), ...be(sport, 2)];
+}
+
+/** A table no rule uses: every slot ALLOW, as an unwritten one. */
+const EMPTY = new Uint32Array(POLICY_TABLE_SLOTS);
+
+/** The bytes of policy_start's slot for compiled tables. */
+export function startBytes(t: Tables): Buffer {
+  return policyStart.encode(t.start);
+}
+
+/**
+ * The rules, compiled into policy_table and policy_start. Every change
+ * compiles the whole rule set again (the tables it already has keep their ids
+ * and slots) and writes only what differs.
  */
 export class PolicyTable {
   private rules: PolicyRuleRecord[];
-  private current: Classifier | undefined;
+  private current: Tables | undefined;
 
   /** initial: the state file's rules, checked again as if added (a file of an earlier version holds a "mask" more). */
-  constructor(private readonly trieMap: PolicyMap, private readonly rootMap: PolicyMap, initial: readonly PolicyRuleRecord[]) {
+  constructor(private readonly tableMap: PolicyMap, private readonly startMap: PolicyMap, initial: readonly PolicyRuleRecord[]) {
     this.rules = initial.map((r, i) => {
       try {
         return normaliseRule(r, () => 0);
@@ -344,31 +469,57 @@ export class PolicyTable {
     return [...this.rules].sort((a, b) => a.id - b.id);
   }
 
-  /** Entries the rules take in policy_trie. */
+  /** Slots the rules take in policy_table (those holding something other than ALLOW). */
   entries(): number {
     return this.current?.entries ?? 0;
   }
 
-  /** Whether the pinned maps hold a classifier (with no state file, its rules cannot be read back from it). */
-  static holdsRules(rootMap: PolicyMap): boolean {
-    const v = rootMap.lookup(ZERO);
+  /** Whether the pinned maps hold rules (with no state file, they cannot be read back from the tables). */
+  static holdsRules(startMap: PolicyMap): boolean {
+    const v = startMap.lookup(ZERO);
     if (!v) return false;
-    const r = policyRoot.decode(v);
+    const r = policyStart.decode(v);
     return r.egress !== POLICY_ALLOW || r.ingress !== POLICY_ALLOW;
   }
 
-  /** Makes the maps hold exactly this.rules (at start, after a restart): every entry not theirs goes. */
+  /**
+   * The tables the pinned maps' walks reach (an earlier agent's): read slot
+   * by slot, following every step from policy_start.
+   */
+  private pinnedTables(): Set<number> {
+    const v = this.startMap.lookup(ZERO);
+    const start = v ? policyStart.decode(v) : { egress: POLICY_ALLOW, ingress: POLICY_ALLOW };
+    const capacity = Math.floor(this.tableMap.maxEntries / POLICY_TABLE_SLOTS);
+    const seen = new Set<number>();
+    const todo = [start.egress, start.ingress];
+    while (todo.length) {
+      const next = todo.pop()!;
+      if (next === POLICY_ALLOW || next === POLICY_DENY) continue;
+      const id = next & POLICY_TABLE_MASK;
+      if (seen.has(id) || id >= capacity) continue;
+      seen.add(id);
+      for (let b = 0; b < POLICY_TABLE_SLOTS; b++) {
+        const slot = this.tableMap.lookup(arrayIndex.encode({ index: id * POLICY_TABLE_SLOTS + b }));
+        if (slot) todo.push(policySlot.decode(slot).next);
+      }
+    }
+    return seen;
+  }
+
+  /**
+   * Makes the maps hold exactly this.rules (at start, after a restart): new
+   * tables beside those the pinned walks reach, then the starts, then those
+   * zeroed. Tables no walk reaches (an agent stopped while it changed them)
+   * are left: every table is written whole, so ids are reused safely.
+   */
   sync(): { removed: number; written: number } {
-    const inMap = this.trieMap.lookupBatch().map(([k]) => Buffer.from(k));
-    const used = new Set(inMap.map((k) => policyLpmKey.decode(k).node));
-    const next = this.compileAvoiding(this.rules, new Map(), used);
-    for (const es of next.nodes.values()) for (const e of es) this.trieMap.update(...entryBytes(e));
-    this.rootMap.update(ZERO, rootBytes(next));
-    const want = new Set([...next.nodes.values()].flat().map((e) => entryBytes(e)[0].toString('hex')));
-    const stale = inMap.filter((k) => !want.has(k.toString('hex')));
-    for (const k of stale) this.trieMap.delete(k);
+    const pinned = this.pinnedTables();
+    const next = this.compileAvoiding(this.rules, new Map(), pinned);
+    for (const [id, slots] of next.tables) this.writeTable(id, slots);
+    this.startMap.update(ZERO, startBytes(next));
+    for (const id of pinned) this.writeTable(id, EMPTY);
     this.current = next;
-    return { removed: stale.length, written: next.entries };
+    return { removed: pinned.size, written: next.tables.size };
   }
 
   nextId(): number {
@@ -401,44 +552,54 @@ export class PolicyTable {
     return r;
   }
 
-  private compileAvoiding(rules: readonly PolicyRuleRecord[], previous: Map<string, number>, used: Set<number>): Classifier {
+  /** Table 0 is never used (a step to it would be 0, ALLOW), so ids run from 1 to the map's last table. */
+  private compileAvoiding(rules: readonly PolicyRuleRecord[], previous: Map<string, number>, used: Set<number>): Tables {
     let n = 0;
     const allocate = () => {
       do n++; while (used.has(n));
-      if (n >= POLICY_DENY) throw new Error('policy: no free node id left in policy_trie');
       return n;
     };
-    const c = compile(rules, previous, allocate);
-    if (c.entries > this.trieMap.maxEntries) {
-      throw new Error(`these ${rules.length} rules compile to ${c.entries} policy_trie entries, more than it holds (${this.trieMap.maxEntries}); nothing was changed. Rules sharing blocks and ports take fewer`);
+    const t = compile(rules, previous, allocate);
+    const capacity = Math.floor(this.tableMap.maxEntries / POLICY_TABLE_SLOTS) - 1;
+    const last = Math.max(0, ...t.tables.keys());
+    if (last > capacity) {
+      throw new Error(`these ${rules.length} rules compile to ${t.tables.size} policy_table tables, and with the ${used.size} in use while it changes that is more than it holds (${capacity}); nothing was changed. Rules sharing blocks and ports take fewer`);
     }
-    return c;
+    return t;
+  }
+
+  /** A table's every slot, in one batch: a table never relies on what its id held before. */
+  private writeTable(id: number, slots: Uint32Array): void {
+    const keys = Buffer.alloc(POLICY_TABLE_SLOTS * arrayIndex.size);
+    const values = Buffer.alloc(POLICY_TABLE_SLOTS * policySlot.size);
+    for (let v = 0; v < POLICY_TABLE_SLOTS; v++) {
+      arrayIndex.encode({ index: id * POLICY_TABLE_SLOTS + v }).copy(keys, v * arrayIndex.size);
+      policySlot.encode({ next: slots[v] }).copy(values, v * policySlot.size);
+    }
+    this.tableMap.updateBatch(keys, values, POLICY_TABLE_SLOTS);
   }
 
   /**
-   * New nodes first, then the roots, then the nodes no longer reached: a packet
-   * walks the old classifier or the new one. A failed write takes the new
-   * nodes out again and leaves the old classifier in place.
+   * New tables first, then the starts, then the tables no longer reached
+   * zeroed: a packet walks the old tables or the new ones. A failed write
+   * zeroes the new tables again and leaves the old ones in place.
    */
   private install(rules: readonly PolicyRuleRecord[]): void {
     const old = this.current ?? this.compileAvoiding(this.rules, new Map(), new Set());
-    const next = this.compileAvoiding(rules, old.names, new Set(old.nodes.keys()));
-    const added = [...next.nodes].filter(([id]) => !old.nodes.has(id));
-    const written: Buffer[] = [];
+    const next = this.compileAvoiding(rules, old.names, new Set(old.tables.keys()));
+    const added = [...next.tables].filter(([id]) => !old.tables.has(id));
     try {
-      for (const [, es] of added) {
-        for (const e of es) {
-          const [k, v] = entryBytes(e);
-          this.trieMap.update(k, v, 'noexist');
-          written.push(k);
-        }
-      }
-      this.rootMap.update(ZERO, rootBytes(next));
+      for (const [id, slots] of added) this.writeTable(id, slots);
+      this.startMap.update(ZERO, startBytes(next));
     } catch (e) {
-      for (const k of written) this.trieMap.delete(k);
-      throw new Error(`policy: writing the classifier failed (${(e as Error).message}); the rules are as they were`);
+      try {
+        for (const [id] of added) this.writeTable(id, EMPTY);
+      } catch {
+        // no walk reaches them: the next sync or install writes over them whole
+      }
+      throw new Error(`policy: writing the tables failed (${(e as Error).message}); the rules are as they were`);
     }
-    for (const [id, es] of old.nodes) if (!next.nodes.has(id)) for (const e of es) this.trieMap.delete(entryBytes(e)[0]);
+    for (const id of old.tables.keys()) if (!next.tables.has(id)) this.writeTable(id, EMPTY);
     this.current = next;
   }
 }

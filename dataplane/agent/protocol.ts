@@ -155,7 +155,7 @@ export interface AgentStatus {
   pinsReused: boolean;
   pods: number;
   caches: Record<'egress' | 'ingress', { entries: number; capacity: number }>;
-  /** Rules, and the policy_trie entries they compile to. */
+  /** Rules, and the policy_table slots (entries) they compile to. */
   policy: { rules: number; entries: number };
   /** Datapath counters summed over CPUs, by lower-case name (masqueraded, restored, ...). */
   counters: Record<string, number>;

@@ -127,7 +127,7 @@ function printStatus(s: AgentStatus): string {
     `nodes     ${s.nodes ? `${s.nodes.peers.length} peer(s) (from ${s.nodes.overlayDevices.join(', ') || 'no overlay device'}${s.nodes.peers.length ? `: ${s.nodes.peers.slice(0, 8).join(', ')}${s.nodes.peers.length > 8 ? ', …' : ''}` : ''}); this host ${s.nodes.self.join(', ') || 'unknown'}` : 'not reported by this agent'}`,
     `pods      ${s.pods}`,
     `caches    egress ${s.caches.egress.entries}/${s.caches.egress.capacity}, ingress ${s.caches.ingress.entries}/${s.caches.ingress.capacity}`,
-    `policy    ${s.policy.rules} rule(s), ${s.policy.entries} policy_trie entries`,
+    `policy    ${s.policy.rules} rule(s), ${s.policy.entries} policy_table entries`,
     `expiry    egress idle > ${s.expiry.egressIdleSeconds}s, ingress idle > ${s.expiry.ingressIdleSeconds}s, every ${s.expiry.scanIntervalSeconds}s; expired so far: ${s.expiry.expired.egress} egress, ${s.expiry.expired.ingress} ingress`,
     'counters',
     ...counters.map(([k, v]) => `  ${k.padEnd(cw)}  ${v}`),
@@ -164,7 +164,7 @@ function printRules(rules: PolicyRuleRecord[], entries: number): string {
   const port = (p?: number, end?: number) => (p === undefined ? '*' : end === undefined ? String(p) : `${p}-${end}`);
   return `${table(['ID', 'DIR', 'SRC', 'SPORT', 'DST', 'DPORT', 'PROTO'],
     rules.map((r) => [String(r.id), r.dir, block(r.src, r.srcExcept), port(r.sport, r.sportEnd), block(r.dst, r.dstExcept), port(r.dport, r.dportEnd), protoName(r.proto)]))}
-policy_trie entries: ${entries}`;
+policy_table entries: ${entries}`;
 }
 
 const ruleLine = (r: PolicyRuleRecord) => describeRule(r);

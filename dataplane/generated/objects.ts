@@ -18,7 +18,10 @@ export const CONSTS = {
   CFG_FILTER_HALF1: 2,
   POLICY_ALLOW: 0,
   POLICY_DENY: 4294967295,
-  POLICY_FIELDS: 4,
+  POLICY_POS_SHIFT: 24,
+  POLICY_TABLE_MASK: 16777215,
+  POLICY_TABLE_SLOTS: 256,
+  POLICY_KEY_BYTES: 13,
   NODE_SELF: 1,
   IPS_SEEN_REPLY: 2,
   IPS_SRC_NAT: 16,
@@ -93,9 +96,8 @@ export const STRUCTS = {
     size: 20,
     members: [['ifindex', 0, 4], ['mac', 4, 6], ['pad', 10, 2], ['host_netns_id', 12, 4], ['host_netns_ino', 16, 4]],
   },
-  policy_lpm_key: { size: 12, members: [['prefixlen', 0, 4], ['node', 4, 4], ['field', 8, 4]] },
-  policy_next: { size: 4, members: [['next', 0, 4]] },
-  policy_root: { size: 8, members: [['egress', 0, 4], ['ingress', 4, 4]] },
+  policy_slot: { size: 4, members: [['next', 0, 4]] },
+  policy_start: { size: 8, members: [['egress', 0, 4], ['ingress', 4, 4]] },
   redirect_trace: { size: 8, members: [['ifindex', 0, 4], ['kind', 4, 4]] },
 } as const;
 
@@ -111,8 +113,8 @@ export const OBJECT_MAPS = {
   ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40 },
   nodes: { type: 'hash', key: '__u32', value: 'node_info', keySize: 4, valueSize: 4 },
   pod_info: { type: 'hash', key: '__u32', value: 'pod_info', keySize: 4, valueSize: 20 },
-  policy_root: { type: 'array', key: '__u32', value: 'policy_root', keySize: 4, valueSize: 8 },
-  policy_trie: { type: 'lpm_trie', key: 'policy_lpm_key', value: 'policy_next', keySize: 12, valueSize: 4 },
+  policy_start: { type: 'array', key: '__u32', value: 'policy_start', keySize: 4, valueSize: 8 },
+  policy_table: { type: 'array', key: '__u32', value: 'policy_slot', keySize: 4, valueSize: 4 },
   redirect_trace: { type: 'array', key: '__u32', value: 'redirect_trace', keySize: 4, valueSize: 8 },
 } as const;
 
@@ -128,8 +130,8 @@ export const MAP_MAX_ENTRIES = {
   ingress_cache: { production: 65536, test: 64, rpeer: 65536, bench: 65536 },
   nodes: { production: 8192, test: 16, rpeer: 8192, bench: 8192 },
   pod_info: { production: 1024, test: 16, rpeer: 1024, bench: 1024 },
-  policy_root: { production: 1, test: 1, rpeer: 1, bench: 1 },
-  policy_trie: { production: 262144, test: 256, rpeer: 262144, bench: 262144 },
+  policy_start: { production: 1, test: 1, rpeer: 1, bench: 1 },
+  policy_table: { production: 4194304, test: 8192, rpeer: 4194304, bench: 4194304 },
   redirect_trace: { test: 1 },
 } as const;
 

@@ -184,6 +184,20 @@ export class BpfMap implements MapOps {
     }
   }
 
+  /**
+   * The first count keys and values packed one after another in keys and
+   * values (BPF_MAP_UPDATE_BATCH, flags 'any'): one syscall for what would be
+   * count updates.
+   */
+  updateBatch(keys: Buffer, values: Buffer, count: number): void {
+    if (keys.length < count * this.keySize || values.length < count * this.fullValueSize) {
+      throw new Error(`update batch of ${this.label}: ${count} entries need ${count * this.keySize} key and ${count * this.fullValueSize} value bytes, got ${keys.length} and ${values.length}`);
+    }
+    const n = [count];
+    const rc = native().bpf_map_update_batch(this.fd, keys, values, n, { sz: STRUCT_SIZES.bpf_map_batch_opts, elem_flags: 0, flags: 0 });
+    if (rc < 0) throw new LibbpfError(`update batch of ${this.label} (${n[0]} of ${count} written)`, -rc, undefined);
+  }
+
   /** true if the key was there, false if it was absent. */
   delete(key: Buffer): boolean {
     this.checkKey(key, 'delete');

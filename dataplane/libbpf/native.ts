@@ -171,6 +171,7 @@ interface Native {
   bpf_map_get_next_key(fd: number, key: Buffer | null, next: Buffer): number;
   bpf_map_lookup_batch(fd: number, inBatch: Buffer | null, outBatch: Buffer, keys: Buffer, values: Buffer, count: number[], opts: object): number;
   bpf_map_delete_batch(fd: number, keys: Buffer, count: number[], opts: object): number;
+  bpf_map_update_batch(fd: number, keys: Buffer, values: Buffer, count: number[], opts: object): number;
   bpf_obj_get(path: string): number;
   bpf_obj_pin(fd: number, path: string): number;
   bpf_obj_get_info_by_fd(fd: number, info: Buffer, len: number[]): number;
@@ -234,6 +235,7 @@ export function native(): Native {
     bpf_map_get_next_key: lib.func('int bpf_map_get_next_key(int fd, void *key, void *next_key)'),
     bpf_map_lookup_batch: lib.func('int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values, _Inout_ uint32_t *count, const xmasq_bpf_map_batch_opts *opts)'),
     bpf_map_delete_batch: lib.func('int bpf_map_delete_batch(int fd, void *keys, _Inout_ uint32_t *count, const xmasq_bpf_map_batch_opts *opts)'),
+    bpf_map_update_batch: lib.func('int bpf_map_update_batch(int fd, void *keys, void *values, _Inout_ uint32_t *count, const xmasq_bpf_map_batch_opts *opts)'),
     bpf_obj_get: lib.func('int bpf_obj_get(const char *path)'),
     bpf_obj_pin: lib.func('int bpf_obj_pin(int fd, const char *path)'),
     bpf_obj_get_info_by_fd: lib.func('int bpf_obj_get_info_by_fd(int fd, void *info, _Inout_ uint32_t *info_len)'),

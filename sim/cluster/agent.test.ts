@@ -95,18 +95,18 @@ describe('sim/cluster agent on model maps', () => {
     expect(held.readBigUInt64LE(path.field('last_seen').offset)).toBe(0x1_0000_0001n);
   });
 
-  it("policy rules go through the agent's PolicyTable into policy_trie and policy_root", () => {
+  it("policy rules go through the agent's PolicyTable into policy_table and policy_start", () => {
     const s = state();
     const a = new SimAgent(s, T);
     const id = a.addRule({ dir: 'egress', dst: '10.244.2.0/24', dport: 80, dportEnd: 90, proto: 'tcp' });
     a.addRule({ dir: 'ingress', src: '10.244.2.9' });
-    expect(s.policy_root.egress).not.toBe(0);
-    expect(s.policy_root.ingress).not.toBe(0);
-    const before = s.policy_trie.size;
+    expect(s.policy_start.egress).not.toBe(0);
+    expect(s.policy_start.ingress).not.toBe(0);
+    const before = s.policy_table.size;
     expect(before).toBeGreaterThan(0);
     expect(a.removeRule(id)).toBe(true);
-    expect(s.policy_root.egress).toBe(0);
-    expect(s.policy_trie.size).toBeLessThan(before);
+    expect(s.policy_start.egress).toBe(0);
+    expect(s.policy_table.size).toBeLessThan(before);
     expect(a.removeRule(id)).toBe(false);
     expect(a.policy.map((r) => r.src)).toEqual(['10.244.2.9']);
     expect(() => a.addRule({ dir: 'sideways' })).toThrow(/egress/);

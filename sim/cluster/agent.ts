@@ -1,14 +1,14 @@
 /**
  * The agent's control loops on a simulated host, run by the agent's own
  * functions: dataplane/agent/caches.ts expires and purges, and
- * dataplane/agent/policy.ts (PolicyTable) compiles rules into policy_trie and
- * policy_root. Those functions take any map of the MapOps contract
+ * dataplane/agent/policy.ts (PolicyTable) compiles rules into policy_table and
+ * policy_start. Those functions take any map of the MapOps contract
  * (dataplane/map-ops.ts: the kernel's maps as raw bytes); here they read the model's tables through ModelMapView, which gives each
  * entry's fields at the offsets of dataplane/maps.ts, so they see exactly the
  * bytes the kernel would hold.
  */
 import type { MapOps, MapSnapshot, UpdateFlag } from '../../dataplane/map-ops.ts';
-import { NO_HOST_NETNS, policyLpmKey, policyNext, policyRoot } from '../../dataplane/maps.ts';
+import { NO_HOST_NETNS, arrayIndex, policySlot, policyStart } from '../../dataplane/maps.ts';
 import { expire, purgePod, type ExpiryResult } from '../../dataplane/agent/caches.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain, type LiberalTable } from '../../dataplane/agent/conntrack.ts';
 import type { Log } from '../../dataplane/agent/log.ts';
@@ -133,7 +133,7 @@ export class SimAgent {
   constructor(private readonly s: DatapathState, readonly timing: AgentTiming, private readonly faults: AgentFaults = {}, conntrack?: LiberalTable) {
     this.egress = new ModelMapView(s.egress_cache);
     this.ingress = new ModelMapView(s.ingress_cache);
-    this.policyTable = new PolicyTable(trieView(s), rootView(s), []);
+    this.policyTable = new PolicyTable(tableView(s), startView(s), []);
     this.policyTable.sync();
     if (conntrack) {
       this.ctDrain = new ConntrackDrain(new ModelMapView(s.ct_pending), new ModelMapView(s.ct_admitted), this.log, () => conntrack, () => this.drainNow);
@@ -191,33 +191,35 @@ export class SimAgent {
   }
 }
 
-/** The model's policy_trie as the kernel's bytes: entries by exact key, as the agent writes and deletes them. */
-function trieView(s: DatapathState): PolicyMap {
-  const t = s.policy_trie;
+/** The model's policy_table as the kernel's bytes: slots by index, as the agent reads and writes them. */
+function tableView(s: DatapathState): PolicyMap {
+  const t = s.policy_table;
+  const write = (k: Buffer, v: Buffer) => {
+    if (!t.updateBytes(k, v)) throw Object.assign(new Error('policy_table: slot past its end'), { code: 'E2BIG' });
+  };
   return {
     maxEntries: t.maxEntries,
-    lookup: () => {
-      throw new Error('policy_trie: the agent never looks an entry up');
+    lookup: (k) => {
+      const next = t.lookup(arrayIndex.decode(k).index);
+      return next === undefined ? undefined : policySlot.encode({ next });
     },
-    update: (k, v, flags) => {
-      const key = policyLpmKey.decode(k);
-      if (flags === 'noexist' && t.has(key)) throw Object.assign(new Error('policy_trie: entry exists'), { code: 'EEXIST' });
-      if (!t.update(key, policyNext.decode(v).next)) throw Object.assign(new Error('policy_trie is full'), { code: 'E2BIG' });
+    update: write,
+    updateBatch: (keys, values, count) => {
+      for (let i = 0; i < count; i++) write(keys.subarray(i * arrayIndex.size, (i + 1) * arrayIndex.size), values.subarray(i * policySlot.size, (i + 1) * policySlot.size));
     },
-    delete: (k) => t.delete(policyLpmKey.decode(k)),
-    lookupBatch: () => t.entriesBytes(),
   };
 }
 
-/** The model's policy_root slot as the kernel's bytes. */
-function rootView(s: DatapathState): PolicyMap {
+/** The model's policy_start slot as the kernel's bytes. */
+function startView(s: DatapathState): PolicyMap {
   return {
     maxEntries: 1,
-    lookup: () => policyRoot.encode(s.policy_root),
+    lookup: () => policyStart.encode(s.policy_start),
     update: (_k, v) => {
-      s.policy_root = policyRoot.decode(v);
+      s.policy_start = policyStart.decode(v);
     },
-    delete: () => false,
-    lookupBatch: () => [],
+    updateBatch: () => {
+      throw new Error('policy_start: one slot, never written in batches');
+    },
   };
 }

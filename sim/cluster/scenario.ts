@@ -105,7 +105,7 @@ export interface Scenario {
   flows: FlowSpec[];
   hostFlows: HostFlowSpec[];
   churn: ChurnSpec[];
-  /** The agent's own deny rules (xmasq policy add: compiled into its policy_trie). */
+  /** The agent's own deny rules (xmasq policy add: compiled into its policy_table). */
   policy: PolicySpec[];
   /** ClusterIP Services (the n-th is 10.96.0.(10 + n)). */
   services?: ServiceSpec[];

@@ -11,7 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { E2BIG, EEXIST, ENOENT, emptyState, zeroPath, type DatapathState, type HashTable, type ModelPath } from '../model/index.ts';
 import { simTables } from './datapath.ts';
 
-const SIZES = { pods: 16, paths: 64, rules: 32 };
+const SIZES = { pods: 16, paths: 64, policySlots: 32 * 256 };
 type Flag = 'any' | 'noexist' | 'exist';
 interface Op { del: boolean; first: number; second: number; flag: Flag }
 
@@ -77,7 +77,7 @@ describe(`tables: ${kind}`, () => {
   });
 
   it('keeps every entry through growth to thousands of keys and the reuse of deleted slots', () => {
-    const t = tables(emptyState({ pods: 16, paths: 65536, rules: 32 })).ingress_cache;
+    const t = tables(emptyState({ pods: 16, paths: 65536, policySlots: 32 * 256 })).ingress_cache;
     const hosts = [0x01fa1fac, 0x80fa1fac];
     const keys = Array.from({ length: 3000 }, (_, i) => 64 + ((i * 7919) % 16000));
     const ops: Op[] = [];

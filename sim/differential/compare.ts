@@ -126,15 +126,14 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
     if (x !== y) out.push(`egress_filter[${i / 2}]: ${names[0]} ${x} ${names[1]} ${y}`);
   }
   table('ingress_cache', a.ingress_cache, b.ingress_cache);
-  const trie = (t: DatapathState['policy_trie']) => new Map(t.entries().map(([k, next]) => [JSON.stringify(k), next]));
-  const [ta, tb] = [trie(a.policy_trie), trie(b.policy_trie)];
-  for (const [k, next] of ta) if (tb.get(k) !== next) out.push(`policy_trie[${k}]: ${names[0]} ${next} ${names[1]} ${tb.get(k) ?? 'absent'}`);
-  for (const [k, next] of tb) if (!ta.has(k)) out.push(`policy_trie[${k}]: only in ${names[1]}: ${next}`);
+  const [ta, tb] = [new Map(a.policy_table.entries()), new Map(b.policy_table.entries())];
+  for (const [k, next] of ta) if (tb.get(k) !== next) out.push(`policy_table[${k}]: ${names[0]} ${next} ${names[1]} ${tb.get(k) ?? 0}`);
+  for (const [k, next] of tb) if (!ta.has(k)) out.push(`policy_table[${k}]: ${names[0]} 0 ${names[1]} ${next}`);
   table('ct_pending', a.ct_pending, b.ct_pending);
   table('ct_admitted', a.ct_admitted, b.ct_admitted);
   table('nodes', a.nodes, b.nodes);
   out.push(...fieldDiff('config', a.config, b.config, names));
-  out.push(...fieldDiff('policy_root', a.policy_root, b.policy_root, names));
+  out.push(...fieldDiff('policy_start', a.policy_start, b.policy_start, names));
   return out;
 }
 

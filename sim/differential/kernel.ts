@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
-  policyRoot, redirectTrace,
+  policySlot, policyStart, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
@@ -46,6 +46,11 @@ export class KernelDatapath {
   private readonly obj: BpfObject;
   private readonly maps: Record<string, BpfMap>;
   private readonly ct: Conntrack;
+  /** policy_table's every index, and every value as the kernel holds it (load). */
+  private policyKeys: Buffer | undefined;
+  private policyValues = Buffer.alloc(0);
+  /** Whether the state loaded last has rules: a walk is how the programs reach policy_table. */
+  private policyWalked = false;
   private readonly devices = new Set<number>();
 
   constructor(objectPath = TEST_OBJECT) {
@@ -63,11 +68,11 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_trie', 'policy_root', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
-    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, rules: this.maps.policy_trie.maxEntries,
+    const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, policySlots: this.maps.policy_table.maxEntries,
       ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
       nodes: this.maps.nodes.maxEntries, filterBlocks: this.maps.egress_filter.maxEntries };
     if ((Object.keys(want) as Array<keyof typeof want>).some((k) => got[k] !== want[k])) {
@@ -82,12 +87,24 @@ export class KernelDatapath {
 
   /** Replaces every map's content with s. */
   load(s: DatapathState): void {
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'policy_trie', 'ct_pending', 'ct_admitted', 'nodes']) this.maps[m].clear();
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'ct_pending', 'ct_admitted', 'nodes']) this.maps[m].clear();
     // The model's tables give their entries as the kernel's bytes (the layouts of maps.ts).
     for (const [k, v] of s.pod_info.entriesBytes()) this.maps.pod_info.update(k, v, 'noexist');
     for (const [k, v] of s.egress_cache.entriesBytes()) this.maps.egress_cache.update(k, v, 'noexist');
     for (const [k, v] of s.ingress_cache.entriesBytes()) this.maps.ingress_cache.update(k, v, 'noexist');
-    for (const [k, v] of s.policy_trie.entriesBytes()) this.maps.policy_trie.update(k, v, 'noexist');
+    // policy_table, an array of 8,192 slots, whole in one syscall when it changes: the model's slots, zeros elsewhere
+    const slots = this.maps.policy_table.maxEntries;
+    if (!this.policyKeys) {
+      this.policyKeys = Buffer.concat(Array.from({ length: slots }, (_, i) => arrayIndex.encode({ index: i })));
+      this.policyValues = Buffer.alloc(slots * policySlot.size);
+    }
+    const values = Buffer.alloc(slots * policySlot.size);
+    for (const [i, next] of s.policy_table.entries()) policySlot.encode({ next }).copy(values, i * policySlot.size);
+    if (!values.equals(this.policyValues)) {
+      this.maps.policy_table.updateBatch(this.policyKeys, values, slots);
+      this.policyValues = values;
+    }
+    this.policyWalked = s.policy_start.egress !== 0 || s.policy_start.ingress !== 0;
     for (const [k, v] of s.ct_pending.entriesBytes()) this.maps.ct_pending.update(k, v, 'noexist');
     for (const [k, v] of s.ct_admitted.entriesBytes()) this.maps.ct_admitted.update(k, v, 'noexist');
     for (const [k, v] of s.nodes.entriesBytes()) this.maps.nodes.update(k, v, 'noexist');
@@ -96,7 +113,7 @@ export class KernelDatapath {
     const bs = this.maps.egress_filter.valueSize;
     for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.update(arrayIndex.encode({ index: i }), words.subarray(i * bs, (i + 1) * bs));
     this.maps.config.update(ZERO, config.encode(s.config));
-    this.maps.policy_root.update(ZERO, policyRoot.encode(s.policy_root));
+    this.maps.policy_start.update(ZERO, policyStart.encode(s.policy_start));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
   }
 
@@ -106,7 +123,13 @@ export class KernelDatapath {
     for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.updateBytes(k, v);
     for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.updateBytes(k, v);
     for (const [k, v] of this.maps.ingress_cache.entries()) s.ingress_cache.updateBytes(k, v);
-    for (const [k, v] of this.maps.policy_trie.entries()) s.policy_trie.updateBytes(k, v);
+    // Read back only after a state with rules: without, no program looks a slot up (policy.h), so none can write one.
+    const slots = this.policyWalked ? this.maps.policy_table.readAll() : { count: 0, keys: Buffer.alloc(0), values: Buffer.alloc(0), keySize: 4, valueSize: 4 };
+    for (let i = 0; i < slots.count; i++) {
+      // most of the 8,192 slots are unwritten, all zero bytes: the model keeps only the others
+      if (slots.values.readUInt32LE(i * slots.valueSize) === 0) continue;
+      s.policy_table.updateBytes(slots.keys.subarray(i * slots.keySize, (i + 1) * slots.keySize), slots.values.subarray(i * slots.valueSize, (i + 1) * slots.valueSize));
+    }
     for (const [k, v] of this.maps.ct_pending.entries()) s.ct_pending.updateBytes(k, v);
     for (const [k, v] of this.maps.ct_admitted.entries()) s.ct_admitted.updateBytes(k, v);
     for (const [k, v] of this.maps.nodes.entries()) s.nodes.updateBytes(k, v);
@@ -114,7 +137,7 @@ export class KernelDatapath {
     const bs = this.maps.egress_filter.valueSize;
     for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * bs);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
-    s.policy_root = policyRoot.decode(this.maps.policy_root.lookup(ZERO)!);
+    s.policy_start = policyStart.decode(this.maps.policy_start.lookup(ZERO)!);
     return s;
   }
 

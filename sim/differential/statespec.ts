@@ -4,6 +4,7 @@
  */
 import type { Config, EgressKey, IngressKey, NodeInfo, Path, PodInfo } from '../../dataplane/maps.ts';
 import { compile } from '../../dataplane/agent/policy.ts';
+import { POLICY_TABLE_SLOTS } from '../../dataplane/maps.ts';
 import type { PolicyRuleRecord } from '../../dataplane/agent/protocol.ts';
 import { egressFilterAdd, emptyState, type DatapathState, type Sizes } from '../model/index.ts';
 import { ModelConntrack, ipWord, type ModelCtTuple } from '../model/conntrack.ts';
@@ -102,17 +103,15 @@ export function putEgress(s: DatapathState, key: EgressKey, value: Path, opts: {
 }
 
 /**
- * The classifier the agent's compiler (dataplane/agent/policy.ts) makes of
- * rules, written into the state's policy_trie and policy_root. False when it
- * does not fit the trie (the state is then left without it).
+ * The tables the agent's compiler (dataplane/agent/policy.ts) makes of rules
+ * (ids 1, 2, …), written into the state's policy_table and policy_start.
+ * False when they do not fit the table (the state is then left without them).
  */
 export function installPolicy(s: DatapathState, rules: readonly PolicyRuleRecord[]): boolean {
-  const c = compile(rules);
-  if (c.entries > s.policy_trie.maxEntries) return false;
-  for (const es of c.nodes.values()) {
-    for (const e of es) s.policy_trie.update({ prefixlen: 32 + e.prefix.len, node: e.node, field: e.prefix.value }, e.next);
-  }
-  s.policy_root = { ...c.root };
+  const t = compile(rules);
+  if ((t.tables.size + 1) * POLICY_TABLE_SLOTS > s.policy_table.maxEntries) return false;
+  for (const [id, slots] of t.tables) slots.forEach((next, v) => s.policy_table.update(id * POLICY_TABLE_SLOTS + v, next));
+  s.policy_start = { ...t.start };
   return true;
 }
 

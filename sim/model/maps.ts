@@ -1,7 +1,7 @@
 /**
  * Twin of bpf/maps.h: every map of the datapath, as the model holds them
- * (state.ts HashTable for the hash maps, lpm.ts LpmTrie for policy_trie;
- * config and policy_root, one-slot arrays, as their one value), and the helpers maps.h defines on them. The
+ * (state.ts HashTable for the hash maps, policy-table.ts PolicySlots for policy_table;
+ * config and policy_start, one-slot arrays, as their one value), and the helpers maps.h defines on them. The
  * counters map is RunEffects.counters and redirect_trace (test build) is
  * RunEffects.redirect (state.ts); maps.test.ts holds this list against the
  * maps of the built objects.
@@ -9,9 +9,9 @@
 import type { Struct } from '../../dataplane/layout.ts';
 import {
   ConfigFlag, FILTER_BLOCK_BYTES, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
-  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyRoot,
+  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyStart,
 } from '../../dataplane/maps.ts';
-import { LpmTrie } from './lpm.ts';
+import { PolicySlots } from './policy-table.ts';
 import { ModelCodec, ipKeys, structKeys } from './codec.ts';
 import {
   HashTable,
@@ -36,10 +36,10 @@ export interface DatapathState {
   ingress_cache: HashTable<IngressKey, Path, ModelIngressKey, ModelPath>;
   /** Written by the agent; read by every program (config_get: its one slot). */
   config: Config;
-  /** Deny rules compiled by the agent into a classifier (policy.ts); read by every program. */
-  policy_trie: LpmTrie;
-  /** Where each direction's walk starts, switched by the agent once a new classifier is whole. */
-  policy_root: PolicyRoot;
+  /** Deny rules compiled by the agent into tables of 256 slots (policy.ts); read by every program. */
+  policy_table: PolicySlots;
+  /** Where each direction's walk starts, switched by the agent once new tables are whole. */
+  policy_start: PolicyStart;
   /** TCP flows to make liberal (conntrack.ts), written by masq and restore, drained by the agent. */
   ct_pending: HashTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
   /** Flows conntrack admitted a moment ago (conntrack.ts), written by masq and restore. */
@@ -49,7 +49,7 @@ export interface DatapathState {
 }
 
 /** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
-export interface Sizes { pods: number; paths: number; rules: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterBlocks?: number }
+export interface Sizes { pods: number; paths: number; policySlots: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterBlocks?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -63,8 +63,8 @@ export function emptyState(sizes: Sizes): DatapathState {
     egress_filter: new Uint32Array((sizes.filterBlocks ?? 2) * (FILTER_BLOCK_BYTES / 4)),
     ingress_cache: new HashTable(structKeys<IngressKey, ModelIngressKey>(asStruct(ingressKey)), paths, sizes.paths),
     config: { nic_ifindex: 0, flags: 0, ...NO_OVERLAY, ...NO_SERVICES, vxlan_port: 0, geneve_port: 0 },
-    policy_trie: new LpmTrie(sizes.rules),
-    policy_root: { egress: 0, ingress: 0 },
+    policy_table: new PolicySlots(sizes.policySlots),
+    policy_start: { egress: 0, ingress: 0 },
     ct_pending: new HashTable(tuples, new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
     ct_admitted: new HashTable(tuples, new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
     nodes: new HashTable(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
@@ -79,8 +79,8 @@ export function cloneState(s: DatapathState): DatapathState {
     egress_filter: s.egress_filter.slice(),
     ingress_cache: s.ingress_cache.clone(),
     config: { ...s.config },
-    policy_trie: s.policy_trie.clone(),
-    policy_root: { ...s.policy_root },
+    policy_table: s.policy_table.clone(),
+    policy_start: { ...s.policy_start },
     ct_pending: s.ct_pending.clone(),
     ct_admitted: s.ct_admitted.clone(),
     nodes: s.nodes.clone(),

@@ -20,7 +20,7 @@ const SRC = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 7 };
 const DST = { ip: '10.244.2.9', mac: '0a:58:0a:f4:02:09', ifindex: 12 };
 /** masq runs on SRC's host-side veth (it holds the packet's source to that pod). */
 const env: Env = { now: 5n, random: () => 0, ifindex: SRC.ifindex };
-const SIZES = { pods: 16, paths: 64, rules: 32 };
+const SIZES = { pods: 16, paths: 64, policySlots: 32 * 256 };
 
 /** The node set the agent writes: both hosts, self flagged SELF. */
 function nodes(s: DatapathState, self: string): DatapathState {

@@ -1,37 +1,37 @@
 /**
- * Twin of bpf/policy.h. From the direction's root node, each field of the
- * packet in turn is matched by longest prefix in policy_trie, giving the
- * verdict or the node for the next field.
+ * Twin of bpf/policy.h. From the direction's start, the packet's key (src,
+ * dst, protocol, dport, sport: 13 bytes) is read one byte a step, each step a
+ * slot of policy_table, giving the verdict or the next byte and table.
  */
-import { POLICY_ALLOW, POLICY_DENY, PolicyDir } from '../../dataplane/maps.ts';
+import { POLICY_ALLOW, POLICY_DENY, POLICY_KEY_BYTES, POLICY_POS_SHIFT, POLICY_TABLE_MASK, POLICY_TABLE_SLOTS, PolicyDir } from '../../dataplane/maps.ts';
 import type { Hdrs } from './packet.ts';
 import type { DatapathState } from './maps.ts';
 import { TC_ACT_SHOT, type RunEffects } from './state.ts';
 
-/** C: policy_root_node. */
-function policyRootNode(s: DatapathState, dir: number): number {
-  return dir === PolicyDir.INGRESS ? s.policy_root.ingress : s.policy_root.egress;
+/** C: policy_start_of. */
+function policyStartOf(s: DatapathState, dir: number): number {
+  return dir === PolicyDir.INGRESS ? s.policy_start.ingress : s.policy_start.egress;
 }
 
 /**
  * C: policy_walk, a global BPF function (for the verifier) taking scalars.
- * The C packs the fields as the key's bytes from network-order ports; here
- * ports are host order (packet.ts: Hdrs), so each field is the key's
- * big-endian value: src, dst, proto << 16 | dport, sport.
+ * The C holds the key in two words, bytes 0-7 and 8-12 (then zero bits), and
+ * takes byte p from the first when p < 8, else from the second at p & 7; here
+ * the two words are the key's 16 bytes, read the same way. Ports are host
+ * order here (packet.ts: Hdrs), addresses their big-endian value.
  */
-function policyWalk(s: DatapathState, node: number, src: number, dst: number, sport: number, dport: number, proto: number): boolean {
-  // C: policy_step per field, in order; a miss is ALLOW.
-  node = policyStep(s, node, src);
-  if (node !== POLICY_ALLOW && node !== POLICY_DENY) node = policyStep(s, node, dst);
-  if (node !== POLICY_ALLOW && node !== POLICY_DENY) node = policyStep(s, node, ((proto << 16) | dport) >>> 0);
-  if (node !== POLICY_ALLOW && node !== POLICY_DENY) node = policyStep(s, node, sport);
-  // The agent ends every walk by the last field; a node past it counts as a miss.
-  return node === POLICY_DENY;
-}
-
-/** C: policy_step: the next node, or the verdict. */
-function policyStep(s: DatapathState, node: number, field: number): number {
-  return s.policy_trie.lookup(node, field) ?? POLICY_ALLOW;
+function policyWalk(s: DatapathState, next: number, src: number, dst: number, sport: number, dport: number, proto: number): boolean {
+  const key = [src >>> 24, (src >>> 16) & 255, (src >>> 8) & 255, src & 255, dst >>> 24, (dst >>> 16) & 255, (dst >>> 8) & 255, dst & 255,
+    proto, dport >>> 8, dport & 255, sport >>> 8, sport & 255, 0, 0, 0];
+  for (let i = 0; i < POLICY_KEY_BYTES; i++) {
+    if (next === POLICY_ALLOW || next === POLICY_DENY) break;
+    const pos = next >>> POLICY_POS_SHIFT;
+    const byte = pos < 8 ? key[pos] : key[8 + (pos & 7)];
+    // C: bpf_map_lookup_elem on the array; NULL past its end is ALLOW
+    next = s.policy_table.lookup((next & POLICY_TABLE_MASK) * POLICY_TABLE_SLOTS + byte) ?? POLICY_ALLOW;
+  }
+  // The agent ends every walk by the key's last byte; a walk going on past it counts as a miss.
+  return next === POLICY_DENY;
 }
 
 /** The model keeps addresses as the C's u32 of network-order bytes (little-endian); the key wants their value. */
@@ -39,9 +39,9 @@ const addrValue = (a: number) => (((a & 0xff) << 24) | ((a & 0xff00) << 8) | ((a
 
 /** C: policy_denied: without rules in this direction, no walk at all. */
 export function policyDenied(s: DatapathState, src: number, dst: number, h: Hdrs, dir: number): boolean {
-  const root = policyRootNode(s, dir);
-  if (root === POLICY_ALLOW) return false;
-  return policyWalk(s, root, addrValue(src), addrValue(dst), h.sport, h.dport, h.proto);
+  const start = policyStartOf(s, dir);
+  if (start === POLICY_ALLOW) return false;
+  return policyWalk(s, start, addrValue(src), addrValue(dst), h.sport, h.dport, h.proto);
 }
 
 export function policyDrop(fx: RunEffects): number {
