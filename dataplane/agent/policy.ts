@@ -176,7 +176,7 @@ function matchKey(r: PolicyRuleRecord): string {
 // ---- the classifier ----
 
 /** The classifier's fields, in walk order: src, dst, protocol + dport, sport. */
-export const POLICY_FIELDS = 4;
+const POLICY_FIELDS = 4;
 
 /**
  * One field of a rule: it holds for a value inside some include prefix and
@@ -322,7 +322,7 @@ const POS_SHIFT = POLICY_POS_SHIFT;
 const KEY_POS = [[0, 1, 2, 3], [4, 5, 6, 7], [-1, 8, 9, 10], [-1, -1, 11, 12]];
 
 /** A walk's next step: the key's byte and table (bpf/xmasq.h), or a verdict. */
-export const goOn = (pos: number, table: number) => ((pos << POS_SHIFT) | table) >>> 0;
+const goOn = (pos: number, table: number) => ((pos << POS_SHIFT) | table) >>> 0;
 
 /** Rules lowered into tables of policy_table: where each direction starts, and every table's slots. */
 export interface Tables {
