@@ -94,8 +94,11 @@ describe('bench:prog --profile, recorded', () => {
     const none = row('policy: 0 rules');
     expect(none.get('LPM trie lookup')).toBeUndefined();
     expect(none.get('hash map lookup')).toBeUndefined();
-    expect(row('masq, flow unknown to conntrack (overlay)').get('conntrack kfuncs') ?? 0).toBeGreaterThan(0);
-    expect(masq.get('conntrack kfuncs')).toBeUndefined();
+    // A flow unknown to conntrack is looked up there at every packet; an admitted one only
+    // when its admission is 200 ms old (bpf/conntrack.h), which a slow run can reach once.
+    const lookedUp = row('masq, flow unknown to conntrack (overlay)').get('conntrack kfuncs') ?? 0;
+    expect(lookedUp).toBeGreaterThan(0);
+    expect(masq.get('conntrack kfuncs') ?? 0).toBeLessThan(lookedUp / 10);
     // A pod packet of no pair passes on egress_filter's clear bit: no hash lookup, no clock.
     const pass = row('masq pass (no egress entry)');
     expect(pass.get('hash map lookup')).toBeUndefined();
