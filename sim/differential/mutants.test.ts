@@ -2,7 +2,7 @@
 import { expect, it } from 'vitest';
 import { MUTANTS, checkMutants } from './mutants.ts';
 
-// 86 mutants took 368 s on an idle 2-core VM (clean-clone CI, 2026-12-07) and went past the
+// 83 mutants took 368 s on an idle 2-core VM (clean-clone CI, 2026-12-07) and went past the
 // suite's 600 s under load: the limit is a hang guard, not a performance goal.
 it(`catches all ${MUTANTS.length} planted model bugs`, { timeout: 1_500_000 }, async () => {
   const results = await checkMutants(4000, 11);
