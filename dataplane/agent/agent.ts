@@ -244,7 +244,7 @@ export class Agent {
     if (storedRules === undefined && existsSync(retiredStart)) {
       const m = BpfMap.fromPinned(retiredStart);
       try {
-        if (PolicyTable.holdsRules(m)) throw new Error(`${this.state.policyFile} is missing but the pinned ${retiredStart} of an earlier version holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
+        if (PolicyTable.holdsRules(m)) throw this.rulesUnreadable(`the pinned ${retiredStart} of an earlier version`);
       } finally {
         m.close();
       }
@@ -283,7 +283,7 @@ export class Agent {
       }
 
       if (storedRules === undefined && PolicyTable.holdsRules(dp.maps.policy_start)) {
-        throw new Error(`${this.state.policyFile} is missing but the pinned policy_table holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
+        throw this.rulesUnreadable('the pinned policy_table');
       }
       this.policy = new PolicyTable(dp.maps.policy_table, dp.maps.policy_start, storedRules ?? []);
       const synced = this.policy.sync();
@@ -666,6 +666,11 @@ export class Agent {
     this.stats.scans++;
     this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     this.stats.lastScanAt = new Date().toISOString();
+  }
+
+  /** Pinned deny rules with no policy.json to read them from: starting would drop them. */
+  private rulesUnreadable(where: string): Error {
+    return new Error(`${this.state.policyFile} is missing but ${where} holds deny rules, which cannot be read back from it: put the file back, or run 'xmasq-agent cleanup' to start without rules`);
   }
 
   /**
