@@ -387,16 +387,7 @@ static __always_inline int load_tunnel(struct __sk_buff *skb, const struct confi
 	return load_ipv4(skb, inner_eth + ETH_HLEN, limit, &t->inner);
 }
 
-/*
- * One's complement arithmetic, exactly as the kernel's csum_add/csum_fold do
- * it, so that an inline IPv4 header update equals csum_replace_by_diff().
- */
-static __always_inline __u32 csum_add32(__u32 a, __u32 b)
-{
-	__u32 r = a + b;
-	return r + (r < b);
-}
-
+/* One's complement arithmetic, as the kernel's csum_fold does it. */
 static __always_inline __u16 csum_fold32(__u32 s)
 {
 	s = (s & 0xffff) + (s >> 16);
@@ -404,10 +395,20 @@ static __always_inline __u16 csum_fold32(__u32 s)
 	return (__u16)~s;
 }
 
-/* The checksum difference for replacing 32-bit word old with new. */
-static __always_inline __u32 csum_word_diff(__u32 diff, __u32 old, __u32 new)
+/*
+ * A sum of up to 2^32 32-bit words folded to 32 bits: what the kernel's
+ * csum_add gives adding them one at a time with an end-around carry (the
+ * sum modulo 2^32 - 1; 0 only when every word was 0, else 1..2^32-1, which
+ * makes the results equal bit for bit, so an inline IPv4 header update
+ * equals csum_replace_by_diff()). One 64-bit add a word and two folds, not a
+ * compare and a carry a word, each also zero-extended on the JIT's 64-bit
+ * registers: rewrite_ipv4's chain of those was a tenth of masq's own time.
+ */
+static __always_inline __u32 csum_fold64(__u64 s)
 {
-	return csum_add32(csum_add32(diff, ~old), new);
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffffffff) + (s >> 32);
+	return (__u32)s;
 }
 
 /*
@@ -425,6 +426,7 @@ static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 id_b
 	 */
 	__u32 w0, w1, n0, n1;
 	__u32 s = ip->saddr, d = ip->daddr;
+	__u32 check = ip->check;
 	__builtin_memcpy(&w0, ip, 4);
 	__builtin_memcpy(&w1, (void *)ip + 4, 4);
 
@@ -436,10 +438,11 @@ static __always_inline __u32 rewrite_ipv4(struct iphdr *ip, __u8 tos, __u16 id_b
 
 	__builtin_memcpy(&n0, ip, 4);
 	__builtin_memcpy(&n1, (void *)ip + 4, 4);
-	__u32 addr_diff = csum_word_diff(csum_word_diff(0, s, saddr), d, daddr);
-	__u32 diff = csum_word_diff(csum_word_diff(addr_diff, w0, n0), w1, n1);
-	ip->check = csum_fold32(csum_add32(diff, ~(__u32)ip->check));
-	return addr_diff;
+	/* Each old word subtracted (its complement added), each new one added. */
+	__u64 addr = (__u64)(__u32)~s + saddr + (__u32)~d + daddr;
+	__u64 all = addr + (__u32)~w0 + n0 + (__u32)~w1 + n1 + (__u32)~check;
+	ip->check = csum_fold32(csum_fold64(all));
+	return csum_fold64(addr);
 }
 
 /*

@@ -10,6 +10,7 @@ import { buildFrame, type FrameSpec, type L4Spec } from '../../testing/packet/bu
 import { l4ChecksumInfo, verifyIpv4Header } from '../../testing/packet/checksum.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, ConfigFlag, IP_RF, NodeFlag, WIDE_KEY_MAX, WIDE_KEY_MIN } from '../../dataplane/maps.ts';
 import { TC_CONTINUE, egressFilterAdd, emptyState, type DatapathState, type Env } from './index.ts';
+import { csumAdd32, csumFold64 } from './packet.ts';
 import { masq } from './masq.ts';
 import { restore } from './restore.ts';
 import { init } from './init.ts';
@@ -259,5 +260,31 @@ describe('model: wide keys', () => {
       expect(r.packet.readUInt16BE(18)).toBe(wideOn ? key : 0x4242);
       expect(verifyIpv4Header(r.packet, 14)).toBe(true);
     }), { numRuns: 500 });
+  });
+});
+
+describe('model: one\'s complement sums', () => {
+  // The sum modulo 2^32 - 1 written out: 0 only for a sum of zeros, a multiple of 2^32 - 1 as 0xffffffff.
+  const expected = (words: number[]): number => {
+    const total = words.reduce((a, w) => a + BigInt(w >>> 0), 0n);
+    return total === 0n ? 0 : Number((total - 1n) % 0xffffffffn + 1n);
+  };
+  const edge = fc.constantFrom(0, 1, 0xffff, 0x10000, 0x7fffffff, 0x80000000, 0xfffffffe, 0xffffffff);
+  const word = fc.oneof(edge, fc.integer({ min: 0, max: 0xffffffff }));
+
+  it('csumFold64 of a whole sum gives what adding the words one at a time with end-around carry gives', () => {
+    fc.assert(fc.property(fc.array(word, { maxLength: 12 }), (words) => {
+      const oneByOne = words.reduce((s, w) => csumAdd32(s, w), 0) >>> 0;
+      const whole = csumFold64(words.reduce((a, w) => a + (w >>> 0), 0)) >>> 0;
+      expect(oneByOne).toBe(expected(words));
+      expect(whole).toBe(expected(words));
+    }), { numRuns: 5000 });
+  });
+
+  it('keeps the two representations of zero apart', () => {
+    expect(csumFold64(0)).toBe(0);
+    expect(csumFold64(0xffffffff) >>> 0).toBe(0xffffffff);
+    expect(csumFold64(2 * 0xffffffff) >>> 0).toBe(0xffffffff);
+    expect(csumFold64(0x1_0000_0000)).toBe(1);
   });
 });

@@ -324,8 +324,15 @@ export function csumFold32(s: number): number {
   return ~s & 0xffff;
 }
 
-export function csumWordDiff(diff: number, oldW: number, newW: number): number {
-  return csumAdd32(csumAdd32(diff, ~oldW), newW);
+/**
+ * C: csum_fold64. A sum of 32-bit words (here below 2^53) folded to the 32
+ * bits csumAdd32 would give adding them one at a time, as an int32.
+ */
+export function csumFold64(s: number): number {
+  let hi = Math.floor(s / 0x1_0000_0000);
+  s = (s - hi * 0x1_0000_0000) + hi;
+  hi = Math.floor(s / 0x1_0000_0000);
+  return ((s - hi * 0x1_0000_0000) + hi) | 0;
 }
 
 /**
@@ -372,13 +379,14 @@ export function rewriteIpv4(pkt: Buffer, l3: number, tos: number, id: number, fr
   pkt[l3 + 18] = daddr >>> 16;
   pkt[l3 + 19] = daddr >>> 24;
 
-  const addrDiff = csumWordDiff(csumWordDiff(0, s, saddr), d, daddr);
-  const diff = csumWordDiff(csumWordDiff(addrDiff, w0, word32(pkt, l3)), w1, word32(pkt, l3 + 4));
+  // Each old word's complement and each new word, summed whole (< 2^36: exact in a double).
+  const addr = (~s >>> 0) + (saddr >>> 0) + (~d >>> 0) + (daddr >>> 0);
   const check = pkt[l3 + 10] | (pkt[l3 + 11] << 8);
-  const next = csumFold32(csumAdd32(diff, ~check));
+  const all = addr + (~w0 >>> 0) + (word32(pkt, l3) >>> 0) + (~w1 >>> 0) + (word32(pkt, l3 + 4) >>> 0) + (~check >>> 0);
+  const next = csumFold32(csumFold64(all));
   pkt[l3 + 10] = next;
   pkt[l3 + 11] = next >>> 8;
-  return addrDiff;
+  return csumFold64(addr);
 }
 
 /**
