@@ -130,9 +130,10 @@ function learnedPair(m: Maps): void {
   m.nodes.update(nodeIp.encode({ ip: PEER.ip }), nodeInfo.encode({ flags: 0 }), 'noexist');
   m.egress_cache.update(
     egressKey.encode({ local_pod: POD.ip, remote_pod: REMOTE_POD }),
-    path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),
+    path.encode({ ...noPath, local_mac: HERE.mac, remote_mac: PEER.mac, local_ip: HERE.ip, remote_ip: PEER.ip, ifindex: POD.ifindex, local_key: OUR_KEY, remote_key: THEIR_KEY, remote_ready: 1 }),
     'noexist',
   );
+  // (ifindex: the pod's veth, which init records and its fast path requires.)
   // The pair's bit in egress_filter, as init sets it when it creates the entry.
   fillEgressFilter(m.egress_cache, m.egress_filter);
   m.ingress_cache.update(

@@ -46,31 +46,53 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	struct tunnel t = {};
 	struct config *cfg = config_get();
 
-	/* 1. An overlay packet whose inner IPv4 packet comes from one of our pods. */
+	/* 1. An overlay packet, from a pod of ours (2) or of a pair we learned (fast path). */
 	if (load_eth_ipv4(skb, &outer) || load_tunnel(skb, cfg, &outer, &t))
 		return pass();
 	__u32 src = t.inner.saddr, dst = t.inner.daddr;
-	struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &src);
-	if (!pod)
-		return pass();
+	struct egress_key ek = { .local_pod = src, .remote_pod = dst };
+	struct pod_info *pod = NULL;
 
 	/*
-	 * 2. Only an overlay packet this host encapsulated itself. A tunnel
-	 * device's transmit scrubs the skb (skb_scrub_packet clears skb_iif), so
-	 * our own encapsulation leaves with ingress_ifindex 0, from one of our
-	 * addresses; a pod's UDP datagram to a tunnel port, which the host
-	 * forwards, keeps the device it came in on. Its payload, path and key
-	 * alike, is the pod's to write: learning from it would let a pod re-point
-	 * its neighbours' pairs (README "Threat model"). It goes on untouched.
+	 * A learned pair's fast path: our own encapsulation (ingress_ifindex 0)
+	 * of a pair whose egress entry holds these very outer addresses and the
+	 * pod's veth. Only a packet that passed the checks of 2 and 3 wrote such
+	 * an entry (7; restore records a peer node only), and the agent deletes it
+	 * when they stop holding: when a scan finds the local address no longer
+	 * ours or the peer no longer a node (dataplane/agent/caches.ts
+	 * sweepNodes), and when the pod is deleted (purgePod). So the pod_info
+	 * lookup and both node lookups are skipped (README "Threat model"). An
+	 * entry without the veth (0: written before init recorded it) takes the
+	 * checks, which record it.
 	 */
-	if (skb->ingress_ifindex != 0 || !is_self(t.outer.saddr)) {
-		count(XMASQ_CNT_NOT_OURS);
-		return XMASQ_CONTINUE;
-	}
-	/* 3. Only towards a node of the overlay (the agent's node set). */
-	if (!is_peer_node(t.outer.daddr)) {
-		count(XMASQ_CNT_PEER_NOT_NODE);
-		return XMASQ_CONTINUE;
+	struct path *e = NULL;
+	if (skb->ingress_ifindex == 0)
+		e = bpf_map_lookup_elem(&egress_cache, &ek);
+	if (!e || !e->ifindex || !e->local_ip || e->local_ip != t.outer.saddr || !e->remote_ip ||
+	    e->remote_ip != t.outer.daddr) {
+		pod = bpf_map_lookup_elem(&pod_info, &src);
+		if (!pod)
+			return pass();
+
+		/*
+		 * 2. Only an overlay packet this host encapsulated itself. A tunnel
+		 * device's transmit scrubs the skb (skb_scrub_packet clears skb_iif),
+		 * so our own encapsulation leaves with ingress_ifindex 0, from one of
+		 * our addresses; a pod's UDP datagram to a tunnel port, which the host
+		 * forwards, keeps the device it came in on. Its payload, path and key
+		 * alike, is the pod's to write: learning from it would let a pod
+		 * re-point its neighbours' pairs (README "Threat model"). It goes on
+		 * untouched.
+		 */
+		if (skb->ingress_ifindex != 0 || !is_self(t.outer.saddr)) {
+			count(XMASQ_CNT_NOT_OURS);
+			return XMASQ_CONTINUE;
+		}
+		/* 3. Only towards a node of the overlay (the agent's node set). */
+		if (!is_peer_node(t.outer.daddr)) {
+			count(XMASQ_CNT_PEER_NOT_NODE);
+			return XMASQ_CONTINUE;
+		}
 	}
 
 	/* 4. Policy, egress: a denied flow loses its very first packet. */
@@ -82,8 +104,8 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 		return pass();
 
 	/* 6. The egress entry for (our pod, remote pod), created empty if new. */
-	struct egress_key ek = { .local_pod = src, .remote_pod = dst };
-	struct path *e = egress_lookup_or_create(&ek);
+	if (!e)
+		e = egress_lookup_or_create(&ek);
 	if (!e) {
 		count(XMASQ_CNT_FELL_BACK);
 		return XMASQ_CONTINUE;
@@ -100,6 +122,9 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	__builtin_memcpy(e->remote_mac, eth->h_dest, ETH_ALEN);
 	e->local_ip = t.outer.saddr;
 	e->remote_ip = t.outer.daddr;
+	/* The local pod's veth, which the fast path above requires (the checks just found the pod). */
+	if (pod)
+		e->ifindex = pod->ifindex;
 	/*
 	 * last_seen keeps the entry alive, and with it the peer's key. Only what
 	 * also keeps the peer's ingress entry for that key alive may refresh it:
@@ -122,6 +147,11 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	if (e->local_key && !key_still_ours(t.outer.daddr, e->local_key, src, dst, now))
 		e->local_key = 0;
 	if (e->local_key == 0) {
+		/* The key's ingress entry restores into the pod: its veth and MAC (the fast path skipped them). */
+		if (!pod)
+			pod = bpf_map_lookup_elem(&pod_info, &src);
+		if (!pod)
+			return pass();
 		__u32 ie = t.inner_eth;
 		if (ie > XMASQ_MAX_HDR_OFF)
 			return pass();

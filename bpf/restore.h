@@ -50,18 +50,25 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, const stru
 	 * 1. Only a masqueraded packet carries RF, so it is not host traffic;
 	 * one we cannot restore is dropped, never handed to the host stack,
 	 * where it could reach a host socket bound to the pod's port. Only a
-	 * node of the overlay masquerades: from any other address it is a
-	 * forgery, dropped before it can try a key.
+	 * node of the overlay masquerades, under a key init gave that node: the
+	 * ingress key is (node, key), and init creates entries only towards a
+	 * peer node. The agent tombstones a node's entries when a scan finds it
+	 * no longer a peer (dataplane/agent/caches.ts sweepNodes), so a live
+	 * entry's host is a peer node and a hit needs no node lookup (README
+	 * "Threat model"). What cannot be restored is dropped either way; the
+	 * node set only says which counter: a forgery from an address that is no
+	 * node, or a miss.
 	 */
-	if (!is_peer_node(h->saddr)) {
-		count(XMASQ_CNT_MARKED_NOT_NODE);
-		return TC_ACT_SHOT;
-	}
 	struct ingress_key ik = { .remote_host = h->saddr, .key = key };
 	struct path *r = bpf_map_lookup_elem(&ingress_cache, &ik);
 	/* ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts). */
-	if (!r || r->ifindex == 0 || !rewritable(h))
+	if (!r || r->ifindex == 0 || !rewritable(h)) {
+		if (!is_peer_node(h->saddr)) {
+			count(XMASQ_CNT_MARKED_NOT_NODE);
+			return TC_ACT_SHOT;
+		}
 		return restore_miss();
+	}
 
 	/* 2. Policy on the packet as the pod will see it. */
 	if (policy_denied(r->remote_ip, r->local_ip, h, XMASQ_DIR_INGRESS))

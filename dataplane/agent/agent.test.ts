@@ -175,6 +175,13 @@ function aPath(over: Partial<Path>): Path {
 }
 
 /**
+ * The hosts the planted entries name (aPath's remote_ip, the ingress entries' hosts) as
+ * peer nodes: an agent starting over pinned caches holds them to its node set, and
+ * tombstones or deletes what names a host that is no node (caches.ts sweepNodes).
+ */
+const PLANTED_PEERS = ['--nodes', '192.168.77.2,192.168.77.6'];
+
+/**
  * Without a local key unless asked: an entry with both keys lives only while
  * its ingress entry for the pair is fresh, so a lone one would be expired
  * under tests that are about something else.
@@ -847,7 +854,7 @@ describe('xmasq-agent', () => {
     expect(refused.stderr()).toContain(`policy.json is missing but the pinned ${PIN}/policy_root of an earlier version holds deny rules`);
     expect(existsSync(`${PIN}/policy_root`)).toBe(true);
     renameSync(`${STATE}/policy.json.away`, `${STATE}/policy.json`);
-    agent = await startAgent();
+    agent = await startAgent(PLANTED_PEERS);
     expect(agent.stderr()).toContain('reused the maps pinned');
     for (const r of RETIRED_MAPS) {
       expect(existsSync(`${PIN}/${r}`), r).toBe(false);
@@ -900,7 +907,7 @@ describe('xmasq-agent', () => {
     plantEgress(POD.ip, '10.244.6.7', { local_key: 7, remote_key: 0 });
     plantEgress(POD.ip, '10.244.6.8', { local_key: 9, remote_key: 0 });
     rmSync(`${PIN}/egress_filter`);
-    agent = await startAgent();
+    agent = await startAgent(PLANTED_PEERS);
     // a bit per pinned entry (an earlier test's among them; 2^20 slots a half: no two share one)
     const filled = /filled egress_filter \(new in this version\) from the pinned egress entries: (\d+) bit\(s\)/.exec(agent.stderr());
     expect(filled, agent.stderr()).not.toBeNull();
@@ -911,7 +918,7 @@ describe('xmasq-agent', () => {
     // One entry goes while no agent runs: the next start's rebuild leaves its bit out of the half masq reads.
     await stopAgent();
     withMap('egress_cache', (m) => m.delete(egressKey.encode({ local_pod: POD.ip, remote_pod: '10.244.6.8' })));
-    agent = await startAgent();
+    agent = await startAgent(PLANTED_PEERS);
     expect(agent.stderr()).not.toMatch(/filled egress_filter/);
     expect(activeBits()).toBe(egressKeys().length);
     expect(bitsOf(POD.ip, '10.244.6.7')).toEqual([1, 1]);
@@ -925,7 +932,7 @@ describe('xmasq-agent', () => {
     plantEgress(POD.ip, '10.244.6.3', { local_key: 0x1234 });
     plantIngress('192.168.77.6', 0x1234, { local_ip: POD.ip, remote_ip: '10.244.6.3', local_key: 0x1234 });
     plantIngress('192.168.77.6', 42, { local_ip: POD.ip, remote_ip: '10.244.6.4', local_key: 42 });
-    agent = await startAgent(['--wide-keys', 'off']);
+    agent = await startAgent(['--wide-keys', 'off', ...PLANTED_PEERS]);
     expect(configFlags()).toBe(0);
     expect(agent.stderr()).toMatch(/wide keys off: dropped 2 cache entries/);
     expect(hasEgress(POD.ip, '10.244.6.3')).toBe(false);
@@ -1001,6 +1008,39 @@ describe('xmasq-agent', () => {
     }
     agent = await startAgent();
     expect(agent.stderr()).toContain('no peer node known');
+  });
+
+  it('a peer leaving the FDB: its ingress entries become tombstones (keys kept), the egress entries towards it go, the rest stays', async () => {
+    await stopAgent();
+    inHost('ip', 'link', 'add', 'vx0', 'type', 'vxlan', 'id', '7', 'local', '192.168.77.1', 'dev', 'nic0', 'dstport', '8472', 'nolearning');
+    try {
+      for (const n of ['2', '4']) inHost('bridge', 'fdb', 'append', `0e:00:00:00:00:0${n}`, 'dev', 'vx0', 'dst', `192.168.77.${n}`, 'self', 'permanent');
+      agent = await startAgent();
+      const nodes = () => withMap('nodes', (m) => m.entries().map(([k]) => nodeIp.decode(k).ip).sort());
+      expect(nodes()).toEqual(['192.168.77.1', '192.168.77.2', '192.168.77.4']);
+      // Learned from both peers, as init and restore would have written them (keys 0: no pairing to expire them).
+      plantIngress('192.168.77.2', 11, { local_ip: POD.ip, remote_ip: '10.244.7.2', local_key: 11 });
+      plantIngress('192.168.77.4', 12, { local_ip: POD.ip, remote_ip: '10.244.8.2', local_key: 12 });
+      plantEgress(POD.ip, '10.244.7.2', { remote_ip: '192.168.77.2' });
+      plantEgress(POD.ip, '10.244.8.2', { remote_ip: '192.168.77.4' });
+      // The agent's sweep after its own first change runs on the next sync: let it pass first.
+      await new Promise((r) => setTimeout(r, 2500));
+      // (what earlier tests planted, from hosts that are no node here, went at this start)
+      const mine = () => ingressEntries().filter((e) => (e.remote_host === '192.168.77.2' && e.key === 11) || (e.remote_host === '192.168.77.4' && e.key === 12)).sort((a, b) => a.key - b.key);
+      expect(mine()).toEqual([{ remote_host: '192.168.77.2', key: 11, dead: false }, { remote_host: '192.168.77.4', key: 12, dead: false }]);
+      expect(hasEgress(POD.ip, '10.244.7.2') && hasEgress(POD.ip, '10.244.8.2')).toBe(true);
+
+      inHost('bridge', 'fdb', 'del', '0e:00:00:00:00:04', 'dev', 'vx0', 'dst', '192.168.77.4', 'self');
+      await until('192.168.77.4 out of the node set', () => !nodes().includes('192.168.77.4'));
+      // In the same sync as the map: tombstoned, not deleted, so that key 12 of .4 stays taken.
+      expect(mine()).toEqual([{ remote_host: '192.168.77.2', key: 11, dead: false }, { remote_host: '192.168.77.4', key: 12, dead: true }]);
+      expect([hasEgress(POD.ip, '10.244.7.2'), hasEgress(POD.ip, '10.244.8.2')]).toEqual([true, false]);
+      expect(agent.stderr()).toContain('node set: tombstoned 1 ingress entries from hosts that are no peer node; deleted 1 egress entries');
+    } finally {
+      await stopAgent();
+      inHost('ip', 'link', 'del', 'vx0');
+    }
+    agent = await startAgent();
   });
 
   it('the tunnel ports: read off the VXLAN devices on the nic, else IANA\'s; the flags win; devices that disagree are refused', async () => {

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { macToBytes } from '../layout.ts';
 import { NO_HOST_NETNS, podInfo, podIp } from '../maps.ts';
 import { hostNetnsSeenFrom, type HostNetns } from '../netlink.ts';
-import { dumpEgress, dumpIngress, expire, purgePod, countEntries } from './caches.ts';
+import { dumpEgress, dumpIngress, expire, purgePod, countEntries, nodeWords, sweepNodes } from './caches.ts';
 import { ConfigError, checkObject, parseCidr, type AgentConfig } from './config.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
@@ -71,6 +71,8 @@ export class Agent {
   private ctDrain: ConntrackDrain | undefined;
   private nodes: NodeSet | undefined;
   private lastNodeSync = 0;
+  /** The node set changed at the last sync: the next one sweeps the caches again (syncNodes). */
+  private nodeSweepDue = false;
   /** Egress entries deleted since egress_filter was last rebuilt: each may have left a bit of no entry. */
   private egressGone = 0;
   /** A rebuild failed at start: the next scan rebuilds whatever went. */
@@ -271,7 +273,11 @@ export class Agent {
       }
       this.log.info(`tunnel ports: ${ports.why}`);
       dp.writeConfig(this.nic.ifindex, cfg.wideKeys, ports, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
-      nodes.sync();
+      // Pinned caches were kept by an earlier agent, maybe of an earlier version, against
+      // an earlier node set: held to this one before our programs rely on it.
+      this.syncNodes(nodes, !created);
+      // New maps: no program used them before the set was written, none raced its change.
+      if (created) this.nodeSweepDue = false;
       this.nodes = nodes;
       this.lastNodeSync = Date.now();
       const ns = nodes.snapshot();
@@ -652,7 +658,7 @@ export class Agent {
       // Nodes come and go with the overlay device's FDB: at most once a second.
       if (this.nodes && Date.now() - this.lastNodeSync >= NODE_SYNC_MS) {
         this.lastNodeSync = Date.now();
-        this.nodes.sync();
+        this.syncNodes(this.nodes, false);
       }
       if (this.stats.scanFailing) this.log.info(`expiry scans work again (failing since ${this.stats.scanFailing.since})`);
       this.stats.scanFailing = undefined;
@@ -666,6 +672,29 @@ export class Agent {
     this.stats.scans++;
     this.stats.lastScanSeconds = Number(process.hrtime.bigint() - t0) / 1e9;
     this.stats.lastScanAt = new Date().toISOString();
+  }
+
+  /**
+   * The node set as the overlay has it now, and the caches held to it (caches.ts
+   * sweepNodes): init and restore take a learned pair's entries for proof that its
+   * addresses passed the node checks (bpf/init.h, restore.h), so entries the set no
+   * longer vouches for go in the same sync, right after the map is written. Once more
+   * at the next sync after a change: a program that passed a node check just before
+   * the map changed may create its entry after the sweep read the caches. sweep: sweep
+   * even if nothing changed (the agent's start over pinned caches).
+   */
+  private syncNodes(nodes: NodeSet, sweep: boolean): void {
+    const changes = nodes.sync();
+    const changed = changes.added.length + changes.removed.length > 0;
+    if (!changed && !this.nodeSweepDue && !sweep) return;
+    this.nodeSweepDue = changed;
+    const m = this.dp!.maps;
+    const set = nodes.snapshot();
+    const swept = sweepNodes(m.egress_cache, m.ingress_cache, nodeWords(set.self, set.peers), monotonicCoarseNs());
+    this.egressGone += swept.egress;
+    if (swept.egress || swept.ingress) {
+      this.log.info(`node set: tombstoned ${swept.ingress} ingress entries from hosts that are no peer node; deleted ${swept.egress} egress entries towards such a host or from an address no longer ours`);
+    }
   }
 
   /** Pinned deny rules with no policy.json to read them from: starting would drop them. */

@@ -74,19 +74,85 @@ export function purgePod(egress: MapOps, ingress: MapOps, ip: string, now: bigin
   let tombstoned = 0;
   for (let i = 0; i < ing.count; i++) {
     const vo = i * vStride;
-    if (ingValues[vo + P.localIp] !== want || ingValues[vo + P.ifindex] === 0) continue;
-    const dead = scratch(path.size);
-    dead.words.set(ingValues.subarray(vo, vo + vStride));
-    dead.words[P.ifindex] = 0;
-    dead.words[P.lastSeenLo] = Number(now & 0xffffffffn);
-    dead.words[P.lastSeenHi] = Number((now >> 32n) & 0xffffffffn);
-    // Only over the entry as it is: one the program meanwhile deleted stays deleted.
-    try {
-      ingress.update(Buffer.from(ing.keys.subarray(i * ing.keySize, (i + 1) * ing.keySize)), dead.bytes, 'exist');
-      tombstoned++;
-    } catch (e) {
-      if ((e as MapError).code !== 'ENOENT') throw e;
-    }
+    if (ingValues[vo + P.localIp] !== want || isTombstone(ingValues, vo)) continue;
+    if (tombstone(ingress, ing.keys, i * ing.keySize, ingValues, vo, now)) tombstoned++;
+  }
+  return { egress: egress.deleteKeys(doomed.keys, doomed.count), ingress: tombstoned };
+}
+
+/**
+ * Makes the ingress entry whose key is at byte ko of keys, its value at word
+ * vo of values, a tombstone stamped now; false if the program deleted it
+ * meanwhile (it stays deleted: the write is only over the entry as it is).
+ */
+function tombstone(ingress: MapOps, keys: Buffer, ko: number, values: Uint32Array, vo: number, now: bigint): boolean {
+  const dead = scratch(path.size);
+  dead.words.set(values.subarray(vo, vo + dead.words.length));
+  dead.words[P.ifindex] = 0;
+  dead.words[P.lastSeenLo] = Number(now & 0xffffffffn);
+  dead.words[P.lastSeenHi] = Number((now >> 32n) & 0xffffffffn);
+  try {
+    ingress.update(Buffer.from(keys.subarray(ko, ko + ingressKey.size)), dead.bytes, 'exist');
+    return true;
+  } catch (e) {
+    if ((e as MapError).code !== 'ENOENT') throw e;
+    return false;
+  }
+}
+
+/**
+ * The node set as sweepNodes compares addresses: each as the 32-bit word its
+ * four bytes (network order, as the maps hold them) make, as the scans read
+ * them.
+ */
+export interface NodeWords { self: Set<number>; peers: Set<number> }
+
+export function nodeWords(self: readonly string[], peers: readonly string[]): NodeWords {
+  const word = (ip: string) => wordsOf(egressKey.encode({ local_pod: ip, remote_pod: ip }))[EK.local];
+  return { self: new Set(self.map(word)), peers: new Set(peers.map(word)) };
+}
+
+/**
+ * Holds the caches to the node set (nodes.ts), as the programs rely on: a
+ * live ingress entry restores only what its host sends, which must be a peer
+ * node, and restore no longer asks the node set on a hit (bpf/restore.h); an
+ * egress entry whose outer addresses match an overlay packet lets init skip
+ * the node checks (bpf/init.h), so its local address must be ours and its
+ * remote one a peer node. The programs create entries only so; what breaks it
+ * is the set changing. So, against the set as it is now:
+ *  - ingress entries from a host that is no peer node become tombstones
+ *    (purgePod says why a tombstone and not a delete: a host that still
+ *    masquerades with an old key must never restore into a new pair);
+ *  - egress entries whose remote_ip is set and no peer node, or whose
+ *    local_ip is set and not ours, are deleted: the pair's next packet takes
+ *    the overlay, where init's checks decide. Each is read again just before
+ *    the delete and spared if the program rewrote it meanwhile to addresses
+ *    the set holds.
+ * A full sweep reads both caches once, as an expiry scan does.
+ */
+export function sweepNodes(egress: MapOps, ingress: MapOps, nodes: NodeWords, now: bigint): Purged {
+  const ing = ingress.readAll();
+  const ingKeys = wordsOf(ing.keys), ingValues = wordsOf(ing.values);
+  const ikStride = strideOf(ing.keySize, 'ingress key'), ivStride = strideOf(ing.valueSize, 'ingress path');
+  let tombstoned = 0;
+  for (let i = 0; i < ing.count; i++) {
+    const vo = i * ivStride;
+    if (nodes.peers.has(ingKeys[i * ikStride + IK.host]) || isTombstone(ingValues, vo)) continue;
+    if (tombstone(ingress, ing.keys, i * ing.keySize, ingValues, vo, now)) tombstoned++;
+  }
+
+  const eg = egress.readAll();
+  const egValues = wordsOf(eg.values), evStride = strideOf(eg.valueSize, 'egress path');
+  const stray = (v: Uint32Array, vo: number) => {
+    const local = v[vo + P.localIp], remote = v[vo + P.remoteIp];
+    return (remote !== 0 && !nodes.peers.has(remote)) || (local !== 0 && !nodes.self.has(local));
+  };
+  const key = scratch(egressKey.size), again = scratch(path.size);
+  const doomed = new KeyList(eg.keySize);
+  for (let i = 0; i < eg.count; i++) {
+    if (!stray(egValues, i * evStride)) continue;
+    eg.keys.copy(key.bytes, 0, i * eg.keySize, (i + 1) * eg.keySize);
+    if (egress.lookupInto(key.bytes, again.bytes) && stray(again.words, 0)) doomed.push(key.bytes, 0);
   }
   return { egress: egress.deleteKeys(doomed.keys, doomed.count), ingress: tombstoned };
 }

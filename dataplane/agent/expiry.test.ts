@@ -1,6 +1,6 @@
 /**
  * caches.ts reads whole caches as raw 32- and 16-bit words at offsets of
- * its own (expire, purgePod). Here both are held, on the kernel's own maps
+ * its own (expire, purgePod, sweepNodes). Here all three are held, on the kernel's own maps
  * (egress_cache and ingress_cache of the production object, loaded and not
  * attached), to the rules as the agent states them, applied to every entry
  * decoded through maps.ts's codecs with BigInt arithmetic: which entries
@@ -11,7 +11,7 @@ import fc from 'fast-check';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, type BpfMap } from '../libbpf.ts';
 import { egressKey, ingressKey, path, type Path } from '../maps.ts';
-import { expire, purgePod } from './caches.ts';
+import { expire, nodeWords, purgePod, sweepNodes } from './caches.ts';
 
 if (process.getuid?.() !== 0) throw new Error('dataplane/agent/expiry.test.ts loads BPF maps: run it as root (CAP_BPF)');
 
@@ -63,7 +63,8 @@ const scene: fc.Arbitrary<Scene> = fc.record({
   egress: fc.uniqueArray(fc.record({
     local_pod: fc.constantFrom(...LOCAL_PODS),
     remote_pod: fc.constantFrom(...REMOTE_PODS),
-    value: value(now, egressIdle, ingressIdle, ['172.16.0.1'], HOSTS),
+    // 0.0.0.0: an address not learned yet (an entry a first signal made has no local one).
+    value: value(now, egressIdle, ingressIdle, ['172.16.0.1', '0.0.0.0'], [...HOSTS, '0.0.0.0']),
   }), { selector: (e) => `${e.local_pod} ${e.remote_pod}`, maxLength: LOCAL_PODS.length * REMOTE_PODS.length }),
   ingress: fc.uniqueArray(fc.record({
     remote_host: fc.constantFrom(...HOSTS),
@@ -171,5 +172,57 @@ describe('agent caches on the kernel\'s maps: the raw-word scans decide as the s
       expect(ingressHeld().sort(byIngressKey)).toEqual(ingressWant.sort(byIngressKey));
       expect(r).toEqual({ egress: s.egress.length - egressWant.length, ingress: s.ingress.filter((e) => dead(e.value)).length });
     }), { numRuns: 200 });
+  });
+
+  it('sweepNodes tombstones the ingress entries of hosts that are no peer node and deletes the egress entries towards them or from an address not ours', () => {
+    // Which of the scene's hosts are still peers, which of our addresses still ours; a host may have become ours.
+    const nodeSets = fc.record({
+      peers: fc.subarray(HOSTS),
+      self: fc.subarray(['172.16.0.1', '172.16.0.2']),
+    });
+    fc.assert(fc.property(scene, nodeSets, (s, n) => {
+      plant(s);
+      const peers = n.peers.filter((h) => !n.self.includes(h)); // an address both ways is ours (nodes.ts)
+      const r = sweepNodes(egress, ingress, nodeWords(n.self, peers), s.now);
+      const strayEgress = (v: Path) => (v.remote_ip !== '0.0.0.0' && !peers.includes(v.remote_ip)) || (v.local_ip !== '0.0.0.0' && !n.self.includes(v.local_ip));
+      const egressWant = s.egress.filter((e) => !strayEgress(e.value));
+      const dead = (e: Scene['ingress'][number]) => !peers.includes(e.remote_host) && e.value.ifindex !== 0;
+      const ingressWant = s.ingress.map((e) => ({ remote_host: e.remote_host, key: e.key, value: dead(e) ? { ...e.value, ifindex: 0, last_seen: s.now } : e.value }));
+      expect(egressHeld().sort(byEgressKey)).toEqual(egressWant.map((e) => ({ local_pod: e.local_pod, remote_pod: e.remote_pod, value: e.value })).sort(byEgressKey));
+      expect(ingressHeld().sort(byIngressKey)).toEqual(ingressWant.sort(byIngressKey));
+      expect(r).toEqual({ egress: s.egress.length - egressWant.length, ingress: s.ingress.filter(dead).length });
+    }), { numRuns: 300 });
+  });
+
+  it('sweepNodes over full caches: a removed peer\'s entries go, every other entry stays as it was', () => {
+    const n = Math.min(egress.maxEntries, ingress.maxEntries);
+    const now = 1n << 40n;
+    egress.clear();
+    ingress.clear();
+    const ip = (a: number, b: number, c: number) => `${a}.${b}.${(c >>> 8) & 255}.${c & 255}`;
+    // 1,041 peers of 63 keys each; the first peer's entries, and those of every 7th, are from peers that left.
+    const host = (i: number) => ip(172, 16, Math.floor(i / 63) + 2);
+    const gone = (i: number) => Math.floor(i / 63) % 7 === 0;
+    const common = { last_seen: 5n, local_mac: '02:00:ac:1f:fa:01', remote_mac: '02:00:ac:1f:fa:02', ifindex: 5, remote_key: 9, remote_ready: 1 };
+    for (let i = 0; i < n; i++) {
+      const local = ip(10, 244, i % 64), remote = ip(10, 245, i), key = (i % 63) + 1;
+      ingress.update(ingressKey.encode({ remote_host: host(i), key }), path.encode({ ...common, local_key: key, local_ip: local, remote_ip: remote }));
+      egress.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode({ ...common, local_key: key, local_ip: '172.16.0.1', remote_ip: host(i) }));
+    }
+    const peers = [...new Set(Array.from({ length: n }, (_, i) => i).filter((i) => !gone(i)).map(host))];
+    const leaving = Array.from({ length: n }, (_, i) => i).filter(gone).length;
+    const r = sweepNodes(egress, ingress, nodeWords(['172.16.0.1'], peers), now);
+    expect(r).toEqual({ egress: leaving, ingress: leaving });
+    expect(egress.entries().length).toBe(n - leaving);
+    const held = ingress.entries().map(([k, v]) => ({ k: ingressKey.decode(k), v: path.decode(v) }));
+    expect(held.length).toBe(n);
+    for (const { k, v } of held) {
+      const [, , hi, lo] = k.remote_host.split('.').map(Number);
+      const i = (hi * 256 + lo - 2) * 63 + k.key - 1;
+      const planted = { ...common, local_key: k.key, local_ip: ip(10, 244, i % 64), remote_ip: ip(10, 245, i) };
+      expect(v).toEqual(gone(i) ? { ...planted, ifindex: 0, last_seen: now } : planted);
+    }
+    // A second sweep against the same set finds nothing more: tombstones are not stamped again.
+    expect(sweepNodes(egress, ingress, nodeWords(['172.16.0.1'], peers), now + 1n)).toEqual({ egress: 0, ingress: 0 });
   });
 });

@@ -189,8 +189,13 @@ function genState(rng: Rng, f: Focus, dir: number): DatapathState {
     // Sometimes without a recorded peer (an entry a first signal made before we
     // knew the path), or with another node recorded.
     const recorded = rng.chance(0.8) ? PEERS[f.peer] : rng.chance(0.6) ? '0.0.0.0' : PEERS[(f.peer + 1) % 3];
+    // The local pod's veth mostly (init records it), sometimes none (an entry from before
+    // init recorded it, or one a signal made), sometimes another pod's.
+    const veth = rng.chance(0.7) ? f.local.ifindex : rng.chance(0.6) ? 0 : rng.range(1, 200);
     putEgress(s, { local_pod: f.local.ip, remote_pod: f.remote }, randomPath(rng, {
-      remote_ip: recorded, remote_mac: peerMac(f.peer),
+      remote_ip: recorded, remote_mac: peerMac(f.peer), ifindex: veth,
+      // Now and then without our address (a first signal made it) or with another one.
+      ...(rng.chance(0.1) ? { local_ip: rng.pick(['0.0.0.0', STRANGER]) } : {}),
     }));
   }
   // Full more often for restore (ingress), whose learning path needs a full table to fall back.
@@ -630,6 +635,11 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     const live = state.ingress_cache.entries().filter(([k]) => k.remote_host === frame.ipv4!.src).map(([k]) => k.key)
       .sort((x, y) => Math.min(x, WIDE_KEY_MIN) - Math.min(y, WIDE_KEY_MIN));
     const key = live.length && rng.chance(0.85) ? rng.pick(live) : rng.chance(0.05) ? 0 : anyKey(rng);
+    // A key that restores, from an address the node set does not hold as a peer: restore no
+    // longer asks the node set on a hit (the agent's sweep keeps such entries from existing).
+    const hit = state.ingress_cache.lookup({ remote_host: frame.ipv4.src, key });
+    const sender = state.nodes.lookup(frame.ipv4.src);
+    if (hit && hit.ifindex !== 0 && (sender === undefined || (sender.flags & NodeFlag.SELF) !== 0)) tags.push('hit-not-node');
     const l4 = frame.ipv4.l4;
     // Now and then a narrow key (or none) where a wide one goes: a forged or damaged carrier.
     if (key > KEY_MAX || rng.chance(key === 0 ? 0.5 : 0.1)) {
@@ -664,6 +674,19 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     tags.push('forwarded');
   }
 
+  // init's fast path (a learned pair's entry holds the outer addresses and the pod's veth):
+  // taken or not, and taken where the node set or pod_info no longer agrees (only the
+  // agent's sweep keeps them in step: the program must do what the model says all the same).
+  if (program === 'init' && frame.ipv4 && !ctxOut?.ingress_ifindex) {
+    const e = state.egress_cache.lookup({ local_pod: focus.local.ip, remote_pod: focus.remote });
+    const outerSrc = frame.ipv4.src, outerDst = frame.ipv4.dst;
+    if (e && e.ifindex !== 0 && e.local_ip !== '0.0.0.0' && e.local_ip === outerSrc && e.remote_ip !== '0.0.0.0' && e.remote_ip === outerDst) {
+      tags.push('fast');
+      const self = state.nodes.lookup(outerSrc), peer = state.nodes.lookup(outerDst);
+      const agrees = self !== undefined && (self.flags & NodeFlag.SELF) !== 0 && peer !== undefined && (peer.flags & NodeFlag.SELF) === 0;
+      if (!agrees || !state.pod_info.lookup(focus.local.ip)) tags.push('fast-stale');
+    }
+  }
   const built = buildFrame(frame);
   let packet = rng.chance(0.12) ? damage(rng, built, tags) : built;
   // Below this the kernel's test_run refuses the frame (see minTestRunLength).

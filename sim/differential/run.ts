@@ -39,12 +39,21 @@ export interface RunOptions {
   report?: number;
 }
 
+/**
+ * Tags of cases the generator set up to take a branch the counters alone do not
+ * tell: init's fast path (`fast`), taken where the node set or pod_info disagrees
+ * with the entry (`fast-stale`); restore restoring for a sender the node set does
+ * not hold as a peer (`hit-not-node`).
+ */
+const PATH_TAGS = ['fast', 'fast-stale', 'hit-not-node'];
+
 export interface RunSummary {
   counts: Record<ProgramName, number>;
   /**
    * How many cases ended in each "<program> <counter>" (the counter the kernel
    * bumped), and again as "<program> <counter> wide" for the cases the wide keys decide,
-   * and as "<program> <counter> wide <tcp|udp|icmp>" by the pod packet's protocol.
+   * and as "<program> <counter> wide <tcp|udp|icmp>" by the pod packet's protocol, and
+   * as "<program> <counter> <tag>" for each of PATH_TAGS the case has.
    */
   outcomes: Record<string, number>;
   mismatches: number;
@@ -62,11 +71,13 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
     const tags = c.name.split(' ');
     const wide = tags.includes('wide');
     const proto = ['tcp', 'udp', 'icmp'].find((p) => tags.includes(p));
+    const paths = PATH_TAGS.filter((p) => tags.includes(p));
     for (const [name, n] of Object.entries(o.kernel.effects.counters)) {
       if (n === 0) continue;
       const keys = [`${c.program} ${name}`];
       if (wide) keys.push(`${c.program} ${name} wide`);
       if (wide && proto) keys.push(`${c.program} ${name} wide ${proto}`);
+      for (const p of paths) keys.push(`${c.program} ${name} ${p}`);
       for (const key of keys) outcomes[key] = (outcomes[key] ?? 0) + 1;
     }
     if (o.mismatches.length === 0) return true;

@@ -8,7 +8,7 @@ import {
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { egressLookupOrCreate, isPeerNode, isSelf, type DatapathState } from './maps.ts';
-import { TC_CONTINUE, copyPacket, newEffects, type Env, type ModelIngressKey, type ModelPath, type RunEffects, type RunResult } from './state.ts';
+import { TC_CONTINUE, copyPacket, newEffects, type Env, type ModelIngressKey, type ModelPath, type ModelPodInfo, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
 /** C: fast_path_eligible. masq carries only DSCP-0 packets whose checksums it can fix. */
@@ -45,23 +45,34 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   const outer = new Hdrs();
   const t = new Tunnel();
 
-  // 1. An overlay packet whose inner IPv4 packet comes from one of our pods.
+  // 1. An overlay packet, from a pod of ours (2) or of a pair we learned (fast path).
   if (loadEthIpv4(pkt, outer, env.vlanPresent) || loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const src = t.inner.saddr, dst = t.inner.daddr;
-  const pod = s.pod_info.lookupElem(src);
-  if (!pod) return pass(fx);
+  const ek = { local_pod: src, remote_pod: dst };
+  let pod: ModelPodInfo | undefined;
 
-  // 2. Only an overlay packet this host encapsulated itself (a tunnel device's transmit
-  //    clears skb_iif), from one of its own addresses: not a pod's datagram to a tunnel
-  //    port that the host forwards, whose payload is the pod's to write.
-  if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {
-    fx.counters.NOT_OURS++;
-    return TC_CONTINUE;
-  }
-  // 3. Only towards a node of the overlay (the agent's node set).
-  if (!isPeerNode(s, t.outer.daddr)) {
-    fx.counters.PEER_NOT_NODE++;
-    return TC_CONTINUE;
+  // A learned pair's fast path: our own encapsulation (ingress_ifindex 0) of a pair whose
+  // egress entry holds these very outer addresses and the pod's veth. Only a packet that
+  // passed 2 and 3 wrote such an entry, and the agent deletes it when they stop holding
+  // (caches.ts sweepNodes, purgePod): pod_info and both node lookups are skipped. An entry
+  // without the veth (0) takes the checks, which record it.
+  let e = (env.ingressIfindex ?? 0) === 0 ? s.egress_cache.lookupElem(ek) : undefined;
+  if (!e || !e.ifindex || !e.local_ip || e.local_ip !== t.outer.saddr || !e.remote_ip || e.remote_ip !== t.outer.daddr) {
+    pod = s.pod_info.lookupElem(src);
+    if (!pod) return pass(fx);
+
+    // 2. Only an overlay packet this host encapsulated itself (a tunnel device's transmit
+    //    clears skb_iif), from one of its own addresses: not a pod's datagram to a tunnel
+    //    port that the host forwards, whose payload is the pod's to write.
+    if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {
+      fx.counters.NOT_OURS++;
+      return TC_CONTINUE;
+    }
+    // 3. Only towards a node of the overlay (the agent's node set).
+    if (!isPeerNode(s, t.outer.daddr)) {
+      fx.counters.PEER_NOT_NODE++;
+      return TC_CONTINUE;
+    }
   }
 
   // 4. Policy, egress: a denied flow loses its very first packet.
@@ -71,8 +82,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   if (!fastPathEligible(s.config, t.inner)) return pass(fx);
 
   // 6. The egress entry for (our pod, remote pod), created empty if new.
-  const ek = { local_pod: src, remote_pod: dst };
-  const e = egressLookupOrCreate(s, ek);
+  if (!e) e = egressLookupOrCreate(s, ek);
   if (!e) {
     fx.counters.FELL_BACK++;
     return TC_CONTINUE;
@@ -84,6 +94,8 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   e.remote_mac = readMac(pkt, 0);
   e.local_ip = t.outer.saddr;
   e.remote_ip = t.outer.daddr;
+  // The local pod's veth, which the fast path requires (the checks just found the pod).
+  if (pod) e.ifindex = pod.ifindex;
   // last_seen keeps the peer's key alive: only masq's packets and the peer's signals,
   // which also keep the peer's ingress entry alive, may refresh it while we hold one.
   if (!e.remote_key) e.last_seen = now;
@@ -92,6 +104,9 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   //    With wide keys on, every pair draws a wide key (TCP, UDP and ICMP echo carry them).
   if (e.local_key && !keyStillOurs(s, t.outer.daddr, e.local_key, src, dst, now)) e.local_key = 0;
   if (e.local_key === 0) {
+    // The key's ingress entry restores into the pod: its veth and MAC (the fast path skipped them).
+    if (!pod) pod = s.pod_info.lookupElem(src);
+    if (!pod) return pass(fx);
     // C: a designated initializer; every field in struct order, as zeroPath gives them.
     const r: ModelPath = {
       last_seen: now,
@@ -118,6 +133,9 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       }
     }
     if (e.local_key === 0) {
+    // The key's ingress entry restores into the pod: its veth and MAC (the fast path skipped them).
+    if (!pod) pod = s.pod_info.lookupElem(src);
+    if (!pod) return pass(fx);
       fx.counters.KEY_EXHAUSTED++;
       return TC_CONTINUE;
     }

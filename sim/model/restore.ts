@@ -47,15 +47,20 @@ function restoreMiss(fx: RunEffects): number {
 /** carrier: the value the pod sent (masq took a wide key only from a free one). */
 function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, h: Hdrs, key: number, carrier: number): number {
   // 1. Only a masqueraded packet carries RF; one we cannot restore is dropped.
-  //    Only a node masquerades: from any other address it is a forgery.
-  if (!isPeerNode(s, h.saddr)) {
-    fx.counters.MARKED_NOT_NODE++;
-    return TC_ACT_SHOT;
-  }
+  //    Only a node masquerades, under a key init gave it, and the agent tombstones the
+  //    entries of an address that stops being a peer node (caches.ts sweepNodes): a hit
+  //    needs no node lookup. On a miss the node set says which counter: a forgery from
+  //    an address that is no node, or a miss.
   const ik = { remote_host: h.saddr, key };
   const r = s.ingress_cache.lookupElem(ik);
   // ifindex 0: a deleted pod's tombstone, which keeps its key taken (caches.ts).
-  if (!r || r.ifindex === 0 || !rewritable(h)) return restoreMiss(fx);
+  if (!r || r.ifindex === 0 || !rewritable(h)) {
+    if (!isPeerNode(s, h.saddr)) {
+      fx.counters.MARKED_NOT_NODE++;
+      return TC_ACT_SHOT;
+    }
+    return restoreMiss(fx);
+  }
 
   // 2. Policy on the packet as the pod will see it.
   if (policyDenied(s, r.remote_ip, r.local_ip, h, PolicyDir.INGRESS)) return policyDrop(fx);
