@@ -20,7 +20,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { cpus, release } from 'node:os';
 import { parseArgs } from 'node:util';
-import { expire } from '../dataplane/agent/caches.ts';
+import { expire, nodeWords, sweepNodes } from '../dataplane/agent/caches.ts';
 import { monotonicCoarseNs } from '../dataplane/agent/native.ts';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
 import { BpfMap } from '../dataplane/libbpf.ts';
@@ -72,6 +72,8 @@ export interface AgentReport {
     liveInProcessMs: Stats;
     /** The same runs' CPU time, split: JavaScript (user) and the kernel's batch reads and lookups (system). */
     liveInProcessCpuMs: { user: Stats; system: Stats };
+    /** caches.ts sweepNodes in this process over the same entries, every host a peer: what a change of the node set adds to a sync. */
+    nodeSweepInProcessMs: Stats;
     unansweredAgentMs: number;
     unansweredDeleted: number;
     /** Requests that read whole caches, at full caches: a pod DEL (purge) and status (entry counts). */
@@ -171,6 +173,13 @@ const ip4 = (n: number) => `${(n >>> 24) & 255}.${(n >>> 16) & 255}.${(n >>> 8) 
  * n fully learned pairs, each with the ingress entry that keeps it alive:
  * pair i has key i % 63 + 1 with peer host i / 63, so the ingress keys never collide.
  */
+/** The node set plant's entries need: the hosts of its peers, its local address ours. */
+function plantedNodes(n: number): { self: string[]; peers: string[] } {
+  const peers = new Set<string>();
+  for (let i = 0; i < n; i++) peers.add(ip4((172 << 24) | (16 << 16) | Math.floor(i / 63)));
+  return { self: ['172.31.250.1'], peers: [...peers] };
+}
+
 function plant(egress: BpfMap, ingress: BpfMap, n: number): Buffer[] {
   const now = monotonicCoarseNs();
   const ingressKeys: Buffer[] = [];
@@ -367,6 +376,16 @@ async function bench(opts: { pods: number; calls: number; cycles: number; entrie
         if (r.egress.deleted || r.ingress.deleted) throw new Error(`a scan of live entries deleted ${r.egress.deleted} egress / ${r.ingress.deleted} ingress`);
       }
       if (egress.keys().length !== n) throw new Error('the agent expired live entries');
+      // The sweep a change of the node set brings (sweepNodes), with every planted host still a peer: both caches read and checked, nothing to do.
+      const planted = plantedNodes(n);
+      const sweepHere: number[] = [];
+      for (let i = 0; i < 3; i++) {
+        t = process.hrtime.bigint();
+        const r = sweepNodes(egress, ingress, nodeWords(planted.self, planted.peers), monotonicCoarseNs());
+        sweepHere.push(ms(t));
+        if (r.egress || r.ingress) throw new Error(`a node sweep with every host a peer swept ${r.egress} egress / ${r.ingress} ingress entries`);
+      }
+      progress(`node-set sweep of ${n} + ${n} entries, nothing to sweep: in-process ${stats(sweepHere).p50.toFixed(0)} ms`);
       const rssScans = rssMiB(agent.pid);
       progress(`scan of ${n} + ${n} live entries: agent ${stats(liveAgent).p50.toFixed(0)} ms, in-process ${stats(liveHere).p50.toFixed(0)} ms (CPU: user ${stats(cpuUser).p50.toFixed(0)}, system ${stats(cpuSystem).p50.toFixed(0)} ms); RSS ${rssScans.toFixed(1)} MiB`);
 
@@ -424,6 +443,7 @@ async function bench(opts: { pods: number; calls: number; cycles: number; entrie
           liveAgentMs: stats(liveAgent),
           liveInProcessMs: stats(liveHere),
           liveInProcessCpuMs: { user: stats(cpuUser), system: stats(cpuSystem) },
+          nodeSweepInProcessMs: stats(sweepHere),
           unansweredAgentMs,
           unansweredDeleted: deleted,
           fullCacheDelMs: stats(fullDel),
@@ -480,6 +500,7 @@ export function formatTable(r: AgentReport): string {
     `| nothing to delete, the agent's own scan (/metrics, median of ${r.scan.liveAgentMs.n}) | ${f(r.scan.liveAgentMs.p50, 0)} |`,
     `| nothing to delete, caches.ts expire() in this process (median of ${r.scan.liveInProcessMs.n}) | ${f(r.scan.liveInProcessMs.p50, 0)} |`,
     `| … its CPU time: JavaScript (user) / the kernel's batch reads (system), medians | ${f(r.scan.liveInProcessCpuMs.user.p50, 0)} / ${f(r.scan.liveInProcessCpuMs.system.p50, 0)} |`,
+    `| a change of the node set: caches.ts sweepNodes() in this process, every host still a peer (median of ${r.scan.nodeSweepInProcessMs.n}) | ${f(r.scan.nodeSweepInProcessMs.p50, 0)} |`,
     `| every peer silent: the agent's scan deleting ${r.scan.unansweredDeleted} egress entries (its log line) | ${f(r.scan.unansweredAgentMs, 0)} |`,
     `| socket \`del\` of a pod (purge reads both caches), median of ${r.scan.fullCacheDelMs.n} | ${f(r.scan.fullCacheDelMs.p50, 0)} |`,
     `| socket \`status\` (counts both caches), median of ${r.scan.fullCacheStatusMs.n} | ${f(r.scan.fullCacheStatusMs.p50, 0)} |`,
