@@ -11,6 +11,10 @@
  *    the addresses of --nodes (for overlays without a Linux FDB, e.g. Antrea's
  *    OVS tunnel).
  * An address that is both ours and a peer's is ours.
+ *
+ * The programs take a learned pair's entries for proof that its addresses
+ * passed these checks, so the agent holds the caches to every change of the
+ * set (caches.ts sweepNodes, agent.ts syncNodes).
  */
 import type { MapOps } from '../map-ops.ts';
 import { NodeFlag, nodeInfo, nodeIp } from '../maps.ts';
