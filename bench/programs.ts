@@ -45,7 +45,7 @@ export const DEFAULTS = { repeat: 1_000_000, runs: 5 } as const;
 const HERE = { ip: '192.0.2.1', mac: '02:00:c0:00:02:01' };
 const PEER = { ip: '192.0.2.2', mac: '02:00:c0:00:02:02' };
 // ifindex 1, lo: BPF_PROG_TEST_RUN runs a packet on lo, and masq holds a packet's
-// source to the pod of the device it runs on.
+// source to the pod veth its pair's entry records (init writes it from pod_info).
 const POD = { ip: '10.244.1.5', mac: '0a:58:0a:f4:01:05', ifindex: 1 };
 const REMOTE_POD = '10.244.2.7';
 /** A remote pod our pod has not talked to: no egress entry. */

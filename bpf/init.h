@@ -122,7 +122,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	__builtin_memcpy(e->remote_mac, eth->h_dest, ETH_ALEN);
 	e->local_ip = t.outer.saddr;
 	e->remote_ip = t.outer.daddr;
-	/* The local pod's veth, which the fast path above requires (the checks just found the pod). */
+	/* The local pod's veth, which masq holds the source to (masq.h) and the fast path above requires (the checks just found the pod). */
 	if (pod)
 		e->ifindex = pod->ifindex;
 	/*

@@ -104,16 +104,20 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * host's conntrack admitted the neighbour's flow. Left on the overlay,
 	 * not dropped: the host stack then sees it as it would without XMasq
 	 * (rp_filter, the CNI's anti-spoofing, policy decide), so XMasq never
-	 * changes what is delivered. Only packets of a learned pair pay the
-	 * lookup. veth mode runs on the pod's host-side veth, which no pod
-	 * chooses; masq_rpeer runs on the pod's own eth0, whose index may
-	 * repeat in every pod's namespace, so it can only hold the frame's
-	 * source to the pod's MAC (README "Threat model").
+	 * changes what is delivered. veth mode runs on the pod's host-side
+	 * veth, which no pod chooses, and holds the source to the veth the
+	 * pair's entry records (xmasq.h) rather than look pod_info up (a
+	 * helper call): init and restore write it from pod_info whenever they
+	 * look the pod up, and the agent purges a pod's entries whenever its
+	 * pod_info entry goes or changes. An entry pinned by an older version
+	 * has ifindex 0: its packet falls back to the overlay, where init
+	 * writes the veth for the next ones. masq_rpeer runs on the pod's own
+	 * eth0, whose index may repeat in every pod's namespace, so it can
+	 * only hold the frame's source to the pod's MAC (README "Threat
+	 * model").
 	 */
-	if (!in_pod_netns)
-		pod = bpf_map_lookup_elem(&pod_info, &h.saddr);
-	if (!pod || (in_pod_netns ? !eth_src_is(skb, pod->mac) : pod->ifindex != skb->ifindex)) {
-		count(XMASQ_CNT_SRC_NOT_POD);
+	if (in_pod_netns ? !pod || !eth_src_is(skb, pod->mac) : e->ifindex != skb->ifindex) {
+		count(!in_pod_netns && e->ifindex == 0 ? XMASQ_CNT_FELL_BACK : XMASQ_CNT_SRC_NOT_POD);
 		return XMASQ_CONTINUE;
 	}
 	if (!e->local_key || !e->remote_key || !e->remote_ready) {

@@ -123,7 +123,8 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, const struc
 	if (load_tunnel(skb, cfg, outer, &t))
 		return pass();
 	__u32 local = t.inner.daddr, remote = t.inner.saddr;
-	if (!bpf_map_lookup_elem(&pod_info, &local))
+	struct pod_info *pod = bpf_map_lookup_elem(&pod_info, &local);
+	if (!pod)
 		return pass();
 
 	/* 2. Policy, ingress: the overlay path is enforced too, from the first packet. */
@@ -169,6 +170,8 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, const struc
 	}
 	if (!e->remote_ip)
 		e->remote_ip = from;
+	/* The local pod's veth, which masq holds the source to (masq.h). */
+	e->ifindex = pod->ifindex;
 	e->remote_key = key;
 	/* The peer lacks our key: keep using the overlay, whose signals teach it. */
 	if (!(t.outer.frag & XMASQ_IP_DF))

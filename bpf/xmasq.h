@@ -101,8 +101,10 @@ struct ingress_key {
 
 /*
  * A learned path. In the egress cache "local" is our host (MAC, IP) and
- * "remote" the peer host; in the ingress cache "local" is our pod and
- * "remote" the peer pod, with ifindex the pod's host-side veth.
+ * "remote" the peer host, with ifindex the local pod's host-side veth (as
+ * pod_info has it; 0 in an entry from before masq read it here); in the
+ * ingress cache "local" is our pod and "remote" the peer pod, with ifindex
+ * the pod's host-side veth (0: a deleted pod's tombstone).
  */
 struct path {
 	__u64 last_seen;    /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the last use: a tick of resolution is plenty for idle expiry, at a fraction of the cost of a clock read */

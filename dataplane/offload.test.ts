@@ -89,12 +89,12 @@ beforeAll(async () => {
   obj.map('config').update(arrayIndex.encode({ index: 0 }), config.encode({ nic_ifindex: ifindex(NS.host, 'nic0'), flags: 0, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS }));
   obj.map('egress_cache').update(egressKey.encode({ local_pod: POD_IP, remote_pod: REMOTE_POD }), path.encode({
     last_seen: 1n, local_mac: mac(NS.host, 'nic0'), remote_mac: mac(NS.wire, 'w0'), local_ip: HOST_IP, remote_ip: PEER_IP,
-    ifindex: 0, local_key: 9, remote_key: 23, remote_ready: 1,
+    // The pod's veth, as init records it: masq carries only packets that arrive on it (h0).
+    ifindex: ifindex(NS.host, 'h0'), local_key: 9, remote_key: 23, remote_ready: 1,
   }));
   // and its bit in egress_filter, as init sets it when it creates the entry (masq passes a pair without one)
   fillEgressFilter(obj.map('egress_cache'), obj.map('egress_filter'));
-  // The pod, as the agent records it: masq carries only packets whose source is the pod of
-  // the veth they arrived on (h0).
+  // The pod, as the agent records it.
   obj.map('pod_info').update(podIp.encode({ ip: POD_IP }), podInfo.encode({ ifindex: ifindex(NS.host, 'h0'), mac: mac(NS.pod, 'p0'), ...NO_HOST_NETNS }));
   const masq = obj.program('masq');
   withNetns(`/run/netns/${NS.host}`, () => tcAttach(ifindex(NS.host, 'h0'), 'ingress', masq));

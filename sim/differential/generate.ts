@@ -611,11 +611,6 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   else ({ frame, focus, dir } = masqCase(rng, tags));
 
   const state = genState(rng, focus, dir);
-  // masq holds a packet's source to the pod of its device: the focus pod mostly has its
-  // entry (its absence ends every masq case at SRC_NOT_POD, before the paths behind it).
-  if (program === 'masq' && !state.pod_info.lookup(focus.local.ip) && rng.chance(0.7)) {
-    state.pod_info.update(focus.local.ip, { ifindex: focus.local.ifindex, mac: focus.local.mac, ...NO_HOST_NETNS });
-  }
   // An overlay frame mostly meets an overlay configured with its port (the random ports
   // above alone would leave most overlay frames no overlay packet at all).
   const udp = frame.ipv4?.l4 && 'udp' in frame.ipv4.l4 ? frame.ipv4.l4.udp : undefined;
@@ -660,11 +655,23 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
   if (ctx) tags.push('gso');
   // masq runs on a pod's host-side veth: mostly the sending pod's own; now and then a
   // neighbour's (a pod sending as the focus pod), or lo (test_run's default device).
+  // It holds the source to the veth the pair's entry records: mostly the focus pod's;
+  // sometimes 0 (an entry from before masq read it there), the very device masq runs
+  // on (half the time when that is not the focus pod's, so that a packet from the veth
+  // the entry records is carried whoever's it is), a neighbour's veth, or anything.
   if (program === 'masq') {
     const r = rng.int(16);
     const ifindex = r === 0 ? 1 : r === 1 ? rng.pick(LOCAL_PODS).ifindex : focus.local.ifindex;
     ctx = { ...ctx, ifindex };
-    if (ifindex !== focus.local.ifindex) tags.push('spoofed');
+    const spoofed = ifindex !== focus.local.ifindex;
+    if (spoofed) tags.push('spoofed');
+    if (focusEgress) {
+      const e = rng.int(20);
+      const recorded = spoofed && rng.chance(0.5) ? ifindex
+        : e < 13 ? focus.local.ifindex : e < 15 ? 0 : e < 17 ? ifindex : e < 19 ? rng.pick(LOCAL_PODS).ifindex : rng.range(1, 200);
+      putEgress(state, { local_pod: focus.local.ip, remote_pod: focus.remote }, { ...focusEgress, ifindex: recorded });
+      if (recorded === 0) tags.push('unfilled');
+    }
   }
   // A forwarded packet keeps the device it came in on (a pod's datagram to a tunnel
   // port); our own encapsulation has none. Mostly for init, which reads it.

@@ -43,9 +43,10 @@ export interface RunOptions {
  * Tags of cases the generator set up to take a branch the counters alone do not
  * tell: init's fast path (`fast`), taken where the node set or pod_info disagrees
  * with the entry (`fast-stale`); restore restoring for a sender the node set does
- * not hold as a peer (`hit-not-node`).
+ * not hold as a peer (`hit-not-node`); masq run on a device other than the focus
+ * pod's veth (`spoofed`), for a pair whose entry records no veth (`unfilled`).
  */
-const PATH_TAGS = ['fast', 'fast-stale', 'hit-not-node'];
+const PATH_TAGS = ['fast', 'fast-stale', 'hit-not-node', 'spoofed', 'unfilled'];
 
 export interface RunSummary {
   counts: Record<ProgramName, number>;

@@ -94,7 +94,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   e.remote_mac = readMac(pkt, 0);
   e.local_ip = t.outer.saddr;
   e.remote_ip = t.outer.daddr;
-  // The local pod's veth, which the fast path requires (the checks just found the pod).
+  // The local pod's veth, which masq holds the source to and the fast path requires (the checks just found the pod).
   if (pod) e.ifindex = pod.ifindex;
   // last_seen keeps the peer's key alive: only masq's packets and the peer's signals,
   // which also keep the peer's ingress entry alive, may refresh it while we hold one.

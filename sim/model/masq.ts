@@ -64,7 +64,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   // named by the id the agent recorded for the source pod; conntrack.ts checks
   // that the entry found is the host's all the same.
   let netnsId = CT_CURRENT_NETNS, netnsIno = 0;
-  let pod = kind === 'RPEER' ? s.pod_info.lookupElem(h.saddr) : undefined;
+  const pod = kind === 'RPEER' ? s.pod_info.lookupElem(h.saddr) : undefined;
   if (kind === 'RPEER') {
     netnsId = pod && pod.host_netns_id >= 0 ? pod.host_netns_id : CT_NO_NETNS;
     netnsIno = pod ? pod.host_netns_ino : 0;
@@ -91,10 +91,12 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   if (!e) return pass(fx);
   // The source must be the pod the packet came from (a pod sending as its neighbour
   // is left on the overlay, where the host sees it as without XMasq): veth mode
-  // holds it to the device it runs on, masq_rpeer to the pod's MAC.
-  if (kind !== 'RPEER') pod = s.pod_info.lookupElem(h.saddr);
-  if (!pod || (kind === 'RPEER' ? readMac(pkt, 6) !== pod.mac : pod.ifindex !== (env.ifindex || 1))) {
-    fx.counters.SRC_NOT_POD++;
+  // holds it to the device it runs on, which must be the local pod's veth the entry
+  // records (init and restore write it from pod_info; 0 in an entry of an older
+  // version, which falls back), masq_rpeer to the pod's MAC.
+  if (kind === 'RPEER' ? !pod || readMac(pkt, 6) !== pod.mac : e.ifindex !== (env.ifindex || 1)) {
+    if (kind !== 'RPEER' && e.ifindex === 0) fx.counters.FELL_BACK++;
+    else fx.counters.SRC_NOT_POD++;
     return TC_CONTINUE;
   }
   if (!e.local_key || !e.remote_key || !e.remote_ready) {

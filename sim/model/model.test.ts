@@ -36,7 +36,7 @@ function hosts(): { a: DatapathState; b: DatapathState } {
   a.pod_info.update(SRC.ip, { ifindex: SRC.ifindex, mac: SRC.mac, ...NO_HOST_NETNS });
   a.egress_cache.update({ local_pod: SRC.ip, remote_pod: DST.ip }, {
     last_seen: 1n, local_mac: A.mac, remote_mac: B.mac, local_ip: A.host, remote_ip: B.host,
-    ifindex: 0, local_key: 4, remote_key: 33, remote_ready: 1,
+    ifindex: SRC.ifindex, local_key: 4, remote_key: 33, remote_ready: 1,
   });
   const ek = a.egress_cache.keys.fromLayout({ local_pod: SRC.ip, remote_pod: DST.ip });
   egressFilterAdd(a, ek.local_pod, ek.remote_pod);

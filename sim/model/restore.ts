@@ -96,7 +96,8 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   // 1. An overlay packet for one of our pods.
   if (loadTunnel(pkt, s.config, outer, t)) return pass(fx);
   const local = t.inner.daddr, remote = t.inner.saddr;
-  if (!s.pod_info.lookupElem(local)) return pass(fx);
+  const pod = s.pod_info.lookupElem(local);
+  if (!pod) return pass(fx);
 
   // 2. Policy, ingress: the overlay path is enforced too, from the first packet.
   if (policyDenied(s, remote, local, t.inner, PolicyDir.INGRESS)) return policyDrop(fx);
@@ -130,6 +131,8 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
     return TC_CONTINUE;
   }
   if (!e.remote_ip) e.remote_ip = from;
+  // The local pod's veth, which masq holds the source to.
+  e.ifindex = pod.ifindex;
   e.remote_key = key;
   // The peer lacks our key: keep using the overlay, whose signals teach it.
   if (!(t.outer.frag & IP_DF)) e.remote_ready = 0;
