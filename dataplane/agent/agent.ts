@@ -564,7 +564,13 @@ export class Agent {
       if (pod.masq) dp.detach(pod.masq);
       if (old?.masq && same) dp.detach(old.masq);
       this.pods.delete(p.ip);
-      dp.maps.pod_info.delete(key);
+      // With its cache entries: masq holds a pair's source to the veth its
+      // egress entry records, which must not outlive the pod_info entry.
+      try {
+        this.forgetPod(p.ip);
+      } catch (purge) {
+        this.log.error(`pod ${p.ip}: purging its entries after the failed attach: ${(purge as Error).message}`);
+      }
       throw e;
     }
     this.log.info(`pod ${p.ip} ${discovered ? 'found on this host' : 'added'}: ${p.mac} on ${p.hostVeth} (ifindex ${p.hostVethIfindex})${discovered ? `, netns ${p.netns}, ${p.ifname}` : ''}${old && !same ? ', replacing the pod that held this IP' : ''}${purged.egress + purged.ingress ? `; purged ${purged.egress} egress and ${purged.ingress} ingress entries` : ''}`);
