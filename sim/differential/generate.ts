@@ -669,7 +669,8 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
       const e = rng.int(20);
       const recorded = spoofed && rng.chance(0.5) ? ifindex
         : e < 13 ? focus.local.ifindex : e < 15 ? 0 : e < 17 ? ifindex : e < 19 ? rng.pick(LOCAL_PODS).ifindex : rng.range(1, 200);
-      putEgress(state, { local_pod: focus.local.ip, remote_pod: focus.remote }, { ...focusEgress, ifindex: recorded });
+      // Its filter bits as genState left them (either half, or clear): only the veth changes.
+      putEgress(state, { local_pod: focus.local.ip, remote_pod: focus.remote }, { ...focusEgress, ifindex: recorded }, { filter: false });
       if (recorded === 0) tags.push('unfilled');
     }
   }
