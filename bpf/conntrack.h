@@ -32,6 +32,26 @@
  * out, closed) takes effect within that time. Control segments, fragments
  * and other protocols are refused before the cache, every time.
  *
+ * ct_admitted's lookup is itself a helper call (~30 ns here), on every packet.
+ * So each CPU keeps the flows it admitted last in ct_recent (maps.h), whose
+ * lookup the verifier inlines, and asks it first. A slot holds exactly what an
+ * ADMIT rested on: the time of the conntrack lookup (now after the kfunc, the
+ * ct_admitted entry's own time on its hit, never a later one), so no slot
+ * answers past XMASQ_CT_RECHECK_NS after the real check it copies, the bound
+ * ct_admitted gives. A refusal clears ct_admitted and this CPU's slot; another
+ * CPU's slot for the flow may still answer until its own time + 200 ms, as
+ * ct_admitted itself did before the refusal: a change of the entry takes
+ * effect within XMASQ_CT_RECHECK_NS on every CPU.
+ *
+ * Two programs never write one CPU's slot at once, so no slot is ever torn
+ * (half one flow's tuple, half another's admission): only TC programs (masq,
+ * restore) touch ct_recent, and TC runs with bottom halves disabled, egress in
+ * __dev_queue_xmit's rcu_read_lock_bh(), ingress in the NET_RX softirq (or a
+ * section a driver disabled them for: netif_receive_skb "may only be called
+ * from softirq context"); never from a hard interrupt or an NMI, the only
+ * contexts that could nest in one. The map is not pinned, so no user space
+ * writes it either.
+ *
  * Twin: sim/model/conntrack.ts.
  */
 #ifndef XMASQ_CONNTRACK_H
@@ -178,6 +198,27 @@ static __always_inline int nat_allowed(const struct ct_tuple *k, const struct ct
 }
 
 /*
+ * This CPU's slot r (may be NULL, to the verifier) now holds the flow k,
+ * admitted as to by the conntrack lookup made at checked.
+ */
+static __always_inline void ct_recent_put(struct ct_recent *r, const struct ct_tuple *k,
+					  __u64 checked, const struct ct_tuple *to)
+{
+	if (!r)
+		return;
+	r->saddr = k->saddr;
+	r->daddr = k->daddr;
+	r->sport = k->sport;
+	r->dport = k->dport;
+	r->protocol = k->protocol;
+	r->checked = checked;
+	r->to_saddr = to->saddr;
+	r->to_daddr = to->daddr;
+	r->to_sport = to->sport;
+	r->to_dport = to->dport;
+}
+
+/*
  * Whether the host's conntrack admits the flow of a pod packet from src to
  * dst (network order; ports and protocol from h): XMASQ_CT_ADMIT, or the
  * reason it does not, which is also the counter bumped. When admitted, *to is
@@ -213,13 +254,31 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	struct ct_tuple k = {
 		.saddr = src, .daddr = dst, .sport = h->sport, .dport = h->dport, .protocol = h->proto,
 	};
+	/* This CPU's slot first: an inlined array lookup, no helper call. */
+	__u32 slot = ct_recent_slot(&k);
+	struct ct_recent *r = bpf_map_lookup_elem(&ct_recent, &slot);
+	int mine = r && r->protocol == k.protocol && r->saddr == k.saddr && r->daddr == k.daddr &&
+		   r->sport == k.sport && r->dport == k.dport;
+	if (mine && now >= r->checked && now - r->checked < XMASQ_CT_RECHECK_NS) {
+		to->saddr = r->to_saddr;
+		to->daddr = r->to_daddr;
+		to->sport = r->to_sport;
+		to->dport = r->to_dport;
+		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
+	}
+
 	struct ct_admission *seen = bpf_map_lookup_elem(&ct_admitted, &k);
 	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS) {
+		__u64 checked = seen->checked;
 		to->saddr = seen->saddr;
 		to->daddr = seen->daddr;
 		to->sport = seen->sport;
 		to->dport = seen->dport;
-		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
+		if (!nat_allowed(&k, to, side))
+			return XMASQ_CNT_CT_NAT;
+		/* The entry's own time: the slot must not outlive the check it copies. */
+		ct_recent_put(r, &k, checked, to);
+		return XMASQ_CT_ADMIT;
 	}
 
 	struct bpf_sock_tuple tuple = {};
@@ -244,6 +303,8 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	if (!ct) {
 		if (seen)
 			bpf_map_delete_elem(&ct_admitted, &k);
+		if (mine)
+			__builtin_memset(r, 0, sizeof(*r));
 		return XMASQ_CNT_CT_REFUSED;
 	}
 
@@ -271,11 +332,14 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 			.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
 		};
 		bpf_map_update_elem(&ct_admitted, &k, &a, BPF_ANY);
+		ct_recent_put(r, &k, now, to);
 		return verdict;
 	}
 	/* No longer admitted: the cached admission must not outlive the entry's change. */
 	if (seen)
 		bpf_map_delete_elem(&ct_admitted, &k);
+	if (mine)
+		__builtin_memset(r, 0, sizeof(*r));
 	if (verdict == XMASQ_CNT_CT_PENDING) {
 		__u32 one = 1;
 		bpf_map_update_elem(&ct_pending, &k, &one, BPF_ANY);

@@ -18,6 +18,8 @@
 #define XMASQ_MAX_POLICY_SLOTS (32 * XMASQ_POLICY_TABLE_SLOTS)
 #define XMASQ_MAX_CT_PENDING 16
 #define XMASQ_MAX_CT_ADMITTED 16
+/* 8 slots: the differential's flows share them often (index collisions) */
+#define XMASQ_CT_RECENT_SLOTS 8
 #define XMASQ_MAX_NODES 16
 #define XMASQ_FILTER_HALF_BLOCKS 1 /* 4096 slots a half */
 #else
@@ -27,6 +29,8 @@
 #define XMASQ_MAX_POLICY_SLOTS (16384 * XMASQ_POLICY_TABLE_SLOTS)
 #define XMASQ_MAX_CT_PENDING 4096
 #define XMASQ_MAX_CT_ADMITTED 65536
+/* 256 slots of 40 bytes a CPU (10 KiB): see ct_recent */
+#define XMASQ_CT_RECENT_SLOTS 256
 #define XMASQ_MAX_NODES 8192
 #define XMASQ_FILTER_HALF_BLOCKS 256 /* 2^20 slots a half: ~6% of them set at a full egress_cache */
 #endif
@@ -126,6 +130,44 @@ struct {
 	__type(key, struct ct_tuple);
 	__type(value, struct ct_admission);
 } ct_admitted SEC(".maps");
+
+/*
+ * Each CPU's first-level admission cache in front of ct_admitted (conntrack.h
+ * ct_admit): direct-mapped by a hash of the flow (ct_recent_slot), written and
+ * read by masq and restore on their own CPU only. A per-CPU array, so that
+ * the verifier inlines its lookup (no helper call, ~30 ns here with the
+ * return thunk, as a hash lookup costs) and no CPU writes another's cache
+ * lines. 256 slots: a CPU's flows of the last 200 ms rarely share one (a
+ * shared slot only costs the ct_admitted lookup of today), in 10 KiB a CPU.
+ * Not pinned: a cache, empty in every new load; the programs of an earlier
+ * load keep theirs until they are replaced, and no slot answers past the
+ * admission it copies.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XMASQ_CT_RECENT_SLOTS);
+	__type(key, __u32);
+	__type(value, struct ct_recent);
+} ct_recent SEC(".maps");
+
+/*
+ * A flow's slot of ct_recent: murmur3's 32-bit finalizer over the tuple as
+ * the programs hold it (network order words and ports), so that the flows of
+ * one pod pair, which differ in a port, spread over the slots. The model
+ * computes the same (sim/model/conntrack.ts ctRecentSlot).
+ */
+static __always_inline __u32 ct_recent_slot(const struct ct_tuple *k)
+{
+	__u32 x = k->saddr ^ (k->daddr * 0x9e3779b1) ^
+		  ((((__u32)k->sport << 16) | k->dport) * 0x85ebca6b) ^ k->protocol;
+
+	x ^= x >> 16;
+	x *= 0x85ebca6b;
+	x ^= x >> 13;
+	x *= 0xc2b2ae35;
+	x ^= x >> 16;
+	return x & (XMASQ_CT_RECENT_SLOTS - 1);
+}
 /* config's one slot (NULL only to the verifier: an array's slot 0 always exists). */
 static __always_inline struct config *config_get(void)
 {

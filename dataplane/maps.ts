@@ -51,7 +51,7 @@ function maxEntries<B extends 'production' | 'test'>(b: B) {
   const m = MAP_MAX_ENTRIES;
   return {
     pods: m.pod_info[b], paths: m.egress_cache[b], policySlots: m.policy_table[b],
-    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], nodes: m.nodes[b], filterBlocks: m.egress_filter[b],
+    ctPending: m.ct_pending[b], ctAdmitted: m.ct_admitted[b], ctRecentSlots: m.ct_recent[b], nodes: m.nodes[b], filterBlocks: m.egress_filter[b],
   } as const;
 }
 
@@ -192,6 +192,21 @@ export const ctAdmission = cStruct('ct_admission', [
   ['dport', 'be16'],
   ['pad', { pad: 4 }],
 ] as const);
+/** A slot of ct_recent (bpf/xmasq.h struct ct_recent): a flow's tuple and its admission (ctAdmission's fields, to_ for its addresses). */
+export const ctRecent = cStruct('ct_recent', [
+  ['saddr', 'ipv4'],
+  ['daddr', 'ipv4'],
+  ['sport', 'be16'],
+  ['dport', 'be16'],
+  ['protocol', 'u8'],
+  ['pad', { pad: 3 }],
+  ['checked', 'u64'],
+  ['to_saddr', 'ipv4'],
+  ['to_daddr', 'ipv4'],
+  ['to_sport', 'be16'],
+  ['to_dport', 'be16'],
+  ['pad2', { pad: 4 }],
+] as const);
 /** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
 export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
 export const nodeInfo = cStruct('node_info', [['flags', 'u32']] as const);
@@ -209,6 +224,7 @@ export type Path = StructValue<typeof path extends Struct<infer F> ? F : never>;
 export type Config = StructValue<typeof config extends Struct<infer F> ? F : never>;
 export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F : never>;
 export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F> ? F : never>;
+export type CtRecent = StructValue<typeof ctRecent extends Struct<infer F> ? F : never>;
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 
@@ -227,6 +243,7 @@ export const MAPS = {
   policy_start: { kind: 'array', key: arrayIndex, value: policyStart },
   ct_pending: { kind: 'hash', key: ctTuple, value: ctPendingValue },
   ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
+  ct_recent: { kind: 'percpu_array', key: arrayIndex, value: ctRecent },
   nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },

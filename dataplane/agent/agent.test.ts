@@ -309,13 +309,15 @@ describe('xmasq-agent', () => {
     }
   });
 
-  it('starts: pins every map, attaches init and restore at the default-route NIC', async () => {
+  it('starts: pins every map but the per-CPU admission cache, attaches init and restore at the default-route NIC', async () => {
     agent = await startAgent();
     expect(hooked('nic0', 'egress')).toEqual(['init']);
     expect(hooked('nic0', 'ingress')).toEqual(['restore']);
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters']) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'ct_admitted']) {
       expect(existsSync(`${PIN}/${m}`), m).toBe(true);
     }
+    // ct_recent is a cache each load starts empty (bpf/maps.h): never pinned, so never reused by the next agent.
+    expect(existsSync(`${PIN}/ct_recent`)).toBe(false);
     expect((statSync(SOCK).mode & 0o777).toString(8)).toBe('600');
     const s = (await call((c) => c.status())).status;
     expect(s.mode).toBe('veth');

@@ -41,7 +41,13 @@ export function linkPinName(ifindex: number, where: TcHookPoint, netns?: string)
   return `${LINK_PIN_PREFIX}${where}_${ifindex}${netns ? `_ns${statSync(netns).ino}` : ''}`;
 }
 
-/** The maps the agent pins; the test build's redirect_trace never reaches an agent. */
+/**
+ * The maps the agent pins; the test build's redirect_trace never reaches an
+ * agent. ct_recent, each CPU's first-level admission cache, is not pinned:
+ * every load starts with its own, empty, and no slot answers past the
+ * admission it copies (bpf/maps.h), so the next agent has nothing to reuse;
+ * cleanup still removes a pin of that name (unpinAll: every map's name).
+ */
 export const PINNED_MAPS = [
   'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];

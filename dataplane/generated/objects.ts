@@ -76,6 +76,14 @@ export const STRUCTS = {
     size: 24,
     members: [['checked', 0, 8], ['saddr', 8, 4], ['daddr', 12, 4], ['sport', 16, 2], ['dport', 18, 2], ['pad', 20, 4]],
   },
+  ct_recent: {
+    size: 40,
+    members: [
+      ['saddr', 0, 4], ['daddr', 4, 4], ['sport', 8, 2], ['dport', 10, 2], ['protocol', 12, 1],
+      ['pad', 13, 3], ['checked', 16, 8], ['to_saddr', 24, 4], ['to_daddr', 28, 4], ['to_sport', 32, 2],
+      ['to_dport', 34, 2], ['pad2', 36, 4],
+    ],
+  },
   ct_tuple: {
     size: 16,
     members: [['saddr', 0, 4], ['daddr', 4, 4], ['sport', 8, 2], ['dport', 10, 2], ['protocol', 12, 1], ['pad', 13, 3]],
@@ -108,6 +116,7 @@ export const OBJECT_MAPS = {
   counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8 },
   ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24 },
   ct_pending: { type: 'hash', key: 'ct_tuple', value: '__u32', keySize: 16, valueSize: 4 },
+  ct_recent: { type: 'percpu_array', key: '__u32', value: 'ct_recent', keySize: 4, valueSize: 40 },
   egress_cache: { type: 'hash', key: 'egress_key', value: 'path', keySize: 8, valueSize: 40 },
   egress_filter: { type: 'array', key: '__u32', value: 'egress_filter_block', keySize: 4, valueSize: 512 },
   ingress_cache: { type: 'hash', key: 'ingress_key', value: 'path', keySize: 8, valueSize: 40 },
@@ -125,6 +134,7 @@ export const MAP_MAX_ENTRIES = {
   counters: { production: 19, test: 19, rpeer: 19, bench: 19 },
   ct_admitted: { production: 65536, test: 16, rpeer: 65536, bench: 65536 },
   ct_pending: { production: 4096, test: 16, rpeer: 4096, bench: 4096 },
+  ct_recent: { production: 256, test: 8, rpeer: 256, bench: 256 },
   egress_cache: { production: 65536, test: 64, rpeer: 65536, bench: 65536 },
   egress_filter: { production: 512, test: 2, rpeer: 512, bench: 512 },
   ingress_cache: { production: 65536, test: 64, rpeer: 65536, bench: 65536 },

@@ -99,6 +99,7 @@ export function compare(m: RunResult, ms: DatapathState, k: KernelRun): string[]
     out.push('packet differs (model vs kernel):');
     for (const line of diffFrames(m.packet, k.packet)) out.push(`  ${line}`);
   }
+  if (k.recentCpusChanged.length > 1) out.push(`ct_recent: one run changed the slots of CPUs ${k.recentCpusChanged.join(', ')}`);
   out.push(...diffStates(ms, k.state));
   return out;
 }
@@ -131,6 +132,11 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   for (const [k, next] of tb) if (!ta.has(k)) out.push(`policy_table[${k}]: ${names[0]} 0 ${names[1]} ${next}`);
   table('ct_pending', a.ct_pending, b.ct_pending);
   table('ct_admitted', a.ct_admitted, b.ct_admitted);
+  for (let i = 0; i < Math.max(a.ct_recent.length, b.ct_recent.length); i++) {
+    const [x, y] = [a.ct_recent[i], b.ct_recent[i]];
+    if (!x || !y) out.push(`ct_recent[${i}]: only in ${x ? names[0] : names[1]}: ${show(x ?? y)}`);
+    else out.push(...fieldDiff(`ct_recent[${i}]`, x, y, names));
+  }
   table('nodes', a.nodes, b.nodes);
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_start', a.policy_start, b.policy_start, names));

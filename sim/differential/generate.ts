@@ -15,6 +15,7 @@ import {
   NO_HOST_NETNS, egressFilterSlot, type Path,
 } from '../../dataplane/maps.ts';
 import { emptyState, type DatapathState } from '../model/index.ts';
+import { ctRecentSlot, ipWord } from '../model/conntrack.ts';
 import type { Case } from './compare.ts';
 import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import {
@@ -738,7 +739,54 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     }
     tags.push('ct-cached');
   }
+  if (program !== 'init' && rng.chance(0.35)) recentSlots(rng, state, focus, tags);
   return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx: ctxOut, conntrack };
+}
+
+/**
+ * This CPU's ct_recent slots (every CPU's, as kernel.ts loads them): the focus
+ * flow's own slot, in either direction and as a Service's request, holding it
+ * fresh, stale, ahead of the clock, NATed at either end, or holding a flow that
+ * differs in one field of the tuple or in all (another flow on the same slot);
+ * and now and then other slots holding random flows.
+ */
+function recentSlots(rng: Rng, state: DatapathState, focus: Focus, tags: string[]): void {
+  const now = monotonicCoarseNs();
+  const proto = focus.proto === 17 ? 17 : 6;
+  const svc = focus.service ?? { ip: CLUSTER_IP, port: 80 };
+  const [local, remote] = [ipWord(focus.local.ip), ipWord(focus.remote)];
+  const flows = [
+    { saddr: local, daddr: remote, sport: focus.sport, dport: focus.dport, protocol: proto },
+    { saddr: remote, daddr: local, sport: focus.dport, dport: focus.sport, protocol: proto },
+    { saddr: local, daddr: ipWord(svc.ip), sport: focus.sport, dport: svc.port, protocol: proto },
+  ];
+  const n = state.ct_recent.length;
+  for (const k of flows) {
+    if (!rng.chance(0.6)) continue;
+    const slot = ctRecentSlot(k, n);
+    const held = { ...k };
+    const which = rng.int(10);
+    // Another flow in the slot: one field of the tuple changed, or a flow of its own.
+    if (which === 0) held.protocol = proto === 6 ? 17 : 6;
+    else if (which === 1) held.sport = (k.sport + 1) & 0xffff;
+    else if (which === 2) held.dport = (k.dport + 1) & 0xffff;
+    else if (which === 3) held.saddr = ipWord(remotePod(rng.int(3), 42));
+    else if (which === 4) held.daddr = ipWord(remotePod(rng.int(3), 43));
+    else if (which === 5) Object.assign(held, { saddr: ipWord(rng.pick(LOCAL_PODS).ip), daddr: ipWord(remotePod(rng.int(3), rng.int(40))), sport: rng.range(1, 65535) });
+    const checked = rng.pick([now - BigInt(rng.int(20_000_000)), now - BigInt(rng.int(20_000_000)), now - BigInt(rng.int(20_000_000)),
+      now - CT_RECHECK_NS - BigInt(rng.int(1_000_000_000)), BigInt(rng.range(1, 1_000_000)), now + 5_000_000_000n]);
+    // Mostly as conntrack would have it; sometimes NATed at an end the caller may or may not move.
+    const pick = rng.int(10);
+    const to = pick < 6 ? { saddr: held.saddr, daddr: held.daddr, sport: held.sport, dport: held.dport }
+      : pick < 8 ? { saddr: held.saddr, daddr: remote, sport: held.sport, dport: focus.dport }
+      : { saddr: ipWord(svc.ip), daddr: held.daddr, sport: svc.port, dport: held.dport };
+    state.ct_recent[slot] = { ...held, checked, to_saddr: to.saddr, to_daddr: to.daddr, to_sport: to.sport, to_dport: to.dport };
+  }
+  for (let i = rng.chance(0.3) ? rng.int(n) : 0; i > 0; i--) {
+    const k = { saddr: ipWord(rng.pick(LOCAL_PODS).ip), daddr: ipWord(remotePod(rng.int(3), rng.int(40))), sport: rng.range(1, 65535), dport: 443, protocol: 6 };
+    state.ct_recent[rng.int(n)] = { ...k, checked: now - BigInt(rng.int(20_000_000)), to_saddr: k.saddr, to_daddr: k.daddr, to_sport: k.sport, to_dport: k.dport };
+  }
+  tags.push('ct-recent');
 }
 
 export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {

@@ -6,13 +6,13 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { BpfObject, type BpfMap, skbCtx } from '../../dataplane/libbpf.ts';
+import { BpfObject, type BpfMap, possibleCpus, skbCtx } from '../../dataplane/libbpf.ts';
 import {
   COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
   policySlot, policyStart, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
-import { emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
+import { ctRecentCodec, emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
 import { Conntrack, unshareNetns } from '../../dataplane/conntrack.ts';
 import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
 import type { ConntrackSpec, ProgramName, SkbContext } from './statespec.ts';
@@ -36,6 +36,12 @@ export interface KernelRun {
   state: DatapathState;
   /** bpf_ktime_get_coarse_ns() during the run: the same coarse clock read just before and just after it. */
   now: bigint;
+  /**
+   * The CPUs whose ct_recent slots the run changed (state.ct_recent is the
+   * first one's, or the input's when none): a run takes one CPU, so more than
+   * one is a mismatch whatever the model says.
+   */
+  recentCpusChanged: number[];
 }
 
 const ZERO = arrayIndex.encode({ index: 0 });
@@ -52,6 +58,11 @@ export class KernelDatapath {
   /** Whether the state loaded last has rules: a walk is how the programs reach policy_table. */
   private policyWalked = false;
   private readonly devices = new Set<number>();
+  /** ct_recent's keys 0..N-1, and every CPU's slots as the kernel holds them (after the last load or run). */
+  private readonly recentKeys: Buffer;
+  private recentAll = Buffer.alloc(0);
+  /** One CPU's slots as the state loaded last gave them: what every CPU held before the run. */
+  private recentLoaded = Buffer.alloc(0);
 
   constructor(objectPath = TEST_OBJECT) {
     if (process.getuid?.() !== 0) {
@@ -68,16 +79,17 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'ct_recent', 'nodes', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
     const got = { pods: this.maps.pod_info.maxEntries, paths: this.maps.egress_cache.maxEntries, policySlots: this.maps.policy_table.maxEntries,
-      ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries,
+      ctPending: this.maps.ct_pending.maxEntries, ctAdmitted: this.maps.ct_admitted.maxEntries, ctRecentSlots: this.maps.ct_recent.maxEntries,
       nodes: this.maps.nodes.maxEntries, filterBlocks: this.maps.egress_filter.maxEntries };
     if ((Object.keys(want) as Array<keyof typeof want>).some((k) => got[k] !== want[k])) {
       throw new Error(`${objectPath} has map sizes ${JSON.stringify(got)}, dataplane/maps.ts says ${JSON.stringify(want)}`);
     }
+    this.recentKeys = Buffer.concat(Array.from({ length: got.ctRecentSlots }, (_, i) => arrayIndex.encode({ index: i })));
   }
 
   close(): void {
@@ -112,13 +124,47 @@ export class KernelDatapath {
     const words = Buffer.from(s.egress_filter.buffer, s.egress_filter.byteOffset, s.egress_filter.byteLength);
     const bs = this.maps.egress_filter.valueSize;
     for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.update(arrayIndex.encode({ index: i }), words.subarray(i * bs, (i + 1) * bs));
+    // ct_recent: every CPU the model's one CPU's slots, so that the run's answer does not
+    // depend on the CPU it takes; one batch write of the whole map, only when it differs.
+    const vs = ctRecentCodec.struct.size;
+    const stride = (vs + 7) & ~7;
+    const recentSlots = s.ct_recent.length;
+    const one = Buffer.alloc(recentSlots * vs);
+    s.ct_recent.forEach((r, i) => ctRecentCodec.writeBytes(one.subarray(i * vs, (i + 1) * vs), r));
+    const cpus = possibleCpus();
+    const all = Buffer.alloc(recentSlots * cpus * stride);
+    for (let i = 0; i < recentSlots; i++) for (let c = 0; c < cpus; c++) one.copy(all, (i * cpus + c) * stride, i * vs, (i + 1) * vs);
+    if (!all.equals(this.recentAll)) {
+      this.maps.ct_recent.updateBatch(this.recentKeys, all, recentSlots);
+      this.recentAll = all;
+    }
+    this.recentLoaded = one;
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_start.update(ZERO, policyStart.encode(s.policy_start));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
   }
 
-  /** Reads every map back. */
-  read(): DatapathState {
+  /**
+   * Every CPU's ct_recent slots, one Buffer of slots after another per CPU,
+   * and which CPUs' differ from what load() wrote to all.
+   */
+  private readRecent(): { cpus: Buffer[]; changed: number[] } {
+    const snap = this.maps.ct_recent.readAll();
+    const vs = ctRecentCodec.struct.size;
+    const stride = (vs + 7) & ~7;
+    const ncpu = possibleCpus();
+    this.recentAll = Buffer.from(snap.values.subarray(0, snap.count * snap.valueSize));
+    const cpus = Array.from({ length: ncpu }, () => Buffer.alloc(snap.count * vs));
+    for (let i = 0; i < snap.count; i++) {
+      const slot = snap.keys.readUInt32LE(i * snap.keySize);
+      for (let c = 0; c < ncpu; c++) snap.values.copy(cpus[c], slot * vs, i * snap.valueSize + c * stride, i * snap.valueSize + c * stride + vs);
+    }
+    const changed = cpus.flatMap((b, c) => (b.equals(this.recentLoaded) ? [] : [c]));
+    return { cpus, changed };
+  }
+
+  /** Reads every map back; ct_recent as the CPU that changed it holds it (readRecent). */
+  read(): DatapathState & { recentCpusChanged: number[] } {
     const s = emptyState(MAX_ENTRIES.test);
     for (const [k, v] of this.maps.pod_info.entries()) s.pod_info.updateBytes(k, v);
     for (const [k, v] of this.maps.egress_cache.entries()) s.egress_cache.updateBytes(k, v);
@@ -138,7 +184,11 @@ export class KernelDatapath {
     for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * bs);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_start = policyStart.decode(this.maps.policy_start.lookup(ZERO)!);
-    return s;
+    const recent = this.readRecent();
+    const mine = recent.changed.length ? recent.cpus[recent.changed[0]] : this.recentLoaded;
+    const vs = ctRecentCodec.struct.size;
+    s.ct_recent = s.ct_recent.map((_, i) => ctRecentCodec.fromBytes(mine.subarray(i * vs, (i + 1) * vs)));
+    return Object.assign(s, { recentCpusChanged: recent.changed });
   }
 
   /** Each counter summed over every CPU. */
@@ -184,12 +234,17 @@ export class KernelDatapath {
       const t0 = monotonicCoarseNs();
       const r = this.obj.program(program).testRun({ data: packet, ctx: skb });
       const t1 = monotonicCoarseNs();
-      if (t0 !== t1 && attempt < 20) continue;
+      if (t0 !== t1 && attempt < 20) {
+        // the run may have written ct_recent: load() must write it again
+        this.recentAll = Buffer.alloc(0);
+        continue;
+      }
       if (t0 !== t1) throw new Error('the coarse clock ticked during every one of 20 runs of one case');
       const after = this.counters();
       const counters = {} as Record<CounterName, number>;
       for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
-      return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state: this.read(), now: t0 };
+      const { recentCpusChanged, ...state } = this.read();
+      return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state, now: t0, recentCpusChanged };
     }
   }
 

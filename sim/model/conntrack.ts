@@ -6,7 +6,8 @@
 import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts';
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
-import type { DatapathState } from './maps.ts';
+import { emptyCtRecent, type DatapathState } from './maps.ts';
+import type { ModelCtRecent } from './state.ts';
 import type { Env } from './state.ts';
 
 const TCP_FLAG_FIN = 0x01;
@@ -101,13 +102,28 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
 
   const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
   const now = env.now;
+  // This CPU's slot first (C: an inlined array lookup).
+  const slot = ctRecentSlot(k, s.ct_recent.length);
+  const r = s.ct_recent[slot];
+  const mine = r.protocol === k.protocol && r.saddr === k.saddr && r.daddr === k.daddr && r.sport === k.sport && r.dport === k.dport;
+  if (mine && now >= r.checked && now - r.checked < CT_RECHECK_NS) {
+    to.saddr = r.to_saddr;
+    to.daddr = r.to_daddr;
+    to.sport = r.to_sport;
+    to.dport = r.to_dport;
+    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
+  }
+
   const seen = s.ct_admitted.lookupElem(k);
   if (seen && now >= seen.checked && now - seen.checked < CT_RECHECK_NS) {
     to.saddr = seen.saddr;
     to.daddr = seen.daddr;
     to.sport = seen.sport;
     to.dport = seen.dport;
-    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
+    if (!natAllowed(k, to, side)) return 'CT_NAT';
+    // The entry's own time: the slot must not outlive the check it copies.
+    ctRecentPut(r, k, seen.checked, to);
+    return CT_ADMIT;
   }
 
   let e = ct.lookup({ src, dst, sport: h.sport, dport: h.dport, proto: h.proto });
@@ -115,6 +131,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   if (e && netnsId !== CT_CURRENT_NETNS && env.netnsIno !== netnsIno) e = undefined;
   if (!e) {
     if (seen) s.ct_admitted.deleteElem(k);
+    if (mine) s.ct_recent[slot] = emptyCtRecent();
     return 'CT_REFUSED';
   }
 
@@ -130,16 +147,49 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
 
   if (verdict === CT_ADMIT) {
     s.ct_admitted.updateElem(k, { checked: now, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport }, 'any');
+    ctRecentPut(r, k, now, to);
     return verdict;
   }
   // No longer admitted: the cached admission must not outlive the entry's change.
   if (seen) s.ct_admitted.deleteElem(k);
+  if (mine) s.ct_recent[slot] = emptyCtRecent();
   // A plain hash: when full, the insert fails and the flow waits (maps.h).
   if (verdict === 'CT_PENDING') s.ct_pending.updateElem(k, { queued: 1 }, 'any');
   return verdict;
 }
 
 type FlowKey = { saddr: number; daddr: number; sport: number; dport: number };
+
+const swap16 = (x: number) => ((x & 0xff) << 8) | (x >>> 8);
+
+/**
+ * C: ct_recent_slot. The flow's slot of ct_recent (of slots, a power of two):
+ * murmur3's finalizer over the tuple as the C holds it, ports in network order.
+ */
+export function ctRecentSlot(k: FlowKey & { protocol: number }, slots: number): number {
+  const ports = ((swap16(k.sport) << 16) | swap16(k.dport)) >>> 0;
+  let x = (k.saddr ^ Math.imul(k.daddr, 0x9e3779b1) ^ Math.imul(ports, 0x85ebca6b) ^ k.protocol) >>> 0;
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b) >>> 0;
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35) >>> 0;
+  x ^= x >>> 16;
+  return (x & (slots - 1)) >>> 0;
+}
+
+/** C: ct_recent_put. The slot now holds the flow k, admitted as to by the lookup made at checked. */
+function ctRecentPut(r: ModelCtRecent, k: FlowKey & { protocol: number }, checked: bigint, to: CtTo): void {
+  r.saddr = k.saddr;
+  r.daddr = k.daddr;
+  r.sport = k.sport;
+  r.dport = k.dport;
+  r.protocol = k.protocol;
+  r.checked = checked;
+  r.to_saddr = to.saddr;
+  r.to_daddr = to.daddr;
+  r.to_sport = to.sport;
+  r.to_dport = to.dport;
+}
 
 /**
  * C: ct_translated. A packet of the original direction leaves with the reply

@@ -49,6 +49,10 @@ describe.each(OBJECTS)('the model holds every map of $file', ({ file, sizes, eff
     }
   });
 
+  it('ct_recent of the same slots (one CPU\'s)', () => {
+    expect(s.ct_recent.length).toBe(built.get('ct_recent'));
+  });
+
   it("egress_filter of the same blocks (each block's bytes u32 words in the model)", () => {
     expect(s.egress_filter.length * 4).toBe(FILTER_BLOCK_BYTES * built.get('egress_filter')!);
   });

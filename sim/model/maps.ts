@@ -8,14 +8,14 @@
  */
 import type { Struct } from '../../dataplane/layout.ts';
 import {
-  ConfigFlag, FILTER_BLOCK_BYTES, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
+  ConfigFlag, FILTER_BLOCK_BYTES, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctRecent, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
   type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyStart,
 } from '../../dataplane/maps.ts';
 import { PolicySlots } from './policy-table.ts';
 import { ModelCodec, ipKeys, structKeys } from './codec.ts';
 import {
   HashTable,
-  type ModelCtAdmission, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
+  type ModelCtAdmission, type ModelCtRecent, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
 } from './state.ts';
 
 /** The maps, by their names in the C. */
@@ -44,12 +44,18 @@ export interface DatapathState {
   ct_pending: HashTable<CtTupleKey, { queued: number }, ModelCtTupleKey, { queued: number }>;
   /** Flows conntrack admitted a moment ago (conntrack.ts), written by masq and restore. */
   ct_admitted: HashTable<CtTupleKey, CtAdmission, ModelCtTupleKey, ModelCtAdmission>;
+  /**
+   * One CPU's slots of ct_recent, the per-CPU first-level admission cache
+   * (conntrack.ts), written and read by masq and restore: the model runs on
+   * one CPU (the differential's kernel.ts compares it with the CPU the run took).
+   */
+  ct_recent: ModelCtRecent[];
   /** The overlay's nodes by underlay address, written by the agent; flag SELF marks this host's own (bpf/xmasq.h). */
   nodes: HashTable<string, NodeInfo, number, ModelNodeInfo>;
 }
 
 /** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
-export interface Sizes { pods: number; paths: number; policySlots: number; ctPending?: number; ctAdmitted?: number; nodes?: number; filterBlocks?: number }
+export interface Sizes { pods: number; paths: number; policySlots: number; ctPending?: number; ctAdmitted?: number; ctRecentSlots?: number; nodes?: number; filterBlocks?: number }
 
 const asStruct = (s: unknown) => s as Struct<never>;
 
@@ -67,9 +73,18 @@ export function emptyState(sizes: Sizes): DatapathState {
     policy_start: { egress: 0, ingress: 0 },
     ct_pending: new HashTable(tuples, new ModelCodec<{ queued: number }>(asStruct(ctPendingValue)), sizes.ctPending ?? 16),
     ct_admitted: new HashTable(tuples, new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
+    ct_recent: Array.from({ length: sizes.ctRecentSlots ?? 8 }, emptyCtRecent),
     nodes: new HashTable(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
   };
 }
+
+/** A zeroed slot of ct_recent (C: what a new map holds, and what a refusal leaves): protocol 0 is no flow. */
+export function emptyCtRecent(): ModelCtRecent {
+  return { saddr: 0, daddr: 0, sport: 0, dport: 0, protocol: 0, checked: 0n, to_saddr: 0, to_daddr: 0, to_sport: 0, to_dport: 0 };
+}
+
+/** ct_recent's slots to and from the kernel's bytes (one CPU's value of each, one after another). */
+export const ctRecentCodec = new ModelCodec<ModelCtRecent>(asStruct(ctRecent));
 
 /** A copy of every map, whose tables are of the same kind as s's. */
 export function cloneState(s: DatapathState): DatapathState {
@@ -83,6 +98,7 @@ export function cloneState(s: DatapathState): DatapathState {
     policy_start: { ...s.policy_start },
     ct_pending: s.ct_pending.clone(),
     ct_admitted: s.ct_admitted.clone(),
+    ct_recent: s.ct_recent.map((r) => ({ ...r })),
     nodes: s.nodes.clone(),
   };
 }
