@@ -33,6 +33,8 @@ export interface RunOptions {
   model?: Record<ProgramName, ModelProgram>;
   /** Stop at the first mismatching case (the mutation check wants only "caught or not"). */
   stopAtFirst?: boolean;
+  /** Only these programs' fixtures and cases (all by default): the mutation check skips programs a mutant cannot change. */
+  programs?: ProgramName[];
   /** Called every so often with progress, for long runs. */
   progress?: (msg: string) => void;
   /** How many mismatching cases to describe in full. */
@@ -90,9 +92,12 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
   };
   try {
     if (opts.fixtures ?? true) {
-      for (const c of await loadFixtures()) if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
+      for (const c of await loadFixtures()) {
+        if (opts.programs && !opts.programs.includes(c.program)) continue;
+        if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
+      }
     }
-    for (const program of PROGRAMS) {
+    for (const program of opts.programs ?? PROGRAMS) {
       let n = 0;
       for (const c of generateCases(program, opts.perProgram, opts.seed)) {
         if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
