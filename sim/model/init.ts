@@ -133,9 +133,6 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
       }
     }
     if (e.local_key === 0) {
-    // The key's ingress entry restores into the pod: its veth and MAC (the fast path skipped them).
-    if (!pod) pod = s.pod_info.lookupElem(src);
-    if (!pod) return pass(fx);
       fx.counters.KEY_EXHAUSTED++;
       return TC_CONTINUE;
     }
