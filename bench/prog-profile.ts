@@ -9,10 +9,12 @@
  * This VM has no PMU, so cpu-clock it is: the figures are sampled, a few percent apart
  * from the timed ones, and say where the time goes, not to the nanosecond.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import type { Readable } from 'node:stream';
 import type { RowWindow } from './programs.ts';
 
 export const PROFILE_FREQ = 20_000;
@@ -41,17 +43,44 @@ const BPF_FRAME = /^bpf_prog_[0-9a-f]{16}_/;
 /** One sample: its time (ns, the recording's clock) and its call chain, leaf first. */
 export interface Sample { ns: bigint; frames: string[] }
 
+/** One block of `perf script -F time,ip,sym` output (a sample's header line, then its frames) as a sample. */
+function parseBlock(lines: readonly string[]): Sample | undefined {
+  if (!lines.length) return undefined;
+  const t = /^\s*(\d+)\.(\d+):/.exec(lines[0]);
+  if (!t) return undefined;
+  const ns = BigInt(t[1]) * 1_000_000_000n + BigInt(t[2].padEnd(9, '0').slice(0, 9));
+  return { ns, frames: lines.slice(1).map((l) => (l.trim().split(/\s+/, 2)[1] ?? '').replace(/\+0x[0-9a-f]+$/, '')) };
+}
+
 /** `perf script -F time,ip,sym` output as samples. */
 export function parseScript(script: string): Sample[] {
   const out: Sample[] = [];
   for (const block of script.split(/\n\s*\n/)) {
-    const lines = block.split('\n').filter((l) => l.trim());
-    if (!lines.length) continue;
-    const t = /^\s*(\d+)\.(\d+):/.exec(lines[0]);
-    if (!t) continue;
-    const ns = BigInt(t[1]) * 1_000_000_000n + BigInt(t[2].padEnd(9, '0').slice(0, 9));
-    out.push({ ns, frames: lines.slice(1).map((l) => (l.trim().split(/\s+/, 2)[1] ?? '').replace(/\+0x[0-9a-f]+$/, '')) });
+    const s = parseBlock(block.split('\n').filter((l) => l.trim()));
+    if (s) out.push(s);
   }
+  return out;
+}
+
+/**
+ * The same, read from perf script's output as it comes: a recording of a whole
+ * default run (1,000,000 packets a row, call chains of ~20 frames) prints more
+ * than the longest string V8 makes (~512 MiB).
+ */
+async function parseStream(input: Readable): Promise<Sample[]> {
+  const out: Sample[] = [];
+  let block: string[] = [];
+  for await (const line of createInterface({ input, crlfDelay: Infinity })) {
+    if (line.trim()) {
+      block.push(line);
+      continue;
+    }
+    const s = parseBlock(block);
+    if (s) out.push(s);
+    block = [];
+  }
+  const s = parseBlock(block);
+  if (s) out.push(s);
   return out;
 }
 
@@ -139,9 +168,16 @@ export class Recording {
     try {
       this.child.kill('SIGINT');
       await this.exited;
-      const s = spawnSync('perf', ['script', '-i', this.file, '-F', 'time,ip,sym'], { encoding: 'utf8', maxBuffer: 1 << 30 });
-      if (s.status !== 0) throw new Error(`perf script failed: ${(s.stderr || s.error?.message || '').trim()}`);
-      return parseScript(s.stdout);
+      const script = spawn('perf', ['script', '-i', this.file, '-F', 'time,ip,sym'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let err = '';
+      script.stderr!.on('data', (d: Buffer) => { if (err.length < 65536) err += d.toString(); });
+      const exited = new Promise<number | null>((resolve) => {
+        script.on('error', (e) => { err += e.message; resolve(-1); });
+        script.on('close', (code) => resolve(code));
+      });
+      const samples = await parseStream(script.stdout!);
+      if ((await exited) !== 0) throw new Error(`perf script failed: ${err.trim()}`);
+      return samples;
     } finally {
       this.cleanup();
     }
