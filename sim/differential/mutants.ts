@@ -128,7 +128,7 @@ export const MUTANTS: Mutant[] = [
   { name: 'restore lets the NAT move the destination', file: 'conntrack.ts',
     from: 'if (side === NatSide.SRC) return dstKept;', to: 'if (side === NatSide.SRC) return true;' },
   { name: 'a cached translation not checked against the caller', file: 'conntrack.ts',
-    from: "return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';", to: 'return CT_ADMIT;' },
+    from: "    if (!natAllowed(k, to, side)) return 'CT_NAT';\n", to: '' },
   { name: "a Service request not taken to its backend", file: 'masq.ts',
     from: '    h.daddr = to.daddr;\n    h.dport = to.dport;\n', to: '' },
   { name: 'a UDP flow without a reply admitted', file: 'conntrack.ts',
