@@ -1033,15 +1033,24 @@ describe('xmasq-agent', () => {
       expect(mine()).toEqual([{ remote_host: '192.168.77.2', key: 11, dead: false }, { remote_host: '192.168.77.4', key: 12, dead: false }]);
       expect(hasEgress(POD.ip, '10.244.7.2') && hasEgress(POD.ip, '10.244.8.2')).toBe(true);
 
+      // A node joining makes no entry stray, so its sync sweeps nothing: an entry towards a
+      // host that is no node (which no program writes; planted as a probe) stays through it
+      // and the sync after, and goes with the next change that does sweep.
+      plantEgress(POD.ip, '10.244.9.2', { remote_ip: '192.168.77.66' });
+      inHost('bridge', 'fdb', 'append', '0e:00:00:00:00:05', 'dev', 'vx0', 'dst', '192.168.77.5', 'self', 'permanent');
+      await until('192.168.77.5 in the node set', () => nodes().includes('192.168.77.5'));
+      await new Promise((r) => setTimeout(r, 2500));
+      expect(hasEgress(POD.ip, '10.244.9.2')).toBe(true);
+
       inHost('bridge', 'fdb', 'del', '0e:00:00:00:00:04', 'dev', 'vx0', 'dst', '192.168.77.4', 'self');
       // The sync that writes the node set sweeps the caches, then logs it: once the line is
       // there, the map and the caches must both show the change.
-      const swept = 'node set: tombstoned 1 ingress entries from hosts that are no peer node; deleted 1 egress entries';
+      const swept = 'node set: tombstoned 1 ingress entries from hosts that are no peer node; deleted 2 egress entries';
       await until('the sweep after 192.168.77.4 left the FDB', () => running.stderr().includes(swept));
-      expect(nodes()).toEqual(['192.168.77.1', '192.168.77.2']);
+      expect(nodes()).toEqual(['192.168.77.1', '192.168.77.2', '192.168.77.5']);
       // Tombstoned, not deleted, so that key 12 of .4 stays taken.
       expect(mine()).toEqual([{ remote_host: '192.168.77.2', key: 11, dead: false }, { remote_host: '192.168.77.4', key: 12, dead: true }]);
-      expect([hasEgress(POD.ip, '10.244.7.2'), hasEgress(POD.ip, '10.244.8.2')]).toEqual([true, false]);
+      expect([hasEgress(POD.ip, '10.244.7.2'), hasEgress(POD.ip, '10.244.8.2'), hasEgress(POD.ip, '10.244.9.2')]).toEqual([true, false, false]);
     } finally {
       await stopAgent();
       inHost('ip', 'link', 'del', 'vx0');

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { macToBytes } from '../layout.ts';
 import { NO_HOST_NETNS, podInfo, podIp } from '../maps.ts';
 import { hostNetnsSeenFrom, type HostNetns } from '../netlink.ts';
-import { dumpEgress, dumpIngress, expire, purgePod, countEntries, nodeWords, sweepNodes } from './caches.ts';
+import { dumpEgress, dumpIngress, expire, purgePod, countEntries, nodeWords, sweepNodes, type NodeWords } from './caches.ts';
 import { ConfigError, checkObject, parseCidr, type AgentConfig } from './config.ts';
 import { CT_DRAIN_INTERVAL_MS, ConntrackDrain } from './conntrack.ts';
 import { Datapath, describe, unpinAll } from './datapath.ts';
@@ -274,12 +274,11 @@ export class Agent {
       this.log.info(`tunnel ports: ${ports.why}`);
       dp.writeConfig(this.nic.ifindex, cfg.wideKeys, ports, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
       // Pinned caches were kept by an earlier agent, maybe of an earlier version, against
-      // an earlier node set: held to this one before our programs rely on it.
-      this.syncNodes(nodes, !created);
-      // New maps: no program used them before the set was written, none raced its change.
-      if (created) this.nodeSweepDue = false;
+      // an earlier node set: held to this one before our programs rely on it. (New maps:
+      // no program used them before the set was written, none raced its change.)
+      const sweep = this.syncNodes(nodes, !created);
+      if (sweep) this.swept(sweepNodes(dp.maps.egress_cache, dp.maps.ingress_cache, sweep, monotonicCoarseNs()));
       this.nodes = nodes;
-      this.lastNodeSync = Date.now();
       const ns = nodes.snapshot();
       this.log.info(`nodes: ${ns.peers.length} peer(s) from ${ns.overlayDevices.join(', ') || 'no overlay device'}${cfg.nodes.length ? ` and --nodes` : ''}; this host is ${ns.self.join(', ')}`);
       if (!cfg.wideKeys) {
@@ -650,22 +649,22 @@ export class Agent {
     const t0 = process.hrtime.bigint();
     try {
       const m = this.dp.maps;
+      // Nodes come and go with the overlay device's FDB: the set at most once a second,
+      // written before the caches are read, so that a sweep its change needs is this
+      // scan's read of them, not a second one.
+      const sweep = this.nodes && Date.now() - this.lastNodeSync >= NODE_SYNC_MS ? this.syncNodes(this.nodes, false) : undefined;
       const r = expire(m.egress_cache, m.ingress_cache, monotonicCoarseNs(),
-        BigInt(Math.round(this.cfg.egressIdleSeconds * 1e9)), BigInt(Math.round(this.cfg.ingressIdleSeconds * 1e9)));
+        BigInt(Math.round(this.cfg.egressIdleSeconds * 1e9)), BigInt(Math.round(this.cfg.ingressIdleSeconds * 1e9)), sweep);
       this.stats.expired.egress += r.egress.deleted;
       this.stats.expired.ingress += r.ingress.deleted;
       this.egressGone += r.egress.deleted;
+      this.swept(r.swept);
       if (r.egress.deleted || r.ingress.deleted) {
         this.log.debug(`expired ${r.egress.deleted} egress${r.egress.unanswered ? ` (${r.egress.unanswered} unanswered by the peer)` : ''} and ${r.ingress.deleted} ingress entries (${r.egress.remaining} and ${r.ingress.remaining} left) in ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(1)} ms`);
       }
       this.collectGonePods();
       // Once a quarter of the entries' worth went (at least one), the bits they left.
       if (this.filterDue || (this.egressGone > 0 && this.egressGone * 4 >= r.egress.remaining)) this.rebuildFilter();
-      // Nodes come and go with the overlay device's FDB: at most once a second.
-      if (this.nodes && Date.now() - this.lastNodeSync >= NODE_SYNC_MS) {
-        this.lastNodeSync = Date.now();
-        this.syncNodes(this.nodes, false);
-      }
       if (this.stats.scanFailing) this.log.info(`expiry scans work again (failing since ${this.stats.scanFailing.since})`);
       this.stats.scanFailing = undefined;
     } catch (e) {
@@ -681,22 +680,27 @@ export class Agent {
   }
 
   /**
-   * The node set as the overlay has it now, and the caches held to it (caches.ts
-   * sweepNodes): init and restore take a learned pair's entries for proof that its
-   * addresses passed the node checks (bpf/init.h, restore.h), so entries the set no
-   * longer vouches for go in the same sync, right after the map is written. Once more
-   * at the next sync after a change: a program that passed a node check just before
-   * the map changed may create its entry after the sweep read the caches. sweep: sweep
-   * even if nothing changed (the agent's start over pinned caches).
+   * Writes the node set as the overlay has it now, and returns it when the caches
+   * must be held to it (caches.ts sweepNodes), else undefined. init and restore take
+   * a learned pair's entries for proof that its addresses passed the node checks
+   * (bpf/init.h, restore.h), so entries the set no longer vouches for go right after
+   * the map is written: in the caller's read of the caches. Only a node that left or
+   * changed role can make an entry stray (NodeChanges.lost); a new one makes none.
+   * Once more at the next sync after such a change: a program that passed a node
+   * check just before the map changed may create its entry after the sweep read the
+   * caches. force: sweep even if nothing changed (the agent's start over pinned caches).
    */
-  private syncNodes(nodes: NodeSet, sweep: boolean): void {
+  private syncNodes(nodes: NodeSet, force: boolean): NodeWords | undefined {
     const changes = nodes.sync();
-    const changed = changes.added.length + changes.removed.length > 0;
-    if (!changed && !this.nodeSweepDue && !sweep) return;
-    this.nodeSweepDue = changed;
-    const m = this.dp!.maps;
+    this.lastNodeSync = Date.now();
+    const lost = changes.lost.length > 0;
+    if (!lost && !this.nodeSweepDue && !force) return undefined;
+    this.nodeSweepDue = lost;
     const set = nodes.snapshot();
-    const swept = sweepNodes(m.egress_cache, m.ingress_cache, nodeWords(set.self, set.peers), monotonicCoarseNs());
+    return nodeWords(set.self, set.peers);
+  }
+
+  private swept(swept: Purged): void {
     this.egressGone += swept.egress;
     if (swept.egress || swept.ingress) {
       this.log.info(`node set: tombstoned ${swept.ingress} ingress entries from hosts that are no peer node; deleted ${swept.egress} egress entries towards such a host or from an address no longer ours`);

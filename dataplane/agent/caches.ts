@@ -128,33 +128,12 @@ export function nodeWords(self: readonly string[], peers: readonly string[]): No
  *    the overlay, where init's checks decide. Each is read again just before
  *    the delete and spared if the program rewrote it meanwhile to addresses
  *    the set holds.
- * A full sweep reads both caches once, as an expiry scan does.
+ * A sweep reads both caches once, as an expiry scan does; the agent's scans
+ * sweep as they expire (expire's nodes), in the same read. This is the sweep
+ * alone, for the agent's start over pinned caches.
  */
 export function sweepNodes(egress: MapOps, ingress: MapOps, nodes: NodeWords, now: bigint): Purged {
-  const ing = ingress.readAll();
-  const ingKeys = wordsOf(ing.keys), ingValues = wordsOf(ing.values);
-  const ikStride = strideOf(ing.keySize, 'ingress key'), ivStride = strideOf(ing.valueSize, 'ingress path');
-  let tombstoned = 0;
-  for (let i = 0; i < ing.count; i++) {
-    const vo = i * ivStride;
-    if (nodes.peers.has(ingKeys[i * ikStride + IK.host]) || isTombstone(ingValues, vo)) continue;
-    if (tombstone(ingress, ing.keys, i * ing.keySize, ingValues, vo, now)) tombstoned++;
-  }
-
-  const eg = egress.readAll();
-  const egValues = wordsOf(eg.values), evStride = strideOf(eg.valueSize, 'egress path');
-  const stray = (v: Uint32Array, vo: number) => {
-    const local = v[vo + P.localIp], remote = v[vo + P.remoteIp];
-    return (remote !== 0 && !nodes.peers.has(remote)) || (local !== 0 && !nodes.self.has(local));
-  };
-  const key = scratch(egressKey.size), again = scratch(path.size);
-  const doomed = new KeyList(eg.keySize);
-  for (let i = 0; i < eg.count; i++) {
-    if (!stray(egValues, i * evStride)) continue;
-    eg.keys.copy(key.bytes, 0, i * eg.keySize, (i + 1) * eg.keySize);
-    if (egress.lookupInto(key.bytes, again.bytes) && stray(again.words, 0)) doomed.push(key.bytes, 0);
-  }
-  return { egress: egress.deleteKeys(doomed.keys, doomed.count), ingress: tombstoned };
+  return scanCaches(egress, ingress, now, undefined, nodes).swept;
 }
 
 /*
@@ -325,6 +304,8 @@ export interface ExpiryResult {
   /** unanswered: deleted because the peer stopped talking back, though masq kept the entry busy. */
   egress: { deleted: number; remaining: number; unanswered: number };
   ingress: { deleted: number; remaining: number };
+  /** What the node sweep of the same read took (expire's nodes; 0 and 0 without). remaining counts it out. */
+  swept: Purged;
 }
 
 type EgressVerdict = 'keep' | 'idle' | 'unanswered';
@@ -373,30 +354,72 @@ function judgeEgress(k: Uint32Array, ko: number, v: Uint32Array, v16: Uint16Arra
  * read again, with the ingress entry it depends on, just before the delete
  * and spared if it no longer qualifies, which narrows the race to a few
  * microseconds; losing it only sends that flow back through the overlay to
- * learn again.
+ * learn again. nodes: sweep against this node set in the same read
+ * (sweepNodes), which leaves the caches as a sweep followed by an expiry
+ * scan would; swept counts what the sweep took.
  */
-export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint): ExpiryResult {
-  const egressIdle = stampBound(now, egressIdleNs), ingressIdle = stampBound(now, ingressIdleNs);
+export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleNs: bigint, ingressIdleNs: bigint,
+  nodes?: NodeWords): ExpiryResult {
+  return scanCaches(egress, ingress, now, { egress: egressIdleNs, ingress: ingressIdleNs }, nodes);
+}
+
+/**
+ * One read of both caches for expiry (idle: the limits; undefined, none) and
+ * the node sweep (nodes; undefined, none), deciding as the sweep and then an
+ * expiry scan would. The expiry rules read the snapshot from before the
+ * sweep's tombstones, which changes none of their verdicts: an egress entry's
+ * peer is the ingress entry under its own remote_ip, which the sweep keeps
+ * the entry for only if that host is a peer, whose entries it leaves alone;
+ * and an idle ingress candidate is read again, with the tombstone's new
+ * stamp, before its delete.
+ */
+function scanCaches(egress: MapOps, ingress: MapOps, now: bigint, idle: { egress: bigint; ingress: bigint } | undefined,
+  nodes: NodeWords | undefined): ExpiryResult {
   const ing = ingress.readAll();
   const ingKeys = wordsOf(ing.keys), ingValues = wordsOf(ing.values);
   const ikStride = strideOf(ing.keySize, 'ingress key'), ivStride = strideOf(ing.valueSize, 'ingress path');
-  const peers = new PeerIndex(ingKeys, halvesOf(ingKeys), ikStride, ing.count);
+  let tombstoned = 0;
+  if (nodes) {
+    for (let i = 0; i < ing.count; i++) {
+      const vo = i * ivStride;
+      if (nodes.peers.has(ingKeys[i * ikStride + IK.host]) || isTombstone(ingValues, vo)) continue;
+      if (tombstone(ingress, ing.keys, i * ing.keySize, ingValues, vo, now)) tombstoned++;
+    }
+  }
+
   const eg = egress.readAll();
   const egKeys = wordsOf(eg.keys), egValues = wordsOf(eg.values), egHalves = halvesOf(egValues);
   const ekStride = strideOf(eg.keySize, 'egress key'), evStride = strideOf(eg.valueSize, 'egress path');
+  const stray = (v: Uint32Array, vo: number) => {
+    if (!nodes) return false;
+    const local = v[vo + P.localIp], remote = v[vo + P.remoteIp];
+    return (remote !== 0 && !nodes.peers.has(remote)) || (local !== 0 && !nodes.self.has(local));
+  };
   // Candidates are read again one at a time into these, not into a Buffer each.
   const key = scratch(egressKey.size), again = scratch(path.size);
   const peerKey = scratch(ingressKey.size), peerNow = scratch(path.size);
+  const egressIdle = idle && stampBound(now, idle.egress);
+  const peers = idle && new PeerIndex(ingKeys, halvesOf(ingKeys), ikStride, ing.count);
 
-  const doomed = new KeyList(eg.keySize);
+  const strays = new KeyList(eg.keySize), doomed = new KeyList(eg.keySize);
   let unanswered = 0;
   for (let i = 0; i < eg.count; i++) {
     const ko = i * ekStride, vo = i * evStride;
-    const local = egHalves[vo * 2 + P.localKey16];
-    const p = local ? peers.find(egValues[vo + P.remoteIp], local) : -1;
-    if (judgeEgress(egKeys, ko, egValues, egHalves, vo, p < 0 ? undefined : ingValues, p * ivStride, egressIdle) === 'keep') continue;
+    const isStray = stray(egValues, vo);
+    let expiring = false;
+    if (!isStray && peers && egressIdle) {
+      const local = egHalves[vo * 2 + P.localKey16];
+      const p = local ? peers.find(egValues[vo + P.remoteIp], local) : -1;
+      expiring = judgeEgress(egKeys, ko, egValues, egHalves, vo, p < 0 ? undefined : ingValues, p * ivStride, egressIdle) !== 'keep';
+    }
+    if (!isStray && !expiring) continue;
     eg.keys.copy(key.bytes, 0, i * eg.keySize, (i + 1) * eg.keySize);
     if (!egress.lookupInto(key.bytes, again.bytes)) continue;
+    if (stray(again.words, 0)) {
+      strays.push(key.bytes, 0);
+      continue;
+    }
+    if (!egressIdle) continue;
     let peerFound = false;
     if (again.halves[P.localKey16]) {
       // The ingress key our key for the peer lives under: (peer host, our key).
@@ -409,20 +432,27 @@ export function expire(egress: MapOps, ingress: MapOps, now: bigint, egressIdleN
     doomed.push(key.bytes, 0);
     if (verdict === 'unanswered') unanswered++;
   }
+  const egressSwept = egress.deleteKeys(strays.keys, strays.count);
   const egressDeleted = egress.deleteKeys(doomed.keys, doomed.count);
 
-  const stale = new KeyList(ing.keySize);
-  const ingKey = scratch(ingressKey.size);
-  for (let i = 0; i < ing.count; i++) {
-    const vo = i * ivStride;
-    if (!stampBelow(ingValues, vo, ingressIdle)) continue;
-    ing.keys.copy(ingKey.bytes, 0, i * ing.keySize, (i + 1) * ing.keySize);
-    if (ingress.lookupInto(ingKey.bytes, peerNow.bytes) && sameStamp(peerNow.words, 0, ingValues, vo)) stale.push(ingKey.bytes, 0);
+  let ingressDeleted = 0;
+  if (idle) {
+    const ingressIdle = stampBound(now, idle.ingress);
+    const stale = new KeyList(ing.keySize);
+    const ingKey = scratch(ingressKey.size);
+    for (let i = 0; i < ing.count; i++) {
+      const vo = i * ivStride;
+      if (!stampBelow(ingValues, vo, ingressIdle)) continue;
+      ing.keys.copy(ingKey.bytes, 0, i * ing.keySize, (i + 1) * ing.keySize);
+      if (ingress.lookupInto(ingKey.bytes, peerNow.bytes) && sameStamp(peerNow.words, 0, ingValues, vo)) stale.push(ingKey.bytes, 0);
+    }
+    ingressDeleted = ingress.deleteKeys(stale.keys, stale.count);
   }
-  const ingressDeleted = ingress.deleteKeys(stale.keys, stale.count);
+  const egressLeft = eg.count - egressSwept - egressDeleted;
   return {
-    egress: { deleted: egressDeleted, remaining: eg.count - egressDeleted, unanswered },
+    egress: { deleted: egressDeleted, remaining: egressLeft, unanswered },
     ingress: { deleted: ingressDeleted, remaining: ing.count - ingressDeleted },
+    swept: { egress: egressSwept, ingress: tombstoned },
   };
 }
 

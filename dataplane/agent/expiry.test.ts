@@ -1,6 +1,6 @@
 /**
  * caches.ts reads whole caches as raw 32- and 16-bit words at offsets of
- * its own (expire, purgePod, sweepNodes). Here all three are held, on the kernel's own maps
+ * its own (expire, purgePod, sweepNodes, and expire with a node sweep). Here all of them are held, on the kernel's own maps
  * (egress_cache and ingress_cache of the production object, loaded and not
  * attached), to the rules as the agent states them, applied to every entry
  * decoded through maps.ts's codecs with BigInt arithmetic: which entries
@@ -91,6 +91,25 @@ function expected(s: Scene) {
   return { egressLeft, ingressLeft, unanswered };
 }
 
+/** Which of the scene's hosts are still peers, which of our addresses still ours; a host may have become ours. */
+const nodeSets = fc.record({
+  peers: fc.subarray(HOSTS),
+  self: fc.subarray(['172.16.0.1', '172.16.0.2']),
+});
+type NodeSets = { peers: string[]; self: string[] };
+/** An address both ways is ours (nodes.ts). */
+const peersOf = (n: NodeSets) => n.peers.filter((h) => !n.self.includes(h));
+
+/** The sweep's rules as the agent states them (caches.ts sweepNodes): the scene it leaves, and its counts. */
+function sweptScene(s: Scene, n: NodeSets): { scene: Scene; swept: { egress: number; ingress: number } } {
+  const peers = peersOf(n);
+  const stray = (v: Path) => (v.remote_ip !== '0.0.0.0' && !peers.includes(v.remote_ip)) || (v.local_ip !== '0.0.0.0' && !n.self.includes(v.local_ip));
+  const dead = (e: Scene['ingress'][number]) => !peers.includes(e.remote_host) && e.value.ifindex !== 0;
+  const egress = s.egress.filter((e) => !stray(e.value));
+  const ingress = s.ingress.map((e) => ({ remote_host: e.remote_host, key: e.key, value: dead(e) ? { ...e.value, ifindex: 0, last_seen: s.now } : e.value }));
+  return { scene: { ...s, egress, ingress }, swept: { egress: s.egress.length - egress.length, ingress: s.ingress.filter(dead).length } };
+}
+
 let obj: BpfObject;
 let egress: BpfMap;
 let ingress: BpfMap;
@@ -130,6 +149,7 @@ describe('agent caches on the kernel\'s maps: the raw-word scans decide as the s
       expect(r).toEqual({
         egress: { deleted: s.egress.length - want.egressLeft.length, remaining: want.egressLeft.length, unanswered: want.unanswered },
         ingress: { deleted: s.ingress.length - want.ingressLeft.length, remaining: want.ingressLeft.length },
+        swept: { egress: 0, ingress: 0 },
       });
     }), { numRuns: 400 });
   });
@@ -148,16 +168,16 @@ describe('agent caches on the kernel\'s maps: the raw-word scans decide as the s
       egress.update(egressKey.encode({ local_pod: local, remote_pod: remote }), path.encode({ ...common, local_ip: '172.16.255.1', remote_ip: host }));
     }
     expect(expire(egress, ingress, now, 20_000_000_000n, 40_000_000_000n)).toEqual({
-      egress: { deleted: 0, remaining: n, unanswered: 0 }, ingress: { deleted: 0, remaining: n },
+      egress: { deleted: 0, remaining: n, unanswered: 0 }, ingress: { deleted: 0, remaining: n }, swept: { egress: 0, ingress: 0 },
     });
     // The stamps were now - i: with an idle limit of n / 2 ns, the older half of each map is idle.
     const half = BigInt(n / 2);
     const r = expire(egress, ingress, now, half, half);
     // Egress entry i goes when idle (i > n/2) or when its peer, ingress entry i, is (the same i): the older half.
-    expect(r).toEqual({ egress: { deleted: n / 2 - 1, remaining: n / 2 + 1, unanswered: 0 }, ingress: { deleted: n / 2 - 1, remaining: n / 2 + 1 } });
+    expect(r).toEqual({ egress: { deleted: n / 2 - 1, remaining: n / 2 + 1, unanswered: 0 }, ingress: { deleted: n / 2 - 1, remaining: n / 2 + 1 }, swept: { egress: 0, ingress: 0 } });
     ingress.clear();
     expect(expire(egress, ingress, now, 20_000_000_000n, 40_000_000_000n)).toEqual({
-      egress: { deleted: n / 2 + 1, remaining: 0, unanswered: n / 2 + 1 }, ingress: { deleted: 0, remaining: 0 },
+      egress: { deleted: n / 2 + 1, remaining: 0, unanswered: n / 2 + 1 }, ingress: { deleted: 0, remaining: 0 }, swept: { egress: 0, ingress: 0 },
     });
   });
 
@@ -175,23 +195,32 @@ describe('agent caches on the kernel\'s maps: the raw-word scans decide as the s
   });
 
   it('sweepNodes tombstones the ingress entries of hosts that are no peer node and deletes the egress entries towards them or from an address not ours', () => {
-    // Which of the scene's hosts are still peers, which of our addresses still ours; a host may have become ours.
-    const nodeSets = fc.record({
-      peers: fc.subarray(HOSTS),
-      self: fc.subarray(['172.16.0.1', '172.16.0.2']),
-    });
     fc.assert(fc.property(scene, nodeSets, (s, n) => {
       plant(s);
-      const peers = n.peers.filter((h) => !n.self.includes(h)); // an address both ways is ours (nodes.ts)
+      const peers = peersOf(n);
       const r = sweepNodes(egress, ingress, nodeWords(n.self, peers), s.now);
-      const strayEgress = (v: Path) => (v.remote_ip !== '0.0.0.0' && !peers.includes(v.remote_ip)) || (v.local_ip !== '0.0.0.0' && !n.self.includes(v.local_ip));
-      const egressWant = s.egress.filter((e) => !strayEgress(e.value));
-      const dead = (e: Scene['ingress'][number]) => !peers.includes(e.remote_host) && e.value.ifindex !== 0;
-      const ingressWant = s.ingress.map((e) => ({ remote_host: e.remote_host, key: e.key, value: dead(e) ? { ...e.value, ifindex: 0, last_seen: s.now } : e.value }));
-      expect(egressHeld().sort(byEgressKey)).toEqual(egressWant.map((e) => ({ local_pod: e.local_pod, remote_pod: e.remote_pod, value: e.value })).sort(byEgressKey));
-      expect(ingressHeld().sort(byIngressKey)).toEqual(ingressWant.sort(byIngressKey));
-      expect(r).toEqual({ egress: s.egress.length - egressWant.length, ingress: s.ingress.filter(dead).length });
+      const want = sweptScene(s, n);
+      expect(egressHeld().sort(byEgressKey)).toEqual(want.scene.egress.map((e) => ({ local_pod: e.local_pod, remote_pod: e.remote_pod, value: e.value })).sort(byEgressKey));
+      expect(ingressHeld().sort(byIngressKey)).toEqual(want.scene.ingress.sort(byIngressKey));
+      expect(r).toEqual(want.swept);
     }), { numRuns: 300 });
+  });
+
+  it('expire with a node set leaves the caches as a sweep and then an expiry scan would, in one read', () => {
+    fc.assert(fc.property(scene, nodeSets, (s, n) => {
+      plant(s);
+      const r = expire(egress, ingress, s.now, s.egressIdle, s.ingressIdle, nodeWords(n.self, peersOf(n)));
+      const sw = sweptScene(s, n);
+      const want = expected(sw.scene);
+      expect(egressHeld().sort(byEgressKey)).toEqual(want.egressLeft.map((e) => ({ local_pod: e.local_pod, remote_pod: e.remote_pod, value: e.value })).sort(byEgressKey));
+      expect(ingressHeld().map((e) => ({ remote_host: e.remote_host, key: e.key, value: e.value })).sort(byIngressKey))
+        .toEqual(want.ingressLeft.map((e) => ({ remote_host: e.remote_host, key: e.key, value: e.value })).sort(byIngressKey));
+      expect(r).toEqual({
+        egress: { deleted: sw.scene.egress.length - want.egressLeft.length, remaining: want.egressLeft.length, unanswered: want.unanswered },
+        ingress: { deleted: sw.scene.ingress.length - want.ingressLeft.length, remaining: want.ingressLeft.length },
+        swept: sw.swept,
+      });
+    }), { numRuns: 400 });
   });
 
   it('sweepNodes over full caches: a removed peer\'s entries go, every other entry stays as it was', () => {

@@ -28,8 +28,12 @@ export interface NodeSnapshot {
   peers: string[];
 }
 
-/** What a sync changed. */
-export interface NodeChanges { added: string[]; removed: string[] }
+/**
+ * What a sync changed. lost: the addresses that left the set or changed
+ * role (peer to self or back), the changes that can make a cache entry
+ * stray (caches.ts sweepNodes); a new node alone makes none.
+ */
+export interface NodeChanges { added: string[]; removed: string[]; lost: string[] }
 
 export class NodeSet {
   private devices: TunnelDevice[] = [];
@@ -78,16 +82,19 @@ export class NodeSet {
     const have = new Map<string, number>();
     for (const [k, v] of this.map.entries()) have.set(nodeIp.decode(k).ip, nodeInfo.decode(v).flags);
     const added: string[] = [];
+    const lost: string[] = [];
     for (const [ip, flags] of want) {
       if (have.get(ip) === flags) continue;
       this.map.update(nodeIp.encode({ ip }), nodeInfo.encode({ flags }));
       added.push(ip);
+      if (have.has(ip)) lost.push(ip);
     }
     const removed: string[] = [];
     for (const ip of have.keys()) {
       if (want.has(ip)) continue;
       this.map.delete(nodeIp.encode({ ip }));
       removed.push(ip);
+      lost.push(ip);
     }
     this.current = want;
     if (added.length || removed.length) {
@@ -99,7 +106,7 @@ export class NodeSet {
       this.log.warn(`node set: no peer node known (overlay devices: ${this.devices.map((d) => d.name).join(', ') || 'none'}; --nodes: ${this.configured.length}): init learns nothing until one is`);
     }
     this.hadPeer = hasPeer;
-    return { added, removed };
+    return { added, removed, lost };
   }
 
   snapshot(): NodeSnapshot {
