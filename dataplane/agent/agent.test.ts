@@ -10,7 +10,7 @@ import { existsSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync,
 import { createConnection, type Socket } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { BpfMap, BpfObject, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
+import { BpfMap, BpfObject, LibbpfError, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
   COUNTER_NAMES, ConfigFlag, FILTER_BLOCK_BYTES, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, POLICY_TABLE_SLOTS, policySlot, policyStart,
   type Path,
@@ -1263,6 +1263,55 @@ describe('xmasq-agent', () => {
       expect(st.out).toMatch(/^attach\s+tcx \(set by --attach\)$/m);
       expect(st.out).toMatch(new RegExp(`^  masq\\s+vpod1 \\(ifindex ${veth}\\) ingress, tcx link ${byProgram(now, 'masq').linkId}, prog id ${byProgram(now, 'masq').progId}$`, 'm'));
       expect(runCli(['pods']).out).toMatch(new RegExp(`^${POD.ip.replace(/\./g, '\\.')}\\s.*\\stcx\\s`, 'm'));
+    });
+
+    it('a masq attach that fails leaves nothing of the pod: its pod_info entry and its cache entries go, the add is refused, the agent serves on', async () => {
+      if (!haveTcx()) throw new Error('this kernel has no tcx (Linux 6.6+): the fault this test makes needs it');
+      await stopAgent();
+      agent = await startAgent(['--attach', 'tcx', ...PLANTED_PEERS]);
+      const veth = ifindex(NS.host, 'vpod1');
+      await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth }));
+      const masq = (await call((c) => c.status())).status.attachments.find((a) => a.program === 'masq')!;
+      // Taken off the hook by hand: the agent finds masq no longer attached, so a repeated
+      // ADD of the same pod (which purges nothing first) attaches it again.
+      sh('bpftool', ['link', 'detach', 'id', String(masq.linkId)]);
+      // What the pod learned meanwhile, as init and restore would have written it.
+      plantEgress(POD.ip, '10.244.9.9', { remote_ip: '192.168.77.2' });
+      plantIngress('192.168.77.2', 21, { local_ip: POD.ip, remote_ip: '10.244.9.9', local_key: 21 });
+      // The fault: a tcx hook holds a bounded number of programs (bpf_mprog, 64 on 6.18):
+      // filled until the kernel refuses another (ERANGE), the agent's attach fails too.
+      const objs: BpfObject[] = [];
+      const links: number[] = [];
+      try {
+        withNetns(`/run/netns/${NS.host}`, () => {
+          for (let full = false; !full;) {
+            if (objs.length > 256) throw new Error('tcx took 256 programs on one hook: no bound to fill');
+            const o = BpfObject.open(`${TMP}/behind.bpf.o`);
+            objs.push(o);
+            o.load();
+            try {
+              links.push(tcxAttach(veth, 'ingress', o.program('behind'), { last: true }));
+            } catch (e) {
+              if (!(e instanceof LibbpfError) || e.code !== 'ERANGE') throw e;
+              full = true;
+            }
+          }
+        });
+        expect(links.length, 'programs the hook took before it was full').toBeGreaterThan(0);
+        const r = await call((c) => c.raw({ op: 'add', pod: { ip: POD.ip, mac: POD.mac, hostVethIfindex: veth } }));
+        expect(r).toMatchObject({ ok: false });
+        expect((r as { error: string }).error).toContain('cannot attach masq at vpod1');
+        expect(withMap('pod_info', (m) => m.lookup(podIp.encode({ ip: POD.ip }))), "the pod's pod_info entry").toBeUndefined();
+        expect(hasEgress(POD.ip, '10.244.9.9'), 'its egress entry').toBe(false);
+        expect(ingressEntries().filter((e) => e.remote_host === '192.168.77.2' && e.key === 21), 'its ingress entry: a tombstone').toEqual([{ remote_host: '192.168.77.2', key: 21, dead: true }]);
+        expect((await call((c) => c.listPods())).pods.map((p) => p.ip)).not.toContain(POD.ip);
+      } finally {
+        for (const fd of links) closeLink(fd);
+        for (const o of objs) o.close();
+      }
+      // With room on the hook again, the same add serves the pod.
+      await call((c) => c.addPod({ ip: POD.ip, mac: POD.mac, hostVethIfindex: veth }));
+      expect(hookedAs('vpod1', 'ingress')).toEqual(['masq/tcx']);
     });
 
     it('cleanup after a SIGTERM on tcx: no link, pin or filter of ours is left', async () => {
