@@ -32,6 +32,16 @@
  * out, closed) takes effect within that time. Control segments, fragments
  * and other protocols are refused before the cache, every time.
  *
+ * A ct_admitted entry is read through the pointer its lookup returned, and
+ * the kernel reuses a hash element at once: another CPU that deletes the flow
+ * (a refusal, the agent's sweep) or replaces its entry puts the element on
+ * its free list, and its next insert, of any flow, writes that very memory
+ * (kernel/bpf/hashtab.c free_htab_elem: the preallocated freelist;
+ * bpf_mem_cache_free's per-CPU free_llist for BPF_F_NO_PREALLOC since 6.1,
+ * so that flag does not help). A reader could then copy another flow's
+ * checked and translation, and ct_recent would keep them for 200 ms. So the
+ * entry is copied and checked (ct_admitted_copy) before anything trusts it.
+ *
  * ct_admitted's lookup is itself a helper call (~30 ns here), on every packet.
  * So each CPU keeps the flows it admitted last in ct_recent (maps.h), whose
  * lookup the verifier inlines, and asks it first. A slot holds exactly what an
@@ -219,6 +229,38 @@ static __always_inline void ct_recent_put(struct ct_recent *r, const struct ct_t
 }
 
 /*
+ * Copies the ct_admitted entry seen, which the lookup of k returned, into
+ * *out: 1 if the copy is one admission of k, whole; 0 if the element was
+ * freed under the read (the caller then asks conntrack).
+ *
+ * What this rests on. The kernel writes an element only before it links it
+ * into its bucket (alloc_htab_elem copies key and value, then
+ * htab_map_update_elem adds it with hlist_nulls_add_head_rcu: an update
+ * without BPF_F_LOCK, which nothing here uses, always inserts a new element
+ * and never writes a linked one), and unlinks it before it frees it for
+ * reuse. No program writes through seen. x86-64 keeps one CPU's loads in
+ * order and all stores in one order (TSO), and the JIT emits our loads in
+ * the order written here; the lookup between them is a call, which clang
+ * does not move loads across. So: the lookup after the first copy finds
+ * seen under k only if seen was linked under k when it looked, and then
+ * the first copy read nothing written after that link's removal; the second
+ * read, after that lookup, reads what that link published or later writes.
+ * Equal copies are that admission of k, unless the element was freed and
+ * reused twice within these few loads and the two foreign admissions agree
+ * byte for byte where they differ from k's.
+ */
+static __always_inline int ct_admitted_copy(const struct ct_tuple *k,
+					    const struct ct_admission *seen,
+					    struct ct_admission *out)
+{
+	*out = *seen;
+	if (bpf_map_lookup_elem(&ct_admitted, k) != seen)
+		return 0;
+	return out->checked == seen->checked && out->saddr == seen->saddr &&
+	       out->daddr == seen->daddr && out->sport == seen->sport && out->dport == seen->dport;
+}
+
+/*
  * Whether the host's conntrack admits the flow of a pod packet from src to
  * dst (network order; ports and protocol from h): XMASQ_CT_ADMIT, or the
  * reason it does not, which is also the counter bumped. When admitted, *to is
@@ -267,17 +309,19 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
 	}
 
+	/* seen only says whether k had an entry: what it held is a's, copied and checked. */
 	struct ct_admission *seen = bpf_map_lookup_elem(&ct_admitted, &k);
-	if (seen && now >= seen->checked && now - seen->checked < XMASQ_CT_RECHECK_NS) {
-		__u64 checked = seen->checked;
-		to->saddr = seen->saddr;
-		to->daddr = seen->daddr;
-		to->sport = seen->sport;
-		to->dport = seen->dport;
+	struct ct_admission a;
+	if (seen && ct_admitted_copy(&k, seen, &a) && now >= a.checked &&
+	    now - a.checked < XMASQ_CT_RECHECK_NS) {
+		to->saddr = a.saddr;
+		to->daddr = a.daddr;
+		to->sport = a.sport;
+		to->dport = a.dport;
 		if (!nat_allowed(&k, to, side))
 			return XMASQ_CNT_CT_NAT;
 		/* The entry's own time: the slot must not outlive the check it copies. */
-		ct_recent_put(r, &k, checked, to);
+		ct_recent_put(r, &k, a.checked, to);
 		return XMASQ_CT_ADMIT;
 	}
 
@@ -327,11 +371,11 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	bpf_ct_release(ct);
 
 	if (verdict == XMASQ_CT_ADMIT) {
-		struct ct_admission a = {
+		struct ct_admission fresh = {
 			.checked = now,
 			.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
 		};
-		bpf_map_update_elem(&ct_admitted, &k, &a, BPF_ANY);
+		bpf_map_update_elem(&ct_admitted, &k, &fresh, BPF_ANY);
 		ct_recent_put(r, &k, now, to);
 		return verdict;
 	}

@@ -123,6 +123,9 @@ struct {
  * Flows conntrack admitted a moment ago (conntrack.h), written by masq and
  * restore; the agent deletes entries past XMASQ_CT_RECHECK_NS so that the
  * table keeps room. A plain hash: when full, flows are looked up every packet.
+ * Preallocated: a freed element is reused at once either way (conntrack.h),
+ * which is why a program copies an entry and checks the copy
+ * (ct_admitted_copy) instead of reading it in place.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

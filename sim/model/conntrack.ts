@@ -114,6 +114,8 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
     return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
   }
 
+  // C copies the entry and checks the copy (ct_admitted_copy): another CPU may
+  // free and reuse the element under the read. One thread here: always whole.
   const seen = s.ct_admitted.lookupElem(k);
   if (seen && now >= seen.checked && now - seen.checked < CT_RECHECK_NS) {
     to.saddr = seen.saddr;
