@@ -35,8 +35,8 @@
  * A ct_admitted entry is read through the pointer its lookup returned, and
  * the kernel reuses a hash element at once: another CPU that deletes the flow
  * (a refusal, the agent's sweep) or replaces its entry puts the element on
- * its free list, and its next insert, of any flow, writes that very memory
- * (kernel/bpf/hashtab.c free_htab_elem: the preallocated freelist;
+ * a free list, and the next insert there, of any flow, writes that very
+ * memory (kernel/bpf/hashtab.c free_htab_elem: the preallocated freelist;
  * bpf_mem_cache_free's per-CPU free_llist for BPF_F_NO_PREALLOC since 6.1,
  * so that flag does not help). A reader could then copy another flow's
  * checked and translation, and ct_recent would keep them for 200 ms. So the
