@@ -207,6 +207,13 @@ static __always_inline int nat_allowed(const struct ct_tuple *k, const struct ct
 	return src_kept && dst_kept;
 }
 
+/* Whether a and b are one flow (field by field: BPF has no memcmp to call). */
+static __always_inline int ct_tuple_eq(const struct ct_tuple *a, const struct ct_tuple *b)
+{
+	return a->protocol == b->protocol && a->saddr == b->saddr && a->daddr == b->daddr &&
+	       a->sport == b->sport && a->dport == b->dport;
+}
+
 /*
  * This CPU's slot r (may be NULL, to the verifier) now holds the flow k,
  * admitted as to by the conntrack lookup made at checked.
@@ -216,16 +223,11 @@ static __always_inline void ct_recent_put(struct ct_recent *r, const struct ct_t
 {
 	if (!r)
 		return;
-	r->saddr = k->saddr;
-	r->daddr = k->daddr;
-	r->sport = k->sport;
-	r->dport = k->dport;
-	r->protocol = k->protocol;
-	r->checked = checked;
-	r->to_saddr = to->saddr;
-	r->to_daddr = to->daddr;
-	r->to_sport = to->sport;
-	r->to_dport = to->dport;
+	r->flow = *k;
+	r->admitted = (struct ct_admission){
+		.checked = checked,
+		.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
+	};
 }
 
 /*
@@ -299,13 +301,12 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	/* This CPU's slot first: an inlined array lookup, no helper call. */
 	__u32 slot = ct_recent_slot(&k);
 	struct ct_recent *r = bpf_map_lookup_elem(&ct_recent, &slot);
-	int mine = r && r->protocol == k.protocol && r->saddr == k.saddr && r->daddr == k.daddr &&
-		   r->sport == k.sport && r->dport == k.dport;
-	if (mine && now >= r->checked && now - r->checked < XMASQ_CT_RECHECK_NS) {
-		to->saddr = r->to_saddr;
-		to->daddr = r->to_daddr;
-		to->sport = r->to_sport;
-		to->dport = r->to_dport;
+	int mine = r && ct_tuple_eq(&r->flow, &k);
+	if (mine && now >= r->admitted.checked && now - r->admitted.checked < XMASQ_CT_RECHECK_NS) {
+		to->saddr = r->admitted.saddr;
+		to->daddr = r->admitted.daddr;
+		to->sport = r->admitted.sport;
+		to->dport = r->admitted.dport;
 		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
 	}
 

@@ -270,24 +270,13 @@ struct ct_admission {
 
 /*
  * A slot of ct_recent, a CPU's first-level admission cache (conntrack.h): the
- * flow (the fields of struct ct_tuple) the CPU last admitted in this slot and
- * that admission (those of struct ct_admission; checked is the time of the
- * conntrack lookup it rests on, never later). Zero: no flow (protocol 0
- * matches none, ct_admit reaches the slot only for TCP and UDP).
+ * flow the CPU last admitted in this slot and that admission (its checked is
+ * the time of the conntrack lookup it rests on, never later). Zero: no flow
+ * (protocol 0 matches none, ct_admit reaches the slot only for TCP and UDP).
  */
 struct ct_recent {
-	__u32 saddr;
-	__u32 daddr;
-	__u16 sport;
-	__u16 dport;
-	__u8 protocol;
-	__u8 pad[3];
-	__u64 checked;
-	__u32 to_saddr;
-	__u32 to_daddr;
-	__u16 to_sport;
-	__u16 to_dport;
-	__u8 pad2[4];
+	struct ct_tuple flow;
+	struct ct_admission admitted;
 };
 
 enum xmasq_redirect_kind {

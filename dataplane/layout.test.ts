@@ -34,6 +34,27 @@ describe.each(objects)('map layouts in %s', (obj) => {
   });
 });
 
+// ct_recent is a flow and its admission as ct_admitted's key and value lay them
+// out: 40 bytes, the admission's checked at 16 as in the flat struct it replaced,
+// and each member's own layout is its struct's (so a slot copies them whole).
+it('struct ct_recent is a ct_tuple and a ct_admission', () => {
+  const obj = fileURLToPath(new URL('../bpf/build/xmasq.bpf.o', import.meta.url));
+  const btf = readStructLayouts(obj);
+  const members = btf.get('ct_recent')!.members.map((m) => ({ name: m.name, offset: m.offset, size: m.size }));
+  expect({ size: btf.get('ct_recent')!.size, members }).toEqual({
+    size: 40, members: [{ name: 'flow', offset: 0, size: 16 }, { name: 'admitted', offset: 16, size: 24 }],
+  });
+  expect(ctRecent.field('admitted').offset + ctAdmission.field('checked').offset).toBe(16);
+  expect(ctRecent.field('flow').type).toEqual({ struct: ctTuple });
+  expect(ctRecent.field('admitted').type).toEqual({ struct: ctAdmission });
+  const slot = ctRecent.encode({
+    flow: { saddr: '10.244.1.5', daddr: '10.244.2.6', sport: 40000, dport: 80, protocol: 6 },
+    admitted: { checked: 7n, saddr: '10.244.1.5', daddr: '10.244.3.9', sport: 40000, dport: 8080 },
+  });
+  expect(slot.toString('hex')).toBe('0af401050af40206'+'9c400050'+'06000000'+'0700000000000000'+'0af401050af40309'+'9c401f90'+'00000000');
+  expect(ctRecent.decode(slot).admitted.daddr).toBe('10.244.3.9');
+});
+
 // maps.ts takes its constants, enums, map names and sizes from this generated
 // module; a stale one (vitest run without npm run build:bpf after a C change)
 // would hold the TypeScript against yesterday's C.

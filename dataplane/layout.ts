@@ -14,13 +14,15 @@ export type FieldType =
   | 'ipv4'                          // network-order IPv4 address: dotted string
   | 'mac'                           // 6 bytes: 'aa:bb:cc:dd:ee:ff'
   | { pad: number }                 // zero bytes
-  | { u8array: number };            // fixed array of u8: number[]
+  | { u8array: number }             // fixed array of u8: number[]
+  | { struct: Struct<Fields> };     // a struct member: its decoded value
 
 type Decoded<T extends FieldType> =
   T extends 'u64' ? bigint :
   T extends 'ipv4' | 'mac' ? string :
   T extends { pad: number } ? undefined :
   T extends { u8array: number } ? number[] :
+  T extends { struct: Struct<infer G> } ? StructValue<G> :
   number;
 
 export interface FieldSpec { readonly name: string; readonly type: FieldType }
@@ -32,12 +34,13 @@ export type StructValue<F extends Fields> = {
 };
 
 function sizeOf(t: FieldType): number {
-  if (typeof t === 'object') return 'pad' in t ? t.pad : t.u8array;
+  if (typeof t === 'object') return 'pad' in t ? t.pad : 'u8array' in t ? t.u8array : t.struct.size;
   return { u8: 1, u16: 2, u32: 4, s32: 4, u64: 8, be16: 2, be32: 4, ipv4: 4, mac: 6 }[t];
 }
 
 function alignOf(t: FieldType): number {
-  if (typeof t === 'object' || t === 'mac') return 1;
+  if (typeof t === 'object') return 'struct' in t ? t.struct.align : 1;
+  if (t === 'mac') return 1;
   return t === 'ipv4' || t === 'be32' ? 4 : t === 'be16' ? 2 : sizeOf(t);
 }
 
@@ -74,6 +77,8 @@ export function bytesToIpv4(buf: Uint8Array, at: number): string {
 export class Struct<F extends Fields> {
   readonly fields: readonly Field[];
   readonly size: number;
+  /** Its largest member's alignment: where it starts as a member of another struct. */
+  readonly align: number;
 
   constructor(readonly name: string, spec: F) {
     let off = 0;
@@ -87,6 +92,7 @@ export class Struct<F extends Fields> {
       off += sizeOf(type);
     }
     this.fields = fields;
+    this.align = maxAlign;
     this.size = Math.ceil(off / maxAlign) * maxAlign;
   }
 
@@ -130,8 +136,10 @@ export class Struct<F extends Fields> {
 function writeField(buf: Buffer, f: Field, x: unknown): void {
   const t = f.type;
   if (typeof t === 'object') {
+    if ('struct' in t) t.struct.encode(x as never).copy(buf, f.offset);
+    if (!('u8array' in t)) return;
     const arr = x as number[];
-    if ('u8array' in t) for (let i = 0; i < t.u8array; i++) buf[f.offset + i] = arr[i] ?? 0;
+    for (let i = 0; i < t.u8array; i++) buf[f.offset + i] = arr[i] ?? 0;
     return;
   }
   switch (t) {
@@ -149,7 +157,10 @@ function writeField(buf: Buffer, f: Field, x: unknown): void {
 
 function readField(buf: Buffer, f: Field): unknown {
   const t = f.type;
-  if (typeof t === 'object') return Array.from(buf.subarray(f.offset, f.offset + f.size));
+  if (typeof t === 'object') {
+    if ('struct' in t) return t.struct.decode(buf.subarray(f.offset, f.offset + f.size));
+    return Array.from(buf.subarray(f.offset, f.offset + f.size));
+  }
   switch (t) {
     case 'u8': return buf.readUInt8(f.offset);
     case 'u16': return buf.readUInt16LE(f.offset);

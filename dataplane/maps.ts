@@ -192,20 +192,10 @@ export const ctAdmission = cStruct('ct_admission', [
   ['dport', 'be16'],
   ['pad', { pad: 4 }],
 ] as const);
-/** A slot of ct_recent (bpf/xmasq.h struct ct_recent): a flow's tuple and its admission (ctAdmission's fields, to_ for its addresses). */
+/** A slot of ct_recent (bpf/xmasq.h struct ct_recent): a flow and its admission. */
 export const ctRecent = cStruct('ct_recent', [
-  ['saddr', 'ipv4'],
-  ['daddr', 'ipv4'],
-  ['sport', 'be16'],
-  ['dport', 'be16'],
-  ['protocol', 'u8'],
-  ['pad', { pad: 3 }],
-  ['checked', 'u64'],
-  ['to_saddr', 'ipv4'],
-  ['to_daddr', 'ipv4'],
-  ['to_sport', 'be16'],
-  ['to_dport', 'be16'],
-  ['pad2', { pad: 4 }],
+  ['flow', { struct: ctTuple }],
+  ['admitted', { struct: ctAdmission }],
 ] as const);
 /** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
 export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);

@@ -76,14 +76,7 @@ export const STRUCTS = {
     size: 24,
     members: [['checked', 0, 8], ['saddr', 8, 4], ['daddr', 12, 4], ['sport', 16, 2], ['dport', 18, 2], ['pad', 20, 4]],
   },
-  ct_recent: {
-    size: 40,
-    members: [
-      ['saddr', 0, 4], ['daddr', 4, 4], ['sport', 8, 2], ['dport', 10, 2], ['protocol', 12, 1],
-      ['pad', 13, 3], ['checked', 16, 8], ['to_saddr', 24, 4], ['to_daddr', 28, 4], ['to_sport', 32, 2],
-      ['to_dport', 34, 2], ['pad2', 36, 4],
-    ],
-  },
+  ct_recent: { size: 40, members: [['flow', 0, 16], ['admitted', 16, 24]] },
   ct_tuple: {
     size: 16,
     members: [['saddr', 0, 4], ['daddr', 4, 4], ['sport', 8, 2], ['dport', 10, 2], ['protocol', 12, 1], ['pad', 13, 3]],

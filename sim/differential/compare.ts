@@ -152,9 +152,16 @@ function fieldDiff(where: string, x: unknown, y: unknown, names: string[]): stri
   const out: string[] = [];
   const xr = x as Record<string, unknown>, yr = y as Record<string, unknown>;
   for (const f of Object.keys(xr)) {
-    if (show(xr[f]) !== show(yr[f])) out.push(`${where}.${f}: ${names[0]} ${show(xr[f])} ${names[1]} ${show(yr[f])}`);
+    const [a, b] = [xr[f], yr[f]];
+    // A struct member (ct_recent's flow and admission): its own fields, by name.
+    if (isMember(a) && isMember(b)) out.push(...fieldDiff(`${where}.${f}`, a, b, names));
+    else if (show(a) !== show(b)) out.push(`${where}.${f}: ${names[0]} ${show(a)} ${names[1]} ${show(b)}`);
   }
   return out;
+}
+
+function isMember(v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
 function show(v: unknown): string {

@@ -782,11 +782,11 @@ function recentSlots(rng: Rng, state: DatapathState, focus: Focus, tags: string[
     const to = pick < 6 ? { saddr: held.saddr, daddr: held.daddr, sport: held.sport, dport: held.dport }
       : pick < 8 ? { saddr: held.saddr, daddr: ipWord(remotePod(focus.peer, 41)), sport: held.sport, dport: 8080 }
       : { saddr: ipWord(svc.ip), daddr: held.daddr, sport: svc.port, dport: held.dport };
-    state.ct_recent[slot] = { ...held, checked, to_saddr: to.saddr, to_daddr: to.daddr, to_sport: to.sport, to_dport: to.dport };
+    state.ct_recent[slot] = { flow: held, admitted: { checked, ...to } };
   }
   for (let i = rng.chance(0.3) ? rng.int(n) : 0; i > 0; i--) {
     const k = { saddr: ipWord(rng.pick(LOCAL_PODS).ip), daddr: ipWord(remotePod(rng.int(3), rng.int(40))), sport: rng.range(1, 65535), dport: 443, protocol: 6 };
-    state.ct_recent[rng.int(n)] = { ...k, checked: now - BigInt(rng.int(20_000_000)), to_saddr: k.saddr, to_daddr: k.daddr, to_sport: k.sport, to_dport: k.dport };
+    state.ct_recent[rng.int(n)] = { flow: k, admitted: { checked: now - BigInt(rng.int(20_000_000)), saddr: k.saddr, daddr: k.daddr, sport: k.sport, dport: k.dport } };
   }
   tags.push('ct-recent');
 }

@@ -145,9 +145,9 @@ export const MUTANTS: Mutant[] = [
     from: '  // No longer admitted: the cached admission must not outlive the entry\'s change.\n  if (seen) s.ct_admitted.deleteElem(k);', to: '' },
   // The per-CPU first-level admission cache (ct_recent).
   { name: 'a ct_recent slot answers past its recheck time', file: 'conntrack.ts',
-    from: 'if (mine && now >= r.checked && now - r.checked < CT_RECHECK_NS) {', to: 'if (mine) {' },
+    from: 'if (mine && now >= r.admitted.checked && now - r.admitted.checked < CT_RECHECK_NS) {', to: 'if (mine) {' },
   { name: 'a ct_recent slot ignored', file: 'conntrack.ts',
-    from: 'if (mine && now >= r.checked && now - r.checked < CT_RECHECK_NS) {', to: 'if (false) {' },
+    from: 'if (mine && now >= r.admitted.checked && now - r.admitted.checked < CT_RECHECK_NS) {', to: 'if (false) {' },
   { name: 'a ct_recent slot written with now on a ct_admitted hit (an admission outliving its check)', file: 'conntrack.ts',
     from: 'ctRecentPut(r, k, seen.checked, to);', to: 'ctRecentPut(r, k, now, to);' },
   { name: 'a ct_recent slot not written on a ct_admitted hit', file: 'conntrack.ts',
@@ -155,17 +155,17 @@ export const MUTANTS: Mutant[] = [
   { name: 'a ct_recent slot not written after the lookup admits', file: 'conntrack.ts',
     from: 'ctRecentPut(r, k, now, to);', to: '' },
   { name: 'a ct_recent slot matched without the protocol', file: 'conntrack.ts',
-    from: 'const mine = r.protocol === k.protocol && ', to: 'const mine = ' },
+    from: 'return a.protocol === b.protocol && ', to: 'return ' },
   { name: 'a ct_recent slot matched without the source port', file: 'conntrack.ts',
-    from: ' && r.sport === k.sport && ', to: ' && ' },
+    from: ' && a.sport === b.sport && ', to: ' && ' },
   { name: 'a ct_recent slot matched without the destination port', file: 'conntrack.ts',
-    from: ' && r.dport === k.dport;', to: ';' },
+    from: ' && a.dport === b.dport;', to: ';' },
   { name: 'a ct_recent slot matched without the source address', file: 'conntrack.ts',
-    from: ' && r.saddr === k.saddr && ', to: ' && ' },
+    from: ' && a.saddr === b.saddr && ', to: ' && ' },
   { name: 'a ct_recent slot matched without the destination address', file: 'conntrack.ts',
-    from: ' && r.daddr === k.daddr && ', to: ' && ' },
+    from: ' && a.daddr === b.daddr && ', to: ' && ' },
   { name: "a ct_recent slot's translation not checked against the caller", file: 'conntrack.ts',
-    from: "    to.dport = r.to_dport;\n    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';", to: '    to.dport = r.to_dport;\n    return CT_ADMIT;' },
+    from: "    to.dport = r.admitted.dport;\n    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';", to: '    to.dport = r.admitted.dport;\n    return CT_ADMIT;' },
   { name: 'a flow conntrack no longer has keeps its ct_recent slot', file: 'conntrack.ts',
     from: "    if (mine) s.ct_recent[slot] = emptyCtRecent();\n    return 'CT_REFUSED';", to: "    return 'CT_REFUSED';" },
   { name: 'a flow conntrack refuses keeps its ct_recent slot', file: 'conntrack.ts',
@@ -174,8 +174,8 @@ export const MUTANTS: Mutant[] = [
     from: "  if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) return 'CT_REFUSED';",
     to: "  if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {\n"
       + '    const r0 = s.ct_recent[ctRecentSlot({ saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto }, s.ct_recent.length)];\n'
-      + '    const hit = r0.protocol === h.proto && r0.saddr === src && r0.daddr === dst && r0.sport === h.sport && r0.dport === h.dport\n'
-      + '      && env.now >= r0.checked && env.now - r0.checked < CT_RECHECK_NS;\n'
+      + '    const hit = r0.flow.protocol === h.proto && r0.flow.saddr === src && r0.flow.daddr === dst && r0.flow.sport === h.sport\n'
+      + '      && r0.flow.dport === h.dport && env.now >= r0.admitted.checked && env.now - r0.admitted.checked < CT_RECHECK_NS;\n'
       + "    if (!hit) return 'CT_REFUSED';\n  }" },
   { name: 'the stack handed the packet at the NIC despite an overlay device', file: 'restore.ts',
     from: 'if (cfg.overlay_ifindex === 0) return TC_CONTINUE;', to: 'return TC_CONTINUE;' },

@@ -8,7 +8,8 @@ import { writeMac } from './packet.ts';
 
 /**
  * A struct's values as the model holds them, to and from the C bytes: each
- * field at the layout's offset, ipv4 and mac fields as the numbers above.
+ * field at the layout's offset, ipv4 and mac fields as the numbers above, a
+ * struct member as its own struct's model value.
  */
 export class ModelCodec<M> {
   private readonly fields: readonly Field[];
@@ -53,6 +54,10 @@ export class ModelCodec<M> {
   fromBytes(b: Buffer): M {
     const v: Record<string, unknown> = {};
     for (const f of this.fields) {
+      if (typeof f.type === 'object' && 'struct' in f.type) {
+        v[f.name] = memberCodec(f).fromBytes(b.subarray(f.offset, f.offset + f.size));
+        continue;
+      }
       switch (f.type) {
         case 'ipv4': v[f.name] = b.readUInt32LE(f.offset); break;
         case 'mac': v[f.name] = b.readUIntBE(f.offset, 6); break;
@@ -122,11 +127,22 @@ type FieldWriter = (b: Buffer, at: number, x: never, c: ModelCodec<unknown>, i: 
  */
 function writeFields(struct: string, fields: readonly Field[]): (b: Buffer, v: unknown, c: ModelCodec<unknown>) => void {
   const writers: Record<string, FieldWriter> = { ipv4: putU32, u32: putU32, s32: putS32, mac: putMac, u8: putU8, u16: putU16, be16: putBe16, u64: putU64 };
+  const members: ModelCodec<unknown>[] = [];
   const lines = fields.map((f, i) => {
+    if (typeof f.type === 'object' && 'struct' in f.type) {
+      members.push(memberCodec(f));
+      return `m[${members.length - 1}].writeBytes(b.subarray(${f.offset}, ${f.offset + f.size}), v[${JSON.stringify(f.name)}]);`;
+    }
     if (typeof f.type !== 'string' || !(f.type in writers)) throw new Error(`struct ${struct}: field ${f.name} has no model form`);
     return `w.${f.type}(b, ${f.offset}, v[${JSON.stringify(f.name)}], c, ${i});`;
   });
-  return new Function('w', `return function write(b, v, c) {\n${lines.join('\n')}\n};`)(writers);
+  return new Function('w', 'm', `return function write(b, v, c) {\n${lines.join('\n')}\n};`)(writers, members);
+}
+
+/** The codec of a struct member's own struct. */
+function memberCodec(f: Field): ModelCodec<unknown> {
+  if (typeof f.type !== 'object' || !('struct' in f.type)) throw new Error(`field ${f.name} is not a struct member`);
+  return new ModelCodec(f.type.struct as Struct<never>);
 }
 
 function putU8(b: Buffer, at: number, x: number, c: ModelCodec<unknown>, i: number): void {
@@ -179,6 +195,7 @@ const scratch = Buffer.alloc(8);
 
 /** One field of the model's value as the layout gives it. */
 function layoutField(f: Field, x: unknown): unknown {
+  if (typeof f.type === 'object' && 'struct' in f.type) return memberCodec(f).toLayout(x);
   if (f.type === 'ipv4') {
     scratch.writeUInt32LE(x as number, 0);
     return bytesToIpv4(scratch, 0);
@@ -192,6 +209,7 @@ function layoutField(f: Field, x: unknown): unknown {
 
 /** One field of a layout value as the model holds it. */
 function modelField(f: Field, x: unknown): unknown {
+  if (typeof f.type === 'object' && 'struct' in f.type) return memberCodec(f).fromLayout(x);
   if (f.type === 'ipv4') {
     ipv4ToBytes(x as string, scratch, 0);
     return scratch.readUInt32LE(0);

@@ -7,7 +7,7 @@ import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
 import { emptyCtRecent, type DatapathState } from './maps.ts';
-import type { ModelCtRecent } from './state.ts';
+import type { ModelCtRecent, ModelCtTupleKey } from './state.ts';
 import type { Env } from './state.ts';
 
 const TCP_FLAG_FIN = 0x01;
@@ -105,12 +105,12 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   // This CPU's slot first (C: an inlined array lookup).
   const slot = ctRecentSlot(k, s.ct_recent.length);
   const r = s.ct_recent[slot];
-  const mine = r.protocol === k.protocol && r.saddr === k.saddr && r.daddr === k.daddr && r.sport === k.sport && r.dport === k.dport;
-  if (mine && now >= r.checked && now - r.checked < CT_RECHECK_NS) {
-    to.saddr = r.to_saddr;
-    to.daddr = r.to_daddr;
-    to.sport = r.to_sport;
-    to.dport = r.to_dport;
+  const mine = ctTupleEq(r.flow, k);
+  if (mine && now >= r.admitted.checked && now - r.admitted.checked < CT_RECHECK_NS) {
+    to.saddr = r.admitted.saddr;
+    to.daddr = r.admitted.daddr;
+    to.sport = r.admitted.sport;
+    to.dport = r.admitted.dport;
     return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
   }
 
@@ -179,18 +179,15 @@ export function ctRecentSlot(k: FlowKey & { protocol: number }, slots: number): 
   return (x & (slots - 1)) >>> 0;
 }
 
+/** C: ct_tuple_eq. Whether a and b are one flow. */
+function ctTupleEq(a: ModelCtTupleKey, b: ModelCtTupleKey): boolean {
+  return a.protocol === b.protocol && a.saddr === b.saddr && a.daddr === b.daddr && a.sport === b.sport && a.dport === b.dport;
+}
+
 /** C: ct_recent_put. The slot now holds the flow k, admitted as to by the lookup made at checked. */
-function ctRecentPut(r: ModelCtRecent, k: FlowKey & { protocol: number }, checked: bigint, to: CtTo): void {
-  r.saddr = k.saddr;
-  r.daddr = k.daddr;
-  r.sport = k.sport;
-  r.dport = k.dport;
-  r.protocol = k.protocol;
-  r.checked = checked;
-  r.to_saddr = to.saddr;
-  r.to_daddr = to.daddr;
-  r.to_sport = to.sport;
-  r.to_dport = to.dport;
+function ctRecentPut(r: ModelCtRecent, k: ModelCtTupleKey, checked: bigint, to: CtTo): void {
+  r.flow = { saddr: k.saddr, daddr: k.daddr, sport: k.sport, dport: k.dport, protocol: k.protocol };
+  r.admitted = { checked, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport };
 }
 
 /**

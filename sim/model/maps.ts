@@ -80,7 +80,7 @@ export function emptyState(sizes: Sizes): DatapathState {
 
 /** A zeroed slot of ct_recent (C: what a new map holds, and what a refusal leaves): protocol 0 is no flow. */
 export function emptyCtRecent(): ModelCtRecent {
-  return { saddr: 0, daddr: 0, sport: 0, dport: 0, protocol: 0, checked: 0n, to_saddr: 0, to_daddr: 0, to_sport: 0, to_dport: 0 };
+  return { flow: { saddr: 0, daddr: 0, sport: 0, dport: 0, protocol: 0 }, admitted: { checked: 0n, saddr: 0, daddr: 0, sport: 0, dport: 0 } };
 }
 
 /** ct_recent's slots to and from the kernel's bytes (one CPU's value of each, one after another). */
@@ -98,7 +98,7 @@ export function cloneState(s: DatapathState): DatapathState {
     policy_start: { ...s.policy_start },
     ct_pending: s.ct_pending.clone(),
     ct_admitted: s.ct_admitted.clone(),
-    ct_recent: s.ct_recent.map((r) => ({ ...r })),
+    ct_recent: s.ct_recent.map((r) => ({ flow: { ...r.flow }, admitted: { ...r.admitted } })),
     nodes: s.nodes.clone(),
   };
 }

@@ -40,11 +40,8 @@ export interface ModelIngressKey { remote_host: number; key: number }
 export interface ModelCtTupleKey { saddr: number; daddr: number; sport: number; dport: number; protocol: number }
 /** ct_admitted's value: when admitted, and the flow as the host sends it on. */
 export interface ModelCtAdmission { checked: bigint; saddr: number; daddr: number; sport: number; dport: number }
-/** A slot of ct_recent (one CPU's first-level admission cache): the flow's tuple, then its admission (to_: the flow as the host sends it on). */
-export interface ModelCtRecent {
-  saddr: number; daddr: number; sport: number; dport: number; protocol: number;
-  checked: bigint; to_saddr: number; to_daddr: number; to_sport: number; to_dport: number;
-}
+/** A slot of ct_recent (one CPU's first-level admission cache): a flow and its admission. */
+export interface ModelCtRecent { flow: ModelCtTupleKey; admitted: ModelCtAdmission }
 
 /** The maps hold flat structs of numbers and bigints: a spread copies one whole. */
 function copyOf<T>(x: T): T {
