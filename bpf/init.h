@@ -117,7 +117,7 @@ static __always_inline int xmasq_init(struct __sk_buff *skb)
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return pass();
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = xmasq_now();
 	__builtin_memcpy(e->local_mac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(e->remote_mac, eth->h_dest, ETH_ALEN);
 	e->local_ip = t.outer.saddr;

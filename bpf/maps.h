@@ -178,6 +178,47 @@ static __always_inline struct config *config_get(void)
 	return bpf_map_lookup_elem(&config, &zero);
 }
 
+/*
+ * The programs' clock (xmasq.h struct xmasq_clock), written by the agent. An
+ * array: its lookup is inlined, as bpf_jiffies64() is on x86-64 (a load of
+ * jiffies), where bpf_ktime_get_coarse_ns() is a helper call (~15 ns of a
+ * full path's ~150 here, bench:prog).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xmasq_clock);
+} clock SEC(".maps");
+
+/*
+ * Now, in CLOCK_MONOTONIC_COARSE nanoseconds: every clock read of the
+ * programs (last_seen, ct_admitted's and ct_recent's checked), and what the
+ * agent compares last_seen with (its idle expiry). The coarse clock and
+ * jiffies both move at the tick, so base_ns + (jiffies - base_jiffies) *
+ * tick_ns stays within a tick or so of it; the agent re-bases the map at
+ * every scan so that no drift adds up. Every comparison of times holds
+ * either way. Stamps a little ahead of the coarse clock: the programs'
+ * `now >= checked && now - checked < XMASQ_CT_RECHECK_NS` (conntrack.h)
+ * reads a checked in the future as stale (a conntrack lookup more, never
+ * an admission kept past its time), and the agent, which compares with
+ * the coarse clock, takes a stamp ahead of it for fresh, which it is. A
+ * little behind: an entry looks a tick younger to the agent, an admission a
+ * tick younger to the programs (200 ms against a few ms). Plain u64
+ * arithmetic: a base far off or a tick_ns that wraps gives a time the same
+ * comparisons take for stale or fresh, never a crash (the model computes the
+ * same, sim/model/maps.ts xmasqNow). tick_ns 0: the coarse clock itself.
+ */
+static __always_inline __u64 xmasq_now(void)
+{
+	__u32 zero = 0;
+	struct xmasq_clock *c = bpf_map_lookup_elem(&clock, &zero);
+
+	if (!c || !c->tick_ns)
+		return bpf_ktime_get_coarse_ns();
+	return c->base_ns + (bpf_jiffies64() - c->base_jiffies) * c->tick_ns;
+}
+
 /* The overlay's nodes (xmasq.h), written by the agent; read by init and restore. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

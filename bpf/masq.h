@@ -67,8 +67,9 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * stays on the overlay (through the stack, which NATs it).
 	 */
 	/*
-	 * The clock is a helper call: taken only by what needs it (admission,
-	 * last_seen), never on the way to a pass.
+	 * The clock (a map lookup and a load of jiffies; a helper call while
+	 * the agent has not calibrated it) is read only by what needs it
+	 * (admission, last_seen), never on the way to a pass.
 	 */
 	__u64 now = 0;
 	struct ct_tuple to;
@@ -76,7 +77,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	__u32 wire_daddr = h.daddr;
 	__be16 wire_dport = h.dport;
 	if (cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net) {
-		now = bpf_ktime_get_coarse_ns();
+		now = xmasq_now();
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_DST, &to);
 		if (admit != XMASQ_CT_ADMIT)
 			return pass();
@@ -149,7 +150,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * crosses the stack (its FORWARD rules, its conntrack) on the overlay.
 	 */
 	if (admit == XMASQ_CT_UNCHECKED) {
-		now = bpf_ktime_get_coarse_ns();
+		now = xmasq_now();
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_NONE,
 				 &to);
 		if (admit != XMASQ_CT_ADMIT) {

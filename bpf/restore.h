@@ -80,7 +80,7 @@ static __always_inline int restore_masqueraded(struct __sk_buff *skb, const stru
 	 * reply to a client of ours leaves the host with the Service's address
 	 * and port as its source.
 	 */
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = xmasq_now();
 	struct ct_tuple to;
 	int admit = ct_admit(skb, h, r->remote_ip, r->local_ip, now, XMASQ_CT_CURRENT_NETNS, 0,
 			     XMASQ_NAT_SRC, &to);
@@ -176,7 +176,7 @@ static __always_inline int learn_from_overlay(struct __sk_buff *skb, const struc
 	/* The peer lacks our key: keep using the overlay, whose signals teach it. */
 	if (!(t.outer.frag & XMASQ_IP_DF))
 		e->remote_ready = 0;
-	e->last_seen = bpf_ktime_get_coarse_ns();
+	e->last_seen = xmasq_now();
 	count(XMASQ_CNT_LEARNED);
 	return XMASQ_CONTINUE;
 }

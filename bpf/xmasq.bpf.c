@@ -56,6 +56,25 @@ int masq_rpeer(struct __sk_buff *skb)
 }
 #endif
 
+/*
+ * Never attached: the agent runs it with BPF_PROG_TEST_RUN to calibrate the
+ * clock map (dataplane/agent/clock.ts). jiffies and the coarse clock read in
+ * one run, a few instructions apart, into cb[] (enum xmasq_probe_cb), which
+ * the test run hands back.
+ */
+SEC("tc")
+int clock_probe(struct __sk_buff *skb)
+{
+	__u64 j = bpf_jiffies64();
+	__u64 ns = bpf_ktime_get_coarse_ns();
+
+	skb->cb[XMASQ_PROBE_JIFFIES_LO] = (__u32)j;
+	skb->cb[XMASQ_PROBE_JIFFIES_HI] = (__u32)(j >> 32);
+	skb->cb[XMASQ_PROBE_COARSE_LO] = (__u32)ns;
+	skb->cb[XMASQ_PROBE_COARSE_HI] = (__u32)(ns >> 32);
+	return XMASQ_CONTINUE;
+}
+
 char LICENSE[] SEC("license") = "GPL";
 
 /*

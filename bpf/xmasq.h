@@ -107,7 +107,7 @@ struct ingress_key {
  * the pod's host-side veth (0: a deleted pod's tombstone).
  */
 struct path {
-	__u64 last_seen;    /* bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE) of the last use: a tick of resolution is plenty for idle expiry, at a fraction of the cost of a clock read */
+	__u64 last_seen;    /* xmasq_now() (CLOCK_MONOTONIC_COARSE nanoseconds) of the last use: a tick of resolution is plenty for idle expiry */
 	__u8 local_mac[6];
 	__u8 remote_mac[6];
 	__u32 local_ip;
@@ -161,6 +161,28 @@ struct config {
 	 */
 	__u16 vxlan_port;
 	__u16 geneve_port;
+};
+
+/*
+ * clock (one slot, maps.h): what xmasq_now() turns jiffies into
+ * CLOCK_MONOTONIC_COARSE nanoseconds with, written by the agent
+ * (dataplane/agent/clock.ts) from a run of clock_probe: the coarse time
+ * base_ns at jiffies base_jiffies, and the length of a jiffy. tick_ns 0: not
+ * calibrated (a new map, an agent of an earlier version, a kernel whose tick
+ * the agent could not tell): the programs read the coarse clock instead.
+ */
+struct xmasq_clock {
+	__u64 base_ns;
+	__u64 base_jiffies;
+	__u64 tick_ns;
+};
+
+/* clock_probe's output, in the __sk_buff's cb[] words (a test run gives them back). */
+enum xmasq_probe_cb {
+	XMASQ_PROBE_JIFFIES_LO = 0,
+	XMASQ_PROBE_JIFFIES_HI = 1,
+	XMASQ_PROBE_COARSE_LO = 2,
+	XMASQ_PROBE_COARSE_HI = 3,
 };
 
 /*
@@ -253,7 +275,7 @@ struct ct_tuple {
 
 /*
  * ct_admitted value: when conntrack last admitted the flow
- * (bpf_ktime_get_coarse_ns), and the flow as the host sends it on (a
+ * (xmasq_now, maps.h), and the flow as the host sends it on (a
  * Service's DNAT applied or reversed; else the key's own addresses and
  * ports). For XMASQ_CT_RECHECK_NS after that, its packets are admitted without
  * a lookup (~180 ns a packet otherwise); conntrack.h.
@@ -334,6 +356,7 @@ struct xmasq_btf_export {
 	enum xmasq_counter counter;
 	enum xmasq_policy_dir policy_dir;
 	enum xmasq_redirect_kind redirect_kind;
+	enum xmasq_probe_cb probe_cb;
 };
 
 #endif /* XMASQ_H */

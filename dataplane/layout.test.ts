@@ -7,8 +7,8 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { readEnum, readStructLayouts } from './btf.ts';
 import {
-  COUNTER_COUNT, Counter, PolicyDir, RedirectKind,
-  config, ctAdmission, ctRecent, ctTuple, egressKey, ingressKey, nodeInfo, path, podInfo, policySlot, policyStart, redirectTrace,
+  COUNTER_COUNT, Counter, PolicyDir, ProbeCb, RedirectKind,
+  clock, config, ctAdmission, ctRecent, ctTuple, egressKey, ingressKey, nodeInfo, path, podInfo, policySlot, policyStart, redirectTrace,
 } from './maps.ts';
 import type { Struct } from './layout.ts';
 import { GENERATED, generate } from '../scripts/gen-objects.ts';
@@ -22,7 +22,7 @@ describe.each(objects)('map layouts in %s', (obj) => {
   // pod_ip/node_ip/array_index/counter_value are plain integers in C, not structs.
   // redirect_trace exists only in the test build.
   const testBuild = obj.endsWith('.test.bpf.o');
-  const structs: Struct<never>[] = [podInfo, egressKey, ingressKey, path, config, policySlot, policyStart, ctTuple, ctAdmission, ctRecent, nodeInfo,
+  const structs: Struct<never>[] = [podInfo, egressKey, ingressKey, path, config, clock, policySlot, policyStart, ctTuple, ctAdmission, ctRecent, nodeInfo,
     ...(testBuild ? [redirectTrace] : [])] as never;
   it.each(structs.map((s) => [s.name, s] as const))('struct %s matches', (name, s) => {
     const c = btf.get(name);
@@ -77,4 +77,5 @@ it('the counters and policy enums match the production build', () => {
     Object.fromEntries(Object.entries(e).map(([k, v]) => [k.slice(prefix.length), v]));
   expect({ ...Counter, MAX: COUNTER_COUNT }).toEqual(strip(readEnum(obj, 'xmasq_counter'), 'XMASQ_CNT_'));
   expect(PolicyDir).toEqual(strip(readEnum(obj, 'xmasq_policy_dir'), 'XMASQ_DIR_'));
+  expect(ProbeCb).toEqual(strip(readEnum(obj, 'xmasq_probe_cb'), 'XMASQ_PROBE_'));
 });

@@ -5,7 +5,7 @@
  * layout.test.ts checks each struct against the BTF of the built object.
  */
 import {
-  COUNTER, COUNTER_MAX, CONSTS, MAP_MAX_ENTRIES, OBJECT_MAPS, POLICY_DIR, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
+  COUNTER, COUNTER_MAX, CONSTS, MAP_MAX_ENTRIES, OBJECT_MAPS, POLICY_DIR, PROBE_CB, REDIRECT_KIND, STRUCTS, type ObjectMapName, type StructName,
 } from './generated/objects.ts';
 import { Struct, type Fields, type StructValue } from './layout.ts';
 
@@ -197,6 +197,20 @@ export const ctRecent = cStruct('ct_recent', [
   ['flow', { struct: ctTuple }],
   ['admitted', { struct: ctAdmission }],
 ] as const);
+/**
+ * clock's one value (bpf/xmasq.h struct xmasq_clock): the programs' now is
+ * base_ns + (jiffies - base_jiffies) * tick_ns, or the coarse clock while
+ * tick_ns is 0 (bpf/maps.h xmasq_now; dataplane/agent/clock.ts writes it).
+ */
+export const clock = cStruct('xmasq_clock', [
+  ['base_ns', 'u64'],
+  ['base_jiffies', 'u64'],
+  ['tick_ns', 'u64'],
+] as const);
+/** clock's value before the agent calibrates it: the programs read the coarse clock. */
+export const UNCALIBRATED = { base_ns: 0n, base_jiffies: 0n, tick_ns: 0n } as const;
+/** The cb[] words clock_probe writes jiffies and the coarse clock into (low, high u32 each). */
+export const ProbeCb = PROBE_CB;
 /** nodes: key an underlay address (struct node_ip, a plain u32 in C), value its flags. */
 export const nodeIp = new Struct('node_ip', [['ip', 'ipv4']] as const);
 export const nodeInfo = cStruct('node_info', [['flags', 'u32']] as const);
@@ -216,6 +230,7 @@ export type CtTupleKey = StructValue<typeof ctTuple extends Struct<infer F> ? F 
 export type CtAdmission = StructValue<typeof ctAdmission extends Struct<infer F> ? F : never>;
 export type CtRecent = StructValue<typeof ctRecent extends Struct<infer F> ? F : never>;
 export type NodeInfo = StructValue<typeof nodeInfo extends Struct<infer F> ? F : never>;
+export type Clock = StructValue<typeof clock extends Struct<infer F> ? F : never>;
 export type RedirectTrace = StructValue<typeof redirectTrace extends Struct<infer F> ? F : never>;
 
 /**
@@ -235,6 +250,7 @@ export const MAPS = {
   ct_admitted: { kind: 'hash', key: ctTuple, value: ctAdmission },
   ct_recent: { kind: 'percpu_array', key: arrayIndex, value: ctRecent },
   nodes: { kind: 'hash', key: nodeIp, value: nodeInfo },
+  clock: { kind: 'array', key: arrayIndex, value: clock },
   counters: { kind: 'percpu_array', key: arrayIndex, value: counterValue },
   redirect_trace: { kind: 'array', key: arrayIndex, value: redirectTrace },
 } as const satisfies Record<ObjectMapName<'test'>, { kind: string; key: Struct<never>; value: Struct<never> }>;

@@ -29,6 +29,7 @@ const ENUMS = [
   { c: 'xmasq_counter', prefix: 'XMASQ_CNT_', ts: 'COUNTER' },
   { c: 'xmasq_redirect_kind', prefix: 'XMASQ_REDIRECT_', ts: 'REDIRECT_KIND' },
   { c: 'xmasq_policy_dir', prefix: 'XMASQ_DIR_', ts: 'POLICY_DIR' },
+  { c: 'xmasq_probe_cb', prefix: 'XMASQ_PROBE_', ts: 'PROBE_CB' },
 ] as const;
 
 const MAP_TYPE_NAMES = new Map<number, string>(Object.entries(MapType).map(([k, v]) => [v, k.toLowerCase()]));

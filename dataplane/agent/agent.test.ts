@@ -13,8 +13,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfMap, BpfObject, LibbpfError, closeLink, haveTcx, tcAttach, tcDetach, tcxAttach, tcxQuery, withNetns } from '../libbpf.ts';
 import {
   COUNTER_NAMES, ConfigFlag, FILTER_BLOCK_BYTES, NO_HOST_NETNS, egressFilterSlot, NodeFlag, arrayIndex, config, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp, POLICY_TABLE_SLOTS, policySlot, policyStart,
-  type Path,
+  clock, type Path,
 } from '../maps.ts';
+import { HZ_CHOICES, clockNow, probeClock, tickNsOf } from './clock.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
 import { RETIRED_MAPS } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
@@ -313,7 +314,7 @@ describe('xmasq-agent', () => {
     agent = await startAgent();
     expect(hooked('nic0', 'egress')).toEqual(['init']);
     expect(hooked('nic0', 'ingress')).toEqual(['restore']);
-    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'ct_admitted']) {
+    for (const m of ['pod_info', 'egress_cache', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'ct_admitted', 'clock']) {
       expect(existsSync(`${PIN}/${m}`), m).toBe(true);
     }
     // ct_recent is a cache each load starts empty (bpf/maps.h): never pinned, so never reused by the next agent.
@@ -329,6 +330,25 @@ describe('xmasq-agent', () => {
     expect(s.attach).toBe('tcx');
     expect(s.attachReason).toBe('auto: the kernel has tcx links');
     expect(hookedAs('nic0', 'ingress')).toEqual(['restore/tcx']);
+  });
+
+  it('calibrates the pinned clock map at start: its now within two ticks of CLOCK_MONOTONIC_COARSE, and logs the tick', () => {
+    const c = withMap('clock', (m) => clock.decode(m.lookup(arrayIndex.encode({ index: 0 }))!));
+    expect(HZ_CHOICES.map(tickNsOf)).toContain(c.tick_ns);
+    expect(agent!.stderr()).toContain('clock: HZ ');
+    // jiffies from a probe of our own (a test object's clock_probe), the map's now for them
+    // against the coarse clock user space reads around it.
+    const obj = BpfObject.open(TEST_OBJECT);
+    try {
+      obj.load();
+      const before = monotonicCoarseNs();
+      const now = clockNow(c, probeClock(obj.program('clock_probe')));
+      const after = monotonicCoarseNs();
+      const off = now < before ? before - now : now > after ? now - after : 0n;
+      expect(off <= 2n * c.tick_ns, `the map's now is ${off} ns off the coarse clock (a tick is ${c.tick_ns} ns)`).toBe(true);
+    } finally {
+      obj.close();
+    }
   });
 
   it('pod add writes pod_info and attaches masq at the host veth ingress', async () => {

@@ -19,6 +19,7 @@ import type { Log } from './log.ts';
 import { renderMetrics, startHttp } from './metrics.ts';
 import { NodeSet } from './nodes.ts';
 import { ifIndexToName, ifNameToIndex, monotonicCoarseNs } from './native.ts';
+import { ClockKeeper } from './clock.ts';
 import { BpfMap, haveTcx, withNetns } from '../libbpf.ts';
 import { PolicyTable, describeRule } from './policy.ts';
 import {
@@ -54,6 +55,8 @@ const isIpv4 = (s: unknown): s is string =>
 
 export class Agent {
   private dp: Datapath | undefined;
+  /** The clock map's keeper (clock.ts): calibrated at start, re-based at every scan. */
+  private clock: ClockKeeper | undefined;
   private policy: PolicyTable | undefined;
   private readonly pods = new Map<string, Pod>();
   private nic = { name: '', ifindex: 0 };
@@ -273,6 +276,9 @@ export class Agent {
       }
       this.log.info(`tunnel ports: ${ports.why}`);
       dp.writeConfig(this.nic.ifindex, cfg.wideKeys, ports, this.overlay, cfg.serviceCidr === 'none' ? undefined : parseCidr(cfg.serviceCidr));
+      // Before any program of ours: the full paths read it (or, with tick_ns 0, the coarse clock).
+      this.clock = new ClockKeeper(dp.maps.clock, dp.clockProbe(), this.log);
+      this.clock.calibrate();
       // Pinned caches were kept by an earlier agent, maybe of an earlier version, against
       // an earlier node set: held to this one before our programs rely on it. (New maps:
       // no program used them before the set was written, none raced its change.)
@@ -649,6 +655,8 @@ export class Agent {
     const t0 = process.hrtime.bigint();
     try {
       const m = this.dp.maps;
+      // Before the expiry compares the programs' stamps with the coarse clock.
+      this.clock?.rebase();
       // Nodes come and go with the overlay device's FDB: the set at most once a second,
       // written before the caches are read, so that a sweep its change needs is this
       // scan's read of them, not a second one.

@@ -49,7 +49,7 @@ export function linkPinName(ifindex: number, where: TcHookPoint, netns?: string)
  * cleanup still removes a pin of that name (unpinAll: every map's name).
  */
 export const PINNED_MAPS = [
-  'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'counters',
+  'pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'nodes', 'clock', 'counters',
 ] as const satisfies readonly ObjectMapName<'production'>[];
 export type PinnedMap = (typeof PINNED_MAPS)[number];
 /**
@@ -92,7 +92,7 @@ export class Datapath {
     try {
       obj = BpfObject.open(objectPath);
       const programs = obj.programs();
-      const need: ProgramName<'rpeer'>[] = ['init', 'restore', mode === 'rpeer' ? 'masq_rpeer' : 'masq'];
+      const need: ProgramName<'rpeer'>[] = ['init', 'restore', mode === 'rpeer' ? 'masq_rpeer' : 'masq', 'clock_probe'];
       const missing = need.filter((p) => !programs.includes(p));
       if (missing.length) throw new Error(`${objectPath} has no program ${missing.join(', ')} (it has ${programs.join(', ')}): ${mode === 'rpeer' ? 'point --rpeer-object at xmasq.rpeer.bpf.o' : 'point --object at xmasq.bpf.o'}`);
       const maps = obj.maps();
@@ -166,6 +166,11 @@ export class Datapath {
    * egress entries that name them go, so the pairs cross the overlay again,
    * where init draws a narrow key and signals it. Returns how many went.
    */
+  /** clock_probe, never attached: the agent runs it to calibrate the clock map (clock.ts). */
+  clockProbe(): BpfProgram {
+    return this.obj.program('clock_probe');
+  }
+
   dropWideKeys(): number {
     let n = 0;
     for (const [k] of this.maps.ingress_cache.entries()) {

@@ -61,6 +61,9 @@ export const REDIRECT_KIND = { NONE: 0, EGRESS: 1, PEER: 2, RPEER: 3, INGRESS: 4
 /** enum xmasq_policy_dir (bpf/xmasq.h), XMASQ_DIR_ dropped. */
 export const POLICY_DIR = { EGRESS: 0, INGRESS: 1 } as const;
 
+/** enum xmasq_probe_cb (bpf/xmasq.h), XMASQ_PROBE_ dropped. */
+export const PROBE_CB = { JIFFIES_LO: 0, JIFFIES_HI: 1, COARSE_LO: 2, COARSE_HI: 3 } as const;
+
 /** The layout of every struct a map holds: its size, and each member as [name, offset, size] in bytes. */
 export const STRUCTS = {
   bench_packet: { size: 128, members: [['bytes', 0, 128]] },
@@ -100,11 +103,13 @@ export const STRUCTS = {
   policy_slot: { size: 4, members: [['next', 0, 4]] },
   policy_start: { size: 8, members: [['egress', 0, 4], ['ingress', 4, 4]] },
   redirect_trace: { size: 8, members: [['ifindex', 0, 4], ['kind', 4, 4]] },
+  xmasq_clock: { size: 24, members: [['base_ns', 0, 8], ['base_jiffies', 8, 8], ['tick_ns', 16, 8]] },
 } as const;
 
 /** Every map of the builds: its type, key and value (a struct above or a C integer type) and their sizes, the same in each build. */
 export const OBJECT_MAPS = {
   bench_packet: { type: 'array', key: '__u32', value: 'bench_packet', keySize: 4, valueSize: 128 },
+  clock: { type: 'array', key: '__u32', value: 'xmasq_clock', keySize: 4, valueSize: 24 },
   config: { type: 'array', key: '__u32', value: 'config', keySize: 4, valueSize: 32 },
   counters: { type: 'percpu_array', key: '__u32', value: '__u64', keySize: 4, valueSize: 8 },
   ct_admitted: { type: 'hash', key: 'ct_tuple', value: 'ct_admission', keySize: 16, valueSize: 24 },
@@ -123,6 +128,7 @@ export const OBJECT_MAPS = {
 /** Each map's max_entries in each build that has it. */
 export const MAP_MAX_ENTRIES = {
   bench_packet: { bench: 1 },
+  clock: { production: 1, test: 1, rpeer: 1, bench: 1 },
   config: { production: 1, test: 1, rpeer: 1, bench: 1 },
   counters: { production: 19, test: 19, rpeer: 19, bench: 19 },
   ct_admitted: { production: 65536, test: 16, rpeer: 65536, bench: 65536 },
@@ -140,9 +146,12 @@ export const MAP_MAX_ENTRIES = {
 
 /** Each build of bpf/Makefile: its object and its programs (name: ELF section). */
 export const BUILDS = {
-  production: { file: 'xmasq.bpf.o', programs: { init: 'tc', masq: 'tc', restore: 'tc' } },
-  test: { file: 'xmasq.test.bpf.o', programs: { init: 'tc', masq: 'tc', restore: 'tc' } },
-  rpeer: { file: 'xmasq.rpeer.bpf.o', programs: { init: 'tc', masq: 'tc', masq_rpeer: 'tc', restore: 'tc' } },
+  production: { file: 'xmasq.bpf.o', programs: { clock_probe: 'tc', init: 'tc', masq: 'tc', restore: 'tc' } },
+  test: { file: 'xmasq.test.bpf.o', programs: { clock_probe: 'tc', init: 'tc', masq: 'tc', restore: 'tc' } },
+  rpeer: {
+    file: 'xmasq.rpeer.bpf.o',
+    programs: { clock_probe: 'tc', init: 'tc', masq: 'tc', masq_rpeer: 'tc', restore: 'tc' },
+  },
   bench: {
     file: 'xmasq.bench.bpf.o',
     programs: {
@@ -152,6 +161,7 @@ export const BUILDS = {
       bench_policy: 'tc',
       bench_reset_only: 'tc',
       bench_restore: 'tc',
+      clock_probe: 'tc',
       init: 'tc',
       masq: 'tc',
       restore: 'tc',

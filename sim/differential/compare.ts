@@ -10,6 +10,7 @@ import { masq } from '../model/masq.ts';
 import { restore } from '../model/restore.ts';
 import { cloneState, type DatapathState, type Env, type HashTable, type RunResult } from '../model/index.ts';
 import type { KernelDatapath, KernelRun } from './kernel.ts';
+import type { ClockSample } from '../../dataplane/agent/clock.ts';
 import { modelConntrack, type ConntrackSpec, type ProgramName, type SkbContext } from './statespec.ts';
 
 export interface Case {
@@ -34,7 +35,7 @@ export interface Outcome {
 
 export function runCase(k: KernelDatapath, c: Case, model: Record<ProgramName, ModelProgram> = MODEL): Outcome {
   const kernel = k.run(c.program, c.packet, c.state, c.ctx, c.conntrack);
-  const env = oracleEnv(c, kernel.state, kernel.now);
+  const env = oracleEnv(c, kernel.state, kernel.clock);
   const ms = cloneState(c.state);
   const m = model[c.program](c.packet, ms, env);
   return { mismatches: compare(m, ms, kernel), kernel, model: { ...m, state: ms } };
@@ -47,7 +48,7 @@ export function runCase(k: KernelDatapath, c: Case, model: Record<ProgramName, M
  * kernel chose that was not free makes the model's BPF_NOEXIST insert fail, a
  * mismatch.
  */
-export function oracleEnv(c: Case, after: DatapathState, now: bigint): Env {
+export function oracleEnv(c: Case, after: DatapathState, clock: ClockSample): Env {
   const before = c.state;
 
   // The draws that give the kernel's outcome: the key it kept, as an offset in
@@ -70,7 +71,8 @@ export function oracleEnv(c: Case, after: DatapathState, now: bigint): Env {
   }
   let i = 0;
   return {
-    now,
+    now: clock.coarseNs,
+    jiffies: clock.jiffies,
     random: () => (draws.length ? draws[i++ % draws.length] : 0),
     gsoSize: c.ctx?.gso_size,
     conntrack: modelConntrack(c.conntrack ?? []),
@@ -140,6 +142,7 @@ export function diffStates(a: DatapathState, b: DatapathState, names = ['model',
   table('nodes', a.nodes, b.nodes);
   out.push(...fieldDiff('config', a.config, b.config, names));
   out.push(...fieldDiff('policy_start', a.policy_start, b.policy_start, names));
+  out.push(...fieldDiff('clock', a.clock, b.clock, names));
   return out;
 }
 

@@ -36,6 +36,12 @@ it(`model and kernel agree on fixtures + ${PER_PROGRAM} generated cases per prog
       // neighbour, and an entry from before the check read it there (ifindex 0).
       'SRC_NOT_POD spoofed', 'MASQUERADED spoofed', 'FELL_BACK unfilled'],
   };
+  // Every program's full path under each kind of clock map (generate.ts genClock).
+  for (const clock of ['clock-uncalibrated', 'clock-calibrated', 'clock-odd']) {
+    everyPath.init.push(`LEARNED ${clock}`);
+    everyPath.restore.push(`RESTORED ${clock}`, `LEARNED ${clock}`);
+    everyPath.masq.push(`MASQUERADED ${clock}`);
+  }
   for (const [program, counters] of Object.entries(everyPath)) {
     for (const c of counters) {
       expect(s.outcomes[`${program} ${c}`] ?? 0, `${program} cases ending in ${c}`).toBeGreaterThanOrEqual(5);

@@ -18,6 +18,7 @@ import { emptyState, type DatapathState } from '../model/index.ts';
 import { ctRecentSlot, ipWord } from '../model/conntrack.ts';
 import type { Case } from './compare.ts';
 import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
+import { clockFor, type ClockSample } from '../../dataplane/agent/clock.ts';
 import {
   IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, TCP_CONNTRACK_FIN_WAIT, TCP_CONNTRACK_SYN_SENT, inverse,
   type CtEntrySpec, type CtTuple,
@@ -603,8 +604,56 @@ function genConntrack(rng: Rng, f: Focus, tags: string[]): CtEntrySpec[] {
   return out;
 }
 
-/** One random case for a program. */
-export function generateCase(program: ProgramName, rng: Rng, index: number): Case {
+/** The kernel's clocks as the harness reads them (kernel.ts probe) and its tick, for calibrated clock maps. */
+export interface ClockSource {
+  sample(): ClockSample;
+  tickNs: bigint;
+}
+
+const U64_MAX = (1n << 64n) - 1n;
+
+/**
+ * The clock map (bpf/maps.h xmasq_now): uncalibrated (tick_ns 0: the coarse
+ * clock), calibrated as the agent writes it (its now within a tick of the
+ * coarse clock, so that the stamps drawn around the real clock keep their
+ * meaning), a base a tick either way or far back in jiffies, or odd: a base
+ * far off, a base jiffy ahead of jiffies, a tick that makes now wrap. Its own
+ * draws (rng), so that the other draws of a seed stay what they were.
+ */
+function genClock(rng: Rng, state: DatapathState, clock: ClockSource, tags: string[]): void {
+  const r = rng.int(20);
+  if (r < 7) {
+    tags.push('clock-uncalibrated');
+    return;
+  }
+  const s = clock.sample();
+  const t = clock.tickNs;
+  if (r < 16) {
+    tags.push('clock-calibrated');
+    const c = clockFor(s, t);
+    const back = BigInt(rng.int(1_000_000));
+    state.clock = rng.pick([
+      c, c, c,
+      { ...c, base_ns: c.base_ns - t }, { ...c, base_ns: c.base_ns + t },
+      // an older base: an agent that calibrated long ago and re-based base_ns since
+      { base_ns: c.base_ns - back * t, base_jiffies: c.base_jiffies - back, tick_ns: t },
+    ]);
+    return;
+  }
+  tags.push('clock-odd');
+  const u64 = () => (BigInt(rng.range(0, 0x7fffffff)) << 33n) ^ BigInt(rng.range(0, 0x7fffffff));
+  state.clock = rng.pick([
+    { base_ns: u64(), base_jiffies: s.jiffies, tick_ns: t },
+    { base_ns: 0n, base_jiffies: 0n, tick_ns: t },
+    { base_ns: s.coarseNs, base_jiffies: s.jiffies + BigInt(rng.range(1, 1000)), tick_ns: t },
+    { base_ns: s.coarseNs, base_jiffies: s.jiffies - BigInt(rng.int(1000)), tick_ns: (1n << 63n) + BigInt(rng.int(1000)) },
+    { base_ns: U64_MAX - BigInt(rng.int(1000)), base_jiffies: s.jiffies - BigInt(rng.range(1, 100)), tick_ns: u64() | 1n },
+    { base_ns: s.coarseNs, base_jiffies: 0n, tick_ns: 1n },
+  ]);
+}
+
+/** One random case for a program; its clock map drawn from clockRng (genClock). */
+export function generateCase(program: ProgramName, rng: Rng, index: number, clock?: { rng: Rng; source: ClockSource }): Case {
   const tags: string[] = [];
   let frame: FrameSpec, focus: Focus, dir: number, keyFrom: string | undefined;
   if (program === 'init') ({ frame, focus, dir } = initCase(rng, tags));
@@ -740,6 +789,7 @@ export function generateCase(program: ProgramName, rng: Rng, index: number): Cas
     tags.push('ct-cached');
   }
   if (program !== 'init' && rng.chance(0.35)) recentSlots(rng, state, focus, tags);
+  if (clock) genClock(clock.rng, state, clock.source, tags);
   return { name: `#${index} ${tags.join(' ')}`, program, packet, state, ctx: ctxOut, conntrack };
 }
 
@@ -791,7 +841,9 @@ function recentSlots(rng: Rng, state: DatapathState, focus: Focus, tags: string[
   tags.push('ct-recent');
 }
 
-export function* generateCases(program: ProgramName, count: number, seed: number): Generator<Case> {
-  const rng = new Rng(seed * 7 + (program === 'init' ? 1 : program === 'restore' ? 2 : 3));
-  for (let i = 0; i < count; i++) yield generateCase(program, rng, i);
+export function* generateCases(program: ProgramName, count: number, seed: number, clock: ClockSource): Generator<Case> {
+  const p = program === 'init' ? 1 : program === 'restore' ? 2 : 3;
+  const rng = new Rng(seed * 7 + p);
+  const clockRng = new Rng(seed * 7 + p + 1_000_003);
+  for (let i = 0; i < count; i++) yield generateCase(program, rng, i, { rng: clockRng, source: clock });
 }

@@ -6,15 +6,15 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { BpfObject, type BpfMap, possibleCpus, skbCtx } from '../../dataplane/libbpf.ts';
+import { BpfObject, type BpfMap, type BpfProgram, possibleCpus, skbCtx } from '../../dataplane/libbpf.ts';
 import {
-  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, config, counterValue,
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, RedirectKind, arrayIndex, clock, config, counterValue,
   policySlot, policyStart, redirectTrace,
   type CounterName, type RedirectKindName,
 } from '../../dataplane/maps.ts';
 import { ctRecentCodec, emptyState, type DatapathState, type RunEffects } from '../model/index.ts';
 import { Conntrack, unshareNetns } from '../../dataplane/conntrack.ts';
-import { monotonicCoarseNs } from '../../dataplane/agent/native.ts';
+import { probeClock, type ClockSample } from '../../dataplane/agent/clock.ts';
 import type { ConntrackSpec, ProgramName, SkbContext } from './statespec.ts';
 
 export const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
@@ -34,8 +34,11 @@ export interface KernelRun {
   packet: Buffer;
   effects: RunEffects;
   state: DatapathState;
-  /** bpf_ktime_get_coarse_ns() during the run: the same coarse clock read just before and just after it. */
-  now: bigint;
+  /**
+   * The clocks during the run: bpf_ktime_get_coarse_ns() and bpf_jiffies64(),
+   * each the same read by clock_probe just before and just after it.
+   */
+  clock: ClockSample;
   /**
    * The CPUs whose ct_recent slots the run changed (state.ct_recent is the
    * first one's, or the input's when none): a run takes one CPU, so more than
@@ -79,7 +82,7 @@ export class KernelDatapath {
     this.obj = BpfObject.open(objectPath);
     this.obj.load();
     this.maps = {};
-    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'ct_recent', 'nodes', 'counters', 'redirect_trace']) {
+    for (const name of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'ct_pending', 'ct_admitted', 'ct_recent', 'nodes', 'clock', 'counters', 'redirect_trace']) {
       this.maps[name] = this.obj.map(name);
     }
     const want = MAX_ENTRIES.test;
@@ -141,6 +144,7 @@ export class KernelDatapath {
     this.recentLoaded = one;
     this.maps.config.update(ZERO, config.encode(s.config));
     this.maps.policy_start.update(ZERO, policyStart.encode(s.policy_start));
+    this.maps.clock.update(ZERO, clock.encode(s.clock));
     this.maps.redirect_trace.update(ZERO, redirectTrace.encode({ ifindex: 0, kind: 0 }));
   }
 
@@ -184,6 +188,7 @@ export class KernelDatapath {
     for (let i = 0; i < this.maps.egress_filter.maxEntries; i++) this.maps.egress_filter.lookup(arrayIndex.encode({ index: i }))!.copy(words, i * bs);
     s.config = config.decode(this.maps.config.lookup(ZERO)!);
     s.policy_start = policyStart.decode(this.maps.policy_start.lookup(ZERO)!);
+    s.clock = clock.decode(this.maps.clock.lookup(ZERO)!);
     const recent = this.readRecent();
     const mine = recent.changed.length ? recent.cpus[recent.changed[0]] : this.recentLoaded;
     const vs = ctRecentCodec.struct.size;
@@ -225,27 +230,38 @@ export class KernelDatapath {
     if (ctx.ifindex !== undefined && ctx.ifindex > 1) this.device(ctx.ifindex);
     const skb = skbCtx({ ifindex: ctx.ifindex, ingressIfindex: ctx.ingress_ifindex, mark: ctx.mark });
     skb.writeUInt32LE(ctx.gso_size ?? 0, SK_BUFF_GSO_SIZE);
-    // The programs read the coarse clock (ticks of a few ms); a run between two equal
-    // readings saw exactly that time, which the model then gets. A run across a tick is
-    // run again from the same state, so that the model never has to guess the time.
+    // The programs read the coarse clock or jiffies (xmasq_now; both move at the tick,
+    // every few ms); a run between two probes that read the same of each saw exactly
+    // those, which the model then gets. A run across a tick is run again from the same
+    // state, so that the model never has to guess the time.
     for (let attempt = 0; ; attempt++) {
       this.load(s);
       const before = this.counters();
-      const t0 = monotonicCoarseNs();
+      const t0 = this.probe();
       const r = this.obj.program(program).testRun({ data: packet, ctx: skb });
-      const t1 = monotonicCoarseNs();
-      if (t0 !== t1 && attempt < 20) {
+      const t1 = this.probe();
+      const ticked = t0.coarseNs !== t1.coarseNs || t0.jiffies !== t1.jiffies;
+      if (ticked && attempt < 20) {
         // the run may have written ct_recent: load() must write it again
         this.recentAll = Buffer.alloc(0);
         continue;
       }
-      if (t0 !== t1) throw new Error('the coarse clock ticked during every one of 20 runs of one case');
+      if (ticked) throw new Error('the clock ticked during every one of 20 runs of one case');
       const after = this.counters();
       const counters = {} as Record<CounterName, number>;
       for (const n of COUNTER_NAMES) counters[n] = after[n] - before[n];
       const { recentCpusChanged, ...state } = this.read();
-      return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state, now: t0, recentCpusChanged };
+      return { verdict: r.retval, packet: r.data, effects: { counters, redirect: this.redirect() }, state, clock: t0, recentCpusChanged };
     }
+  }
+
+  /** jiffies and the coarse clock now, as the programs read them (clock_probe). */
+  probe(): ClockSample {
+    return probeClock(this.clockProbe());
+  }
+
+  clockProbe(): BpfProgram {
+    return this.obj.program('clock_probe');
   }
 
   /**

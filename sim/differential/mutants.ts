@@ -175,7 +175,7 @@ export const MUTANTS: Mutant[] = [
     to: "  if (h.proto === IPPROTO_TCP && (h.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST))) {\n"
       + '    const r0 = s.ct_recent[ctRecentSlot({ saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto }, s.ct_recent.length)];\n'
       + '    const hit = r0.flow.protocol === h.proto && r0.flow.saddr === src && r0.flow.daddr === dst && r0.flow.sport === h.sport\n'
-      + '      && r0.flow.dport === h.dport && env.now >= r0.admitted.checked && env.now - r0.admitted.checked < CT_RECHECK_NS;\n'
+      + '      && r0.flow.dport === h.dport && xmasqNow(s, env) >= r0.admitted.checked && xmasqNow(s, env) - r0.admitted.checked < CT_RECHECK_NS;\n'
       + "    if (!hit) return 'CT_REFUSED';\n  }" },
   { name: 'the stack handed the packet at the NIC despite an overlay device', file: 'restore.ts',
     from: 'if (cfg.overlay_ifindex === 0) return TC_CONTINUE;', to: 'return TC_CONTINUE;' },
@@ -197,6 +197,17 @@ export const MUTANTS: Mutant[] = [
     from: 'if ((env.ingressIfindex ?? 0) !== 0 || !isSelf(s, t.outer.saddr)) {', to: 'if ((env.ingressIfindex ?? 0) !== 0) {' },
   { name: 'init learns towards any address', file: 'init.ts',
     from: 'if (!isPeerNode(s, t.outer.daddr)) {', to: 'if (false) {' },
+  // The clock map (xmasq_now): jiffies through the agent's calibration, the coarse clock at tick_ns 0.
+  { name: 'the clock map ignored (the coarse clock always)', file: 'maps.ts',
+    from: 'if (c.tick_ns === 0n) return env.now;', to: 'return env.now;' },
+  { name: 'no fallback at tick_ns 0 (an uncalibrated map read as a clock)', file: 'maps.ts',
+    from: 'if (c.tick_ns === 0n) return env.now;', to: '' },
+  { name: "the clock's base_jiffies ignored", file: 'maps.ts',
+    from: '((env.jiffies - c.base_jiffies) & U64)', to: 'env.jiffies' },
+  { name: 'a jiffy taken for 1 ms whatever tick_ns says', file: 'maps.ts',
+    from: ' * c.tick_ns) & U64;', to: ' * 1_000_000n) & U64;' },
+  { name: 'jiffies before the base jiffy taken for the base (no u64 wrap)', file: 'maps.ts',
+    from: '((env.jiffies - c.base_jiffies) & U64)', to: '(env.jiffies > c.base_jiffies ? env.jiffies - c.base_jiffies : 0n)' },
   { name: 'this host taken for a peer node', file: 'maps.ts',
     from: 'return n !== undefined && (n.flags & NodeFlag.SELF) === 0;', to: 'return n !== undefined;' },
   { name: 'restore takes signals from anyone', file: 'restore.ts',

@@ -4,7 +4,8 @@
  */
 import { KernelDatapath } from './kernel.ts';
 import { MODEL, runCase, type Case, type ModelProgram } from './compare.ts';
-import { generateCases } from './generate.ts';
+import { generateCases, type ClockSource } from './generate.ts';
+import { measureTick } from '../../dataplane/agent/clock.ts';
 import { loadFixtures } from './fixtures.ts';
 import type { ProgramName } from './statespec.ts';
 
@@ -48,7 +49,7 @@ export interface RunOptions {
  * not hold as a peer (`hit-not-node`); masq run on a device other than the focus
  * pod's veth (`spoofed`), for a pair whose entry records no veth (`unfilled`).
  */
-const PATH_TAGS = ['fast', 'fast-stale', 'hit-not-node', 'spoofed', 'unfilled'];
+const PATH_TAGS = ['fast', 'fast-stale', 'hit-not-node', 'spoofed', 'unfilled', 'clock-uncalibrated', 'clock-calibrated', 'clock-odd'];
 
 export interface RunSummary {
   counts: Record<ProgramName, number>;
@@ -68,6 +69,10 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
   const reports: string[] = [];
   const outcomes: Record<string, number> = {};
   let mismatches = 0;
+  // The kernel's tick, for the generator's calibrated clock maps, found as the agent finds it.
+  const measured = measureTick(kernel.clockProbe());
+  if ('why' in measured.tick) throw new Error(`the differential cannot draw calibrated clock maps: ${measured.tick.why}`);
+  const clockSource: ClockSource = { sample: () => kernel.probe(), tickNs: measured.tick.tickNs };
   const check = (c: Case) => {
     const o = runCase(kernel, c, opts.model ?? MODEL);
     counts[c.program]++;
@@ -99,7 +104,7 @@ export async function differentialRun(opts: RunOptions, kernel = new KernelDatap
     }
     for (const program of opts.programs ?? PROGRAMS) {
       let n = 0;
-      for (const c of generateCases(program, opts.perProgram, opts.seed)) {
+      for (const c of generateCases(program, opts.perProgram, opts.seed, clockSource)) {
         if (!check(c) && opts.stopAtFirst) return { counts, outcomes, mismatches, reports };
         if (++n % 5000 === 0) opts.progress?.(`${program}: ${n}/${opts.perProgram} cases, ${mismatches} mismatches so far`);
       }

@@ -6,7 +6,7 @@
 import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts';
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
-import { emptyCtRecent, type DatapathState } from './maps.ts';
+import { emptyCtRecent, xmasqNow, type DatapathState } from './maps.ts';
 import type { ModelCtRecent, ModelCtTupleKey } from './state.ts';
 import type { Env } from './state.ts';
 
@@ -101,7 +101,8 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   if (netnsId < CT_CURRENT_NETNS) return 'CT_REFUSED';
 
   const k = { saddr: src, daddr: dst, sport: h.sport, dport: h.dport, protocol: h.proto };
-  const now = env.now;
+  // C: the caller's clock read (now); the same within a run.
+  const now = xmasqNow(s, env);
   // This CPU's slot first (C: an inlined array lookup).
   const slot = ctRecentSlot(k, s.ct_recent.length);
   const r = s.ct_recent[slot];

@@ -7,7 +7,7 @@ import {
   Hdrs, IPPROTO_UDP, Tunnel, isTunnelPort, type TunnelPorts, loadEthIpv4, loadTunnel, readMac, rewritable, rewriteIpv4,
 } from './packet.ts';
 import { policyDenied, policyDrop } from './policy.ts';
-import { egressLookupOrCreate, isPeerNode, isSelf, type DatapathState } from './maps.ts';
+import { egressLookupOrCreate, isPeerNode, isSelf, xmasqNow, type DatapathState } from './maps.ts';
 import { TC_CONTINUE, copyPacket, newEffects, type Env, type ModelIngressKey, type ModelPath, type ModelPodInfo, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -89,7 +89,7 @@ function xmasqInit(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects): num
   }
 
   // 7. Remember the outer headers masq will write for this pair.
-  const now = env.now;
+  const now = xmasqNow(s, env);
   e.local_mac = readMac(pkt, 6);
   e.remote_mac = readMac(pkt, 0);
   e.local_ip = t.outer.saddr;

@@ -9,12 +9,12 @@
 import type { Struct } from '../../dataplane/layout.ts';
 import {
   ConfigFlag, FILTER_BLOCK_BYTES, NO_OVERLAY, NO_SERVICES, NodeFlag, egressFilterSlot, ctAdmission, ctRecent, ctPendingValue, ctTuple, egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
-  type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyStart,
+  UNCALIBRATED, type Clock, type Config, type CtAdmission, type CtTupleKey, type EgressKey, type IngressKey, type NodeInfo, type Path, type PodInfo, type PolicyStart,
 } from '../../dataplane/maps.ts';
 import { PolicySlots } from './policy-table.ts';
 import { ModelCodec, ipKeys, structKeys } from './codec.ts';
 import {
-  HashTable,
+  HashTable, type Env,
   type ModelCtAdmission, type ModelCtRecent, type ModelCtTupleKey, type ModelEgressKey, type ModelIngressKey, type ModelNodeInfo, type ModelPath, type ModelPodInfo,
 } from './state.ts';
 
@@ -52,6 +52,8 @@ export interface DatapathState {
   ct_recent: ModelCtRecent[];
   /** The overlay's nodes by underlay address, written by the agent; flag SELF marks this host's own (bpf/xmasq.h). */
   nodes: HashTable<string, NodeInfo, number, ModelNodeInfo>;
+  /** The programs' clock (xmasqNow), written by the agent (dataplane/agent/clock.ts). */
+  clock: Clock;
 }
 
 /** max_entries of the hash maps (maps.ts MAX_ENTRIES: the test build's or the production one's). */
@@ -75,6 +77,7 @@ export function emptyState(sizes: Sizes): DatapathState {
     ct_admitted: new HashTable(tuples, new ModelCodec<ModelCtAdmission>(asStruct(ctAdmission)), sizes.ctAdmitted ?? 16),
     ct_recent: Array.from({ length: sizes.ctRecentSlots ?? 8 }, emptyCtRecent),
     nodes: new HashTable(ipKeys(asStruct(nodeIp)), new ModelCodec<ModelNodeInfo>(asStruct(nodeInfo)), sizes.nodes ?? 16),
+    clock: { ...UNCALIBRATED },
   };
 }
 
@@ -100,7 +103,23 @@ export function cloneState(s: DatapathState): DatapathState {
     ct_admitted: s.ct_admitted.clone(),
     ct_recent: s.ct_recent.map((r) => ({ flow: { ...r.flow }, admitted: { ...r.admitted } })),
     nodes: s.nodes.clone(),
+    clock: { ...s.clock },
   };
+}
+
+const U64 = (1n << 64n) - 1n;
+
+/**
+ * C: xmasq_now. Now, in the coarse clock's nanoseconds: from jiffies through
+ * the clock map, or the coarse clock itself while tick_ns is 0. u64
+ * arithmetic, as in the C: a base far off or a tick that wraps gives the
+ * same time there as here.
+ */
+export function xmasqNow(s: DatapathState, env: Env): bigint {
+  const c = s.clock;
+  if (c.tick_ns === 0n) return env.now;
+  if (env.jiffies === undefined) throw new Error('the clock map is calibrated (tick_ns != 0) but the run gave no jiffies (Env.jiffies)');
+  return (c.base_ns + ((env.jiffies - c.base_jiffies) & U64) * c.tick_ns) & U64;
 }
 
 /** C: is_peer_node. Whether addr is a node of the overlay other than this host. */

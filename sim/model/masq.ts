@@ -7,7 +7,7 @@ import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKe
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
-import { egressFilterHas, type DatapathState } from './maps.ts';
+import { egressFilterHas, xmasqNow, type DatapathState } from './maps.ts';
 import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -73,7 +73,7 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   // 2. A Service's request goes where the host would send it: to the backend
   //    conntrack chose (its DNAT), if conntrack admits the flow. From here on h is
   //    the packet as the host would forward it; the port it carries is written at step 6.
-  const now = env.now;
+  const now = xmasqNow(s, env);
   let admit: CtVerdict | typeof CT_UNCHECKED = CT_UNCHECKED;
   const wireDaddr = h.daddr, wireDport = h.dport;
   if (inServiceRange(cfg.service_net, cfg.service_mask, h.daddr)) {

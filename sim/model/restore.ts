@@ -10,7 +10,7 @@ import {
 import { macToBytes } from '../../dataplane/layout.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, NatSide, ctAdmit, newCtTo } from './conntrack.ts';
-import { egressLookupOrCreate, isPeerNode, type DatapathState } from './maps.ts';
+import { egressLookupOrCreate, isPeerNode, xmasqNow, type DatapathState } from './maps.ts';
 import { TC_CONTINUE, TC_ACT_REDIRECT, TC_ACT_SHOT, copyPacket, newEffects, type Env, type RunEffects, type RunResult } from './state.ts';
 import { pass } from './verdict.ts';
 
@@ -67,7 +67,7 @@ function restoreMasqueraded(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffe
 
   // 3. Whether the host's conntrack admits the flow, before the rewrite, which takes
   //    a Service's address from it: a backend's reply leaves with the Service's as its source.
-  const now = env.now;
+  const now = xmasqNow(s, env);
   const to = newCtTo();
   const admit = ctAdmit(s, env, h, r.remote_ip, r.local_ip, CT_CURRENT_NETNS, 0, NatSide.SRC, to);
   const src = admit === CT_ADMIT ? to.saddr : r.remote_ip;
@@ -136,7 +136,7 @@ function learnFromOverlay(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffect
   e.remote_key = key;
   // The peer lacks our key: keep using the overlay, whose signals teach it.
   if (!(t.outer.frag & IP_DF)) e.remote_ready = 0;
-  e.last_seen = env.now;
+  e.last_seen = xmasqNow(s, env);
   fx.counters.LEARNED++;
   return TC_CONTINUE;
 }

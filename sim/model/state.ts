@@ -243,10 +243,12 @@ export function copyPacket(input: Buffer): Buffer {
   return pkt;
 }
 
-/** The inputs the kernel chooses: the clock and the random draws. */
+/** The inputs the kernel chooses: the clocks and the random draws. */
 export interface Env {
-  /** bpf_ktime_get_ns(): the kernel's u64 ns clock. */
+  /** bpf_ktime_get_coarse_ns(): the coarse clock, what the programs read while the clock map is not calibrated (maps.ts xmasqNow). */
   now: bigint;
+  /** bpf_jiffies64(): what the programs read through a calibrated clock map. Absent: a run where none is (the cluster simulator). */
+  jiffies?: bigint;
   random(): number; // one bpf_get_prandom_u32()
   /**
    * skb->vlan_present: a VLAN tag the kernel took out of the frame. BPF_PROG_TEST_RUN

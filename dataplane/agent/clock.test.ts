@@ -1,0 +1,125 @@
+/**
+ * The clock map's calibration (clock.ts) against the real kernel: the test
+ * build's object loaded (its clock map and clock_probe; nothing attached).
+ * What the programs compute from the map (xmasq_now, the fallback at tick_ns
+ * 0 among it) the differential run holds against the model, whose clock the
+ * harness reads around each run; the agent's own start is in agent.test.ts.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { release } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+import { BpfObject } from '../libbpf.ts';
+import { UNCALIBRATED, arrayIndex, clock } from '../maps.ts';
+import type { Log } from './log.ts';
+import { monotonicCoarseNs } from './native.ts';
+import { ClockKeeper, HZ_CHOICES, clockFor, clockNow, probeClock, tickFrom, tickNsOf, type ClockSample } from './clock.ts';
+
+const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
+const ZERO = arrayIndex.encode({ index: 0 });
+
+if (process.getuid?.() !== 0) throw new Error('clock.test.ts loads a BPF object: run it as root (CAP_BPF)');
+const obj = BpfObject.open(TEST_OBJECT);
+obj.load();
+afterAll(() => obj.close());
+const map = obj.map('clock');
+const probe = obj.program('clock_probe');
+
+function logged(): Log & { lines: string[] } {
+  const lines: string[] = [];
+  const add = (level: string) => (m: string) => lines.push(`${level}: ${m}`);
+  return { lines, info: add('info'), warn: add('warn'), error: add('error'), debug: add('debug') };
+}
+
+/** CONFIG_HZ of the running kernel, where its config is installed (Debian's is): an oracle the calibration does not read. */
+function configHz(): number | undefined {
+  const f = `/boot/config-${release()}`;
+  if (!existsSync(f)) return undefined;
+  const m = /^CONFIG_HZ=(\d+)$/m.exec(readFileSync(f, 'utf8'));
+  return m ? Number(m[1]) : undefined;
+}
+
+describe('clock calibration on the kernel', () => {
+  it('a probe reads jiffies and the coarse clock user space reads', () => {
+    const before = monotonicCoarseNs();
+    const s = probeClock(probe);
+    const after = monotonicCoarseNs();
+    expect(s.jiffies).toBeGreaterThan(0n);
+    expect(s.coarseNs >= before && s.coarseNs <= after, `${before} <= ${s.coarseNs} <= ${after}`).toBe(true);
+  });
+
+  it('tells the kernel\'s tick and writes a clock whose now stays within two ticks of CLOCK_MONOTONIC_COARSE', () => {
+    map.update(ZERO, clock.encode(UNCALIBRATED));
+    const log = logged();
+    const k = new ClockKeeper(map, probe, log);
+    k.calibrate();
+    expect(log.lines.filter((l) => l.startsWith('warn')), log.lines.join('\n')).toEqual([]);
+    expect(HZ_CHOICES).toContain(k.hz);
+    const hz = configHz();
+    if (hz !== undefined) expect(k.hz, `CONFIG_HZ=${hz} in /boot/config-${release()}`).toBe(hz);
+    else console.log(`no /boot/config-${release()}: the tick (HZ ${k.hz}) is not checked against CONFIG_HZ`);
+    const c = clock.decode(map.lookup(ZERO)!);
+    expect(c.tick_ns).toBe(tickNsOf(k.hz!));
+    // For ~300 ms, re-based now and then as the scan does: the map's now for a fresh
+    // probe's jiffies against the coarse clock user space reads around it.
+    const tick = c.tick_ns;
+    const worst: bigint[] = [];
+    const end = Date.now() + 300;
+    for (let i = 0; Date.now() < end; i++) {
+      if (i % 50 === 0) k.rebase();
+      const before = monotonicCoarseNs();
+      const now = clockNow(clock.decode(map.lookup(ZERO)!), probeClock(probe));
+      const after = monotonicCoarseNs();
+      const off = now < before ? now - before : now > after ? now - after : 0n;
+      worst.push(off < 0n ? -off : off);
+    }
+    const max = worst.reduce((a, b) => (a > b ? a : b), 0n);
+    expect(max <= 2n * tick, `the map's now was ${max} ns off the coarse clock (a tick is ${tick} ns)`).toBe(true);
+  });
+
+  it('a re-base with the same tick keeps base_jiffies and moves base_ns alone', () => {
+    const k = new ClockKeeper(map, probe, logged());
+    k.calibrate();
+    const a = clock.decode(map.lookup(ZERO)!);
+    map.update(ZERO, clock.encode({ ...a, base_ns: a.base_ns + 3n * a.tick_ns }));
+    k.rebase();
+    const b = clock.decode(map.lookup(ZERO)!);
+    expect(b.base_jiffies).toBe(a.base_jiffies);
+    expect(b.tick_ns).toBe(a.tick_ns);
+    const d = b.base_ns > a.base_ns ? b.base_ns - a.base_ns : a.base_ns - b.base_ns;
+    expect(d <= a.tick_ns, `re-based ${d} ns from the calibration`).toBe(true);
+  });
+});
+
+describe('the tick from two samples (no kernel)', () => {
+  const at = (jiffies: bigint, coarseNs: bigint): ClockSample => ({ jiffies, coarseNs });
+  it('each HZ from 100 ms of jiffies, also when a sample is one jiffy off', () => {
+    for (const hz of HZ_CHOICES) {
+      const t = tickNsOf(hz);
+      const n = BigInt(hz / 10);
+      for (const skew of [0n, 1n, -1n]) {
+        expect(tickFrom(at(1000n, 5_000_000_000n), at(1000n + n + skew, 5_000_000_000n + n * t))).toEqual({ hz, tickNs: t });
+      }
+    }
+    expect(tickNsOf(300)).toBe(3_333_333n);
+  });
+  it('refuses what fits no HZ, or more than one, or no time at all', () => {
+    expect(tickFrom(at(10n, 1_000_000n), at(10n, 101_000_000n))).toHaveProperty('why');
+    expect(tickFrom(at(10n, 1_000_000n), at(27n, 101_000_000n))).toHaveProperty('why'); // 6 ms a jiffy
+    expect(tickFrom(at(10n, 1_000_000n), at(11n, 4_000_000n))).toHaveProperty('why'); // 3 ms: 250 and 300 both fit
+    expect(tickFrom(at(10n, 5n), at(20n, 5n))).toHaveProperty('why');
+  });
+  it('the clock for a sample: now at the sample is its time; a base jiffy kept only with the same tick and not after it', () => {
+    const s = at(5000n, 9_000_000_000n);
+    const fresh = clockFor(s, 4_000_000n);
+    expect(clockNow(fresh, s)).toBe(s.coarseNs);
+    const kept = clockFor(s, 4_000_000n, { base_ns: 1n, base_jiffies: 4000n, tick_ns: 4_000_000n });
+    expect(kept).toEqual({ base_ns: 9_000_000_000n - 1000n * 4_000_000n, base_jiffies: 4000n, tick_ns: 4_000_000n });
+    expect(clockNow(kept, s)).toBe(s.coarseNs);
+    expect(clockFor(s, 4_000_000n, { base_ns: 1n, base_jiffies: 6000n, tick_ns: 4_000_000n }).base_jiffies).toBe(5000n);
+    expect(clockFor(s, 4_000_000n, { base_ns: 1n, base_jiffies: 4000n, tick_ns: 1_000_000n }).base_jiffies).toBe(5000n);
+    // tick_ns 0: the coarse clock itself; a now past 2^64 wraps as the C's u64 does.
+    expect(clockNow(UNCALIBRATED, s)).toBe(s.coarseNs);
+    expect(clockNow({ base_ns: (1n << 64n) - 1n, base_jiffies: 4999n, tick_ns: 2n }, s)).toBe(1n);
+  });
+});
