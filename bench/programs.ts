@@ -12,9 +12,10 @@ import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
+import { clockFor, measureTick, probeSettled } from '../dataplane/agent/clock.ts';
 import { Conntrack, IPS_ASSURED, IPS_SEEN_REPLY, TCP_CONNTRACK_ESTABLISHED, unshareNetns } from '../dataplane/conntrack.ts';
 import { FLANNEL_PORTS, NO_OVERLAY,
-  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, arrayIndex, config, counterValue,
+  COUNTER_COUNT, COUNTER_NAMES, MAX_ENTRIES, NodeFlag, arrayIndex, clock, config, counterValue,
   egressKey, ingressKey, nodeInfo, nodeIp, path, podInfo, podIp,
   NO_HOST_NETNS, POLICY_KEY_BYTES, type CounterName,
 } from '../dataplane/maps.ts';
@@ -117,7 +118,25 @@ const noPath = {
 
 interface Maps {
   pod_info: BpfMap; egress_cache: BpfMap; egress_filter: BpfMap; ingress_cache: BpfMap; config: BpfMap;
-  policy_table: BpfMap; policy_start: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap;
+  policy_table: BpfMap; policy_start: BpfMap; counters: BpfMap; bench_packet: BpfMap; nodes: BpfMap; clock: BpfMap;
+}
+
+/** The kernel's tick, found once a process (it blocks CALIBRATION_GAP_MS), as the agent finds it at start. */
+let tickNs: bigint | undefined;
+
+/**
+ * The clock map calibrated as the agent keeps it (dataplane/agent/clock.ts),
+ * so that the programs read jiffies, not the coarse clock: what they cost on
+ * a node. A kernel whose tick cannot be told stops the run rather than
+ * measure the fallback under the same names.
+ */
+function calibrateClock(map: BpfMap, probe: BpfProgram): void {
+  if (tickNs === undefined) {
+    const t = measureTick(probe).tick;
+    if ('why' in t) throw new BenchError(`cannot calibrate the clock map as the agent would (${t.why}): the programs would read the coarse clock`);
+    tickNs = t.tickNs;
+  }
+  map.update(ZERO, clock.encode(clockFor(probeSettled(probe), tickNs)));
 }
 
 /** The pod, the NIC, and a pod pair learned both ways: what every object starts from. */
@@ -354,9 +373,10 @@ function loadState(objectPath: string, name: StateName, log: (s: string) => void
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'bench_packet', 'nodes'] as const) {
+    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'bench_packet', 'nodes', 'clock'] as const) {
       maps[m] = obj.map(m);
     }
+    calibrateClock(maps.clock, obj.program('clock_probe'));
     // The point of the bench object is production-sized tables (hash buckets, cache footprint).
     const want = MAX_ENTRIES.production;
     const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, policySlots: maps.policy_table.maxEntries };
