@@ -27,11 +27,12 @@ function native(): Native {
 const CLOCK_MONOTONIC_COARSE = 6;
 
 /**
- * Now, on the clock the programs write into path.last_seen:
- * bpf_ktime_get_coarse_ns() reads the same coarse monotonic time that
- * CLOCK_MONOTONIC_COARSE gives user space. process.hrtime() reads
- * CLOCK_MONOTONIC, which runs up to one tick ahead; reading the very same
- * clock means a fresh entry can never look idle, and costs one vDSO call.
+ * Now, on the clock the programs write into path.last_seen (bpf/maps.h
+ * xmasq_now): bpf_ktime_get_coarse_ns() reads the same coarse monotonic time
+ * that CLOCK_MONOTONIC_COARSE gives user space, and the clock map the agent
+ * calibrates (clock.ts) keeps jiffies within a tick or so of it.
+ * process.hrtime() reads CLOCK_MONOTONIC, which runs up to one tick ahead;
+ * the same clock means a fresh entry never looks idle, and costs one vDSO call.
  */
 export function monotonicCoarseNs(): bigint {
   const ts = Buffer.alloc(16);
