@@ -9,8 +9,8 @@ import { existsSync, readFileSync } from 'node:fs';
 import { release } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BpfObject } from '../libbpf.ts';
-import { UNCALIBRATED, arrayIndex, clock } from '../maps.ts';
+import { BpfObject, type BpfMap } from '../libbpf.ts';
+import { UNCALIBRATED, arrayIndex, clock, type Clock } from '../maps.ts';
 import type { Log } from './log.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { ClockKeeper, HZ_CHOICES, clockFor, clockNow, probeClock, tickFrom, tickNsOf, type ClockSample } from './clock.ts';
@@ -88,6 +88,32 @@ describe('clock calibration on the kernel', () => {
     expect(b.tick_ns).toBe(a.tick_ns);
     const d = b.base_ns > a.base_ns ? b.base_ns - a.base_ns : a.base_ns - b.base_ns;
     expect(d <= a.tick_ns, `re-based ${d} ns from the calibration`).toBe(true);
+  });
+
+  it('a first calibration, or another tick, goes through tick_ns 0: no write mixes two clocks\' fields', () => {
+    // The kernel's map, every value written to it recorded.
+    const writes: Clock[] = [];
+    const recording = {
+      lookup: (k: Buffer) => map.lookup(k),
+      update: (k: Buffer, v: Buffer) => {
+        writes.push(clock.decode(v));
+        map.update(k, v);
+      },
+    } as unknown as BpfMap;
+    const changedFields = (a: Clock, b: Clock) => (['base_ns', 'base_jiffies', 'tick_ns'] as const).filter((f) => a[f] !== b[f]);
+    for (const start of [UNCALIBRATED, { base_ns: 5n, base_jiffies: 7n, tick_ns: 1_000_000n }]) {
+      map.update(ZERO, clock.encode(start));
+      writes.length = 0;
+      new ClockKeeper(recording, probe, logged()).calibrate();
+      let prev: Clock = start;
+      for (const w of writes) {
+        const f = changedFields(prev, w);
+        // One field, or, while tick_ns is 0 before and after (the coarse clock), any.
+        expect(f.length <= 1 || (prev.tick_ns === 0n && w.tick_ns === 0n), `${JSON.stringify(prev, (_, v) => String(v))} -> ${JSON.stringify(w, (_, v) => String(v))}`).toBe(true);
+        prev = w;
+      }
+      expect(prev.tick_ns).not.toBe(0n);
+    }
   });
 });
 

@@ -14,7 +14,7 @@
  * lowest jiffy is the one read with both settled.
  */
 import { skbCtx, SK_BUFF_OFFSETS, type BpfMap, type BpfProgram } from '../libbpf.ts';
-import { arrayIndex, clock, ProbeCb, UNCALIBRATED, type Clock } from '../maps.ts';
+import { arrayIndex, clock, ProbeCb, type Clock } from '../maps.ts';
 import type { Log } from './log.ts';
 
 export interface ClockSample {
@@ -172,10 +172,23 @@ export class ClockKeeper {
     return clock.decode(this.map.lookup(ZERO)!);
   }
 
+  /**
+   * The map's one slot is copied field after field while programs read it.
+   * A re-base changes base_ns alone (clockFor); anything more (a first
+   * calibration, another tick) goes through tick_ns 0, each write changing
+   * one field or none that a program reads: the old clock, the coarse clock,
+   * then the new one, never a mix of two clocks' fields.
+   */
   private write(s: ClockSample): Clock {
     const prev = this.read();
     const c = clockFor(s, this.tickNs!, prev);
-    if (c.base_ns !== prev.base_ns || c.base_jiffies !== prev.base_jiffies || c.tick_ns !== prev.tick_ns) this.map.update(ZERO, clock.encode(c));
+    if (c.base_jiffies !== prev.base_jiffies || c.tick_ns !== prev.tick_ns) {
+      if (prev.tick_ns !== 0n) this.map.update(ZERO, clock.encode({ ...prev, tick_ns: 0n }));
+      this.map.update(ZERO, clock.encode({ ...c, tick_ns: 0n }));
+      this.map.update(ZERO, clock.encode(c));
+    } else if (c.base_ns !== prev.base_ns) {
+      this.map.update(ZERO, clock.encode(c));
+    }
     return c;
   }
 
@@ -183,7 +196,8 @@ export class ClockKeeper {
     this.tickNs = undefined;
     this.hz = undefined;
     try {
-      this.map.update(ZERO, clock.encode(UNCALIBRATED));
+      // tick_ns alone: a program reading the slot meanwhile gets the old clock or the coarse one.
+      this.map.update(ZERO, clock.encode({ ...this.read(), tick_ns: 0n }));
     } catch (e) {
       this.log.warn(`clock: writing tick_ns 0 failed: ${(e as Error).message}`);
     }
