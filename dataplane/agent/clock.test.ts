@@ -104,7 +104,8 @@ describe('clock calibration on the kernel', () => {
     for (const start of [UNCALIBRATED, { base_ns: 5n, base_jiffies: 7n, tick_ns: 1_000_000n }]) {
       map.update(ZERO, clock.encode(start));
       writes.length = 0;
-      new ClockKeeper(recording, probe, logged()).calibrate();
+      const log = logged();
+      new ClockKeeper(recording, probe, log).calibrate();
       let prev: Clock = start;
       for (const w of writes) {
         const f = changedFields(prev, w);
@@ -112,7 +113,7 @@ describe('clock calibration on the kernel', () => {
         expect(f.length <= 1 || (prev.tick_ns === 0n && w.tick_ns === 0n), `${JSON.stringify(prev, (_, v) => String(v))} -> ${JSON.stringify(w, (_, v) => String(v))}`).toBe(true);
         prev = w;
       }
-      expect(prev.tick_ns).not.toBe(0n);
+      expect(prev.tick_ns, `writes ${writes.length}; ${log.lines.join('; ')}`).not.toBe(0n);
     }
   });
 });
