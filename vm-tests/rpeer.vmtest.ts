@@ -2,9 +2,11 @@
  * The rpeer kernel end to end: builds it (or takes it from the cache), boots it under
  * QEMU with vm-tests/guest/init.sh, which runs the guest suites inside, and holds each
  * guest suite's outcome. A failure quotes the guest's own failure messages; the whole
- * console is kept in the results directory named in the message.
+ * console is kept in the results directory named in the message. A run whose every test
+ * passed removes that directory: the passing runs would otherwise pile up in /tmp.
  */
-import { beforeAll, describe, expect, it } from 'vitest';
+import { rmSync } from 'node:fs';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
 import { mustRun } from '../testing/command.ts';
 import { runGuestSuites, type GuestRun } from './qemu.ts';
@@ -13,6 +15,7 @@ import { ROOT } from '../testing/root.ts';
 if (process.getuid?.() !== 0) throw new Error('vm-tests need root: the kernel cache is in /var/cache and the guest runs the lab as root; run as root');
 
 let vm: GuestRun;
+let failed = false;
 const where = () => `(console, report and dmesg in ${vm.resultsDir})`;
 
 beforeAll(async () => {
@@ -22,6 +25,17 @@ beforeAll(async () => {
   const started = Date.now();
   vm = await runGuestSuites({ bzImage: kernel.bzImage, log: (l) => console.log(`vm | ${l}`) });
   console.log(`vm: QEMU exited ${vm.qemuExit} after ${Math.round((Date.now() - started) / 1000)} s; results in ${vm.resultsDir}`);
+});
+
+afterEach((ctx) => {
+  if (ctx.task.result?.state !== 'pass') failed = true;
+});
+
+afterAll(() => {
+  // vm is unset when beforeAll failed, which also fails every test
+  if (failed || vm === undefined) return;
+  rmSync(vm.resultsDir, { recursive: true, force: true });
+  console.log(`vm: every test passed; removed ${vm.resultsDir}`);
 });
 
 /** The assertions of one guest file, by the file's base name. */
