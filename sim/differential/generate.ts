@@ -631,7 +631,10 @@ function genClock(rng: Rng, state: DatapathState, clock: ClockSource, tags: stri
   if (r < 16) {
     tags.push('clock-calibrated');
     const c = clockFor(s, t);
-    const back = BigInt(rng.int(1_000_000));
+    // At most back to the boot: a base_ns below 0 is no u64 (a machine up for less
+    // than the drawn 1,000,000 ticks, 17-67 min, as a fresh CI machine is).
+    const drawn = BigInt(rng.int(1_000_000));
+    const back = drawn * t <= c.base_ns ? drawn : c.base_ns / t;
     state.clock = rng.pick([
       c, c, c,
       { ...c, base_ns: c.base_ns - t }, { ...c, base_ns: c.base_ns + t },
