@@ -26,8 +26,8 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 {
 	struct hdrs h = {};
 
-	/* 1. A pod's IPv4 packet that masq can carry. */
-	if (load_eth_ipv4(skb, &h))
+	/* 1. A pod's IPv4 packet that masq can carry: its IPv4 header first. */
+	if (load_eth_ipv4_hdr(skb, &h))
 		return pass();
 	/*
 	 * RF is our marker, which no conforming stack sets (RFC 791): a pod that
@@ -40,9 +40,19 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 		return TC_ACT_SHOT;
 	}
 	struct config *cfg = config_get();
-	if (!fast_path_eligible(cfg, &h))
-		return pass();
 	if (!cfg || cfg->nic_ifindex == 0)
+		return pass();
+	/*
+	 * A clear bit in the presence filter means no pair (maps.h): most of what
+	 * a pod sends (to the internet, DNS, pods of this host) passes here, on
+	 * its addresses alone, before its L4 header is read and without a hash
+	 * lookup. A Service's request is filtered under the backend conntrack
+	 * chose (step 2).
+	 */
+	int to_service = cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net;
+	if (!to_service && !egress_filter_has(cfg, h.saddr, h.daddr))
+		return pass();
+	if (load_l4(skb, &h) || !fast_path_eligible(cfg, &h))
 		return pass();
 	/*
 	 * Whose conntrack admits flows: the host's. In the pod's namespace it is
@@ -63,7 +73,7 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	 * 2. A Service's request goes where the host would send it: to the
 	 * backend conntrack chose for the flow (its DNAT), if conntrack admits
 	 * the flow. From here on h is the packet as the host would forward it,
-	 * the port it carries written at step 5. Anything else to a Service
+	 * the port it carries written at step 6. Anything else to a Service
 	 * stays on the overlay (through the stack, which NATs it).
 	 */
 	/*
@@ -76,24 +86,22 @@ static __always_inline int xmasq_masq(struct __sk_buff *skb, __u32 *nic, int in_
 	int admit = XMASQ_CT_UNCHECKED;
 	__u32 wire_daddr = h.daddr;
 	__be16 wire_dport = h.dport;
-	if (cfg->service_mask && (h.daddr & cfg->service_mask) == cfg->service_net) {
+	if (to_service) {
 		now = xmasq_now();
 		admit = ct_admit(skb, &h, h.saddr, h.daddr, now, netns_id, netns_ino, XMASQ_NAT_DST, &to);
 		if (admit != XMASQ_CT_ADMIT)
 			return pass();
 		h.daddr = to.daddr;
 		h.dport = to.dport;
+		if (!egress_filter_has(cfg, h.saddr, h.daddr))
+			return pass();
 	}
 
 	/*
 	 * 3. A pair fully learned: path, both keys, and the peer knows ours. A
-	 * clear bit in the presence filter means no entry (maps.h): most of what
-	 * a pod sends (to the internet, DNS, pods of this host) passes here,
-	 * without the hash lookup. A set bit may be another pair's, or an entry
-	 * gone since: the lookup decides.
+	 * set bit in the filter may be another pair's, or an entry gone since:
+	 * the lookup decides.
 	 */
-	if (!egress_filter_has(cfg, h.saddr, h.daddr))
-		return pass();
 	struct egress_key ek = { .local_pod = h.saddr, .remote_pod = h.daddr };
 	struct path *e = bpf_map_lookup_elem(&egress_cache, &ek);
 	if (!e)

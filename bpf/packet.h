@@ -127,11 +127,12 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 }
 
 /*
- * Parses the IPv4 header at off, inside a datagram or frame ending at limit.
- * Returns 0 when the header is sound, -1 to make the caller pass.
+ * Parses the IPv4 header at off, inside a datagram or frame ending at limit,
+ * and leaves the L4 fields empty (load_l4 reads them). Returns 0 when the
+ * header is sound, -1 to make the caller pass.
  */
-static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 limit,
-				     struct hdrs *h)
+static __always_inline int load_ipv4_hdr(struct __sk_buff *skb, __u32 off, __u32 limit,
+					 struct hdrs *h)
 {
 	if (off > XMASQ_MAX_HDR_OFF || off + sizeof(struct iphdr) > limit)
 		return -1;
@@ -165,7 +166,16 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 	h->carrier = 0;
 	h->tcp_flags = 0;
 	h->l4_ok = 0;
+	return 0;
+}
 
+/*
+ * Reads the ports, the carrier and the TCP flags of h's datagram, whose IPv4
+ * header load_ipv4_hdr parsed, when it carries them whole (l4_ok). Returns 0,
+ * or -1 to make the caller pass.
+ */
+static __always_inline int load_l4(struct __sk_buff *skb, struct hdrs *h)
+{
 	/* Only a first fragment carries the L4 header. */
 	if (!is_first_fragment(h))
 		return 0;
@@ -174,8 +184,8 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 		return 0;
 	if (ensure_linear(skb, h->l4 + need))
 		return -1;
-	data = skb_data(skb);
-	data_end = skb_data_end(skb);
+	void *data = skb_data(skb);
+	void *data_end = skb_data_end(skb);
 	__u32 l4 = h->l4;
 	if (l4 > XMASQ_MAX_HDR_OFF)
 		return -1;
@@ -198,6 +208,15 @@ static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 lim
 	}
 	h->l4_ok = 1;
 	return 0;
+}
+
+/* load_ipv4_hdr, then load_l4: the whole of what a program reads of a datagram. */
+static __always_inline int load_ipv4(struct __sk_buff *skb, __u32 off, __u32 limit,
+				     struct hdrs *h)
+{
+	if (load_ipv4_hdr(skb, off, limit, h))
+		return -1;
+	return load_l4(skb, h);
 }
 
 /*
@@ -270,12 +289,12 @@ static __always_inline __u16 carried_wide_key(const struct hdrs *h)
 }
 
 /*
- * An Ethernet frame carrying IPv4 directly (no VLAN tag); 0 or -1 as above.
- * A tag may not be in the frame at all: the receive path moves it into the
- * skb (skb_vlan_untag) before TC ingress runs, and NICs strip it on receive,
- * so a tagged frame looks untagged here but for skb->vlan_present.
+ * An Ethernet frame carrying IPv4 directly (no VLAN tag): its IPv4 header, as
+ * load_ipv4_hdr. A tag may not be in the frame at all: the receive path moves
+ * it into the skb (skb_vlan_untag) before TC ingress runs, and NICs strip it
+ * on receive, so a tagged frame looks untagged here but for skb->vlan_present.
  */
-static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
+static __always_inline int load_eth_ipv4_hdr(struct __sk_buff *skb, struct hdrs *h)
 {
 	if (skb->vlan_present)
 		return -1;
@@ -288,7 +307,15 @@ static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
 		return -1;
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return -1;
-	return load_ipv4(skb, ETH_HLEN, skb->len, h);
+	return load_ipv4_hdr(skb, ETH_HLEN, skb->len, h);
+}
+
+/* load_eth_ipv4_hdr, then load_l4. */
+static __always_inline int load_eth_ipv4(struct __sk_buff *skb, struct hdrs *h)
+{
+	if (load_eth_ipv4_hdr(skb, h))
+		return -1;
+	return load_l4(skb, h);
 }
 
 /* The frame's Ethernet source is mac (a frame too short for it is not). */

@@ -3,7 +3,7 @@
  * learned pair becomes a host-to-host packet sent straight to the NIC.
  */
 import { IP_RF, NO_SERVICES, PolicyDir, WIDE_KEY_MIN, type RedirectKindName } from '../../dataplane/maps.ts';
-import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4, readMac, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
+import { DPORT_OFF, IPPROTO_UDP, carrierFreeValue, carrierWithKey, carriesWideKey, dscpWithKey, Hdrs, isEcho, loadEthIpv4Hdr, loadL4, readMac, rewritePacket, rewritePort, wideCarrier } from './packet.ts';
 import { fastPathEligible } from './init.ts';
 import { policyDenied, policyDrop } from './policy.ts';
 import { CT_ADMIT, CT_CURRENT_NETNS, CT_NO_NETNS, NatSide, ctAdmit, ipWord, newCtTo, type CtVerdict } from './conntrack.ts';
@@ -49,17 +49,21 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   const h = new Hdrs();
   const to = newCtTo();
 
-  // 1. A pod's IPv4 packet that masq can carry.
-  if (loadEthIpv4(pkt, h, env.vlanPresent)) return pass(fx);
+  // 1. A pod's IPv4 packet that masq can carry: its IPv4 header first.
+  if (loadEthIpv4Hdr(pkt, h, env.vlanPresent)) return pass(fx);
   // RF is our marker, which no conforming stack sets: a pod that sets it forges a
   // masqueraded packet or a signal. It never leaves the pod.
   if (h.frag & IP_RF) {
     fx.counters.POD_MARKED++;
     return TC_ACT_SHOT;
   }
-  if (!fastPathEligible(s.config, h)) return pass(fx);
   const cfg = s.config;
   if (cfg.nic_ifindex === 0) return pass(fx);
+  // A clear bit in the presence filter means no pair: pass on the addresses alone,
+  // before the L4 header is read. A Service's request is filtered under its backend.
+  const toService = inServiceRange(cfg.service_net, cfg.service_mask, h.daddr);
+  if (!toService && !egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);
+  if (loadL4(pkt, h) || !fastPathEligible(cfg, h)) return pass(fx);
   // Whose conntrack admits flows: the host's. In the pod's namespace (RPEER) it is
   // named by the id the agent recorded for the source pod; conntrack.ts checks
   // that the entry found is the host's all the same.
@@ -76,16 +80,16 @@ function xmasqMasq(pkt: Buffer, s: DatapathState, env: Env, fx: RunEffects, kind
   const now = xmasqNow(s, env);
   let admit: CtVerdict | typeof CT_UNCHECKED = CT_UNCHECKED;
   const wireDaddr = h.daddr, wireDport = h.dport;
-  if (inServiceRange(cfg.service_net, cfg.service_mask, h.daddr)) {
+  if (toService) {
     admit = ctAdmit(s, env, h, h.saddr, h.daddr, netnsId, netnsIno, NatSide.DST, to);
     if (admit !== CT_ADMIT) return pass(fx);
     h.daddr = to.daddr;
     h.dport = to.dport;
+    if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);
   }
 
-  // 3. A pair fully learned: path, both keys, and the peer knows ours. A clear bit
-  //    in the presence filter means no entry: pass without the lookup.
-  if (!egressFilterHas(s, h.saddr, h.daddr)) return pass(fx);
+  // 3. A pair fully learned: path, both keys, and the peer knows ours. A set bit may
+  //    be another pair's, or an entry gone since: the lookup decides.
   const ek = { local_pod: h.saddr, remote_pod: h.daddr };
   const e = s.egress_cache.lookupElem(ek);
   if (!e) return pass(fx);

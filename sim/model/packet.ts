@@ -143,8 +143,11 @@ export function l4HeaderNeed(proto: number): number {
   }
 }
 
-/** C: load_ipv4. Returns 0 when the header is sound, -1 to make the caller pass. */
-export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): number {
+/**
+ * C: load_ipv4_hdr. The IPv4 header, the L4 fields left empty: 0 when the
+ * header is sound, -1 to make the caller pass.
+ */
+export function loadIpv4Hdr(pkt: Buffer, off: number, limit: number, h: Hdrs): number {
   if (off > MAX_HDR_OFF || off + 20 > limit) return -1;
   // C: ensure_linear, then the (ip + 1) > data_end check: the whole model packet is linear.
   inBounds(pkt, off, 20);
@@ -171,9 +174,14 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   h.carrier = 0;
   h.tcp_flags = 0;
   h.l4_ok = false;
+  return 0;
+}
 
+/** C: load_l4. The ports, the carrier and the TCP flags of a whole first fragment's L4 header. */
+export function loadL4(pkt: Buffer, h: Hdrs): number {
   // Only a first fragment carries the L4 header.
   if (!isFirstFragment(h)) return 0;
+  const { l4, end, proto } = h;
   const need = l4HeaderNeed(proto);
   if (need === 0 || l4 + need > end) return 0;
   if (l4 > MAX_HDR_OFF) return -1;
@@ -188,6 +196,11 @@ export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): numb
   if (proto === IPPROTO_TCP) h.tcp_flags = pkt[l4 + TCP_FLAGS_OFF];
   h.l4_ok = true;
   return 0;
+}
+
+/** C: load_ipv4. load_ipv4_hdr, then load_l4. */
+export function loadIpv4(pkt: Buffer, off: number, limit: number, h: Hdrs): number {
+  return loadIpv4Hdr(pkt, off, limit, h) || loadL4(pkt, h);
 }
 
 /*
@@ -238,14 +251,20 @@ export function carriedWideKey(h: Hdrs): number {
 }
 
 /**
- * C: load_eth_ipv4. An Ethernet frame carrying IPv4 directly (no VLAN tag),
- * neither in the frame nor taken out of it into the skb (vlanPresent).
+ * C: load_eth_ipv4_hdr. An Ethernet frame carrying IPv4 directly (no VLAN
+ * tag), neither in the frame nor taken out of it into the skb (vlanPresent):
+ * its IPv4 header.
  */
-export function loadEthIpv4(pkt: Buffer, h: Hdrs, vlanPresent = false): number {
+export function loadEthIpv4Hdr(pkt: Buffer, h: Hdrs, vlanPresent = false): number {
   if (vlanPresent) return -1;
   if (pkt.length < ETH_HLEN) return -1;
   if (be16(pkt, 12) !== ETH_P_IP) return -1;
-  return loadIpv4(pkt, ETH_HLEN, pkt.length, h);
+  return loadIpv4Hdr(pkt, ETH_HLEN, pkt.length, h);
+}
+
+/** C: load_eth_ipv4. load_eth_ipv4_hdr, then load_l4. */
+export function loadEthIpv4(pkt: Buffer, h: Hdrs, vlanPresent = false): number {
+  return loadEthIpv4Hdr(pkt, h, vlanPresent) || loadL4(pkt, h);
 }
 
 /** The overlay's UDP ports as config holds them (host order; 0: none). */
