@@ -214,6 +214,24 @@ static __always_inline int ct_tuple_eq(const struct ct_tuple *a, const struct ct
 	       a->sport == b->sport && a->dport == b->dport;
 }
 
+/* The admission of a flow the host sends on as to, by a conntrack lookup made at checked. */
+static __always_inline struct ct_admission ct_admission_of(const struct ct_tuple *to, __u64 checked)
+{
+	return (struct ct_admission){
+		.checked = checked,
+		.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
+	};
+}
+
+/* The flow as admission a says the host sends it on, into to (protocol kept). */
+static __always_inline void ct_admission_apply(const struct ct_admission *a, struct ct_tuple *to)
+{
+	to->saddr = a->saddr;
+	to->daddr = a->daddr;
+	to->sport = a->sport;
+	to->dport = a->dport;
+}
+
 /*
  * This CPU's slot r (may be NULL, to the verifier) now holds the flow k,
  * admitted as to by the conntrack lookup made at checked.
@@ -224,10 +242,7 @@ static __always_inline void ct_recent_put(struct ct_recent *r, const struct ct_t
 	if (!r)
 		return;
 	r->flow = *k;
-	r->admitted = (struct ct_admission){
-		.checked = checked,
-		.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
-	};
+	r->admitted = ct_admission_of(to, checked);
 }
 
 /*
@@ -303,10 +318,7 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	struct ct_recent *r = bpf_map_lookup_elem(&ct_recent, &slot);
 	int mine = r && ct_tuple_eq(&r->flow, &k);
 	if (mine && now >= r->admitted.checked && now - r->admitted.checked < XMASQ_CT_RECHECK_NS) {
-		to->saddr = r->admitted.saddr;
-		to->daddr = r->admitted.daddr;
-		to->sport = r->admitted.sport;
-		to->dport = r->admitted.dport;
+		ct_admission_apply(&r->admitted, to);
 		return nat_allowed(&k, to, side) ? XMASQ_CT_ADMIT : XMASQ_CNT_CT_NAT;
 	}
 
@@ -315,10 +327,7 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	struct ct_admission a;
 	if (seen && ct_admitted_copy(&k, seen, &a) && now >= a.checked &&
 	    now - a.checked < XMASQ_CT_RECHECK_NS) {
-		to->saddr = a.saddr;
-		to->daddr = a.daddr;
-		to->sport = a.sport;
-		to->dport = a.dport;
+		ct_admission_apply(&a, to);
 		if (!nat_allowed(&k, to, side))
 			return XMASQ_CNT_CT_NAT;
 		/* The entry's own time: the slot must not outlive the check it copies. */
@@ -372,10 +381,7 @@ static __always_inline int ct_admit(struct __sk_buff *skb, const struct hdrs *h,
 	bpf_ct_release(ct);
 
 	if (verdict == XMASQ_CT_ADMIT) {
-		struct ct_admission fresh = {
-			.checked = now,
-			.saddr = to->saddr, .daddr = to->daddr, .sport = to->sport, .dport = to->dport,
-		};
+		struct ct_admission fresh = ct_admission_of(to, now);
 		bpf_map_update_elem(&ct_admitted, &k, &fresh, BPF_ANY);
 		ct_recent_put(r, &k, now, to);
 		return verdict;

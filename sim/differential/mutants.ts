@@ -165,7 +165,7 @@ export const MUTANTS: Mutant[] = [
   { name: 'a ct_recent slot matched without the destination address', file: 'conntrack.ts',
     from: ' && a.daddr === b.daddr && ', to: ' && ' },
   { name: "a ct_recent slot's translation not checked against the caller", file: 'conntrack.ts',
-    from: "    to.dport = r.admitted.dport;\n    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';", to: '    to.dport = r.admitted.dport;\n    return CT_ADMIT;' },
+    from: "    ctAdmissionApply(r.admitted, to);\n    return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';", to: '    ctAdmissionApply(r.admitted, to);\n    return CT_ADMIT;' },
   { name: 'a flow conntrack no longer has keeps its ct_recent slot', file: 'conntrack.ts',
     from: "    if (mine) s.ct_recent[slot] = emptyCtRecent();\n    return 'CT_REFUSED';", to: "    return 'CT_REFUSED';" },
   { name: 'a flow conntrack refuses keeps its ct_recent slot', file: 'conntrack.ts',

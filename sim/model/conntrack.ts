@@ -7,7 +7,7 @@ import { CT_RECHECK_NS, CtBits, type CounterName } from '../../dataplane/maps.ts
 import { ipv4ToBytes } from '../../dataplane/layout.ts';
 import { IPPROTO_TCP, IPPROTO_UDP, isFragment, readIpv4, type Hdrs } from './packet.ts';
 import { emptyCtRecent, xmasqNow, type DatapathState } from './maps.ts';
-import type { ModelCtRecent, ModelCtTupleKey } from './state.ts';
+import type { ModelCtAdmission, ModelCtRecent, ModelCtTupleKey } from './state.ts';
 import type { Env } from './state.ts';
 
 const TCP_FLAG_FIN = 0x01;
@@ -108,10 +108,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   const r = s.ct_recent[slot];
   const mine = ctTupleEq(r.flow, k);
   if (mine && now >= r.admitted.checked && now - r.admitted.checked < CT_RECHECK_NS) {
-    to.saddr = r.admitted.saddr;
-    to.daddr = r.admitted.daddr;
-    to.sport = r.admitted.sport;
-    to.dport = r.admitted.dport;
+    ctAdmissionApply(r.admitted, to);
     return natAllowed(k, to, side) ? CT_ADMIT : 'CT_NAT';
   }
 
@@ -119,10 +116,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   // free and reuse the element under the read. One thread here: always whole.
   const seen = s.ct_admitted.lookupElem(k);
   if (seen && now >= seen.checked && now - seen.checked < CT_RECHECK_NS) {
-    to.saddr = seen.saddr;
-    to.daddr = seen.daddr;
-    to.sport = seen.sport;
-    to.dport = seen.dport;
+    ctAdmissionApply(seen, to);
     if (!natAllowed(k, to, side)) return 'CT_NAT';
     // The entry's own time: the slot must not outlive the check it copies.
     ctRecentPut(r, k, seen.checked, to);
@@ -149,7 +143,7 @@ export function ctAdmit(s: DatapathState, env: Env, h: Hdrs, src: number, dst: n
   }
 
   if (verdict === CT_ADMIT) {
-    s.ct_admitted.updateElem(k, { checked: now, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport }, 'any');
+    s.ct_admitted.updateElem(k, ctAdmissionOf(to, now), 'any');
     ctRecentPut(r, k, now, to);
     return verdict;
   }
@@ -188,7 +182,20 @@ function ctTupleEq(a: ModelCtTupleKey, b: ModelCtTupleKey): boolean {
 /** C: ct_recent_put. The slot now holds the flow k, admitted as to by the lookup made at checked. */
 function ctRecentPut(r: ModelCtRecent, k: ModelCtTupleKey, checked: bigint, to: CtTo): void {
   r.flow = { saddr: k.saddr, daddr: k.daddr, sport: k.sport, dport: k.dport, protocol: k.protocol };
-  r.admitted = { checked, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport };
+  r.admitted = ctAdmissionOf(to, checked);
+}
+
+/** C: ct_admission_of. The admission of a flow the host sends on as to, by a lookup made at checked. */
+function ctAdmissionOf(to: CtTo, checked: bigint): ModelCtAdmission {
+  return { checked, saddr: to.saddr, daddr: to.daddr, sport: to.sport, dport: to.dport };
+}
+
+/** C: ct_admission_apply. The flow as admission a says the host sends it on, into to. */
+function ctAdmissionApply(a: ModelCtAdmission, to: CtTo): void {
+  to.saddr = a.saddr;
+  to.daddr = a.daddr;
+  to.sport = a.sport;
+  to.dport = a.dport;
 }
 
 /**
