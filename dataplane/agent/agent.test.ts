@@ -332,10 +332,15 @@ describe('xmasq-agent', () => {
     expect(hookedAs('nic0', 'ingress')).toEqual(['restore/tcx']);
   });
 
-  it('calibrates the pinned clock map at start: its now within two ticks of CLOCK_MONOTONIC_COARSE, and logs the tick', () => {
+  it('calibrates the pinned clock map at start: its now within two ticks of CLOCK_MONOTONIC_COARSE, and logs the tick', async () => {
     const c = withMap('clock', (m) => clock.decode(m.lookup(arrayIndex.encode({ index: 0 }))!));
     expect(HZ_CHOICES.map(tickNsOf)).toContain(c.tick_ns);
     expect(agent!.stderr()).toContain('clock: HZ ');
+    // status and /metrics name the tick the map holds (a jiffy's length is HZ's, rounded as the kernel does)
+    const st = (await call((cl) => cl.status())).status;
+    expect(st.clock?.tickNs, JSON.stringify(st.clock)).toBe(Number(c.tick_ns));
+    expect(st.clock?.reason).toBeUndefined();
+    expect(Math.round(1e9 / st.clock!.tickNs!)).toBe(st.clock!.hz);
     // jiffies from a probe of our own (a test object's clock_probe), the map's now for them
     // against the coarse clock user space reads around it.
     const obj = BpfObject.open(TEST_OBJECT);

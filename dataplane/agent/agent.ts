@@ -953,6 +953,7 @@ export class Agent {
         notServed: this.discoveryStats.notServed.map((n) => ({ ...n })),
         ...(this.discoveryStats.failing ? { failing: { ...this.discoveryStats.failing } } : {}),
       },
+      ...(this.clock ? { clock: this.clock.status() } : {}),
     };
   }
 
@@ -969,6 +970,7 @@ export class Agent {
       nodes: { self: s.nodes.self.length, peers: s.nodes.peers.length },
       policyRules: s.policy.rules,
       policyTableEntries: s.policy.entries,
+      clockHz: s.clock?.hz ?? 0,
       expired: s.expiry.expired,
       lastScanSeconds: this.stats.lastScanSeconds,
       scans: this.stats.scans,

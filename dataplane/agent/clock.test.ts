@@ -7,9 +7,10 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { release } from 'node:os';
+import { gunzipSync } from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
-import { BpfObject, type BpfMap } from '../libbpf.ts';
+import { BpfObject, type BpfMap, type BpfProgram } from '../libbpf.ts';
 import { UNCALIBRATED, arrayIndex, clock, type Clock } from '../maps.ts';
 import type { Log } from './log.ts';
 import { monotonicCoarseNs } from './native.ts';
@@ -31,12 +32,21 @@ function logged(): Log & { lines: string[] } {
   return { lines, info: add('info'), warn: add('warn'), error: add('error'), debug: add('debug') };
 }
 
-/** CONFIG_HZ of the running kernel, where its config is installed (Debian's is): an oracle the calibration does not read. */
-function configHz(): number | undefined {
-  const f = `/boot/config-${release()}`;
-  if (!existsSync(f)) return undefined;
-  const m = /^CONFIG_HZ=(\d+)$/m.exec(readFileSync(f, 'utf8'));
-  return m ? Number(m[1]) : undefined;
+/**
+ * CONFIG_HZ of the running kernel, from its config where it is installed
+ * (Debian's /boot) or built in (/proc/config.gz): an oracle the calibration
+ * does not read.
+ */
+function configHz(): { hz: number; from: string } | undefined {
+  for (const [from, read] of [
+    [`/boot/config-${release()}`, (f: string) => readFileSync(f, 'utf8')],
+    ['/proc/config.gz', (f: string) => gunzipSync(readFileSync(f)).toString('utf8')],
+  ] as const) {
+    if (!existsSync(from)) continue;
+    const m = /^CONFIG_HZ=(\d+)$/m.exec(read(from));
+    if (m) return { hz: Number(m[1]), from };
+  }
+  return undefined;
 }
 
 describe('clock calibration on the kernel', () => {
@@ -55,11 +65,12 @@ describe('clock calibration on the kernel', () => {
     k.calibrate();
     expect(log.lines.filter((l) => l.startsWith('warn')), log.lines.join('\n')).toEqual([]);
     expect(HZ_CHOICES).toContain(k.hz);
-    const hz = configHz();
-    if (hz !== undefined) expect(k.hz, `CONFIG_HZ=${hz} in /boot/config-${release()}`).toBe(hz);
-    else console.log(`no /boot/config-${release()}: the tick (HZ ${k.hz}) is not checked against CONFIG_HZ`);
+    const cfg = configHz();
+    if (cfg) expect(k.hz, `CONFIG_HZ=${cfg.hz} in ${cfg.from}`).toBe(cfg.hz);
+    else console.log(`no /boot/config-${release()} nor /proc/config.gz: the tick (HZ ${k.hz}) is not checked against CONFIG_HZ`);
     const c = clock.decode(map.lookup(ZERO)!);
     expect(c.tick_ns).toBe(tickNsOf(k.hz!));
+    expect(k.status()).toEqual({ hz: k.hz, tickNs: Number(c.tick_ns) });
     // For ~300 ms, re-based now and then as the scan does: the map's now for a fresh
     // probe's jiffies against the coarse clock user space reads around it.
     const tick = c.tick_ns;
@@ -88,6 +99,21 @@ describe('clock calibration on the kernel', () => {
     expect(b.tick_ns).toBe(a.tick_ns);
     const d = b.base_ns > a.base_ns ? b.base_ns - a.base_ns : a.base_ns - b.base_ns;
     expect(d <= a.tick_ns, `re-based ${d} ns from the calibration`).toBe(true);
+  });
+
+  it('a probe that fails leaves tick_ns 0, says why in its status and its log, and stays so on a re-base', () => {
+    map.update(ZERO, clock.encode({ base_ns: 5n, base_jiffies: 7n, tick_ns: 4_000_000n }));
+    // The kernel refusing the test run, as it would a program of another type.
+    const refusing = { testRun: () => { throw new Error('bpf_prog_test_run_opts: Invalid argument'); } } as unknown as BpfProgram;
+    const log = logged();
+    const k = new ClockKeeper(map, refusing, log);
+    k.calibrate();
+    k.rebase();
+    expect(clock.decode(map.lookup(ZERO)!)).toEqual({ base_ns: 5n, base_jiffies: 7n, tick_ns: 0n });
+    expect(k.status()).toEqual({ reason: 'the probe failed: bpf_prog_test_run_opts: Invalid argument' });
+    expect(log.lines.filter((l) => l.startsWith('warn'))).toEqual([
+      'warn: clock: the probe failed: bpf_prog_test_run_opts: Invalid argument: the programs read the coarse clock (bpf_ktime_get_coarse_ns, a helper call a packet)',
+    ]);
   });
 
   it('a first calibration, or another tick, goes through tick_ns 0: no write mixes two clocks\' fields', () => {

@@ -16,6 +16,7 @@
 import { skbCtx, SK_BUFF_OFFSETS, type BpfMap, type BpfProgram } from '../libbpf.ts';
 import { arrayIndex, clock, ProbeCb, type Clock } from '../maps.ts';
 import type { Log } from './log.ts';
+import type { ClockStatus } from './protocol.ts';
 
 export interface ClockSample {
   jiffies: bigint;
@@ -132,6 +133,8 @@ export class ClockKeeper {
   hz: number | undefined;
   /** Why the last re-base failed; undefined once one works. */
   private failing: string | undefined;
+  /** Why the tick is unknown; undefined while there is one. */
+  private why: string | undefined;
 
   constructor(private readonly map: BpfMap, private readonly probe: BpfProgram, private readonly log: Log) {}
 
@@ -151,6 +154,7 @@ export class ClockKeeper {
       }
       this.tickNs = t.tickNs;
       this.hz = t.hz;
+      this.why = undefined;
       const c = this.write(b);
       this.log.info(`clock: HZ ${t.hz} (a jiffy ${t.tickNs} ns); the programs read jiffies from ${c.base_jiffies} (coarse ${c.base_ns} ns) instead of the coarse clock`);
     } catch (e) {
@@ -173,6 +177,12 @@ export class ClockKeeper {
       if (this.failing !== msg) this.log.warn(`clock: re-basing failed (${msg}): the programs keep the last base`);
       this.failing = msg;
     }
+  }
+
+  /** What status and /metrics report. */
+  status(): ClockStatus {
+    if (this.tickNs === undefined) return { reason: this.why ?? 'not calibrated yet' };
+    return { hz: this.hz, tickNs: Number(this.tickNs), ...(this.failing ? { reason: `re-basing failed: ${this.failing}` } : {}) };
   }
 
   /** The map's value now. */
@@ -203,6 +213,7 @@ export class ClockKeeper {
   private uncalibrated(why: string): void {
     this.tickNs = undefined;
     this.hz = undefined;
+    this.why = why;
     try {
       // tick_ns alone: a program reading the slot meanwhile gets the old clock or the coarse one.
       this.map.update(ZERO, clock.encode({ ...this.read(), tick_ns: 0n }));

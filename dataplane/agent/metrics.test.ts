@@ -60,6 +60,7 @@ function snapshot(): MetricsSnapshot {
     nodes: { self: 1, peers: 2 },
     policyRules: 1,
     policyTableEntries: 1,
+    clockHz: 250,
     expired: { egress: 5, ingress: 6 },
     lastScanSeconds: 0.012,
     scans: 7,
@@ -83,6 +84,7 @@ describe('/metrics text', () => {
     const f = parseExposition(renderMetrics(snapshot()));
     expect(f.get('xmasq_packets_total')!.samples.map((s) => s.labels.counter)).toEqual(COUNTER_NAMES.map((c) => c.toLowerCase()));
     expect(one(f, 'xmasq_pods').value).toBe(4);
+    expect(one(f, 'xmasq_clock_hz').value).toBe(250);
     expect(f.get('xmasq_packets_total')!.samples.find((s) => s.labels.counter === 'masqueraded')?.value).toBe(COUNTER_NAMES.indexOf('MASQUERADED') * 10);
     for (const [name, fam] of f) {
       for (const s of fam.samples) {

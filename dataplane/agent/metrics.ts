@@ -21,6 +21,8 @@ export interface MetricsSnapshot {
   nodes: { self: number; peers: number };
   policyRules: number;
   policyTableEntries: number;
+  /** The HZ the programs' clock is calibrated to; 0: uncalibrated. */
+  clockHz: number;
   expired: { egress: number; ingress: number };
   lastScanSeconds: number;
   scans: number;
@@ -109,6 +111,7 @@ export function renderMetrics(s: MetricsSnapshot, proc: ProcessSample = processS
     (['self', 'peer'] as const).map((k) => [{ kind: k }, k === 'self' ? s.nodes.self : s.nodes.peers]));
   metric('xmasq_policy_rules', 'gauge', 'Installed deny rules.', [[{}, s.policyRules]]);
   metric('xmasq_policy_table_entries', 'gauge', 'Slots of policy_table the rules compile to (a verdict costs at most 13 array lookups in it).', [[{}, s.policyTableEntries]]);
+  metric('xmasq_clock_hz', 'gauge', 'The kernel\'s HZ, as the agent calibrated the programs\' clock to it; 0: uncalibrated, the full paths call the coarse clock\'s helper.', [[{}, s.clockHz]]);
   metric('xmasq_mode', 'gauge', 'Where masq runs: 1 for the active mode.',
     (['veth', 'rpeer'] as const).map((m) => [{ mode: m }, m === s.mode ? 1 : 0]));
   metric('xmasq_info', 'gauge', 'The agent\'s NIC and mode.', [[{ nic: s.nic, mode: s.mode }, 1]]);

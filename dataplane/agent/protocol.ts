@@ -171,6 +171,20 @@ export interface AgentStatus {
   nodes: { overlayDevices: string[]; self: string[]; peers: string[] };
   /** Pod discovery (--discover-pods): what its last round found and left alone. */
   discovery: DiscoveryStatus;
+  /** The programs' clock (the clock map, clock.ts); absent from agents before it. */
+  clock?: ClockStatus;
+}
+
+/**
+ * The clock map as the agent calibrated it: the kernel's HZ and a jiffy's
+ * length, or none (tick_ns 0: the programs call bpf_ktime_get_coarse_ns, a
+ * helper call a packet) and why.
+ */
+export interface ClockStatus {
+  hz?: number;
+  tickNs?: number;
+  /** Why there is no tick, or why the last re-base failed (the programs keep the last base). */
+  reason?: string;
 }
 
 export interface DiscoveryStatus {

@@ -125,6 +125,7 @@ function printStatus(s: AgentStatus): string {
     `pins      ${s.pinDir} (${s.pinsReused ? 'reused from an earlier agent' : 'created by this agent'})`,
     `object    ${s.object}`,
     `nodes     ${s.nodes ? `${s.nodes.peers.length} peer(s) (from ${s.nodes.overlayDevices.join(', ') || 'no overlay device'}${s.nodes.peers.length ? `: ${s.nodes.peers.slice(0, 8).join(', ')}${s.nodes.peers.length > 8 ? ', …' : ''}` : ''}); this host ${s.nodes.self.join(', ') || 'unknown'}` : 'not reported by this agent'}`,
+    `clock     ${!s.clock ? 'not reported by this agent' : s.clock.hz ? `HZ ${s.clock.hz} (a jiffy ${s.clock.tickNs} ns): the programs read jiffies${s.clock.reason ? `; ${s.clock.reason}` : ''}` : `uncalibrated (${s.clock.reason}): the programs call the coarse clock's helper`}`,
     `pods      ${s.pods}`,
     `caches    egress ${s.caches.egress.entries}/${s.caches.egress.capacity}, ingress ${s.caches.ingress.entries}/${s.caches.ingress.capacity}`,
     `policy    ${s.policy.rules} rule(s), ${s.policy.entries} policy_table entries`,
