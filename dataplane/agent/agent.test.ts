@@ -1286,6 +1286,8 @@ describe('xmasq-agent', () => {
       expect(ids()).toEqual({ in: [byProgram(now, 'restore').progId], out: [byProgram(now, 'init').progId], veth: [byProgram(now, 'masq').progId] });
       const st = runCli(['status']);
       expect(st.out).toMatch(/^attach\s+tcx \(set by --attach\)$/m);
+      const ck = (await call((c) => c.status())).status.clock!;
+      expect(st.out).toMatch(new RegExp(`^clock\\s+HZ ${ck.hz} \\(a jiffy ${ck.tickNs} ns\\): the programs read jiffies$`, 'm'));
       expect(st.out).toMatch(new RegExp(`^  masq\\s+vpod1 \\(ifindex ${veth}\\) ingress, tcx link ${byProgram(now, 'masq').linkId}, prog id ${byProgram(now, 'masq').progId}$`, 'm'));
       expect(runCli(['pods']).out).toMatch(new RegExp(`^${POD.ip.replace(/\./g, '\\.')}\\s.*\\stcx\\s`, 'm'));
     });
