@@ -7,6 +7,7 @@
 import { describe, expect, it } from 'vitest';
 import { HARNESS, OWN, Recording, breakdown, classify, parseScript } from './prog-profile.ts';
 import { runBench, type RowWindow } from './programs.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
 // As `perf script -F time,ip,sym` prints it: a time line, then the chain from the leaf.
 const SCRIPT = `
@@ -68,7 +69,7 @@ describe('bench:prog --profile, its parts', () => {
 
 describe('bench:prog --profile, recorded', () => {
   it('shows each row the helpers its program calls, and no others', async () => {
-    if (process.getuid?.() !== 0) throw new Error('needs root: BPF_PROG_TEST_RUN and perf record of this process');
+    requireRoot(import.meta.url, 'BPF_PROG_TEST_RUN, perf record of this process');
     const rec = await Recording.start();
     const windows: RowWindow[] = [];
     try {

@@ -5,8 +5,9 @@
  */
 import { describe, expect, it } from 'vitest';
 import { formatTcReport, runTcBench } from './tc.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('bench/tc.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 describe('bench:tc', () => {
   it('measures every configuration, a few thousand frames each, and reports per hook over none', () => {

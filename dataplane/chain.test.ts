@@ -22,8 +22,9 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, closeLink, haveTcx, tcAttach, tcxAttach, tcxQuery, withNetns, type BpfProgram, type TcHookPoint } from './libbpf.ts';
 import { COUNTER_NAMES, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, counterValue } from './maps.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('dataplane/chain.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const id = `${process.pid}`.slice(-5);
 const A_IP = '192.0.2.1', B_IP = '192.0.2.2';

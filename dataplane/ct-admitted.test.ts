@@ -12,10 +12,9 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject } from './libbpf.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) {
-  throw new Error('dataplane/ct-admitted.test.ts loads BPF programs: run it as root (CAP_BPF)');
-}
+requireRoot(import.meta.url, 'BPF programs: CAP_BPF');
 
 const SOURCE = fileURLToPath(new URL('./testdata/ct-reuse.bpf.c', import.meta.url));
 const BPF_DIR = fileURLToPath(new URL('../bpf/', import.meta.url));

@@ -15,10 +15,9 @@ import {
   readSkbCtx, setLibbpfLogger, skbCtx, tcAttach, tcDestroyHook, tcDetach, tcQuery, withNetns,
 } from './libbpf.ts';
 import type { MapSnapshot } from './map-ops.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) {
-  throw new Error('dataplane/libbpf.test.ts loads BPF programs and creates network namespaces: run it as root (CAP_BPF + CAP_NET_ADMIN)');
-}
+requireRoot(import.meta.url, 'BPF programs, network namespaces: CAP_BPF + CAP_NET_ADMIN');
 
 const SOURCE = fileURLToPath(new URL('./testdata/probe.bpf.c', import.meta.url));
 const TC_ACT_OK = 0;

@@ -7,8 +7,9 @@ import { execFileSync } from 'node:child_process';
 import { statSync } from 'node:fs';
 import { afterAll, describe, expect, it } from 'vitest';
 import { hostNetnsSeenFrom } from './netlink.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('dataplane/netlink.test.ts needs root (network namespaces, RTM_NEWNSID): run it as root');
+requireRoot(import.meta.url, 'network namespaces, RTM_NEWNSID');
 
 const tag = `xnl${process.pid % 100000}`;
 const made: string[] = [];

@@ -26,8 +26,9 @@ import { fillEgressFilter } from './agent/filter.ts';
 import { NO_HOST_NETNS, NO_OVERLAY, NO_SERVICES, FLANNEL_PORTS, arrayIndex, config, egressKey, path, podInfo, podIp } from './maps.ts';
 import { readPcap } from '../testing/pcap.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('dataplane/offload.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const id = `${process.pid}`.slice(-5);
 const NS = { pod: `xo${id}-pod`, host: `xo${id}-host`, wire: `xo${id}-wire` };

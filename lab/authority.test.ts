@@ -17,8 +17,9 @@ import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_CONNECT, TCP_ECHO, TCP_ROUND_TRIPS, UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, rulePackets, server } from './traffic.ts';
 import type { ChildProcess } from 'node:child_process';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/authority.test.ts needs root (network namespaces, BPF, iptables): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF, iptables');
 
 const name = `xa${process.pid % 100000}`;
 const CLUSTER_IP = '10.96.0.10';

@@ -9,8 +9,9 @@ import { afterAll, describe, expect, it } from 'vitest';
 import type { LabView } from './cli.ts';
 import { run } from '../testing/command.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/cli.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const LAB = `${ROOT}lab/main.ts`;
 const name = `xc${process.pid % 100000}`;

@@ -26,8 +26,9 @@ import { daemonSetTemplate, KubeletStandin, type PodTemplate, type RunningPod } 
 import { Lab, type LabPod } from './lab.ts';
 import { capture, UDP_ECHO, wireKind } from './traffic.ts';
 import { until } from '../testing/until.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/daemonset.test.ts needs root (dockerd, network and mount namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'dockerd, network and mount namespaces, BPF');
 
 const MANIFEST = join(ROOT, 'deploy/kubernetes/xmasq.yaml');
 const README = join(ROOT, 'README.md');

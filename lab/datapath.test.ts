@@ -16,8 +16,9 @@ import { decodeFrame, findLayer } from '../testing/packet/decode.ts';
 import { l4ChecksumInfo, verifyIpv4Header } from '../testing/packet/checksum.ts';
 import { Lab } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/datapath.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const OBJECT = new URL('../bpf/build/xmasq.bpf.o', import.meta.url).pathname;
 const name = `xd${process.pid % 100000}`;

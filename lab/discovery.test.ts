@@ -16,8 +16,9 @@ import { labWithAgents } from './fixture.ts';
 import type { Lab, LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
 import { until } from '../testing/until.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/discovery.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xd${process.pid % 100000}`;
 const runDir = `/run/xmasq-discovery-${name}`;

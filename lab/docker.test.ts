@@ -16,8 +16,9 @@ import {
 import { LabAgents, upWithAgents } from './agents.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { capture, csumErrors, server, wireKind } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/docker.test.ts needs root (dockerd, network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'dockerd, network namespaces, BPF');
 
 const name = `xd${process.pid % 100000}`;
 const HTTP_PORT = 8080;

@@ -13,8 +13,9 @@ import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, TCP_ECHOED_STREAM, csumErrors, mixedTraffic, nodeIn, output, tcpRetransSegs, wireFacts, withServer } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/e2e.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xe${process.pid % 100000}`;
 let lab: Lab;

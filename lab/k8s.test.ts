@@ -21,8 +21,9 @@ import { Kube, SERVICE_CIDR } from './k8s.ts';
 import { baseRestore, chainHash, syncRestore } from './kubeproxy.ts';
 import { CLUSTER_CIDR, Lab, type LabExternal, type LabPod } from './lab.ts';
 import { nodeIn, output } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/k8s.test.ts needs root (network namespaces, BPF, iptables): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF, iptables');
 
 const name = `xk${process.pid % 100000}`;
 let lab: Lab;

@@ -11,11 +11,12 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checksumProblems, decodeFrame, describeFrame, flattenFrame } from '../testing/packet/index.ts';
 import { Lab, stateDir, type LabPod } from './lab.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
 const RUN = process.pid;
 
 function preflight(): void {
-  if (process.getuid?.() !== 0) throw new Error('lab tests need root (network namespaces, veth, vxlan): run them as root');
+  requireRoot(import.meta.url, 'network namespaces, veth, vxlan');
   if (!existsSync('/usr/lib/cni/bridge')) throw new Error('/usr/lib/cni/bridge is missing: apt-get install containernetworking-plugins');
 }
 

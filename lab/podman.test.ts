@@ -16,8 +16,9 @@ import { netnsPath } from '../testing/command.ts';
 import { stateDir, type Lab } from './lab.ts';
 import { LabPodman, PODMAN_PACKAGES, requirePodman, type PodmanPod } from './podman.ts';
 import { TCP_ECHO, UDP_ECHO, UDP_ROUND_TRIPS, capture, wireChecksumValid, wireKind } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/podman.test.ts needs root (podman, network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'podman, network namespaces, BPF');
 
 const name = `xp${process.pid % 100000}`;
 let lab: Lab | undefined;

@@ -12,8 +12,9 @@ import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, capture, nodeIn, output, server, wireKind } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/ports.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xp${process.pid % 100000}`;
 let lab: Lab;

@@ -28,8 +28,9 @@ import { ROOT } from '../testing/root.ts';
 import { injectFrames } from './inject.ts';
 import { Lab, type LabHost, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/security.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xs${process.pid % 100000}`;
 const runDir = `/run/xmasq-security-${name}`;

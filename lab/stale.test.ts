@@ -17,8 +17,9 @@ import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, nodeIn, output, server, snmp, wireKind } from './traffic.ts';
 import { until } from '../testing/until.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/stale.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 // Not 2: the new pod comes up ~1.3 s after the DEL starts (two CNI chains of
 // node processes), and (b) needs it up while h1 still holds the old entry.

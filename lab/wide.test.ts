@@ -15,8 +15,9 @@ import type { LabAgents } from './agents.ts';
 import { labWithAgents } from './fixture.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { TCP_ECHO, UDP_ECHO, capture, csumErrors, nodeIn, output, server, wireChecksumValid } from './traffic.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/wide.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xk${process.pid % 100000}`;
 let lab: Lab;

@@ -16,8 +16,9 @@ import { injectFrames } from './inject.ts';
 import { Lab, type LabPod } from './lab.ts';
 import { UDP_ECHO, UDP_ROUND_TRIPS, capture, nodeIn, output, server } from './traffic.ts';
 import { describeFrame } from '../testing/packet/diff.ts';
+import { requireRoot } from '../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('lab/wire.test.ts needs root (network namespaces, BPF): run it as root');
+requireRoot(import.meta.url, 'network namespaces, BPF');
 
 const name = `xw${process.pid % 100000}`;
 const MARK = 'XMASQ-INJECTED';

@@ -25,6 +25,7 @@ import { btfHasFunc } from './system.ts';
 import { hookNames, hookPrograms } from '../../testing/hooks.ts';
 import type { AttachKind } from './protocol.ts';
 import { deleteNetns, removePins } from '../../testing/teardown.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const AGENT = fileURLToPath(new URL('./main.ts', import.meta.url));
@@ -239,9 +240,7 @@ function teardown(): void {
 
 describe('xmasq-agent', () => {
   beforeAll(() => {
-    if (process.getuid?.() !== 0) {
-      throw new Error('dataplane/agent/agent.test.ts creates network namespaces and loads BPF programs: run it as root (sudo npx vitest run dataplane/agent)');
-    }
+    requireRoot(import.meta.url, 'network namespaces, BPF');
     if (!existsSync(OBJECT)) throw new Error(`${OBJECT} is missing: build it with 'make -C bpf'`);
     teardown();
     TMP = mkdtempSync('/tmp/xmasq-agent-test-');

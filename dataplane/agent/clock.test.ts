@@ -15,11 +15,12 @@ import { UNCALIBRATED, arrayIndex, clock, type Clock } from '../maps.ts';
 import type { Log } from './log.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { ClockKeeper, HZ_CHOICES, clockFor, clockNow, probeClock, tickFrom, tickNsOf, type ClockSample } from './clock.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
 const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
 const ZERO = arrayIndex.encode({ index: 0 });
 
-if (process.getuid?.() !== 0) throw new Error('clock.test.ts loads a BPF object: run it as root (CAP_BPF)');
+requireRoot(import.meta.url, 'a BPF object: CAP_BPF');
 const obj = BpfObject.open(TEST_OBJECT);
 obj.load();
 afterAll(() => obj.close());

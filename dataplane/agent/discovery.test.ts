@@ -10,6 +10,7 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { planDiscovery, survey, type Finding, type FoundPod, type HeldPod } from './discovery.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
 const ID = `xdt${process.pid}`;
 const HOST = `${ID}-host`;
@@ -55,7 +56,7 @@ const at = (veth: string) => findings.find((f) => f.veth.name === veth);
 
 describe('survey: the pods behind a host\'s veths', () => {
   beforeAll(async () => {
-    if (process.getuid?.() !== 0) throw new Error('dataplane/agent/discovery.test.ts creates network namespaces: run it as root');
+    requireRoot(import.meta.url, 'network namespaces');
     teardown();
     ip('netns', 'add', HOST);
     ip('netns', 'add', WIRE);

@@ -12,8 +12,9 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BpfObject, type BpfMap } from '../libbpf.ts';
 import { egressKey, ingressKey, path, type Path } from '../maps.ts';
 import { expire, nodeWords, purgePod, sweepNodes } from './caches.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
-if (process.getuid?.() !== 0) throw new Error('dataplane/agent/expiry.test.ts loads BPF maps: run it as root (CAP_BPF)');
+requireRoot(import.meta.url, 'BPF maps: CAP_BPF');
 
 const OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.bpf.o', import.meta.url));
 

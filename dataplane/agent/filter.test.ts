@@ -11,12 +11,13 @@ import { BpfObject } from '../libbpf.ts';
 import type { MapOps, MapSnapshot } from '../map-ops.ts';
 import { ConfigFlag, FILTER_BLOCK_BYTES, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, arrayIndex, config, egressFilterSlot, egressKey, path } from '../maps.ts';
 import { activeHalf, fillEgressFilter, rebuildEgressFilter } from './filter.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
 const TEST_OBJECT = fileURLToPath(new URL('../../bpf/build/xmasq.test.bpf.o', import.meta.url));
 const ZERO = arrayIndex.encode({ index: 0 });
 const CONFIG = { nic_ifindex: 7, flags: ConfigFlag.WIDE_KEYS, ...NO_OVERLAY, ...NO_SERVICES, ...FLANNEL_PORTS };
 
-if (process.getuid?.() !== 0) throw new Error('filter.test.ts loads a BPF object: run it as root (CAP_BPF)');
+requireRoot(import.meta.url, 'a BPF object: CAP_BPF');
 const obj = BpfObject.open(TEST_OBJECT);
 obj.load();
 afterAll(() => obj.close());

@@ -17,6 +17,7 @@ import { cniAdd, cniCheck, cniDel, type CniConfList, type CniInvocation, type Cn
 import { deleteNetns, removePins } from '../../testing/teardown.ts';
 import { AgentClient, type PodRecord } from '../agent/protocol.ts';
 import { runCni, SUPPORTED_VERSIONS } from './plugin.ts';
+import { requireRoot } from '../../testing/privileges.ts';
 
 const REPO = fileURLToPath(new URL('../../', import.meta.url));
 const CNI_DIR = fileURLToPath(new URL('./', import.meta.url)).replace(/\/$/, '');
@@ -191,7 +192,7 @@ function teardown(): void {
 }
 
 beforeAll(async () => {
-  if (process.getuid?.() !== 0) throw new Error('dataplane/cni/xmasq-cni.test.ts creates network namespaces and runs xmasq-agent: run it as root');
+  requireRoot(import.meta.url, 'network namespaces, xmasq-agent');
   if (!existsSync(OBJECT)) throw new Error(`${OBJECT} is missing: build it with 'make -C bpf'`);
   for (const p of ['bridge', 'host-local']) {
     if (!existsSync(`/usr/lib/cni/${p}`)) throw new Error(`/usr/lib/cni/${p} is missing: apt-get install containernetworking-plugins`);
