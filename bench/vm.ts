@@ -42,6 +42,12 @@ export interface VmBenchReport {
   paths: Partial<Record<BenchPath, Record<Metric, Stat>>>;
   /** Ratios of the medians, within this one guest run. */
   ratios: Record<string, Record<Metric, number>>;
+  /**
+   * The same ratios taken round by round (each path against the other in the same
+   * round, a minute or so apart), median (min–max) over the rounds: what a slow drift
+   * of the emulated machine's speed does not move. Absent from records before it.
+   */
+  paired?: Record<string, Record<Metric, Stat>>;
   /** (xmasq − overlay) / (host − overlay) of the medians: the share of the overlay's cost each mode removes. */
   overhead_removed: Partial<Record<'xmasq-veth' | 'xmasq-rpeer', Record<Metric, number>>>;
   samples: BenchSample[];
@@ -53,6 +59,29 @@ function stat(xs: number[]): Stat {
   return { median: s.length % 2 ? s[mid] : (s[mid - 1] + s[mid]) / 2, min: s[0], max: s[s.length - 1], n: s.length };
 }
 
+/** The ratios the report names, as [name, numerator, denominator]. */
+const RATIOS: Array<[string, BenchPath, BenchPath]> = [
+  ['xmasq-rpeer / host', 'xmasq-rpeer', 'host'],
+  ['xmasq-veth / host', 'xmasq-veth', 'host'],
+  ['xmasq-rpeer / xmasq-veth', 'xmasq-rpeer', 'xmasq-veth'],
+  ['xmasq-rpeer / overlay', 'xmasq-rpeer', 'overlay'],
+  ['xmasq-veth / overlay', 'xmasq-veth', 'overlay'],
+];
+
+/** Each ratio of RATIOS per round, over the rounds that measured both of its paths. */
+export function pairedRatios(samples: BenchSample[]): NonNullable<VmBenchReport['paired']> {
+  const out: NonNullable<VmBenchReport['paired']> = {};
+  for (const [name, a, b] of RATIOS) {
+    const rounds = [...new Set(samples.map((s) => s.round))];
+    const pairs = rounds.flatMap((r) => {
+      const x = samples.find((s) => s.round === r && s.path === a), y = samples.find((s) => s.round === r && s.path === b);
+      return x && y ? [[x, y] as const] : [];
+    });
+    if (pairs.length) out[name] = Object.fromEntries(METRICS.map((m) => [m, stat(pairs.map(([x, y]) => x[m] / y[m]))])) as Record<Metric, Stat>;
+  }
+  return out;
+}
+
 export function summarize(g: GuestBenchResult, kernelKey: string): VmBenchReport {
   const paths: VmBenchReport['paths'] = {};
   for (const p of g.paths) {
@@ -61,23 +90,33 @@ export function summarize(g: GuestBenchResult, kernelKey: string): VmBenchReport
   }
   const med = (p: BenchPath, m: Metric) => paths[p]?.[m].median ?? NaN;
   const ratio = (a: BenchPath, b: BenchPath) => Object.fromEntries(METRICS.map((m) => [m, med(a, m) / med(b, m)])) as Record<Metric, number>;
-  const ratios: VmBenchReport['ratios'] = {
-    'xmasq-rpeer / host': ratio('xmasq-rpeer', 'host'),
-    'xmasq-veth / host': ratio('xmasq-veth', 'host'),
-    'xmasq-rpeer / xmasq-veth': ratio('xmasq-rpeer', 'xmasq-veth'),
-    'xmasq-rpeer / overlay': ratio('xmasq-rpeer', 'overlay'),
-    'xmasq-veth / overlay': ratio('xmasq-veth', 'overlay'),
-  };
+  const ratios: VmBenchReport['ratios'] = Object.fromEntries(RATIOS.map(([name, a, b]) => [name, ratio(a, b)]));
   const removed = (x: BenchPath) => Object.fromEntries(METRICS.map((m) => [m, (med(x, m) - med('overlay', m)) / (med('host', m) - med('overlay', m))])) as Record<Metric, number>;
   return {
     date: g.date,
     host: { cpu: (/^model name\s*:\s*(.*)$/m.exec(readFileSync('/proc/cpuinfo', 'utf8'))?.[1] ?? cpus()[0]?.model ?? 'unknown').trim(), cores: cpus().length, kernel: release() },
     guest: { kernel: g.kernel, cpus: g.cpus, cpu: g.cpu, accel: 'tcg', kernelKey },
     rounds: g.rounds, duration_s: g.duration_s, modes: g.modes,
-    paths, ratios,
+    paths, ratios, paired: pairedRatios(g.samples),
     overhead_removed: { 'xmasq-veth': removed('xmasq-veth'), 'xmasq-rpeer': removed('xmasq-rpeer') },
     samples: g.samples,
   };
+}
+
+/**
+ * The per-round ratios: a ratio whose rounds fall on both sides of 1 is not told
+ * apart from 1 by this run, whatever its medians' ratio.
+ */
+function paired(p: NonNullable<VmBenchReport['paired']>): string[] {
+  const cell = (s: Stat) => `${num(s.median, 2)}× (${num(s.min, 2)}–${num(s.max, 2)})${s.min < 1 && s.max > 1 ? ' ±' : ''}`;
+  return [
+    '| paired by round: median (min–max) of the per-round ratios | sockperf RR | sockperf p50 | iperf3 |',
+    '|---|---:|---:|---:|',
+    ...Object.entries(p).map(([k, v]) => `| ${k} | ${cell(v.sockperf_rr_tps)} | ${cell(v.sockperf_p50_us)} | ${cell(v.iperf3_gbps)} |`),
+    '',
+    '±: the rounds fall on both sides of 1, so this run does not tell the two paths apart on that metric.',
+    '',
+  ];
 }
 
 const num = (x: number, digits: number) => (Number.isFinite(x) ? x.toLocaleString('en', { minimumFractionDigits: digits, maximumFractionDigits: digits }) : '—');
@@ -120,6 +159,7 @@ export function markdown(r: VmBenchReport): string {
     ...Object.entries(r.ratios).map(([k, v]) => `| ${k} | ${num(v.sockperf_rr_tps, 2)}× | ${num(v.sockperf_p50_us, 2)}× | ${num(v.iperf3_gbps, 2)}× |`),
     ...Object.entries(r.overhead_removed).map(([k, v]) => `| ${k}: share of the overlay's cost removed, (xmasq − overlay) / (host − overlay) | ${num(v.sockperf_rr_tps * 100, 0)}% | ${num(v.sockperf_p50_us * 100, 0)}% | ${num(v.iperf3_gbps * 100, 0)}% |`),
     '',
+    ...paired(r.paired ?? pairedRatios(r.samples)),
     `Agents' mode as their status said: ${Object.entries(r.modes).map(([p, m]) => `${p} ${m}`).join(', ')}. Per measurement, the packets h1 sent`,
     'through its VXLAN device and those its agent masqueraded: each new TCP connection crosses the overlay until the host\'s',
     'conntrack admits it, which in the emulated guest takes a good part of each run.',
