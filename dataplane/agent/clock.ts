@@ -135,6 +135,8 @@ export class ClockKeeper {
   private failing: string | undefined;
   /** Why the tick is unknown; undefined while there is one. */
   private why: string | undefined;
+  /** A base the last re-base found moved, written if the next finds it too (write). */
+  private moved: Clock | undefined;
 
   constructor(private readonly map: BpfMap, private readonly probe: BpfProgram, private readonly log: Log) {}
 
@@ -163,13 +165,14 @@ export class ClockKeeper {
   }
 
   /**
-   * A fresh base for the tick found at start, written if it moved. Never
-   * throws: a failure leaves the last base, logged when it starts or changes.
+   * A fresh base for the tick found at start, written only if the map's is
+   * more than two ticks off it and the next re-base finds the same (write). Never throws: a failure leaves the last base, logged when it
+   * starts or changes.
    */
   rebase(): void {
     if (this.tickNs === undefined) return;
     try {
-      this.write(probeSettled(this.probe, 4));
+      this.write(probeSettled(this.probe, 4), true);
       if (this.failing) this.log.info('clock: re-based again');
       this.failing = undefined;
     } catch (e) {
@@ -196,17 +199,42 @@ export class ClockKeeper {
    * calibration, another tick) goes through tick_ns 0, each write changing
    * one field or none that a program reads: the old clock, the coarse clock,
    * then the new one, never a mix of two clocks' fields.
+   *
+   * Nor is one field promised to land whole: the syscall copies the value
+   * with memcpy, which may move an 8-byte field in smaller pieces. So a
+   * re-base writes base_ns only when the map's is more than two ticks off,
+   * which it does not become: jiffies advance by the monotonic time
+   * elapsed, a whole tick at a time (tick_do_update_jiffies64), so the base
+   * found at start stays right to within the tick handler's latency. A single
+   * burst can still read a jiffy and a time of two ticks, a base a tick off
+   * either way: on this VM ~0.4% of bursts a few ms apart, and ~30% of those made
+   * right after the thread slept (the idle CPU's jiffies are brought up to
+   * date a little after its clock), as the agent's scans are. The programs'
+   * own reads of jiffies lag the same way, so a tick either way is the
+   * clock's accuracy, not a drift; and a re-base writes a base moved further
+   * only when the next re-base, a scan later, finds it too.
    */
-  private write(s: ClockSample): Clock {
+  private write(s: ClockSample, rebasing = false): Clock {
     const prev = this.read();
     const c = clockFor(s, this.tickNs!, prev);
+    const apart = (x: Clock, y: Clock) => 2n * (x.base_ns > y.base_ns ? x.base_ns - y.base_ns : y.base_ns - x.base_ns) > 4n * x.tick_ns;
     if (c.base_jiffies !== prev.base_jiffies || c.tick_ns !== prev.tick_ns) {
       if (prev.tick_ns !== 0n) this.map.update(ZERO, clock.encode({ ...prev, tick_ns: 0n }));
       this.map.update(ZERO, clock.encode({ ...c, tick_ns: 0n }));
       this.map.update(ZERO, clock.encode(c));
-    } else if (c.base_ns !== prev.base_ns) {
-      this.map.update(ZERO, clock.encode(c));
+      this.moved = undefined;
+      return c;
     }
+    if (!apart(c, prev)) {
+      this.moved = undefined;
+      return prev;
+    }
+    if (rebasing && !(this.moved && !apart(this.moved, c))) {
+      this.moved = c;
+      return prev;
+    }
+    this.moved = undefined;
+    this.map.update(ZERO, clock.encode(c));
     return c;
   }
 
