@@ -49,7 +49,10 @@ function startWorker(module: URL): Worker {
 /**
  * Runs handler(job) for every job in worker threads running `module`; the
  * results in the order of jobs. The first job that throws rejects the whole
- * map (the other workers are stopped) with that job's error.
+ * map with that job's error, once the jobs the other workers hold have ended:
+ * a worker is never stopped while it works, which may be while it still loads
+ * its modules, and a native addon loading then (koffi, which the simulator's
+ * agent imports) aborts the whole process when the thread is torn down.
  */
 export function mapInWorkers<J, R>(module: URL, jobs: readonly J[], opts: MapOptions<R> = {}): Promise<R[]> {
   const threads = Math.max(1, Math.min(opts.threads ?? cores(), jobs.length));
@@ -57,34 +60,48 @@ export function mapInWorkers<J, R>(module: URL, jobs: readonly J[], opts: MapOpt
   if (jobs.length === 0) return Promise.resolve(results);
   return new Promise((resolve, reject) => {
     const workers: Worker[] = [];
-    let next = 0, done = 0, failed = false;
+    const busy = new Set<Worker>();
+    let next = 0, done = 0, failure: Error | undefined, settled = false;
     const stopAll = () => {
       for (const w of workers) void w.terminate();
     };
-    const fail = (e: Error) => {
-      if (failed) return;
-      failed = true;
+    const settleFailure = () => {
+      if (!failure || settled || busy.size > 0) return;
+      settled = true;
       stopAll();
-      reject(e);
+      reject(failure);
+    };
+    const fail = (e: Error) => {
+      failure ??= e;
+      settleFailure();
     };
     const feed = (w: Worker) => {
-      if (next < jobs.length) w.postMessage({ i: next, job: jobs[next++] } satisfies JobMessage);
+      if (failure || next >= jobs.length) return;
+      busy.add(w);
+      w.postMessage({ i: next, job: jobs[next++] } satisfies JobMessage);
     };
     for (let t = 0; t < threads; t++) {
       const w = startWorker(module);
       workers.push(w);
       w.on('message', (m: ResultMessage) => {
+        busy.delete(w);
         if (m.error !== undefined) return fail(new Error(`job ${m.i + 1} of ${jobs.length}: ${m.error}`));
         results[m.i] = m.result as R;
         opts.onResult?.(m.i, m.result as R);
+        if (failure) return settleFailure();
         if (++done === jobs.length) {
+          settled = true;
           stopAll();
           resolve(results);
         } else feed(w);
       });
-      w.on('error', (e) => fail(e instanceof Error ? e : new Error(String(e))));
+      w.on('error', (e) => {
+        busy.delete(w);
+        fail(e instanceof Error ? e : new Error(String(e)));
+      });
       w.on('exit', (code) => {
-        if (done < jobs.length && !failed) fail(new Error(`a worker thread exited (code ${code}) with ${jobs.length - done} job(s) unfinished`));
+        busy.delete(w);
+        if (done < jobs.length && !settled) fail(new Error(`a worker thread exited (code ${code}) with ${jobs.length - done} job(s) unfinished`));
       });
       feed(w);
     }
