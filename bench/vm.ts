@@ -15,6 +15,7 @@ import { cpus, loadavg, release } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
+import { recordBase } from '../testing/records.ts';
 import { ROOT } from '../testing/root.ts';
 import { runGuestSuites } from '../vm-tests/qemu.ts';
 import type { BenchPath, BenchSample, GuestBenchResult } from '../vm-tests/guest/rpeer-bench.ts';
@@ -181,7 +182,8 @@ const USAGE = `usage: npm run bench:vm -- [--rounds N] [--seconds S] [--json] [-
   --json        print the JSON report on stdout instead of the table
 
 Needs root and QEMU; builds the rpeer kernel first if it is not cached (20-35 min).
-Writes bench/results/vm-rpeer-<date>.json and .md. Takes ~30-50 min under TCG.`;
+Writes bench/results/vm-rpeer-<date>.json and .md (vm-rpeer-<date>-2 … when the day
+has a record already). Takes ~15-50 min under TCG.`;
 
 async function main(): Promise<number> {
   let v;
@@ -220,7 +222,7 @@ async function main(): Promise<number> {
   report.host.load = { before: loadBefore, after: loadavg()[0] };
   const dir = join(ROOT, 'bench/results');
   mkdirSync(dir, { recursive: true });
-  const base = join(dir, `vm-rpeer-${report.date.slice(0, 10)}`);
+  const base = recordBase(dir, `vm-rpeer-${report.date.slice(0, 10)}`, ['json', 'md']);
   writeFileSync(`${base}.json`, `${JSON.stringify(report, null, 2)}\n`);
   const md = markdown(report);
   writeFileSync(`${base}.md`, md);

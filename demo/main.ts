@@ -5,6 +5,7 @@
  */
 import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { recordBase } from '../testing/records.ts';
 import { ROOT } from '../testing/root.ts';
 import { DEFAULT_NICE, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
 import { MODES, renderMachine, renderMarkdown, renderSvg, renderTable, type Mode } from './report.ts';
@@ -51,7 +52,8 @@ options:
   --help           this text
 
 Without --json/--svg/--md (and without --quick) the results go to
-bench/results/demo-<date>.json, .svg and .md.
+bench/results/demo-<date>.json, .svg and .md (demo-<date>-2, -3 … when the day
+has a record already).
 
 Needs: root, iperf3, sockperf, gcc (for demo/rr.c), taskset, and the BPF objects
 (npm run build:bpf). Goals (pinned medians, reported, not enforced): xmasq throughput
@@ -248,9 +250,10 @@ export async function main(argv: readonly string[]): Promise<number> {
   process.stdout.write(`\nXMasq demo: ${renderMachine(report)}\n\n${renderTable(report)}\n`);
 
   const day = report.date.slice(0, 10);
+  const base = recordBase(`${ROOT}bench/results`, `demo-${day}`, ['json', 'svg', 'md']);
   const files = opts.json || opts.svg || opts.md || opts.quick
     ? { json: opts.json, svg: opts.svg, md: opts.md }
-    : { json: `${ROOT}bench/results/demo-${day}.json`, svg: `${ROOT}bench/results/demo-${day}.svg`, md: `${ROOT}bench/results/demo-${day}.md` };
+    : { json: `${base}.json`, svg: `${base}.svg`, md: `${base}.md` };
   if (files.json) write(files.json, JSON.stringify(report, null, 2) + '\n');
   if (files.svg) write(files.svg, renderSvg(report));
   const profile = result.profile ? `## Where the CPU time goes (pinned)\n\n${result.profile}` : '';
