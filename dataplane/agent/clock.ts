@@ -166,8 +166,9 @@ export class ClockKeeper {
 
   /**
    * A fresh base for the tick found at start, written only if the map's is
-   * more than two ticks off it and the next re-base finds the same (write). Never throws: a failure leaves the last base, logged when it
-   * starts or changes.
+   * more than two ticks off it and the next re-base finds the same (write).
+   * Never throws: a failure leaves the last base, logged when it starts or
+   * changes.
    */
   rebase(): void {
     if (this.tickNs === undefined) return;
@@ -207,8 +208,8 @@ export class ClockKeeper {
    * elapsed, a whole tick at a time (tick_do_update_jiffies64), so the base
    * found at start stays right to within the tick handler's latency. A single
    * burst can still read a jiffy and a time of two ticks, a base a tick off
-   * either way: on this VM ~0.4% of bursts a few ms apart, and ~30% of those made
-   * right after the thread slept (the idle CPU's jiffies are brought up to
+   * either way: on this VM ~0.4% of bursts made a few ms apart, and ~30% of
+   * bursts made right after the thread slept (the idle CPU's jiffies are brought up to
    * date a little after its clock), as the agent's scans are. The programs'
    * own reads of jiffies lag the same way, so a tick either way is the
    * clock's accuracy, not a drift; and a re-base writes a base moved further
