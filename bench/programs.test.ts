@@ -9,7 +9,8 @@ import { ROW_NAMES, formatTable, runBench, type BenchReport } from './programs.t
 
 // Shared by both tests; a guard's error then fails each of them with its own message.
 let cached: BenchReport | undefined;
-const report = () => (cached ??= runBench({ repeat: 1000, runs: 1, log: () => {} }));
+const COLD = { loads: 2, rounds: 20, pages: 256 };
+const report = () => (cached ??= runBench({ repeat: 1000, runs: 1, log: () => {}, cold: COLD }));
 
 describe('bench:prog', () => {
   it('runs every row through its correctness guards', () => {
@@ -44,5 +45,33 @@ describe('bench:prog', () => {
     }
     const table = formatTable(report());
     for (const name of ROW_NAMES) expect(table).toContain(name);
+  });
+
+  it('--cold: every row of the base state one packet at a time, on every load', () => {
+    const json = JSON.parse(JSON.stringify(report())) as BenchReport;
+    expect(json.cold).toEqual(COLD);
+    const cold = json.rows.filter((r) => r.cold);
+    // The rows measured cold are those whose maps hold only the learned pair: the baselines,
+    // the three full paths and the Services', every pass-through but the stale bit's.
+    expect(cold.map((r) => r.name)).toEqual(expect.arrayContaining(['empty', 'reset', 'init (learn, known key)',
+      'restore (masqueraded → pod)', 'masq (pod → NIC)', 'masq pass (no egress entry)']));
+    expect(cold.some((r) => r.name.includes('policy: 1000'))).toBe(false);
+    for (const r of cold) {
+      const c = r.cold!;
+      const where = `row "${r.name}"`;
+      for (const s of [c.alone, c.evicted]) {
+        expect(s.min, where).toBeLessThanOrEqual(s.median);
+        expect(s.median, where).toBeLessThanOrEqual(s.max);
+      }
+      if (r.kind === 'baseline') {
+        expect(c.alone.min, where).toBeGreaterThan(0);
+        expect(c.evicted_x_hot, where).toBeNull();
+      } else {
+        expect(c.evicted_x_hot, where).not.toBeNull();
+      }
+      // A full path does more than the reset it is net of, however cold.
+      if (r.kind === 'full') expect(c.evicted.median, where).toBeGreaterThan(0);
+    }
+    expect(formatTable(report())).toContain('evicted × hot');
   });
 });

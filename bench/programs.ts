@@ -1,5 +1,5 @@
 /**
- * npm run bench:prog [-- --json] [-- --repeat N --runs K] [-- --profile]
+ * npm run bench:prog [-- --json] [-- --repeat N --runs K] [-- --profile] [-- --cold]
  *
  * ns/packet of every program path with BPF_PROG_TEST_RUN on the bench build
  * (production map sizes plus the bench_* wrappers of bpf/bench.bpf.c), next to
@@ -7,8 +7,12 @@
  * repeat=1: verdict and output packet) and after (the big run's verdict, final
  * packet and counters), so a number is never reported for a path the packets
  * did not take.
+ *
+ * --cold adds what a big run hides: a program on a node runs once between
+ * other work, which has taken its map pages out of the TLB and its lines out
+ * of the caches, where a run of a million packets keeps them all warm.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BpfObject, type BpfMap, type BpfProgram } from '../dataplane/libbpf.ts';
@@ -503,9 +507,31 @@ export interface RowResult {
   /** Most ratio allowed by the issue; null for the baselines. */
   goal: number | null;
   met: boolean | null;
+  /** --cold, the rows of the base state: one packet a test run (measureCold). */
+  cold?: ColdResult;
 }
 
-export interface BenchReport { machine: Machine; date: string; repeat: number; runs: number; rows: RowResult[] }
+/** A median over rounds for each load of the object, then the median, least and most of those. */
+export interface Spread { median: number; min: number; max: number }
+
+export interface ColdResult {
+  /**
+   * ns of one packet alone in a test run, net as the hot figure is (full paths: − reset, the
+   * others: − empty, paired round by round; the baselines: their own ns, the test run's timer
+   * and setup around one packet), with only the test-run syscall's own work in between.
+   */
+  alone: Spread;
+  /** The same, with COLD.pages pages touched just before each packet (the TLBs and L1d evicted). */
+  evicted: Spread;
+  /** evicted's median over the hot net figure (full: net_ns; the others: ns − empty); null for baselines. */
+  evicted_x_hot: number | null;
+}
+
+export interface BenchReport {
+  machine: Machine; date: string; repeat: number; runs: number; rows: RowResult[];
+  /** --cold: how it was measured. */
+  cold?: { loads: number; rounds: number; pages: number };
+}
 
 export interface BenchOptions {
   repeat?: number;
@@ -519,6 +545,8 @@ export interface BenchOptions {
    * `windows`: what --profile attributes a recording's samples by (bench/prog-profile.ts).
    */
   profile?: { repeat: number; windows: RowWindow[] };
+  /** Then the base state's rows one packet at a time (measureCold). */
+  cold?: { loads: number; rounds: number; pages: number };
 }
 
 /** One row's profiling run: when it ran and how many packets it ran. */
@@ -628,10 +656,109 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
         windows.push({ name: row.name, kind: row.kind, startNs, endNs, packets: n });
       }
     }
-    return { machine: machine(), date: new Date().toISOString(), repeat, runs, rows };
+    if (opts.cold) {
+      const cold = measureCold(objectPath, opts.cold, single, log);
+      const hotEmpty = rows.find((r) => r.name === 'empty')!.ns.median;
+      for (const r of rows) {
+        const c = cold.get(r.name);
+        if (!c) continue;
+        const hot = r.kind === 'baseline' ? null : r.net_ns ?? r.ns.median - hotEmpty;
+        r.cold = { ...c, evicted_x_hot: hot === null ? null : c.evicted.median / hot };
+      }
+    }
+    return { machine: machine(), date: new Date().toISOString(), repeat, runs, rows, ...(opts.cold ? { cold: opts.cold } : {}) };
   } finally {
     runner.close();
   }
+}
+
+// ---- cold: one packet at a time ----
+
+/**
+ * 4,096 pages (16 MiB), one cache line touched in each, a different line of
+ * each page so that the touches spread over every cache set: more pages than
+ * this CPU's data TLBs hold (64 + 2,048 entries on a Zen; other x86 have
+ * fewer), and 256 KiB of lines, four times L1d, a quarter of L2 here. What
+ * the rest of a node's work does to a program between two of its packets,
+ * roughly; a real node's may do more (L2, L3) or less.
+ */
+export const COLD = { loads: 3, rounds: 1000, pages: 4096 } as const;
+const PAGE = 4096;
+
+/**
+ * A buffer whose pages are 4 KiB: with transparent huge pages "always" it
+ * would sit in a few 2 MiB pages and evict nothing from the TLB.
+ */
+function evictor(pages: number): Buffer {
+  let thp = '';
+  try {
+    thp = readFileSync('/sys/kernel/mm/transparent_hugepage/enabled', 'utf8');
+  } catch {
+    // No THP in this kernel: every page is 4 KiB.
+  }
+  if (thp.includes('[always]')) {
+    throw new BenchError('--cold touches 4 KiB pages to evict the TLB, and transparent huge pages are "always" here ' +
+      '(/sys/kernel/mm/transparent_hugepage/enabled): its buffer would sit in a few huge pages; set it to madvise for the run');
+  }
+  const buf = Buffer.alloc(pages * PAGE);
+  buf.fill(1); // every page faulted in now, not during the measurement
+  return buf;
+}
+
+function touch(buf: Buffer): void {
+  for (let i = 0, off = 0; off < buf.length; i++, off += PAGE) buf[off + ((i * 64) % PAGE)]++;
+}
+
+const spread = (xs: number[]): Spread => ({ median: median(xs), min: Math.min(...xs), max: Math.max(...xs) });
+
+/**
+ * The base state's rows, one packet per test run, alone and right after the
+ * evictor, interleaved row by row and round by round; on `loads` fresh loads
+ * of the object, because where the kernel puts a load's maps moves these
+ * figures by more than a run's noise (measured: the same path's median 1.6×
+ * apart between two loads). Every run's verdict is checked against the row's
+ * single run: a cold figure is never one of another path.
+ */
+function measureCold(objectPath: string, opts: { loads: number; rounds: number; pages: number },
+  single: Map<RowDef, { retval: number }>, log: (s: string) => void): Map<string, Omit<ColdResult, 'evicted_x_hot'>> {
+  const rows = ROWS.filter((r) => r.state === 'base');
+  const empty = rows.find((r) => r.name === 'empty')!;
+  const reset = rows.find((r) => r.name === 'reset')!;
+  const buf = evictor(opts.pages);
+  const perLoad = { alone: new Map<RowDef, number[]>(), evicted: new Map<RowDef, number[]>() };
+  for (let l = 0; l < opts.loads; l++) {
+    log(`bench:prog: cold, load ${l + 1}/${opts.loads} (${opts.rounds} rounds, ${opts.pages} pages touched before each evicted packet)`);
+    const runner = new Runner(objectPath, log);
+    try {
+      const ns = { alone: new Map<RowDef, number[]>(rows.map((r) => [r, []])), evicted: new Map<RowDef, number[]>(rows.map((r) => [r, []])) };
+      for (let k = 0; k < opts.rounds; k++) {
+        for (const row of rows) {
+          for (const mode of k % 2 ? (['evicted', 'alone'] as const) : (['alone', 'evicted'] as const)) {
+            const l = runner.state(row.state);
+            if (row.resets) l.maps.bench_packet.update(ZERO, row.packet.subarray(0, RESET_LEN));
+            if (mode === 'evicted') touch(buf);
+            const r = runner.program(row).testRun({ data: row.packet, repeat: 1 });
+            const want = single.get(row)!.retval;
+            guard(row, `a cold run (${mode}) did not take the single run's path`, r.retval === want ? [] : [`returned ${r.retval}, want ${want}`]);
+            ns[mode].get(row)!.push(r.durationNs);
+          }
+        }
+      }
+      for (const mode of ['alone', 'evicted'] as const) {
+        for (const row of rows) {
+          const xs = ns[mode].get(row)!;
+          const base = row.kind === 'baseline' ? undefined : ns[mode].get(row.resets ? reset : empty)!;
+          const net = base ? xs.map((x, k) => x - base[k]) : xs;
+          const acc = perLoad[mode].get(row) ?? [];
+          acc.push(median(net));
+          perLoad[mode].set(row, acc);
+        }
+      }
+    } finally {
+      runner.close();
+    }
+  }
+  return new Map(rows.map((r) => [r.name, { alone: spread(perLoad.alone.get(r)!), evicted: spread(perLoad.evicted.get(r)!) }]));
 }
 
 // ---- output ----
@@ -662,10 +789,36 @@ export function formatTable(r: BenchReport): string {
     'full: through a bench_* wrapper; net = wrapper − reset of the same run, ×empty = net / empty.',
     'pass, policy: ×empty = ns / empty. Ratios are medians of per-run ratios; ns are the kernel\'s',
     'whole-ns averages per packet. Goals (issue): full ≤ 3×, pass-through ≤ 1.5×, policy new flow ≤ 4×.',
+    ...(r.cold ? ['', formatCold(r)] : []),
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--help]
+const fmtSpread = (s: Spread) => `${fmtNs(s.median)} (${fmtNs(s.min)}–${fmtNs(s.max)})`;
+
+function formatCold(r: BenchReport): string {
+  const c = r.cold!;
+  const head = ['row', 'hot net ns', 'alone', 'evicted', 'evicted × hot'];
+  const body = r.rows.filter((row) => row.cold).map((row) => [
+    row.name,
+    row.kind === 'baseline' ? '' : fmtNs(row.net_ns ?? row.ns.median - r.rows.find((x) => x.name === 'empty')!.ns.median),
+    fmtSpread(row.cold!.alone),
+    fmtSpread(row.cold!.evicted),
+    row.cold!.evicted_x_hot === null ? '' : `${row.cold!.evicted_x_hot.toFixed(1)}×`,
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]) => cells.map((x, i) => (i === 0 ? x.padEnd(widths[i]) : x.padStart(widths[i]))).join('  ').trimEnd();
+  return [
+    `Cold: one packet per test run, ${c.rounds} rounds on each of ${c.loads} loads; ns net as above (the baselines: their own ns,`,
+    `the test run's timer around one packet); median of the loads' medians (their least–most). alone: nothing between`,
+    `two packets but the syscall; evicted: ${c.pages} pages touched just before each (the TLBs and L1d evicted).`,
+    '',
+    line(head),
+    line(widths.map((w) => '-'.repeat(w))),
+    ...body.map(line),
+  ].join('\n');
+}
+
+const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--cold] [--help]
 
 ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.bench.bpf.o
 (production map sizes), next to an empty program. Run as root.
@@ -676,6 +829,9 @@ ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.b
   --profile     then run every row once more under \`perf record\` and print where its
                 nanoseconds go: the program's own instructions, each kind of helper or
                 map operation it calls, the test-run loop (bench/prog-profile.ts; needs perf)
+  --cold        then the base rows one packet per test run, alone and with ${COLD.pages} pages touched
+                before each (the TLBs evicted), on ${COLD.loads} loads of the object: what a program
+                costs in place on a node, where its maps' pages and lines are cold (~1 min more)
   --help        this text`;
 
 function positiveInt(flag: string, v: string | undefined, dflt: number): number {
@@ -685,7 +841,7 @@ function positiveInt(flag: string, v: string | undefined, dflt: number): number 
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, profile: { type: 'boolean' } });
+  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, profile: { type: 'boolean' }, cold: { type: 'boolean' } });
   if (typeof line === 'number') return line;
   const args = line.values;
   let recording: Recording | undefined;
@@ -700,7 +856,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new BenchError((e as Error).message);
       }
     }
-    const report = runBench({ repeat, runs, ...(recording ? { profile: { repeat, windows } } : {}) });
+    const report = runBench({ repeat, runs, ...(recording ? { profile: { repeat, windows } } : {}), ...(args.cold ? { cold: COLD } : {}) });
     let where: ReturnType<typeof breakdown> | undefined;
     if (recording) {
       const samples = await recording.stop();
