@@ -562,7 +562,9 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
   if (process.getuid?.() !== 0) {
     throw new BenchError('not root: loading BPF programs and BPF_PROG_TEST_RUN need CAP_BPF + CAP_NET_ADMIN; run it as root (sudo npm run bench:prog)');
   }
-  if (!existsSync(objectPath)) throw new BenchError(`${objectPath} is missing: build it with 'make -C bpf' (npm run bench:prog does this first)`);
+  if (!existsSync(objectPath)) {
+    throw new BenchError(objectPath === BENCH_OBJECT ? `${objectPath} is missing: build it with 'make -C bpf' (npm run bench:prog does this first)` : `${objectPath} (--object) does not exist`);
+  }
   for (const r of ROWS) {
     if (r.resets && r.packet.length < RESET_LEN) throw new BenchError(`row "${r.name}": a ${r.packet.length}-byte packet is shorter than the ${RESET_LEN} bytes the wrapper restores`);
   }
@@ -818,7 +820,7 @@ function formatCold(r: BenchReport): string {
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--cold] [--help]
+const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--cold] [--object PATH] [--help]
 
 ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.bench.bpf.o
 (production map sizes), next to an empty program. Run as root.
@@ -832,6 +834,8 @@ ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.b
   --cold        then the base rows one packet per test run, alone and with ${COLD.pages} pages touched
                 before each (the TLBs evicted), on ${COLD.loads} loads of the object: what a program
                 costs in place on a node, where its maps' pages and lines are cold (~1 min more)
+  --object PATH another bench build to measure (default bpf/build/xmasq.bench.bpf.o): another
+                tree's, for a side-by-side run
   --help        this text`;
 
 function positiveInt(flag: string, v: string | undefined, dflt: number): number {
@@ -841,7 +845,7 @@ function positiveInt(flag: string, v: string | undefined, dflt: number): number 
 }
 
 export async function main(argv: string[]): Promise<number> {
-  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, profile: { type: 'boolean' }, cold: { type: 'boolean' } });
+  const line = commandLine('bench:prog', USAGE, argv, { json: { type: 'boolean' }, repeat: { type: 'string' }, runs: { type: 'string' }, profile: { type: 'boolean' }, cold: { type: 'boolean' }, object: { type: 'string' } });
   if (typeof line === 'number') return line;
   const args = line.values;
   let recording: Recording | undefined;
@@ -856,7 +860,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new BenchError((e as Error).message);
       }
     }
-    const report = runBench({ repeat, runs, ...(recording ? { profile: { repeat, windows } } : {}), ...(args.cold ? { cold: COLD } : {}) });
+    const report = runBench({ repeat, runs, ...(args.object ? { objectPath: resolve(args.object) } : {}), ...(recording ? { profile: { repeat, windows } } : {}), ...(args.cold ? { cold: COLD } : {}) });
     let where: ReturnType<typeof breakdown> | undefined;
     if (recording) {
       const samples = await recording.stop();

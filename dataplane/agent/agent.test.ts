@@ -17,7 +17,7 @@ import {
 } from '../maps.ts';
 import { HZ_CHOICES, clockNow, probeClock, tickNsOf } from './clock.ts';
 import { loadConfig, parseArgs, parseCidr } from './config.ts';
-import { RETIRED_MAPS } from './datapath.ts';
+import { REFLAGGED_MAPS, RETIRED_MAPS } from './datapath.ts';
 import { monotonicCoarseNs } from './native.ts';
 import { compile, normaliseRule, policyKey, walkTables, type Tables } from './policy.ts';
 import { AgentClient, AgentError } from './protocol.ts';
@@ -948,6 +948,58 @@ describe('xmasq-agent', () => {
     expect(agent.stderr()).not.toMatch(/filled egress_filter/);
     expect(activeBits()).toBe(egressKeys().length);
     expect(bitsOf(POD.ip, '10.244.6.7')).toEqual([1, 1]);
+  });
+
+  it('an upgrade from a version whose pod-pair caches were preallocated: their entries move into this version\'s maps; a load that fails puts the earlier maps back', async () => {
+    const BPF_F_NO_PREALLOC = 1;
+    const flagsOf = (name: string) => withMap(name, (m) => m.mapFlags);
+    const entriesOf = (name: string) => withMap(name, (m) => m.lookupBatch().map(([k, v]) => `${k.toString('hex')}=${v.toString('hex')}`).sort());
+    expect(REFLAGGED_MAPS).toEqual(['egress_cache', 'ingress_cache']);
+    for (const n of REFLAGGED_MAPS) expect(flagsOf(n), n).toBe(BPF_F_NO_PREALLOC);
+    await stopAgent();
+    // The caches as an earlier version pinned them: the same shapes, preallocated, holding what these hold and one more each.
+    for (const n of REFLAGGED_MAPS) {
+      const [keySize, valueSize, max, kept] = withMap(n, (m) => [m.keySize, m.valueSize, m.maxEntries, m.lookupBatch()] as const);
+      rmSync(`${PIN}/${n}`);
+      execFileSync('bpftool', ['map', 'create', `${PIN}/${n}`, 'type', 'hash', 'key', `${keySize}`, 'value', `${valueSize}`, 'entries', `${max}`, 'name', n]);
+      withMap(n, (m) => {
+        for (const [k, v] of kept) m.update(k, v, 'noexist');
+      });
+    }
+    plantEgress(POD.ip, '10.244.6.9', { local_key: 11, remote_key: 0 });
+    plantIngress('192.168.77.6', 11, { local_ip: POD.ip, remote_ip: '10.244.6.9', local_key: 11 });
+    for (const n of REFLAGGED_MAPS) expect(flagsOf(n), `${n} as planted`).toBe(0);
+    const before = Object.fromEntries(REFLAGGED_MAPS.map((n) => [n, entriesOf(n)]));
+
+    // A load that fails (another pin of this version's names in a shape no version had) leaves them as they were.
+    const nodesAway = `${PIN}/nodes`;
+    const saved = withMap('nodes', (m) => m.lookupBatch());
+    rmSync(nodesAway);
+    execFileSync('bpftool', ['map', 'create', nodesAway, 'type', 'hash', 'key', '8', 'value', '4', 'entries', '1', 'name', 'nodes']);
+    const refused = await startAgent(PLANTED_PEERS, false);
+    expect(await refused.exited, refused.stderr()).toBe(1);
+    expect(refused.stderr()).toContain(`the map pinned at ${PIN}/nodes does not match`);
+    for (const n of REFLAGGED_MAPS) {
+      expect(flagsOf(n), `${n} after the failed load`).toBe(0);
+      expect(entriesOf(n), `${n} after the failed load`).toEqual(before[n]);
+    }
+    expect(hooked('nic0', 'egress')).toEqual([]);
+    rmSync(nodesAway);
+    expect(saved.length).toBeGreaterThan(0); // the agent writes the node set again from --nodes
+
+    agent = await startAgent(PLANTED_PEERS);
+    for (const n of REFLAGGED_MAPS) {
+      const count = before[n].length;
+      expect(agent.stderr()).toContain(`moved ${count} of ${count} ${n} entries pinned by an earlier version (map flags 0) into this version's map (flags ${BPF_F_NO_PREALLOC})`);
+      expect(flagsOf(n), n).toBe(BPF_F_NO_PREALLOC);
+    }
+    expect(hasEgress(POD.ip, '10.244.6.9')).toBe(true);
+    expect(liveIngressKeys().some((k) => k.key === 11 && k.remote_host === '192.168.77.6')).toBe(true);
+    expect(hooked('nic0', 'egress')).toEqual(['init']);
+    // A start on this version's own pins moves nothing.
+    await stopAgent();
+    agent = await startAgent(PLANTED_PEERS);
+    expect(agent.stderr()).not.toContain('moved ');
   });
 
   it('--wide-keys off clears the flag and drops the entries holding a wide key; on sets it again', async () => {

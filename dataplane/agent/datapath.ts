@@ -60,6 +60,60 @@ export type PinnedMap = (typeof PINNED_MAPS)[number];
  * them, keep their own maps whole meanwhile: new names, not new contents.
  */
 export const RETIRED_MAPS = ['policy_rules', 'policy_masks', 'policy_trie', 'policy_root'] as const;
+/**
+ * Pinned maps an earlier version created with other flags: the pod pairs'
+ * caches were preallocated (bpf/maps.h says why they are not now). libbpf
+ * reuses no pin whose flags differ, so load() moves their entries into this
+ * version's maps (takeReflagged, putBack) instead of refusing to start.
+ */
+export const REFLAGGED_MAPS = ['egress_cache', 'ingress_cache'] as const satisfies readonly PinnedMap[];
+
+/** A pinned map of an earlier version's flags, its pin removed, its entries read. */
+interface Reflagged { name: PinnedMap; path: string; old: BpfMap; entries: Array<[Buffer, Buffer]>; flags: number }
+
+/**
+ * The REFLAGGED_MAPS pinned with the shape of the object's map but other
+ * flags: their entries are read and their pins removed, so that the load
+ * creates this version's maps in their place. A map of another shape is left
+ * pinned: libbpf refuses it, with load()'s message. The earlier programs still
+ * attached keep the old map until they are replaced; what they learn meanwhile
+ * is learnt again from the overlay.
+ */
+function takeReflagged(obj: BpfObject, pinDir: string): Reflagged[] {
+  const out: Reflagged[] = [];
+  for (const name of REFLAGGED_MAPS) {
+    const path = join(pinDir, name);
+    if (!existsSync(path)) continue;
+    const old = BpfMap.fromPinned(path);
+    const want = obj.map(name);
+    if (old.type !== want.type || old.keySize !== want.keySize || old.valueSize !== want.valueSize ||
+        old.maxEntries !== want.maxEntries || old.mapFlags === want.mapFlags) {
+      old.close();
+      continue;
+    }
+    try {
+      const entries = old.lookupBatch();
+      unlinkSync(path);
+      out.push({ name, path, old, entries, flags: old.mapFlags });
+    } catch (e) {
+      old.close();
+      throw e;
+    }
+  }
+  return out;
+}
+
+/** After a failed load: the earlier maps pinned back where they were, entries and all. */
+function putBack(taken: Reflagged[], log: Log): void {
+  for (const t of taken) {
+    try {
+      if (!existsSync(t.path)) t.old.pin(t.path);
+    } catch (e) {
+      log.warn(`could not pin ${t.name} of the earlier version back at ${t.path}: ${(e as Error).message}`);
+    }
+    t.old.close();
+  }
+}
 
 const ZERO = arrayIndex.encode({ index: 0 });
 
@@ -89,6 +143,7 @@ export class Datapath {
     const madeDir = !existsSync(pinDir);
     mkdirSync(pinDir, { recursive: true, mode: 0o700 });
     let obj: BpfObject | undefined;
+    let taken: Reflagged[] = [];
     try {
       obj = BpfObject.open(objectPath);
       const programs = obj.programs();
@@ -99,6 +154,7 @@ export class Datapath {
       const absent = PINNED_MAPS.filter((m) => !maps.includes(m));
       if (absent.length) throw new Error(`${objectPath} has no map ${absent.join(', ')}: it is not an XMasq datapath object of this version`);
       for (const m of PINNED_MAPS) obj.map(m).setPinPath(join(pinDir, m));
+      taken = takeReflagged(obj, pinDir);
       try {
         obj.load();
       } catch (e) {
@@ -110,6 +166,18 @@ export class Datapath {
         throw e;
       }
       const m = Object.fromEntries(PINNED_MAPS.map((n) => [n, obj!.map(n)])) as Record<PinnedMap, BpfMap>;
+      for (const t of taken.splice(0)) {
+        let refused = 0;
+        for (const [k, v] of t.entries) {
+          try {
+            m[t.name].update(k, v, 'noexist');
+          } catch {
+            refused++; // the new map is as large as the old: only a failed allocation; the pair relearns
+          }
+        }
+        t.old.close();
+        log.info(`moved ${t.entries.length - refused} of ${t.entries.length} ${t.name} entries pinned by an earlier version (map flags ${t.flags}) into this version's map (flags ${m[t.name].mapFlags})`);
+      }
       for (const n of PINNED_MAPS) {
         if (!m[n].isPinned) throw new Error(`libbpf did not pin map ${n} at ${join(pinDir, n)}`);
       }
@@ -132,6 +200,7 @@ export class Datapath {
       return new Datapath(obj, mode, attachKind, pinDir, m, existed, log);
     } catch (e) {
       obj?.close();
+      putBack(taken, log);
       if (madeDir) {
         try {
           rmdirSync(pinDir);

@@ -52,13 +52,15 @@ export class BpfMap implements MapOps {
     /** The size of one value (one CPU's value for PERCPU maps), as declared. */
     readonly valueSize: number,
     readonly maxEntries: number,
+    /** BPF_F_* flags the map was created with (an object's map: as declared). */
+    readonly mapFlags: number,
   ) {}
 
   /** @internal */
   static fromObject(obj: BpfObject, name: string, ptr: Ptr): BpfMap {
     const n = native();
     return new BpfMap({ kind: 'object', obj, ptr }, name, n.bpf_map__type(ptr), n.bpf_map__key_size(ptr),
-      n.bpf_map__value_size(ptr), n.bpf_map__max_entries(ptr));
+      n.bpf_map__value_size(ptr), n.bpf_map__max_entries(ptr), n.bpf_map__map_flags(ptr));
   }
 
   /** Opens a pinned map (bpf_obj_get) and reads its shape from the kernel. Call close() when done. */
@@ -76,8 +78,8 @@ export class BpfMap implements MapOps {
       const buf = Buffer.alloc(STRUCT_SIZES.bpf_map_info);
       const len = [buf.length];
       check(`reading info of pinned map ${path}`, () => n.bpf_obj_get_info_by_fd(fd, buf, len));
-      const info = koffi.decode(buf, BpfMapInfo) as { type: number; key_size: number; value_size: number; max_entries: number; name: string };
-      return new BpfMap({ kind: 'fd', fd, path }, info.name, info.type, info.key_size, info.value_size, info.max_entries);
+      const info = koffi.decode(buf, BpfMapInfo) as { type: number; key_size: number; value_size: number; max_entries: number; map_flags: number; name: string };
+      return new BpfMap({ kind: 'fd', fd, path }, info.name, info.type, info.key_size, info.value_size, info.max_entries, info.map_flags);
     } catch (e) {
       closeSync(fd);
       throw e;

@@ -161,6 +161,7 @@ interface Native {
   bpf_map__key_size(map: Ptr): number;
   bpf_map__value_size(map: Ptr): number;
   bpf_map__max_entries(map: Ptr): number;
+  bpf_map__map_flags(map: Ptr): number;
   bpf_map__pin(map: Ptr, path: string): number;
   bpf_map__unpin(map: Ptr, path: string | null): number;
   bpf_map__set_pin_path(map: Ptr, path: string | null): number;
@@ -225,6 +226,7 @@ export function native(): Native {
     bpf_map__key_size: lib.func('uint32_t bpf_map__key_size(void *map)'),
     bpf_map__value_size: lib.func('uint32_t bpf_map__value_size(void *map)'),
     bpf_map__max_entries: lib.func('uint32_t bpf_map__max_entries(void *map)'),
+    bpf_map__map_flags: lib.func('uint32_t bpf_map__map_flags(void *map)'),
     bpf_map__pin: lib.func('int bpf_map__pin(void *map, const char *path)'),
     bpf_map__unpin: lib.func('int bpf_map__unpin(void *map, const char *path)'),
     bpf_map__set_pin_path: lib.func('int bpf_map__set_pin_path(void *map, const char *path)'),
