@@ -63,12 +63,9 @@ describe('bench:prog', () => {
         expect(s.min, where).toBeLessThanOrEqual(s.median);
         expect(s.median, where).toBeLessThanOrEqual(s.max);
       }
-      if (r.kind === 'baseline') {
-        expect(c.alone.min, where).toBeGreaterThan(0);
-        expect(c.evicted_x_hot, where).toBeNull();
-      } else {
-        expect(c.evicted_x_hot, where).not.toBeNull();
-      }
+      if (r.kind === 'baseline') expect(c.alone.min, where).toBeGreaterThan(0);
+      if (r.kind === 'full') expect(c.evicted_x_hot, where).toBeCloseTo(c.evicted.median / r.net_ns!, 6);
+      else expect(c.evicted_x_hot, where).toBeNull();
       // A full path does more than the reset it is net of, however cold.
       if (r.kind === 'full') expect(c.evicted.median, where).toBeGreaterThan(0);
     }

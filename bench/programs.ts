@@ -523,7 +523,7 @@ export interface ColdResult {
   alone: Spread;
   /** The same, with COLD.pages pages touched just before each packet (the TLBs and L1d evicted). */
   evicted: Spread;
-  /** evicted's median over the hot net figure (full: net_ns; the others: ns − empty); null for baselines. */
+  /** Full paths: evicted's median over the hot net_ns; null for the other rows. */
   evicted_x_hot: number | null;
 }
 
@@ -660,11 +660,11 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
     }
     if (opts.cold) {
       const cold = measureCold(objectPath, opts.cold, single, log);
-      const hotEmpty = rows.find((r) => r.name === 'empty')!.ns.median;
       for (const r of rows) {
         const c = cold.get(r.name);
         if (!c) continue;
-        const hot = r.kind === 'baseline' ? null : r.net_ns ?? r.ns.median - hotEmpty;
+        // Full paths only: a pass-through's hot figure net of the empty program is a few ns, and a ratio to it says little.
+        const hot = r.kind === 'full' ? r.net_ns! : null;
         r.cold = { ...c, evicted_x_hot: hot === null ? null : c.evicted.median / hot };
       }
     }
