@@ -950,7 +950,7 @@ describe('xmasq-agent', () => {
     expect(bitsOf(POD.ip, '10.244.6.7')).toEqual([1, 1]);
   });
 
-  it('an upgrade from a version whose pod-pair caches were preallocated: their entries move into this version\'s maps; a load that fails puts the earlier maps back', async () => {
+  it('an upgrade from a version whose pod-pair caches were preallocated: their entries move into this version\'s maps; a load that fails puts the earlier maps back, even midway', async () => {
     const BPF_F_NO_PREALLOC = 1;
     const flagsOf = (name: string) => withMap(name, (m) => m.mapFlags);
     const entriesOf = (name: string) => withMap(name, (m) => m.lookupBatch().map(([k, v]) => `${k.toString('hex')}=${v.toString('hex')}`).sort());
@@ -958,13 +958,18 @@ describe('xmasq-agent', () => {
     for (const n of REFLAGGED_MAPS) expect(flagsOf(n), n).toBe(BPF_F_NO_PREALLOC);
     await stopAgent();
     // The caches as an earlier version pinned them: the same shapes, preallocated, holding what these hold and one more each.
-    for (const n of REFLAGGED_MAPS) {
-      const [keySize, valueSize, max, kept] = withMap(n, (m) => [m.keySize, m.valueSize, m.maxEntries, m.lookupBatch()] as const);
-      rmSync(`${PIN}/${n}`);
+    const shape = Object.fromEntries(REFLAGGED_MAPS.map((n) => [n, withMap(n, (m) => [m.keySize, m.valueSize, m.maxEntries] as const)]));
+    const pinPreallocated = (n: string, kept: Array<[Buffer, Buffer]>) => {
+      const [keySize, valueSize, max] = shape[n];
       execFileSync('bpftool', ['map', 'create', `${PIN}/${n}`, 'type', 'hash', 'key', `${keySize}`, 'value', `${valueSize}`, 'entries', `${max}`, 'name', n]);
       withMap(n, (m) => {
         for (const [k, v] of kept) m.update(k, v, 'noexist');
       });
+    };
+    for (const n of REFLAGGED_MAPS) {
+      const kept = withMap(n, (m) => m.lookupBatch());
+      rmSync(`${PIN}/${n}`);
+      pinPreallocated(n, kept);
     }
     plantEgress(POD.ip, '10.244.6.9', { local_key: 11, remote_key: 0 });
     plantIngress('192.168.77.6', 11, { local_ip: POD.ip, remote_ip: '10.244.6.9', local_key: 11 });
@@ -986,6 +991,20 @@ describe('xmasq-agent', () => {
     expect(hooked('nic0', 'egress')).toEqual([]);
     rmSync(nodesAway);
     expect(saved.length).toBeGreaterThan(0); // the agent writes the node set again from --nodes
+
+    // A failure between the two (a program pinned where ingress_cache was): egress_cache, taken first, goes back too.
+    const ingressKept = withMap('ingress_cache', (m) => m.lookupBatch());
+    rmSync(`${PIN}/ingress_cache`);
+    execFileSync('bpftool', ['prog', 'load', TEST_OBJECT, `${PIN}/ingress_cache`, 'type', 'tc'], { stdio: 'ignore' });
+    const midway = await startAgent(PLANTED_PEERS, false);
+    expect(await midway.exited, midway.stderr()).toBe(1);
+    expect(midway.stderr()).toContain(`${PIN}/ingress_cache is pinned, but not a map`);
+    expect(flagsOf('egress_cache'), 'egress_cache after the failure midway').toBe(0);
+    expect(entriesOf('egress_cache'), 'egress_cache after the failure midway').toEqual(before.egress_cache);
+    expect(hooked('nic0', 'egress')).toEqual([]);
+    rmSync(`${PIN}/ingress_cache`);
+    pinPreallocated('ingress_cache', ingressKept);
+    expect(entriesOf('ingress_cache')).toEqual(before.ingress_cache);
 
     agent = await startAgent(PLANTED_PEERS);
     for (const n of REFLAGGED_MAPS) {

@@ -74,13 +74,14 @@ interface Reflagged { name: PinnedMap; path: string; old: BpfMap; entries: Array
 /**
  * The REFLAGGED_MAPS pinned with the shape of the object's map but other
  * flags: their entries are read and their pins removed, so that the load
- * creates this version's maps in their place. A map of another shape is left
- * pinned: libbpf refuses it, with load()'s message. The earlier programs still
- * attached keep the old map until they are replaced; what they learn meanwhile
- * is learnt again from the overlay.
+ * creates this version's maps in their place. Each is pushed to `out` as soon
+ * as its pin is gone, so that a failure at the next one still puts it back
+ * (putBack). A map of another shape is left pinned: libbpf refuses it, with
+ * load()'s message. The earlier programs still attached keep the old map
+ * until they are replaced; what they learn meanwhile is learnt again from the
+ * overlay.
  */
-function takeReflagged(obj: BpfObject, pinDir: string): Reflagged[] {
-  const out: Reflagged[] = [];
+function takeReflagged(obj: BpfObject, pinDir: string, out: Reflagged[]): void {
   for (const name of REFLAGGED_MAPS) {
     const path = join(pinDir, name);
     if (!existsSync(path)) continue;
@@ -100,7 +101,6 @@ function takeReflagged(obj: BpfObject, pinDir: string): Reflagged[] {
       throw e;
     }
   }
-  return out;
 }
 
 /** After a failed load: the earlier maps pinned back where they were, entries and all. */
@@ -143,7 +143,7 @@ export class Datapath {
     const madeDir = !existsSync(pinDir);
     mkdirSync(pinDir, { recursive: true, mode: 0o700 });
     let obj: BpfObject | undefined;
-    let taken: Reflagged[] = [];
+    const taken: Reflagged[] = [];
     try {
       obj = BpfObject.open(objectPath);
       const programs = obj.programs();
@@ -154,7 +154,7 @@ export class Datapath {
       const absent = PINNED_MAPS.filter((m) => !maps.includes(m));
       if (absent.length) throw new Error(`${objectPath} has no map ${absent.join(', ')}: it is not an XMasq datapath object of this version`);
       for (const m of PINNED_MAPS) obj.map(m).setPinPath(join(pinDir, m));
-      taken = takeReflagged(obj, pinDir);
+      takeReflagged(obj, pinDir, taken);
       try {
         obj.load();
       } catch (e) {
