@@ -32,8 +32,8 @@ const TSX = [process.execPath, '--import', 'tsx'];
 const PARTS: Part[] = [
   {
     name: 'programs',
-    what: 'ns/packet of every program path next to an empty program (BPF_PROG_TEST_RUN)',
-    argv: (_, quick) => [...TSX, `${ROOT}bench/programs.ts`, '--json', ...(quick ? ['--repeat', '100000', '--runs', '3'] : [])],
+    what: 'ns/packet of every program path next to an empty program (BPF_PROG_TEST_RUN), hot and (full run) cold',
+    argv: (_, quick) => [...TSX, `${ROOT}bench/programs.ts`, '--json', ...(quick ? ['--repeat', '100000', '--runs', '3'] : ['--cold'])],
     json: 'stdout',
   },
   {
