@@ -717,8 +717,8 @@ const spread = (xs: number[]): Spread => ({ median: median(xs), min: Math.min(..
  * The base state's rows, one packet per test run, alone and right after the
  * evictor, interleaved row by row and round by round; on `loads` fresh loads
  * of the object, because where the kernel puts a load's maps moves these
- * figures by more than a run's noise (measured: the same path's median 1.6×
- * apart between two loads). Every run's verdict is checked against the row's
+ * figures by more than a run's noise (measured: the same full path's median
+ * up to 1.5× apart between two loads of one run). Every run's verdict is checked against the row's
  * single run: a cold figure is never one of another path.
  */
 function measureCold(objectPath: string, opts: { loads: number; rounds: number; pages: number },
@@ -736,8 +736,7 @@ function measureCold(objectPath: string, opts: { loads: number; rounds: number; 
       for (let k = 0; k < opts.rounds; k++) {
         for (const row of rows) {
           for (const mode of k % 2 ? (['evicted', 'alone'] as const) : (['alone', 'evicted'] as const)) {
-            const l = runner.state(row.state);
-            if (row.resets) l.maps.bench_packet.update(ZERO, row.packet.subarray(0, RESET_LEN));
+            if (row.resets) runner.state(row.state).maps.bench_packet.update(ZERO, row.packet.subarray(0, RESET_LEN));
             if (mode === 'evicted') touch(buf);
             const r = runner.program(row).testRun({ data: row.packet, repeat: 1 });
             const want = single.get(row)!.retval;
