@@ -250,8 +250,8 @@ export async function main(argv: readonly string[]): Promise<number> {
   process.stdout.write(`\nXMasq demo: ${renderMachine(report)}\n\n${renderTable(report)}\n`);
 
   const day = report.date.slice(0, 10);
-  const base = recordBase(`${ROOT}bench/results`, `demo-${day}`, ['json', 'svg', 'md']);
-  const files = opts.json || opts.svg || opts.md || opts.quick
+  const base = opts.json || opts.svg || opts.md || opts.quick ? undefined : recordBase(`${ROOT}bench/results`, `demo-${day}`, ['json', 'svg', 'md']);
+  const files = base === undefined
     ? { json: opts.json, svg: opts.svg, md: opts.md }
     : { json: `${base}.json`, svg: `${base}.svg`, md: `${base}.md` };
   if (files.json) write(files.json, JSON.stringify(report, null, 2) + '\n');

@@ -209,11 +209,11 @@ export class ClockKeeper {
    * found at start stays right to within the tick handler's latency. A single
    * burst can still read a jiffy and a time of two ticks, a base a tick off
    * either way: on this VM ~0.4% of bursts made a few ms apart, and ~30% of
-   * bursts made right after the thread slept (the idle CPU's jiffies are brought up to
-   * date a little after its clock), as the agent's scans are. The programs'
-   * own reads of jiffies lag the same way, so a tick either way is the
-   * clock's accuracy, not a drift; and a re-base writes a base moved further
-   * only when the next re-base, a scan later, finds it too.
+   * bursts made right after the thread slept (the idle CPU's jiffies are
+   * brought up to date a little after its clock), as the agent's scans are.
+   * The programs' own reads of jiffies lag the same way, so a tick either way
+   * is the clock's accuracy, not a drift; and a re-base writes a base moved
+   * further only when the next re-base, a scan later, finds it too.
    */
   private write(s: ClockSample, rebasing = false): Clock {
     const prev = this.read();
