@@ -4,13 +4,38 @@
  * the row names, so getting a report at all is the correctness check; timings
  * are not asserted (CI machines are too noisy for that).
  */
-import { describe, expect, it } from 'vitest';
-import { ROW_NAMES, formatTable, runBench, type BenchReport } from './programs.ts';
+import { createHash } from 'node:crypto';
+import { copyFileSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it, vi } from 'vitest';
+import { BENCH_OBJECT, ROW_NAMES, formatTable, main, runBench, type BenchReport } from './programs.ts';
 
-// Shared by both tests; a guard's error then fails each of them with its own message.
+// The smoke run measures a copy of the bench build elsewhere, as --object does for a
+// side-by-side run, so that the report must name the object it measured.
+const dir = mkdtempSync(join(tmpdir(), 'xmasq-bench-prog-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+const copy = join(dir, 'other.bench.bpf.o');
+copyFileSync(BENCH_OBJECT, copy);
+
+// Shared by the tests; a guard's error then fails each of them with its own message.
 let cached: BenchReport | undefined;
 const COLD = { loads: 2, rounds: 20, pages: 256 };
-const report = () => (cached ??= runBench({ repeat: 1000, runs: 1, log: () => {}, cold: COLD }));
+const report = () => (cached ??= runBench({ repeat: 1000, runs: 1, log: () => {}, cold: COLD, objectPath: copy }));
+
+/** bench:prog's command line: its exit code and what it wrote to stderr. */
+async function cli(args: string[]): Promise<{ code: number; stderr: string }> {
+  let stderr = '';
+  const spy = vi.spyOn(process.stderr, 'write').mockImplementation((chunk: string | Uint8Array) => {
+    stderr += String(chunk);
+    return true;
+  });
+  try {
+    return { code: await main(args), stderr };
+  } finally {
+    spy.mockRestore();
+  }
+}
 
 describe('bench:prog', () => {
   it('runs every row through its correctness guards', () => {
@@ -45,6 +70,33 @@ describe('bench:prog', () => {
     }
     const table = formatTable(report());
     for (const name of ROW_NAMES) expect(table).toContain(name);
+  });
+
+  it('--object: the report names the object it measured, by path and SHA-256', () => {
+    const r = report();
+    expect(r.object.path).toBe(copy);
+    expect(r.object.sha256).toBe(createHash('sha256').update(readFileSync(BENCH_OBJECT)).digest('hex'));
+    expect(formatTable(r)).toContain(`object: ${copy} (sha256 ${r.object.sha256.slice(0, 12)}`);
+  });
+
+  it('--object: what is not a bench build is refused before anything loads, in one line', async () => {
+    const notElf = join(dir, 'not-an-object.o');
+    writeFileSync(notElf, 'this is not an ELF file\n');
+    const cases: Array<[string, RegExp]> = [
+      [join(dir, 'missing.o'), /missing\.o \(--object\) does not exist/],
+      [notElf, /cannot be opened as a BPF object: .*not a BPF ELF object/],
+      // The production and test builds have no bench_* wrappers.
+      [BENCH_OBJECT.replace('xmasq.bench.bpf.o', 'xmasq.bpf.o'), /is not a bench build .*it lacks map bench_packet, program bench_empty/],
+      [BENCH_OBJECT.replace('xmasq.bench.bpf.o', 'xmasq.test.bpf.o'), /is not a bench build .*program bench_masq/],
+    ];
+    for (const [object, want] of cases) {
+      const { code, stderr } = await cli(['--runs', '1', '--repeat', '10', '--object', object]);
+      expect(code, object).toBe(1);
+      expect(stderr, object).toMatch(want);
+      expect(stderr.trim().split('\n'), object).toHaveLength(1);
+      expect(stderr, object).toMatch(/^bench:prog: /);
+      expect(stderr, object).not.toMatch(/\n\s+at /);
+    }
   });
 
   it('--cold: every row of the base state one packet at a time, on every load', () => {

@@ -12,6 +12,7 @@
  * other work, which has taken its map pages out of the TLB and its lines out
  * of the caches, where a run of a million packets keeps them all warm.
  */
+import { createHash } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -378,24 +379,53 @@ export class BenchError extends Error {}
 
 interface Loaded { obj: BpfObject; maps: Maps; programs: Map<string, BpfProgram>; policy?: PolicyTable }
 
+const MAP_NAMES = ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'bench_packet', 'nodes', 'clock'] as const;
+
+/**
+ * Whether an object (--object, or the default build) is a bench build this file can
+ * measure, checked on the opened object before anything loads: a file that is no BPF
+ * object, the production or test build (no bench_* wrappers), or one with other table
+ * sizes is refused with what it lacks, not met halfway through the rows.
+ */
+function checkBenchObject(objectPath: string): void {
+  let obj: BpfObject;
+  try {
+    obj = BpfObject.open(objectPath);
+  } catch (e) {
+    throw new BenchError(`${objectPath} cannot be opened as a BPF object: ${(e as Error).message.split('\n')[0]}`);
+  }
+  try {
+    const maps = new Set(obj.maps());
+    const programs = new Set(obj.programs());
+    const lacks = [
+      ...MAP_NAMES.filter((m) => !maps.has(m)).map((m) => `map ${m}`),
+      ...[...new Set([...ROWS.map((r) => r.program), 'clock_probe'])].filter((p) => !programs.has(p)).map((p) => `program ${p}`),
+    ];
+    if (lacks.length > 0) {
+      throw new BenchError(`${objectPath} is not a bench build (make -C bpf builds one from bpf/bench.bpf.c): it lacks ${lacks.join(', ')}`);
+    }
+    // The point of the bench object is production-sized tables (hash buckets, cache footprint).
+    const want = MAX_ENTRIES.production;
+    const got = { pods: obj.map('pod_info').maxEntries, paths: obj.map('egress_cache').maxEntries, policySlots: obj.map('policy_table').maxEntries };
+    if (got.pods !== want.pods || got.paths !== want.paths || got.policySlots !== want.policySlots) {
+      throw new BenchError(`${objectPath} has map sizes ${JSON.stringify(got)}, want the production ${JSON.stringify(want)}`);
+    }
+    const packet = obj.map('bench_packet').valueSize;
+    if (packet !== RESET_LEN) {
+      throw new BenchError(`${objectPath}: bench_packet holds ${packet} bytes, bench/programs.ts assumes ${RESET_LEN} (BENCH_RESET_LEN)`);
+    }
+  } finally {
+    obj.close();
+  }
+}
+
 function loadState(objectPath: string, name: StateName, log: (s: string) => void): Loaded {
   const obj = BpfObject.open(objectPath);
   try {
     obj.load();
     const maps = {} as Maps;
-    for (const m of ['pod_info', 'egress_cache', 'egress_filter', 'ingress_cache', 'config', 'policy_table', 'policy_start', 'counters', 'bench_packet', 'nodes', 'clock'] as const) {
-      maps[m] = obj.map(m);
-    }
+    for (const m of MAP_NAMES) maps[m] = obj.map(m);
     if (name !== 'coarseClock') calibrateClock(maps.clock, obj.program('clock_probe'));
-    // The point of the bench object is production-sized tables (hash buckets, cache footprint).
-    const want = MAX_ENTRIES.production;
-    const got = { pods: maps.pod_info.maxEntries, paths: maps.egress_cache.maxEntries, policySlots: maps.policy_table.maxEntries };
-    if (got.pods !== want.pods || got.paths !== want.paths || got.policySlots !== want.policySlots) {
-      throw new BenchError(`${objectPath} has map sizes ${JSON.stringify(got)}, want the production ${JSON.stringify(want)}`);
-    }
-    if (maps.bench_packet.valueSize !== RESET_LEN) {
-      throw new BenchError(`bench_packet holds ${maps.bench_packet.valueSize} bytes, bench/programs.ts assumes ${RESET_LEN} (BENCH_RESET_LEN)`);
-    }
     learnedPair(maps);
     if (name === 'staleBit') {
       // An entry for the unknown pair, its bit set, then the entry gone (expired, purged).
@@ -529,6 +559,8 @@ export interface ColdResult {
 
 export interface BenchReport {
   machine: Machine; date: string; repeat: number; runs: number; rows: RowResult[];
+  /** The object measured (--object or the default build), and its SHA-256: what a side-by-side record compares. */
+  object: { path: string; sha256: string };
   /** --cold: how it was measured. */
   cold?: { loads: number; rounds: number; pages: number };
 }
@@ -565,6 +597,7 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
   if (!existsSync(objectPath)) {
     throw new BenchError(objectPath === BENCH_OBJECT ? `${objectPath} is missing: build it with 'make -C bpf' (npm run bench:prog does this first)` : `${objectPath} (--object) does not exist`);
   }
+  checkBenchObject(objectPath);
   for (const r of ROWS) {
     if (r.resets && r.packet.length < RESET_LEN) throw new BenchError(`row "${r.name}": a ${r.packet.length}-byte packet is shorter than the ${RESET_LEN} bytes the wrapper restores`);
   }
@@ -668,7 +701,8 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
         r.cold = { ...c, evicted_x_hot: hot === null ? null : c.evicted.median / hot };
       }
     }
-    return { machine: machine(), date: new Date().toISOString(), repeat, runs, rows, ...(opts.cold ? { cold: opts.cold } : {}) };
+    const object = { path: objectPath, sha256: createHash('sha256').update(readFileSync(objectPath)).digest('hex') };
+    return { machine: machine(), date: new Date().toISOString(), repeat, runs, object, rows, ...(opts.cold ? { cold: opts.cold } : {}) };
   } finally {
     runner.close();
   }
@@ -782,6 +816,7 @@ export function formatTable(r: BenchReport): string {
   return [
     `XMasq programs under BPF_PROG_TEST_RUN: ${r.repeat} packets per run, median of ${r.runs} interleaved runs`,
     `machine: ${r.machine.cpu}, ${r.machine.cores} cores, kernel ${r.machine.kernel}; ${r.date}`,
+    `object: ${r.object.path} (sha256 ${r.object.sha256.slice(0, 12)}…)`,
     '',
     line(head),
     line(widths.map((w) => '-'.repeat(w))),
@@ -834,7 +869,7 @@ ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.b
                 before each (the TLBs evicted), on ${COLD.loads} loads of the object: what a program
                 costs in place on a node, where its maps' pages and lines are cold (~1 min more)
   --object PATH another bench build to measure (default bpf/build/xmasq.bench.bpf.o): another
-                tree's, for a side-by-side run
+                tree's, for a side-by-side run; the report names it by path and SHA-256
   --help        this text`;
 
 function positiveInt(flag: string, v: string | undefined, dflt: number): number {
