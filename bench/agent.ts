@@ -19,7 +19,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, rmSync } from 'node:fs';
 import { cpus, release } from 'node:os';
-import { parseArgs } from 'node:util';
+import { commandLine, intOption, usageError } from '../testing/args.ts';
 import { expire, nodeWords } from '../dataplane/agent/caches.ts';
 import { monotonicCoarseNs } from '../dataplane/agent/native.ts';
 import { AgentClient } from '../dataplane/agent/protocol.ts';
@@ -517,46 +517,38 @@ export function formatTable(r: AgentReport): string {
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:agent -- [--json] [--pods N] [--calls N] [--cycles N] [--entries N] [--help]
+const USAGE = `usage: npm run bench:agent -- [--json] [--pods N] [--calls N] [--cycles N] [--entries N] [--help] [--version]
 
   --json         print only the JSON report on stdout (progress still goes to stderr)
   --pods N       pods created through the CNI chain, each way (default 10)
   --calls N      xmasq plugin VERSION calls (default 30)
   --cycles N     socket add/del cycles (default 1000)
   --entries N    egress (and ingress) entries planted for the scan (default 65536, the map size)
+  --help         this text
+  --version      the checkout's version
 
 Needs root: it builds a one-host lab and runs a real xmasq-agent in it.`;
 
-async function main(): Promise<number> {
-  let args;
+async function main(argv: string[]): Promise<number> {
+  const line = commandLine('bench:agent', USAGE, argv, { json: { type: 'boolean' }, pods: { type: 'string' }, calls: { type: 'string' }, cycles: { type: 'string' }, entries: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  const args = line.values;
+  let opts;
   try {
-    args = parseArgs({
-      options: { json: { type: 'boolean' }, pods: { type: 'string' }, calls: { type: 'string' }, cycles: { type: 'string' }, entries: { type: 'string' }, help: { type: 'boolean', short: 'h' } },
-      strict: true,
-    }).values;
+    opts = { pods: intOption('--pods', args.pods, 10, 1), calls: intOption('--calls', args.calls, 30, 1), cycles: intOption('--cycles', args.cycles, 1000, 1), entries: intOption('--entries', args.entries, 65536, 1) };
   } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-    return 2;
+    return usageError('bench:agent', USAGE, e as Error);
   }
-  if (args.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  const num = (v: string | undefined, def: number, min: number) => {
-    const n = v === undefined ? def : Number(v);
-    if (!Number.isInteger(n) || n < min) throw new Error(`expected an integer >= ${min}, got ${v}`);
-    return n;
-  };
   if (process.getuid?.() !== 0) {
     process.stderr.write('bench:agent needs root (network namespaces, BPF)\n');
     return 1;
   }
-  const report = await bench({ pods: num(args.pods, 10, 1), calls: num(args.calls, 30, 1), cycles: num(args.cycles, 1000, 1), entries: num(args.entries, 65536, 1) });
+  const report = await bench(opts);
   process.stdout.write(args.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatTable(report)}\n`);
   return 0;
 }
 
-main().then((code) => process.exit(code), (e: Error) => {
+main(process.argv.slice(2)).then((code) => process.exit(code), (e: Error) => {
   process.stderr.write(`bench:agent: ${e.stack ?? e.message}\n`);
   process.exit(1);
 });

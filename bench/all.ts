@@ -77,7 +77,7 @@ const PARTS: Part[] = [
   },
 ];
 
-const USAGE = `usage: npm run bench -- [--quick] [--only a,b] [--out DIR] [--help]
+const USAGE = `usage: npm run bench -- [--quick] [--only a,b] [--out DIR] [--help] [--version]
 
 Runs, one after the other: ${PARTS.map((p) => p.name).join(', ')}.
 ${PARTS.map((p) => `  ${p.name.padEnd(10)}${p.what}`).join('\n')}
@@ -87,7 +87,8 @@ demo's .json/.svg/.md beside it. Needs root. Takes about 17 minutes (--quick: 3)
   --quick        short runs (smoke test; numbers are rough)
   --only LIST    only these parts, comma-separated
   --out DIR      where to write (default bench/results)
-  --help         this text`;
+  --help         this text
+  --version      the checkout's version`;
 
 function runPart(argv: string[]): Promise<{ code: number; stdout: string }> {
   return new Promise((resolve, reject) => {

@@ -854,7 +854,7 @@ function formatCold(r: BenchReport): string {
   ].join('\n');
 }
 
-const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--cold] [--object PATH] [--help]
+const USAGE = `usage: npm run bench:prog -- [--json] [--repeat N] [--runs K] [--profile] [--cold] [--object PATH] [--help] [--version]
 
 ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.bench.bpf.o
 (production map sizes), next to an empty program. Run as root.
@@ -870,7 +870,8 @@ ns/packet of each XMasq program path with BPF_PROG_TEST_RUN on bpf/build/xmasq.b
                 costs in place on a node, where its maps' pages and lines are cold (~1 min more)
   --object PATH another bench build to measure (default bpf/build/xmasq.bench.bpf.o): another
                 tree's, for a side-by-side run; the report names it by path and SHA-256
-  --help        this text`;
+  --help        this text
+  --version     the checkout's version`;
 
 function positiveInt(flag: string, v: string | undefined, dflt: number): number {
   if (v === undefined) return dflt;

@@ -18,7 +18,7 @@ import { CHASE_BYTES, SHA_MIB, benchScenario, machineCheck, measure, startLine, 
 import { Cluster } from '../sim/cluster/cluster.ts';
 import { mapInWorkers, threadsOption } from '../sim/cluster/workers.ts';
 
-const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds R] [--quick] [--json] [--help]
+const USAGE = `usage: npm run bench:sim -- [--packets N] [--threads T] [--rounds R] [--quick] [--json] [--help] [--version]
 
 Runs the cluster simulator on 4 hosts × 20 pods of microservice traffic until N simulated
 packets (default 2000000; --quick: 300000) were sent, on one thread: on the wide-key and 6-bit

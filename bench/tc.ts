@@ -39,7 +39,7 @@ import { BpfObject, closeLink, haveTcx, tcAttach, tcDestroyHook, tcxAttach, with
 import { COUNTER_NAMES, FLANNEL_PORTS, NO_OVERLAY, NO_SERVICES, arrayIndex, config, counterValue } from '../dataplane/maps.ts';
 import { commandLine, intOption, usageError, UsageError } from '../testing/args.ts';
 
-const USAGE = `usage: npm run bench:tc [-- --json] [-- --rounds N] [-- --frames N] [-- --cpu C] [-- --md FILE]
+const USAGE = `usage: npm run bench:tc [-- --json] [-- --rounds N] [-- --frames N] [-- --cpu C] [-- --md FILE] [-- --help] [-- --version]
 
 ns per frame through a veth's TC egress and its peer's TC ingress, with our programs
 (init, restore) and an empty one attached as cls_bpf filters and as tcx links, and

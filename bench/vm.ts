@@ -13,7 +13,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { cpus, loadavg, release } from 'node:os';
 import { join } from 'node:path';
-import { parseArgs } from 'node:util';
+import { commandLine, intOption, usageError, UsageError } from '../testing/args.ts';
 import { ensureKernel } from '../kernel-patch/kernel.ts';
 import { recordBase } from '../testing/records.ts';
 import { ROOT } from '../testing/root.ts';
@@ -174,33 +174,32 @@ export function markdown(r: VmBenchReport): string {
   return `${lines.join('\n')}\n`;
 }
 
-const USAGE = `usage: npm run bench:vm -- [--rounds N] [--seconds S] [--json] [--help]
+const USAGE = `usage: npm run bench:vm -- [--rounds N] [--seconds S] [--nice N] [--json] [--help] [--version]
 
   --rounds N    interleaved rounds of the four paths (default 3)
   --seconds S   each sockperf and iperf3 run (default 5)
   --nice N      QEMU's nice level (default -10; 0 to leave the host's other work its share)
   --json        print the JSON report on stdout instead of the table
+  --help        this text
+  --version     the checkout's version
 
 Needs root and QEMU; builds the rpeer kernel first if it is not cached (20-35 min).
 Writes bench/results/vm-rpeer-<date>.json and .md (vm-rpeer-<date>-2 … when the day
 has a record already). Takes ~15-50 min under TCG.`;
 
-async function main(): Promise<number> {
-  let v;
+async function main(argv: string[]): Promise<number> {
+  const line = commandLine('bench:vm', USAGE, argv, { rounds: { type: 'string' }, seconds: { type: 'string' }, nice: { type: 'string' }, json: { type: 'boolean' } });
+  if (typeof line === 'number') return line;
+  const v = line.values;
+  let rounds: number, seconds: number, nice: number;
   try {
-    v = parseArgs({ options: { rounds: { type: 'string' }, seconds: { type: 'string' }, nice: { type: 'string' }, json: { type: 'boolean' }, help: { type: 'boolean', short: 'h' } }, strict: true }).values;
+    rounds = intOption('--rounds', v.rounds, 3, 1);
+    seconds = intOption('--seconds', v.seconds, 5, 2);
+    nice = intOption('--nice', v.nice, -10, -20);
+    if (nice > 19) throw new UsageError(`--nice wants a whole number from -20 to 19, got "${v.nice}"`);
   } catch (e) {
-    process.stderr.write(`${(e as Error).message}\n${USAGE}\n`);
-    return 2;
+    return usageError('bench:vm', USAGE, e as Error);
   }
-  if (v.help) {
-    process.stdout.write(`${USAGE}\n`);
-    return 0;
-  }
-  const rounds = Number(v.rounds ?? 3), seconds = Number(v.seconds ?? 5);
-  if (!Number.isInteger(rounds) || rounds < 1) throw new Error(`--rounds must be a positive integer, got ${v.rounds}`);
-  if (!Number.isInteger(seconds) || seconds < 2) throw new Error(`--seconds must be an integer >= 2, got ${v.seconds}`);
-  if (v.nice !== undefined && !(Number.isInteger(Number(v.nice)) && Number(v.nice) >= -20 && Number(v.nice) <= 19)) throw new Error(`--nice must be an integer from -20 to 19, got ${v.nice}`);
   if (process.getuid?.() !== 0) throw new Error('bench:vm needs root: the kernel cache is in /var/cache and the guest runs the lab as root');
   for (const tool of ['sockperf', 'iperf3']) {
     if (!['/usr/bin', '/usr/sbin', '/bin'].some((d) => existsSync(join(d, tool)))) throw new Error(`${tool} is not installed (the guest runs the host's): apt-get install ${tool}`);
@@ -212,7 +211,7 @@ async function main(): Promise<number> {
   const loadBefore = loadavg()[0];
   // At nice -10: on a busy 2-core host the guest otherwise gets so little CPU that its CNI
   // plugins time out; the ratios between its paths are what counts, not its share of the host.
-  const vm = await runGuestSuites({ bzImage: kernel.bzImage, bench: { rounds, seconds }, nice: Number(v.nice ?? -10), timeoutMs: 120 * 60_000, log: (l) => err(`vm | ${l}`) });
+  const vm = await runGuestSuites({ bzImage: kernel.bzImage, bench: { rounds, seconds }, nice, timeoutMs: 120 * 60_000, log: (l) => err(`vm | ${l}`) });
   err(`bench:vm: QEMU exited ${vm.qemuExit} after ${Math.round((Date.now() - started) / 1000)} s; console in ${vm.resultsDir}`);
   const out = join(vm.resultsDir, 'bench.json');
   if (vm.timedOut || vm.status !== 'done' || vm.guestExitCode !== 0 || !existsSync(out)) {
@@ -232,7 +231,7 @@ async function main(): Promise<number> {
 }
 
 // Run only as a script: its markdown() also renders a saved record (bench/results/vm-rpeer-*.json).
-if (import.meta.url === `file://${process.argv[1]}`) main().then((code) => process.exit(code), (e: Error) => {
+if (import.meta.url === `file://${process.argv[1]}`) main(process.argv.slice(2)).then((code) => process.exit(code), (e: Error) => {
   process.stderr.write(`bench:vm: ${e.message}\n`);
   process.exit(1);
 });

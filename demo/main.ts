@@ -7,6 +7,7 @@ import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { recordBase } from '../testing/records.ts';
 import { ROOT } from '../testing/root.ts';
+import { packageVersion } from '../dataplane/package.ts';
 import { DEFAULT_NICE, isAbort, runDemo, type DemoRun, type Progress } from './demo.ts';
 import { MODES, renderMachine, renderMarkdown, renderSvg, renderTable, type Mode } from './report.ts';
 
@@ -50,6 +51,7 @@ options:
   --svg FILE       write a bar chart of the pinned throughput, RR rates and overhead removed
   --md FILE        write the table as markdown, with the machine and the method
   --help           this text
+  --version        the checkout's version
 
 Without --json/--svg/--md (and without --quick) the results go to
 bench/results/demo-<date>.json, .svg and .md (demo-<date>-2, -3 … when the day
@@ -73,12 +75,13 @@ export interface CliOptions {
   attach?: 'auto' | 'tcx' | 'cls_bpf';
   profile?: string;
   help: boolean;
+  version: boolean;
 }
 
 export class UsageError extends Error {}
 
 export function parseArgs(argv: readonly string[]): CliOptions {
-  const o: Partial<CliOptions> & { modes: Mode[]; quick: boolean; help: boolean; nice: number } = { modes: [...MODES], quick: false, help: false, nice: DEFAULT_NICE };
+  const o: Partial<CliOptions> & { modes: Mode[]; quick: boolean; help: boolean; version: boolean; nice: number } = { modes: [...MODES], quick: false, help: false, version: false, nice: DEFAULT_NICE };
   let rounds: number | undefined, duration: number | undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -98,6 +101,7 @@ export function parseArgs(argv: readonly string[]): CliOptions {
     };
     switch (flag) {
       case '--help': case '-h': o.help = true; break;
+      case '--version': o.version = true; break;
       case '--quick': o.quick = true; break;
       case '--pinned-only': o.modes = ['pinned']; break;
       case '--rounds': rounds = number(1, true); break;
@@ -220,6 +224,10 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   if (opts.help) {
     process.stdout.write(`${USAGE}\n`);
+    return 0;
+  }
+  if (opts.version) {
+    process.stdout.write(`${packageVersion()}\n`);
     return 0;
   }
   const progress = stderrProgress();

@@ -14,7 +14,7 @@ const USAGE: Record<string, string> = {
 N hosts as network namespaces joined by a wire, with a Flannel-style VXLAN
 overlay and pods from the real CNI plugins (see lab/README.md). Needs root;
 everything it creates lives in its own namespaces. Progress goes to stderr.
-npm run lab -- <command> --help for each command.`,
+npm run lab -- <command> --help for each command; npm run lab -- --version the checkout's version.`,
   up: `usage: npm run lab -- up [--name N] [--hosts N] [--pods N] [--no-offload] [--with-agents] [--k8s] [--json]
 
 Creates the lab: hosts <N>-h1.., a wire, the overlay, and --pods pods per host

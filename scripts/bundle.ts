@@ -25,6 +25,7 @@ import { chmodSync, mkdirSync, readFileSync, renameSync, statSync, writeFileSync
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
+import { commandLine } from '../testing/args.ts';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const DIST = join(ROOT, 'dist');
@@ -95,7 +96,14 @@ export async function setup(): Promise<void> {
   await bundle();
 }
 
-if (process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
+const USAGE = `usage: npm run build:js [-- --help] [-- --version]
+
+Bundles the agent, the CLI, the CNI plugin and its installer into dist/*.mjs (esbuild),
+writing only the bundles whose bytes changed.`;
+
+const line = process.argv[1] && resolve(process.argv[1]) === fileURLToPath(import.meta.url) ? commandLine('build:js', USAGE, process.argv.slice(2), {}) : undefined;
+if (typeof line === 'number') process.exitCode = line;
+else if (line) {
   bundle().then((files) => {
     // Quiet when nothing changed: npm run agent and npm run xmasq build first every time.
     for (const f of files) if (f.written) process.stderr.write(`build:js: wrote ${f.file} (${(f.bytes / 1024).toFixed(0)} KiB)\n`);

@@ -31,6 +31,7 @@ import {
 import { tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { commandLine } from '../testing/args.ts';
 import { BUNDLES, ROOT, bundlePath } from './bundle.ts';
 
 export const IMAGE_DIR = join(ROOT, 'deploy/image');
@@ -182,27 +183,18 @@ const USAGE = `usage: npm run image -- [--tag NAME:TAG] [--save FILE] [--sources
   --save FILE          also write the image as a tarball (docker save), for the nodes
   --sources FILE       apt sources (deb822) for mmdebstrap (default: this host's Debian ones)
   --node FILE          the node binary to put in the image (default: the one running this)
-  --context-only DIR   only stage the docker build context (Dockerfile, packages.txt, rootfs/) in DIR`;
+  --context-only DIR   only stage the docker build context (Dockerfile, packages.txt, rootfs/) in DIR
+  --help               this text
+  --version            the checkout's version`;
 
-function parse(argv: string[], version: string): Options {
-  const o: Options = { tag: `xmasq:${version}`, node: process.execPath };
-  for (let i = 0; i < argv.length; i++) {
-    const a = argv[i];
-    const v = () => {
-      if (argv[i + 1] === undefined) throw new Error(`${a} needs a value\n${USAGE}`);
-      return argv[++i];
-    };
-    if (a === '--tag') o.tag = v();
-    else if (a === '--save') o.save = v();
-    else if (a === '--sources') o.sources = v();
-    else if (a === '--node') o.node = v();
-    else if (a === '--context-only') o.contextOnly = v();
-    else if (a === '--help' || a === '-h') {
-      process.stdout.write(`${USAGE}\n`);
-      process.exit(0);
-    } else throw new Error(`unknown argument ${a}\n${USAGE}`);
-  }
-  return o;
+/** The options, or the exit status when commandLine answered (--help, --version, a bad option). */
+function parse(argv: string[], version: string): Options | number {
+  const line = commandLine('image', USAGE, argv, {
+    tag: { type: 'string' }, save: { type: 'string' }, sources: { type: 'string' }, node: { type: 'string' }, 'context-only': { type: 'string' },
+  });
+  if (typeof line === 'number') return line;
+  const v = line.values;
+  return { tag: v.tag ?? `xmasq:${version}`, node: v.node ?? process.execPath, save: v.save, sources: v.sources, contextOnly: v['context-only'] };
 }
 
 const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
@@ -210,6 +202,10 @@ const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
 async function main(argv: string[]): Promise<void> {
   const version = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
   const o = parse(argv, version);
+  if (typeof o === 'number') {
+    process.exitCode = o;
+    return;
+  }
   const nodeMajor = Number(must(o.node, ['-p', 'process.versions.node.split(".")[0]'], 'asking node its version').trim());
   if (!(nodeMajor >= 20)) throw new Error(`${o.node} is Node.js ${nodeMajor}; the image needs 20 or later (--node FILE)`);
   const t0 = Date.now();

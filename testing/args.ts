@@ -1,13 +1,15 @@
 /**
  * Argument handling for the checkout's commands (the lab, the demo, the benchmarks, the
- * simulator's study, the differential): node:util's parseArgs plus what each of them would
- * otherwise repeat. `--help`/`-h` prints the usage on stdout (exit 0); an unknown option, a
- * missing value or a bad value prints `<tool>: <what>` and the usage on stderr (exit 2).
+ * simulator's study, the differential, the fixtures): node:util's parseArgs plus what each of
+ * them would otherwise repeat. `--help`/`-h` prints the usage on stdout (exit 0), `--version`
+ * the checkout's version (exit 0); an unknown option, a missing value or a bad value prints
+ * `<tool>: <what>` and the usage on stderr (exit 2).
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { packageVersion } from '../dataplane/package.ts';
 
 type Options = NonNullable<ParseArgsConfig['options']>;
-type WithHelp<O extends Options> = O & { help: { type: 'boolean'; short: 'h' } };
+type WithHelp<O extends Options> = O & { help: { type: 'boolean'; short: 'h' }; version: { type: 'boolean' } };
 type Config<O extends Options> = { args: string[]; options: WithHelp<O>; strict: true; allowPositionals: true };
 
 /** What parseArgs gives for these options: typed values (help included) and positionals. */
@@ -17,22 +19,27 @@ export type CommandLine<O extends Options> = ReturnType<typeof parseArgs<Config<
 export class UsageError extends Error {}
 
 /**
- * Parses argv, or answers --help and bad options itself: then it returns the exit status
- * the command should end with. Positionals are refused unless `positionals` is set.
+ * Parses argv, or answers --help, --version and bad options itself: then it returns the exit
+ * status the command should end with. Positionals are refused unless `positionals` is set.
  */
 export function commandLine<const O extends Options>(
   tool: string, usage: string, argv: readonly string[], options: O, positionals = false,
 ): CommandLine<O> | number {
   let parsed: CommandLine<O>;
   try {
-    const config: Config<O> = { args: [...argv], options: { ...options, help: { type: 'boolean', short: 'h' } }, strict: true, allowPositionals: true };
+    const config: Config<O> = { args: [...argv], options: { ...options, help: { type: 'boolean', short: 'h' }, version: { type: 'boolean' } }, strict: true, allowPositionals: true };
     parsed = parseArgs(config);
     if (!positionals && parsed.positionals.length) throw new UsageError(`unexpected argument "${parsed.positionals[0]}"`);
   } catch (e) {
     return usageError(tool, usage, e as Error);
   }
-  if ((parsed.values as { help?: boolean }).help) {
+  const asked = parsed.values as { help?: boolean; version?: boolean };
+  if (asked.help) {
     process.stdout.write(`${usage}\n`);
+    return 0;
+  }
+  if (asked.version) {
+    process.stdout.write(`${packageVersion()}\n`);
     return 0;
   }
   return parsed;
@@ -40,7 +47,9 @@ export function commandLine<const O extends Options>(
 
 /** Prints a usage error the way commandLine does, and gives its exit status (2). */
 export function usageError(tool: string, usage: string, e: Error): number {
-  process.stderr.write(`${tool}: ${e.message}\n\n${usage}\n`);
+  // parseArgs adds a hint on positionals that start with '-' to an unknown option, which none of these commands take.
+  const what = e.message.replace(/\. To specify a positional argument starting with a '-'.*$/s, '');
+  process.stderr.write(`${tool}: ${what}\n\n${usage}\n`);
   return 2;
 }
 

@@ -19,7 +19,7 @@ import { mapInWorkers, threadsOption } from './workers.ts';
 
 const ROOT = new URL('../../', import.meta.url).pathname;
 
-const USAGE = `usage: npm run sim:study -- [--quick] [--out DIR] [--schemes LIST] [--threads T] [--help]
+const USAGE = `usage: npm run sim:study -- [--quick] [--out DIR] [--schemes LIST] [--threads T] [--help] [--version]
 
 Simulates a 2-host cluster for every point of five sweeps — pods per host under steady
 all-to-all traffic and under microservice traffic, concurrent pod pairs per host pair, agent
@@ -33,6 +33,7 @@ DIR/sim-study.md with SVG plots of the fraction of packets and of flows on the f
                    core); the figures do not depend on it, only the time taken
   --quick          fewer points, shorter runs (a smoke test: numbers are rough)
   --help           this text
+  --version        the checkout's version
 
 Takes 20-35 s on 2 cores (--quick: about 10 s).`;
 

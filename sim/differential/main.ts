@@ -3,10 +3,10 @@
  * Prints progress on stderr and, as its last line on stdout,
  * `differential: init=<n> restore=<n> masq=<n> mismatches=<m>`.
  */
-import { parseArgs } from 'node:util';
+import { commandLine, usageError, UsageError, intOption } from '../../testing/args.ts';
 import { DEFAULT_SEED, differentialRun, outcomeTable, seedFrom, summaryLine } from './run.ts';
 
-const HELP = `usage: npm run test:diff -- [--cases N] [--seed S|random]
+const HELP = `usage: npm run test:diff -- [--cases N] [--seed S|random] [--help] [--version]
 
 Runs every fixture and N generated cases per program (default 20000) on the
 TypeScript model and on the compiled programs (BPF_PROG_TEST_RUN), and compares
@@ -14,29 +14,20 @@ verdict, redirect, counters, output packet and every map entry. Needs root.
 The cases come from seed ${DEFAULT_SEED} unless --seed gives another (random: a
 fresh one, printed). Exit status 1 if anything differs.`;
 
-async function main(): Promise<number> {
-  let values;
+async function main(argv: string[]): Promise<number> {
+  const line = commandLine('test:diff', HELP, argv, { cases: { type: 'string' }, seed: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  const values = line.values;
+  let perProgram: number, seed: number;
   try {
-    ({ values } = parseArgs({ options: { cases: { type: 'string' }, seed: { type: 'string' }, help: { type: 'boolean', short: 'h' } } }));
+    perProgram = intOption('--cases', values.cases, 20000, 0);
+    try {
+      seed = seedFrom(values.seed);
+    } catch (e) {
+      throw new UsageError(`--seed: ${(e as Error).message}`);
+    }
   } catch (e) {
-    console.error(`test:diff: ${(e as Error).message}\n\n${HELP}`);
-    return 2;
-  }
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  const perProgram = Number(values.cases ?? 20000);
-  if (!Number.isInteger(perProgram) || perProgram < 0) {
-    console.error(`test:diff: --cases wants a whole number, got "${values.cases}"`);
-    return 2;
-  }
-  let seed: number;
-  try {
-    seed = seedFrom(values.seed);
-  } catch (e) {
-    console.error(`test:diff: --seed: ${(e as Error).message}`);
-    return 2;
+    return usageError('test:diff', HELP, e as Error);
   }
   console.error(`test:diff: ${perProgram} generated cases per program, seed ${seed} (rerun with --seed ${seed})`);
   const s = await differentialRun({ perProgram, seed, progress: (m) => console.error(`  ${m}`), report: 10 });
@@ -47,7 +38,7 @@ async function main(): Promise<number> {
 }
 
 try {
-  process.exitCode = await main();
+  process.exitCode = await main(process.argv.slice(2));
 } catch (e) {
   console.error(`test:diff: ${(e as Error).message}`);
   process.exitCode = 2;

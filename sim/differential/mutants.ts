@@ -5,6 +5,7 @@
  */
 import { cpSync, mkdirSync, readFileSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { commandLine, intOption, usageError } from '../../testing/args.ts';
 import type { ModelProgram } from './compare.ts';
 import { differentialRun } from './run.ts';
 import type { ProgramName } from './statespec.ts';
@@ -340,15 +341,27 @@ export async function checkMutants(perProgram: number, seed: number, log: (s: st
   return results;
 }
 
-if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
-  if (process.argv.includes('--help') || process.argv.includes('-h')) {
-    console.log('usage: npm run test:mutants -- [--cases N]\n\nPlants each known bug in a copy of the model and checks that the differential run catches it. Needs root.');
-  } else {
-    const i = process.argv.indexOf('--cases');
-    const perProgram = i > 0 ? Number(process.argv[i + 1]) : 5000;
-    const results = await checkMutants(perProgram, 1, (s) => console.log(s));
-    const survived = results.filter((r) => !r.caught).length;
-    console.log(`mutants: ${results.length - survived}/${results.length} caught`);
-    process.exitCode = survived ? 1 : 0;
+const USAGE = `usage: npm run test:mutants -- [--cases N] [--help] [--version]
+
+Plants each known bug in a copy of the model and checks that the differential run
+catches it, with N generated cases per program (default 5000). Needs root.
+Exit status 1 if a mutant survives.`;
+
+async function main(argv: string[]): Promise<number> {
+  const line = commandLine('test:mutants', USAGE, argv, { cases: { type: 'string' } });
+  if (typeof line === 'number') return line;
+  let perProgram: number;
+  try {
+    perProgram = intOption('--cases', line.values.cases, 5000, 1);
+  } catch (e) {
+    return usageError('test:mutants', USAGE, e as Error);
   }
+  const results = await checkMutants(perProgram, 1, (s) => console.log(s));
+  const survived = results.filter((r) => !r.caught).length;
+  console.log(`mutants: ${results.length - survived}/${results.length} caught`);
+  return survived ? 1 : 0;
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? '').href) {
+  process.exitCode = await main(process.argv.slice(2));
 }
