@@ -598,6 +598,8 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
     throw new BenchError(objectPath === BENCH_OBJECT ? `${objectPath} is missing: build it with 'make -C bpf' (npm run bench:prog does this first)` : `${objectPath} (--object) does not exist`);
   }
   checkBenchObject(objectPath);
+  // Hashed before it loads: the report names the bytes that were measured.
+  const object = { path: objectPath, sha256: createHash('sha256').update(readFileSync(objectPath)).digest('hex') };
   for (const r of ROWS) {
     if (r.resets && r.packet.length < RESET_LEN) throw new BenchError(`row "${r.name}": a ${r.packet.length}-byte packet is shorter than the ${RESET_LEN} bytes the wrapper restores`);
   }
@@ -701,7 +703,6 @@ export function runBench(opts: BenchOptions = {}): BenchReport {
         r.cold = { ...c, evicted_x_hot: hot === null ? null : c.evicted.median / hot };
       }
     }
-    const object = { path: objectPath, sha256: createHash('sha256').update(readFileSync(objectPath)).digest('hex') };
     return { machine: machine(), date: new Date().toISOString(), repeat, runs, object, rows, ...(opts.cold ? { cold: opts.cold } : {}) };
   } finally {
     runner.close();

@@ -62,7 +62,7 @@ describe('commandLine', () => {
   });
 });
 
-/** The file each script runs with tsx or node, and the arguments before the user's. */
+/** The file each script's last command runs with tsx or node: the one the user's arguments go to. */
 function entryPoints(): Array<{ script: string; file: string }> {
   const out: Array<{ script: string; file: string }> = [];
   for (const [script, line] of Object.entries(pkg.scripts)) {
@@ -100,7 +100,7 @@ describe("every command of package.json's scripts", () => {
       'test:diff', 'test:mutants', 'fixtures', 'build:js', 'agent', 'xmasq']) expect(scripts).toContain(s);
   });
 
-  // Two at a time: each is a node process starting tsx, ~1 s.
+  // The three runs of a command at once: each is a node process starting tsx, ~1 s.
   it.each(entries.map((e) => [e.script, e.file]))('%s (%s): --version, --help, and an option it lacks', async (_script, file) => {
     const [version, help, bad] = await Promise.all([run(file, ['--version']), run(file, ['--help']), run(file, ['--no-such-option'])]);
     expect(version.code, version.stderr).toBe(0);
